@@ -1,0 +1,319 @@
+"""The public API: `MimiCodec` (the codec alone) and `FastMoshi` (full-duplex speech to speech).
+
+A Moshi frame is 80 ms: 1920 samples of the user's 24 kHz audio go in, 1920 samples of Moshi's audio
+and at most one text token come out. `FastMoshi.step` runs, for every slot (conversation) at once,
+exactly Kyutai's library loop with `MimiModel` + `LMModel` + `LMGen` in streaming mode:
+
+    codes = mimi.encode(frame);  tokens = lm_gen.step(codes);  pcm = mimi.decode(tokens[:, 1:])
+
+where `lm_gen.step` returns nothing on a conversation's first frame; that frame yields silence
+and token ids -1. This module holds no math: it validates input, moves data, and drives the
+backend's models and their per-slot streaming state.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import MimiConfig, MoshiConfig, moshiko
+from .reference.lm import LM, SamplingParams, StreamingLM
+from .reference.mimi import Mimi
+from .tokenizer import TextTokenizer
+from .weights import find_moshi_checkpoint, load_lm, load_mimi, random_init_
+
+BACKENDS = ("reference",)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available in this build: {', '.join(BACKENDS)}")
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _as_float_tensor(value, what: str) -> torch.Tensor:
+    """Validates that `value` is a finite float array/tensor, without changing any state."""
+    if isinstance(value, np.ndarray):
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"{what} must be floating point audio, got dtype {value.dtype}")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    elif not isinstance(value, torch.Tensor):
+        raise ValueError(f"{what} must be a numpy array or a torch tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise ValueError(f"{what} must be floating point audio, got dtype {value.dtype}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{what} contains NaN or Inf samples")
+    return value
+
+
+def _as_codes(value, num_codebooks: int, cardinality: int) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.dtype == torch.bool:
+        raise ValueError("codes must be an integer array or tensor")
+    if value.dim() != 3 or value.shape[1] != num_codebooks:
+        raise ValueError(f"codes must have shape [B, {num_codebooks}, T], got {list(value.shape)}")
+    if value.numel() and (int(value.min()) < 0 or int(value.max()) >= cardinality):
+        raise ValueError(f"codes must lie in [0, {cardinality})")
+    return value.long()
+
+
+class MimiCodec:
+    """Mimi, the 12.5 Hz neural audio codec: pcm [B, 1, T] at 24 kHz <-> codes [B, 8, frames] in [0, 2048).
+
+    `encode`/`decode` process whole signals (a signal is zero-padded on the right to whole frames,
+    as Kyutai and transformers do); `stream(batch_size)` gives frame-by-frame streaming with carried
+    state. A whole-signal call is the same computation as streaming its frames from a fresh state.
+    """
+
+    def __init__(self, model: Mimi, device: torch.device):
+        self.model = model
+        self.config: MimiConfig = model.config
+        self.device = device
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        backend: str = "reference", num_codebooks: int = 8) -> "MimiCodec":
+        """path: Kyutai's Mimi .safetensors file, a Kyutai checkpoint directory, or a transformers
+        MimiModel / MoshiForConditionalGeneration `save_pretrained` directory."""
+        _check_backend(backend)
+        device = torch.device(device) if device is not None else _default_device()
+        return cls(load_mimi(path, Mimi, device, num_codebooks=num_codebooks), device)
+
+    @classmethod
+    def random(cls, config: MimiConfig | None = None, device: str | torch.device | None = None,
+               backend: str = "reference", seed: int = 0) -> "MimiCodec":
+        """Random weights (non-zero codebooks) at the given config, default the real one."""
+        _check_backend(backend)
+        device = torch.device(device) if device is not None else _default_device()
+        model = Mimi(config or MimiConfig()).to(device)
+        return cls(random_init_(model, seed).eval().requires_grad_(False), device)
+
+    @property
+    def frame_size(self) -> int:
+        return self.config.frame_size
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    def stream(self, batch_size: int = 1) -> "MimiStream":
+        return MimiStream(self, batch_size)
+
+    def _pcm(self, pcm) -> torch.Tensor:
+        pcm = _as_float_tensor(pcm, "pcm")
+        if pcm.dim() != 3 or pcm.shape[1] != 1:
+            raise ValueError(f"pcm must have shape [B, 1, T], got {list(pcm.shape)}")
+        if pcm.shape[-1] == 0:
+            raise ValueError("pcm is empty")
+        return pcm.to(self.device, torch.float32)
+
+    @torch.inference_mode()
+    def encode(self, pcm) -> torch.Tensor:
+        """pcm [B, 1, T] float -> codes [B, num_codebooks, ceil(T / frame_size)] int64."""
+        pcm = self._pcm(pcm)
+        frames = -(-pcm.shape[-1] // self.frame_size)
+        pcm = torch.nn.functional.pad(pcm, (0, frames * self.frame_size - pcm.shape[-1]))
+        stream = self.stream(pcm.shape[0])
+        return torch.cat([stream.encode(chunk) for chunk in pcm.split(self.frame_size, dim=-1)], dim=-1)
+
+    @torch.inference_mode()
+    def decode(self, codes) -> torch.Tensor:
+        """codes [B, num_codebooks, F] -> pcm [B, 1, F * frame_size] float32."""
+        codes = _as_codes(codes, self.config.num_codebooks, self.config.codebook_size).to(self.device)
+        stream = self.stream(codes.shape[0])
+        return torch.cat([stream.decode(codes[..., t:t + 1]) for t in range(codes.shape[-1])], dim=-1)
+
+
+class MimiStream:
+    """Frame-by-frame Mimi for `batch_size` independent streams."""
+
+    def __init__(self, codec: MimiCodec, batch_size: int):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.codec = codec
+        self.batch_size = batch_size
+        self._encoder_state = codec.model.init_encoder_state(batch_size)
+        self._decoder_state = codec.model.init_decoder_state(batch_size)
+        self._all = torch.ones(batch_size, dtype=torch.bool, device=codec.device)
+
+    @torch.inference_mode()
+    def encode(self, frame) -> torch.Tensor:
+        """frame [B, 1, frame_size] float -> codes [B, num_codebooks, 1] int64."""
+        frame = self.codec._pcm(frame)
+        if frame.shape[0] != self.batch_size or frame.shape[-1] != self.codec.frame_size:
+            raise ValueError(f"frame must have shape [{self.batch_size}, 1, {self.codec.frame_size}], "
+                             f"got {list(frame.shape)}")
+        return self.codec.model.encode_step(frame, self._encoder_state, self._all)
+
+    @torch.inference_mode()
+    def decode(self, codes) -> torch.Tensor:
+        """codes [B, num_codebooks, 1] -> pcm [B, 1, frame_size] float32."""
+        config = self.codec.config
+        codes = _as_codes(codes, config.num_codebooks, config.codebook_size)
+        if codes.shape[0] != self.batch_size or codes.shape[-1] != 1:
+            raise ValueError(f"codes must have shape [{self.batch_size}, {config.num_codebooks}, 1], "
+                             f"got {list(codes.shape)}")
+        return self.codec.model.decode_step(codes.to(self.codec.device), self._decoder_state, self._all)
+
+    def reset(self, slot: int | None = None) -> None:
+        mask = _slot_mask(slot, self.batch_size, self.codec.device)
+        self._encoder_state.reset(mask)
+        self._decoder_state.reset(mask)
+
+
+def _slot_mask(slot: int | None, batch_size: int, device: torch.device) -> torch.Tensor:
+    mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    if slot is None:
+        mask[:] = True
+    elif isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) and 0 <= slot < batch_size:
+        mask[int(slot)] = True
+    else:
+        raise ValueError(f"slot must be an int in [0, {batch_size}) or None, got {slot!r}")
+    return mask
+
+
+@dataclass
+class StepOutput:
+    """One 80 ms frame of output for every slot (tensors on the CPU)."""
+
+    pcm: torch.Tensor
+    """[B, 1920] float32, Moshi's audio at 24 kHz (silence on a conversation's first frame)."""
+    text_tokens: torch.Tensor
+    """[B] int64, the text token of the frame (-1 on a conversation's first frame)."""
+    audio_codes: torch.Tensor
+    """[B, 8] int64, the Mimi codes decoded into pcm (-1 on a conversation's first frame)."""
+    text: list[str] | None
+    """Text piece per slot ("" for padding and for no token); None when there is no tokenizer."""
+
+
+class FastMoshi:
+    """Moshi, full duplex: `step(frames)` every 80 ms for `max_batch` conversations at once.
+
+    Build with `from_pretrained(path)` (Kyutai or transformers checkpoint directory) or
+    `random(config)` (random weights, for timing and tests). Sampling follows Kyutai's defaults
+    (text temperature 0.7, top-k 25; audio temperature 0.8, top-k 250); `use_sampling=False` is
+    greedy. Each slot draws from its own counter-based random stream derived from `seed`.
+    """
+
+    def __init__(self, config: MoshiConfig, lm: LM, mimi: Mimi, tokenizer: TextTokenizer | None,
+                 device: torch.device, max_batch: int = 1, use_sampling: bool = True, temp: float = 0.8,
+                 temp_text: float = 0.7, top_k: int = 250, top_k_text: int = 25, seed: int | None = None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if not 1 <= top_k <= config.lm.card or not 1 <= top_k_text <= config.lm.text_card:
+            raise ValueError(f"top_k must be in [1, {config.lm.card}] and top_k_text in [1, {config.lm.text_card}]")
+        if temp < 0 or temp_text < 0:
+            raise ValueError("temperatures must be >= 0 (0 is greedy)")
+        self.config = config
+        self.device = device
+        self.max_batch = max_batch
+        self.tokenizer = tokenizer
+        self.mimi = mimi
+        self.lm = lm
+        self._generator = StreamingLM(lm)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(7), "little")
+        self.seed = seed
+        self.sampling = {"use_sampling": use_sampling, "temp": temp, "temp_text": temp_text, "top_k": top_k,
+                         "top_k_text": top_k_text}
+        self._sampling = self._sampling_params(use_sampling, temp, temp_text, top_k, top_k_text, seed)
+        self._encoder_state = mimi.init_encoder_state(max_batch)
+        self._decoder_state = mimi.init_decoder_state(max_batch)
+        self._lm_state = self._generator.init_state(max_batch)
+        self._all = torch.ones(max_batch, dtype=torch.bool, device=device)
+
+    def _sampling_params(self, use_sampling, temp, temp_text, top_k, top_k_text, seed) -> SamplingParams:
+        n, device = self.max_batch, self.device
+        full = lambda value, dtype: torch.full((n,), value, dtype=dtype, device=device)  # noqa: E731
+        return SamplingParams(
+            text_temperature=full(temp_text if use_sampling else 0.0, torch.float32),
+            text_top_k=full(top_k_text, torch.long),
+            audio_temperature=full(temp if use_sampling else 0.0, torch.float32),
+            audio_top_k=full(top_k, torch.long),
+            seed=seed + torch.arange(n, dtype=torch.long, device=device),
+            max_text_top_k=top_k_text, max_audio_top_k=top_k)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, backend: str = "reference", max_batch: int = 1,
+                        **sampling) -> "FastMoshi":
+        """path: a Kyutai checkpoint directory (model.safetensors, Mimi's file, tokenizer, optional
+        config.json) or a transformers MoshiForConditionalGeneration `save_pretrained` directory.
+        dtype defaults to bfloat16 on CUDA and float32 on the CPU; Mimi always runs in float32."""
+        _check_backend(backend)
+        device = torch.device(device) if device is not None else _default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        checkpoint = find_moshi_checkpoint(path)
+        config = checkpoint.config
+        tokenizer = None
+        if checkpoint.tokenizer_file is not None:
+            tokenizer = TextTokenizer(checkpoint.tokenizer_file, (config.lm.text_end_padding_id,
+                                                                  config.lm.text_padding_id))
+        mimi = load_mimi(Path(path), Mimi, device, num_codebooks=config.mimi.num_codebooks)
+        lm = load_lm(checkpoint, lambda: LM(config.lm), dtype, device)
+        defaults = {k: v for k, v in config.lm_gen.items()
+                    if k in ("use_sampling", "temp", "temp_text", "top_k", "top_k_text")}
+        return cls(config, lm, mimi, tokenizer, device, max_batch, **{**defaults, **sampling})
+
+    @classmethod
+    def random(cls, config: MoshiConfig | None = None, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None, backend: str = "reference", max_batch: int = 1,
+               weights_seed: int = 0, tokenizer: TextTokenizer | None = None, **sampling) -> "FastMoshi":
+        """Random weights at `config` (default: moshiko's real shapes)."""
+        _check_backend(backend)
+        config = config or moshiko()
+        device = torch.device(device) if device is not None else _default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        with torch.device(device):
+            mimi = random_init_(Mimi(config.mimi), weights_seed).eval().requires_grad_(False)
+            lm = random_init_(LM(config.lm).to(dtype), weights_seed + 1).eval().requires_grad_(False)
+        return cls(config, lm, mimi, tokenizer, device, max_batch, **sampling)
+
+    @property
+    def frame_size(self) -> int:
+        return self.config.mimi.frame_size
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.mimi.sample_rate
+
+    def _frames(self, pcm) -> torch.Tensor:
+        pcm = _as_float_tensor(pcm, "frame")
+        if pcm.dim() == 1 and self.max_batch == 1:
+            pcm = pcm[None]
+        if pcm.dim() != 2:
+            raise ValueError(f"frames must have shape [{self.max_batch}, {self.frame_size}]"
+                             f"{' or [%d]' % self.frame_size if self.max_batch == 1 else ''}, got {list(pcm.shape)}")
+        if pcm.shape != (self.max_batch, self.frame_size):
+            raise ValueError(f"frames must have shape [{self.max_batch}, {self.frame_size}] "
+                             f"(one {self.frame_size}-sample frame per slot), got {list(pcm.shape)}")
+        return pcm.to(self.device, torch.float32)[:, None, :]
+
+    @torch.inference_mode()
+    def step(self, pcm) -> StepOutput:
+        """pcm: float [B, 1920] (or [1920] when max_batch is 1), numpy or torch on any device.
+
+        Invalid input raises ValueError before any state changes."""
+        frames = self._frames(pcm)
+        codes = self.mimi.encode_step(frames, self._encoder_state, self._all)
+        out = self._generator.step(codes[:, :self.config.lm.dep_q, 0], self._lm_state, self._all, self._sampling)
+        audio = out.tokens[:, 1:]
+        decoded = self.mimi.decode_step(audio.clamp(min=0)[..., None], self._decoder_state, out.valid)
+        pcm_out = torch.where(out.valid[:, None], decoded[:, 0], torch.zeros_like(decoded[:, 0]))
+        text_tokens = out.tokens[:, 0].cpu()
+        return StepOutput(pcm=pcm_out.float().cpu(), text_tokens=text_tokens, audio_codes=audio.cpu(),
+                          text=self.tokenizer.pieces(text_tokens) if self.tokenizer else None)
+
+    def reset(self, slot: int | None = None) -> None:
+        """Restarts one conversation (slot index) or all of them (None)."""
+        mask = _slot_mask(slot, self.max_batch, self.device)
+        self._encoder_state.reset(mask)
+        self._decoder_state.reset(mask)
+        self._lm_state.reset(mask)

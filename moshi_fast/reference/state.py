@@ -1,0 +1,55 @@
+"""Explicit per-slot streaming state for the reference models.
+
+Every streaming quantity (conv history, transposed-conv overlap, KV rings, positions, token delay
+lines) is a tensor whose first dimension is the slot. A `SlotState` keeps them by name with the value
+each takes at a conversation's start, so that one slot can be reset, or left untouched by a step
+(`exec_mask`), without disturbing the others. Updates are always
+`where(exec_mask, new, old)`: a slot that does not execute keeps its state bit for bit.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class SlotState:
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._initial: dict[str, float | int | bool] = {}
+
+    def add(self, name: str, tensor: torch.Tensor, initial: float | int | bool = 0) -> torch.Tensor:
+        if tensor.shape[0] != self.batch_size:
+            raise ValueError(f"state {name!r} has {tensor.shape[0]} slots, expected {self.batch_size}")
+        tensor.fill_(initial)
+        self._tensors[name] = tensor
+        self._initial[name] = initial
+        return tensor
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self._tensors.items())
+
+    def commit(self, name: str, new: torch.Tensor, exec_mask: torch.Tensor) -> None:
+        """Writes `new` into the slots where exec_mask is set; other slots keep their value."""
+        old = self._tensors[name]
+        mask = exec_mask.view(-1, *([1] * (old.dim() - 1)))
+        old.copy_(torch.where(mask, new.to(old.dtype), old))
+
+    def reset(self, slot_mask: torch.Tensor) -> None:
+        """Returns the selected slots to the start of a conversation."""
+        for name, tensor in self._tensors.items():
+            tensor[slot_mask] = self._initial[name]
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.clone() for name, tensor in self._tensors.items()}
+
+    def load(self, snapshot: dict[str, torch.Tensor]) -> None:
+        for name, tensor in snapshot.items():
+            self._tensors[name].copy_(tensor)

@@ -1,0 +1,186 @@
+"""Streams a whole mono signal through a `FastMoshi` frame by frame, timing every step."""
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import audio
+from .config import PRESETS
+from .engine import FastMoshi
+from .weights import find_moshi_checkpoint
+
+DEFAULT_SECONDS = 4.0
+
+
+@dataclass
+class RunResult:
+    """What one conversation produced, frame by frame (n frames of `frame_size` samples)."""
+
+    pcm: np.ndarray
+    """float32 [n * frame_size], Moshi's audio at `sample_rate` (the first frame is silence)."""
+    text_tokens: np.ndarray
+    """int64 [n], the text token of each frame (-1 on the first frame)."""
+    pieces: list[str] | None
+    """n text pieces ("" for padding and no token); None when the engine has no tokenizer."""
+    frame_ms: np.ndarray
+    """float64 [n], wall time of each `engine.step` call in milliseconds."""
+    sample_rate: int
+    frame_size: int
+
+    def timing_summary(self) -> dict:
+        """Step-time statistics in milliseconds and the real-time factor.
+
+        The first frame is reported alone as `first_ms` and left out of p50/p90/p99/mean/max, since
+        it pays one-off warm-up costs (allocator, kernel selection); with a single frame, that frame
+        is used. `real_time_factor` is audio seconds / wall seconds over all frames, warm-up included;
+        above 1 is faster than real time. `budget_ms` is the audio duration of one frame.
+        """
+        frame_count = len(self.frame_ms)
+        if frame_count == 0:
+            raise ValueError("no frames were run")
+        steady = self.frame_ms[1:] if frame_count > 1 else self.frame_ms
+        total_s = float(self.frame_ms.sum()) / 1000
+        audio_s = frame_count * self.frame_size / self.sample_rate
+        return {
+            "frames": frame_count,
+            "warmup_frames": frame_count - len(steady),
+            "first_ms": float(self.frame_ms[0]),
+            "p50_ms": float(np.percentile(steady, 50)),
+            "p90_ms": float(np.percentile(steady, 90)),
+            "p99_ms": float(np.percentile(steady, 99)),
+            "mean_ms": float(steady.mean()),
+            "max_ms": float(steady.max()),
+            "budget_ms": 1000 * self.frame_size / self.sample_rate,
+            "audio_s": audio_s,
+            "total_s": total_s,
+            "real_time_factor": audio_s / total_s if total_s > 0 else float("inf"),
+        }
+
+
+def format_timing(summary: dict) -> str:
+    """A few human-readable lines from `RunResult.timing_summary()`."""
+    if summary["warmup_frames"]:
+        frames_line = (f"frames: {summary['frames']} (the first, {summary['first_ms']:.1f} ms, "
+                       f"is warm-up and left out of the step times)")
+    else:
+        frames_line = f"frames: {summary['frames']}"
+    return "\n".join([
+        frames_line,
+        f"step time: p50 {summary['p50_ms']:.1f} ms, p90 {summary['p90_ms']:.1f} ms, "
+        f"p99 {summary['p99_ms']:.1f} ms, mean {summary['mean_ms']:.1f} ms, max {summary['max_ms']:.1f} ms "
+        f"(real time allows {summary['budget_ms']:.0f} ms)",
+        f"real-time factor: {summary['real_time_factor']:.2f}x "
+        f"({summary['audio_s']:.2f} s of audio in {summary['total_s']:.2f} s)",
+    ])
+
+
+def run_stream(engine, pcm: np.ndarray, progress: Callable[[int, int], None] | None = None) -> RunResult:
+    """Feeds pcm [T] (float, at engine.sample_rate) to slot 0 of a max_batch=1 `FastMoshi`, one frame
+    per `engine.step`, zero-padding the tail to a whole frame. Calls progress(frames_done, frames_total)
+    after every step. The engine's streaming state carries on from wherever it was."""
+    if engine.max_batch != 1:
+        raise ValueError(f"run_stream drives a single conversation; the engine has "
+                         f"max_batch={engine.max_batch}")
+    chunks = audio.frames(np.asarray(pcm, dtype=np.float32), engine.frame_size)
+    if len(chunks) == 0:
+        raise ValueError("the input signal is empty")
+    on_cuda = engine.device.type == "cuda"
+    out_pcm, text_tokens, pieces, frame_ms = [], [], [], []
+    for index, chunk in enumerate(chunks):
+        if on_cuda:
+            torch.cuda.synchronize(engine.device)
+        start = time.perf_counter()
+        out = engine.step(chunk[None])
+        if on_cuda:
+            torch.cuda.synchronize(engine.device)
+        frame_ms.append(1000 * (time.perf_counter() - start))
+        out_pcm.append(out.pcm[0].numpy())
+        text_tokens.append(int(out.text_tokens[0]))
+        if out.text is not None:
+            pieces.append(out.text[0])
+        if progress is not None:
+            progress(index + 1, len(chunks))
+    return RunResult(
+        pcm=np.concatenate(out_pcm).astype(np.float32, copy=False),
+        text_tokens=np.asarray(text_tokens, dtype=np.int64),
+        pieces=pieces or None,
+        frame_ms=np.asarray(frame_ms, dtype=np.float64),
+        sample_rate=engine.sample_rate,
+        frame_size=engine.frame_size,
+    )
+
+
+def _status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def show_progress(done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        print(f"\rstreaming: frame {done}/{total}", end="\n" if done == total else "", file=sys.stderr,
+              flush=True)
+    elif done == total or done * 10 // total != (done - 1) * 10 // total:
+        # Logs get a line per tenth of the run instead of carriage-return updates.
+        print(f"streaming: frame {done}/{total}", file=sys.stderr, flush=True)
+
+
+def _build_engine(weights: Path | None, device: torch.device, preset: str | None, seed: int,
+                  greedy: bool) -> FastMoshi:
+    sampling = {"seed": seed}
+    if greedy:
+        sampling["use_sampling"] = False
+    start = time.perf_counter()
+    if weights is not None:
+        _status(f"loading {weights} on {device} (a 7B model takes a while) ...")
+        engine = FastMoshi.from_pretrained(weights, device=device, **sampling)
+    else:
+        _status(f"building the {preset} model with random weights on {device} ...")
+        engine = FastMoshi.random(PRESETS[preset](), device=device, weights_seed=seed,
+                                  **sampling)
+    _status(f"model ready in {time.perf_counter() - start:.1f} s")
+    return engine
+
+
+def run_demo(weights: Path | None, input_path: Path | None, output: Path, seconds: float | None,
+             device: torch.device, preset: str | None, seed: int, greedy: bool,
+             progress: Callable[[int, int], None] | None = None) -> int:
+    """The `moshi-fast demo` command: streams a signal through Moshi, writes Moshi's audio to
+    `output`, prints the text tokens and step timings. Random weights at `preset` unless `weights`."""
+    # The input is read before the (possibly long) model load so that a bad file fails at once.
+    if weights is not None:
+        sample_rate = find_moshi_checkpoint(weights).config.mimi.sample_rate
+    else:
+        sample_rate = PRESETS[preset]().mimi.sample_rate
+    if input_path is not None:
+        pcm = audio.read_audio(input_path, sample_rate)
+        source = str(input_path)
+    else:
+        seconds = seconds or DEFAULT_SECONDS
+        pcm = audio.test_signal(seconds, sample_rate, seed=seed)
+        source = f"generated test signal ({seconds:g} s)"
+
+    engine = _build_engine(weights, device, preset, seed, greedy)
+    result = run_stream(engine, pcm, progress=progress)
+    audio.write_wav(output, result.pcm, result.sample_rate)
+
+    model = str(weights) if weights is not None else f"random weights, {preset} preset"
+    decoding = "greedy" if greedy else f"sampling, seed {seed}"
+    print(f"model: {model} on {engine.device} ({decoding})")
+    print(f"input: {source}")
+    print(f"output: {output} ({len(result.pcm) / result.sample_rate:.2f} s at {result.sample_rate} Hz)")
+    print(textwrap.fill(" ".join(str(token) for token in result.text_tokens), width=100,
+                        initial_indent="text tokens: ", subsequent_indent="  "))
+    if result.pieces is not None:
+        text = "".join(result.pieces).strip()
+        print(f"text: {text}" if text else "text: (none, only padding)")
+    print(format_timing(result.timing_summary()))
+    if weights is None:
+        print("note: the weights are random, so the output audio is noise and the text tokens are\n"
+              "      meaningless; pass --weights DIR to run a real checkpoint.")
+    return 0

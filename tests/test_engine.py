@@ -1,0 +1,156 @@
+"""The public API on the reference backend: step semantics, per-slot reset, input validation."""
+import numpy as np
+import pytest
+import torch
+
+from moshi_fast import FastMoshi, MimiCodec, TextTokenizer, tiny
+
+from .helpers import speech_like
+
+CONFIG = tiny()
+
+
+def _engine(max_batch=2, seed=5, **kwargs):
+    return FastMoshi.random(CONFIG, device="cpu", max_batch=max_batch, seed=seed, **kwargs)
+
+
+def _frames(batch, count, seed=0):
+    return [f[:, 0] for f in speech_like(batch, count, seed=seed).split(1920, dim=-1)]
+
+
+def _state(engine):
+    return {f"{part}.{name}": t.clone() for part, state in (("enc", engine._encoder_state),
+                                                             ("dec", engine._decoder_state),
+                                                             ("lm", engine._lm_state)) for name, t in state.items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_first_frame_is_silence_then_tokens():
+    engine = _engine()
+    first, second = (engine.step(f) for f in _frames(2, 2))
+    assert torch.equal(first.pcm, torch.zeros(2, 1920))
+    assert first.text_tokens.tolist() == [-1, -1] and torch.equal(first.audio_codes, torch.full((2, 8), -1))
+    assert second.pcm.shape == (2, 1920) and second.pcm.dtype == torch.float32 and second.pcm.abs().max() > 0
+    assert second.audio_codes.shape == (2, 8) and bool((second.audio_codes >= 0).all())
+    assert second.text is None
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.randn(2, 1919), "shape"),
+    (torch.randn(3, 1920), "shape"),
+    (torch.randn(2, 1, 1920), "shape"),
+    (torch.randn(2, 1920).masked_fill(torch.rand(2, 1920) < 0.001, float("nan")), "NaN or Inf"),
+    (torch.full((2, 1920), float("inf")), "NaN or Inf"),
+    (torch.randint(-100, 100, (2, 1920)), "floating point"),
+    (np.zeros((2, 1920), dtype=np.int16), "floating point"),
+    ([0.0] * 1920, "numpy array or a torch tensor"),
+])
+def test_bad_input_raises_and_changes_no_state(bad, message):
+    engine, twin = _engine(), _engine()
+    frames = _frames(2, 4)
+    for frame in frames[:2]:
+        engine.step(frame)
+        twin.step(frame)
+    before = _state(engine)
+    with pytest.raises(ValueError, match=message):
+        engine.step(bad)
+    assert _same(before, _state(engine))
+    for frame in frames[2:]:
+        ours, theirs = engine.step(frame), twin.step(frame)
+        assert torch.equal(ours.pcm, theirs.pcm) and torch.equal(ours.audio_codes, theirs.audio_codes)
+
+
+def test_single_slot_accepts_1d_numpy_frames():
+    engine = _engine(max_batch=1)
+    frames = _frames(1, 3)
+    outputs = [engine.step(frame[0].numpy().astype(np.float64)) for frame in frames]
+    assert outputs[2].pcm.shape == (1, 1920)
+    reference = _engine(max_batch=1)
+    assert torch.equal(outputs[2].pcm, [reference.step(f) for f in frames][2].pcm)
+
+
+def test_reset_one_slot_restarts_it_and_leaves_the_other_alone():
+    engine, untouched, fresh = _engine(), _engine(), _engine()
+    first, second = _frames(2, 8, seed=1), _frames(2, 4, seed=2)
+    for frame in first[:4]:
+        engine.step(frame)
+        untouched.step(frame)
+    engine.reset(1)
+    for t in range(4):
+        mixed = torch.stack([first[4 + t][0], second[t][1]])
+        ours, alone, restarted = engine.step(mixed), untouched.step(first[4 + t]), fresh.step(second[t])
+        assert torch.equal(ours.audio_codes[0], alone.audio_codes[0])
+        assert torch.equal(ours.pcm[0], alone.pcm[0])
+        assert torch.equal(ours.text_tokens[1], restarted.text_tokens[1])
+        assert torch.equal(ours.audio_codes[1], restarted.audio_codes[1])
+        torch.testing.assert_close(ours.pcm[1], restarted.pcm[1], rtol=1e-5, atol=1e-6)
+    assert engine.step(first[0]).text_tokens[1] >= 0
+
+
+def test_reset_all_equals_a_fresh_engine():
+    engine, fresh = _engine(), _engine()
+    frames = _frames(2, 3)
+    for frame in frames:
+        engine.step(frame)
+    engine.reset()
+    for frame in frames:
+        ours, theirs = engine.step(frame), fresh.step(frame)
+        assert torch.equal(ours.audio_codes, theirs.audio_codes) and torch.equal(ours.pcm, theirs.pcm)
+    with pytest.raises(ValueError, match="slot"):
+        engine.reset(2)
+    with pytest.raises(ValueError, match="slot"):
+        engine.reset(-1)
+
+
+def test_seed_decides_the_sampled_stream():
+    frames = _frames(2, 6)
+    run = lambda engine: torch.stack([engine.step(f).audio_codes for f in frames])  # noqa: E731
+    assert torch.equal(run(_engine(seed=3)), run(_engine(seed=3)))
+    assert not torch.equal(run(_engine(seed=3)), run(_engine(seed=4)))
+    greedy = run(_engine(seed=3, use_sampling=False))
+    assert torch.equal(greedy, run(_engine(seed=4, use_sampling=False)))
+
+
+def test_text_pieces_from_the_tokenizer(tokenizer_file):
+    tokenizer = TextTokenizer(tokenizer_file)
+    engine = _engine(tokenizer=tokenizer)
+    outputs = [engine.step(f) for f in _frames(2, 5)]
+    assert outputs[0].text == ["", ""]
+    for out in outputs[1:]:
+        assert out.text == [tokenizer.piece(int(t)) for t in out.text_tokens]
+    assert tokenizer.piece(0) == tokenizer.piece(3) == ""
+    word_start = next(i for i in range(4, tokenizer.vocab_size) if tokenizer._processor.IdToPiece(i).startswith("\u2581"))
+    assert tokenizer.piece(word_start).startswith(" ")
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="max_batch"):
+        _engine(max_batch=0)
+    with pytest.raises(ValueError, match="top_k"):
+        _engine(top_k=5000)
+    with pytest.raises(ValueError, match="backend"):
+        FastMoshi.random(CONFIG, device="cpu", backend="turbo")
+
+
+def test_mimi_codec_validation_and_stream_reset():
+    codec = MimiCodec.random(CONFIG.mimi, device="cpu")
+    pcm = speech_like(2, 3)
+    with pytest.raises(ValueError, match=r"\[B, 1, T\]"):
+        codec.encode(pcm[:, 0])
+    with pytest.raises(ValueError, match="floating point"):
+        codec.encode(pcm.long())
+    codes = codec.encode(pcm)
+    with pytest.raises(ValueError, match=r"in \[0, 2048\)"):
+        codec.decode(codes + 2048)
+    with pytest.raises(ValueError, match="integer"):
+        codec.decode(codes.float())
+    stream = codec.stream(2)
+    with pytest.raises(ValueError, match="frame must have shape"):
+        stream.encode(pcm[..., :1000])
+    first = torch.cat([stream.encode(c) for c in pcm.split(1920, dim=-1)], dim=-1)
+    stream.reset(0)
+    again = stream.encode(pcm[..., :1920])
+    assert torch.equal(again[0], first[0, :, :1]) and not torch.equal(again[1], first[1, :, :1])

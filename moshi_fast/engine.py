@@ -92,8 +92,7 @@ class MimiCodec:
         """Random weights (non-zero codebooks) at the given config, default the real one."""
         _check_backend(backend)
         device = torch.device(device) if device is not None else _default_device()
-        model = Mimi(config or MimiConfig()).to(device)
-        return cls(random_init_(model, seed).eval().requires_grad_(False), device)
+        return cls(_random_module(lambda: Mimi(config or MimiConfig()), torch.float32, device, seed), device)
 
     @property
     def frame_size(self) -> int:
@@ -166,6 +165,13 @@ class MimiStream:
         mask = _slot_mask(slot, self.batch_size, self.codec.device)
         self._encoder_state.reset(mask)
         self._decoder_state.reset(mask)
+
+
+def _random_module(factory, dtype: torch.dtype, device: torch.device, seed: int) -> torch.nn.Module:
+    """factory() with random weights, allocated once, directly in dtype on device."""
+    with torch.device("meta"):
+        module = factory().to(dtype)
+    return random_init_(module.to_empty(device=device), seed).eval().requires_grad_(False)
 
 
 def _slot_mask(slot: int | None, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -271,9 +277,8 @@ class FastMoshi:
         config = config or moshiko()
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        with torch.device(device):
-            mimi = random_init_(Mimi(config.mimi), weights_seed).eval().requires_grad_(False)
-            lm = random_init_(LM(config.lm).to(dtype), weights_seed + 1).eval().requires_grad_(False)
+        mimi = _random_module(lambda: Mimi(config.mimi), torch.float32, device, weights_seed)
+        lm = _random_module(lambda: LM(config.lm), dtype, device, weights_seed + 1)
         return cls(config, lm, mimi, tokenizer, device, max_batch, **sampling)
 
     @property

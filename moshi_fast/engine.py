@@ -13,6 +13,7 @@ backend's models and their per-slot streaming state.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,12 @@ class MimiStream:
         self._decoder_state.reset(mask)
 
 
+def _print_progress(done: int, total: int) -> None:
+    if done * 10 // total != (done - 1) * 10 // total:
+        print(f"loading LM weights: {100 * done // total}%", file=sys.stderr, end="\n" if done == total else "\r",
+              flush=True)
+
+
 def _random_module(factory, dtype: torch.dtype, device: torch.device, seed: int) -> torch.nn.Module:
     """factory() with random weights, allocated once, directly in dtype on device."""
     with torch.device("meta"):
@@ -249,10 +256,11 @@ class FastMoshi:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, backend: str = "reference", max_batch: int = 1,
-                        **sampling) -> "FastMoshi":
+                        progress: bool = True, **sampling) -> "FastMoshi":
         """path: a Kyutai checkpoint directory (model.safetensors, Mimi's file, tokenizer, optional
         config.json) or a transformers MoshiForConditionalGeneration `save_pretrained` directory.
-        dtype defaults to bfloat16 on CUDA and float32 on the CPU; Mimi always runs in float32."""
+        dtype defaults to bfloat16 on CUDA and float32 on the CPU; Mimi always runs in float32.
+        With progress, loading the LM reports its progress on stderr."""
         _check_backend(backend)
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -263,7 +271,7 @@ class FastMoshi:
             tokenizer = TextTokenizer(checkpoint.tokenizer_file, (config.lm.text_end_padding_id,
                                                                   config.lm.text_padding_id))
         mimi = load_mimi(Path(path), Mimi, device, num_codebooks=config.mimi.num_codebooks)
-        lm = load_lm(checkpoint, lambda: LM(config.lm), dtype, device)
+        lm = load_lm(checkpoint, lambda: LM(config.lm), dtype, device, _print_progress if progress else None)
         defaults = {k: v for k, v in config.lm_gen.items()
                     if k in ("use_sampling", "temp", "temp_text", "top_k", "top_k_text")}
         return cls(config, lm, mimi, tokenizer, device, max_batch, **{**defaults, **sampling})

@@ -398,8 +398,10 @@ def resolve(files: TensorFiles, spec: Spec, unused: Sequence[str] = (),
 
 
 def materialize(module_factory: Callable[[], nn.Module], files: TensorFiles, sources: dict[str, Source],
-                dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """Builds the module on the meta device and assigns every parameter from its source."""
+                dtype: torch.dtype, device: torch.device | str,
+                progress: Callable[[int, int], None] | None = None) -> nn.Module:
+    """Builds the module on the meta device and assigns every parameter from its source.
+    progress(done, total) is called after each parameter."""
     with torch.device("meta"):
         module = module_factory()
     expected = dict(module.named_parameters())
@@ -413,6 +415,8 @@ def materialize(module_factory: Callable[[], nn.Module], files: TensorFiles, sou
         if not torch.isfinite(value.float()).all():
             raise CheckpointError(f"{files.path}: parameter {name} holds NaN or Inf values")
         state[name] = value.to(device=device, dtype=dtype).contiguous()
+        if progress is not None:
+            progress(len(state), len(sources))
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
@@ -447,7 +451,7 @@ def find_moshi_checkpoint(directory: str | Path) -> MoshiCheckpoint:
 
 
 def load_lm(checkpoint: MoshiCheckpoint, module_factory: Callable[[], nn.Module], dtype: torch.dtype,
-            device: torch.device | str) -> nn.Module:
+            device: torch.device | str, progress: Callable[[int, int], None] | None = None) -> nn.Module:
     """The LM of a checkpoint, built by module_factory() with this engine's parameter names."""
     files = TensorFiles(checkpoint.lm_file)
     if checkpoint.format == "hf":
@@ -455,7 +459,7 @@ def load_lm(checkpoint: MoshiCheckpoint, module_factory: Callable[[], nn.Module]
                           foreign=lambda key: key.startswith("audio_encoder."), what="Moshi LM checkpoint")
     else:
         sources = resolve(files, lm_spec_kyutai(checkpoint.config.lm), what="Moshi LM checkpoint")
-    return materialize(module_factory, files, sources, dtype, device)
+    return materialize(module_factory, files, sources, dtype, device, progress)
 
 
 def load_mimi(path: str | Path, module_factory: Callable[[MimiConfig], nn.Module], device: torch.device | str,

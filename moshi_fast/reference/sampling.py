@@ -68,7 +68,3 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     sampled = top_index.gather(-1, race.argmax(-1, keepdim=True))[:, 0]
     return torch.where(greedy, logits.argmax(-1), sampled)
 
-
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dimension (the first maximum on ties), as Kyutai's use_sampling=False."""
-    return logits.argmax(-1)

@@ -6,10 +6,10 @@
     out.pcm, out.text                                         # Moshi's 80 ms of audio and its text piece
 """
 from .config import LMConfig, MimiConfig, MoshiConfig, moshiko, tiny
-from .engine import FastMoshi, MimiCodec, MimiStream, StepOutput
+from .engine import FastMoshi, MimiCodec, MimiStream, SlotsBusyError, StepOutput
 from .tokenizer import TextTokenizer
 from .weights import CheckpointError
 
 __all__ = ["CheckpointError", "FastMoshi", "LMConfig", "MimiCodec", "MimiConfig", "MimiStream", "MoshiConfig",
-           "StepOutput", "TextTokenizer", "moshiko", "tiny"]
+           "SlotsBusyError", "StepOutput", "TextTokenizer", "moshiko", "tiny"]
 __version__ = "0.1.0"

@@ -194,25 +194,36 @@ def _slot_mask(slot: int | None, batch_size: int, device: torch.device) -> torch
 
 @dataclass
 class StepOutput:
-    """One 80 ms frame of output for every slot (tensors on the CPU)."""
+    """One 80 ms frame of output for the n slots that stepped (tensors on the CPU), row i for slots[i]."""
 
     pcm: torch.Tensor
-    """[B, 1920] float32, Moshi's audio at 24 kHz (silence on a conversation's first frame)."""
+    """[n, 1920] float32, Moshi's audio at 24 kHz (silence on a conversation's first frame)."""
     text_tokens: torch.Tensor
-    """[B] int64, the text token of the frame (-1 on a conversation's first frame)."""
+    """[n] int64, the text token of the frame (-1 on a conversation's first frame)."""
     audio_codes: torch.Tensor
-    """[B, 8] int64, the Mimi codes decoded into pcm (-1 on a conversation's first frame)."""
+    """[n, 8] int64, the Mimi codes decoded into pcm (-1 on a conversation's first frame)."""
     text: list[str] | None
     """Text piece per slot ("" for padding and for no token); None when there is no tokenizer."""
+    slots: list[int]
+    """The slot of each row."""
+
+
+class SlotsBusyError(RuntimeError):
+    """Every conversation slot of the engine is in use."""
 
 
 class FastMoshi:
-    """Moshi, full duplex: `step(frames)` every 80 ms for `max_batch` conversations at once.
+    """Moshi, full duplex: `step(frames)` every 80 ms for up to `max_batch` conversations at once.
 
     Build with `from_pretrained(path)` (Kyutai or transformers checkpoint directory) or
     `random(config)` (random weights, for timing and tests). Sampling follows Kyutai's defaults
     (text temperature 0.7, top-k 25; audio temperature 0.8, top-k 250); `use_sampling=False` is
-    greedy. Each slot draws from its own counter-based random stream derived from `seed`.
+    greedy. Each slot draws from its own counter-based random stream: slot i uses `seed + i` unless
+    `open(seed=...)` gives it another.
+
+    Two ways to drive it: `step(frames[max_batch, 1920])` steps every slot; or `open()` a slot per
+    conversation, `step({slot: frame, ...})` with the frames of the conversations that have audio
+    this frame (the others keep their state untouched), and `close(slot)` when one ends.
     """
 
     def __init__(self, config: MoshiConfig, lm: LM, mimi: Mimi, tokenizer: TextTokenizer | None,
@@ -241,6 +252,7 @@ class FastMoshi:
         self._decoder_state = mimi.init_decoder_state(max_batch)
         self._lm_state = self._generator.init_state(max_batch)
         self._all = torch.ones(max_batch, dtype=torch.bool, device=device)
+        self._open = [False] * max_batch
 
     def _sampling_params(self, use_sampling, temp, temp_text, top_k, top_k_text, seed) -> SamplingParams:
         n, device = self.max_batch, self.device
@@ -309,20 +321,83 @@ class FastMoshi:
                              f"(one {self.frame_size}-sample frame per slot), got {list(pcm.shape)}")
         return pcm.to(self.device, torch.float32)[:, None, :]
 
+    @property
+    def open_slots(self) -> list[int]:
+        return [slot for slot, is_open in enumerate(self._open) if is_open]
+
+    def open(self, seed: int | None = None, use_sampling: bool | None = None, temp: float | None = None,
+             temp_text: float | None = None, top_k: int | None = None, top_k_text: int | None = None) -> int:
+        """Starts a conversation in a free slot and returns the slot id. Unset sampling parameters take
+        the engine's; top_k and top_k_text may not exceed the engine's. Raises SlotsBusyError when all
+        max_batch slots are open."""
+        free = next((slot for slot, is_open in enumerate(self._open) if not is_open), None)
+        if free is None:
+            raise SlotsBusyError(f"all {self.max_batch} conversation slots are busy")
+        d = self.sampling
+        use_sampling = d["use_sampling"] if use_sampling is None else use_sampling
+        temp = d["temp"] if temp is None else temp
+        temp_text = d["temp_text"] if temp_text is None else temp_text
+        top_k = d["top_k"] if top_k is None else top_k
+        top_k_text = d["top_k_text"] if top_k_text is None else top_k_text
+        if not 1 <= top_k <= d["top_k"] or not 1 <= top_k_text <= d["top_k_text"]:
+            raise ValueError(f"a slot's top_k must be in [1, {d['top_k']}] and top_k_text in [1, {d['top_k_text']}]")
+        if temp < 0 or temp_text < 0:
+            raise ValueError("temperatures must be >= 0 (0 is greedy)")
+        params = self._sampling
+        params.audio_temperature[free] = temp if use_sampling else 0.0
+        params.text_temperature[free] = temp_text if use_sampling else 0.0
+        params.audio_top_k[free] = top_k
+        params.text_top_k[free] = top_k_text
+        params.seed[free] = self.seed + free if seed is None else seed
+        self.reset(free)
+        self._open[free] = True
+        return free
+
+    def close(self, slot: int) -> None:
+        """Ends the conversation in `slot`; the slot is free for the next `open()`."""
+        if not self._is_slot(slot) or not self._open[slot]:
+            raise ValueError(f"slot {slot!r} is not an open conversation (open: {self.open_slots})")
+        self._open[slot] = False
+
+    def _is_slot(self, slot) -> bool:
+        return isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) and 0 <= slot < self.max_batch
+
+    def _slot_frames(self, frames: dict) -> tuple[torch.Tensor, list[int]]:
+        if not frames:
+            raise ValueError("no frames given")
+        slots = list(frames)
+        for slot in slots:
+            if not self._is_slot(slot) or not self._open[slot]:
+                raise ValueError(f"slot {slot!r} is not an open conversation (open: {self.open_slots})")
+        batch = torch.zeros(self.max_batch, self.frame_size, dtype=torch.float32, device=self.device)
+        for slot in slots:
+            frame = _as_float_tensor(frames[slot], f"frame of slot {slot}")
+            if frame.shape != (self.frame_size,):
+                raise ValueError(f"frame of slot {slot} must have shape [{self.frame_size}], got {list(frame.shape)}")
+            batch[slot] = frame.to(self.device, torch.float32)
+        return batch[:, None, :], [int(slot) for slot in slots]
+
     @torch.inference_mode()
-    def step(self, pcm) -> StepOutput:
-        """pcm: float [B, 1920] (or [1920] when max_batch is 1), numpy or torch on any device.
+    def step(self, frames) -> StepOutput:
+        """frames: float [max_batch, 1920] (or [1920] when max_batch is 1) to step every slot, or a dict
+        {slot: [1920]} of open slots; numpy or torch, on any device.
 
         Invalid input raises ValueError before any state changes."""
-        frames = self._frames(pcm)
-        codes = self.mimi.encode_step(frames, self._encoder_state, self._all)
-        out = self._generator.step(codes[:, :self.config.lm.dep_q, 0], self._lm_state, self._all, self._sampling)
+        if isinstance(frames, dict):
+            batch, slots = self._slot_frames(frames)
+            stepping = torch.zeros(self.max_batch, dtype=torch.bool, device=self.device)
+            stepping[slots] = True
+        else:
+            batch, slots, stepping = self._frames(frames), list(range(self.max_batch)), self._all
+        codes = self.mimi.encode_step(batch, self._encoder_state, stepping)
+        out = self._generator.step(codes[:, :self.config.lm.dep_q, 0], self._lm_state, stepping, self._sampling)
         audio = out.tokens[:, 1:]
         decoded = self.mimi.decode_step(audio.clamp(min=0)[..., None], self._decoder_state, out.valid)
         pcm_out = torch.where(out.valid[:, None], decoded[:, 0], torch.zeros_like(decoded[:, 0]))
-        text_tokens = out.tokens[:, 0].cpu()
-        return StepOutput(pcm=pcm_out.float().cpu(), text_tokens=text_tokens, audio_codes=audio.cpu(),
-                          text=self.tokenizer.pieces(text_tokens) if self.tokenizer else None)
+        rows = torch.tensor(slots, device=self.device)
+        text_tokens = out.tokens[rows, 0].cpu()
+        return StepOutput(pcm=pcm_out[rows].float().cpu(), text_tokens=text_tokens, audio_codes=audio[rows].cpu(),
+                          text=self.tokenizer.pieces(text_tokens) if self.tokenizer else None, slots=slots)
 
     def reset(self, slot: int | None = None) -> None:
         """Restarts one conversation (slot index) or all of them (None)."""

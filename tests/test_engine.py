@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from moshi_fast import FastMoshi, MimiCodec, TextTokenizer, tiny
+from moshi_fast import FastMoshi, MimiCodec, SlotsBusyError, TextTokenizer, tiny
 
 from .helpers import speech_like
 
@@ -154,3 +154,57 @@ def test_mimi_codec_validation_and_stream_reset():
     stream.reset(0)
     again = stream.encode(pcm[..., :1920])
     assert torch.equal(again[0], first[0, :, :1]) and not torch.equal(again[1], first[1, :, :1])
+
+
+def test_slots_open_close_and_errors():
+    engine = _engine(max_batch=2)
+    assert engine.open() == 0 and engine.open() == 1 and engine.open_slots == [0, 1]
+    with pytest.raises(SlotsBusyError, match="all 2 conversation slots are busy"):
+        engine.open()
+    engine.close(0)
+    with pytest.raises(ValueError, match="not an open conversation"):
+        engine.close(0)
+    with pytest.raises(ValueError, match="not an open conversation"):
+        engine.step({0: torch.randn(1920)})
+    with pytest.raises(ValueError, match="not an open conversation"):
+        engine.step({7: torch.randn(1920)})
+    before = _state(engine)
+    with pytest.raises(ValueError, match=r"slot 1 must have shape \[1920\]"):
+        engine.step({1: torch.randn(1921)})
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        engine.step({1: torch.full((1920,), float("nan"))})
+    assert _same(before, _state(engine))
+    with pytest.raises(ValueError, match="top_k"):
+        engine.open(top_k=251)
+    assert engine.open() == 0
+
+
+def test_late_joiner_and_idle_slot_produce_what_they_produce_alone():
+    shared, alone_a, alone_b = _engine(max_batch=3), _engine(max_batch=1), _engine(max_batch=1)
+    a_frames, b_frames = [f[0] for f in _frames(1, 8, seed=4)], [f[0] for f in _frames(1, 4, seed=5)]
+    slot_a, _ = shared.open(seed=100), alone_a.open(seed=100)
+    outputs_a, outputs_b = [], []
+    for t in range(4):
+        outputs_a.append(shared.step({slot_a: a_frames[t]}))
+    slot_b, _ = shared.open(seed=200, use_sampling=False), alone_b.open(seed=200, use_sampling=False)
+    for t in range(4):
+        frames = {slot_b: b_frames[t]} if t == 1 else {slot_a: a_frames[4 + t - (t > 1)], slot_b: b_frames[t]}
+        out = shared.step(frames)
+        assert out.slots == list(frames)
+        outputs_b.append(out)
+        if slot_a in frames:
+            outputs_a.append(out)
+    expected_a = [alone_a.step({0: f}) for f in a_frames[:7]]
+    expected_b = [alone_b.step({0: f}) for f in b_frames]
+    for ours, theirs in zip(outputs_a, expected_a):
+        row = ours.slots.index(slot_a)
+        assert torch.equal(ours.text_tokens[row], theirs.text_tokens[0])
+        assert torch.equal(ours.audio_codes[row], theirs.audio_codes[0])
+        torch.testing.assert_close(ours.pcm[row], theirs.pcm[0], rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(outputs_b, expected_b):
+        row = ours.slots.index(slot_b)
+        assert torch.equal(ours.audio_codes[row], theirs.audio_codes[0])
+        torch.testing.assert_close(ours.pcm[row], theirs.pcm[0], rtol=1e-5, atol=1e-6)
+    greedy = _engine(max_batch=1, use_sampling=False)
+    assert torch.equal(torch.stack([greedy.step(f).audio_codes[0] for f in b_frames]),
+                       torch.stack([o.audio_codes[o.slots.index(slot_b)] for o in outputs_b]))

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one command on the device machine:
 #   install the project on the image's torch and triton (plus wheels carried in .whl/),
-#   run the GPU-marked tests, run the demo at Moshi's real size, and keep the logs under $OUT.
-# Usage (from the repository root): bash bench/gpu_check.sh [pytest -k expression]
+#   run the GPU-marked tests, the kernel microbenchmarks and the codec benchmark against Kyutai,
+#   run the demo at Moshi's real size, and keep the logs and JSON results under $OUT.
+# Usage (from the repository root): GIT_SHA=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [steps]
+#   steps: a comma-separated subset of tests,kernels,mimi,demo (default: all of them)
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
@@ -18,8 +20,20 @@ import os, torch, triton
 print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
 print("git:", os.environ["GIT_SHA"])
 PY
+steps=",${1:-tests,kernels,mimi,demo},"
 status=0
-python3 -m pytest -q -m gpu ${1:+-k "$1"} -s 2>&1 | tee "$OUT/pytest_gpu.log" || status=1
-python3 -m moshi_fast demo --seconds 4 --output "$OUT/demo.wav" 2>&1 | tee "$OUT/demo.log" || status=1
-rm -f "$OUT/demo.wav"
+if [[ $steps == *,tests,* ]]; then
+    python3 -m pytest -q -m gpu -s 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || status=1
+fi
+if [[ $steps == *,kernels,* ]]; then
+    python3 -m pytest -q bench/ -o python_files='bench_*.py' --benchmark-json="$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 || status=1
+    python3 bench/summarize.py "$OUT/kernels.json" | tee "$OUT/kernels.txt"
+fi
+if [[ $steps == *,mimi,* ]]; then
+    python3 bench/bench_mimi.py --json "$OUT/mimi.json" 2>&1 | tee "$OUT/mimi.log" || status=1
+fi
+if [[ $steps == *,demo,* ]]; then
+    python3 -m moshi_fast demo --seconds 4 --output "$OUT/demo.wav" 2>&1 | tee "$OUT/demo.log" || status=1
+    rm -f "$OUT/demo.wav"
+fi
 exit $status

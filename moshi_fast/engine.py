@@ -21,12 +21,15 @@ import numpy as np
 import torch
 
 from .config import MimiConfig, MoshiConfig, moshiko
+from .fast.mimi import FastMimi, FastMimiRunner
 from .reference.lm import LM, SamplingParams, StreamingLM
 from .reference.mimi import Mimi
 from .tokenizer import TextTokenizer
 from .weights import find_moshi_checkpoint, load_lm, load_mimi, random_init_
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "fast")
+"""reference: the eager PyTorch spec. fast: Triton kernels under CUDA graphs (Mimi so far; the LM
+runs its reference until its fast path lands)."""
 
 
 def _check_backend(backend: str) -> None:
@@ -71,29 +74,38 @@ class MimiCodec:
     `encode`/`decode` process whole signals (a signal is zero-padded on the right to whole frames,
     as Kyutai and transformers do); `stream(batch_size)` gives frame-by-frame streaming with carried
     state. A whole-signal call is the same computation as streaming its frames from a fresh state.
+    backend "fast" runs Triton kernels, each direction one CUDA-graph replay per frame (`eager=True`
+    runs the same step functions without graphs, for debugging).
     """
 
-    def __init__(self, model: Mimi, device: torch.device):
+    def __init__(self, model: Mimi, device: torch.device, backend: str = "reference", eager: bool = False):
+        _check_backend(backend)
+        if backend == "fast" and not isinstance(model, FastMimi):
+            raise ValueError("the fast backend needs a FastMimi model")
         self.model = model
         self.config: MimiConfig = model.config
         self.device = device
+        self.backend = backend
+        self.eager = eager
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        backend: str = "reference", num_codebooks: int = 8) -> "MimiCodec":
+                        backend: str = "reference", num_codebooks: int = 8, eager: bool = False) -> "MimiCodec":
         """path: Kyutai's Mimi .safetensors file, a Kyutai checkpoint directory, or a transformers
         MimiModel / MoshiForConditionalGeneration `save_pretrained` directory."""
         _check_backend(backend)
         device = torch.device(device) if device is not None else _default_device()
-        return cls(load_mimi(path, Mimi, device, num_codebooks=num_codebooks), device)
+        model = load_mimi(path, _MIMI_CLASSES[backend], device, num_codebooks=num_codebooks)
+        return cls(_prepared(model), device, backend, eager)
 
     @classmethod
     def random(cls, config: MimiConfig | None = None, device: str | torch.device | None = None,
-               backend: str = "reference", seed: int = 0) -> "MimiCodec":
+               backend: str = "reference", seed: int = 0, eager: bool = False) -> "MimiCodec":
         """Random weights (non-zero codebooks) at the given config, default the real one."""
         _check_backend(backend)
         device = torch.device(device) if device is not None else _default_device()
-        return cls(_random_module(lambda: Mimi(config or MimiConfig()), torch.float32, device, seed), device)
+        model = _random_module(lambda: _MIMI_CLASSES[backend](config or MimiConfig()), torch.float32, device, seed)
+        return cls(_prepared(model), device, backend, eager)
 
     @property
     def frame_size(self) -> int:
@@ -139,8 +151,7 @@ class MimiStream:
             raise ValueError("batch_size must be >= 1")
         self.codec = codec
         self.batch_size = batch_size
-        self._encoder_state = codec.model.init_encoder_state(batch_size)
-        self._decoder_state = codec.model.init_decoder_state(batch_size)
+        self._runner = _mimi_runner(codec.model, batch_size, codec.device, codec.eager)
         self._all = torch.ones(batch_size, dtype=torch.bool, device=codec.device)
 
     @torch.inference_mode()
@@ -150,7 +161,7 @@ class MimiStream:
         if frame.shape[0] != self.batch_size or frame.shape[-1] != self.codec.frame_size:
             raise ValueError(f"frame must have shape [{self.batch_size}, 1, {self.codec.frame_size}], "
                              f"got {list(frame.shape)}")
-        return self.codec.model.encode_step(frame, self._encoder_state, self._all)
+        return self._runner.encode(frame, self._all)
 
     @torch.inference_mode()
     def decode(self, codes) -> torch.Tensor:
@@ -160,12 +171,43 @@ class MimiStream:
         if codes.shape[0] != self.batch_size or codes.shape[-1] != 1:
             raise ValueError(f"codes must have shape [{self.batch_size}, {config.num_codebooks}, 1], "
                              f"got {list(codes.shape)}")
-        return self.codec.model.decode_step(codes.to(self.codec.device), self._decoder_state, self._all)
+        return self._runner.decode(codes.to(self.codec.device), self._all)
 
     def reset(self, slot: int | None = None) -> None:
-        mask = _slot_mask(slot, self.batch_size, self.codec.device)
-        self._encoder_state.reset(mask)
-        self._decoder_state.reset(mask)
+        self._runner.reset(_slot_mask(slot, self.batch_size, self.codec.device))
+
+
+class _ReferenceMimiRunner:
+    """The reference codec's streaming state for a batch (the fast backend's twin is FastMimiRunner).
+    encode/decode take an execution mask [B]: slots outside it keep their state."""
+
+    def __init__(self, model: Mimi, batch_size: int, device: torch.device):
+        self.model = model
+        self._encoder_state = model.init_encoder_state(batch_size)
+        self._decoder_state = model.init_decoder_state(batch_size)
+
+    def encode(self, frame: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_step(frame, self._encoder_state, exec_mask)
+
+    def decode(self, codes: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_step(codes, self._decoder_state, exec_mask)
+
+    def reset(self, slots: torch.Tensor) -> None:
+        self._encoder_state.reset(slots)
+        self._decoder_state.reset(slots)
+
+
+_MIMI_CLASSES = {"reference": Mimi, "fast": FastMimi}
+
+
+def _mimi_runner(model: Mimi, batch_size: int, device: torch.device, eager: bool):
+    if isinstance(model, FastMimi):
+        return FastMimiRunner(model, batch_size, device, eager=eager)
+    return _ReferenceMimiRunner(model, batch_size, device)
+
+
+def _prepared(model: Mimi) -> Mimi:
+    return model.prepare() if isinstance(model, FastMimi) else model
 
 
 def _print_progress(done: int, total: int) -> None:
@@ -228,7 +270,8 @@ class FastMoshi:
 
     def __init__(self, config: MoshiConfig, lm: LM, mimi: Mimi, tokenizer: TextTokenizer | None,
                  device: torch.device, max_batch: int = 1, use_sampling: bool = True, temp: float = 0.8,
-                 temp_text: float = 0.7, top_k: int = 250, top_k_text: int = 25, seed: int | None = None):
+                 temp_text: float = 0.7, top_k: int = 250, top_k_text: int = 25, seed: int | None = None,
+                 eager: bool = False):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if not 1 <= top_k <= config.lm.card or not 1 <= top_k_text <= config.lm.text_card:
@@ -248,8 +291,7 @@ class FastMoshi:
         self.sampling = {"use_sampling": use_sampling, "temp": temp, "temp_text": temp_text, "top_k": top_k,
                          "top_k_text": top_k_text}
         self._sampling = self._sampling_params(use_sampling, temp, temp_text, top_k, top_k_text, seed)
-        self._encoder_state = mimi.init_encoder_state(max_batch)
-        self._decoder_state = mimi.init_decoder_state(max_batch)
+        self._codec = _mimi_runner(mimi, max_batch, device, eager)
         self._lm_state = self._generator.init_state(max_batch)
         self._all = torch.ones(max_batch, dtype=torch.bool, device=device)
         self._open = [False] * max_batch
@@ -268,7 +310,7 @@ class FastMoshi:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, backend: str = "reference", max_batch: int = 1,
-                        progress: bool = True, **sampling) -> "FastMoshi":
+                        progress: bool = True, eager: bool = False, **sampling) -> "FastMoshi":
         """path: a Kyutai checkpoint directory (model.safetensors, Mimi's file, tokenizer, optional
         config.json) or a transformers MoshiForConditionalGeneration `save_pretrained` directory.
         dtype defaults to bfloat16 on CUDA and float32 on the CPU; Mimi always runs in float32.
@@ -282,24 +324,27 @@ class FastMoshi:
         if checkpoint.tokenizer_file is not None:
             tokenizer = TextTokenizer(checkpoint.tokenizer_file, (config.lm.text_end_padding_id,
                                                                   config.lm.text_padding_id))
-        mimi = load_mimi(Path(path), Mimi, device, num_codebooks=config.mimi.num_codebooks)
+        mimi = _prepared(load_mimi(Path(path), _MIMI_CLASSES[backend], device,
+                                   num_codebooks=config.mimi.num_codebooks))
         lm = load_lm(checkpoint, lambda: LM(config.lm), dtype, device, _print_progress if progress else None)
         defaults = {k: v for k, v in config.lm_gen.items()
                     if k in ("use_sampling", "temp", "temp_text", "top_k", "top_k_text")}
-        return cls(config, lm, mimi, tokenizer, device, max_batch, **{**defaults, **sampling})
+        return cls(config, lm, mimi, tokenizer, device, max_batch, eager=eager, **{**defaults, **sampling})
 
     @classmethod
     def random(cls, config: MoshiConfig | None = None, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, backend: str = "reference", max_batch: int = 1,
-               weights_seed: int = 0, tokenizer: TextTokenizer | None = None, **sampling) -> "FastMoshi":
+               weights_seed: int = 0, tokenizer: TextTokenizer | None = None, eager: bool = False,
+               **sampling) -> "FastMoshi":
         """Random weights at `config` (default: moshiko's real shapes)."""
         _check_backend(backend)
         config = config or moshiko()
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        mimi = _random_module(lambda: Mimi(config.mimi), torch.float32, device, weights_seed)
+        mimi = _prepared(_random_module(lambda: _MIMI_CLASSES[backend](config.mimi), torch.float32, device,
+                                        weights_seed))
         lm = _random_module(lambda: LM(config.lm), dtype, device, weights_seed + 1)
-        return cls(config, lm, mimi, tokenizer, device, max_batch, **sampling)
+        return cls(config, lm, mimi, tokenizer, device, max_batch, eager=eager, **sampling)
 
     @property
     def frame_size(self) -> int:
@@ -389,10 +434,10 @@ class FastMoshi:
             stepping[slots] = True
         else:
             batch, slots, stepping = self._frames(frames), list(range(self.max_batch)), self._all
-        codes = self.mimi.encode_step(batch, self._encoder_state, stepping)
+        codes = self._codec.encode(batch, stepping)
         out = self._generator.step(codes[:, :self.config.lm.dep_q, 0], self._lm_state, stepping, self._sampling)
         audio = out.tokens[:, 1:]
-        decoded = self.mimi.decode_step(audio.clamp(min=0)[..., None], self._decoder_state, out.valid)
+        decoded = self._codec.decode(audio.clamp(min=0)[..., None], out.valid)
         pcm_out = torch.where(out.valid[:, None], decoded[:, 0], torch.zeros_like(decoded[:, 0]))
         rows = torch.tensor(slots, device=self.device)
         text_tokens = out.tokens[rows, 0].cpu()
@@ -402,6 +447,5 @@ class FastMoshi:
     def reset(self, slot: int | None = None) -> None:
         """Restarts one conversation (slot index) or all of them (None)."""
         mask = _slot_mask(slot, self.max_batch, self.device)
-        self._encoder_state.reset(mask)
-        self._decoder_state.reset(mask)
+        self._codec.reset(mask)
         self._lm_state.reset(mask)

@@ -23,3 +23,20 @@ def speech_like(batch: int, frames: int, frame_size: int = 1920, seed: int = 0) 
         noise = torch.randn(t.shape, generator=generator, dtype=torch.float64)
         slots.append(0.2 * tone * envelope + 0.03 * noise)
     return torch.stack(slots)[:, None].float()
+
+
+def calibrate_codebooks(model, seed: int = 0) -> None:
+    """Random codewords spread around the latent each RVQ level quantizes (for a reference or fast Mimi
+    with random weights), so that the codes follow the audio instead of being constant."""
+    generator = torch.Generator().manual_seed(seed)
+    state = model.init_encoder_state(2)
+    run = torch.ones(2, dtype=torch.bool, device=model.downsample.weight.device)
+    pcm = speech_like(2, 8, seed=11).to(run.device)
+    with torch.no_grad():
+        latent = torch.cat([model.encode_latent_step(c, state, run) for c in pcm.split(1920, dim=-1)], dim=-1)
+        for rvq in (model.quantizer.semantic, model.quantizer.acoustic):
+            projected = torch.nn.functional.conv1d(latent, rvq.input_proj)
+            mean, deviation = projected.mean(dim=(0, 2)), (projected - projected.mean(dim=(0, 2))[:, None]).std()
+            noise = torch.randn(rvq.codebooks.shape, generator=generator).to(run.device) * deviation
+            noise[0] += mean
+            rvq.codebooks.copy_(noise)

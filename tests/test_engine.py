@@ -19,8 +19,8 @@ def _frames(batch, count, seed=0):
 
 
 def _state(engine):
-    return {f"{part}.{name}": t.clone() for part, state in (("enc", engine._encoder_state),
-                                                             ("dec", engine._decoder_state),
+    return {f"{part}.{name}": t.clone() for part, state in (("enc", engine._codec._encoder_state),
+                                                             ("dec", engine._codec._decoder_state),
                                                              ("lm", engine._lm_state)) for name, t in state.items()}
 
 

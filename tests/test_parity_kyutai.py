@@ -13,8 +13,9 @@ BATCH = 2
 
 def _near_tie_margins(codec: MimiCodec, pcm: torch.Tensor) -> torch.Tensor:
     """Relative gap (d2 - d1) / d1 between the two nearest codewords at every RVQ level [B, K, F]."""
-    stream = codec.stream(pcm.shape[0])
-    latents = torch.cat([codec.model.encode_latent_step(chunk, stream._encoder_state, stream._all)
+    state = codec.model.init_encoder_state(pcm.shape[0])
+    run = torch.ones(pcm.shape[0], dtype=torch.bool)
+    latents = torch.cat([codec.model.encode_latent_step(chunk, state, run)
                          for chunk in pcm.split(codec.frame_size, dim=-1)], dim=-1)
     margins = []
     for rvq in (codec.model.quantizer.semantic, codec.model.quantizer.acoustic):

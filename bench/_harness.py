@@ -1,0 +1,110 @@
+"""Timing and reporting shared by the benchmarks: per-call GPU time, achieved GB/s, % of the floor."""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+CALLS_PER_ROUND = 50
+"""pytest-benchmark's own statistics are per round of this many back-to-back calls."""
+
+
+@functools.cache
+def device_info() -> dict:
+    """Device name, versions, git SHA (GIT_SHA when the tree has no .git), and measured copy bandwidth."""
+    import triton
+
+    sha = os.environ.get("GIT_SHA") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (Triton interpreter)",
+            "torch": torch.__version__, "triton": triton.__version__, "git_sha": sha}
+    if torch.cuda.is_available():
+        info["copy_GBps"] = round(copy_bandwidth() / 1e9, 1)
+    return info
+
+
+def copy_bandwidth(size_bytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    src = torch.randn(size_bytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = graph_time(lambda: dst.copy_(src), iters=5)
+    return 2 * size_bytes / seconds
+
+
+def _graph(fn: Callable[[], object], iters: int) -> torch.cuda.CUDAGraph:
+    """`iters` calls of fn captured in one CUDA graph, after a warm-up on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def capture(fn: Callable[[], object], iters: int = 50) -> Callable[[], None]:
+    """A callable that runs `iters` calls of fn and waits for them (one graph replay on the GPU)."""
+    if not torch.cuda.is_available():
+        return lambda: [fn() for _ in range(iters)] and None
+    graph = _graph(fn, iters)
+
+    def replay():
+        graph.replay()
+        torch.cuda.synchronize()
+
+    return replay
+
+
+def graph_time(fn: Callable[[], object], iters: int = 50, reps: int = 15) -> float:
+    """Median seconds per call of fn: on the GPU, `iters` calls in one CUDA graph, replayed `reps`
+    times between CUDA events; on the CPU, one timed call."""
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    graph = _graph(fn, iters)
+    times = []
+    for _ in range(reps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1000 / iters)
+    return sorted(times)[len(times) // 2]
+
+
+class Measure:
+    """Times one op and its torch path in the same run and records both in the benchmark's extra_info."""
+
+    def __init__(self, benchmark, info: dict):
+        self.benchmark = benchmark
+        self.info = info
+
+    def __call__(self, fn: Callable[[], object], bytes_moved: int, torch_fn: Callable[[], object] | None = None,
+                 **config) -> dict:
+        seconds = graph_time(fn)
+        calls = CALLS_PER_ROUND if torch.cuda.is_available() else 1
+        self.benchmark.pedantic(capture(fn, calls), rounds=5 if torch.cuda.is_available() else 1)
+        extra = {**self.info, **config, "calls_per_round": calls, "us": seconds * 1e6, "bytes": bytes_moved,
+                 "GBps": bytes_moved / seconds / 1e9}
+        if "copy_GBps" in self.info:
+            floor = bytes_moved / (self.info["copy_GBps"] * 1e9)
+            extra["floor_us"] = floor * 1e6
+            extra["pct_of_floor"] = 100 * floor / seconds
+        if torch_fn is not None:
+            torch_seconds = graph_time(torch_fn)
+            extra["torch_us"] = torch_seconds * 1e6
+            extra["speedup_vs_torch"] = torch_seconds / seconds
+        self.benchmark.extra_info.update(extra)
+        return extra

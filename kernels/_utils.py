@@ -1,0 +1,27 @@
+"""Helpers shared by the Triton kernels."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def can_launch(*tensors: torch.Tensor) -> bool:
+    """Kernels launch on CUDA tensors, or on CPU tensors under the interpreter."""
+    return all(t.is_cuda for t in tensors) or (interpreting() and all(t.device.type == "cpu" for t in tensors))
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum): block sizes for tl.arange and tl.dot (>= 16)."""
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def dot_precision() -> str:
+    """fp32 tl.dot precision: exact ("ieee") so that the fast codec tracks the float32 reference."""
+    return "ieee"

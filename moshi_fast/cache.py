@@ -1,0 +1,38 @@
+"""Streaming state of the fast models: device tensors allocated once per batch size, no allocation per frame.
+
+Mimi (`MimiCache`): per slot and direction a frame counter; per streaming conv its input history
+[2, B, C_in, K - S] and per transposed conv its overlap [2, B, C_out, K - S], both double-buffered
+by the parity of the frame counter (kernels read one buffer and write the other); per transformer
+layer a ring of keys and values [B, H, context, D]. Reset of a slot zeroes its histories and
+overlaps and its counters; the rings need no clearing, since a counter of 0 makes every old entry invisible.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference.mimi import CausalConv1d, CausalConvTranspose1d, Mimi
+
+
+class MimiCache:
+    def __init__(self, model: Mimi, batch_size: int, device: torch.device):
+        config = model.config
+        self.batch_size = batch_size
+        self.encoder_frame = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.decoder_frame = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.history: dict[str, torch.Tensor] = {}
+        self.overlap: dict[str, torch.Tensor] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, CausalConv1d) and module.history:
+                self.history[name] = torch.zeros(2, batch_size, module.weight.shape[1], module.history, device=device)
+            elif isinstance(module, CausalConvTranspose1d):
+                self.overlap[name] = torch.zeros(2, batch_size, module.out_channels, module.overlap, device=device)
+        ring = (batch_size, config.num_heads, config.context, config.head_dim)
+        self.rings = {f"{side}.{i}": (torch.zeros(ring, device=device), torch.zeros(ring, device=device))
+                      for side in ("encoder_transformer", "decoder_transformer") for i in range(config.num_layers)}
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """Restarts the selected slots (bool mask [B]) in both directions."""
+        self.encoder_frame[slots] = 0
+        self.decoder_frame[slots] = 0
+        for tensor in (*self.history.values(), *self.overlap.values()):
+            tensor[:, slots] = 0

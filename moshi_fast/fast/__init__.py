@@ -1,0 +1,1 @@
+"""The fast models: the reference models' parameters, computed with `moshi_fast.ops` only."""

@@ -20,7 +20,8 @@ per-slot value comes from device memory.
 
 Floor: the bytes are weights + x + out + residual + 2 x history; these convs are small (at most
 8 MB of weights per direction in Mimi), so at B = 1 they are latency-bound; at large B they are
-implicit GEMMs of [C_out x C_in*K] by [C_in*K x T/S] (fp32, exact "ieee" dot).
+implicit GEMMs of [C_out x C_in*K] by [C_in*K x T/S] (fp32 operands, tf32x3 dot: see
+_utils.dot_precision).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2
+from ._utils import dot_precision, next_pow2
 
 
 def conv1d_stream_ref(x, state, frame, weight, bias, stride, elu_input=False, residual=None, replicate=False,
@@ -118,19 +119,31 @@ def _conv1d_stream_kernel(
             write_base = state_ptr + (1 - parity) * stride_sp + pid_b * stride_sb
             offs_h = tl.arange(0, BLOCK_H)
             mask_h = offs_h < HISTORY
-            j = T_IN - HISTORY + offs_h
+            source = T_IN - HISTORY + offs_h
             for c0 in range(0, C_IN, BLOCK_R):
                 offs_c = c0 + tl.arange(0, BLOCK_R)
                 mask = (offs_c < C_IN)[:, None] & mask_h[None, :]
-                v = tl.load(x_base + offs_c[:, None] * stride_xc + j[None, :] * stride_xt,
-                            mask=mask & (j >= 0)[None, :], other=0.0)
-                h = tl.load(read_base + offs_c[:, None] * stride_sc + (j + HISTORY)[None, :],
-                            mask=mask & (j < 0)[None, :], other=0.0)
+                # Fresh names: Triton loop-carried values must keep the shape they had before the loop.
+                new_v = tl.load(x_base + offs_c[:, None] * stride_xc + source[None, :] * stride_xt,
+                                mask=mask & (source >= 0)[None, :], other=0.0)
+                old_h = tl.load(read_base + offs_c[:, None] * stride_sc + (source + HISTORY)[None, :],
+                                mask=mask & (source < 0)[None, :], other=0.0)
                 if REPLICATE:
-                    x0 = tl.load(x_base + offs_c[:, None] * stride_xc, mask=mask & (j < 0)[None, :], other=0.0)
-                    h = tl.where(first, x0, h)
+                    first_x = tl.load(x_base + offs_c[:, None] * stride_xc, mask=mask & (source < 0)[None, :], other=0.0)
+                    old_h = tl.where(first, first_x, old_h)
                 tl.store(write_base + offs_c[:, None] * stride_sc + offs_h[None, :],
-                         tl.where((j >= 0)[None, :], v, h), mask=mask)
+                         tl.where((source >= 0)[None, :], new_v, old_h), mask=mask)
+
+
+def _tiles(batch: int, c_out: int, t_out: int, reduction: int, target_programs: int = 128) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_CO, BLOCK_R). At B = 1 most SEANet convs would fill a handful of SMs with wide
+    tiles, each looping over the whole reduction: narrower channel tiles until about one program per
+    SM (the weights are the bytes, and each program then streams a smaller slice of them)."""
+    block_t = min(64, next_pow2(t_out))
+    block_co = min(64, next_pow2(c_out))
+    while block_co > 16 and batch * triton.cdiv(c_out, block_co) * triton.cdiv(t_out, block_t) < target_programs:
+        block_co //= 2
+    return block_t, block_co, 64 if reduction >= 1024 else 32
 
 
 def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, weight: torch.Tensor,
@@ -150,9 +163,7 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
     t_out = t_in // stride
     if out is None:
         out = torch.empty(batch, c_out, t_out, device=x.device, dtype=torch.float32)
-    block_t = min(64, next_pow2(t_out))
-    block_co = min(64, next_pow2(c_out))
-    block_r = 32
+    block_t, block_co, block_r = _tiles(batch, c_out, t_out, c_in * kernel)
     grid = (batch, triton.cdiv(c_out, block_co), triton.cdiv(t_out, block_t))
     res = residual if residual is not None else out
     # A k = 1 conv has an empty history; any valid pointer stands in for it (never dereferenced).
@@ -168,6 +179,6 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
         STRIDE=stride, KERNEL=kernel, HISTORY=history,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ELU_INPUT=elu_input, REPLICATE=replicate,
         BLOCK_CO=block_co, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_H=next_pow2(max(history, 1)),
-        INPUT_PRECISION="ieee",
+        INPUT_PRECISION=dot_precision(),
     )
     return out

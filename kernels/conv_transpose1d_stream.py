@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2
+from ._utils import dot_precision, next_pow2
 
 
 def conv_transpose1d_stream_ref(x, partial, frame, weight, bias, stride, groups=1, elu_input=False, out=None):
@@ -132,6 +132,9 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
     taps = kernel // stride
     block_t = min(64, next_pow2(t_in + taps - 1))
     block_co = min(64, next_pow2(c_out))
+    # Narrower channel tiles until about one program per SM (see conv1d_stream._tiles).
+    while block_co > 16 and batch * triton.cdiv(c_out, block_co) * triton.cdiv(t_in + taps - 1, block_t) * stride < 128:
+        block_co //= 2
     grid = (batch, triton.cdiv(c_out, block_co), triton.cdiv(t_in + taps - 1, block_t) * stride)
     _conv_transpose1d_stream_kernel[grid](
         x, partial, frame, weight, bias if bias is not None else weight, out,
@@ -141,6 +144,6 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
         weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         STRIDE=stride, TAPS=taps, DEPTHWISE=groups > 1, HAS_BIAS=bias is not None, ELU_INPUT=elu_input,
-        BLOCK_CO=block_co, BLOCK_T=block_t, BLOCK_CI=32, INPUT_PRECISION="ieee",
+        BLOCK_CO=block_co, BLOCK_T=block_t, BLOCK_CI=32, INPUT_PRECISION=dot_precision(),
     )
     return out

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2
+from ._utils import dot_precision, next_pow2
 
 
 def ring_attention_ref(qkv, ring_k, ring_v, frame, max_period, out=None):
@@ -174,6 +174,6 @@ def ring_attention(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
         ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
         out.stride(0), out.stride(1),
         HEADS=heads, HEAD_DIM=head_dim, LOG_PERIOD=math.log(max_period), SCALE=head_dim ** -0.5,
-        BLOCK_T=next_pow2(steps), BLOCK_R=64, INPUT_PRECISION="ieee",
+        BLOCK_T=next_pow2(steps), BLOCK_R=64, INPUT_PRECISION=dot_precision(),
     )
     return out

@@ -1,12 +1,16 @@
-"""The audio helpers, the streaming runner, and the `moshi-fast demo` command on the tiny CPU model."""
+"""The audio helpers, the streaming runner, and the `moshi-fast` commands (demo, run, bench, and the
+options of serve and loadtest) on the tiny CPU model."""
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from moshi_fast import FastMoshi, audio, cli, runner, tiny
 
@@ -170,3 +174,111 @@ def test_python_dash_m_runs_the_cli():
                                capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
     assert "--weights" in completed.stdout and "--greedy" in completed.stdout
+
+
+TRANSCRIPT_LINE = re.compile(r"^\[\d+\.\d\ds\] \S.*$")
+
+
+def test_run_streams_a_stereo_44k_file_and_reports_transcript_and_speed(tmp_path, capsys):
+    source, output, transcript = tmp_path / "voice.wav", tmp_path / "reply.wav", tmp_path / "reply.txt"
+    voice = audio.test_signal(1.5, 44100)
+    soundfile.write(source, np.stack([voice, 0.5 * voice], axis=1), 44100, subtype="PCM_16")
+
+    code = cli.main(["run", str(source), "-o", str(output), "--transcript", str(transcript),
+                     "--device", "cpu", "--greedy"])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    frames = -(-round(1.5 * RATE) // FRAME)
+    info = soundfile.info(output)
+    assert (info.samplerate, info.channels, info.frames) == (RATE, 1, frames * FRAME)
+    lines = transcript.read_text().splitlines()
+    assert lines and all(TRANSCRIPT_LINE.match(line) for line in lines)
+    assert lines[0].startswith("[0.08s] "), "the first frame carries no token"
+    assert "\n".join(lines) in captured.out and "real-time factor" in captured.out
+    assert "streaming" in captured.err and f"{frames}/{frames}" in captured.err
+
+
+def test_run_with_a_checkpoint_transcribes_its_text_pieces(kyutai_moshi, tmp_path, capsys):
+    _, checkpoint = kyutai_moshi
+    source, transcript = tmp_path / "voice.wav", tmp_path / "reply.txt"
+    audio.write_wav(source, audio.test_signal(1.0, RATE), RATE)
+
+    code = cli.main(["run", str(source), "-o", str(tmp_path / "reply.wav"), "--weights", str(checkpoint),
+                     "--device", "cpu", "--transcript", str(transcript)])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = transcript.read_text().splitlines()
+    assert lines and all(TRANSCRIPT_LINE.match(line) for line in lines)
+    # The test tokenizer's pieces are pseudo-words: text, not token ids.
+    assert re.search(r"[a-z]{2,}", lines[0]) and not re.search(r"\d{2,}", lines[0].split("] ", 1)[1])
+    assert "real-time factor" in captured.out
+
+
+def test_run_missing_input_fails_with_the_file_name(tmp_path, capsys):
+    code = cli.main(["run", str(tmp_path / "nowhere.flac"), "-o", str(tmp_path / "out.wav"),
+                     "--device", "cpu"])
+
+    assert code == 2
+    assert "nowhere.flac" in capsys.readouterr().err
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_transcript_lines_break_at_sentences_pauses_and_width():
+    pieces = ["", " Hello", " there", ".", "", " How", "", "", "", "", "", "", "", "", "", "", "", " are",
+              " you", "?"] + [" word"] * 20
+    tokens = np.arange(len(pieces))
+
+    lines = runner.transcript_lines(tokens, pieces, frame_s=0.08, padding_ids=(0, 3), pause_s=0.8,
+                                    max_chars=30)
+
+    assert lines[:3] == [(0.08, "Hello there."), (0.4, "How"), pytest.approx((1.36, "are you?"))]
+    assert all(len(text) <= 30 for _, text in lines[3:])
+    assert " ".join(text for _, text in lines[3:]) == " ".join(["word"] * 20)
+    assert runner.format_transcript(lines[:1]) == "[0.08s] Hello there.\n"
+
+
+def test_transcript_without_a_tokenizer_lists_token_ids_and_skips_padding():
+    tokens = np.array([-1, 17, 3, 0, 42, 3, 3, 3, 3, 3, 99])
+
+    lines = runner.transcript_lines(tokens, None, frame_s=0.08, padding_ids=(3, 0), pause_s=0.4)
+
+    assert lines == [(0.08, "17 42"), pytest.approx((0.8, "99"))]
+
+
+def test_bench_writes_the_table_json_and_plots(tmp_path, capsys):
+    code = cli.main(["bench", "--device", "cpu", "--batch-sizes", "1,2", "--frames", "4", "--warmup", "1",
+                     "--output-dir", str(tmp_path)])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["batch"] for r in record["results"]] == [1, 2]
+    assert all(len(r["frame_ms"]) == 4 and 0 < r["p50_ms"] <= r["p99_ms"] for r in record["results"])
+    assert record["budget_ms"] == pytest.approx(80.0) and record["backend"] == "reference"
+    assert {"device_name", "torch", "git_sha"} <= record["environment"].keys()
+    assert record["config"]["lm"]["dim"] == tiny().lm.dim
+    for name in ("latency_histogram.png", "frame_time_vs_batch.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "p99 ms" in captured.out and "margin" in captured.out
+
+
+def test_the_backend_defaults_to_a_fast_one_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(runner, "BACKENDS", ("reference", "fast"))
+    assert runner.default_backend(torch.device("cuda")) == "fast"
+    assert runner.default_backend(torch.device("cpu")) == "reference"
+    monkeypatch.setattr(runner, "BACKENDS", ("reference",))
+    assert runner.default_backend(torch.device("cuda")) == "reference"
+
+
+@pytest.mark.parametrize("arguments", [["run", "in.wav"], ["run", "in.wav", "-o", "no/such/dir/out.wav"],
+                                       ["bench", "--batch-sizes", "1,x"], ["bench", "--frames", "0"],
+                                       ["serve", "--port", "70000"], ["serve", "--max-conversations", "0"],
+                                       ["loadtest", "--clients", "0"],
+                                       ["serve", "--weights", ".", "--preset", "tiny"]])
+def test_commands_reject_invalid_options(arguments, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(arguments)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err

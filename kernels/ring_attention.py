@@ -138,10 +138,11 @@ def _ring_attention_kernel(
         block = tl.where(valid[None, :], block, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(block, axis=1))
         correction = tl.exp(running_max - new_max)
-        weights = tl.exp(block - new_max[:, None])
+        # A fresh name: Triton's loop-carried values keep the shape they had before the loop.
+        block_weights = tl.exp(block - new_max[:, None])
         old_v = tl.load(ring_v + slots[:, None] * stride_rs + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * correction[:, None] + tl.dot(weights, old_v, input_precision=INPUT_PRECISION)
-        running_sum = running_sum * correction + tl.sum(weights, axis=1)
+        acc = acc * correction[:, None] + tl.dot(block_weights, old_v, input_precision=INPUT_PRECISION)
+        running_sum = running_sum * correction + tl.sum(block_weights, axis=1)
         running_max = new_max
 
     out = acc / running_sum[:, None]

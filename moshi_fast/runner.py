@@ -1,4 +1,5 @@
-"""Streams a whole mono signal through a `FastMoshi` frame by frame, timing every step."""
+"""Streams a whole mono signal through a `FastMoshi` frame by frame, timing every step: the `demo` and
+`run` commands, and the timestamped transcript of a run."""
 from __future__ import annotations
 
 import sys
@@ -12,8 +13,8 @@ import numpy as np
 import torch
 
 from . import audio
-from .config import PRESETS
-from .engine import FastMoshi
+from .config import PRESETS, MoshiConfig
+from .engine import BACKENDS, FastMoshi
 from .weights import find_moshi_checkpoint
 
 DEFAULT_SECONDS = 4.0
@@ -121,57 +122,90 @@ def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def show_progress(done: int, total: int) -> None:
+def progress_bar(done: int, total: int, width: int = 30) -> None:
+    """A `progress(done, total)` callback: a frame progress bar on stderr, redrawn in place on a
+    terminal; in a log, one line per tenth of the run."""
+    filled = width * done // total
+    line = f"streaming [{'#' * filled}{'.' * (width - filled)}] {done}/{total} frames"
     if sys.stderr.isatty():
-        print(f"\rstreaming: frame {done}/{total}", end="\n" if done == total else "", file=sys.stderr,
-              flush=True)
+        print(f"\r{line}", end="\n" if done == total else "", file=sys.stderr, flush=True)
     elif done == total or done * 10 // total != (done - 1) * 10 // total:
-        # Logs get a line per tenth of the run instead of carriage-return updates.
-        print(f"streaming: frame {done}/{total}", file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
 
 
-def _build_engine(weights: Path | None, device: torch.device, preset: str | None, seed: int,
-                  greedy: bool) -> FastMoshi:
-    sampling = {"seed": seed}
-    if greedy:
-        sampling["use_sampling"] = False
-    start = time.perf_counter()
-    if weights is not None:
-        _status(f"loading {weights} on {device} (a 7B model takes a while) ...")
-        engine = FastMoshi.from_pretrained(weights, device=device, **sampling)
-    else:
-        _status(f"building the {preset} model with random weights on {device} ...")
-        engine = FastMoshi.random(PRESETS[preset](), device=device, weights_seed=seed,
-                                  **sampling)
-    _status(f"model ready in {time.perf_counter() - start:.1f} s")
-    return engine
+def default_backend(device: torch.device) -> str:
+    """The backend to use on `device`: on CUDA the first non-reference backend this build has, else the
+    reference backend."""
+    if device.type == "cuda":
+        return next((backend for backend in BACKENDS if backend != "reference"), "reference")
+    return "reference"
 
 
-def run_demo(weights: Path | None, input_path: Path | None, output: Path, seconds: float | None,
-             device: torch.device, preset: str | None, seed: int, greedy: bool,
-             progress: Callable[[int, int], None] | None = None) -> int:
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to build a `FastMoshi`: a checkpoint directory, or random weights at a preset."""
+
+    weights: Path | None
+    device: torch.device
+    preset: str | None = None
+    backend: str = "reference"
+    seed: int = 0
+    greedy: bool = False
+
+    def __post_init__(self):
+        if (self.weights is None) == (self.preset is None):
+            raise ValueError("give either a checkpoint directory or a preset for random weights")
+
+    @property
+    def config(self) -> MoshiConfig:
+        if self.weights is not None:
+            return find_moshi_checkpoint(self.weights).config
+        return PRESETS[self.preset]()
+
+    def describe(self) -> str:
+        model = str(self.weights) if self.weights is not None else f"random weights, {self.preset} preset"
+        decoding = "greedy" if self.greedy else f"sampling, seed {self.seed}"
+        return f"{model} on {self.device}, {self.backend} backend ({decoding})"
+
+    def build(self, max_batch: int = 1, quiet: bool = False) -> FastMoshi:
+        """The engine, serving `max_batch` conversations; reports loading on stderr unless quiet."""
+        sampling = {"seed": self.seed}
+        if self.greedy:
+            sampling["use_sampling"] = False
+        start = time.perf_counter()
+        if self.weights is not None:
+            if not quiet:
+                _status(f"loading {self.weights} on {self.device} (a 7B model takes a while) ...")
+            engine = FastMoshi.from_pretrained(self.weights, device=self.device, backend=self.backend,
+                                               max_batch=max_batch, progress=not quiet, **sampling)
+        else:
+            if not quiet:
+                _status(f"building the {self.preset} model with random weights on {self.device} ...")
+            engine = FastMoshi.random(PRESETS[self.preset](), device=self.device, backend=self.backend,
+                                      max_batch=max_batch, weights_seed=self.seed, **sampling)
+        if not quiet:
+            _status(f"model ready in {time.perf_counter() - start:.1f} s")
+        return engine
+
+
+def run_demo(spec: EngineSpec, input_path: Path | None, output: Path, seconds: float | None) -> int:
     """The `moshi-fast demo` command: streams a signal through Moshi, writes Moshi's audio to
-    `output`, prints the text tokens and step timings. Random weights at `preset` unless `weights`."""
+    `output`, prints the text tokens and step timings."""
     # The input is read before the (possibly long) model load so that a bad file fails at once.
-    if weights is not None:
-        sample_rate = find_moshi_checkpoint(weights).config.mimi.sample_rate
-    else:
-        sample_rate = PRESETS[preset]().mimi.sample_rate
+    sample_rate = spec.config.mimi.sample_rate
     if input_path is not None:
         pcm = audio.read_audio(input_path, sample_rate)
         source = str(input_path)
     else:
         seconds = seconds or DEFAULT_SECONDS
-        pcm = audio.test_signal(seconds, sample_rate, seed=seed)
+        pcm = audio.test_signal(seconds, sample_rate, seed=spec.seed)
         source = f"generated test signal ({seconds:g} s)"
 
-    engine = _build_engine(weights, device, preset, seed, greedy)
-    result = run_stream(engine, pcm, progress=progress)
+    engine = spec.build()
+    result = run_stream(engine, pcm, progress=progress_bar)
     audio.write_wav(output, result.pcm, result.sample_rate)
 
-    model = str(weights) if weights is not None else f"random weights, {preset} preset"
-    decoding = "greedy" if greedy else f"sampling, seed {seed}"
-    print(f"model: {model} on {engine.device} ({decoding})")
+    print(f"model: {spec.describe()}")
     print(f"input: {source}")
     print(f"output: {output} ({len(result.pcm) / result.sample_rate:.2f} s at {result.sample_rate} Hz)")
     print(textwrap.fill(" ".join(str(token) for token in result.text_tokens), width=100,
@@ -180,7 +214,80 @@ def run_demo(weights: Path | None, input_path: Path | None, output: Path, second
         text = "".join(result.pieces).strip()
         print(f"text: {text}" if text else "text: (none, only padding)")
     print(format_timing(result.timing_summary()))
-    if weights is None:
+    if spec.weights is None:
         print("note: the weights are random, so the output audio is noise and the text tokens are\n"
               "      meaningless; pass --weights DIR to run a real checkpoint.")
+    return 0
+
+
+def transcript_lines(text_tokens: np.ndarray, pieces: list[str] | None, frame_s: float,
+                     padding_ids: tuple[int, ...], pause_s: float = 1.0,
+                     max_chars: int = 80) -> list[tuple[float, str]]:
+    """Groups the text of a run into timestamped lines: [(seconds, text)], the time being the start of
+    the output frame that carried the line's first piece.
+
+    text_tokens [n] and pieces (n strings, "" for padding; None without a tokenizer, when the token ids
+    themselves are written, padding ids and -1 left out). A line ends at a sentence end (. ! ?), before
+    a pause of at least `pause_s` without text, or at a word boundary once it reaches `max_chars`.
+    """
+    if pieces is None:
+        skipped = set(padding_ids)
+        pieces = [f" {token}" if token >= 0 and token not in skipped else ""
+                  for token in map(int, text_tokens)]
+    lines: list[tuple[float, str]] = []
+    start, text, last_frame = 0.0, "", 0
+    pause_frames = max(1, round(pause_s / frame_s))
+    for frame, piece in enumerate(pieces):
+        if not piece:
+            continue
+        starts_word = piece.startswith(" ")
+        too_long = starts_word and len(text) + len(piece) > max_chars
+        if text and (frame - last_frame >= pause_frames or too_long):
+            lines.append((start, text.strip()))
+            text = ""
+        if not text:
+            start = frame * frame_s
+        text += piece
+        last_frame = frame
+        if text.rstrip().endswith((".", "!", "?")):
+            lines.append((start, text.strip()))
+            text = ""
+    if text.strip():
+        lines.append((start, text.strip()))
+    return [(seconds, line) for seconds, line in lines if line]
+
+
+def format_transcript(lines: list[tuple[float, str]]) -> str:
+    """One `[12.40s] text` line per transcript line."""
+    return "".join(f"[{seconds:.2f}s] {text}\n" for seconds, text in lines)
+
+
+def run_file(spec: EngineSpec, input_path: Path, output: Path, transcript_path: Path | None = None) -> int:
+    """The `moshi-fast run` command: streams an audio file (any rate and channel count, resampled to the
+    model's rate, mixed to mono) through Moshi frame by frame, writes Moshi's audio to `output`, prints
+    the timestamped transcript (also written to `transcript_path` if given) and the real-time factor."""
+    config = spec.config
+    pcm = audio.read_audio(input_path, config.mimi.sample_rate)
+    if pcm.size == 0:
+        raise ValueError(f"{input_path} holds no audio")
+    engine = spec.build()
+    result = run_stream(engine, pcm, progress=progress_bar)
+    audio.write_wav(output, result.pcm, result.sample_rate)
+
+    lines = transcript_lines(result.text_tokens, result.pieces, result.frame_size / result.sample_rate,
+                             (config.lm.text_padding_id, config.lm.text_end_padding_id))
+    transcript = format_transcript(lines)
+    if transcript_path is not None:
+        transcript_path.write_text(transcript, encoding="utf-8")
+    print(f"model: {spec.describe()}")
+    print(f"input: {input_path} ({len(pcm) / config.mimi.sample_rate:.2f} s)")
+    print(f"output: {output}")
+    if result.pieces is None:
+        print("transcript (text token ids: this model has no tokenizer):")
+    else:
+        print("transcript:")
+    print(transcript if transcript else "(no text)\n", end="")
+    if transcript_path is not None:
+        print(f"transcript written to {transcript_path}")
+    print(format_timing(result.timing_summary()))
     return 0

@@ -1,0 +1,460 @@
+"""A websocket server speaking Kyutai's Moshi protocol, serving many conversations on one `FastMoshi`.
+
+Kyutai's clients (the `moshi.client` command line, the web UI) work unchanged. The protocol: a websocket
+at `GET /api/chat` carrying binary messages whose first byte is the kind:
+
+    0x00  handshake, server -> client, no payload: the conversation is ready
+    0x01  audio, both directions: Ogg/Opus pages, 24 kHz mono
+    0x02  text, server -> client: a UTF-8 text piece (padding tokens send nothing)
+    0x05  error, server -> client: a UTF-8 reason, sent before the server closes the connection
+
+The kinds of Kyutai's web protocol that carry nothing for this server (3 control, 4 metadata, 6 ping)
+are accepted and ignored; any other kind, an empty or text message, or audio that is not Ogg/Opus
+closes that connection only, with a log line.
+
+Scheduling: each connection holds one engine slot. One frame clock ticks every 80 ms; at each tick every
+connection with a whole frame of decoded input contributes it, and one `engine.step({slot: frame})` runs
+them all in a worker thread, so the event loop keeps serving sockets meanwhile. A connection whose input
+lags skips the tick and keeps its state. Moshi's output is Opus-encoded in a second worker thread (so the
+encoding of one frame overlaps the next step) and queued per connection; a client that reads too slowly
+loses its oldest queued audio, never delaying the clock or the other clients.
+
+`GET /api/stats` returns the server's counters and frame-time percentiles as JSON.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import sphn
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from .engine import FastMoshi, SlotsBusyError
+
+log = logging.getLogger("moshi_fast.server")
+
+HANDSHAKE, AUDIO, TEXT, ERROR = 0, 1, 2, 5
+IGNORED_KINDS = frozenset({3, 4, 6})
+"""Kinds of Kyutai's web protocol (control, metadata, ping) that carry nothing this server acts on."""
+
+CHAT_PATH = "/api/chat"
+STATS_PATH = "/api/stats"
+
+
+class PcmBuffer:
+    """A client's decoded input audio not yet stepped: float32 samples, at most `max_samples` of them
+    (the oldest are dropped beyond that, which bounds latency when a client sends faster than real time)."""
+
+    def __init__(self, max_samples: int):
+        self.max_samples = max_samples
+        self._pcm = np.zeros(0, dtype=np.float32)
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return self._pcm.shape[0]
+
+    def push(self, pcm: np.ndarray) -> None:
+        """Appends pcm [T] float32."""
+        pcm = np.concatenate([self._pcm, pcm.astype(np.float32, copy=False)])
+        excess = pcm.shape[0] - self.max_samples
+        if excess > 0:
+            self.dropped += excess
+            pcm = pcm[excess:]
+        self._pcm = pcm
+
+    def pop(self, count: int) -> np.ndarray:
+        """Removes and returns the oldest `count` samples, [count] float32; needs len(self) >= count."""
+        if count > len(self):
+            raise ValueError(f"only {len(self)} samples buffered, {count} requested")
+        chunk, self._pcm = self._pcm[:count].copy(), self._pcm[count:]
+        return chunk
+
+
+class Outbox:
+    """Messages queued for one client, at most `capacity`. When full, the oldest audio message is dropped
+    (never the first, which carries the Ogg/Opus stream headers), or the oldest text piece if no audio is
+    queued: a slow client loses audio instead of holding back the frame clock."""
+
+    def __init__(self, capacity: int):
+        if capacity < 2:
+            raise ValueError("an outbox needs room for at least 2 messages")
+        self.capacity = capacity
+        self._messages: collections.deque[tuple[bytes, bool]] = collections.deque()
+        self._ready = asyncio.Event()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def put(self, message: bytes, droppable: bool = True) -> None:
+        if len(self._messages) >= self.capacity:
+            self._drop_one()
+        self._messages.append((message, droppable))
+        self._ready.set()
+
+    def _drop_one(self) -> None:
+        candidates = [i for i, (message, droppable) in enumerate(self._messages) if droppable]
+        audio = [i for i in candidates if self._messages[i][0][0] == AUDIO]
+        victim = (audio or candidates)[0]
+        del self._messages[victim]
+        self.dropped += 1
+
+    async def get(self) -> bytes:
+        """Waits for and removes the oldest message."""
+        while not self._messages:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._messages.popleft()[0]
+
+
+@dataclass(eq=False)
+class Conversation:
+    """One client connection and its engine slot."""
+
+    id: int
+    peer: str
+    ws: web.WebSocketResponse
+    slot: int
+    inbox: PcmBuffer
+    outbox: Outbox
+    opus_reader: sphn.OpusStreamReader
+    opus_writer: sphn.OpusStreamWriter
+    closed: bool = False
+    frames_out: int = 0
+    header_queued: bool = False
+    sender: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"conversation {self.id} ({self.peer}, slot {self.slot})"
+
+
+class ProtocolError(Exception):
+    """A client message that breaks the protocol; the connection is closed with a log line."""
+
+
+class MoshiServer:
+    """Serves up to `engine.max_batch` concurrent Kyutai-protocol conversations on one `FastMoshi`.
+
+    Use `await start(host, port)` / `await stop()` inside a running event loop (or `async with`), or
+    `serve(...)` for a blocking server. `port=0` picks a free port; `start` returns the bound port.
+
+    input_backlog_s: decoded input audio kept per client before its oldest samples are dropped.
+    output_backlog: outgoing messages (audio pages and text pieces) queued per client before its
+        oldest audio is dropped.
+    heartbeat_s: websocket ping interval; a client that does not answer is disconnected.
+    stats_window: how many recent frames `/api/stats` keeps timing records for.
+    """
+
+    def __init__(self, engine: FastMoshi, input_backlog_s: float = 2.0, output_backlog: int = 50,
+                 heartbeat_s: float = 10.0, stats_window: int = 10000):
+        self.engine = engine
+        self.frame_size = engine.frame_size
+        self.frame_s = engine.frame_size / engine.sample_rate
+        self.input_backlog_samples = max(int(input_backlog_s * engine.sample_rate), engine.frame_size)
+        self.output_backlog = output_backlog
+        self.heartbeat_s = heartbeat_s
+        self.counters = collections.Counter()
+        # (step index, step_ms, interval_ms, batch): one record per engine step.
+        self._frames: collections.deque[tuple[int, float, float, int]] = collections.deque(
+            maxlen=stats_window)
+        self._conversations: dict[int, Conversation] = {}
+        self._ids = itertools.count(1)
+        self._background: set[asyncio.Task] = set()
+        self._handlers: set[asyncio.Task] = set()
+        self._engine_thread: ThreadPoolExecutor | None = None
+        self._codec_thread: ThreadPoolExecutor | None = None
+        self._clock: asyncio.Task | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get(CHAT_PATH, self._handle_chat)
+        app.router.add_get(STATS_PATH, self._handle_stats)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8998) -> int:
+        """Starts the frame clock and listens on host:port; returns the bound port."""
+        if self._runner is not None:
+            raise RuntimeError("the server is already running")
+        # One thread owns the engine: steps, opens and closes run there in submission order.
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="moshi-engine")
+        self._codec_thread = ThreadPoolExecutor(1, thread_name_prefix="moshi-opus")
+        self._runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        self.port = self._runner.addresses[0][1]
+        self._clock = asyncio.create_task(self._run_clock(), name="moshi-frame-clock")
+        log.info("serving %d conversations on ws://%s:%d%s", self.engine.max_batch, host, self.port,
+                 CHAT_PATH)
+        return self.port
+
+    async def stop(self) -> None:
+        """Closes every connection, stops the clock and frees every slot this server opened."""
+        if self._runner is None:
+            return
+        self._clock.cancel()
+        await asyncio.gather(self._clock, return_exceptions=True)
+        closing = [conversation.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+                   for conversation in self._conversations.values()]
+        await asyncio.gather(*closing, return_exceptions=True)
+        # Every handler frees its slot on the engine thread, which must outlive them; a handler still
+        # opening its slot has no socket to close yet, so it is cancelled after a grace period.
+        if self._handlers:
+            _, pending = await asyncio.wait(set(self._handlers), timeout=5.0)
+            for handler in pending:
+                handler.cancel()
+        await asyncio.gather(*self._handlers, *self._background, return_exceptions=True)
+        await self._runner.cleanup()
+        self._engine_thread.shutdown(wait=True)
+        self._codec_thread.shutdown(wait=True)
+        self._runner = None
+
+    async def __aenter__(self) -> "MoshiServer":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    @property
+    def conversations(self) -> int:
+        return len(self._conversations)
+
+    def stats(self, after_step: int = 0) -> dict:
+        """Counters and timings. Frame times are over the recorded steps with index > after_step
+        (pass a previous `stats()["steps"]` to measure an interval): `frame_ms` is the wall time of
+        one engine step, `tick_interval_ms` the time between the starts of consecutive steps."""
+        records = [r for r in self._frames if r[0] > after_step]
+        steps = np.array([r[1] for r in records])
+        intervals = np.array([r[2] for r in records if r[2] > 0])
+        return {
+            "conversations": self.conversations,
+            "max_conversations": self.engine.max_batch,
+            "open_slots": self.engine.open_slots,
+            "steps": self.counters["steps"],
+            "accepted": self.counters["accepted"],
+            "refused": self.counters["refused"],
+            "malformed": self.counters["malformed"],
+            "dropped_input_s": self.counters["dropped_input_samples"] / self.engine.sample_rate,
+            "dropped_messages": self.counters["dropped_messages"] + sum(
+                conversation.outbox.dropped for conversation in self._conversations.values()),
+            "budget_ms": 1000 * self.frame_s,
+            "measured_steps": len(records),
+            "mean_batch": float(np.mean([r[3] for r in records])) if records else 0.0,
+            "frame_ms": _percentiles(steps),
+            "tick_interval_ms": _percentiles(intervals),
+        }
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        try:
+            after_step = int(request.query.get("after", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="'after' must be an integer step index") from None
+        return web.json_response(self.stats(after_step))
+
+    async def _run_in_engine(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, function, *args)
+
+    async def _handle_chat(self, request: web.Request) -> web.WebSocketResponse:
+        handler = asyncio.current_task()
+        self._handlers.add(handler)
+        try:
+            return await self._chat(request)
+        finally:
+            self._handlers.discard(handler)
+
+    async def _chat(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=self.heartbeat_s, compress=False, timeout=2.0)
+        await ws.prepare(request)
+        peer = request.remote or "unknown peer"
+        try:
+            slot = await self._run_in_engine(self.engine.open)
+        except SlotsBusyError:
+            self.counters["refused"] += 1
+            reason = f"server full: all {self.engine.max_batch} conversations are in use, try again later"
+            log.warning("refused %s: %s", peer, reason)
+            await _send_error_and_close(ws, reason, WSCloseCode.TRY_AGAIN_LATER)
+            return ws
+        conversation = Conversation(
+            id=next(self._ids), peer=peer, ws=ws, slot=slot, inbox=PcmBuffer(self.input_backlog_samples),
+            outbox=Outbox(self.output_backlog), opus_reader=sphn.OpusStreamReader(self.engine.sample_rate),
+            opus_writer=sphn.OpusStreamWriter(self.engine.sample_rate))
+        self.counters["accepted"] += 1
+        try:
+            await ws.send_bytes(bytes([HANDSHAKE]))
+            self._conversations[conversation.id] = conversation
+            conversation.sender = asyncio.create_task(self._send_loop(conversation))
+            log.info("%s: connected", conversation.name)
+            await self._receive_loop(conversation)
+        except ProtocolError as e:
+            self.counters["malformed"] += 1
+            log.warning("%s: malformed message, closing: %s", conversation.name, e)
+            await _send_error_and_close(ws, f"malformed message: {e}", WSCloseCode.UNSUPPORTED_DATA)
+        except ConnectionError as e:
+            log.info("%s: connection lost: %s", conversation.name, e)
+        finally:
+            await self._end(conversation)
+        return ws
+
+    async def _receive_loop(self, conversation: Conversation) -> None:
+        ws = conversation.ws
+        while True:
+            message = await ws.receive()
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if message.type == WSMsgType.ERROR:
+                log.info("%s: connection error: %s", conversation.name, ws.exception())
+                return
+            if message.type != WSMsgType.BINARY:
+                raise ProtocolError(f"expected a binary message, got a {message.type.name.lower()} message")
+            self._handle_message(conversation, message.data)
+
+    def _handle_message(self, conversation: Conversation, data: bytes) -> None:
+        if not data:
+            raise ProtocolError("empty message")
+        kind = data[0]
+        if kind in IGNORED_KINDS:
+            return
+        if kind != AUDIO:
+            raise ProtocolError(f"unexpected message kind {kind}")
+        try:
+            pcm = conversation.opus_reader.append_bytes(data[1:])
+        except ValueError as e:
+            raise ProtocolError(f"audio is not an Ogg/Opus stream ({e})") from None
+        if pcm.size:
+            before = conversation.inbox.dropped
+            conversation.inbox.push(pcm)
+            self.counters["dropped_input_samples"] += conversation.inbox.dropped - before
+
+    async def _send_loop(self, conversation: Conversation) -> None:
+        try:
+            while True:
+                await conversation.ws.send_bytes(await conversation.outbox.get())
+        except ConnectionError as e:
+            log.info("%s: cannot send, closing: %s", conversation.name, e)
+            await conversation.ws.close()
+
+    async def _end(self, conversation: Conversation) -> None:
+        """Forgets a connection and frees its slot, once, whatever ended it."""
+        if conversation.closed:
+            return
+        conversation.closed = True
+        self._conversations.pop(conversation.id, None)
+        if conversation.sender is not None:
+            conversation.sender.cancel()
+            await asyncio.gather(conversation.sender, return_exceptions=True)
+        # Queued behind any step that still includes this slot, so the slot is freed only after it.
+        await self._run_in_engine(self.engine.close, conversation.slot)
+        self.counters["dropped_messages"] += conversation.outbox.dropped
+        if not conversation.ws.closed:
+            await conversation.ws.close()
+        log.info("%s: ended after %d frames", conversation.name, conversation.frames_out)
+
+    async def _run_clock(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
+        last_start = None
+        while True:
+            deadline += self.frame_s
+            batch = {conversation: conversation.inbox.pop(self.frame_size)
+                     for conversation in self._conversations.values()
+                     if len(conversation.inbox) >= self.frame_size}
+            if batch:
+                start = time.perf_counter()
+                interval_ms = 0.0 if last_start is None else 1000 * (start - last_start)
+                last_start = start
+                try:
+                    out = await self._run_in_engine(self.engine.step, {c.slot: f for c, f in batch.items()})
+                except Exception:
+                    log.exception("engine step failed; closing the conversations it carried")
+                    for conversation in batch:
+                        self._spawn(_send_error_and_close(conversation.ws, "internal error",
+                                                          WSCloseCode.INTERNAL_ERROR))
+                else:
+                    self.counters["steps"] += 1
+                    self._frames.append((self.counters["steps"], 1000 * (time.perf_counter() - start),
+                                         interval_ms, len(batch)))
+                    self._spawn(self._deliver({c.slot: c for c in batch}, out))
+            else:
+                last_start = None
+            delay = deadline - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                # Behind schedule: start the next frame now rather than bursting to catch up.
+                deadline = loop.time()
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _deliver(self, by_slot: dict[int, Conversation], out) -> None:
+        loop = asyncio.get_running_loop()
+        messages = await loop.run_in_executor(self._codec_thread, _encode_outputs, by_slot, out)
+        for conversation, audio, text in messages:
+            if conversation.closed:
+                continue
+            conversation.frames_out += 1
+            if audio:
+                conversation.outbox.put(audio, droppable=conversation.header_queued)
+                conversation.header_queued = True
+            if text:
+                conversation.outbox.put(text)
+
+
+def _encode_outputs(by_slot: dict[int, Conversation], out) -> list[tuple[Conversation, bytes, bytes]]:
+    """Opus-encodes each row of out.pcm [n, 1920] for the conversation of its slot (out.slots[row]) and
+    frames its text piece; returns (conversation, audio message or b"", text message or b"") per row."""
+    pcm = out.pcm.numpy()
+    messages = []
+    for row, slot in enumerate(out.slots):
+        conversation = by_slot[slot]
+        opus = conversation.opus_writer.append_pcm(pcm[row])
+        audio = bytes([AUDIO]) + opus if opus else b""
+        piece = out.text[row] if out.text is not None else ""
+        text = bytes([TEXT]) + piece.encode("utf-8") if piece else b""
+        messages.append((conversation, audio, text))
+    return messages
+
+
+async def _send_error_and_close(ws: web.WebSocketResponse, reason: str, code: int) -> None:
+    try:
+        await ws.send_bytes(bytes([ERROR]) + reason.encode("utf-8"))
+    except ConnectionError:
+        pass
+    await ws.close(code=code, message=reason.encode("utf-8")[:120])
+
+
+def _percentiles(values: np.ndarray) -> dict:
+    if values.size == 0:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    return {"p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90)),
+            "p99": float(np.percentile(values, 99)), "max": float(values.max())}
+
+
+def serve(engine: FastMoshi, host: str = "127.0.0.1", port: int = 8998, **options) -> None:
+    """Runs a `MoshiServer` until SIGINT or SIGTERM; prints the websocket URL once it listens.
+    options: the keyword arguments of `MoshiServer`."""
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        async with MoshiServer(engine, **options) as server:
+            bound = await server.start(host, port)
+            print(f"listening on ws://{host}:{bound}{CHAT_PATH} ({engine.max_batch} conversations)",
+                  flush=True)
+            await stopping.wait()
+            log.info("stopping")
+
+    asyncio.run(main())

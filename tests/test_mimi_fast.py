@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moshi_fast import MimiCodec, moshiko, ops, tiny
+from moshi_fast import FastMoshi, MimiCodec, moshiko, ops, tiny
 from moshi_fast.fast.mimi import FastMimi
 
 from .helpers import calibrate_codebooks, rel_err, speech_like
@@ -85,3 +85,46 @@ def test_fast_mimi_graph_equals_eager_and_reset_is_bitwise():
         pcm_g, pcm_e, pcm_k = g.decode(codes_k), e.decode(codes_k), kept.decode(codes_k)
         assert torch.equal(pcm_g, pcm_e)
         assert torch.equal(pcm_g[[0, 1, 3]], pcm_k[[0, 1, 3]])
+
+
+def _engines(device, config):
+    reference = FastMoshi.random(config, device=device, max_batch=3, seed=9)
+    fast_mimi = FastMimi(config.mimi).to(device)
+    fast_mimi.load_state_dict(reference.mimi.state_dict())
+    fast = FastMoshi(config, reference.lm, fast_mimi.requires_grad_(False).prepare(), None, torch.device(device),
+                     max_batch=3, seed=9)
+    return reference, fast
+
+
+def _run_slots(engine, frames):
+    """Slots 0 and 2 open; slot 2 skips frame 1; returns every step's tokens and pcm."""
+    slots = [engine.open(), engine.open(), engine.open()]
+    engine.close(slots[1])
+    outputs = []
+    for t, frame in enumerate(frames):
+        step = {0: frame[0]} if t == 1 else {0: frame[0], 2: frame[2]}
+        out = engine.step(step)
+        outputs.append((out.slots, out.text_tokens, out.audio_codes, out.pcm))
+    return outputs
+
+
+@ops.reference_ops()
+def test_engine_with_fast_codec_matches_reference_engine_on_cpu():
+    reference, fast = _engines("cpu", tiny())
+    frames = [f[:, 0] for f in speech_like(3, 5, seed=4).split(1920, dim=-1)]
+    for ours, theirs in zip(_run_slots(fast, frames), _run_slots(reference, frames)):
+        assert ours[0] == theirs[0]
+        assert torch.equal(ours[1], theirs[1]) and torch.equal(ours[2], theirs[2])
+        assert rel_err(ours[3], theirs[3]) < 1e-5 or ours[3].abs().max() == 0
+
+
+@pytest.mark.gpu
+def test_engine_with_fast_codec_matches_reference_engine_on_gpu():
+    torch.backends.cudnn.allow_tf32 = False
+    config = moshiko().replace(lm=tiny().lm)
+    reference, fast = _engines("cuda", config)
+    frames = [f[:, 0].cuda() for f in speech_like(3, 6, seed=4).split(1920, dim=-1)]
+    for ours, theirs in zip(_run_slots(fast, frames), _run_slots(reference, frames)):
+        assert ours[0] == theirs[0]
+        assert (ours[1] == theirs[1]).float().mean() >= 0.99
+        assert rel_err(ours[3], theirs[3]) < 1e-4 or ours[3].abs().max() == 0

@@ -30,9 +30,6 @@ class SlotState:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter(self._tensors.items())
 
@@ -47,9 +44,3 @@ class SlotState:
         for name, tensor in self._tensors.items():
             tensor[slot_mask] = self._initial[name]
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {name: tensor.clone() for name, tensor in self._tensors.items()}
-
-    def load(self, snapshot: dict[str, torch.Tensor]) -> None:
-        for name, tensor in snapshot.items():
-            self._tensors[name].copy_(tensor)

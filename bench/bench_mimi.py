@@ -44,24 +44,26 @@ def _median_ms(times: list[float]) -> float:
     return 1000 * sorted(times)[len(times) // 2]
 
 
+def _time_codec(encode, decode, chunks, warmup: int) -> tuple[float, float, list]:
+    """Median encode and decode ms per frame after `warmup` frames, and every frame's codes."""
+    codes = [encode(c) for c in chunks[:warmup]]
+    encode_times = _timed_calls(lambda c: codes.append(encode(c)), chunks[warmup:])
+    for t in range(warmup):
+        decode(codes[t])
+    decode_times = _timed_calls(decode, codes[warmup:])
+    return _median_ms(encode_times), _median_ms(decode_times), codes
+
+
 def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 4) -> dict:
     pcm = speech_like(batch, frames + warmup).cuda()
     chunks = list(pcm.split(1920, dim=-1))
     row = {"batch": batch, "frames": frames}
     with torch.no_grad(), kyutai.streaming(batch):
-        codes = [kyutai.encode(c) for c in chunks[:warmup]]
-        encode = _timed_calls(lambda c: codes.append(kyutai.encode(c)), chunks[warmup:])
-        for t in range(warmup):
-            kyutai.decode(codes[t])
-        decode = _timed_calls(kyutai.decode, codes[warmup:])
-    row["kyutai_encode_ms"], row["kyutai_decode_ms"] = _median_ms(encode), _median_ms(decode)
+        row["kyutai_encode_ms"], row["kyutai_decode_ms"], codes = _time_codec(kyutai.encode, kyutai.decode, chunks,
+                                                                              warmup)
     stream = ours.stream(batch)
-    our_codes = [stream.encode(c) for c in chunks[:warmup]]
-    encode = _timed_calls(lambda c: our_codes.append(stream.encode(c)), chunks[warmup:])
-    for t in range(warmup):
-        stream.decode(our_codes[t])
-    decode = _timed_calls(stream.decode, our_codes[warmup:])
-    row["fast_encode_ms"], row["fast_decode_ms"] = _median_ms(encode), _median_ms(decode)
+    row["fast_encode_ms"], row["fast_decode_ms"], our_codes = _time_codec(stream.encode, stream.decode, chunks,
+                                                                          warmup)
     row["agreement"] = float((torch.cat(our_codes, -1) == torch.cat(codes, -1)).float().mean())
     row["speedup"] = ((row["kyutai_encode_ms"] + row["kyutai_decode_ms"])
                       / (row["fast_encode_ms"] + row["fast_decode_ms"]))

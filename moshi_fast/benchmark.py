@@ -109,10 +109,7 @@ def plot(record: dict, output_dir: Path) -> list[Path]:
     axes.set(xlabel="frame time (ms)", ylabel="frames")
     axes.set_title(f"Frame latency\n{subtitle}", fontsize=10)
     axes.legend()
-    histogram = output_dir / HISTOGRAM_NAME
-    figure.tight_layout()
-    figure.savefig(histogram, dpi=120)
-    pyplot.close(figure)
+    histogram = _save(figure, output_dir / HISTOGRAM_NAME)
 
     figure, axes = pyplot.subplots(figsize=(8, 4.5))
     batches = [r["batch"] for r in results]
@@ -125,11 +122,17 @@ def plot(record: dict, output_dir: Path) -> list[Path]:
     axes.set(xlabel="batch (concurrent conversations)", ylabel="frame time (ms)")
     axes.set_title(f"Frame time vs batch\n{subtitle}", fontsize=10)
     axes.legend()
-    batch_plot = output_dir / BATCH_PLOT_NAME
-    figure.tight_layout()
-    figure.savefig(batch_plot, dpi=120)
-    pyplot.close(figure)
+    batch_plot = _save(figure, output_dir / BATCH_PLOT_NAME)
     return [histogram, batch_plot]
+
+
+def _save(figure, path: Path) -> Path:
+    from matplotlib import pyplot
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+    return path
 
 
 def run_bench(spec: EngineSpec, batch_sizes: list[int], frames: int, warmup: int, output_dir: Path) -> int:

@@ -22,7 +22,8 @@ class MimiCache:
         self.history: dict[str, torch.Tensor] = {}
         self.overlap: dict[str, torch.Tensor] = {}
         for name, module in model.named_modules():
-            if isinstance(module, CausalConv1d) and module.history:
+            # k = 1 convs get an empty history: one kernel and one lookup for every conv.
+            if isinstance(module, CausalConv1d):
                 self.history[name] = torch.zeros(2, batch_size, module.weight.shape[1], module.history, device=device)
             elif isinstance(module, CausalConvTranspose1d):
                 self.overlap[name] = torch.zeros(2, batch_size, module.out_channels, module.overlap, device=device)

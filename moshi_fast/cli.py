@@ -34,34 +34,22 @@ def _device(value: str) -> torch.device:
     return device
 
 
-def _positive_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return seconds
+def _number(kind: type, valid, requirement: str):
+    """An argparse type: `kind(value)` that must satisfy `valid`, else a message with `requirement`."""
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {value!r}") from None
+        if not valid(number):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
+        return number
+    return parse
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return number
-
-
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in [0, 65535] (0 picks a free port), got {value}")
-    return port
+_positive_seconds = _number(float, lambda x: x > 0, "positive")
+_positive_int = _number(int, lambda x: x >= 1, "at least 1")
+_port = _number(int, lambda x: 0 <= x <= 65535, "in [0, 65535] (0 picks a free port)")
 
 
 def _batch_sizes(value: str) -> list[int]:

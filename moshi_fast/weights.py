@@ -79,9 +79,9 @@ def _unpermute_rotate_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor
     return weight.view(num_heads, 2, out_dim // num_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def _hf_qkv(prefix: str, dim: int, num_heads: int) -> Source:
-    keys = tuple(f"{prefix}.{p}_proj.linear.weight" if prefix.startswith(("decoder.model", "depth"))
-                 else f"{prefix}.{p}_proj.weight" for p in "qkv")
+def _hf_qkv(prefix: str, dim: int, num_heads: int, leaf: str = "weight") -> Source:
+    """q|k|v of transformers' attention; Moshi wraps its projections (leaf "linear.weight"), Mimi does not."""
+    keys = tuple(f"{prefix}.{p}_proj.{leaf}" for p in "qkv")
     return Source(keys, ((dim, dim),) * 3,
                   lambda ts: torch.cat([_unpermute_rotate_half(ts[0], num_heads),
                                         _unpermute_rotate_half(ts[1], num_heads), ts[2]]))
@@ -238,7 +238,7 @@ def lm_spec_hf(config: LMConfig) -> Spec:
         ours, theirs = f"layers.{i}", f"decoder.model.layers.{i}"
         spec[f"{ours}.norm1.weight"] = [_copy(f"{theirs}.input_layernorm.weight", (dim,))]
         spec[f"{ours}.norm2.weight"] = [_copy(f"{theirs}.post_attention_layernorm.weight", (dim,))]
-        spec[f"{ours}.qkv"] = [_hf_qkv(f"{theirs}.self_attn", dim, c.num_heads)]
+        spec[f"{ours}.qkv"] = [_hf_qkv(f"{theirs}.self_attn", dim, c.num_heads, "linear.weight")]
         spec[f"{ours}.out"] = [_copy(f"{theirs}.self_attn.o_proj.linear.weight", (dim, dim))]
         spec[f"{ours}.gate_up"] = [_copy(f"{theirs}.mlp.fc1.weight", (2 * c.hidden, dim))]
         spec[f"{ours}.down"] = [_copy(f"{theirs}.mlp.fc2.weight", (dim, c.hidden))]

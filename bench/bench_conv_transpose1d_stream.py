@@ -1,9 +1,17 @@
-"""conv_transpose1d_stream at Mimi's decoder shapes beside cuDNN's transposed conv plus the overlap glue."""
+"""conv_transpose1d_stream at Mimi's decoder shapes beside cuDNN's transposed conv plus the overlap glue.
+
+The kernel gets what the model gives it: the weight packed once and a split-K workspace allocated up
+front at the size the default plan asks for."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moshi_fast.kernels.conv_transpose1d_stream import conv_transpose1d_stream
+from moshi_fast.kernels._utils import SplitWorkspace
+from moshi_fast.kernels.conv_transpose1d_stream import (
+    conv_transpose1d_stream,
+    conv_transpose1d_stream_workspace_size,
+    pack_conv_transpose_weight,
+)
 
 GPU = torch.cuda.is_available()
 # c_in, c_out, kernel, stride, t_in (steps of one frame at that layer), groups
@@ -29,9 +37,13 @@ def test_conv_transpose1d_stream(measure, device, name, batch):
     frame = torch.zeros(batch, dtype=torch.int32, device=device)
     out = torch.empty(batch, c_out, t_in * stride, device=device)
     elu = groups == 1
+    packed = pack_conv_transpose_weight(weight, stride) if groups == 1 else None
+    workspace = SplitWorkspace(*conv_transpose1d_stream_workspace_size(batch, c_in, c_out, kernel, stride, t_in, groups),
+                               device=device)
 
     def fast():
-        conv_transpose1d_stream(x, partial, frame, weight, bias, stride, groups, elu, out=out)
+        conv_transpose1d_stream(x, partial, frame, weight, bias, stride, groups, elu, out=out, packed_weight=packed,
+                                workspace=workspace)
 
     def torch_path():
         full = F.conv_transpose1d(F.elu(x) if elu else x, weight, bias, stride=stride, groups=groups)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from moshi_fast.kernels.ring_attention import ring_attention
+from moshi_fast.kernels._utils import SplitWorkspace
+from moshi_fast.kernels.ring_attention import ring_attention, ring_attention_workspace_size
 
 GPU = torch.cuda.is_available()
 
@@ -15,9 +16,11 @@ def test_ring_attention(measure, device, batch):
     ring_v = torch.randn_like(ring_k)
     frame = torch.full((batch,), 1000, dtype=torch.int32, device=device)
     out = torch.empty(batch, steps, heads * head_dim, device=device)
+    workspace = SplitWorkspace(*ring_attention_workspace_size(batch, heads, steps, head_dim, capacity),
+                               device)
 
     def fast():
-        ring_attention(qkv, ring_k, ring_v, frame, 10000.0, out=out)
+        ring_attention(qkv, ring_k, ring_v, frame, 10000.0, out=out, workspace=workspace)
 
     mask = torch.ones(batch, 1, steps, capacity, dtype=torch.bool, device=device)
 

@@ -27,3 +27,20 @@ def dot_precision() -> str:
     cores: close to fp32 (the codec tracks its float32 reference to ~1e-6), far faster than "ieee",
     which runs the dot on the CUDA cores (measured ~100x slower for the conv tiles on an H200)."""
     return "tf32x3"
+
+
+class SplitWorkspace:
+    """Scratch for kernels that split a reduction across programs (split-K): fp32 partial results and
+    one int32 arrival counter per output tile. Each tile's last-arriving program sums the partials in a
+    fixed order (deterministic, unlike float atomics) and resets its counter to 0, so the counters are
+    zero between calls and the workspace is graph-safe. Allocated once by the caller (e.g. MimiCache)
+    with the sizes the kernels' `*_workspace_size` functions report; calls on one stream may share it."""
+
+    def __init__(self, partial_floats: int, counters: int, device: torch.device | str):
+        self.partials = torch.empty(max(partial_floats, 1), dtype=torch.float32, device=device)
+        self.counters = torch.zeros(max(counters, 1), dtype=torch.int32, device=device)
+
+    def check(self, partial_floats: int, counters: int) -> None:
+        if partial_floats > self.partials.numel() or counters > self.counters.numel():
+            raise ValueError(f"split workspace too small: needs {partial_floats} partial floats and {counters} "
+                             f"counters, has {self.partials.numel()} and {self.counters.numel()}")

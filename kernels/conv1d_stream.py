@@ -6,7 +6,7 @@ Shapes (one call = the new samples of every slot):
     frame    [B] int               frames this slot has processed; reads state[frame % 2], writes state[(frame + 1) % 2]
     weight   [C_out, C_in, K]      bias [C_out] (optional)
     residual [B, C_out, T / S]     optional, added to the output
-    out      [B, C_out, T / S]
+    out      [B, C_out, T / S]     (any strides)
 
     out[b, o, t] = bias[o] + residual[b, o, t] + sum_{i, k} weight[o, i, k] * act(v[b, i, t * S + k])
     v = concat(history, x) along time; act = ELU (alpha 1) when elu_input, else identity.
@@ -18,19 +18,34 @@ parity buffer, so reads and writes never touch the same memory: no concat, no co
 slot that does not execute (its frame counter not advanced) keeps its history. Graph-safe: every
 per-slot value comes from device memory.
 
-Floor: the bytes are weights + x + out + residual + 2 x history; these convs are small (at most
-8 MB of weights per direction in Mimi), so at B = 1 they are latency-bound; at large B they are
-implicit GEMMs of [C_out x C_in*K] by [C_in*K x T/S] (fp32 operands, tf32x3 dot: see
-_utils.dot_precision).
+As a GEMM: out[o, n] = sum_r W[o, r] V[r, n] with rows r = i * K + k (R = C_in K, the weight as a
+[C_out, R] matrix) and columns n = b * T_out + t (N = B T_out) across slots, V gathered from
+concat(history, x) at time t S + k - H (per-column slot, parity and first-frame flag). A program owns
+a [BLOCK_CO x BLOCK_N] output tile, so the weights are read once per column tile rather than once per
+slot (Mimi's 25 Hz convs have T_out = 2: 64 slots are 128 columns, two tiles of 64). With too few
+tiles to fill the GPU the reduction is split into SPLIT contiguous chunks (split-K): each program
+stores its fp32 partial tile in a `SplitWorkspace`, the last of a tile's SPLIT programs to arrive
+(an acq_rel counter) sums the partials in the fixed order 0..SPLIT-1 (deterministic, no float
+atomics), adds bias and residual, stores `out` and resets the counter to 0. Slot b's next history is
+written by exactly one program, the one with flat index b mod (number of programs).
+
+Floor: the bytes are weights + x + out + residual + 2 x history (+ 2 x SPLIT x the padded output
+tiles of partials, L2-resident). Mimi's largest weights are the encoder's last down conv (1024 x 512
+x 16, 33.5 MB fp32) and the decoder's conv_in (14.7 MB); at B = 1 the floor is those weights read
+once at HBM bandwidth (~4 TB/s: 8 us and 3.7 us). The dots are fp32 operands with tf32x3
+(_utils.dot_precision).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision, next_pow2
+from ._utils import SplitWorkspace, dot_precision, next_pow2
+from .tuned import shape_key, tuned_tiles
 
 
 def conv1d_stream_ref(x, state, frame, weight, bias, stride, elu_input=False, residual=None, replicate=False,
@@ -55,102 +70,302 @@ def conv1d_stream_ref(x, state, frame, weight, bias, stride, elu_input=False, re
 
 
 @triton.jit
+def _finish_tile(acc, offs_co, mask_co, slot, step, mask_n, bias_ptr, res_ptr, out_ptr,
+                 stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot,
+                 HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_co, mask=mask_co, other=0.0)[:, None]
+    mask = mask_co[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + offs_co[:, None] * stride_rc + (slot * stride_rb + step * stride_rt)[None, :],
+                       mask=mask, other=0.0)
+    tl.store(out_ptr + offs_co[:, None] * stride_oc + (slot * stride_ob + step * stride_ot)[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _write_history(x_ptr, state_ptr, frame_ptr, slot, C_IN, T_IN,
+                   stride_xb, stride_xc, stride_xt, stride_sp, stride_sb, stride_sc,
+                   HISTORY: tl.constexpr, REPLICATE: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_H: tl.constexpr):
+    """state[1 - parity, slot] = the last HISTORY samples of concat(state[parity, slot], x[slot])."""
+    frame = tl.load(frame_ptr + slot)
+    parity = frame % 2
+    x_base = x_ptr + slot * stride_xb
+    read_base = state_ptr + parity * stride_sp + slot * stride_sb
+    write_base = state_ptr + (1 - parity) * stride_sp + slot * stride_sb
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < HISTORY
+    # Source time in concat(history, x) coordinates relative to x: negative reads the old history
+    # (only when T_IN < HISTORY).
+    source = T_IN - HISTORY + offs_h
+    from_x = (source >= 0)[None, :]
+    from_history = (source < 0)[None, :]
+    for c0 in range(0, C_IN, BLOCK_HC):
+        offs_c = c0 + tl.arange(0, BLOCK_HC)
+        mask = (offs_c < C_IN)[:, None] & mask_h[None, :]
+        new_v = tl.load(x_base + offs_c[:, None] * stride_xc + source[None, :] * stride_xt,
+                        mask=mask & from_x, other=0.0)
+        old_h = tl.load(read_base + offs_c[:, None] * stride_sc + (source + HISTORY)[None, :],
+                        mask=mask & from_history, other=0.0)
+        if REPLICATE:
+            first_x = tl.load(x_base + offs_c[:, None] * stride_xc, mask=mask & from_history, other=0.0)
+            old_h = tl.where(frame == 0, first_x, old_h)
+        tl.store(write_base + offs_c[:, None] * stride_sc + offs_h[None, :], tl.where(from_x, new_v, old_h), mask=mask)
+
+
+@triton.jit
 def _conv1d_stream_kernel(
-    x_ptr, state_ptr, frame_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
-    C_IN, C_OUT, T_IN, T_OUT,
+    x_ptr, state_ptr, frame_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, partials_ptr, counters_ptr,
+    BATCH, C_IN, C_OUT, T_IN, T_OUT, CHUNK,
     stride_xb, stride_xc, stride_xt,
     stride_sp, stride_sb, stride_sc,
-    stride_wo, stride_wi,
+    stride_wo,
     stride_rb, stride_rc, stride_rt,
     stride_ob, stride_oc, stride_ot,
     STRIDE: tl.constexpr, KERNEL: tl.constexpr, HISTORY: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ELU_INPUT: tl.constexpr, REPLICATE: tl.constexpr,
-    BLOCK_CO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+    TILES_WITHIN_SLOTS: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(0)
     pid_co = tl.program_id(1)
-    pid_t = tl.program_id(2)
-    frame = tl.load(frame_ptr + pid_b)
-    parity = frame % 2
-    first = frame == 0
-    x_base = x_ptr + pid_b * stride_xb
-    read_base = state_ptr + parity * stride_sp + pid_b * stride_sb
+    pid_s = tl.program_id(2)
 
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_co = offs_co < C_OUT
-    mask_t = offs_t < T_OUT
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < BATCH * T_OUT
+    if TILES_WITHIN_SLOTS:
+        # Written so that the compiler sees one slot and consecutive steps: vectorized x / out access
+        # at unit time strides, one frame load per tile.
+        slot = (pid_n * BLOCK_N) // T_OUT + tl.zeros((BLOCK_N,), dtype=tl.int32)
+        step = (pid_n * BLOCK_N) % T_OUT + tl.arange(0, BLOCK_N)
+    else:
+        slot = offs_n // T_OUT
+        step = offs_n % T_OUT
+    frame = tl.load(frame_ptr + slot, mask=mask_n, other=1)
+    parity = frame % 2
+    first = frame == 0
+    # Gather addresses split into a per-column part (slot, step) and a per-row part (channel, tap):
+    # v[r, n] sits at time j = step * STRIDE + k - HISTORY of concat(history, x).
+    x_columns = slot * stride_xb + step * (STRIDE * stride_xt)
+    history_columns = parity * stride_sp + slot * stride_sb + step * STRIDE
+
     reduction = C_IN * KERNEL
-    acc = tl.zeros((BLOCK_CO, BLOCK_T), dtype=tl.float32)
-    for r0 in range(0, reduction, BLOCK_R):
+    r_begin = pid_s * CHUNK
+    r_end = tl.minimum(r_begin + CHUNK, reduction)
+    acc = tl.zeros((BLOCK_CO, BLOCK_N), dtype=tl.float32)
+    for r0 in range(r_begin, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < reduction
+        mask_r = offs_r < r_end
         ci = offs_r // KERNEL
         k = offs_r % KERNEL
-        w = tl.load(w_ptr + offs_co[:, None] * stride_wo + ci[None, :] * stride_wi + k[None, :],
+        w = tl.load(w_ptr + offs_co[:, None] * stride_wo + offs_r[None, :],
                     mask=mask_co[:, None] & mask_r[None, :], other=0.0)
-        # Index into concat(history, x): j < 0 reads the history, j >= 0 the new samples.
-        j = offs_t[None, :] * STRIDE + k[:, None] - HISTORY
-        valid = mask_r[:, None] & mask_t[None, :]
+        j = (step * STRIDE)[None, :] + (k - HISTORY)[:, None]
+        valid = mask_r[:, None] & mask_n[None, :]
         from_x = j >= 0
-        v = tl.load(x_base + ci[:, None] * stride_xc + j * stride_xt, mask=valid & from_x, other=0.0)
-        h = tl.load(read_base + ci[:, None] * stride_sc + (j + HISTORY), mask=valid & (j < 0), other=0.0)
-        if REPLICATE:
-            x0 = tl.load(x_base + ci[:, None] * stride_xc, mask=valid & (j < 0), other=0.0)
-            h = tl.where(first, x0, h)
-        v = tl.where(from_x, v, h)
+        v = tl.load(x_ptr + (ci * stride_xc + (k - HISTORY) * stride_xt)[:, None] + x_columns[None, :],
+                    mask=valid & from_x, other=0.0)
+        if HISTORY > 0:
+            h = tl.load(state_ptr + (ci * stride_sc + k)[:, None] + history_columns[None, :],
+                        mask=valid & (j < 0), other=0.0)
+            if REPLICATE:
+                x0 = tl.load(x_ptr + (ci * stride_xc)[:, None] + (slot * stride_xb)[None, :],
+                             mask=valid & (j < 0), other=0.0)
+                h = tl.where(first[None, :], x0, h)
+            v = tl.where(from_x, v, h)
         if ELU_INPUT:
             v = tl.where(v > 0, v, tl.exp(v) - 1.0)
         acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_co, mask=mask_co, other=0.0)[:, None]
-    mask_out = mask_co[:, None] & mask_t[None, :]
-    if HAS_RESIDUAL:
-        acc += tl.load(res_ptr + pid_b * stride_rb + offs_co[:, None] * stride_rc + offs_t[None, :] * stride_rt,
-                       mask=mask_out, other=0.0)
-    tl.store(out_ptr + pid_b * stride_ob + offs_co[:, None] * stride_oc + offs_t[None, :] * stride_ot, acc,
-             mask=mask_out)
+    if SPLIT == 1:
+        _finish_tile(acc, offs_co, mask_co, slot, step, mask_n, bias_ptr, res_ptr, out_ptr,
+                     stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, HAS_BIAS, HAS_RESIDUAL)
+    else:
+        tile = pid_co * tl.num_programs(0) + pid_n
+        tile_offsets = tl.arange(0, BLOCK_CO)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_partials = partials_ptr + tile * (SPLIT * BLOCK_CO * BLOCK_N) + tile_offsets
+        # ".cg" keeps partials out of the (non-coherent) L1: they are exchanged between SMs through L2.
+        tl.store(tile_partials + pid_s * (BLOCK_CO * BLOCK_N), acc, cache_modifier=".cg")
+        # The counter's atomic is issued by one thread: the barrier orders every thread's partial
+        # store before it, and its release publishes them; the acquire side reads after the atomic's
+        # result is broadcast to the CTA.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            total = tl.zeros((BLOCK_CO, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                total += tl.load(tile_partials + s * (BLOCK_CO * BLOCK_N), cache_modifier=".cg")
+            _finish_tile(total, offs_co, mask_co, slot, step, mask_n, bias_ptr, res_ptr, out_ptr,
+                         stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, HAS_BIAS, HAS_RESIDUAL)
+            # Every program of this tile has arrived, so nothing else touches the counter in this launch.
+            tl.store(counters_ptr + tile, 0)
 
     if HISTORY > 0:
-        # One program per slot writes the next history: the last HISTORY samples of concat(history, x).
-        if (pid_co == 0) & (pid_t == 0):
-            write_base = state_ptr + (1 - parity) * stride_sp + pid_b * stride_sb
-            offs_h = tl.arange(0, BLOCK_H)
-            mask_h = offs_h < HISTORY
-            source = T_IN - HISTORY + offs_h
-            for c0 in range(0, C_IN, BLOCK_R):
-                offs_c = c0 + tl.arange(0, BLOCK_R)
-                mask = (offs_c < C_IN)[:, None] & mask_h[None, :]
-                # Fresh names: Triton loop-carried values must keep the shape they had before the loop.
-                new_v = tl.load(x_base + offs_c[:, None] * stride_xc + source[None, :] * stride_xt,
-                                mask=mask & (source >= 0)[None, :], other=0.0)
-                old_h = tl.load(read_base + offs_c[:, None] * stride_sc + (source + HISTORY)[None, :],
-                                mask=mask & (source < 0)[None, :], other=0.0)
-                if REPLICATE:
-                    first_x = tl.load(x_base + offs_c[:, None] * stride_xc, mask=mask & (source < 0)[None, :], other=0.0)
-                    old_h = tl.where(first, first_x, old_h)
-                tl.store(write_base + offs_c[:, None] * stride_sc + offs_h[None, :],
-                         tl.where((source >= 0)[None, :], new_v, old_h), mask=mask)
+        # The history write reads x and state[parity] and writes state[1 - parity], which no program
+        # of this launch reads: slots are dealt round-robin over all programs, one writer per slot.
+        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        program = pid_n + tl.num_programs(0) * (pid_co + tl.num_programs(1) * pid_s)
+        for history_slot in range(program, BATCH, programs):
+            _write_history(x_ptr, state_ptr, frame_ptr, history_slot, C_IN, T_IN,
+                           stride_xb, stride_xc, stride_xt, stride_sp, stride_sb, stride_sc,
+                           HISTORY, REPLICATE, BLOCK_HC, BLOCK_H)
 
 
-def _tiles(batch: int, c_out: int, t_out: int, reduction: int, target_programs: int = 128) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_CO, BLOCK_R). At B = 1 most SEANet convs would fill a handful of SMs with wide
-    tiles, each looping over the whole reduction: narrower channel tiles until about one program per
-    SM (the weights are the bytes, and each program then streams a smaller slice of them)."""
-    block_t = min(64, next_pow2(t_out))
+class ConvTiles(NamedTuple):
+    """A launch plan: [block_co x block_n] output tiles, block_r reduction rows per dot, the reduction
+    split over `split` programs per tile, and Triton's num_warps / num_stages. Block sizes are powers
+    of two >= 16 (tl.dot); `split` is rounded to what whole block_r steps allow."""
+    block_co: int
+    block_n: int
+    block_r: int
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+class _Grid(NamedTuple):
+    tiles: ConvTiles
+    co_tiles: int
+    n_tiles: int
+    chunk: int  # reduction rows per split, a multiple of block_r
+
+    def workspace_size(self) -> tuple[int, int]:
+        """(partial floats, counters) this launch needs; (0, 0) without a split."""
+        if self.tiles.split == 1:
+            return 0, 0
+        tile = self.tiles.block_co * self.tiles.block_n
+        return self.co_tiles * self.n_tiles * self.tiles.split * tile, self.co_tiles * self.n_tiles
+
+
+def _is_block(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def _grid(tiles: ConvTiles, batch: int, c_in: int, c_out: int, kernel: int, stride: int, t_in: int) -> _Grid:
+    if not (_is_block(tiles.block_co) and _is_block(tiles.block_n) and _is_block(tiles.block_r)):
+        raise ValueError(f"block sizes must be powers of two >= 16: {tiles}")
+    if tiles.split < 1 or tiles.num_warps < 1 or tiles.num_stages < 1:
+        raise ValueError(f"split, num_warps and num_stages must be positive: {tiles}")
+    steps = triton.cdiv(c_in * kernel, tiles.block_r)
+    steps_per_split = triton.cdiv(steps, tiles.split)
+    # No empty splits: a split of 4 over 6 steps becomes 3 chunks of 2 steps.
+    tiles = tiles._replace(split=triton.cdiv(steps, steps_per_split))
+    return _Grid(tiles, triton.cdiv(c_out, tiles.block_co), triton.cdiv(batch * (t_in // stride), tiles.block_n),
+                 steps_per_split * tiles.block_r)
+
+
+_TARGET_PROGRAMS = 256
+_MIN_STEPS_PER_SPLIT = 4
+_MAX_SPLIT = 16
+
+
+def _plan(batch: int, c_in: int, c_out: int, kernel: int, stride: int, t_in: int) -> ConvTiles:
+    """The default tiles for a shape: the measured plan where kernels/tuned.py has one, else these
+    heuristics. Start from the widest useful tiles (64 x 64, or smaller when
+    C_out or N = B T_out is), then, while the grid has fewer than _TARGET_PROGRAMS programs (about 2
+    per SM on an H200's 132, so that each SM has loads in flight from two CTAs), double the program
+    count by the step that adds the fewest bytes:
+      - halve block_n: one more read of the weights (W = 4 C_out C_in K bytes) per added column tile;
+      - halve block_co: one more gather of the input (X = 4 B C_in T_in) per added channel tile;
+      - double the split: 2 x 4 bytes of partials per padded output element and split (write + read),
+        only while each split keeps >= _MIN_STEPS_PER_SPLIT block_r steps (the partial store, counter
+        and the last program's sum cost a few memory latencies; a short chunk would not pay for them)
+        and at most _MAX_SPLIT partials (the last program sums them serially).
+    When no doubling is left, the split takes whatever of the remaining factor its limits allow
+    (not only powers of two). So weight-heavy convs at small N (the 25 Hz convs, T_out = 2) narrow
+    their channel tiles and split the reduction, each program streaming a distinct slice of the
+    weights once: at B = 1, dec.conv_in (512 -> 1024 k7) runs 64 channel tiles x 4 splits of 14
+    steps, enc.down3 (512 -> 1024 k16) 32 x 8; at B = 64 their 128 columns are 2 tiles of 64 and
+    they still split (64 and 32 output tiles). Long-T convs at B = 1 (T_out = 1920, tiny weights)
+    narrow their column tiles instead (1920 / 16 = 120) and never split; at B = 64 they have
+    thousands of 64 x 64 tiles. block_r is 64 for long reductions (fewer, larger weight loads), 32
+    below 1024, 16 for tiny ones (conv_in, R = 7). 4 warps: the gathers keep these kernels at
+    ~150-250 registers per thread (sm_90 ptxas), which still fits the ~2 CTAs per SM of these grids."""
+    measured = tuned_tiles("conv1d", shape_key(c_in, c_out, kernel, stride, t_in), batch)
+    if measured is not None:
+        return _grid(ConvTiles(**measured), batch, c_in, c_out, kernel, stride, t_in).tiles
+    t_out = t_in // stride
+    columns = batch * t_out
+    reduction = c_in * kernel
+    block_r = 16 if reduction <= 16 else 32 if reduction < 1024 else 64
     block_co = min(64, next_pow2(c_out))
-    while block_co > 16 and batch * triton.cdiv(c_out, block_co) * triton.cdiv(t_out, block_t) < target_programs:
-        block_co //= 2
-    return block_t, block_co, 64 if reduction >= 1024 else 32
+    block_n = min(64, next_pow2(columns))
+    weight_bytes = 4 * c_out * reduction
+    input_bytes = 4 * batch * c_in * t_in
+    steps = triton.cdiv(reduction, block_r)
+    max_split = max(1, min(_MAX_SPLIT, steps // _MIN_STEPS_PER_SPLIT))
+    split = 1
+
+    def tile_count() -> int:
+        return triton.cdiv(c_out, block_co) * triton.cdiv(columns, block_n)
+
+    while tile_count() * split < _TARGET_PROGRAMS:
+        options = []
+        n_tiles, co_tiles = triton.cdiv(columns, block_n), triton.cdiv(c_out, block_co)
+        if block_n > 16 and triton.cdiv(columns, block_n // 2) > n_tiles:
+            options.append(((triton.cdiv(columns, block_n // 2) - n_tiles) * weight_bytes, "n"))
+        if block_co > 16 and triton.cdiv(c_out, block_co // 2) > co_tiles:
+            options.append(((triton.cdiv(c_out, block_co // 2) - co_tiles) * input_bytes, "co"))
+        if 2 * split <= max_split:
+            options.append((tile_count() * block_co * block_n * 8 * split, "split"))
+        if not options:
+            split = min(max_split, triton.cdiv(_TARGET_PROGRAMS, tile_count()))
+            break
+        _, step = min(options)
+        if step == "n":
+            block_n //= 2
+        elif step == "co":
+            block_co //= 2
+        else:
+            split *= 2
+    return _grid(ConvTiles(block_co, block_n, block_r, split), batch, c_in, c_out, kernel, stride, t_in).tiles
+
+
+def conv1d_stream_workspace_size(batch: int, c_in: int, c_out: int, kernel: int, stride: int, t_in: int,
+                                 tiles: ConvTiles | None = None) -> tuple[int, int]:
+    """(partial floats, counters) of a SplitWorkspace that the default plan of this shape (or `tiles`)
+    needs; (0, 0) when it does not split. A cache shared by several convs allocates the maximum of each."""
+    if tiles is None:
+        tiles = _plan(batch, c_in, c_out, kernel, stride, t_in)
+    return _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).workspace_size()
+
+
+def conv1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int, stride: int,
+                                  t_in: int) -> list[ConvTiles]:
+    """The default plan first, then up to 11 neighbours of it (each changes one knob) for a GPU sweep."""
+    base = _plan(batch, c_in, c_out, kernel, stride, t_in)
+    widest_co = min(128, next_pow2(c_out))
+    widest_n = min(128, next_pow2(batch * (t_in // stride)))
+    widest_r = min(64, next_pow2(c_in * kernel))
+    neighbours = [
+        base._replace(split=1), base._replace(split=base.split * 2), base._replace(split=base.split // 2),
+        base._replace(block_co=base.block_co // 2), base._replace(block_co=base.block_co * 2),
+        base._replace(block_n=base.block_n // 2), base._replace(block_n=base.block_n * 2),
+        base._replace(block_r=base.block_r // 2), base._replace(block_r=base.block_r * 2),
+        base._replace(num_warps=2), base._replace(num_stages=2), base._replace(num_warps=8),
+        base._replace(num_stages=4),
+    ]
+    candidates = [base]
+    for tiles in neighbours:
+        if (16 <= tiles.block_co <= widest_co and 16 <= tiles.block_n <= widest_n and 16 <= tiles.block_r <= widest_r
+                and 1 <= tiles.split <= 2 * _MAX_SPLIT):
+            tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
+            if tiles not in candidates:
+                candidates.append(tiles)
+    return candidates[:12]
 
 
 def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None, stride: int, elu_input: bool = False,
                   residual: torch.Tensor | None = None, replicate: bool = False,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launcher. float32 tensors; state [2, B, C_in, K - S] contiguous in its last dim; see module doc."""
+                  out: torch.Tensor | None = None, workspace: SplitWorkspace | None = None,
+                  tiles: ConvTiles | None = None) -> torch.Tensor:
+    """Launcher. float32 tensors; state [2, B, C_in, K - S] contiguous in its last dim; see module doc.
+    `tiles` overrides the default plan (_plan). A plan that splits the reduction uses `workspace`
+    (sized with conv1d_stream_workspace_size; its counters must be zero, as every call leaves them), or
+    allocates a fresh one for this call when it is None. The weight is read as a [C_out, C_in * K] matrix with
+    unit stride in its rows: a view when it is contiguous in its last two dims, otherwise a copy per call."""
     batch, c_in, t_in = x.shape
     c_out, _, kernel = weight.shape
     history = kernel - stride
@@ -158,27 +373,39 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
         raise ValueError(f"input length {t_in} is not a multiple of the stride {stride}")
     if state.shape != (2, batch, c_in, history) or state.stride(-1) != 1:
         raise ValueError(f"state must be [2, {batch}, {c_in}, {history}] with unit stride in time")
-    if weight.stride(-1) != 1:
-        raise ValueError("weight must be contiguous in its kernel dimension")
     t_out = t_in // stride
     if out is None:
         out = torch.empty(batch, c_out, t_out, device=x.device, dtype=torch.float32)
-    block_t, block_co, block_r = _tiles(batch, c_out, t_out, c_in * kernel)
-    grid = (batch, triton.cdiv(c_out, block_co), triton.cdiv(t_out, block_t))
+    grid = _grid(tiles if tiles is not None else _plan(batch, c_in, c_out, kernel, stride, t_in),
+                 batch, c_in, c_out, kernel, stride, t_in)
+    plan = grid.tiles
+    if plan.split > 1:
+        needs = grid.workspace_size()
+        if workspace is None:
+            workspace = SplitWorkspace(*needs, device=x.device)
+        workspace.check(*needs)
+        partials, counters = workspace.partials, workspace.counters
+    else:
+        partials, counters = out, frame  # never dereferenced without a split
+    weight_rows = weight.reshape(c_out, c_in * kernel)
+    if weight_rows.stride(1) != 1:
+        weight_rows = weight_rows.contiguous()
     res = residual if residual is not None else out
     # A k = 1 conv has an empty history; any valid pointer stands in for it (never dereferenced).
     state_arg = state if state.numel() else x
-    _conv1d_stream_kernel[grid](
-        x, state_arg, frame, weight, bias if bias is not None else weight, res, out,
-        c_in, c_out, t_in, t_out,
+    _conv1d_stream_kernel[(grid.n_tiles, grid.co_tiles, plan.split)](
+        x, state_arg, frame, weight_rows, bias if bias is not None else weight_rows, res, out, partials, counters,
+        batch, c_in, c_out, t_in, t_out, grid.chunk,
         x.stride(0), x.stride(1), x.stride(2),
         state.stride(0), state.stride(1), state.stride(2),
-        weight.stride(0), weight.stride(1),
+        weight_rows.stride(0),
         res.stride(0), res.stride(1), res.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         STRIDE=stride, KERNEL=kernel, HISTORY=history,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ELU_INPUT=elu_input, REPLICATE=replicate,
-        BLOCK_CO=block_co, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_H=next_pow2(max(history, 1)),
-        INPUT_PRECISION=dot_precision(),
+        BLOCK_CO=plan.block_co, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r, SPLIT=plan.split,
+        TILES_WITHIN_SLOTS=t_out % plan.block_n == 0,
+        BLOCK_HC=min(64, next_pow2(c_in)), BLOCK_H=next_pow2(max(history, 1)),
+        INPUT_PRECISION=dot_precision(), num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return out

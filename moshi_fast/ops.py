@@ -2,27 +2,28 @@
 
 Each op runs its Triton kernel when its tensors are on CUDA (or on the CPU under Triton's
 interpreter), and otherwise its torch reference from the same kernel file, so that the fast models
-also run, more slowly, on a plain CPU. Dense matrix products go to cuBLAS through torch, which is
-what Triton would have to match at these shapes. Nothing else in moshi_fast.fast chooses a backend.
+also run, more slowly, on a plain CPU. Nothing else in moshi_fast.fast chooses a backend.
+Kernels that split a reduction across programs take a `SplitWorkspace` allocated once by the
+caller's cache (sized with the `*_workspace_size` functions re-exported here).
 """
 from __future__ import annotations
 
 import contextlib
 
-import torch
-import torch.nn.functional as F
-
-from .kernels._utils import can_launch
+from .kernels._utils import SplitWorkspace, can_launch
 from .kernels.conv1d_stream import conv1d_stream as _conv1d_stream_kernel
-from .kernels.conv1d_stream import conv1d_stream_ref
+from .kernels.conv1d_stream import conv1d_stream_ref, conv1d_stream_workspace_size
 from .kernels.conv_transpose1d_stream import conv_transpose1d_stream as _conv_transpose1d_stream_kernel
-from .kernels.conv_transpose1d_stream import conv_transpose1d_stream_ref
+from .kernels.conv_transpose1d_stream import (conv_transpose1d_stream_ref, conv_transpose1d_stream_workspace_size,
+                                              pack_conv_transpose_weight)
 from .kernels.ring_attention import ring_attention as _ring_attention_kernel
-from .kernels.ring_attention import ring_attention_ref
+from .kernels.ring_attention import ring_attention_ref, ring_attention_workspace_size
 from .kernels.rvq_decode import rvq_decode as _rvq_decode_kernel
 from .kernels.rvq_decode import rvq_decode_ref
 from .kernels.rvq_encode import rvq_encode as _rvq_encode_kernel
 from .kernels.rvq_encode import rvq_encode_ref, rvq_encode_scratch
+from .kernels.skinny_linear import skinny_linear as _skinny_linear_kernel
+from .kernels.skinny_linear import skinny_linear_ref, skinny_linear_tiles, skinny_linear_workspace_size
 
 _kernels_enabled = True
 
@@ -43,22 +44,30 @@ def _use_kernel(*tensors) -> bool:
     return _kernels_enabled and can_launch(*tensors)
 
 
-def conv1d_stream(x, state, frame, weight, bias, stride, elu_input=False, residual=None, replicate=False, out=None):
+def conv1d_stream(x, state, frame, weight, bias, stride, elu_input=False, residual=None, replicate=False, out=None,
+                  workspace: SplitWorkspace | None = None):
     """Streaming causal conv1d with carried history (kernels/conv1d_stream.py)."""
-    fn = _conv1d_stream_kernel if _use_kernel(x, state, weight) else conv1d_stream_ref
-    return fn(x, state, frame, weight, bias, stride, elu_input, residual, replicate, out=out)
+    if _use_kernel(x, state, weight):
+        return _conv1d_stream_kernel(x, state, frame, weight, bias, stride, elu_input, residual, replicate, out=out,
+                                     workspace=workspace)
+    return conv1d_stream_ref(x, state, frame, weight, bias, stride, elu_input, residual, replicate, out=out)
 
 
-def conv_transpose1d_stream(x, partial, frame, weight, bias, stride, groups=1, elu_input=False, out=None):
-    """Streaming transposed conv1d with carried overlap (kernels/conv_transpose1d_stream.py)."""
-    fn = _conv_transpose1d_stream_kernel if _use_kernel(x, partial, weight) else conv_transpose1d_stream_ref
-    return fn(x, partial, frame, weight, bias, stride, groups, elu_input, out=out)
+def conv_transpose1d_stream(x, partial, frame, weight, bias, stride, groups=1, elu_input=False, out=None,
+                            packed_weight=None, workspace: SplitWorkspace | None = None):
+    """Streaming transposed conv1d with carried overlap (kernels/conv_transpose1d_stream.py);
+    `packed_weight` is `pack_conv_transpose_weight(weight, stride)`, made once."""
+    if _use_kernel(x, partial, weight):
+        return _conv_transpose1d_stream_kernel(x, partial, frame, weight, bias, stride, groups, elu_input, out=out,
+                                               packed_weight=packed_weight, workspace=workspace)
+    return conv_transpose1d_stream_ref(x, partial, frame, weight, bias, stride, groups, elu_input, out=out)
 
 
-def ring_attention(qkv, ring_k, ring_v, frame, max_period, out=None):
+def ring_attention(qkv, ring_k, ring_v, frame, max_period, out=None, workspace: SplitWorkspace | None = None):
     """RoPE + ring KV write + sliding-window attention of the new steps (kernels/ring_attention.py)."""
-    fn = _ring_attention_kernel if _use_kernel(qkv, ring_k) else ring_attention_ref
-    return fn(qkv, ring_k, ring_v, frame, max_period, out=out)
+    if _use_kernel(qkv, ring_k):
+        return _ring_attention_kernel(qkv, ring_k, ring_v, frame, max_period, out=out, workspace=workspace)
+    return ring_attention_ref(qkv, ring_k, ring_v, frame, max_period, out=out)
 
 
 def rvq_encode(latent, input_proj, codebooks, norms, n_semantic, scratch, out=None):
@@ -73,22 +82,20 @@ def rvq_decode(codes, codebooks, output_proj, n_semantic, out=None):
     return fn(codes, codebooks, output_proj, n_semantic, out=out)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, out=None,
+           workspace: SplitWorkspace | None = None):
+    """act(LayerNorm(x) @ weight.T + bias) + residual for few rows, weights streamed once
+    (kernels/skinny_linear.py); x [M, K], norm (weight, bias, eps) or None, residual may be `out`."""
+    fn = _skinny_linear_kernel if _use_kernel(x, weight) else skinny_linear_ref
+    return fn(x, weight, bias=bias, norm=norm, activation=activation, residual=residual, out=out,
+              workspace=workspace)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ residual, fused into the GEMM as cuBLAS's beta term)."""
-    if residual is None:
-        return F.linear(x, weight)
-    return torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t()).view(
-        residual.shape)
+def linear_workspace_size(m: int, n: int, k: int, dtype) -> tuple[int, int]:
+    """(partial floats, counters) the default split-K plan of `linear` needs at this shape."""
+    return skinny_linear_workspace_size(m, n, skinny_linear_tiles(m, n, k, dtype, split_k=True))
 
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU, as Mimi's FFN."""
-    return F.gelu(x)
-
-
-__all__ = ["conv1d_stream", "conv_transpose1d_stream", "gelu", "layer_norm", "linear", "ring_attention",
-           "rvq_decode", "rvq_encode", "rvq_encode_scratch"]
+__all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
+           "conv_transpose1d_stream_workspace_size", "linear", "linear_workspace_size", "pack_conv_transpose_weight", "ring_attention",
+           "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch"]

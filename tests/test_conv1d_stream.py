@@ -1,8 +1,13 @@
-"""conv1d_stream kernel vs its torch reference, over frames (parity), odd shapes and layouts."""
+"""conv1d_stream kernel vs its torch reference, over frames (parity), odd shapes and layouts, forced
+tilings (column tiles across slots, slots across tiles, split-K with a shared workspace), and the
+default plan's workspace arithmetic at Mimi's shapes."""
 import pytest
 import torch
+import triton
 
-from moshi_fast.kernels.conv1d_stream import conv1d_stream, conv1d_stream_ref
+from moshi_fast.kernels._utils import SplitWorkspace
+from moshi_fast.kernels.conv1d_stream import (ConvTiles, _grid, _plan, conv1d_stream, conv1d_stream_candidate_tiles,
+                                              conv1d_stream_ref, conv1d_stream_workspace_size)
 
 from .helpers import rel_err
 
@@ -16,28 +21,168 @@ CASES = [  # batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate,
     pytest.param(3, 33, 5, 3, 1, 3, True, False, False, True, id="cin33"),
 ]
 
+FORCED = [  # batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate, tiles
+    # 7 slots x 3 steps = 21 columns: tiles of 16 hold several slots, and slot 5 straddles two tiles.
+    pytest.param(7, 20, 24, 3, 1, 3, True, False, False, ConvTiles(16, 16, 16, 4), id="slots-across-tiles-split4"),
+    pytest.param(6, 48, 17, 1, 1, 5, True, True, False, ConvTiles(16, 16, 16, 3), id="residual-split3"),
+    pytest.param(9, 12, 9, 4, 2, 4, False, False, True, ConvTiles(16, 16, 16, 3), id="replicate-split3"),
+    pytest.param(3, 10, 18, 8, 4, 8, True, False, False, ConvTiles(16, 16, 16, 5), id="down-k8-s4-split5"),
+    pytest.param(3, 10, 7, 7, 1, 2, False, False, False, ConvTiles(16, 16, 16, 5), id="long-history-split5"),
+    # One slot over several column tiles: 40 steps (tiles straddle slots) and 32 (tiles within a slot).
+    pytest.param(2, 5, 6, 3, 1, 40, True, False, False, ConvTiles(16, 16, 16, 1), id="slot-across-tiles"),
+    pytest.param(2, 6, 20, 5, 1, 32, True, True, False, ConvTiles(16, 16, 16, 2), id="tiles-within-slots-split2"),
+    pytest.param(5, 40, 40, 3, 1, 6, True, True, False, ConvTiles(32, 32, 32, 2), id="wide-tiles-split2"),
+]
+
+
+def _inputs(batch, c_in, c_out, kernel, stride, bias=True):
+    weight = torch.randn(c_out, c_in, kernel) / (c_in * kernel) ** 0.5
+    b = torch.randn(c_out) if bias else None
+    state = torch.randn(2, batch, c_in, kernel - stride)
+    return weight, b, state
+
+
+def _frame_inputs(batch, c_in, c_out, stride, t_in, residual, step):
+    x = torch.randn(batch, t_in, c_in).transpose(1, 2)  # strided: time is not the contiguous dim
+    # Slots at different frames: both parities in one call, and first frames (replicate) beside later ones.
+    frame = torch.tensor([step + i % 3 for i in range(batch)], dtype=torch.int32)
+    res = torch.randn(batch, c_out, t_in // stride) if residual else None
+    return x, frame, res
+
+
+def _check_over_frames(batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate, bias=True, tiles=None,
+                       workspace=None, frames=3):
+    weight, b, state_ref = _inputs(batch, c_in, c_out, kernel, stride, bias)
+    state_ker = state_ref.clone()
+    for step in range(frames):
+        x, frame, res = _frame_inputs(batch, c_in, c_out, stride, t_in, residual, step)
+        expected = conv1d_stream_ref(x, state_ref, frame, weight, b, stride, elu, res, replicate)
+        out = torch.full((batch, c_out, t_in // stride), float("nan"))
+        conv1d_stream(x, state_ker, frame, weight, b, stride, elu, res, replicate, out=out, workspace=workspace,
+                      tiles=tiles)
+        assert not out.isnan().any()
+        assert rel_err(out, expected) < 1e-5
+        # The whole state: each slot's next history written, the one it read left as it was.
+        assert torch.equal(state_ker, state_ref)
+        if workspace is not None:
+            assert not workspace.counters.any(), "every tile's last program resets its counter"
+
 
 @pytest.mark.parametrize("batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate, bias", CASES)
 def test_conv1d_stream_matches_reference_over_frames(batch, c_in, c_out, kernel, stride, t_in, elu, residual,
                                                      replicate, bias):
-    weight = torch.randn(c_out, c_in, kernel) / (c_in * kernel) ** 0.5
-    b = torch.randn(c_out) if bias else None
-    history = kernel - stride
-    state_ref = torch.randn(2, batch, c_in, history)
-    state_ker = state_ref.clone()
-    t_out = t_in // stride
+    _check_over_frames(batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate, bias)
+
+
+@pytest.mark.parametrize("batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate, tiles", FORCED)
+def test_conv1d_stream_forced_tiles_match_reference_over_frames(batch, c_in, c_out, kernel, stride, t_in, elu,
+                                                                residual, replicate, tiles):
+    assert _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles.split == tiles.split, "no split rounding"
+    workspace = SplitWorkspace(*conv1d_stream_workspace_size(batch, c_in, c_out, kernel, stride, t_in, tiles), "cpu")
+    _check_over_frames(batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate, tiles=tiles,
+                       workspace=workspace)
+
+
+@pytest.mark.parametrize("batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate, tiles",
+                         [case for case in FORCED if case.values[-1].split > 1])
+def test_conv1d_stream_split_is_deterministic_and_matches_no_split(batch, c_in, c_out, kernel, stride, t_in, elu,
+                                                                   residual, replicate, tiles):
+    weight, b, state = _inputs(batch, c_in, c_out, kernel, stride)
+    x, frame, res = _frame_inputs(batch, c_in, c_out, stride, t_in, residual, step=1)
+    workspace = SplitWorkspace(*conv1d_stream_workspace_size(batch, c_in, c_out, kernel, stride, t_in, tiles), "cpu")
+
+    def run(plan):
+        fresh_state = state.clone()
+        out = conv1d_stream(x, fresh_state, frame, weight, b, stride, elu, res, replicate, workspace=workspace,
+                            tiles=plan)
+        return out, fresh_state
+
+    split_out, split_state = run(tiles)
+    again_out, again_state = run(tiles)
+    whole_out, whole_state = run(tiles._replace(split=1))
+    assert torch.equal(split_out, again_out) and torch.equal(split_state, again_state)
+    assert rel_err(split_out, whole_out) < 1e-5
+    assert torch.equal(split_state, whole_state)
+
+
+def test_conv1d_stream_shared_workspace_across_convs_and_frames():
+    """Two convs of different shapes and splits take turns on one workspace, frame after frame."""
+    shapes = [(4, 20, 24, 3, 1, 3, True, ConvTiles(16, 16, 16, 4)),
+              (3, 10, 18, 8, 4, 8, False, ConvTiles(16, 16, 16, 5))]
+    sizes = [conv1d_stream_workspace_size(*shape, tiles=tiles) for *shape, _, tiles in shapes]
+    workspace = SplitWorkspace(max(s[0] for s in sizes), max(s[1] for s in sizes), "cpu")
+    convs = []
+    for batch, c_in, c_out, kernel, stride, t_in, elu, tiles in shapes:
+        weight, b, state = _inputs(batch, c_in, c_out, kernel, stride)
+        convs.append((batch, c_in, c_out, stride, t_in, elu, tiles, weight, b, state, state.clone()))
     for step in range(3):
-        x = torch.randn(batch, t_in, c_in).transpose(1, 2)  # strided: time is not the contiguous dim
-        frame = torch.tensor([step + i for i in range(batch)], dtype=torch.int32)
-        res = torch.randn(batch, c_out, t_out) if residual else None
-        expected = conv1d_stream_ref(x, state_ref, frame, weight, b, stride, elu, res, replicate)
-        out = torch.full((batch, c_out, t_out), float("nan"))
-        conv1d_stream(x, state_ker, frame, weight, b, stride, elu, res, replicate, out=out)
-        assert not out.isnan().any()
-        assert rel_err(out, expected) < 1e-5
-        written = (1 - frame.long() % 2)
-        for slot in range(batch):
-            assert torch.equal(state_ker[written[slot], slot], state_ref[written[slot], slot])
+        for batch, c_in, c_out, stride, t_in, elu, tiles, weight, b, state_ref, state_ker in convs:
+            x, frame, _ = _frame_inputs(batch, c_in, c_out, stride, t_in, False, step)
+            expected = conv1d_stream_ref(x, state_ref, frame, weight, b, stride, elu)
+            got = conv1d_stream(x, state_ker, frame, weight, b, stride, elu, workspace=workspace, tiles=tiles)
+            assert rel_err(got, expected) < 1e-5
+            assert torch.equal(state_ker, state_ref)
+            assert not workspace.counters.any()
+
+
+def test_conv1d_stream_default_split_allocates_its_workspace():
+    """A default plan that splits (long reduction, one output tile) runs without a workspace given."""
+    batch, c_in, c_out, kernel, stride, t_in = 1, 64, 16, 8, 4, 8
+    assert _plan(batch, c_in, c_out, kernel, stride, t_in).split > 1
+    _check_over_frames(batch, c_in, c_out, kernel, stride, t_in, True, False, False, frames=2)
+
+
+def test_conv1d_stream_rejects_a_small_workspace():
+    x, frame, _ = _frame_inputs(2, 20, 24, 1, 3, False, step=0)
+    weight, b, state = _inputs(2, 20, 24, 3, 1)
+    with pytest.raises(ValueError, match="workspace too small"):
+        conv1d_stream(x, state, frame, weight, b, 1, workspace=SplitWorkspace(16, 1, "cpu"),
+                      tiles=ConvTiles(16, 16, 16, 4))
+
+
+def test_conv1d_stream_candidate_tiles_match_reference():
+    shape = (3, 48, 20, 3, 1, 4)  # batch, c_in, c_out, kernel, stride, t_in
+    candidates = conv1d_stream_candidate_tiles(*shape)
+    assert candidates[0] == _plan(*shape) and 1 < len(candidates) <= 12 and len(set(candidates)) == len(candidates)
+    assert any(tiles.split > 1 for tiles in candidates)
+    for tiles in candidates:
+        workspace = SplitWorkspace(*conv1d_stream_workspace_size(*shape, tiles=tiles), "cpu")
+        _check_over_frames(*shape, True, True, False, tiles=tiles, workspace=workspace, frames=1)
+
+
+def _mimi_shapes():
+    """(c_in, c_out, kernel, stride, t_in) of Mimi's streaming convs, per frame."""
+    shapes = [(1, 64, 7, 1, 1920)]
+    for (c, t), ratio in zip([(64, 1920), (128, 480), (256, 96), (512, 16)], [4, 5, 6, 8]):
+        shapes += [(c, c // 2, 3, 1, t), (c // 2, c, 1, 1, t), (c, 2 * c, 2 * ratio, ratio, t)]
+    shapes += [(1024, 512, 3, 1, 2), (512, 512, 4, 2, 2), (512, 1024, 7, 1, 2)]
+    for c, t in [(512, 16), (256, 96), (128, 480), (64, 1920)]:
+        shapes += [(c, c // 2, 3, 1, t), (c // 2, c, 1, 1, t)]
+    return shapes + [(64, 1, 3, 1, 1920)]
+
+
+def test_conv1d_stream_workspace_size_covers_the_default_plan_at_mimi_shapes():
+    """Plan arithmetic only: what each default plan needs (from its tiles), against what
+    conv1d_stream_workspace_size reports and against one workspace shared by all convs (as a cache holds)."""
+    sizes, needs = [], []
+    for c_in, c_out, kernel, stride, t_in in _mimi_shapes():
+        for batch in range(1, 65):
+            tiles = _plan(batch, c_in, c_out, kernel, stride, t_in)
+            assert min(tiles.block_co, tiles.block_n, tiles.block_r) >= 16 and tiles.split >= 1
+            steps = triton.cdiv(c_in * kernel, tiles.block_r)
+            assert (tiles.split - 1) * triton.cdiv(steps, tiles.split) < steps, "no empty split"
+            size = conv1d_stream_workspace_size(batch, c_in, c_out, kernel, stride, t_in)
+            sizes.append(size)
+            if tiles.split == 1:
+                assert size == (0, 0)
+                continue
+            output_tiles = triton.cdiv(c_out, tiles.block_co) * triton.cdiv(batch * (t_in // stride), tiles.block_n)
+            needs.append((output_tiles * tiles.split * tiles.block_co * tiles.block_n, output_tiles))
+            assert size[0] >= needs[-1][0] and size[1] >= needs[-1][1]
+    assert needs, "the 25 Hz convs split their reduction"
+    shared = SplitWorkspace(max(s[0] for s in sizes), max(s[1] for s in sizes), "cpu")
+    for need in needs:
+        shared.check(*need)
 
 
 def test_conv1d_stream_matches_the_model_conv():

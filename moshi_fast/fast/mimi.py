@@ -1,11 +1,14 @@
 """The fast Mimi: the reference codec's parameters (same names, same loader), run with ops only.
 
-Per frame and direction about 60 launches at B slots (Mimi's real config): the SEANet convs as
-streaming Triton convs with their ELU and residual add fused and their history carried in place,
-the transformer as LayerNorm + cuBLAS GEMMs + one ring-attention kernel per layer (RoPE and the KV
-write fused), the layer scales folded into the output projections (the residual add rides on the
-GEMM), and the split RVQ in one launch each way. `encode_step` / `decode_step` take a `MimiCache`
-and an execution mask; they allocate only what a CUDA graph captures once, and never sync.
+Per frame and direction about 50 launches at B slots (Mimi's real config): the SEANet convs as
+streaming Triton convs with their ELU and residual add fused and their history carried in place
+(transposed convs on weights packed once for coalesced loads), the transformer as four
+weight-streaming linears per layer (LayerNorm fused into the qkv and fc1 prologues, GELU into fc1's
+epilogue, the layer scales folded into the output and fc2 weights whose residual add updates the
+stream in place) and one ring-attention kernel (RoPE and the KV write fused), and the split RVQ in
+one launch each way. Kernels that split long reductions share the cache's `SplitWorkspace`.
+`encode_step` / `decode_step` take a `MimiCache` and an execution mask; they allocate only what a
+CUDA graph captures once, and never sync.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 from .. import ops
 from ..cache import MimiCache
 from ..graphs import CapturedStep
-from ..reference.mimi import Mimi, SEANetDecoder, SEANetEncoder, Transformer
+from ..reference.mimi import CausalConvTranspose1d, Mimi, SEANetDecoder, SEANetEncoder, Transformer
 
 
 class FastMimi(Mimi):
@@ -33,6 +36,10 @@ class FastMimi(Mimi):
         for name, value in derived.items():
             self.register_buffer(name, value.contiguous(), persistent=False)
         self.n_semantic = q.semantic.codebooks.shape[0]
+        for module in self.modules():
+            if isinstance(module, CausalConvTranspose1d) and module.groups == 1:
+                module.register_buffer("packed_weight", ops.pack_conv_transpose_weight(module.weight, module.stride),
+                                       persistent=False)
         for side in (self.encoder_transformer, self.decoder_transformer):
             for layer in side.layers:
                 # x + s * (W a) == x + (s W) a: the layer scale folds into the projection, and the
@@ -42,6 +49,28 @@ class FastMimi(Mimi):
                 layer.register_buffer("fc2_scaled", (layer.fc2.weight * layer.scale2[:, None]).contiguous(),
                                       persistent=False)
         return self
+
+    def streaming_input_lengths(self) -> dict[str, int]:
+        """Input steps per frame of every streaming conv and transposed conv, by module name (the
+        shapes the kernels are planned for, e.g. to size the split-K workspace once)."""
+        c = self.config
+        lengths = {"encoder.conv_in": c.frame_size}
+        steps = c.frame_size
+        for i, ratio in enumerate(reversed(c.ratios)):
+            for conv in ("res.conv1", "res.conv2", "down"):
+                lengths[f"encoder.stages.{i}.{conv}"] = steps
+            steps //= ratio
+        lengths["encoder.conv_out"] = steps
+        lengths["downsample"] = steps
+        lengths["upsample"] = steps // self.downsample.stride
+        lengths["decoder.conv_in"] = steps
+        for i, ratio in enumerate(c.ratios):
+            lengths[f"decoder.stages.{i}.up"] = steps
+            steps *= ratio
+            lengths[f"decoder.stages.{i}.res.conv1"] = steps
+            lengths[f"decoder.stages.{i}.res.conv2"] = steps
+        lengths["decoder.conv_out"] = steps
+        return lengths
 
     def _seanet_encoder(self, x, cache: MimiCache, frame):
         e: SEANetEncoder = self.encoder
@@ -59,23 +88,27 @@ class FastMimi(Mimi):
         d: SEANetDecoder = self.decoder
         x = _conv(d.conv_in, "decoder.conv_in", x, cache, frame)
         for i, stage in enumerate(d.stages):
-            up = ops.conv_transpose1d_stream(x, cache.overlap[f"decoder.stages.{i}.up"], frame, stage.up.weight,
-                                             stage.up.bias, stage.up.stride, elu_input=True)
+            up = _conv_transpose(stage.up, f"decoder.stages.{i}.up", x, cache, frame, elu=True)
             y = _conv(stage.res.conv1, f"decoder.stages.{i}.res.conv1", up, cache, frame, elu=True)
             x = _conv(stage.res.conv2, f"decoder.stages.{i}.res.conv2", y, cache, frame, elu=True, residual=up)
         return _conv(d.conv_out, "decoder.conv_out", x, cache, frame, elu=True)
 
     def _transformer(self, transformer: Transformer, name: str, x, cache: MimiCache, frame):
-        """x [B, T, C] time-major; T new steps at positions frame * T + t."""
+        """x [B, T, C] contiguous, updated in place; T new steps at positions frame * T + t."""
         c = self.config
+        batch, steps, width = x.shape
+        rows = x.view(batch * steps, width)
         for i, layer in enumerate(transformer.layers):
-            qkv = ops.linear(ops.layer_norm(x, layer.norm1.weight, layer.norm1.bias, c.norm_eps), layer.qkv.weight)
+            qkv = ops.linear(rows, layer.qkv.weight, norm=(layer.norm1.weight, layer.norm1.bias, c.norm_eps),
+                             workspace=cache.workspace)
             ring_k, ring_v = cache.rings[f"{name}.{i}"]
-            attended = ops.ring_attention(qkv, ring_k, ring_v, frame, c.max_period)
-            x = ops.linear(attended, layer.out_scaled, residual=x)
-            hidden = ops.gelu(ops.linear(ops.layer_norm(x, layer.norm2.weight, layer.norm2.bias, c.norm_eps),
-                                         layer.fc1.weight))
-            x = ops.linear(hidden, layer.fc2_scaled, residual=x)
+            attended = ops.ring_attention(qkv.view(batch, steps, -1), ring_k, ring_v, frame, c.max_period,
+                                          workspace=cache.workspace)
+            ops.linear(attended.view(batch * steps, width), layer.out_scaled, residual=rows, out=rows,
+                       workspace=cache.workspace)
+            hidden = ops.linear(rows, layer.fc1.weight, norm=(layer.norm2.weight, layer.norm2.bias, c.norm_eps),
+                                activation="gelu", workspace=cache.workspace)
+            ops.linear(hidden, layer.fc2_scaled, residual=rows, out=rows, workspace=cache.workspace)
         return x
 
     def encode_step(self, pcm: torch.Tensor, cache: MimiCache, exec_mask: torch.Tensor,
@@ -96,8 +129,10 @@ class FastMimi(Mimi):
         """codes [B, num_codebooks] int64 -> pcm [B, 1, frame_size] float32 (same exec_mask contract)."""
         frame = cache.decoder_frame
         latent = ops.rvq_decode(codes, self.codebooks, self.output_proj, self.n_semantic)
-        x = ops.conv_transpose1d_stream(latent[..., None], cache.overlap["upsample"], frame, self.upsample.weight,
-                                        None, self.upsample.stride, groups=self.upsample.groups)
+        # The upsample writes time-major [B, T, C], the transformer's layout, through its output strides.
+        steps = self.upsample.stride
+        up = torch.empty(latent.shape[0], steps, latent.shape[1], device=latent.device).transpose(1, 2)
+        x = _conv_transpose(self.upsample, "upsample", latent[..., None], cache, frame, out=up)
         x = self._transformer(self.decoder_transformer, "decoder_transformer", x.transpose(1, 2), cache, frame)
         pcm = self._seanet_decoder(x.transpose(1, 2), cache, frame)
         frame += exec_mask.to(frame.dtype)
@@ -105,7 +140,14 @@ class FastMimi(Mimi):
 
 
 def _conv(conv, name, x, cache: MimiCache, frame, elu=False, residual=None, out=None):
-    return ops.conv1d_stream(x, cache.history[name], frame, conv.weight, conv.bias, conv.stride, elu, residual, out=out)
+    return ops.conv1d_stream(x, cache.history[name], frame, conv.weight, conv.bias, conv.stride, elu, residual,
+                             out=out, workspace=cache.workspace)
+
+
+def _conv_transpose(conv, name, x, cache: MimiCache, frame, elu=False, out=None):
+    return ops.conv_transpose1d_stream(x, cache.overlap[name], frame, conv.weight, conv.bias, conv.stride,
+                                       conv.groups, elu, out=out, packed_weight=getattr(conv, "packed_weight", None),
+                                       workspace=cache.workspace)
 
 
 class FastMimiRunner:

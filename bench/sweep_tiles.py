@@ -1,0 +1,224 @@
+"""Times every kernel's candidate tilings at the shapes Mimi runs them at, beside the default plan.
+
+    python bench/sweep_tiles.py --batches 1,8,64 --ops conv1d,convtr,ring,linear --json sweep.json
+    python bench/sweep_tiles.py --table sweep.json [more.json ...]     (no GPU needed)
+
+The first form times, for each op, shape and batch, the default plan and its neighbours (each
+kernel's `*_candidate_tiles`); each time is one call in a CUDA graph of back-to-back calls
+(bench/_harness.graph_time), real config, random weights. The second writes kernels/tuned_tiles.json
+from such sweeps: per op, shape and batch the fastest plan, where it beat the heuristics' own plan by
+more than NOISE (else the heuristics' plan), which the kernels then use by default (kernels/tuned.py).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._harness import device_info, graph_time  # noqa: E402
+from moshi_fast import MimiCodec, moshiko  # noqa: E402
+from moshi_fast.fast.mimi import FastMimi  # noqa: E402
+from moshi_fast.kernels import conv1d_stream as conv1d_module  # noqa: E402
+from moshi_fast.kernels import conv_transpose1d_stream as convtr_module  # noqa: E402
+from moshi_fast.kernels import ring_attention as ring_module  # noqa: E402
+from moshi_fast.kernels import skinny_linear as linear_module  # noqa: E402
+from moshi_fast.kernels import tuned  # noqa: E402
+from moshi_fast.kernels._utils import SplitWorkspace  # noqa: E402
+from moshi_fast.reference.mimi import CausalConv1d, CausalConvTranspose1d  # noqa: E402
+
+WORKSPACE_FLOATS = 1 << 26
+NOISE = 0.03
+"""A candidate replaces the heuristics' plan in the table only if it was this much faster."""
+H100_H200_SMS = 132
+
+
+def _time_candidates(call, candidates) -> list[dict]:
+    """[{tiles, us}] for the default plan (tiles None) and each candidate; failures are recorded."""
+    rows = []
+    for tiles in [None, *candidates]:
+        try:
+            us = graph_time(lambda: call(tiles), iters=20, reps=7) * 1e6
+        except Exception as error:  # a candidate the compiler rejects (e.g. out of shared memory)
+            rows.append({"tiles": repr(tiles), "error": f"{type(error).__name__}: {error}"[:200]})
+            continue
+        rows.append({"tiles": "default" if tiles is None else repr(tiles), "us": us})
+    return rows
+
+
+def _conv_cases(model: FastMimi, batch: int, device, workspace):
+    lengths = model.streaming_input_lengths()
+    modules = dict(model.named_modules())
+    for name, t_in in lengths.items():
+        module = modules[name]
+        if isinstance(module, CausalConv1d):
+            c_out, c_in, kernel = module.weight.shape
+            x = torch.randn(batch, c_in, t_in, device=device)
+            state = torch.randn(2, batch, c_in, module.history, device=device)
+            frame = torch.arange(batch, dtype=torch.int32, device=device)
+            out = torch.empty(batch, c_out, t_in // module.stride, device=device)
+            residual = torch.randn_like(out) if name.endswith("res.conv2") else None
+
+            def call(tiles, x=x, state=state, frame=frame, module=module, out=out, residual=residual):
+                conv1d_module.conv1d_stream(x, state, frame, module.weight, module.bias, module.stride, True, residual,
+                                            module.replicate, out=out, workspace=workspace, tiles=tiles)
+
+            candidates = conv1d_module.conv1d_stream_candidate_tiles(batch, c_in, c_out, kernel, module.stride, t_in)
+            yield "conv1d", name, call, candidates
+        elif isinstance(module, CausalConvTranspose1d):
+            c_in = module.weight.shape[0]
+            groups = module.groups
+            c_out = module.out_channels
+            kernel = module.weight.shape[-1]
+            x = torch.randn(batch, c_in, t_in, device=device)
+            partial = torch.randn(2, batch, c_out, module.overlap, device=device)
+            frame = torch.arange(batch, dtype=torch.int32, device=device)
+            out = torch.empty(batch, c_out, t_in * module.stride, device=device)
+            packed = convtr_module.pack_conv_transpose_weight(module.weight, module.stride) if groups == 1 else None
+
+            def call(tiles, x=x, partial=partial, frame=frame, module=module, out=out, packed=packed, groups=groups):
+                convtr_module.conv_transpose1d_stream(x, partial, frame, module.weight, module.bias, module.stride,
+                                                      groups, groups == 1, out=out, packed_weight=packed,
+                                                      workspace=workspace, tiles=tiles)
+
+            candidates = convtr_module.conv_transpose1d_stream_candidate_tiles(batch, c_in, c_out, kernel,
+                                                                              module.stride, t_in, groups)
+            yield "convtr", name, call, candidates
+
+
+def _ring_cases(model: FastMimi, batch: int, device, workspace):
+    c = model.config
+    qkv = torch.randn(batch, 2, 3 * c.dimension, device=device)
+    ring_k = torch.randn(batch, c.num_heads, c.context, c.head_dim, device=device)
+    ring_v = torch.randn_like(ring_k)
+    frame = torch.full((batch,), 1000, dtype=torch.int32, device=device)
+    out = torch.empty(batch, 2, c.dimension, device=device)
+
+    def call(tiles):
+        ring_module.ring_attention(qkv, ring_k, ring_v, frame, c.max_period, out=out, workspace=workspace,
+                                   tiles=tiles)
+
+    candidates = ring_module.ring_attention_candidate_tiles(batch, c.num_heads, 2, c.head_dim, c.context)
+    yield "ring", "ring_attention", call, candidates
+
+
+def _linear_cases(model: FastMimi, batch: int, device, workspace):
+    c = model.config
+    rows = 2 * batch
+    layer = model.encoder_transformer.layers[0]
+    norm = (layer.norm1.weight, layer.norm1.bias, c.norm_eps)
+    x = torch.randn(rows, c.dimension, device=device)
+    hidden = torch.randn(rows, c.dim_feedforward, device=device)
+    shapes = {
+        "qkv+LN": (x, layer.qkv.weight, dict(norm=norm)),
+        "out+residual": (x, layer.out.weight, dict(residual=torch.randn(rows, c.dimension, device=device))),
+        "fc1+LN+gelu": (x, layer.fc1.weight, dict(norm=norm, activation="gelu")),
+        "fc2+residual": (hidden, layer.fc2.weight, dict(residual=torch.randn(rows, c.dimension, device=device))),
+    }
+    for name, (inputs, weight, kwargs) in shapes.items():
+        out = torch.empty(rows, weight.shape[0], device=device)
+
+        def call(tiles, inputs=inputs, weight=weight, kwargs=kwargs, out=out):
+            linear_module.skinny_linear(inputs, weight, out=out, tiles=tiles, workspace=workspace, **kwargs)
+
+        candidates = linear_module.skinny_linear_candidate_tiles(rows, weight.shape[0], weight.shape[1], torch.float32,
+                                                                 split_k=True)
+        yield "linear", name, call, candidates
+
+
+def _shape_and_default(model: FastMimi, op: str, name: str, batch: int) -> tuple[str, dict]:
+    """The table key of a swept case and the heuristics' own plan there (as tile keyword arguments)."""
+    c = model.config
+    with tuned.heuristics_only():
+        if op == "ring":
+            block_r, num_warps = ring_module._resolve_tiles(batch, c.num_heads, c.head_dim, c.context, None,
+                                                            H100_H200_SMS)
+            return tuned.shape_key(c.num_heads, c.head_dim, c.context), {"block_r": block_r, "num_warps": num_warps}
+        if op == "linear":
+            layer = model.encoder_transformer.layers[0]
+            weight = {"qkv+LN": layer.qkv, "out+residual": layer.out, "fc1+LN+gelu": layer.fc1,
+                      "fc2+residual": layer.fc2}[name].weight
+            n, k = weight.shape
+            tiles = linear_module.skinny_linear_tiles(2 * batch, n, k, torch.float32, sms=H100_H200_SMS, split_k=True)
+            return tuned.shape_key(n, k, torch.float32), tiles._asdict()
+        module = dict(model.named_modules())[name]
+        t_in = model.streaming_input_lengths()[name]
+        if op == "conv1d":
+            c_out, c_in, kernel = module.weight.shape
+            tiles = conv1d_module._plan(batch, c_in, c_out, kernel, module.stride, t_in)
+            return tuned.shape_key(c_in, c_out, kernel, module.stride, t_in), tiles._asdict()
+        c_in, kernel = module.weight.shape[0], module.weight.shape[-1]
+        geometry = convtr_module._geometry(batch, c_in, module.out_channels, kernel, module.stride, t_in, module.groups)
+        return (tuned.shape_key(c_in, module.out_channels, kernel, module.stride, t_in, module.groups),
+                convtr_module._plan(geometry)._asdict())
+
+
+def _parse_tiles(text: str) -> dict:
+    if text.startswith("{"):
+        return ast.literal_eval(text)
+    types = {"ConvTiles": conv1d_module.ConvTiles, "ConvTransposeTiles": convtr_module.ConvTransposeTiles,
+             "SkinnyTiles": linear_module.SkinnyTiles}
+    call = ast.parse(text, mode="eval").body
+    return types[call.func.id](**{kw.arg: ast.literal_eval(kw.value) for kw in call.keywords})._asdict()
+
+
+def write_table(sweeps: list[Path]) -> None:
+    with torch.device("meta"):
+        model = FastMimi(moshiko().mimi)
+    table: dict = {}
+    for path in sweeps:
+        for case in json.loads(path.read_text())["results"]:
+            timed = [c for c in case["candidates"] if "us" in c]
+            default = next(c for c in timed if c["tiles"] == "default")
+            best = min(timed, key=lambda c: c["us"])
+            key, plan = _shape_and_default(model, case["op"], case["name"], case["batch"])
+            if best["tiles"] != "default" and best["us"] < (1 - NOISE) * default["us"]:
+                plan = _parse_tiles(best["tiles"])
+            rows = 2 * case["batch"] if case["op"] == "linear" else case["batch"]
+            table.setdefault(case["op"], {}).setdefault(key, {})[str(rows)] = plan
+    tuned.TABLE_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {tuned.TABLE_PATH}: {sum(len(v) for op in table.values() for v in op.values())} plans")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--ops", default="conv1d,convtr,ring,linear")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--table", type=Path, nargs="+", help="write kernels/tuned_tiles.json from these sweeps")
+    args = parser.parse_args()
+    if args.table:
+        write_table(args.table)
+        return
+    device = torch.device("cuda")
+    ops = set(args.ops.split(","))
+    model = MimiCodec.random(moshiko().mimi, device=device, backend="fast", eager=True).model
+    workspace = SplitWorkspace(WORKSPACE_FLOATS, 1 << 16, device)
+    results = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        cases = []
+        if ops & {"conv1d", "convtr"}:
+            cases += [case for case in _conv_cases(model, batch, device, workspace) if case[0] in ops]
+        if "ring" in ops:
+            cases += list(_ring_cases(model, batch, device, workspace))
+        if "linear" in ops:
+            cases += list(_linear_cases(model, batch, device, workspace))
+        for op, name, call, candidates in cases:
+            rows = _time_candidates(call, candidates)
+            timed = [r for r in rows if "us" in r]
+            best = min(timed, key=lambda r: r["us"])
+            default = next((r for r in rows if r["tiles"] == "default"), {})
+            print(f"{op:7s} {name:30s} B={batch:3d} default {default.get('us', float('nan')):8.1f} us | best "
+                  f"{best['us']:8.1f} us {best['tiles']}", flush=True)
+            results.append({"op": op, "name": name, "batch": batch, "candidates": rows})
+            if args.json:  # after every case, so a run stopped at its time limit keeps what it measured
+                args.json.write_text(json.dumps({**device_info(), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

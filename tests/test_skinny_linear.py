@@ -1,0 +1,261 @@
+"""skinny_linear kernel vs its torch reference: every fused option, odd shapes, both product paths,
+split-K, strided rows, in-place residual updates, bf16, determinism and argument checks."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+
+from moshi_fast.kernels._utils import SplitWorkspace
+from moshi_fast.kernels.skinny_linear import (SkinnyTiles, skinny_linear, skinny_linear_candidate_tiles,
+                                              skinny_linear_ref, skinny_linear_tiles,
+                                              skinny_linear_workspace_size)
+
+from .helpers import rel_err
+
+N, K = 37, 45
+FEATURES = {  # bias, norm ("bias" / "no-bias" / None), gelu, residual (None / "separate" / "out")
+    "plain": (False, None, False, None),
+    "bias": (True, None, False, None),
+    "norm-bias-gelu": (True, "bias", True, None),
+    "norm-without-bias": (False, "no-bias", False, None),
+    "residual": (False, None, False, "separate"),
+    "residual-is-out": (True, None, False, "out"),
+    "everything": (True, "bias", True, "out"),
+}
+FMA_TILES = SkinnyTiles(block_m=2, block_n=8, block_k=16, dot=False)
+DOT_TILES = SkinnyTiles(block_m=16, block_n=16, block_k=16, dot=True)
+
+
+def operands(m, features, dtype=torch.float32, n=N, k=K, x_offset=0.0):
+    """(x, weight, kwargs for skinny_linear, out) with NaN-poisoned out; x rows and out rows strided."""
+    bias, norm, gelu, residual = features
+    x = (torch.randn(m, k + 11)[:, 3:3 + k] + x_offset).to(dtype)
+    weight = (torch.randn(n, k) / k ** 0.5).to(dtype)
+    out = torch.full((m, n + 5), float("nan"), dtype=dtype)[:, 2:2 + n]
+    kwargs = {}
+    if bias:
+        kwargs["bias"] = torch.randn(n).to(dtype)
+    if norm is not None:
+        norm_bias = torch.randn(k).to(dtype) if norm == "bias" else None
+        kwargs["norm"] = (1 + 0.2 * torch.randn(k).to(dtype), norm_bias, 1e-5)
+    if gelu:
+        kwargs["activation"] = "gelu"
+    if residual == "separate":
+        kwargs["residual"] = torch.randn(m, n + 3)[:, :n].to(dtype)
+    elif residual == "out":
+        out.copy_(torch.randn(m, n))
+        kwargs["residual"] = out
+    return x, weight, kwargs, out
+
+
+def expected_of(x, weight, kwargs):
+    """The reference, computed before the call (the residual may be out, which the call overwrites)."""
+    return skinny_linear_ref(x, weight, **{**kwargs, "residual": None if "residual" not in kwargs
+                                           else kwargs["residual"].clone()})
+
+
+@pytest.mark.parametrize("features", list(FEATURES.values()), ids=list(FEATURES))
+@pytest.mark.parametrize("m", [1, 2, 3, 17, 33])
+def test_default_tiles_match_reference(m, features):
+    x, weight, kwargs, out = operands(m, features)
+    expected = expected_of(x, weight, kwargs)
+    got = skinny_linear(x, weight, out=out, **kwargs)
+    assert got is out
+    assert not out.isnan().any()
+    assert rel_err(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("m, tiles", [
+    pytest.param(3, FMA_TILES, id="fma-two-row-tiles"),
+    pytest.param(1, SkinnyTiles(block_m=1, block_n=1, block_k=64, dot=False), id="fma-one-column"),
+    pytest.param(33, DOT_TILES, id="dot-three-row-tiles"),
+    pytest.param(2, DOT_TILES, id="dot-padded-rows"),
+    pytest.param(3, FMA_TILES._replace(split_k=3), id="fma-split3"),
+    pytest.param(17, DOT_TILES._replace(split_k=2), id="dot-split2"),
+    pytest.param(2, SkinnyTiles(block_m=2, block_n=16, block_k=16, dot=False, split_k=4),
+                 id="split-with-empty-ranges"),
+])
+@pytest.mark.parametrize("features", ["everything", "norm-without-bias", "residual"])
+def test_forced_tiles_match_reference(m, tiles, features):
+    x, weight, kwargs, out = operands(m, FEATURES[features])
+    expected = expected_of(x, weight, kwargs)
+    workspace = SplitWorkspace(*skinny_linear_workspace_size(m, N, tiles), device="cpu")
+    skinny_linear(x, weight, out=out, tiles=tiles, workspace=workspace, **kwargs)
+    assert rel_err(out, expected) < 1e-5
+    assert not workspace.counters.any(), "the last program of each tile resets its counter"
+
+
+def test_out_padding_untouched():
+    x, weight, kwargs, out = operands(3, FEATURES["everything"])
+    skinny_linear(x, weight, out=out, tiles=FMA_TILES, **kwargs)
+    storage = out.as_strided((3, N + 5), (N + 5, 1), out.storage_offset() - 2)
+    assert storage[:, :2].isnan().all() and storage[:, 2 + N:].isnan().all()
+
+
+def test_layer_norm_of_rows_with_a_large_mean():
+    """Chunked statistics (three K chunks) must not cancel. Rows of mean 1000 and unit spread: fp32
+    itself limits any LayerNorm to ~2e-5 here (x - mean is rounded at 1000's ulp), while a sum of
+    squares minus the squared sum would be off by ~10% of the variance."""
+    x, weight, kwargs, out = operands(3, FEATURES["norm-bias-gelu"], x_offset=1000.0)
+    skinny_linear(x, weight, out=out, tiles=FMA_TILES, **kwargs)
+    norm_weight, norm_bias, eps = kwargs["norm"]
+    normalized = F.layer_norm(x.double(), (K,), norm_weight.double(), norm_bias.double(), eps)
+    exact = F.gelu(F.linear(normalized, weight.double(), kwargs["bias"].double()))
+    assert rel_err(out, exact) < 1e-4
+
+
+@pytest.mark.parametrize("m, tiles", [
+    pytest.param(3, None, id="fma-default"),
+    pytest.param(17, None, id="dot-default"),
+    pytest.param(17, FMA_TILES, id="fma-forced"),
+    pytest.param(9, DOT_TILES._replace(split_k=2), id="dot-split"),
+])
+def test_bf16(m, tiles):
+    x, weight, kwargs, out = operands(m, FEATURES["everything"], dtype=torch.bfloat16)
+    as_float = {**kwargs, "norm": (kwargs["norm"][0].float(), kwargs["norm"][1].float(), kwargs["norm"][2]),
+                "bias": kwargs["bias"].float(), "residual": kwargs["residual"].float()}
+    expected = skinny_linear_ref(x.float(), weight.float(), **as_float)
+    workspace = SplitWorkspace(1 << 12, 16, "cpu")
+    skinny_linear(x, weight, out=out, tiles=tiles, workspace=workspace, **kwargs)
+    assert out.dtype == torch.bfloat16
+    # bf16 output rounding (2^-9 relative), and in the dot path the bf16 rounding of the normalised rows.
+    assert rel_err(out, expected) < 1e-2
+
+
+def _to_cuda(value):
+    if isinstance(value, tuple):
+        return tuple(_to_cuda(v) for v in value)
+    return value.cuda() if isinstance(value, torch.Tensor) else value
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("rows", [2, 16, 128])
+def test_mimi_layer_shapes_on_gpu(rows, split):
+    """fp32 at Mimi's transformer shapes (FMA path at 2 rows, tf32x3 dot beyond), default tiles, with and
+    without a workspace, against the reference on the CPU."""
+    layers = [(512, 1536, (False, "bias", False, None)), (512, 512, (False, None, False, "out")),
+              (512, 2048, (False, "bias", True, None)), (2048, 512, (False, None, False, "out"))]
+    workspace = SplitWorkspace(1 << 20, 1 << 12, "cuda") if split else None
+    for k, n, features in layers:
+        x, weight, kwargs, _ = operands(rows, features, n=n, k=k)
+        expected = expected_of(x, weight, kwargs)
+        kwargs = {name: _to_cuda(value) for name, value in kwargs.items()}
+        out = kwargs["residual"] if "residual" in kwargs else torch.empty(rows, n, device="cuda")
+        skinny_linear(x.cuda(), weight.cuda(), out=out, workspace=workspace, **kwargs)
+        assert rel_err(out.cpu(), expected) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k", [(1, 12288, 4096), (8, 4096, 11264), (64, 12288, 4096)])
+def test_bf16_language_model_shapes_on_gpu(m, n, k):
+    """Native bf16 tl.dot (the interpreter runs that path on fp32 operands) at the decode linears' shapes."""
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    weight = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
+    residual = torch.randn(m, n, device="cuda").bfloat16()
+    norm = (torch.ones(k, device="cuda"), None, 1e-5)
+    out = skinny_linear(x, weight, norm=norm, residual=residual)
+    expected = skinny_linear_ref(x.float(), weight.float(), norm=norm, residual=residual.float())
+    assert rel_err(out, expected) < 1e-2
+
+
+@pytest.mark.parametrize("m, tiles", [pytest.param(3, None, id="fma"), pytest.param(17, None, id="dot")])
+def test_bf16_weights_with_fp32_activations(m, tiles):
+    """fp32 rows with bf16 weights: the products run in fp32 on the exact upcast weights."""
+    x, _, kwargs, out = operands(m, FEATURES["everything"])
+    weight = (torch.randn(N, K) / K ** 0.5).bfloat16()
+    expected = expected_of(x, weight, kwargs)
+    skinny_linear(x, weight, out=out, tiles=tiles, **kwargs)
+    assert rel_err(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("m, tiles", [pytest.param(2, FMA_TILES._replace(split_k=3), id="fma-split"),
+                                      pytest.param(17, DOT_TILES._replace(split_k=2), id="dot-split"),
+                                      pytest.param(17, None, id="dot-default")])
+def test_deterministic(m, tiles):
+    x, weight, kwargs, _ = operands(m, FEATURES["norm-bias-gelu"])
+    workspace = SplitWorkspace(1 << 12, 16, "cpu")
+    first = skinny_linear(x, weight, tiles=tiles, workspace=workspace, **kwargs)
+    second = skinny_linear(x, weight, tiles=tiles, workspace=workspace, **kwargs)
+    assert torch.equal(first, second)
+
+
+def test_candidate_tiles_run_and_match():
+    m = 3
+    x, weight, kwargs, out = operands(m, FEATURES["everything"])
+    expected = expected_of(x, weight, kwargs)
+    residual = kwargs.pop("residual").clone()
+    candidates = skinny_linear_candidate_tiles(m, N, K, torch.float32, sms=2, split_k=True)
+    assert candidates[0] == skinny_linear_tiles(m, N, K, torch.float32, sms=2, split_k=True)
+    assert any(t.dot for t in candidates) and any(not t.dot for t in candidates)
+    assert any(t.split_k > 1 for t in candidates)
+    for tiles in candidates:
+        workspace = SplitWorkspace(*skinny_linear_workspace_size(m, N, tiles), device="cpu")
+        out.copy_(residual)
+        skinny_linear(x, weight, out=out, residual=out, tiles=tiles, workspace=workspace, **kwargs)
+        assert rel_err(out, expected) < 1e-5, tiles
+
+
+@pytest.mark.parametrize("m, n, k, dtype", [
+    (2, 1536, 512, torch.float32), (2, 512, 2048, torch.float32), (16, 512, 512, torch.float32),
+    (128, 2048, 512, torch.float32), (1, 12288, 4096, torch.bfloat16), (8, 4096, 11264, torch.bfloat16),
+    (64, 12288, 4096, torch.bfloat16),
+])
+def test_default_and_candidate_tiles_at_model_shapes(m, n, k, dtype):
+    """On an H200 (132 SMs): about two programs per SM where N allows, FMAs only for few rows, and
+    at most 10 distinct valid candidates for the sweep."""
+    tiles = skinny_linear_tiles(m, n, k, dtype, sms=132)
+    programs = triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n) * tiles.split_k
+    assert tiles.dot == (m >= (16 if dtype == torch.float32 else 8))
+    if not tiles.dot:
+        assert programs >= math.ceil(1.5 * 132)
+        assert tiles.block_m * tiles.block_n * tiles.block_k <= 64 * 32 * tiles.num_warps
+    for split_k in (False, True):
+        candidates = skinny_linear_candidate_tiles(m, n, k, dtype, sms=132, split_k=split_k)
+        assert 1 < len(candidates) <= 10 and len(set(candidates)) == len(candidates)
+        fma = [t for t in candidates if not t.dot]
+        assert all(t.block_m * t.block_n * t.block_k <= 64 * 32 * t.num_warps for t in fma)
+        assert all(min(t.block_m, t.block_n, t.block_k) >= 16 for t in candidates if t.dot)
+        assert split_k or all(t.split_k == 1 for t in candidates)
+
+
+def _bad_calls():
+    x, weight = torch.randn(3, K), torch.randn(N, K)
+    ok = {"x": x, "weight": weight}
+    buffer = torch.randn(3, K + N)
+    return [
+        pytest.param(dict(ok, weight=torch.randn(N, K + 1)), ValueError, "do not match", id="k-mismatch"),
+        pytest.param(dict(ok, x=x.half()), TypeError, "float32 or bfloat16", id="fp16"),
+        pytest.param(dict(ok, x=torch.randn(K, 3).T), ValueError, "unit stride", id="x-column-major"),
+        pytest.param(dict(ok, weight=torch.randn(K, N).T), ValueError, "unit stride", id="weight-transposed"),
+        pytest.param(dict(ok, weight=torch.randn(N, 2 * K)[:, ::2]), ValueError, "unit stride",
+                     id="weight-strided"),
+        pytest.param(dict(ok, weight=torch.randn(2 * N, K)[::2]), ValueError, "contiguous",
+                     id="weight-row-gaps"),
+        pytest.param(dict(ok, bias=torch.randn(N + 1)), ValueError, "bias must have shape", id="bias-shape"),
+        pytest.param(dict(ok, norm=(torch.randn(K - 1), None, 1e-5)), ValueError, "norm weight",
+                     id="norm-shape"),
+        pytest.param(dict(ok, out=torch.empty(3, N, dtype=torch.float64)), TypeError, "out", id="out-dtype"),
+        pytest.param(dict(ok, out=torch.empty(4, N)), ValueError, "out must have shape", id="out-shape"),
+        pytest.param(dict(ok, activation="relu"), ValueError, "activation", id="activation"),
+        pytest.param(dict(ok, x=buffer[:, :K], out=buffer[:, K - 3:K - 3 + N]), ValueError, "x overlaps out",
+                     id="out-overlaps-x"),
+        pytest.param(dict(ok, out=buffer[:, :N], residual=buffer[:, 1:1 + N]), ValueError,
+                     "residual overlaps out", id="residual-shifted-from-out"),
+        pytest.param(dict(ok, tiles=FMA_TILES._replace(split_k=2)), ValueError, "needs a SplitWorkspace",
+                     id="split-without-workspace"),
+        pytest.param(dict(ok, tiles=FMA_TILES._replace(split_k=2), workspace=SplitWorkspace(4, 1, "cpu")),
+                     ValueError, "too small", id="workspace-too-small"),
+        pytest.param(dict(ok, tiles=DOT_TILES._replace(block_m=8)), ValueError, ">= 16", id="dot-block-8"),
+        pytest.param(dict(ok, tiles=FMA_TILES._replace(block_n=6)), ValueError, "powers of two",
+                     id="not-pow2"),
+    ]
+
+
+@pytest.mark.parametrize("call, error, message", _bad_calls())
+def test_bad_arguments_raise(call, error, message):
+    call = dict(call)
+    with pytest.raises(error, match=message):
+        skinny_linear(call.pop("x"), call.pop("weight"), **call)

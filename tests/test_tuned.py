@@ -1,0 +1,66 @@
+"""The measured launch plans (kernels/tuned_tiles.json): valid for their kernels, found by the
+kernels' default planning, and chosen by nearest batch."""
+import json
+
+import pytest
+import torch
+
+from moshi_fast.kernels import conv1d_stream as conv1d
+from moshi_fast.kernels import conv_transpose1d_stream as convtr
+from moshi_fast.kernels import ring_attention as ring
+from moshi_fast.kernels import skinny_linear as linear
+from moshi_fast.kernels import tuned
+
+TABLE = json.loads(tuned.TABLE_PATH.read_text())
+
+
+def _cases(op):
+    return [(shape, int(batch), plan) for shape, plans in TABLE.get(op, {}).items() for batch, plan in plans.items()]
+
+
+def test_table_covers_every_op():
+    assert set(TABLE) == {"conv1d", "convtr", "linear", "ring"}
+
+
+@pytest.mark.parametrize("shape, batch, plan", _cases("conv1d"))
+def test_conv1d_plans_are_valid_and_used(shape, batch, plan):
+    c_in, c_out, kernel, stride, t_in = map(int, shape.split(","))
+    grid = conv1d._grid(conv1d.ConvTiles(**plan), batch, c_in, c_out, kernel, stride, t_in)
+    assert conv1d._plan(batch, c_in, c_out, kernel, stride, t_in) == grid.tiles
+    assert conv1d.conv1d_stream_workspace_size(batch, c_in, c_out, kernel, stride, t_in) == grid.workspace_size()
+
+
+@pytest.mark.parametrize("shape, batch, plan", _cases("convtr"))
+def test_conv_transpose_plans_are_valid_and_used(shape, batch, plan):
+    c_in, c_out, kernel, stride, t_in, groups = map(int, shape.split(","))
+    tiles = convtr.ConvTransposeTiles(**plan)
+    geometry = convtr._geometry(batch, c_in, c_out, kernel, stride, t_in, groups)
+    assert convtr._tiles_error(geometry, tiles) is None
+    assert convtr._default_plan(batch, c_in, c_out, kernel, stride, t_in, groups) == tiles
+
+
+@pytest.mark.parametrize("shape, rows, plan", _cases("linear"))
+def test_linear_plans_are_valid_and_used(shape, rows, plan):
+    n, k, dtype = shape.split(",")
+    tiles = linear.SkinnyTiles(**plan)
+    linear._check_tiles(tiles)
+    assert linear.skinny_linear_tiles(rows, int(n), int(k), getattr(torch, dtype), split_k=True) == tiles
+    without_workspace = linear.skinny_linear_tiles(rows, int(n), int(k), getattr(torch, dtype), split_k=False)
+    assert without_workspace.split_k == 1
+
+
+@pytest.mark.parametrize("shape, batch, plan", _cases("ring"))
+def test_ring_plans_are_valid_and_used(shape, batch, plan):
+    heads, head_dim, capacity = map(int, shape.split(","))
+    assert ring._resolve_tiles(batch, heads, head_dim, capacity, None, 1) == (plan["block_r"], plan["num_warps"])
+
+
+def test_nearest_batch_on_a_log_scale_and_heuristics_only():
+    shape, plans = next(iter(TABLE["conv1d"].items()))
+    swept = sorted(int(b) for b in plans)
+    assert tuned.tuned_tiles("conv1d", shape, swept[0]) == plans[str(swept[0])]
+    assert tuned.tuned_tiles("conv1d", shape, 10 * swept[-1]) == plans[str(swept[-1])]
+    assert tuned.tuned_tiles("conv1d", "1,2,3", 1) is None
+    with tuned.heuristics_only():
+        assert tuned.tuned_tiles("conv1d", shape, swept[0]) is None
+    assert tuned.shape_key(512, 3, torch.float32) == "512,3,float32"

@@ -1,7 +1,7 @@
 """Times every kernel's candidate tilings at the shapes Mimi runs them at, beside the default plan.
 
     python bench/sweep_tiles.py --batches 1,8,64 --ops conv1d,convtr,ring,linear --json sweep.json
-    python bench/sweep_tiles.py --table sweep.json [more.json ...]     (no GPU needed)
+    python bench/sweep_tiles.py --table sweep.json [later.json ...]    (no GPU needed; oldest first)
 
 The first form times, for each op, shape and batch, the default plan and its neighbours (each
 kernel's `*_candidate_tiles`); each time is one call in a CUDA graph of back-to-back calls
@@ -177,10 +177,13 @@ def write_table(sweeps: list[Path]) -> None:
             default = next(c for c in timed if c["tiles"] == "default")
             best = min(timed, key=lambda c: c["us"])
             key, plan = _shape_and_default(model, case["op"], case["name"], case["batch"])
+            rows = str(2 * case["batch"] if case["op"] == "linear" else case["batch"])
+            plans = table.setdefault(case["op"], {}).setdefault(key, {})
+            # A later sweep's default is the plan an earlier sweep (given first) put in the table.
+            plan = plans.get(rows, plan)
             if best["tiles"] != "default" and best["us"] < (1 - NOISE) * default["us"]:
                 plan = _parse_tiles(best["tiles"])
-            rows = 2 * case["batch"] if case["op"] == "linear" else case["batch"]
-            table.setdefault(case["op"], {}).setdefault(key, {})[str(rows)] = plan
+            plans[rows] = plan
     tuned.TABLE_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print(f"wrote {tuned.TABLE_PATH}: {sum(len(v) for op in table.values() for v in op.values())} plans")
 

@@ -7,6 +7,11 @@ layer a ring of keys and values [B, H, context, D]; one split-K workspace shared
 both directions (they run one after another on one stream), sized for the largest need. Reset of a
 slot zeroes its histories and overlaps and its counters; the rings need no clearing, since a counter
 of 0 makes every old entry invisible.
+
+The LM (`PagedKVCache`): Helium's keys and values in one pool of fixed-size pages shared by all
+slots, a per-slot ring of pages reserved at admission (a full pool refuses a new conversation with
+`KVPoolExhausted`, never evicts another), per-slot positions and the step's execution mask in device
+memory; attention reads only each slot's live window (kernels/paged_attention.py).
 """
 from __future__ import annotations
 
@@ -56,3 +61,134 @@ class MimiCache:
         self.decoder_frame[slots] = 0
         for tensor in (*self.history.values(), *self.overlap.values()):
             tensor[:, slots] = 0
+
+
+class KVPoolExhausted(RuntimeError):
+    """`PagedKVCache.admit` found fewer free pages than one more conversation needs."""
+
+
+class PagedKVCache:
+    """Helium's KV cache: one pool of fixed-size pages shared by every slot, per-slot rings of pages.
+
+    Layout (all allocated once, on `device`):
+        k_pool, v_pool   [layers, num_pages, H, page_size, D]   keys after RoPE, and values; a page id
+                                                                 names the same page in every layer
+        page_table       [max_slots, pages_per_slot] int32      slot b's ring of pages
+        positions        [max_slots] int32                      the next token's absolute position
+        admitted         [max_slots] bool                       slots that hold pages
+        exec_mask        [max_slots] bool                       this step's running slots (set_exec_mask)
+
+    Position p of slot b lives in page page_table[b, (p // page_size) % pages_per_slot], row
+    p % page_size. A key at p is visible from the query at q iff 0 <= q - p < context (Kyutai's window),
+    so the live window is min(position + 1, context) keys after a step's write; positions are the only
+    per-slot counter, so no separate length can disagree with them. A slot's ring has
+    pages_per_slot = ceil(context / page_size) + 1 pages: the window spans at most that many pages, and the
+    page the newest position enters holds no key any query can still see, so pages are reused whole, in
+    ring order, and never hold two live generations. Pages are never cleared: a conversation reads only
+    positions it wrote itself (positions restart at 0 on admit and reset), so a recycled page's old
+    contents are never read.
+
+    Memory: bytes per slot = layers x 2 (K, V) x pages_per_slot x page_size x H x D x itemsize, plus
+    pages_per_slot x 4 for its page table. Helium (32 layers, 32 x 128, context 3000) in bf16 with pages of
+    16: 189 pages = 3024 positions x 512 KiB = 1.585 GB a slot (Kyutai's ring of 3000: 1.573 GB), so 64
+    slots take 101.5 GB: they fit an H200 (141 GB) beside the 15.4 GB of weights; an H100 (80 GB) holds
+    about 40.
+
+    Step protocol (graph-safe: only device tensors are read or written, nothing is allocated):
+    `set_exec_mask(mask)` once per step (the running slots, intersected with the admitted ones), then for
+    every layer the attention kernel with `layer(i)`, `page_table`, `positions` and `exec_mask` (all layers
+    see the same positions), then `advance()` once after the last layer. Slots enter and leave outside
+    the step, on the host: `admit` reserves a slot's pages from the free list or raises KVPoolExhausted,
+    leaving everything as it was; `release` returns them; `reset` restarts a slot at position 0.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int, context: int, max_slots: int,
+                 page_size: int = 16, num_pages: int | None = None, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cpu"):
+        """num_pages: the pool's size; by default enough for every slot at once. A smaller pool serves
+        num_pages // pages_per_slot conversations at a time."""
+        self.context = context
+        self.page_size = page_size
+        self.max_slots = max_slots
+        self.pages_per_slot = -(-context // page_size) + 1
+        self.num_pages = max_slots * self.pages_per_slot if num_pages is None else num_pages
+        if self.num_pages < self.pages_per_slot:
+            raise ValueError(f"a pool of {self.num_pages} pages cannot hold one conversation "
+                             f"({self.pages_per_slot} pages of {page_size})")
+        pool = (num_layers, self.num_pages, num_heads, page_size, head_dim)
+        self.k_pool = torch.empty(pool, dtype=dtype, device=device)
+        self.v_pool = torch.empty(pool, dtype=dtype, device=device)
+        self.page_table = torch.zeros(max_slots, self.pages_per_slot, dtype=torch.int32, device=device)
+        self.positions = torch.zeros(max_slots, dtype=torch.int32, device=device)
+        self.admitted = torch.zeros(max_slots, dtype=torch.bool, device=device)
+        self.exec_mask = torch.zeros(max_slots, dtype=torch.bool, device=device)
+        # A stack: a released conversation's pages are the next handed out (still warm in L2).
+        self._free_pages = list(range(self.num_pages - 1, -1, -1))
+        self._slot_pages: dict[int, list[int]] = {}
+
+    @classmethod
+    def for_lm(cls, config, max_slots: int, **kwargs) -> PagedKVCache:
+        """The cache of an LMConfig's Helium (layers, heads, head_dim, context)."""
+        return cls(config.num_layers, config.num_heads, config.head_dim, config.context, max_slots, **kwargs)
+
+    @staticmethod
+    def bytes_per_slot(num_layers: int, num_heads: int, head_dim: int, context: int, page_size: int = 16,
+                       dtype: torch.dtype = torch.bfloat16) -> int:
+        """Pool bytes one conversation reserves (its page table's 4 bytes a page aside)."""
+        pages_per_slot = -(-context // page_size) + 1
+        return num_layers * 2 * pages_per_slot * page_size * num_heads * head_dim * dtype.itemsize
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free_pages)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s (k_pool, v_pool), each [num_pages, H, page_size, D]."""
+        return self.k_pool[index], self.v_pool[index]
+
+    def admit(self, slot: int) -> None:
+        """Gives `slot` a ring of pages and starts its conversation at position 0. Raises
+        KVPoolExhausted, changing nothing, when the free list cannot supply the ring."""
+        self._check_slot(slot)
+        if slot in self._slot_pages:
+            raise ValueError(f"slot {slot} is already admitted")
+        if len(self._free_pages) < self.pages_per_slot:
+            raise KVPoolExhausted(
+                f"KV pool exhausted: slot {slot} needs {self.pages_per_slot} pages, "
+                f"{len(self._free_pages)} of {self.num_pages} are free ({len(self._slot_pages)} conversations hold the rest); "
+                f"release a slot or build the cache with more pages")
+        pages = [self._free_pages.pop() for _ in range(self.pages_per_slot)]
+        self._slot_pages[slot] = pages
+        self.page_table[slot] = torch.tensor(pages, dtype=torch.int32)
+        self.positions[slot] = 0
+        self.admitted[slot] = True
+
+    def release(self, slot: int) -> None:
+        """Returns `slot`'s pages to the free list; the slot no longer runs until admitted again."""
+        self._check_slot(slot)
+        if slot not in self._slot_pages:
+            raise ValueError(f"slot {slot} is not admitted")
+        self.admitted[slot] = False
+        # exec_mask stays within the admitted slots between steps too.
+        self.exec_mask[slot] = False
+        self._free_pages.extend(reversed(self._slot_pages.pop(slot)))
+
+    def reset(self, slot: int) -> None:
+        """Restarts `slot`'s conversation at position 0, keeping its pages."""
+        self._check_slot(slot)
+        if slot not in self._slot_pages:
+            raise ValueError(f"slot {slot} is not admitted")
+        self.positions[slot] = 0
+
+    def set_exec_mask(self, exec_mask: torch.Tensor) -> None:
+        """This step's running slots: exec_mask [max_slots] bool, restricted to the admitted slots (a slot
+        without pages must never reach the kernel, whose page table row may name another slot's pages)."""
+        torch.logical_and(exec_mask, self.admitted, out=self.exec_mask)
+
+    def advance(self) -> None:
+        """After the step's last layer: the running slots move to their next position."""
+        torch.add(self.positions, self.exec_mask, out=self.positions)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} is outside 0..{self.max_slots - 1}")

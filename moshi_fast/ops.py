@@ -16,6 +16,8 @@ from .kernels.conv1d_stream import conv1d_stream_ref, conv1d_stream_workspace_si
 from .kernels.conv_transpose1d_stream import conv_transpose1d_stream as _conv_transpose1d_stream_kernel
 from .kernels.conv_transpose1d_stream import (conv_transpose1d_stream_ref, conv_transpose1d_stream_workspace_size,
                                               pack_conv_transpose_weight)
+from .kernels.paged_attention import paged_attention as _paged_attention_kernel
+from .kernels.paged_attention import paged_attention_ref, paged_attention_workspace_size
 from .kernels.ring_attention import ring_attention as _ring_attention_kernel
 from .kernels.ring_attention import ring_attention_ref, ring_attention_workspace_size
 from .kernels.rvq_decode import rvq_decode as _rvq_decode_kernel
@@ -70,6 +72,16 @@ def ring_attention(qkv, ring_k, ring_v, frame, max_period, out=None, workspace: 
     return ring_attention_ref(qkv, ring_k, ring_v, frame, max_period, out=out)
 
 
+def paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period, out=None,
+                    workspace: SplitWorkspace | None = None):
+    """RoPE + KV write into the page pool + attention over each slot's live window of one new token
+    (kernels/paged_attention.py; the pools, page table, positions and mask come from PagedKVCache)."""
+    if _use_kernel(qkv, k_pool):
+        return _paged_attention_kernel(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period,
+                                       out=out, workspace=workspace)
+    return paged_attention_ref(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period, out=out)
+
+
 def rvq_encode(latent, input_proj, codebooks, norms, n_semantic, scratch, out=None):
     """Split residual VQ encode, all codebooks in one launch (kernels/rvq_encode.py)."""
     fn = _rvq_encode_kernel if _use_kernel(latent, codebooks) else rvq_encode_ref
@@ -97,5 +109,6 @@ def linear_workspace_size(m: int, n: int, k: int, dtype) -> tuple[int, int]:
 
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
-           "conv_transpose1d_stream_workspace_size", "linear", "linear_workspace_size", "pack_conv_transpose_weight", "ring_attention",
+           "conv_transpose1d_stream_workspace_size", "linear", "linear_workspace_size", "pack_conv_transpose_weight",
+           "paged_attention", "paged_attention_workspace_size", "ring_attention",
            "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch"]

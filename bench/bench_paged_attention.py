@@ -1,0 +1,63 @@
+"""paged_attention at Helium's shapes (32 heads x 128, window 3000, pages of 16, bf16, one new token per
+slot) beside Kyutai's path: the ring write and torch SDPA over a dense [B, H, 3000, D] ring under the window
+mask, which reads the whole ring however few keys are live (Kyutai's RoPE, compiled, is left out of it).
+
+Successive calls cycle through LAYERS layers' pools and rings, as the engine's 32 layers do, so that one
+slot's full window (49 MB a layer) is not served from the 50 MB L2 at B = 1.
+"""
+import itertools
+
+import pytest
+import torch
+
+from moshi_fast.cache import PagedKVCache
+from moshi_fast.kernels._utils import SplitWorkspace
+from moshi_fast.kernels.paged_attention import paged_attention, paged_attention_workspace_size
+
+GPU = torch.cuda.is_available()
+HEADS, HEAD_DIM, CONTEXT, PAGE_SIZE = (32, 128, 3000, 16) if GPU else (2, 16, 24, 4)
+DTYPE = torch.bfloat16 if GPU else torch.float32
+LAYERS = 4 if GPU else 1
+
+
+@pytest.mark.parametrize("filled", [100, CONTEXT] if GPU else [5, CONTEXT])
+@pytest.mark.parametrize("batch", [1, 8, 32, 64] if GPU else [2])
+def test_paged_attention(measure, device, batch, filled):
+    width = HEADS * HEAD_DIM
+    cache = PagedKVCache(LAYERS, HEADS, HEAD_DIM, CONTEXT, batch, page_size=PAGE_SIZE, dtype=DTYPE,
+                         device=device)
+    for slot in range(batch):
+        cache.admit(slot)
+    cache.k_pool.normal_()
+    cache.v_pool.normal_()
+    # A full window sits past the ring's first laps, as in a long conversation.
+    position = filled - 1 if filled < CONTEXT else 2 * CONTEXT + 17
+    cache.positions.fill_(position)
+    cache.set_exec_mask(torch.ones(batch, dtype=torch.bool, device=device))
+    qkv = torch.randn(batch, 3 * width, device=device, dtype=DTYPE)
+    out = torch.empty(batch, width, device=device, dtype=DTYPE)
+    workspace = SplitWorkspace(*paged_attention_workspace_size(batch, HEADS, HEAD_DIM, CONTEXT), device)
+    fast_layers = itertools.cycle(range(LAYERS))
+
+    def fast():
+        paged_attention(qkv, *cache.layer(next(fast_layers)), cache.page_table, cache.positions,
+                        cache.exec_mask, CONTEXT, 10000.0, out=out, workspace=workspace)
+
+    rings = torch.randn(LAYERS, 2, batch, HEADS, CONTEXT, HEAD_DIM, device=device, dtype=DTYPE)
+    ring_slots = torch.arange(CONTEXT, device=device)
+    ring_pos = position - (position - ring_slots) % CONTEXT
+    mask = ((ring_pos >= 0) & (position - ring_pos < CONTEXT)).expand(batch, 1, 1, CONTEXT)
+    write_index = torch.full((batch, HEADS, 1, HEAD_DIM), position % CONTEXT, device=device)
+    torch_layers = itertools.cycle(range(LAYERS))
+
+    def torch_path():
+        ring_k, ring_v = rings[next(torch_layers)]
+        q, k, v = qkv.view(batch, 3, HEADS, 1, HEAD_DIM).unbind(1)
+        ring_k.scatter_(2, write_index, k)
+        ring_v.scatter_(2, write_index, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, ring_k, ring_v, mask)
+
+    live_keys = min(position + 1, CONTEXT)
+    moved = DTYPE.itemsize * (2 * batch * live_keys * width + qkv.numel() + out.numel())
+    measure(fast, moved, torch_path, op="paged_attention", batch=batch, filled=live_keys, heads=HEADS,
+            head_dim=HEAD_DIM, context=CONTEXT, page_size=PAGE_SIZE)

@@ -1,0 +1,431 @@
+"""PagedKVCache + paged_attention against dense masked SDPA over each conversation's whole history.
+
+Tiny shapes (2 heads x 16, a window of 10 in pages of 4: rings of 4 pages) so that runs of 24 steps
+cross the window twice. Pools start as NaN: a row read before this conversation wrote it poisons the output.
+"""
+import pytest
+import torch
+
+from moshi_fast.cache import KVPoolExhausted, PagedKVCache
+from moshi_fast.kernels._utils import SplitWorkspace
+from moshi_fast.kernels.paged_attention import (_resolve_tiles, paged_attention,
+                                                paged_attention_candidate_tiles, paged_attention_ref,
+                                                paged_attention_workspace_size)
+from moshi_fast.reference.attention import attend, rope_interleaved, split_heads
+
+from .helpers import rel_err
+
+HEADS, HEAD_DIM, CONTEXT, PAGE_SIZE, MAX_PERIOD = 2, 16, 10, 4, 10000.0
+WIDTH = HEADS * HEAD_DIM
+SPLIT = {"splits": 2, "block_n": 4}
+"""A plan that splits even these short windows, with several blocks per split."""
+
+
+def new_cache(slots: int, layers: int = 1, num_pages: int | None = None) -> PagedKVCache:
+    cache = PagedKVCache(layers, HEADS, HEAD_DIM, CONTEXT, slots, page_size=PAGE_SIZE, num_pages=num_pages,
+                         dtype=torch.float32)
+    cache.k_pool.fill_(float("nan"))
+    cache.v_pool.fill_(float("nan"))
+    return cache
+
+
+def run_step(cache: PagedKVCache, qkv: torch.Tensor, exec_mask: torch.Tensor, tiles=None, reference=False):
+    """One step of every layer (qkv [layers, B, 3 * WIDTH]) and the position advance; outputs
+    [layers, B, WIDTH] start as NaN, so rows the kernel must not write stay NaN."""
+    cache.set_exec_mask(exec_mask)
+    outs = torch.full((qkv.shape[0], qkv.shape[1], WIDTH), float("nan"))
+    for layer in range(qkv.shape[0]):
+        args = (qkv[layer], *cache.layer(layer), cache.page_table, cache.positions, cache.exec_mask, CONTEXT,
+                MAX_PERIOD)
+        if reference:
+            paged_attention_ref(*args, out=outs[layer])
+        else:
+            paged_attention(*args, out=outs[layer], tiles=tiles)
+    cache.advance()
+    return outs
+
+
+class DenseHistory:
+    """Every conversation as plain tensors: all its rotated keys and values from position 0 on, per layer."""
+
+    def __init__(self, layers: int, slots: int):
+        self.keys = [[[] for _ in range(slots)] for _ in range(layers)]
+        self.values = [[[] for _ in range(slots)] for _ in range(layers)]
+
+    def restart(self, slot: int) -> None:
+        for layer in range(len(self.keys)):
+            self.keys[layer][slot].clear()
+            self.values[layer][slot].clear()
+
+    def step(self, layer: int, slot: int, qkv_row: torch.Tensor) -> torch.Tensor:
+        """Appends the new token and returns its attention output [WIDTH] (the reference model's rope and
+        window-masked SDPA over the whole history)."""
+        keys, values = self.keys[layer][slot], self.values[layer][slot]
+        position = torch.tensor([[len(keys)]])
+        q, k, v = split_heads(qkv_row.view(1, 1, -1), HEADS)
+        q, k = rope_interleaved(q, position, MAX_PERIOD), rope_interleaved(k, position, MAX_PERIOD)
+        keys.append(k)
+        values.append(v)
+        key_pos = torch.arange(len(keys))[None]
+        attended = attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), position, key_pos, CONTEXT)
+        return attended.reshape(-1)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality, NaN included (the pools' never-written rows are NaN)."""
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def slot_pages(cache: PagedKVCache, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pages = cache.page_table[slot].long()
+    return cache.k_pool[:, pages].clone(), cache.v_pool[:, pages].clone()
+
+
+@pytest.mark.parametrize("tiles", [None, SPLIT], ids=["unsplit", "2-splits"])
+def test_conversations_match_dense_history(tiles):
+    """4 slots, 2 layers, 24 steps. Slot 0 runs throughout (positions past 2 x context); slot 1 sits out
+    steps 4-7 (NaN qkv; its pages, position and output rows stay untouched) and is reset at step 15;
+    slot 2 is admitted at step 9; slot 3 is never admitted, though the step's mask asks it to run.
+    Kernel, reference (on a twin cache) and dense history agree at every step."""
+    layers, slots, steps = 2, 4, 24
+    cache, twin = new_cache(slots, layers), new_cache(slots, layers)
+    history = DenseHistory(layers, slots)
+    for c in (cache, twin):
+        c.admit(0)
+        c.admit(1)
+    idle = range(4, 8)
+    for step in range(steps):
+        if step == 9:
+            cache.admit(2)
+            twin.admit(2)
+        if step == 15:
+            cache.reset(1)
+            twin.reset(1)
+            history.restart(1)
+        running = [0, 2] if step in idle else [0, 1, 2]
+        running = [slot for slot in running if slot != 2 or step >= 9]
+        exec_mask = torch.zeros(slots, dtype=torch.bool)
+        exec_mask[running + [3]] = True
+        qkv = torch.full((layers, slots, 3 * WIDTH), float("nan"))
+        qkv[:, running] = torch.randn(layers, len(running), 3 * WIDTH)
+        if step == idle[0]:
+            idle_pages = slot_pages(cache, 1)
+        got = run_step(cache, qkv, exec_mask, tiles)
+        expected = run_step(twin, qkv, exec_mask, reference=True)
+        for layer in range(layers):
+            for slot in running:
+                dense = history.step(layer, slot, qkv[layer, slot])
+                assert rel_err(got[layer, slot], dense) < 1e-5, (step, layer, slot)
+                assert rel_err(expected[layer, slot], dense) < 1e-5, (step, layer, slot)
+        silent = [slot for slot in range(slots) if slot not in running]
+        assert got[:, silent].isnan().all() and expected[:, silent].isnan().all(), step
+        if step == idle[-1]:
+            assert all(same_bits(a, b) for a, b in zip(slot_pages(cache, 1), idle_pages))
+    assert cache.positions.tolist() == [steps, steps - 15, steps - 9, 0]
+    assert torch.equal(cache.positions, twin.positions)
+
+
+def test_admission_mid_run_leaves_other_slots_bitwise_unchanged():
+    """Slot 0's outputs and pages are the same bits whether or not slot 1 joins at step 4."""
+    slots, steps = 2, 14
+    qkv = torch.randn(steps, 1, slots, 3 * WIDTH)
+    results = []
+    for admit_second in (False, True):
+        cache = new_cache(slots)
+        cache.admit(0)
+        outs = []
+        for step in range(steps):
+            if admit_second and step == 4:
+                cache.admit(1)
+            exec_mask = torch.tensor([True, admit_second and step >= 4])
+            outs.append(run_step(cache, qkv[step], exec_mask, SPLIT)[0, 0])
+        results.append((torch.stack(outs), *slot_pages(cache, 0), cache.positions[0].clone()))
+    for alone, beside in zip(*results):
+        assert same_bits(alone, beside)
+
+
+def fresh_conversation(qkv: torch.Tensor, tiles) -> torch.Tensor:
+    """Outputs of one slot of a new cache over steps qkv [steps, 3 * WIDTH]."""
+    cache = new_cache(1)
+    cache.admit(0)
+    run = torch.tensor([True])
+    return torch.stack([run_step(cache, row.view(1, 1, -1), run, tiles)[0, 0] for row in qkv])
+
+
+def test_reset_restarts_a_slot_like_a_fresh_one():
+    """Slot 0 is reset after 14 steps (past the window); its next 6 outputs are those of a fresh
+    conversation, bit for bit, and slot 1 carries on undisturbed."""
+    slots = 2
+    cache = new_cache(slots)
+    history = DenseHistory(1, slots)
+    for slot in range(slots):
+        cache.admit(slot)
+    run = torch.ones(slots, dtype=torch.bool)
+    after_reset = torch.randn(6, 3 * WIDTH)
+    restarted = []
+    for step in range(20):
+        if step == 14:
+            cache.reset(0)
+        qkv = torch.randn(1, slots, 3 * WIDTH)
+        if step >= 14:
+            qkv[0, 0] = after_reset[step - 14]
+        out = run_step(cache, qkv, run, SPLIT)
+        assert rel_err(out[0, 1], history.step(0, 1, qkv[0, 1])) < 1e-5, step
+        if step >= 14:
+            restarted.append(out[0, 0])
+    assert torch.equal(torch.stack(restarted), fresh_conversation(after_reset, SPLIT))
+
+
+def test_release_and_readmit_reuses_pages_without_leak():
+    """A pool of exactly two rings: after slot 0's release its pages are the only free ones; the next
+    conversation in slot 0 gets them back and reads nothing of the old one (fresh-run bits), while slot 1
+    keeps matching its dense history and a third conversation cannot enter."""
+    slots = 3
+    cache = new_cache(slots, num_pages=2 * new_cache(1).pages_per_slot)
+    history = DenseHistory(1, slots)
+    cache.admit(0)
+    cache.admit(1)
+    old_pages = set(cache.page_table[0].tolist())
+    new_conversation = torch.randn(7, 3 * WIDTH)
+    outs = []
+    for step in range(20):
+        if step == 13:
+            cache.release(0)
+            assert cache.free_pages == cache.pages_per_slot
+            cache.admit(0)
+            assert set(cache.page_table[0].tolist()) == old_pages
+            with pytest.raises(KVPoolExhausted):
+                cache.admit(2)
+        exec_mask = torch.tensor([True, True, False])
+        qkv = torch.randn(1, slots, 3 * WIDTH)
+        if step >= 13:
+            qkv[0, 0] = new_conversation[step - 13]
+        out = run_step(cache, qkv, exec_mask, SPLIT)
+        assert rel_err(out[0, 1], history.step(0, 1, qkv[0, 1])) < 1e-5, step
+        if step >= 13:
+            outs.append(out[0, 0])
+    assert torch.equal(torch.stack(outs), fresh_conversation(new_conversation, SPLIT))
+
+
+def test_pool_exhaustion_at_admission_changes_nothing():
+    slots = 3
+    pages_per_slot = new_cache(1).pages_per_slot
+    cache = new_cache(slots, num_pages=2 * pages_per_slot + 3)
+    cache.admit(0)
+    cache.admit(2)
+    cache.positions[0] = 17
+    before = (cache.page_table.clone(), cache.positions.clone(), cache.admitted.clone(), cache.free_pages)
+    with pytest.raises(KVPoolExhausted, match="KV pool exhausted: slot 1 needs 4 pages, 3 of 11 are free"):
+        cache.admit(1)
+    after = (cache.page_table, cache.positions, cache.admitted, cache.free_pages)
+    assert all(torch.equal(a, b) for a, b in zip(before[:3], after[:3])) and before[3] == after[3]
+    cache.release(2)
+    cache.admit(1)
+    assert cache.admitted.tolist() == [True, True, False] and cache.free_pages == 3
+    assert not set(cache.page_table[0].tolist()) & set(cache.page_table[1].tolist())
+    with pytest.raises(ValueError, match="already admitted"):
+        cache.admit(1)
+    with pytest.raises(ValueError, match="not admitted"):
+        cache.release(2)
+    with pytest.raises(ValueError, match="not admitted"):
+        cache.reset(2)
+    with pytest.raises(ValueError, match="outside"):
+        cache.admit(3)
+    with pytest.raises(ValueError, match="cannot hold one conversation"):
+        new_cache(1, num_pages=pages_per_slot - 1)
+
+
+def ragged_batch(positions: list[int]):
+    """A full cache at the given positions with random pool contents, and a new token per slot."""
+    cache = new_cache(len(positions))
+    for slot in range(len(positions)):
+        cache.admit(slot)
+    cache.k_pool.normal_()
+    cache.v_pool.normal_()
+    cache.positions.copy_(torch.tensor(positions))
+    cache.set_exec_mask(torch.ones(len(positions), dtype=torch.bool))
+    return cache, torch.randn(len(positions), 3 * WIDTH)
+
+
+def call(cache: PagedKVCache, qkv: torch.Tensor, reference=False, **kwargs) -> torch.Tensor:
+    args = (qkv, *cache.layer(0), cache.page_table, cache.positions, cache.exec_mask, CONTEXT, MAX_PERIOD)
+    out = torch.full((qkv.shape[0], WIDTH), float("nan"))
+    return paged_attention_ref(*args, out=out) if reference else paged_attention(*args, out=out, **kwargs)
+
+
+RAGGED = [0, 1, 3, 9, 10, 23, 57]
+"""A first token, windows shorter than one block, exactly the context, and wrapped rings."""
+
+
+def test_split_matches_unsplit_and_is_deterministic():
+    cache, qkv = ragged_batch(RAGGED)
+    expected = call(cache, qkv, reference=True)
+    unsplit = call(cache, qkv, tiles={"splits": 1, "block_n": 4})
+    assert rel_err(unsplit, expected) < 1e-5
+    for tiles in ({"splits": 2, "block_n": 2}, {"splits": 3, "block_n": 4}, {"splits": 5, "block_n": 2}):
+        sizes = paged_attention_workspace_size(len(RAGGED), HEADS, HEAD_DIM, CONTEXT, tiles)
+        workspace = SplitWorkspace(*sizes, "cpu")
+        first = call(cache, qkv, tiles=tiles, workspace=workspace)
+        again = call(cache, qkv, tiles=tiles, workspace=workspace)
+        assert rel_err(first, unsplit) < 1e-5, tiles
+        assert torch.equal(first, again), tiles
+        assert not workspace.counters.any(), "the combining program resets its counter"
+
+
+def test_int64_positions_give_the_same_bits():
+    cache, qkv = ragged_batch(RAGGED)
+    narrow = call(cache, qkv, tiles=SPLIT)
+    args = (qkv, *cache.layer(0), cache.page_table, cache.positions.long(), cache.exec_mask, CONTEXT,
+            MAX_PERIOD)
+    assert torch.equal(paged_attention(*args, tiles=SPLIT), narrow)
+
+
+def test_workspace_size_suffices_and_is_checked():
+    batch = len(RAGGED)
+    assert paged_attention_workspace_size(batch, HEADS, HEAD_DIM, CONTEXT) == (0, 0)
+    assert paged_attention_workspace_size(batch, HEADS, HEAD_DIM, CONTEXT, {"splits": 1}) == (0, 0)
+    sizes = paged_attention_workspace_size(batch, HEADS, HEAD_DIM, CONTEXT, {"splits": 3})
+    assert sizes == (batch * HEADS * 3 * (HEAD_DIM + 2), batch * HEADS)
+    cache, qkv = ragged_batch(RAGGED)
+    exact = SplitWorkspace(*sizes, "cpu")
+    exact.partials.fill_(float("nan"))
+    out = call(cache, qkv, tiles={"splits": 3, "block_n": 2}, workspace=exact)
+    assert rel_err(out, call(cache, qkv, reference=True)) < 1e-5
+    with pytest.raises(ValueError, match="workspace too small"):
+        call(cache, qkv, tiles={"splits": 3}, workspace=SplitWorkspace(sizes[0] - 1, sizes[1], "cpu"))
+
+
+def test_default_plan_for_helium_on_an_h200():
+    """The grid the docstring promises with 132 SMs (4 programs each), without the tuned table."""
+    programs = 4 * 132
+    plans = {batch: _resolve_tiles(batch, 32, 128, 3000, {}, programs) for batch in (1, 8, 32, 64)}
+    assert plans == {1: (64, 16, 4, None), 8: (64, 2, 4, None), 32: (64, 1, 4, None), 64: (64, 1, 4, None)}
+
+
+def test_candidate_tiles_all_match_reference():
+    for batch in (1, 8, 64):
+        assert 1 < len(paged_attention_candidate_tiles(batch, 32, 128, 3000)) <= 8
+    cache, qkv = ragged_batch([2, 12, 40])
+    expected = call(cache, qkv, reference=True)
+    candidates = paged_attention_candidate_tiles(3, HEADS, HEAD_DIM, CONTEXT)
+    assert 1 < len(candidates) <= 8
+    for tiles in candidates:
+        assert rel_err(call(cache, qkv, tiles=tiles), expected) < 1e-5, tiles
+
+
+def test_argument_checks():
+    cache, qkv = ragged_batch([0, 5])
+    k_pool, v_pool = cache.layer(0)
+    with pytest.raises(ValueError, match="cannot hold a window"):
+        paged_attention(qkv, k_pool, v_pool, cache.page_table[:, :2], cache.positions, cache.exec_mask,
+                        CONTEXT, MAX_PERIOD)
+    with pytest.raises(ValueError, match="int32"):
+        paged_attention(qkv, k_pool, v_pool, cache.page_table.long(), cache.positions, cache.exec_mask,
+                        CONTEXT, MAX_PERIOD)
+    with pytest.raises(ValueError, match="cover the 2 slots"):
+        paged_attention(qkv, k_pool, v_pool, cache.page_table, cache.positions[:1], cache.exec_mask,
+                        CONTEXT, MAX_PERIOD)
+    with pytest.raises(ValueError, match="power of two"):
+        call(cache, qkv, tiles={"block_n": 3})
+
+
+def test_memory_math():
+    assert PagedKVCache.bytes_per_slot(32, 32, 128, 3000) == 1_585_446_912
+    cache = PagedKVCache(3, HEADS, HEAD_DIM, CONTEXT, 5, page_size=PAGE_SIZE)
+    pool_bytes = (cache.k_pool.numel() + cache.v_pool.numel()) * cache.k_pool.element_size()
+    assert pool_bytes == 5 * PagedKVCache.bytes_per_slot(3, HEADS, HEAD_DIM, CONTEXT, PAGE_SIZE)
+
+
+HELIUM = {"heads": 32, "head_dim": 128, "context": 3000}
+
+
+def helium_cache(positions: list[int], layers: int = 1) -> PagedKVCache:
+    cache = PagedKVCache(layers, HELIUM["heads"], HELIUM["head_dim"], HELIUM["context"], len(positions),
+                         device="cuda")
+    for slot in range(len(positions)):
+        cache.admit(slot)
+    cache.k_pool.normal_()
+    cache.v_pool.normal_()
+    cache.positions.copy_(torch.tensor(positions))
+    return cache
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_paged_attention_bf16_at_helium_shapes(batch):
+    width = HELIUM["heads"] * HELIUM["head_dim"]
+    generator = torch.Generator().manual_seed(batch)
+    positions = torch.randint(0, 8000, (batch,), generator=generator).tolist()
+    positions[:4] = [0, 99, 2999, 3000][:batch]
+    cache = helium_cache(positions)
+    exec_mask = torch.ones(batch, dtype=torch.bool, device="cuda")
+    exec_mask[batch // 2] = batch == 1
+    cache.set_exec_mask(exec_mask)
+    twin_k, twin_v = cache.k_pool.clone(), cache.v_pool.clone()
+    qkv = torch.randn(batch, 3 * width, device="cuda").to(torch.bfloat16)
+    args = (cache.page_table, cache.positions, cache.exec_mask, HELIUM["context"], 10000.0)
+    out = torch.full((batch, width), float("nan"), device="cuda", dtype=torch.bfloat16)
+    paged_attention(qkv, *cache.layer(0), *args, out=out)
+    expected = paged_attention_ref(qkv, twin_k[0], twin_v[0], *args,
+                                   out=torch.full_like(out, float("nan")))
+    running = cache.exec_mask[:batch]
+    assert rel_err(out[running], expected[running]) <= 1e-2
+    assert out[~running].isnan().all()
+    # The new rows differ by RoPE's rounding at most; nothing else in the pools changes.
+    slots = running.nonzero()[:, 0]
+    pos = cache.positions[slots].long()
+    ring_index = (pos[:, None] // cache.page_size) % cache.pages_per_slot
+    pages = cache.page_table[slots].long().gather(1, ring_index)[:, 0]
+    rows = pos % cache.page_size
+    assert rel_err(cache.k_pool[0, pages, :, rows], twin_k[0, pages, :, rows]) < 1e-2
+    twin_k[0, pages, :, rows] = cache.k_pool[0, pages, :, rows]
+    assert torch.equal(cache.k_pool, twin_k) and torch.equal(cache.v_pool, twin_v)
+
+
+@pytest.mark.gpu
+def test_paged_attention_replays_in_a_cuda_graph():
+    """set_exec_mask, two layers and advance captured once, replayed for 5 steps with new qkv, match
+    the same steps run eagerly by the reference on a twin cache."""
+    batch, layers = 4, 2
+    width = HELIUM["heads"] * HELIUM["head_dim"]
+    cache = helium_cache([0, 2998, 5000, 17], layers)
+    twin = helium_cache([0, 2998, 5000, 17], layers)
+    twin.k_pool.copy_(cache.k_pool)
+    twin.v_pool.copy_(cache.v_pool)
+    exec_mask = torch.tensor([True, True, False, True], device="cuda")
+    qkv = torch.empty(layers, batch, 3 * width, device="cuda", dtype=torch.bfloat16)
+    outs = torch.empty(layers, batch, width, device="cuda", dtype=torch.bfloat16)
+    workspace = SplitWorkspace(*paged_attention_workspace_size(batch, HELIUM["heads"], HELIUM["head_dim"],
+                                                               HELIUM["context"]), "cuda")
+
+    def step():
+        cache.set_exec_mask(exec_mask)
+        for layer in range(layers):
+            paged_attention(qkv[layer], *cache.layer(layer), cache.page_table, cache.positions,
+                            cache.exec_mask, HELIUM["context"], 10000.0, out=outs[layer], workspace=workspace)
+        cache.advance()
+
+    # The warm-up (compilation) runs one real step: it is undone before the replays.
+    initial = cache.positions.clone(), cache.k_pool.clone(), cache.v_pool.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        qkv.normal_()
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for tensor, value in zip((cache.positions, cache.k_pool, cache.v_pool), initial):
+        tensor.copy_(value)
+    for _ in range(5):
+        qkv.normal_()
+        graph.replay()
+        twin.set_exec_mask(exec_mask)
+        for layer in range(layers):
+            expected = paged_attention_ref(qkv[layer], *twin.layer(layer), twin.page_table, twin.positions,
+                                           twin.exec_mask, HELIUM["context"], 10000.0)
+            assert rel_err(outs[layer][exec_mask], expected[exec_mask]) <= 1e-2
+        twin.advance()
+    assert torch.equal(cache.positions, twin.positions)
+    assert cache.positions.tolist() == [5, 2998 + 5, 5000, 17 + 5]

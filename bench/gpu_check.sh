@@ -5,6 +5,8 @@
 #   run the demo at Moshi's real size, and keep the logs and JSON results under $OUT.
 # Usage (from the repository root): GIT_SHA=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [steps]
 #   steps: a comma-separated subset of tests,kernels,mimi,demo (default: all of them)
+#   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
+#   (leaves out the sampling kernel's tile sweep)
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
@@ -26,7 +28,8 @@ if [[ $steps == *,tests,* ]]; then
     python3 -m pytest -q -m gpu -s 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || status=1
 fi
 if [[ $steps == *,kernels,* ]]; then
-    python3 -m pytest -q bench/ -o python_files='bench_*.py' --benchmark-json="$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 || status=1
+    eval "python3 -m pytest -q bench/ -o python_files='bench_*.py' --benchmark-json=\"\$OUT/kernels.json\" ${BENCH_ARGS:-}" \
+        > "$OUT/kernels.log" 2>&1 || status=1
     python3 bench/summarize.py "$OUT/kernels.json" | tee "$OUT/kernels.txt"
 fi
 if [[ $steps == *,mimi,* ]]; then

@@ -24,6 +24,8 @@ from .kernels.rvq_decode import rvq_decode as _rvq_decode_kernel
 from .kernels.rvq_decode import rvq_decode_ref
 from .kernels.rvq_encode import rvq_encode as _rvq_encode_kernel
 from .kernels.rvq_encode import rvq_encode_ref, rvq_encode_scratch
+from .kernels.sample_tokens import sample_tokens as _sample_tokens_kernel
+from .kernels.sample_tokens import sample_tokens_ref
 from .kernels.skinny_linear import skinny_linear as _skinny_linear_kernel
 from .kernels.skinny_linear import skinny_linear_ref, skinny_linear_tiles, skinny_linear_workspace_size
 
@@ -94,6 +96,13 @@ def rvq_decode(codes, codebooks, output_proj, n_semantic, out=None):
     return fn(codes, codebooks, output_proj, n_semantic, out=out)
 
 
+def sample_tokens(logits, temperature, top_k, max_top_k: int, seed, counter, draw: int, out=None):
+    """Temperature + top-k exponential race per slot, the reference sampler's tokens from the same
+    (seed, counter, draw) noise, drawn on the GPU without a sync (kernels/sample_tokens.py)."""
+    fn = _sample_tokens_kernel if _use_kernel(logits, seed) else sample_tokens_ref
+    return fn(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out)
+
+
 def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, out=None,
            workspace: SplitWorkspace | None = None):
     """act(LayerNorm(x) @ weight.T + bias) + residual for few rows, weights streamed once
@@ -111,4 +120,4 @@ def linear_workspace_size(m: int, n: int, k: int, dtype) -> tuple[int, int]:
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
            "conv_transpose1d_stream_workspace_size", "linear", "linear_workspace_size", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "ring_attention",
-           "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch"]
+           "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens"]

@@ -1,0 +1,67 @@
+"""On-GPU token sampling (temperature + top-k exponential race) at the language model's two shapes,
+text (V = 32000, k = 25, bf16 logits) and audio (V = 2048, k = 250), beside the torch path
+(`moshi_fast.reference.sampling.sample`: softmax, torch.topk, the hashed noise, the race); and, on a
+GPU, the launch options (warps, compaction chunk) around the default."""
+import pytest
+import torch
+import triton
+
+from moshi_fast.kernels.sample_tokens import SampleTiles, sample_tokens, sample_tokens_ref
+
+GPU = torch.cuda.is_available()
+# name: vocabulary, max_top_k, draw (on the CPU interpreter, small rows that only keep the suite alive)
+SHAPES = ({"text": (32000, 25, 0), "audio": (2048, 250, 1)} if GPU
+          else {"text": (300, 25, 0), "audio": (200, 50, 1)})
+BATCHES = [1, 8, 64] if GPU else [2]
+
+
+def operands(device, batch, vocab, dtype=torch.bfloat16):
+    """Logits [B, V] and the slot vectors of sampled slots at Moshi's temperatures (0.7 text, 0.8 audio)."""
+    return {
+        "logits": (torch.randn(batch, vocab, device=device) * 3).to(dtype),
+        "temperature": torch.full((batch,), 0.7 if vocab > 4096 else 0.8, device=device),
+        "seed": torch.randint(0, 2 ** 62, (batch,), device=device),
+        "counter": torch.randint(0, 2 ** 20, (batch,), device=device),
+    }
+
+
+def sampling_call(device, batch, shape, dtype=torch.bfloat16):
+    """(args of sample_tokens, out, bytes moved: the logits, the slot vectors and out)."""
+    vocab, max_top_k, draw = SHAPES[shape]
+    ops = operands(device, batch, vocab, dtype)
+    top_k = torch.full((batch,), max_top_k, device=device)
+    args = (ops["logits"], ops["temperature"], top_k, max_top_k, ops["seed"], ops["counter"], draw)
+    out = torch.empty(batch, dtype=torch.int64, device=device)
+    moved = ops["logits"].numel() * ops["logits"].element_size() + batch * (4 + 8 + 8 + 8 + 8)
+    return args, out, moved
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_sample_tokens(measure, device, shape, dtype, batch):
+    args, out, moved = sampling_call(device, batch, shape, dtype)
+
+    def fast():
+        sample_tokens(*args, out=out)
+
+    measure(fast, moved, lambda: sample_tokens_ref(*args), op="sample_tokens",
+            shape=f"{shape}-{str(dtype).removeprefix('torch.')}", batch=batch)
+
+
+@pytest.mark.skipif(not GPU, reason="launch options only mean something on a GPU")
+@pytest.mark.parametrize("chunk_per_thread", [8, 16, 32])
+@pytest.mark.parametrize("num_warps", [4, 8, 16, 32])
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_sample_tokens_tiles(measure, device, shape, batch, num_warps, chunk_per_thread):
+    """Every warp count with compaction chunks of 8, 16 or 32 entries a thread (the default: 16)."""
+    args, out, moved = sampling_call(device, batch, shape)
+    block_v = triton.next_power_of_2(SHAPES[shape][0])
+    tiles = SampleTiles(num_warps, min(block_v, chunk_per_thread * 32 * num_warps))
+
+    def fast():
+        sample_tokens(*args, out=out, tiles=tiles)
+
+    measure(fast, moved, op="sample_tokens_tiles", shape=f"{shape}-w{num_warps}-c{tiles.chunk}", batch=batch,
+            num_warps=num_warps, chunk=tiles.chunk)

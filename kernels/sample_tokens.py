@@ -30,9 +30,10 @@ order is float order; bf16 keys keep only their 16 significant bits) stay in reg
   4. A candidate's rank is the number of entries above its own among the k (a [BLOCK_K, BLOCK_K]
      comparison); its logit is its key's float.
   5. Race: exp(logit / T - max_logit / T) / E(rank), E = -log(uniform(hash(seed, counter, draw,
-     rank))) computed as the reference does; the reference's softmax normaliser, a common factor of
-     every candidate, is left out. Argmax, lowest rank on ties; NaN races (0 / 0, as in the
-     reference) win, as they do in torch.argmax.
+     rank))) computed as the reference does, down to its sign: the top uniform rounds to 1.0 and
+     its noise is -0.0, so that candidate's race is -inf and never wins, as in the reference. The
+     reference's softmax normaliser, a common factor of every candidate, is left out. Argmax, lowest
+     rank on ties; a NaN race (an underflowed weight over -0.0 noise) wins, as in torch.argmax.
 
 Exactness: the token equals `sample`'s except when
   - two of the top k + 1 reference probabilities are equal (equal logits, or distinct logits that
@@ -43,9 +44,6 @@ Exactness: the token equals `sample`'s except when
     both use libdevice's expf/logf, the functions of torch's CUDA kernels; in the CPU interpreter,
     numpy's, up to 4 ulp from torch's CPU log). About one draw in a million by that argument; none
     in 1,840 tie-free random rows (text, audio and 3000-wide, fp32 and bf16) in the interpreter;
-  - a rank at or beyond the slot's top_k draws noise E = 0 (its uniform rounds to 1: 2**-24 a rank):
-    the reference's masked 0 / 0 = NaN then wins its argmax and it returns a token outside its top
-    k; the kernel never does (masked ranks are not candidates);
   - logits are NaN, or logit / temperature overflows.
 
 Floor: the logits (B x V x 2 or 4 bytes) plus 36 bytes a slot: 64 KB for bf16 text at B = 1, a few
@@ -143,10 +141,12 @@ def _exponential(bits, INTERPRETED: tl.constexpr):
     """Exp(1) variate -log(u), u = ((bits >> 8) + 0.5) / 2**24 in float32 as the reference rounds it.
     On the GPU libdevice's logf (tl.log is an approximation there)."""
     uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / (1 << 24))
+    # Times -1, not unary minus (compiled as 0 - x): the top uniform rounds to 1.0, and the reference's
+    # -log(1.0) is -0.0, which makes that candidate's race -inf; 0 - 0.0 would be +0.0 and +inf.
     if INTERPRETED:
-        return -tl.log(uniform)
+        return tl.log(uniform) * -1.0
     else:
-        return -libdevice.log(uniform)
+        return libdevice.log(uniform) * -1.0
 
 
 @triton.jit
@@ -256,8 +256,11 @@ def _sample_tokens_kernel(
         max_scaled = tl.math.div_rn(_key_float(max_key, KEY_SHIFT), temperature)
         weight = _exp(tl.math.div_rn(candidate_logits, temperature) - max_scaled, INTERPRETED)
         race = tl.math.div_rn(weight, noise)
-        # Races are >= 0 or NaN: their bits without the sign order them, NaN above +inf.
-        race_key = tl.where(filled, race.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
+        # Races are >= 0, NaN, or -inf where the noise is -0.0 (see _exponential): the bits without the
+        # sign order the non-negative ones, NaN above +inf (torch.argmax picks NaN); -inf goes below
+        # every other race, and empty list entries below that.
+        race_bits = race.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        race_key = tl.where(filled, tl.where(race < 0, -1, race_bits), -2)
         best = tl.max((race_key.to(tl.int64) << 32) | ((0xFFFF - rank.to(tl.int64)) << 16) | index, axis=0)
         token = (best & 0xFFFF).to(tl.int32)
     tl.store(out_ptr + row * stride_out, token.to(tl.int64))

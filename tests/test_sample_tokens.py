@@ -88,6 +88,20 @@ def test_matches_reference(vocab, max_top_k, batch, draw, tiles, dtype):
     assert torch.equal(got, expected), (got != expected).nonzero().flatten().tolist()
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero")  # the interpreter's numpy sees the 1 / -0.0 on purpose
+def test_negative_zero_noise_loses_the_race_as_in_the_reference():
+    """Seed 23127, counter 0, draw 1 gives rank 223 the top uniform, which rounds to 1.0: noise -0.0
+    and a race of -inf in the reference. Flat logits make that candidate the winner otherwise."""
+    seed = torch.full((2,), 23127)
+    counter = torch.zeros(2, dtype=torch.int64)
+    noise = sampling.exponential_noise(seed, counter, 1, 250)
+    assert noise[0, 223] == 0 and torch.signbit(noise[0, 223])
+    logits = tie_free_logits(torch.ones(2), 2048, 250, torch.float32, scale=1e-3)
+    temperature, top_k = torch.ones(2), torch.tensor([250, 224])
+    got, expected = both(logits, temperature, top_k, 250, seed, counter, 1)
+    assert torch.equal(got, expected)
+
+
 def test_strided_logits_and_slot_vectors():
     batch, vocab, max_top_k = 8, 2048, 250
     temperature, top_k, seed, counter = slot_settings(batch, max_top_k)

@@ -63,8 +63,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     k = min(max_top_k, logits.shape[-1])
     top_probs, top_index = torch.topk(probs, k, dim=-1)
     ranks = torch.arange(k, device=logits.device)
-    top_probs = torch.where(ranks[None, :] < top_k[:, None], top_probs, torch.zeros_like(top_probs))
-    race = top_probs / exponential_noise(seed, counter, draw, k)
+    # Ranks past the slot's top_k never win, even where their noise is -0.0 (u rounds to 1.0, once in
+    # 2**24), which would make 0 / -0.0 a NaN that argmax picks.
+    race = torch.where(ranks[None, :] < top_k[:, None], top_probs / exponential_noise(seed, counter, draw, k),
+                       torch.full_like(top_probs, float("-inf")))
     sampled = top_index.gather(-1, race.argmax(-1, keepdim=True))[:, 0]
     return torch.where(greedy, logits.argmax(-1), sampled)
 

@@ -26,6 +26,9 @@ from moshi_fast import MimiCodec, moshiko  # noqa: E402
 from moshi_fast.fast.mimi import FastMimi  # noqa: E402
 from moshi_fast.kernels import conv1d_stream as conv1d_module  # noqa: E402
 from moshi_fast.kernels import conv_transpose1d_stream as convtr_module  # noqa: E402
+from moshi_fast.cache import PagedKVCache  # noqa: E402
+from moshi_fast.config import LMConfig  # noqa: E402
+from moshi_fast.kernels import paged_attention as paged_module  # noqa: E402
 from moshi_fast.kernels import ring_attention as ring_module  # noqa: E402
 from moshi_fast.kernels import skinny_linear as linear_module  # noqa: E402
 from moshi_fast.kernels import tuned  # noqa: E402
@@ -107,6 +110,33 @@ def _ring_cases(model: FastMimi, batch: int, device, workspace):
     yield "ring", "ring_attention", call, candidates
 
 
+def _paged_cases(batch: int, device, workspace):
+    """Helium's decode attention at a full window (the bandwidth-bound case), one layer of pools per
+    call out of four so that a slot's window is not served from L2."""
+    c = LMConfig()
+    layers = 4
+    cache = PagedKVCache(layers, c.num_heads, c.head_dim, c.context, batch, dtype=torch.bfloat16, device=device)
+    for slot in range(batch):
+        cache.admit(slot)
+    cache.k_pool.normal_()
+    cache.v_pool.normal_()
+    cache.positions.fill_(2 * c.context + 17)
+    cache.set_exec_mask(torch.ones(batch, dtype=torch.bool, device=device))
+    qkv = torch.randn(batch, 3 * c.dim, device=device, dtype=torch.bfloat16)
+    out = torch.empty(batch, c.dim, device=device, dtype=torch.bfloat16)
+    calls = iter(range(1 << 62))
+
+    def call(tiles):
+        paged_module.paged_attention(qkv, *cache.layer(next(calls) % layers), cache.page_table, cache.positions,
+                                     cache.exec_mask, c.context, c.max_period, out=out, workspace=workspace,
+                                     tiles=tiles)
+
+    splits = (1, 2, 4) if batch * c.num_heads >= 256 else (4, 8, 16, 32)
+    candidates = [{"block_n": block_n, "splits": split, "num_warps": warps, "num_stages": stages}
+                  for split in splits for block_n in (32, 64, 128) for warps in (4, 8) for stages in (2, 3, 4)]
+    yield "paged", "helium", call, candidates
+
+
 def _linear_cases(model: FastMimi, batch: int, device, workspace):
     c = model.config
     rows = 2 * batch
@@ -135,6 +165,12 @@ def _shape_and_default(model: FastMimi, op: str, name: str, batch: int) -> tuple
     """The table key of a swept case and the heuristics' own plan there (as tile keyword arguments)."""
     c = model.config
     with tuned.heuristics_only():
+        if op == "paged":
+            lm = LMConfig()
+            block_n, splits, num_warps, num_stages = paged_module._resolve_tiles(
+                batch, lm.num_heads, lm.head_dim, lm.context, None, paged_module.PROGRAMS_PER_SM * H100_H200_SMS)
+            return (tuned.shape_key(lm.num_heads, lm.head_dim, lm.context),
+                    {"block_n": block_n, "splits": splits, "num_warps": num_warps, "num_stages": num_stages})
         if op == "ring":
             block_r, num_warps = ring_module._resolve_tiles(batch, c.num_heads, c.head_dim, c.context, None,
                                                             H100_H200_SMS)
@@ -178,7 +214,8 @@ def write_table(sweeps: list[Path]) -> None:
             best = min(timed, key=lambda c: c["us"])
             key, plan = _shape_and_default(model, case["op"], case["name"], case["batch"])
             rows = str(2 * case["batch"] if case["op"] == "linear" else case["batch"])
-            plans = table.setdefault(case["op"], {}).setdefault(key, {})
+            op = "paged_attention" if case["op"] == "paged" else case["op"]
+            plans = table.setdefault(op, {}).setdefault(key, {})
             # A later sweep's default is the plan an earlier sweep (given first) put in the table.
             plan = plans.get(rows, plan)
             if best["tiles"] != "default" and best["us"] < (1 - NOISE) * default["us"]:
@@ -191,7 +228,7 @@ def write_table(sweeps: list[Path]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8,64")
-    parser.add_argument("--ops", default="conv1d,convtr,ring,linear")
+    parser.add_argument("--ops", default="conv1d,convtr,ring,linear", help="any of conv1d,convtr,ring,linear,paged")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", help="write kernels/tuned_tiles.json from these sweeps")
     args = parser.parse_args()
@@ -211,6 +248,8 @@ def main() -> None:
             cases += list(_ring_cases(model, batch, device, workspace))
         if "linear" in ops:
             cases += list(_linear_cases(model, batch, device, workspace))
+        if "paged" in ops:
+            cases += list(_paged_cases(batch, device, workspace))
         for op, name, call, candidates in cases:
             rows = _time_candidates(call, candidates)
             timed = [r for r in rows if "us" in r]

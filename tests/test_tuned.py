@@ -7,6 +7,7 @@ import torch
 
 from moshi_fast.kernels import conv1d_stream as conv1d
 from moshi_fast.kernels import conv_transpose1d_stream as convtr
+from moshi_fast.kernels import paged_attention as paged
 from moshi_fast.kernels import ring_attention as ring
 from moshi_fast.kernels import skinny_linear as linear
 from moshi_fast.kernels import tuned
@@ -19,7 +20,7 @@ def _cases(op):
 
 
 def test_table_covers_every_op():
-    assert set(TABLE) == {"conv1d", "convtr", "linear", "ring"}
+    assert set(TABLE) == {"conv1d", "convtr", "linear", "paged_attention", "ring"}
 
 
 @pytest.mark.parametrize("shape, batch, plan", _cases("conv1d"))
@@ -53,6 +54,13 @@ def test_linear_plans_are_valid_and_used(shape, rows, plan):
 def test_ring_plans_are_valid_and_used(shape, batch, plan):
     heads, head_dim, capacity = map(int, shape.split(","))
     assert ring._resolve_tiles(batch, heads, head_dim, capacity, None, 1) == (plan["block_r"], plan["num_warps"])
+
+
+@pytest.mark.parametrize("shape, batch, plan", _cases("paged_attention"))
+def test_paged_attention_plans_are_valid_and_used(shape, batch, plan):
+    heads, head_dim, context = map(int, shape.split(","))
+    expected = (plan["block_n"], plan["splits"], plan["num_warps"], plan["num_stages"])
+    assert paged._resolve_tiles(batch, heads, head_dim, context, None, 1) == expected
 
 
 def test_nearest_batch_on_a_log_scale_and_heuristics_only():

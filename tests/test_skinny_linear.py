@@ -46,12 +46,18 @@ def operands(m, features, dtype=torch.float32, n=N, k=K, x_offset=0.0):
         kwargs["norm"] = (1 + 0.2 * torch.randn(k).to(dtype), norm_bias, 1e-5)
     if gelu:
         kwargs["activation"] = "gelu"
+    _add_residual(kwargs, residual, out, dtype)
+    return x, weight, kwargs, out
+
+
+def _add_residual(kwargs, residual, out, dtype):
+    """residual: None, "separate" (a strided tensor of its own) or "out" (out itself, filled first)."""
+    m, n = out.shape
     if residual == "separate":
         kwargs["residual"] = torch.randn(m, n + 3)[:, :n].to(dtype)
     elif residual == "out":
         out.copy_(torch.randn(m, n))
         kwargs["residual"] = out
-    return x, weight, kwargs, out
 
 
 def expected_of(x, weight, kwargs):
@@ -321,11 +327,7 @@ def lm_operands(m, features, dtype=torch.float32, n=N, k=K):
         kwargs["norm"] = Norm("rms", (1 + 0.2 * torch.randn(k)).to(dtype), None, 1e-5)
     if gate:
         kwargs["activation"] = "silu_gate"
-    if residual == "separate":
-        kwargs["residual"] = torch.randn(m, n + 3)[:, :n].to(dtype)
-    elif residual == "out":
-        out.copy_(torch.randn(m, n))
-        kwargs["residual"] = out
+    _add_residual(kwargs, residual, out, dtype)
     return x, weight, kwargs, out
 
 

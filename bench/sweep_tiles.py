@@ -110,6 +110,33 @@ def _ring_cases(model: FastMimi, batch: int, device, workspace):
     yield "ring", "ring_attention", call, candidates
 
 
+LM_LINEARS = {  # name: (N, K, RMSNorm on the input, residual add); the language model's plain decode linears
+    "qkv+rms": (12288, 4096, True, False),
+    "out+residual": (4096, 4096, False, True),
+    "down+residual": (4096, 11264, False, True),
+    "text_head+rms": (32000, 4096, True, False),
+}
+
+
+def _lm_linear_cases(batch: int, device, workspace):
+    """Helium's decode linears in bf16, M = batch rows (the gated FFN input plans by heuristics only)."""
+    for name, (n, k, rms, residual) in LM_LINEARS.items():
+        x = torch.randn(batch, k, device=device, dtype=torch.bfloat16)
+        weight = (torch.randn(n, k, device=device) / k ** 0.5).to(torch.bfloat16)
+        out = torch.empty(batch, n, device=device, dtype=torch.bfloat16)
+        kwargs = {}
+        if rms:
+            kwargs["norm"] = ("rms", torch.ones(k, device=device, dtype=torch.bfloat16), 1e-8)
+        if residual:
+            kwargs["residual"] = torch.randn(batch, n, device=device, dtype=torch.bfloat16)
+
+        def call(tiles, x=x, weight=weight, out=out, kwargs=kwargs):
+            linear_module.skinny_linear(x, weight, out=out, tiles=tiles, workspace=workspace, **kwargs)
+
+        candidates = linear_module.skinny_linear_candidate_tiles(batch, n, k, torch.bfloat16, split_k=True)
+        yield "lm_linear", name, call, candidates
+
+
 def _paged_cases(batch: int, device, workspace):
     """Helium's decode attention at a full window (the bandwidth-bound case), one layer of pools per
     call out of four so that a slot's window is not served from L2."""
@@ -165,6 +192,10 @@ def _shape_and_default(model: FastMimi, op: str, name: str, batch: int) -> tuple
     """The table key of a swept case and the heuristics' own plan there (as tile keyword arguments)."""
     c = model.config
     with tuned.heuristics_only():
+        if op == "lm_linear":
+            n, k, _, _ = LM_LINEARS[name]
+            tiles = linear_module.skinny_linear_tiles(batch, n, k, torch.bfloat16, sms=H100_H200_SMS, split_k=True)
+            return tuned.shape_key(n, k, torch.bfloat16), tiles._asdict()
         if op == "paged":
             lm = LMConfig()
             block_n, splits, num_warps, num_stages = paged_module._resolve_tiles(
@@ -214,7 +245,7 @@ def write_table(sweeps: list[Path]) -> None:
             best = min(timed, key=lambda c: c["us"])
             key, plan = _shape_and_default(model, case["op"], case["name"], case["batch"])
             rows = str(2 * case["batch"] if case["op"] == "linear" else case["batch"])
-            op = "paged_attention" if case["op"] == "paged" else case["op"]
+            op = {"paged": "paged_attention", "lm_linear": "linear"}.get(case["op"], case["op"])
             plans = table.setdefault(op, {}).setdefault(key, {})
             # A later sweep's default is the plan an earlier sweep (given first) put in the table.
             plan = plans.get(rows, plan)
@@ -228,7 +259,7 @@ def write_table(sweeps: list[Path]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8,64")
-    parser.add_argument("--ops", default="conv1d,convtr,ring,linear", help="any of conv1d,convtr,ring,linear,paged")
+    parser.add_argument("--ops", default="conv1d,convtr,ring,linear", help="any of conv1d,convtr,ring,linear,lm_linear,paged")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", help="write kernels/tuned_tiles.json from these sweeps")
     args = parser.parse_args()
@@ -248,6 +279,8 @@ def main() -> None:
             cases += list(_ring_cases(model, batch, device, workspace))
         if "linear" in ops:
             cases += list(_linear_cases(model, batch, device, workspace))
+        if "lm_linear" in ops:
+            cases += list(_lm_linear_cases(batch, device, workspace))
         if "paged" in ops:
             cases += list(_paged_cases(batch, device, workspace))
         for op, name, call, candidates in cases:

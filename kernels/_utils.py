@@ -1,10 +1,12 @@
 """Helpers shared by the Triton kernels."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -15,6 +17,20 @@ def interpreting() -> bool:
 def can_launch(*tensors: torch.Tensor) -> bool:
     """Kernels launch on CUDA tensors, or on CPU tensors under the interpreter."""
     return all(t.is_cuda for t in tensors) or (interpreting() and all(t.device.type == "cpu" for t in tensors))
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def parallel_sms(device: torch.device | None = None) -> int:
+    """SMs a launch on `device` (default: the current CUDA device, if any) runs programs on at once, for
+    sizing grids: 1 under the interpreter, which runs programs one after another, and off CUDA."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return 1 if interpreting() or device.type != "cuda" else sm_count(device)
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:
@@ -44,3 +60,22 @@ class SplitWorkspace:
         if partial_floats > self.partials.numel() or counters > self.counters.numel():
             raise ValueError(f"split workspace too small: needs {partial_floats} partial floats and {counters} "
                              f"counters, has {self.partials.numel()} and {self.counters.numel()}")
+
+
+@triton.jit
+def combine_softmax_partials(stats_ptr, partials_ptr, partials, has_split, offs_d, HEAD_DIM: tl.constexpr,
+                             EXP2: tl.constexpr):
+    """Attention output [HEAD_DIM] from the partials of a split key range: for each partial id in
+    `partials` (where has_split) its running max and weight sum at stats_ptr[2 id] and [2 id + 1] and its
+    unnormalised weighted values at partials_ptr[id * HEAD_DIM:]; scores in log2 units when EXP2. The
+    partials are summed in id order (deterministic) and read with .cg, from L2, never from a line this
+    SM's L1 kept (other SMs wrote them). At least one partial must hold a key (a finite max)."""
+    maxes = tl.load(stats_ptr + 2 * partials, mask=has_split, other=float("-inf"), cache_modifier=".cg")
+    sums = tl.load(stats_ptr + 2 * partials + 1, mask=has_split, other=0.0, cache_modifier=".cg")
+    weighted = tl.load(partials_ptr + partials[:, None] * HEAD_DIM + offs_d[None, :], mask=has_split[:, None],
+                       other=0.0, cache_modifier=".cg")
+    if EXP2:
+        rescales = tl.exp2(maxes - tl.max(maxes, axis=0))
+    else:
+        rescales = tl.exp(maxes - tl.max(maxes, axis=0))
+    return tl.sum(rescales[:, None] * weighted, axis=0) / tl.sum(rescales * sums, axis=0)

@@ -60,9 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, interpreting, next_pow2
+from ._utils import SplitWorkspace, combine_softmax_partials, next_pow2, parallel_sms
 from .ring_attention import _rope
-from .rvq_encode import _sm_count
 from .tuned import shape_key, tuned_tiles
 
 PROGRAMS_PER_SM = 4
@@ -202,27 +201,17 @@ def _paged_attention_kernel(
             if arrived == active_splits - 1:
                 offs_s = tl.arange(0, BLOCK_S)
                 has_split = offs_s < active_splits
-                partials = pair * SPLITS + offs_s
-                # .cg: read the other SMs' partials from L2, never from a line this SM's L1 kept.
-                maxes = tl.load(stats_ptr + 2 * partials, mask=has_split, other=float("-inf"),
-                                cache_modifier=".cg")
-                sums = tl.load(stats_ptr + 2 * partials + 1, mask=has_split, other=0.0, cache_modifier=".cg")
-                weighted = tl.load(partials_ptr + partials[:, None] * HEAD_DIM + offs_d[None, :],
-                                   mask=has_split[:, None], other=0.0, cache_modifier=".cg")
                 # Every active split holds a key, so every max is finite and so is their maximum.
-                rescales = tl.exp2(maxes - tl.max(maxes, axis=0))
-                combined = tl.sum(rescales[:, None] * weighted, axis=0) / tl.sum(rescales * sums, axis=0)
+                combined = combine_softmax_partials(stats_ptr, partials_ptr, pair * SPLITS + offs_s, has_split,
+                                                    offs_d, HEAD_DIM, True)
                 tl.store(out_row, combined.to(out_ptr.dtype.element_ty))
                 tl.store(counters_ptr + pair, 0)
 
 
-def _programs_wanted(device: torch.device) -> int:
-    """PROGRAMS_PER_SM per SM; the interpreter runs programs one after another, so there one."""
-    return 1 if interpreting() or device.type != "cuda" else PROGRAMS_PER_SM * _sm_count(device)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _programs_wanted(device: torch.device | None = None) -> int:
+    """PROGRAMS_PER_SM per SM; one where programs run one after another (the interpreter)."""
+    sms = parallel_sms(device)
+    return PROGRAMS_PER_SM * sms if sms > 1 else 1
 
 
 def _default_block_n(context: int) -> int:
@@ -261,7 +250,7 @@ def paged_attention_workspace_size(batch: int, heads: int, head_dim: int, contex
                                    tiles: dict | None = None) -> tuple[int, int]:
     """(partial floats, counters) for SplitWorkspace: the launcher's plan on the current device (or
     `tiles`). (0, 0) when the window is not split: no workspace is needed."""
-    programs_wanted = _programs_wanted(_default_device())
+    programs_wanted = _programs_wanted()
     _, splits, _, _ = _resolve_tiles(batch, heads, head_dim, context, tiles, programs_wanted)
     return _workspace_size(batch, heads, head_dim, splits)
 
@@ -270,7 +259,7 @@ def paged_attention_candidate_tiles(batch: int, heads: int, head_dim: int, conte
     """At most 8 plans for a GPU sweep: the current device's default, then one knob moved at a time:
     half and twice the splits, half and twice the block, half and twice the warps, 2 pipeline stages."""
     block_n, splits, num_warps, _ = _resolve_tiles(batch, heads, head_dim, context, None,
-                                                   _programs_wanted(_default_device()))
+                                                   _programs_wanted())
     default = {"block_n": block_n, "splits": splits, "num_warps": num_warps}
     candidates = [default]
     for key, value in (("splits", max(1, splits // 2)), ("splits", splits * 2), ("block_n", block_n // 2),

@@ -61,8 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, interpreting, next_pow2
-from .rvq_encode import _sm_count
+from ._utils import SplitWorkspace, combine_softmax_partials, next_pow2, parallel_sms
 from .tuned import shape_key, tuned_tiles
 
 MAX_STEPS = 4
@@ -207,16 +206,9 @@ def _ring_attention_kernel(
             offs_s = tl.arange(0, BLOCK_S)
             has_split = offs_s < SPLITS
             for t in tl.static_range(STEPS):
-                partials = (pair * SPLITS + offs_s) * STEPS + t
-                # .cg: read the other SMs' partials from L2, never from a line this SM's L1 kept.
-                maxes = tl.load(stats_ptr + 2 * partials, mask=has_split, other=float("-inf"),
-                                cache_modifier=".cg")
-                sums = tl.load(stats_ptr + 2 * partials + 1, mask=has_split, other=0.0, cache_modifier=".cg")
-                weighted_parts = tl.load(partials_ptr + partials[:, None] * HEAD_DIM + offs_d[None, :],
-                                         mask=has_split[:, None], other=0.0, cache_modifier=".cg")
                 # The block holding the query's own key makes the maximum finite.
-                rescale = tl.exp(maxes - tl.max(maxes, axis=0))
-                combined = tl.sum(rescale[:, None] * weighted_parts, axis=0) / tl.sum(rescale * sums, axis=0)
+                combined = combine_softmax_partials(stats_ptr, partials_ptr, (pair * SPLITS + offs_s) * STEPS + t,
+                                                    has_split, offs_d, HEAD_DIM, False)
                 tl.store(out_ptr + pid_b * stride_ob + t * stride_ot + pid_h * HEAD_DIM + offs_d, combined)
             tl.store(counters_ptr + pair, 0)
 
@@ -247,15 +239,6 @@ def _resolve_tiles(batch: int, heads: int, head_dim: int, capacity: int, tiles: 
     return block_r, tiles.get("num_warps") or _warps_for(block_r, head_dim)
 
 
-def _programs_wanted(device: torch.device) -> int:
-    """One program per SM; the interpreter runs programs one after another, so there one."""
-    return 1 if interpreting() or device.type != "cuda" else _sm_count(device)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _workspace_size(batch: int, heads: int, steps: int, head_dim: int, splits: int) -> tuple[int, int]:
     if splits == 1:
         return 0, 0
@@ -266,7 +249,7 @@ def ring_attention_workspace_size(batch: int, heads: int, steps: int, head_dim: 
                                   tiles: dict | None = None) -> tuple[int, int]:
     """(partial floats, counters) for SplitWorkspace: the launcher's tiles on the current device (or
     `tiles`). (0, 0) when the ring is not split: no workspace is needed."""
-    block_r, _ = _resolve_tiles(batch, heads, head_dim, capacity, tiles, _programs_wanted(_default_device()))
+    block_r, _ = _resolve_tiles(batch, heads, head_dim, capacity, tiles, parallel_sms())
     return _workspace_size(batch, heads, steps, head_dim, triton.cdiv(capacity, block_r))
 
 
@@ -275,7 +258,7 @@ def ring_attention_candidate_tiles(batch: int, heads: int, steps: int, head_dim:
     """At most 8 tile configs for a GPU sweep (T does not change them): the current device's default,
     the same block with half and twice the warps, then every other ring block from 8 rows to the whole
     ring with its default warps."""
-    programs_wanted = _programs_wanted(_default_device())
+    programs_wanted = parallel_sms()
     block_r, num_warps = _resolve_tiles(batch, heads, head_dim, capacity, None, programs_wanted)
     candidates = [{"block_r": block_r, "num_warps": warps}
                   for warps in (num_warps, num_warps // 2, num_warps * 2) if 1 <= warps <= MAX_WARPS]
@@ -309,7 +292,7 @@ def ring_attention(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
         out = torch.empty(batch, steps, heads * head_dim, device=qkv.device, dtype=torch.float32)
     if out.stride(-1) != 1:
         raise ValueError("out must have unit stride in its last dim")
-    block_r, num_warps = _resolve_tiles(batch, heads, head_dim, capacity, tiles, _programs_wanted(qkv.device))
+    block_r, num_warps = _resolve_tiles(batch, heads, head_dim, capacity, tiles, parallel_sms(qkv.device))
     splits = triton.cdiv(capacity, block_r)
     partial_floats, counters = _workspace_size(batch, heads, steps, head_dim, splits)
     if splits > 1:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, next_pow2
-from .rvq_encode import _matvec, _sm_count, _warps_for
+from ._utils import next_pow2, parallel_sms
+from .rvq_encode import _matvec, _warps_for
 
 
 def rvq_decode_ref(codes, codebooks, output_proj, n_semantic, out=None):
@@ -98,7 +98,7 @@ def rvq_decode(codes: torch.Tensor, codebooks: torch.Tensor, output_proj: torch.
     block_dc = next_pow2(dc, minimum=1)
     # At least one program per SM (the interpreter: as few as possible), each with its two projection
     # slices [BLOCK_D, DC] in registers: warps added (4 to 16) rather than spill.
-    programs = 1 if interpreting() else _sm_count(codebooks.device)
+    programs = parallel_sms(codebooks.device)
     block_d = min(64, next_pow2(dim, minimum=1), next_pow2(triton.cdiv(dim * batch, programs), minimum=4))
     num_warps = _warps_for(2 * block_d * block_dc)
     _rvq_decode_kernel[(batch, triton.cdiv(dim, block_d))](

@@ -56,14 +56,13 @@ from B ~ 8. Measured on an H200: 20 / 52 / 145 us at B = 1 / 8 / 64 (torch: 234 
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision, interpreting, next_pow2
+from ._utils import dot_precision, next_pow2, parallel_sms
 
 DOT_ROWS = 16
 """From this batch size on, row tiles of 16 rows (tl.dot's smallest M) go through tl.dot."""
@@ -305,11 +304,6 @@ def _rvq_encode_kernel(
         tl.store(barrier_ptr + 1, base + total)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _warps_for(tile_elements: int) -> int:
     """Warps (4 to 16) that hold a tile of this many fp32 in TILE_PER_THREAD registers a thread."""
     return min(16, max(4, next_pow2(triton.cdiv(tile_elements, 32 * TILE_PER_THREAD), minimum=1)))
@@ -319,7 +313,7 @@ def _layout(batch: int, num_codes: int, device: torch.device,
             max_programs: int | None) -> tuple[bool, int, int, int, int]:
     """(tl.dot path, BLOCK_B, row groups, codeword slices, BLOCK_N) for at most min(SMs, max_programs)
     co-resident programs: codeword slices first (the codebooks are the bytes), row groups as rows grow."""
-    budget = 1 if interpreting() else min(_sm_count(device), max_programs or _sm_count(device))
+    budget = min(parallel_sms(device), max_programs or parallel_sms(device))
     use_dot = batch >= DOT_ROWS
     block_b = DOT_ROWS if use_dot else min(MAX_ROWS, next_pow2(batch, minimum=1))
     row_groups = max(1, min(triton.cdiv(batch, block_b), budget // MIN_SLICES))

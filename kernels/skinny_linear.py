@@ -111,8 +111,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, can_launch, dot_precision, interpreting, next_pow2
-from .rvq_encode import _sm_count
+from ._utils import SplitWorkspace, can_launch, dot_precision, interpreting, next_pow2, parallel_sms, sm_count
 from .tuned import shape_key, tuned_tiles
 
 DOT_MIN_ROWS = {torch.float32: 16, torch.bfloat16: 1}
@@ -443,7 +442,7 @@ def _prev_pow2(value: int) -> int:
 def _default_sms(sms: int | None) -> int:
     if sms is not None:
         return sms
-    return _sm_count(torch.device("cuda")) if torch.cuda.is_available() else H200_SMS
+    return sm_count(torch.device("cuda")) if torch.cuda.is_available() else H200_SMS
 
 
 def _widest_block(count: int, other_tiles: int, min_programs: int, smallest: int, largest: int) -> int:
@@ -668,7 +667,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor |
                 raise ValueError(f"{name} overlaps out" + (detail if name == "residual" else ""))
 
     if tiles is None:
-        sms = 1 if interpreting() else _sm_count(x.device)
+        sms = parallel_sms(x.device)
         tiles = skinny_linear_tiles(m, n, k, weight.dtype, sms=sms, split_k=workspace is not None,
                                     gated=gated)
     _check_tiles(tiles)

@@ -86,6 +86,19 @@ def graph_time(fn: Callable[[], object], iters: int = 50, reps: int = 15) -> flo
     return sorted(times)[len(times) // 2]
 
 
+def timed_calls(call: Callable[[object], object], inputs) -> list[float]:
+    """Wall seconds of call(x) for each x, the GPU synchronised before and after each call: the time a
+    user waits for one synchronous step (launch overhead, host work and GPU work)."""
+    times = []
+    for x in inputs:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call(x)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 class Measure:
     """Times one op and its torch path in the same run and records both in the benchmark's extra_info."""
 

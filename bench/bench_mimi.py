@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,21 +22,10 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info  # noqa: E402
+from bench._harness import device_info, timed_calls  # noqa: E402
 from moshi_fast import MimiCodec  # noqa: E402
 from tests.checkpoints import kyutai_mimi  # noqa: E402
 from tests.helpers import speech_like  # noqa: E402
-
-
-def _timed_calls(call, inputs) -> list[float]:
-    times = []
-    for x in inputs:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        call(x)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _median_ms(times: list[float]) -> float:
@@ -47,10 +35,10 @@ def _median_ms(times: list[float]) -> float:
 def _time_codec(encode, decode, chunks, warmup: int) -> tuple[float, float, list]:
     """Median encode and decode ms per frame after `warmup` frames, and every frame's codes."""
     codes = [encode(c) for c in chunks[:warmup]]
-    encode_times = _timed_calls(lambda c: codes.append(encode(c)), chunks[warmup:])
+    encode_times = timed_calls(lambda c: codes.append(encode(c)), chunks[warmup:])
     for t in range(warmup):
         decode(codes[t])
-    decode_times = _timed_calls(decode, codes[warmup:])
+    decode_times = timed_calls(decode, codes[warmup:])
     return _median_ms(encode_times), _median_ms(decode_times), codes
 
 

@@ -12,12 +12,16 @@ The LM (`PagedKVCache`): Helium's keys and values in one pool of fixed-size page
 slots, a per-slot ring of pages reserved at admission (a full pool refuses a new conversation with
 `KVPoolExhausted`, never evicts another), per-slot positions and the step's execution mask in device
 memory; attention reads only each slot's live window (kernels/paged_attention.py).
+
+The LM step's whole state (`LMCache`): the paged KV cache, LMGen's per-slot frame counter and token
+delay line, the depth transformer's per-frame keys and values, and one shared split-K workspace.
 """
 from __future__ import annotations
 
 import torch
 
 from . import ops
+from .reference.lm import UNGENERATED
 from .reference.mimi import CausalConv1d, CausalConvTranspose1d
 
 
@@ -192,3 +196,48 @@ class PagedKVCache:
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} is outside 0..{self.max_slots - 1}")
+
+
+class LMCache:
+    """Everything the fast LM step reads and writes besides the weights, allocated once for `batch_size`
+    slots (all admitted at construction; the engine's slot API admits and releases them later):
+
+        kv            PagedKVCache of Helium (its positions are each slot's frame index)
+        frame         [B] int64       the slot's frame index (LMGen's offset): the sampling counter
+        tokens        [B, 1 + n_q, max_delay + 2] int64   the delay line of every stream (LMGen's cache)
+        depth_k/_v    [depformer layers, B, heads, dep_q, head_dim]  the depth transformer's keys and
+                      values of this frame's codebook steps (rewritten every frame)
+        workspace     one SplitWorkspace for every split linear and attention of the step, sized for
+                      the largest (they run one after another on one stream)
+    """
+
+    def __init__(self, config, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 kv_pages: int | None = None):
+        self.config = config
+        self.batch_size = batch_size
+        self.kv = PagedKVCache.for_lm(config, batch_size, num_pages=kv_pages, dtype=dtype, device=device)
+        self.frame = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.tokens = torch.full((batch_size, config.num_streams, config.max_delay + 2), UNGENERATED,
+                                 dtype=torch.long, device=device)
+        depth = (config.depformer_num_layers, batch_size, config.depformer_num_heads, config.dep_q,
+                 config.depformer_head_dim)
+        self.depth_k = torch.zeros(depth, dtype=dtype, device=device)
+        self.depth_v = torch.zeros(depth, dtype=dtype, device=device)
+        c, b = config, batch_size
+        linears = [  # (output width, input width, gated)
+            (3 * c.dim, c.dim, False), (c.dim, c.dim, False), (c.hidden, c.dim, True), (c.dim, c.hidden, False),
+            (c.text_card, c.dim, False), (c.dep_q * c.depformer_dim, c.dim, False),
+            (3 * c.depformer_dim, c.depformer_dim, False), (c.depformer_dim, c.depformer_dim, False),
+            (c.depformer_hidden, c.depformer_dim, True), (c.depformer_dim, c.depformer_hidden, False),
+            (c.card, c.depformer_dim, False)]
+        needs = [ops.linear_workspace_size(b, n, k, dtype, gated=gated) for n, k, gated in linears]
+        needs.append(ops.paged_attention_workspace_size(b, c.num_heads, c.head_dim, c.context))
+        self.workspace = ops.SplitWorkspace(max(n[0] for n in needs), max(n[1] for n in needs), device)
+        for slot in range(batch_size):
+            self.kv.admit(slot)
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """Restarts the selected slots (bool mask [B]): frame 0, an empty delay line, KV position 0."""
+        self.frame[slots] = 0
+        self.tokens[slots] = UNGENERATED
+        self.kv.positions[slots] = 0

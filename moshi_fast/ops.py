@@ -16,6 +16,10 @@ from .kernels.conv1d_stream import conv1d_stream_ref, conv1d_stream_workspace_si
 from .kernels.conv_transpose1d_stream import conv_transpose1d_stream as _conv_transpose1d_stream_kernel
 from .kernels.conv_transpose1d_stream import (conv_transpose1d_stream_ref, conv_transpose1d_stream_workspace_size,
                                               pack_conv_transpose_weight)
+from .kernels.depth_attention import depth_attention as _depth_attention_kernel
+from .kernels.depth_attention import depth_attention_ref
+from .kernels.embed_sum import embed_sum as _embed_sum_kernel
+from .kernels.embed_sum import embed_sum_ref
 from .kernels.paged_attention import paged_attention as _paged_attention_kernel
 from .kernels.paged_attention import paged_attention_ref, paged_attention_workspace_size
 from .kernels.ring_attention import ring_attention as _ring_attention_kernel
@@ -84,6 +88,20 @@ def paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, conte
     return paged_attention_ref(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period, out=out)
 
 
+def depth_attention(qkv, k_cache, v_cache, step: int, out=None):
+    """KV-cache write of codebook step `step` + causal attention over the frame's steps 0..step, no RoPE
+    (kernels/depth_attention.py)."""
+    fn = _depth_attention_kernel if _use_kernel(qkv, k_cache) else depth_attention_ref
+    return fn(qkv, k_cache, v_cache, step, out=out)
+
+
+def embed_sum(tokens, table, row_offset, out=None, accumulate=False):
+    """Sum of one row per stream of concatenated embedding tables, each add rounded to out's dtype
+    as torch's are; added to out when `accumulate` (kernels/embed_sum.py)."""
+    fn = _embed_sum_kernel if _use_kernel(tokens, table) else embed_sum_ref
+    return fn(tokens, table, row_offset, out=out, accumulate=accumulate)
+
+
 def rvq_encode(latent, input_proj, codebooks, norms, n_semantic, scratch, out=None):
     """Split residual VQ encode, all codebooks in one launch (kernels/rvq_encode.py)."""
     fn = _rvq_encode_kernel if _use_kernel(latent, codebooks) else rvq_encode_ref
@@ -112,12 +130,15 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
               workspace=workspace)
 
 
-def linear_workspace_size(m: int, n: int, k: int, dtype) -> tuple[int, int]:
-    """(partial floats, counters) the default split-K plan of `linear` needs at this shape."""
-    return skinny_linear_workspace_size(m, n, skinny_linear_tiles(m, n, k, dtype, split_k=True))
+def linear_workspace_size(m: int, n: int, k: int, dtype, gated: bool = False) -> tuple[int, int]:
+    """(partial floats, counters) the default split-K plan of `linear` needs at this shape (n the output
+    width; gated: activation="silu_gate", whose weight has 2n rows)."""
+    tiles = skinny_linear_tiles(m, n, k, dtype, split_k=True, gated=gated)
+    return skinny_linear_workspace_size(m, n, tiles, gated=gated)
 
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
-           "conv_transpose1d_stream_workspace_size", "linear", "linear_workspace_size", "pack_conv_transpose_weight",
+           "conv_transpose1d_stream_workspace_size", "depth_attention", "embed_sum", "linear",
+           "linear_workspace_size", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "ring_attention",
            "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens"]

@@ -170,9 +170,10 @@ class LM(nn.Module):
         logits = _per_step_linear(x, d.heads)
         return logits.view(batch, steps, c.dep_q, -1)
 
-    def depformer_step(self, h: torch.Tensor, text_token: torch.Tensor, sampler) -> torch.Tensor:
-        """Sequential depth transformer for one frame: h [B, dim], text_token [B] ->
-        audio codes [B, dep_q]. `sampler(logits [B, card], k)` picks codebook k's code."""
+    def depformer_step(self, h: torch.Tensor, text_token: torch.Tensor, sampler) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequential depth transformer for one frame: h [B, dim], text_token [B] -> (audio codes
+        [B, dep_q], their logits [B, dep_q, card] float32). `sampler(logits [B, card], k)` picks
+        codebook k's code, which the next step embeds."""
         c, d = self.config, self.depformer
         batch = h.shape[0]
         heads, head_dim = c.depformer_num_heads, c.depformer_head_dim
@@ -180,7 +181,7 @@ class LM(nn.Module):
         values = torch.zeros_like(keys)
         key_pos = torch.full((batch, c.dep_q), -1, dtype=torch.long, device=h.device)
         previous = d.text_emb(text_token)
-        codes = []
+        codes, all_logits = [], []
         for step in range(c.dep_q):
             x = (F.linear(h, d.in_proj[step]) + previous)[:, None]
             key_pos[:, step] = step
@@ -192,11 +193,13 @@ class LM(nn.Module):
                 attended = attend(q, keys[i], values[i], pos_q, key_pos, None)
                 x = x + F.linear(merge_heads(attended), layer.out[step])
                 x = x + gated_ffn(layer.norm2(x), layer.gate_up[step], layer.down[step])
-            code = sampler(F.linear(x[:, 0], d.heads[step]).float(), step)
+            logits = F.linear(x[:, 0], d.heads[step]).float()
+            code = sampler(logits, step)
             codes.append(code)
+            all_logits.append(logits)
             if step + 1 < c.dep_q:
                 previous = d.audio_emb[step](code)
-        return torch.stack(codes, dim=1)
+        return torch.stack(codes, dim=1), torch.stack(all_logits, dim=1)
 
 
 def _per_step_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -225,6 +228,8 @@ class LMStepOutput:
     """[B] bool: the slot produced output this frame (False on a conversation's first frame)."""
     text_logits: torch.Tensor
     """[B, text_card] float32 logits of the text token sampled this frame."""
+    audio_logits: torch.Tensor
+    """[B, dep_q, card] float32 logits of this frame's audio codes."""
 
 
 class StreamingLM:
@@ -250,8 +255,11 @@ class StreamingLM:
         return self.lm.init_state(batch_size, state)
 
     def step(self, user_codes: torch.Tensor, state: SlotState, exec_mask: torch.Tensor,
-             params: SamplingParams) -> LMStepOutput:
-        """user_codes [B, dep_q] int64 (this frame's Mimi codes of the user) -> one frame of output."""
+             params: SamplingParams, forced: torch.Tensor | None = None) -> LMStepOutput:
+        """user_codes [B, dep_q] int64 (this frame's Mimi codes of the user) -> one frame of output.
+
+        forced [B, 1 + dep_q] (teacher forcing): the text token and audio codes this frame generates,
+        in place of the sampled ones (the logits are still those of the model fed these tokens)."""
         c = self.config
         device = user_codes.device
         offset, cache = state["gen.offset"], state["gen.cache"]
@@ -272,12 +280,16 @@ class StreamingLM:
         h, text_logits = h[:, 0], text_logits[:, 0].float()
         text = sampling.sample(text_logits, params.text_temperature, params.text_top_k, params.max_text_top_k,
                                params.seed, offset, draw=0)
+        if forced is not None:
+            text = forced[:, 0]
 
         def sample_audio(logits: torch.Tensor, step: int) -> torch.Tensor:
+            if forced is not None:
+                return forced[:, 1 + step]
             return sampling.sample(logits, params.audio_temperature, params.audio_top_k, params.max_audio_top_k,
                                    params.seed, offset, draw=1 + step)
 
-        audio = self.lm.depformer_step(h, text, sample_audio)
+        audio, audio_logits = self.lm.depformer_step(h, text, sample_audio)
 
         next_offset = offset + 1
         store_at = (next_offset % span)[:, None, None].expand(-1, 1 + c.dep_q, 1)
@@ -291,4 +303,5 @@ class StreamingLM:
 
         state.commit("gen.cache", new_cache, exec_mask)
         state.commit("gen.offset", next_offset, exec_mask)
-        return LMStepOutput(tokens=out, valid=valid & exec_mask, text_logits=text_logits)
+        return LMStepOutput(tokens=out, valid=valid & exec_mask, text_logits=text_logits,
+                            audio_logits=audio_logits)

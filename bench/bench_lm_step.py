@@ -1,0 +1,199 @@
+"""The LM step per 80 ms frame (Helium + depth transformer + sampling): moshi_fast's fast step (one CUDA
+graph) vs Kyutai's `LMGen.step` (its own CUDA graphs), same random weights, same run.
+
+    python bench/bench_lm_step.py --batches 1,8,32,64 --contexts 100,3000 --frames 30 --json results.json
+
+Kyutai's LMModel is built by its own code (`moshi.models.loaders.get_moshi_lm`, its own random init) at
+Moshi's real config in bf16; ours takes the same tensors through our loader's Kyutai name map (shared
+storage where the layouts agree). Context c means every slot is at frame c: its cache holds c earlier
+tokens (random keys and values, random valid tokens in the delay line), as in a conversation c frames
+old. Kyutai's dense ring attends over all 3000 slots whatever c is; the paged cache reads min(c + 1, 3000)
+keys. Both sample with Kyutai's defaults (text: temperature 0.7, top-k 25; audio: 0.8, 250). Each
+figure is the median (and 90th percentile) wall time of one step call with the GPU synchronised after
+it, over `--frames` frames after warm-up. The two engines run one after the other per batch size (their
+KV caches would not fit together at B = 64), so the memory column is each one's peak during its run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._harness import device_info, timed_calls  # noqa: E402
+from moshi_fast.config import moshiko  # noqa: E402
+from moshi_fast.fast.lm import FastLM, FastLMRunner  # noqa: E402
+from moshi_fast.reference.lm import SamplingParams  # noqa: E402
+from moshi_fast.weights import lm_spec_kyutai  # noqa: E402
+
+KYUTAI_SAMPLING = {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
+
+
+def kyutai_lm(config):
+    from moshi.models import loaders
+
+    torch.manual_seed(0)
+    model = loaders.get_moshi_lm(None, lm_kwargs=config.to_kyutai_dict(), device="cuda", dtype=torch.bfloat16)
+    return model.eval().requires_grad_(False)
+
+
+def ours_from_kyutai(kyutai, config) -> FastLM:
+    """Our FastLM on Kyutai's tensors, through the loader's Kyutai name map."""
+    state = kyutai.state_dict()
+    with torch.device("meta"):
+        lm = FastLM(config).to(torch.bfloat16)
+    params = {}
+    for name, sources in lm_spec_kyutai(config).items():
+        source = next(s for s in sources if all(k in state for k in s.keys))
+        params[name] = source.combine([state[k] for k in source.keys]).contiguous()
+    lm.load_state_dict(params, strict=True, assign=True)
+    return lm.eval().requires_grad_(False).prepare()
+
+
+def _percentiles(times: list[float]) -> tuple[float, float]:
+    ordered = sorted(times)
+    return 1000 * ordered[len(ordered) // 2], 1000 * ordered[int(0.9 * (len(ordered) - 1))]
+
+
+def _release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _random_tokens(shape, config, device) -> torch.Tensor:
+    """Valid tokens of each stream (text ids in stream 0, audio codes elsewhere) for a delay line [B, S, T]."""
+    tokens = torch.randint(0, config.card, shape, device=device)
+    tokens[:, 0] = torch.randint(0, config.text_card, tokens[:, 0].shape, device=device)
+    return tokens
+
+
+def _set_kyutai_context(lm_gen, context: int, config) -> None:
+    """Every slot of Kyutai's streaming state at frame `context`, its caches full of random entries."""
+    for module in lm_gen.lm_model.modules():
+        state = getattr(module, "_streaming_state", None)
+        if state is None:
+            continue
+        for name in ("offset", "offsets"):
+            value = getattr(state, name, None)
+            if isinstance(value, torch.Tensor):
+                value.fill_(context)
+        cache = getattr(state, "kv_cache", None)
+        if cache is not None:
+            cache.end_offset.fill_(context)
+            cache.cache.normal_()
+    state = lm_gen._streaming_state
+    state.offsets.fill_(context)
+    state.cache.copy_(_random_tokens(state.cache.shape, config, state.cache.device))
+
+
+def bench_kyutai(kyutai, config, batch: int, contexts: list[int], frames: int, warmup: int) -> dict:
+    from moshi.models.lm import LMGen
+
+    row = {}
+    torch.cuda.reset_peak_memory_stats()
+    lm_gen = LMGen(kyutai, **KYUTAI_SAMPLING)
+    codes = torch.randint(0, config.card, (warmup + frames, batch, config.dep_q, 1), device="cuda")
+    with torch.no_grad(), lm_gen.streaming(batch):
+        for context in contexts:
+            _set_kyutai_context(lm_gen, context, config)
+            for t in range(warmup):
+                lm_gen.step(codes[t])
+            p50, p90 = _percentiles(timed_calls(lm_gen.step, codes[warmup:]))
+            row[f"kyutai_ms_ctx{context}"], row[f"kyutai_p90_ms_ctx{context}"] = p50, p90
+    row["kyutai_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    del lm_gen
+    _release()
+    return row
+
+
+def _sampling(batch: int) -> SamplingParams:
+    full = lambda value, dtype: torch.full((batch,), value, dtype=dtype, device="cuda")  # noqa: E731
+    s = KYUTAI_SAMPLING
+    return SamplingParams(full(s["temp_text"], torch.float32), full(s["top_k_text"], torch.long),
+                          full(s["temp"], torch.float32), full(s["top_k"], torch.long),
+                          torch.arange(batch, device="cuda"), s["top_k_text"], s["top_k"])
+
+
+def _set_fast_context(runner: FastLMRunner, context: int, config) -> None:
+    cache = runner.cache
+    cache.frame.fill_(context)
+    cache.kv.positions.fill_(context)
+    cache.tokens.copy_(_random_tokens(cache.tokens.shape, config, cache.tokens.device))
+    for layer in range(config.num_layers):
+        for pool in cache.kv.layer(layer):
+            pool.normal_()
+
+
+def bench_fast(lm: FastLM, config, batch: int, contexts: list[int], frames: int, warmup: int) -> dict:
+    row = {}
+    torch.cuda.reset_peak_memory_stats()
+    runner = FastLMRunner(lm, batch, _sampling(batch), torch.device("cuda"))
+    mask = torch.ones(batch, dtype=torch.bool, device="cuda")
+    codes = torch.randint(0, config.card, (warmup + frames, batch, config.dep_q), device="cuda")
+    with torch.no_grad():
+        for context in contexts:
+            _set_fast_context(runner, context, config)
+            for t in range(warmup):
+                runner.step(codes[t], mask)
+            p50, p90 = _percentiles(timed_calls(lambda c: runner.step(c, mask), codes[warmup:]))
+            row[f"fast_ms_ctx{context}"], row[f"fast_p90_ms_ctx{context}"] = p50, p90
+    row["fast_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    del runner
+    _release()
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--contexts", default="100,3000")
+    parser.add_argument("--frames", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    info = device_info()
+    print(f"# {info}", flush=True)
+    config = moshiko().lm
+    contexts = [int(c) for c in args.contexts.split(",")]
+    kyutai = kyutai_lm(config)
+    lm = ours_from_kyutai(kyutai, config)
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        row = {"batch": batch, "frames": args.frames}
+        for name, run in (("kyutai", lambda: bench_kyutai(kyutai, config, batch, contexts, args.frames, args.warmup)),
+                          ("fast", lambda: bench_fast(lm, config, batch, contexts, args.frames, args.warmup))):
+            try:
+                row.update(run())
+            except torch.OutOfMemoryError:
+                row[f"{name}_error"] = "out of GPU memory"
+                _release()
+        for context in contexts:
+            if f"kyutai_ms_ctx{context}" in row and f"fast_ms_ctx{context}" in row:
+                row[f"speedup_ctx{context}"] = row[f"kyutai_ms_ctx{context}"] / row[f"fast_ms_ctx{context}"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'B':>3} {'ctx':>5} {'Kyutai p50':>11} {'fast p50':>9} {'fast p90':>9} {'speed-up':>9}")
+    for row in rows:
+        for context in contexts:
+            k, f = row.get(f"kyutai_ms_ctx{context}"), row.get(f"fast_ms_ctx{context}")
+            f90 = row.get(f"fast_p90_ms_ctx{context}")
+            cells = [f"{v:>9.2f}ms" if v is not None else f"{'-':>11}" for v in (k, f, f90)]
+            ratio = f"{k / f:>8.2f}x" if k and f else f"{'-':>9}"
+            print(f"{row['batch']:>3} {context:>5} {cells[0]} {cells[1]} {cells[2]} {ratio}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "benchmark": "lm_step", **info,
+            "config": "Moshi LM real config (moshiko), Kyutai's random init, bf16, Kyutai's default sampling",
+            "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

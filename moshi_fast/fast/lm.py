@@ -1,0 +1,208 @@
+"""The fast Moshi LM step: the reference LM's parameters (same names, same loader), run with ops only.
+
+One frame for B slots (`FastStreamingLM.step`), the launches in order, at Moshi's real config:
+
+    delay line in (a few small torch ops)   LMGen's bookkeeping: the user's codes enter their delayed
+                                            positions, this frame's 17 input tokens are read
+    embed_sum                               16 audio + 1 text embeddings summed, the reference's order
+    32 x Helium layer                       linear qkv (RMSNorm fused) -> paged_attention (RoPE, KV
+                                            write, window) -> linear out (+ residual, in place) ->
+                                            linear gate_up (RMSNorm, SiLU gate) -> linear down (+ residual)
+    linear text head (out_norm fused)       text logits [B, 32000] -> sample_tokens -> text token
+    linear depth in_proj, all 8 codebooks   h = out_norm(x) projected once for every codebook step
+    8 x depth step k                        embed_sum adds the previous token's embedding; 6 layers of
+                                            linear qkv (RMSNorm) -> depth_attention over steps 0..k ->
+                                            linear out (+res) -> linear gate_up (RMSNorm, SiLU) ->
+                                            linear down (+res); linear head[k] -> sample_tokens
+    delay line out (a few small torch ops)  the generated tokens enter the line, the delayed output
+                                            is read, the frame counter advances
+
+Everything lives in device tensors of an `LMCache`, so the whole step is one CUDA graph
+(`FastLMRunner`). Slots outside the execution mask keep their state: the paged cache writes nothing
+for them, and the delay line and frame counter are committed through the mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..cache import LMCache
+from ..graphs import CapturedStep
+from ..reference.lm import LM, SamplingParams
+
+
+class FastLM(LM):
+    """Call `prepare()` once after the weights are loaded: the embedding tables become views of one
+    concatenated table per transformer (no second copy), read by one embed_sum launch."""
+
+    @torch.no_grad()
+    def prepare(self) -> "FastLM":
+        c = self.config
+        # Helium sums audio streams 0..n_q-1 then the text stream (LM.embed's order, which fixes the
+        # bf16 rounding of every partial sum).
+        self._concatenate_tables("embed", [*self.audio_emb, self.text_emb])
+        # The depth transformer's step k embeds the text token (k = 0) or audio code k - 1.
+        self._concatenate_tables("depth_embed", [self.depformer.text_emb, *self.depformer.audio_emb])
+        self.register_buffer("depth_in_proj", self.depformer.in_proj.view(c.dep_q * c.depformer_dim, c.dim),
+                             persistent=False)
+        return self
+
+    def _concatenate_tables(self, name: str, embeddings: list[torch.nn.Embedding]) -> None:
+        table = torch.cat([e.weight for e in embeddings])
+        starts, start = [], 0
+        for e in embeddings:
+            rows = e.weight.shape[0]
+            e.weight.data = table[start:start + rows]
+            starts.append(start)
+            start += rows
+        self.register_buffer(f"{name}_table", table, persistent=False)
+        self.register_buffer(f"{name}_offsets", torch.tensor(starts, dtype=torch.long, device=table.device),
+                             persistent=False)
+
+    def helium(self, tokens: torch.Tensor, cache: LMCache) -> torch.Tensor:
+        """tokens [B, n_q + 1] (audio streams, then text) -> the residual stream after the last layer
+        [B, dim]; writes each running slot's keys and values at its position (not advanced here)."""
+        c, kv, workspace = self.config, cache.kv, cache.workspace
+        x = ops.embed_sum(tokens, self.embed_table, self.embed_offsets)
+        for i, layer in enumerate(self.layers):
+            qkv = ops.linear(x, layer.qkv, norm=("rms", layer.norm1.weight, c.norm_eps), workspace=workspace)
+            k_pool, v_pool = kv.layer(i)
+            attended = ops.paged_attention(qkv, k_pool, v_pool, kv.page_table, kv.positions, kv.exec_mask,
+                                           c.context, c.max_period, workspace=workspace)
+            ops.linear(attended, layer.out, residual=x, out=x, workspace=workspace)
+            hidden = ops.linear(x, layer.gate_up, norm=("rms", layer.norm2.weight, c.norm_eps),
+                                activation="silu_gate", workspace=workspace)
+            ops.linear(hidden, layer.down, residual=x, out=x, workspace=workspace)
+        return x
+
+    def text_logits(self, x: torch.Tensor, cache: LMCache) -> torch.Tensor:
+        """The residual stream [B, dim] -> text logits [B, text_card] (out_norm fused)."""
+        return ops.linear(x, self.text_head, norm=("rms", self.out_norm.weight, self.config.norm_eps),
+                          workspace=cache.workspace)
+
+    def depth_inputs(self, x: torch.Tensor, cache: LMCache) -> torch.Tensor:
+        """The residual stream [B, dim] -> in_proj[k](out_norm(x)) for every codebook k, [B, dep_q, depformer_dim]."""
+        c = self.config
+        projected = ops.linear(x, self.depth_in_proj, norm=("rms", self.out_norm.weight, c.norm_eps),
+                               workspace=cache.workspace)
+        return projected.view(-1, c.dep_q, c.depformer_dim)
+
+    def depth_step(self, step: int, x: torch.Tensor, previous: torch.Tensor, cache: LMCache,
+                   logits_out: torch.Tensor) -> torch.Tensor:
+        """Codebook `step` of the depth transformer. x [B, depformer_dim] holds in_proj[step](h) and is
+        updated in place into the step's residual stream; previous [B] is the token step - 1 produced
+        (the text token at step 0). Writes the step's logits into logits_out [B, card]."""
+        c, d, workspace = self.config, self.depformer, cache.workspace
+        ops.embed_sum(previous[:, None], self.depth_embed_table, self.depth_embed_offsets[step:step + 1], out=x,
+                      accumulate=True)
+        for i, layer in enumerate(d.layers):
+            qkv = ops.linear(x, layer.qkv[step], norm=("rms", layer.norm1.weight, c.norm_eps), workspace=workspace)
+            attended = ops.depth_attention(qkv, cache.depth_k[i], cache.depth_v[i], step)
+            ops.linear(attended, layer.out[step], residual=x, out=x, workspace=workspace)
+            hidden = ops.linear(x, layer.gate_up[step], norm=("rms", layer.norm2.weight, c.norm_eps),
+                                activation="silu_gate", workspace=workspace)
+            ops.linear(hidden, layer.down[step], residual=x, out=x, workspace=workspace)
+        return ops.linear(x, d.heads[step], out=logits_out, workspace=workspace)
+
+
+@dataclass
+class FastLMOutput:
+    tokens: torch.Tensor
+    """[B, 1 + dep_q] int64: the delayed text token and audio codes output this frame, -1 before the delay fills."""
+    valid: torch.Tensor
+    """[B] bool: the slot ran and produced output this frame."""
+    text_logits: torch.Tensor
+    """[B, text_card], the weights' dtype: the logits the text token was drawn from."""
+    audio_logits: torch.Tensor
+    """[B, dep_q, card], the weights' dtype: the logits of this frame's audio codes."""
+
+
+class FastStreamingLM:
+    """Kyutai's `LMGen` frame semantics (see reference.lm.StreamingLM, the spec) on a FastLM and an
+    LMCache, graph-safe: no allocation outside the graph's pool, no host sync, no changing Python value."""
+
+    def __init__(self, lm: FastLM, cache: LMCache, params: SamplingParams):
+        c = lm.config
+        device = cache.frame.device
+        self.lm, self.cache, self.params, self.config = lm, cache, params, c
+        self.delays = torch.tensor(c.delays, dtype=torch.long, device=device)
+        self.initial = torch.tensor([c.text_initial_token] + [c.audio_initial_token] * c.n_q, dtype=torch.long,
+                                    device=device)
+        # Helium's embedding order: the audio streams, then text.
+        self.embed_order = torch.tensor([*range(1, c.num_streams), 0], dtype=torch.long, device=device)
+
+    def step(self, user_codes: torch.Tensor, exec_mask: torch.Tensor,
+             forced: torch.Tensor | None = None) -> FastLMOutput:
+        """user_codes [B, dep_q] int64, exec_mask [B] bool -> one frame. forced [B, 1 + dep_q] (teacher
+        forcing, as in the reference): generate these tokens instead of the sampled ones."""
+        c, cache, params = self.config, self.cache, self.params
+        lm = self.lm
+        span = cache.tokens.shape[-1]
+        frame = cache.frame
+        cache.kv.set_exec_mask(exec_mask)
+        running = cache.kv.exec_mask
+
+        user_line = cache.tokens[:, 1 + c.dep_q:]
+        write_at = ((frame[:, None] + self.delays[None, 1 + c.dep_q:]) % span)[..., None]
+        kept = user_line.gather(-1, write_at)
+        user_line.scatter_(-1, write_at, torch.where(running[:, None, None], user_codes[..., None], kept))
+        read_at = (frame % span)[:, None, None].expand(-1, c.num_streams, 1)
+        tokens = cache.tokens.gather(-1, read_at)[..., 0]
+        tokens = torch.where(frame[:, None] <= self.delays[None, :], self.initial[None, :], tokens)
+
+        x = lm.helium(tokens.index_select(1, self.embed_order), cache)
+        cache.kv.advance()
+        text_logits = lm.text_logits(x, cache)
+        generated = torch.empty(1 + c.dep_q, x.shape[0], dtype=torch.long, device=x.device)
+        ops.sample_tokens(text_logits, params.text_temperature, params.text_top_k, params.max_text_top_k,
+                          params.seed, frame, 0, out=generated[0])
+        if forced is not None:
+            generated.copy_(forced.t())
+        depth = lm.depth_inputs(x, cache)
+        audio_logits = torch.empty(x.shape[0], c.dep_q, c.card, dtype=x.dtype, device=x.device)
+        for step in range(c.dep_q):
+            logits = lm.depth_step(step, depth[:, step], generated[step], cache, audio_logits[:, step])
+            if forced is None:
+                ops.sample_tokens(logits, params.audio_temperature, params.audio_top_k, params.max_audio_top_k,
+                                  params.seed, frame, 1 + step, out=generated[1 + step])
+
+        own_line = cache.tokens[:, :1 + c.dep_q]
+        next_frame = frame + 1
+        store_at = (next_frame % span)[:, None, None].expand(-1, 1 + c.dep_q, 1)
+        kept = own_line.gather(-1, store_at)
+        own_line.scatter_(-1, store_at, torch.where(running[:, None, None], generated.t()[..., None], kept))
+        out_at = ((next_frame[:, None] - c.max_delay + self.delays[None, :1 + c.dep_q]) % span)[..., None]
+        out = own_line.gather(-1, out_at)[..., 0]
+        valid = next_frame > c.max_delay
+        out = torch.where(valid[:, None], out, torch.full_like(out, -1))
+        frame.add_(running)
+        return FastLMOutput(tokens=out, valid=valid & running, text_logits=text_logits, audio_logits=audio_logits)
+
+
+class FastLMRunner:
+    """The fast LM step of `batch_size` slots as one captured CUDA graph (on CUDA, unless eager), with
+    static inputs (user codes, execution mask, and with teacher_forcing the forced tokens)."""
+
+    def __init__(self, lm: FastLM, batch_size: int, params: SamplingParams, device: torch.device,
+                 eager: bool = False, teacher_forcing: bool = False, kv_pages: int | None = None):
+        c = lm.config
+        self.cache = LMCache(c, batch_size, device, lm.text_head.dtype, kv_pages=kv_pages)
+        self.generator = FastStreamingLM(lm, self.cache, params)
+        codes = torch.zeros(batch_size, c.dep_q, dtype=torch.long, device=device)
+        mask = torch.ones(batch_size, dtype=torch.bool, device=device)
+        inputs = [codes, mask]
+        if teacher_forcing:
+            inputs.append(torch.zeros(batch_size, 1 + c.dep_q, dtype=torch.long, device=device))
+        self._step = CapturedStep(self.generator.step, inputs, eager=eager)
+        self.reset(mask)
+
+    def step(self, user_codes: torch.Tensor, exec_mask: torch.Tensor,
+             forced: torch.Tensor | None = None) -> FastLMOutput:
+        """One frame; the output's tensors are overwritten by the next step (copy what you keep)."""
+        inputs = (user_codes, exec_mask) if forced is None else (user_codes, exec_mask, forced)
+        return self._step(*inputs)
+
+    def reset(self, slots: torch.Tensor) -> None:
+        self.cache.reset(slots)

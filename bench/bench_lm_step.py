@@ -27,7 +27,8 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info, timed_calls  # noqa: E402
+from bench._harness import device_info, graph_time, timed_calls  # noqa: E402
+from moshi_fast import ops  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
 from moshi_fast.fast.lm import FastLM, FastLMRunner  # noqa: E402
 from moshi_fast.reference.lm import SamplingParams  # noqa: E402
@@ -150,12 +151,46 @@ def bench_fast(lm: FastLM, config, batch: int, contexts: list[int], frames: int,
     return row
 
 
+def fast_breakdown(lm: FastLM, config, batch: int, context: int) -> dict:
+    """GPU time of the fast step's parts, each captured alone in a CUDA graph (ms): Helium's 32 layers
+    (embedding included), the text head and its sampling, the depth transformer's 8 steps with theirs."""
+    runner = FastLMRunner(lm, batch, _sampling(batch), torch.device("cuda"), eager=True)
+    cache, params = runner.cache, runner.generator.params
+    _set_fast_context(runner, context, config)
+    cache.kv.set_exec_mask(torch.ones(batch, dtype=torch.bool, device="cuda"))
+    tokens = _random_tokens((batch, config.num_streams, 1), config, "cuda")[..., 0]
+    x = lm.helium(tokens, cache)
+    token = torch.empty(batch, dtype=torch.long, device="cuda")
+
+    def text():
+        logits = lm.text_logits(x, cache)
+        ops.sample_tokens(logits, params.text_temperature, params.text_top_k, params.max_text_top_k, params.seed,
+                          cache.frame, 0, out=token)
+
+    def depth():
+        inputs = lm.depth_inputs(x, cache)
+        logits = torch.empty(batch, config.card, dtype=x.dtype, device="cuda")
+        for step in range(config.dep_q):
+            lm.depth_step(step, inputs[:, step], token, cache, logits)
+            ops.sample_tokens(logits, params.audio_temperature, params.audio_top_k, params.max_audio_top_k,
+                              params.seed, cache.frame, 1 + step, out=token)
+
+    with torch.no_grad():
+        parts = {"helium": lambda: lm.helium(tokens, cache), "text": text, "depth": depth}
+        row = {f"{name}_ms": 1000 * graph_time(fn, iters=10, reps=5) for name, fn in parts.items()}
+    del runner
+    _release()
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--contexts", default="100,3000")
     parser.add_argument("--frames", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the fast step's parts (Helium, text head, depth transformer) alone")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     info = device_info()
@@ -174,6 +209,10 @@ def main(argv=None) -> int:
             except torch.OutOfMemoryError:
                 row[f"{name}_error"] = "out of GPU memory"
                 _release()
+        if args.breakdown:
+            for context in contexts:
+                parts = fast_breakdown(lm, config, batch, context)
+                row.update({f"{name}_ctx{context}": value for name, value in parts.items()})
         for context in contexts:
             if f"kyutai_ms_ctx{context}" in row and f"fast_ms_ctx{context}" in row:
                 row[f"speedup_ctx{context}"] = row[f"kyutai_ms_ctx{context}"] / row[f"fast_ms_ctx{context}"]

@@ -159,8 +159,11 @@ def _paged_cases(batch: int, device, workspace):
                                      tiles=tiles)
 
     splits = (1, 2, 4) if batch * c.num_heads >= 256 else (4, 8, 16, 32)
+    # The tensor-core loop's plans, and the FMA loop's best plans of an earlier sweep on an H200.
     candidates = [{"block_n": block_n, "splits": split, "num_warps": warps, "num_stages": stages}
                   for split in splits for block_n in (32, 64, 128) for warps in (4, 8) for stages in (2, 3, 4)]
+    candidates += [{"block_n": 64, "splits": 16, "num_warps": 4, "num_stages": None, "dot": False},
+                   {"block_n": 128, "splits": 2, "num_warps": 4, "num_stages": 4, "dot": False}]
     yield "paged", "helium", call, candidates
 
 

@@ -31,8 +31,11 @@ Design, for Helium's regime (H = 32, D = 128, context 3000, bf16, B = 1..64):
     (paged_attention_candidate_tiles).
   * One pass with an online softmax over blocks of BLOCK_N positions. Each position's row is found
     through the page table (one int32 per position, cached), so blocks need not align with pages. For
-    T = 1 there is one query row per head: far too thin for tensor cores, so scores are a broadcast
-    multiply and a row sum over D, and the weighted values a broadcast multiply and a column sum.
+    T = 1 there is one query row per head. With 16-bit pools (the default there) scores and weighted
+    values go through tl.dot on the query repeated to 16 rows: the wasted tensor-core work is free, and
+    Triton then pipelines the gathered K and V loads num_stages deep. Otherwise (fp32 pools, or
+    tiles' "dot": False) scores are a broadcast multiply and a row sum over D, and the weighted values
+    a broadcast multiply and a column sum, each block's loads waited for in turn.
   * The new token does not go through memory on its way to its own query: the program whose run holds
     position q starts its softmax state from the new key and value in registers and stores them into
     their row. No other program reads that row this step, so the store races with nothing.
@@ -60,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, combine_softmax_partials, next_pow2, parallel_sms
+from ._utils import SplitWorkspace, combine_softmax_partials, interpreting, next_pow2, parallel_sms
 from .ring_attention import _rope
 from .tuned import shape_key, tuned_tiles
 
@@ -73,6 +76,8 @@ MAX_BLOCK_N = 64
 thread each at 4 warps)."""
 TILE_PER_THREAD = 64
 """Tile elements a thread holds when the launcher picks the warps."""
+DOT_ROWS: tl.constexpr = tl.constexpr(16)
+"""tl.dot's fewest rows: the tensor-core path repeats the query this many times."""
 
 
 def paged_attention_ref(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period, out=None):
@@ -115,7 +120,7 @@ def _paged_attention_kernel(
     stride_pool_page, stride_pool_head, stride_pool_row,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CONTEXT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGES_PER_SLOT: tl.constexpr, LOG_PERIOD: tl.constexpr, QK_SCALE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr,
 ):
     split = tl.program_id(0)
     pair = tl.program_id(1)
@@ -148,7 +153,8 @@ def _paged_attention_kernel(
     key_new = tl.load(key_row + offs_d).to(tl.float32) * cos + tl.load(key_row + (offs_d ^ 1)) * signed_sin
     # RoPE's result is rounded to the activation / cache dtype, as the reference stores and attends with it;
     # QK_SCALE folds 1/sqrt(D) and log2(e) into the query so the softmax runs on exp2.
-    query = query.to(qkv_ptr.dtype.element_ty).to(tl.float32) * QK_SCALE
+    query_rounded = query.to(qkv_ptr.dtype.element_ty)
+    query = query_rounded.to(tl.float32) * QK_SCALE
     key_new = key_new.to(k_pool_ptr.dtype.element_ty)
     value_new = tl.load(token_row + 2 * HEADS * HEAD_DIM + offs_d).to(v_pool_ptr.dtype.element_ty)
 
@@ -168,20 +174,49 @@ def _paged_attention_kernel(
     acc = tl.where(mask_new, value_new.to(tl.float32), 0.0)
     stop = tl.minimum(start + chunk, position)
     offs_n = tl.arange(0, BLOCK_N)
-    for block_start in range(start, stop, BLOCK_N):
-        key_pos = block_start + offs_n
-        mask_n = key_pos < stop
-        pages = tl.load(table + (key_pos // PAGE_SIZE) % PAGES_PER_SLOT, mask=mask_n, other=0).to(tl.int64)
-        rows = pages * stride_pool_page + head_offset + (key_pos % PAGE_SIZE) * stride_pool_row
-        keys = tl.load(k_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        values = tl.load(v_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        scores = tl.where(mask_n, tl.sum(keys.to(tl.float32) * query[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        rescale = tl.exp2(m_i - m_new)
-        weights = tl.exp2(scores - m_new)
-        acc = acc * rescale + tl.sum(weights[:, None] * values.to(tl.float32), axis=0)
-        l_i = l_i * rescale + tl.sum(weights, axis=0)
-        m_i = m_new
+    if DOT:
+        # The one query row repeated over tl.dot's 16-row minimum: every row carries the same softmax
+        # state, and row 0 is kept at the end. The tensor cores have time to spare at T = 1; what this
+        # buys is that Triton software-pipelines the K and V loads that feed tl.dot (cp.async, num_stages
+        # deep), where the FMA loop below waits for each block's loads.
+        is_row0 = tl.arange(0, DOT_ROWS) == 0
+        queries = tl.broadcast_to(query_rounded[None, :], (DOT_ROWS, HEAD_DIM))
+        m_rows = tl.broadcast_to(m_i, (DOT_ROWS,))
+        l_rows = tl.broadcast_to(l_i, (DOT_ROWS,))
+        acc_rows = tl.broadcast_to(acc[None, :], (DOT_ROWS, HEAD_DIM))
+        for block_start in range(start, stop, BLOCK_N):
+            key_pos = block_start + offs_n
+            mask_n = key_pos < stop
+            pages = tl.load(table + (key_pos // PAGE_SIZE) % PAGES_PER_SLOT, mask=mask_n, other=0).to(tl.int64)
+            rows = pages * stride_pool_page + head_offset + (key_pos % PAGE_SIZE) * stride_pool_row
+            keys = tl.load(k_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            values = tl.load(v_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            scores = tl.dot(queries, tl.trans(keys)) * QK_SCALE
+            scores = tl.where(mask_n[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_rows, tl.max(scores, axis=1))
+            rescale = tl.exp2(m_rows - m_new)
+            weights = tl.exp2(scores - m_new[:, None])
+            acc_rows = acc_rows * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
+            l_rows = l_rows * rescale + tl.sum(weights, axis=1)
+            m_rows = m_new
+        acc = tl.sum(tl.where(is_row0[:, None], acc_rows, 0.0), axis=0)
+        l_i = tl.sum(tl.where(is_row0, l_rows, 0.0), axis=0)
+        m_i = tl.max(tl.where(is_row0, m_rows, float("-inf")), axis=0)
+    else:
+        for block_start in range(start, stop, BLOCK_N):
+            key_pos = block_start + offs_n
+            mask_n = key_pos < stop
+            pages = tl.load(table + (key_pos // PAGE_SIZE) % PAGES_PER_SLOT, mask=mask_n, other=0).to(tl.int64)
+            rows = pages * stride_pool_page + head_offset + (key_pos % PAGE_SIZE) * stride_pool_row
+            keys = tl.load(k_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            values = tl.load(v_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            scores = tl.where(mask_n, tl.sum(keys.to(tl.float32) * query[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            rescale = tl.exp2(m_i - m_new)
+            weights = tl.exp2(scores - m_new)
+            acc = acc * rescale + tl.sum(weights[:, None] * values.to(tl.float32), axis=0)
+            l_i = l_i * rescale + tl.sum(weights, axis=0)
+            m_i = m_new
 
     out_row = out_ptr + pid_b * stride_out_b + pid_h * HEAD_DIM + offs_d
     if SPLITS == 1:
@@ -240,6 +275,20 @@ def _resolve_tiles(batch: int, heads: int, head_dim: int, context: int, tiles: d
     return block_n, splits, tiles.get("num_warps") or _warps_for(block_n, head_dim), tiles.get("num_stages")
 
 
+def _use_dot(dtype: torch.dtype, block_n: int, head_dim: int, tiles: dict) -> bool:
+    """The tensor-core loop for 16-bit pools (the plan's "dot" overrides it); tl.dot needs blocks of 16,
+    and Triton's interpreter multiplies bf16 tl.dot operands wrongly, so there bf16 takes the FMA loop."""
+    dot = tiles.get("dot")
+    if dot is None:
+        dot = dtype in (torch.bfloat16, torch.float16) and not (interpreting() and dtype == torch.bfloat16)
+    if dot and (block_n < 16 or head_dim < 16 or dtype == torch.float32):
+        if tiles.get("dot"):
+            raise ValueError(f"the tensor-core loop needs 16-bit pools and block_n, head_dim >= 16 "
+                             f"(got {dtype}, {block_n}, {head_dim})")
+        return False
+    return dot
+
+
 def _workspace_size(batch: int, heads: int, head_dim: int, splits: int) -> tuple[int, int]:
     if splits == 1:
         return 0, 0
@@ -256,20 +305,21 @@ def paged_attention_workspace_size(batch: int, heads: int, head_dim: int, contex
 
 
 def paged_attention_candidate_tiles(batch: int, heads: int, head_dim: int, context: int) -> list[dict]:
-    """At most 8 plans for a GPU sweep: the current device's default, then one knob moved at a time:
-    half and twice the splits, half and twice the block, half and twice the warps, 2 pipeline stages."""
+    """At most 10 plans for a GPU sweep: the current device's default, then one knob moved at a time:
+    half and twice the splits, half and twice the block, half and twice the warps, 2 and 4 pipeline
+    stages, the FMA loop instead of the tensor-core one (16-bit pools)."""
     block_n, splits, num_warps, _ = _resolve_tiles(batch, heads, head_dim, context, None,
                                                    _programs_wanted())
     default = {"block_n": block_n, "splits": splits, "num_warps": num_warps}
     candidates = [default]
     for key, value in (("splits", max(1, splits // 2)), ("splits", splits * 2), ("block_n", block_n // 2),
                        ("block_n", block_n * 2), ("num_warps", num_warps // 2), ("num_warps", num_warps * 2),
-                       ("num_stages", 2)):
+                       ("num_stages", 2), ("num_stages", 4), ("dot", False)):
         candidate = {**default, key: value}
-        usable = value >= 1 and candidate["block_n"] >= 2 and candidate["num_warps"] <= 16
+        usable = (key == "dot" or value >= 1) and candidate["block_n"] >= 2 and candidate["num_warps"] <= 16
         if usable and candidate not in candidates:
             candidates.append(candidate)
-    return candidates[:8]
+    return candidates[:10]
 
 
 def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_table: torch.Tensor,
@@ -301,8 +351,11 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         out = torch.empty(batch, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     if out.shape != (batch, heads * head_dim) or out.stride(-1) != 1:
         raise ValueError(f"out must be [{batch}, {heads * head_dim}] with unit stride in its last dim")
+    if tiles is None:
+        tiles = tuned_tiles("paged_attention", shape_key(heads, head_dim, context), batch) or {}
     block_n, splits, num_warps, num_stages = _resolve_tiles(batch, heads, head_dim, context, tiles,
                                                             _programs_wanted(qkv.device))
+    dot = _use_dot(k_pool.dtype, block_n, head_dim, tiles)
     partial_floats, counters = _workspace_size(batch, heads, head_dim, splits)
     if splits > 1:
         if workspace is None:
@@ -321,6 +374,6 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         HEADS=heads, HEAD_DIM=head_dim, CONTEXT=context, PAGE_SIZE=page_size, PAGES_PER_SLOT=pages_per_slot,
         LOG_PERIOD=math.log(max_period), QK_SCALE=head_dim ** -0.5 * math.log2(math.e),
-        BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), **launch_options,
+        BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot, **launch_options,
     )
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
+from . import cuda_ext
 from .kernels._utils import SplitWorkspace, can_launch
 from .kernels.conv1d_stream import conv1d_stream as _conv1d_stream_kernel
 from .kernels.conv1d_stream import conv1d_stream_ref, conv1d_stream_workspace_size
@@ -137,8 +138,23 @@ def linear_workspace_size(m: int, n: int, k: int, dtype, gated: bool = False) ->
     return skinny_linear_workspace_size(m, n, tiles, gated=gated)
 
 
+def cuda_extension_available() -> bool:
+    """True when the CUDA extension moshi_fast._C is loaded (built by setup.py, or JIT-built on a GPU
+    machine); only `gemv_cuda` needs it."""
+    return cuda_ext.available()
+
+
+def gemv_cuda(x, weight, residual=None, out=None):
+    """x @ weight.T + residual for 1..8 bf16 rows by the CUDA extension's weight-streaming GEMV
+    (csrc/skinny_gemv_kernel.cuh; reference cuda_ext.gemv_ref); x [M, K], weight [N, K], residual may be
+    `out`. Raises RuntimeError when the extension is unavailable. `linear` stays on its Triton kernel;
+    bench/bench_cuda_gemv.py times the two side by side."""
+    return cuda_ext.gemv(x, weight, residual, out)
+
+
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
-           "conv_transpose1d_stream_workspace_size", "depth_attention", "embed_sum", "linear",
+           "conv_transpose1d_stream_workspace_size", "cuda_extension_available", "depth_attention",
+           "embed_sum", "gemv_cuda", "linear",
            "linear_workspace_size", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "ring_attention",
            "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens"]

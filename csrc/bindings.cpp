@@ -1,0 +1,14 @@
+// The schemas of moshi_fast's CUDA ops, and the Python module moshi_fast._C: importing it registers the ops as
+// torch.ops.moshi_fast.*; their CUDA implementations register themselves from their own files.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(moshi_fast, m) {
+  // out[M, N] = x[M, K] @ weight[N, K]^T (+ residual[M, N], which may be out itself), bf16, M <= 8, fp32
+  // accumulation rounded once (skinny_gemv.cu). warps_per_block: 0 for the default split of K.
+  m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? residual, Tensor(a!) out, int warps_per_block=0) -> ()");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "moshi_fast's CUDA kernels, registered as torch.ops.moshi_fast.* when this module is imported";
+}

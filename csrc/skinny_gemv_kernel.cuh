@@ -1,0 +1,199 @@
+// Weight-streaming GEMV for decode: out[M, N] = x[M, K] @ weight[N, K]^T (+ residual[M, N]), M = 1..8, bf16 in
+// and out, fp32 accumulation, rounded once. Device code and a launcher on raw pointers and a stream, free of torch
+// (the torch op, with its argument checks, is skinny_gemv.cu).
+//
+// Shapes served: the language model's decode linears at batch <= 8. Helium K = 4096 -> N = 12288 (qkv), 4096
+// (attention out), 22528 (gate_up), 32000 (text head); K = 11264 -> 4096 (down). Depth transformer K = 1024 ->
+// 3072, 1024, 5632; K = 2816 -> 1024.
+//
+// Floor: the weight, 2 N K bytes, is read once; x (2 M K), out (2 M N) and the residual (2 M N) are noise beside
+// it at M <= 8. Helium's qkv 100.7 MB, attention out 33.6 MB, gate_up 184.5 MB, down 92.3 MB, text head 262 MB:
+// at the H200's measured 4.23 TB/s copy bandwidth 23.8, 7.9, 43.6, 21.8 and 62.0 us. The depth transformer's
+// 6.3, 2.1, 11.5 and 5.8 MB: 1.5, 0.5, 2.7 and 1.4 us, where launch latency dominates.
+//
+// Why it can beat a Triton tile here: the weight goes from global memory straight into the tensor cores' operand
+// registers, with no shared-memory staging, no pipeline barriers and no layout conversions, so a warp spends
+// about two dozen instructions per 4 KB of weight: twelve 16-byte loads a lane, then eight mma.sync.
+//
+// Work split: a block owns 16 consecutive weight rows (a tile) over all of K; its warps take the tile's K steps
+// (128 elements, 256 bytes of each row) round robin, so a block streams 16 rows x 256 bytes per warp at a time,
+// and sums its warps' fp32 partials in shared memory in warp order (deterministic, no workspace, no atomics).
+// The grid is one block per tile (64 to 2000 at the model's shapes; up to three run on an SM at once), started
+// by the hardware as SMs free up; the SM count sets how many warps split a tile's K (skinny_gemv_default_warps).
+//
+// Products: mma.m16n8k16 with the weight as the 16 x 16 A operand (16 rows x 16 of K) and x as the 16 x 8 B
+// operand (16 of K x 8 rows of x; columns >= M repeat row M - 1 and are not stored). See load_step for how whole
+// 16-byte loads fill both.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moshi_fast {
+
+// Weight rows a block owns: the A operand's 16 rows.
+constexpr int kGemvTileRows = 16;
+// Rows of x at most: the B operand's 8 columns.
+constexpr int kGemvMaxRows = 8;
+// 16-byte loads a lane issues per weight row (and of x) before its first product of a step: with 16 rows a warp,
+// 4 KB of weight in flight per warp.
+constexpr int kGemvLoadsPerRow = 4;
+// K elements a warp multiplies per step: 4 lanes per row x 8 bf16 per load x the loads per row.
+constexpr int kGemvStepK = 4 * 8 * kGemvLoadsPerRow;
+// Warps a block may split its tile's K across (the shared-memory partials are sized for it).
+constexpr int kGemvMaxWarps = 16;
+
+struct SkinnyGemvArgs {
+  const __nv_bfloat16* x;         // [rows, k] contiguous, 16-byte aligned
+  const __nv_bfloat16* weight;    // [n, k] contiguous, 16-byte aligned
+  const __nv_bfloat16* residual;  // [rows, n] contiguous, or null; may be out itself
+  __nv_bfloat16* out;             // [rows, n] contiguous; overlaps neither x nor the weight
+  int rows;                       // 1..kGemvMaxRows
+  int n;                          // at most INT_MAX - kGemvTileRows: row indices stay 32-bit
+  int k;                          // a positive multiple of 8: every row starts 16-byte aligned
+};
+
+namespace detail {
+
+// The weight is read once: it bypasses L1, which then keeps x for every warp of the SM, and the first request of
+// a step asks L2 for the whole 256-byte block of the row that the step covers.
+__device__ __forceinline__ uint4 load_weight(const __nv_bfloat16* address) {
+  uint4 value;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(value.x), "=r"(value.y), "=r"(value.z), "=r"(value.w)
+      : "l"(address));
+  return value;
+}
+
+__device__ __forceinline__ uint4 load_x(const __nv_bfloat16* address) {
+  return __ldg(reinterpret_cast<const uint4*>(address));
+}
+
+// acc[16 x 8] += a[16 x 16] b[16 x 8] in fp32; the bf16 products are exact in fp32.
+__device__ __forceinline__ void mma_16x8x16(float (&acc)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+struct StepOperands {
+  uint4 weight_lo[kGemvLoadsPerRow];  // the lane's weight row g of the tile
+  uint4 weight_hi[kGemvLoadsPerRow];  // its row g + 8
+  uint4 x[kGemvLoadsPerRow];          // its row g of x
+};
+
+// Lane (g = lane / 4, t = lane % 4) loads, for u < kGemvLoadsPerRow, the 8 elements at K offset k0 + 32 u + 8 t of
+// its rows: the four lanes of a row read 64 contiguous bytes per load, 256 over the step. The sum over K may run
+// in any order that A and B agree on. The mma's fragments give lane (g, t) the K slots {2t, 2t + 1} (one 32-bit
+// register) and {2t + 8, 2t + 9} (another) of A's rows g and g + 8 and of B's column g: words 0 and 1 of each
+// 16-byte load fill those slots for one mma and words 2 and 3 for a second, identically in A and B, so the loads
+// feed the tensor cores as they arrive, without shuffles or shared memory.
+//
+// A step past the end of K (the last one, when K is not a multiple of kGemvStepK) loads only the 16-byte pieces
+// inside K and zeroes both operands elsewhere; K being a multiple of 8, no piece straddles the end.
+__device__ __forceinline__ void load_step(StepOperands& operands, const __nv_bfloat16* weight_lo,
+                                          const __nv_bfloat16* weight_hi, const __nv_bfloat16* x, int k0,
+                                          int lane_k, int k) {
+  if (k0 + kGemvStepK <= k) {
+#pragma unroll
+    for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+      operands.weight_lo[u] = load_weight(weight_lo + k0 + 32 * u);
+      operands.weight_hi[u] = load_weight(weight_hi + k0 + 32 * u);
+      operands.x[u] = load_x(x + k0 + 32 * u);
+    }
+    return;
+  }
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+    const bool inside = k0 + 32 * u + lane_k < k;
+    operands.weight_lo[u] = inside ? load_weight(weight_lo + k0 + 32 * u) : zero;
+    operands.weight_hi[u] = inside ? load_weight(weight_hi + k0 + 32 * u) : zero;
+    operands.x[u] = inside ? load_x(x + k0 + 32 * u) : zero;
+  }
+}
+
+__device__ __forceinline__ void multiply_step(float (&acc)[4], const StepOperands& operands) {
+#pragma unroll
+  for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+    const uint4& lo = operands.weight_lo[u];
+    const uint4& hi = operands.weight_hi[u];
+    const uint4& x = operands.x[u];
+    mma_16x8x16(acc, lo.x, hi.x, lo.y, hi.y, x.x, x.y);
+    mma_16x8x16(acc, lo.z, hi.z, lo.w, hi.w, x.z, x.w);
+  }
+}
+
+__global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
+  __shared__ float4 warp_partials[kGemvMaxWarps][32];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int warps = blockDim.x / 32;
+  const int group = lane / 4;
+  const int lane_k = 8 * (lane % 4);
+  const int tile_row = blockIdx.x * kGemvTileRows;
+
+  // Rows past N, and x rows past M, read the last valid row instead: their products land only in accumulator
+  // rows and columns that are never stored, and the loop needs no predicates.
+  const int64_t row_lo = min(tile_row + group, args.n - 1);
+  const int64_t row_hi = min(tile_row + group + 8, args.n - 1);
+  const int64_t x_row = min(group, args.rows - 1);
+  const __nv_bfloat16* weight_lo = args.weight + row_lo * args.k + lane_k;
+  const __nv_bfloat16* weight_hi = args.weight + row_hi * args.k + lane_k;
+  const __nv_bfloat16* x = args.x + x_row * args.k + lane_k;
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const int steps = (args.k + kGemvStepK - 1) / kGemvStepK;
+  for (int step = warp; step < steps; step += warps) {
+    StepOperands operands;
+    load_step(operands, weight_lo, weight_hi, x, step * kGemvStepK, lane_k, args.k);
+    multiply_step(acc, operands);
+  }
+
+  warp_partials[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  __syncthreads();
+
+  // Thread e finishes out[m = e / 16, tile_row + e % 16]: consecutive threads write consecutive columns. The
+  // accumulator element i of lane (g, t) holds weight row g + 8 (i / 2) of the tile and x row 2 t + i % 2.
+  for (int e = threadIdx.x; e < kGemvMaxRows * kGemvTileRows; e += blockDim.x) {
+    const int m = e / kGemvTileRows;
+    const int tile_column = e % kGemvTileRows;
+    const int column = tile_row + tile_column;
+    if (m >= args.rows || column >= args.n) continue;
+    const int source_lane = 4 * (tile_column % 8) + m / 2;
+    const int source_element = 2 * (tile_column / 8) + m % 2;
+    float sum = 0.f;
+    for (int w = 0; w < warps; ++w) {
+      sum += reinterpret_cast<const float*>(&warp_partials[w][source_lane])[source_element];
+    }
+    // One thread reads and writes each element, so the residual may be out itself.
+    const int64_t index = static_cast<int64_t>(m) * args.n + column;
+    if (args.residual != nullptr) sum += __bfloat162float(args.residual[index]);
+    args.out[index] = __float2bfloat16_rn(sum);
+  }
+}
+
+}  // namespace detail
+
+// Warps a block splits its tile's K across: 8 by default (nvcc 13.0 gives the kernel 78 registers a thread, so
+// three such blocks fit an SM: 96 KB of weight in flight), 16 when the tiles do not outnumber the SMs (one block
+// an SM: more bytes in flight per tile), and never more warps than K steps.
+inline int skinny_gemv_default_warps(int n, int k, int multiprocessors) {
+  const int tiles = (n + kGemvTileRows - 1) / kGemvTileRows;
+  const int steps = (k + kGemvStepK - 1) / kGemvStepK;
+  const int warps = tiles <= multiprocessors ? kGemvMaxWarps : 8;
+  return warps < steps ? warps : steps;
+}
+
+// Launches on `stream` (no allocation, no synchronisation: graph-capturable); warps in 1..kGemvMaxWarps.
+inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream) {
+  const unsigned tiles = (args.n + kGemvTileRows - 1) / kGemvTileRows;
+  detail::skinny_gemv_bf16_kernel<<<tiles, warps * 32, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace moshi_fast

@@ -1,0 +1,118 @@
+"""The optional CUDA extension moshi_fast._C (csrc/): how it is found or built, and its ops' torch references.
+
+`load()` returns the extension module, or None where it cannot run, and never raises: first the module
+built by setup.py (`pip install -e .` on a machine with nvcc and a CUDA build of torch); else, on a CUDA
+machine with nvcc and ninja (and MOSHI_FAST_NO_JIT not "1"), a one-time JIT build of csrc/ (a development
+install, where csrc/ sits beside the package) into torch's extension cache; else None. Importing the
+module registers its ops as torch.ops.moshi_fast.*. The package imports and runs without it: ops.py
+calls an extension op only where asked to.
+
+The build flags live here, for setup.py and the JIT build alike.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "--threads", "4", "-gencode", "arch=compute_90,code=sm_90"]
+"""sm_90 (H100, H200) only: the kernels use mma.sync and 16-byte loads (sm_80 and later), nothing of sm_90a.
+No -std: torch's build adds the standard its headers need."""
+JIT_NAME = "moshi_fast_C"
+"""The JIT build's module name (torch's extension cache keys the build on it)."""
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+_UNTRIED = object()
+_extension: ModuleType | None | object = _UNTRIED
+_unavailable_reason = ""
+
+
+def load() -> ModuleType | None:
+    """The extension module (imported or JIT-built once per process), or None; never raises."""
+    global _extension, _unavailable_reason
+    if _extension is _UNTRIED:
+        _extension, _unavailable_reason = _import_or_build()
+    return _extension
+
+
+def available() -> bool:
+    """True when the extension's ops can run (load() found or built it)."""
+    return load() is not None
+
+
+def unavailable_reason() -> str:
+    """Why load() returned None ("" when the extension is loaded)."""
+    load()
+    return _unavailable_reason
+
+
+def _import_or_build() -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module(f"{__package__}._C"), ""
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}._C":  # the module exists but one of its imports is missing
+            print(f"moshi_fast: ignoring moshi_fast._C, which fails to import: {error}", file=sys.stderr)
+    except ImportError as error:  # built, but for another torch or CUDA: try the JIT build
+        print(f"moshi_fast: ignoring moshi_fast._C, which fails to import: {error}", file=sys.stderr)
+    if os.environ.get("MOSHI_FAST_NO_JIT") == "1":
+        return None, "moshi_fast._C is not built and MOSHI_FAST_NO_JIT=1 forbids the JIT build"
+    if not torch.cuda.is_available():
+        return None, "moshi_fast._C is not built, and without a CUDA device there is nothing to JIT-build for"
+    from torch.utils import cpp_extension
+
+    if shutil.which("nvcc") is None and cpp_extension.CUDA_HOME is None:
+        return None, "moshi_fast._C is not built and nvcc, needed for the JIT build, is not found"
+    if not cpp_extension.is_ninja_available():
+        return None, "moshi_fast._C is not built and ninja, needed for the JIT build, is not found"
+    sources = sorted(str(path) for path in (*CSRC.glob("*.cu"), *CSRC.glob("*.cpp")))
+    if not sources:
+        return None, f"moshi_fast._C is not built and no CUDA sources are found in {CSRC} for the JIT build"
+    print("moshi_fast: building the CUDA extension from csrc/ (about a minute, once)", file=sys.stderr)
+    try:
+        module = cpp_extension.load(name=JIT_NAME, sources=sources, extra_cflags=CXX_FLAGS,
+                                    extra_cuda_cflags=NVCC_FLAGS)
+    except Exception as error:  # a failed build leaves the package usable without the extension
+        print(f"moshi_fast: the CUDA extension's JIT build failed: {error}", file=sys.stderr)
+        return None, f"the JIT build of moshi_fast._C failed: {error}"
+    return module, ""
+
+
+def _require() -> None:
+    if load() is None:
+        raise RuntimeError(f"moshi_fast's CUDA extension is not available: {_unavailable_reason}. Build it "
+                           "with `pip install -e .` on a machine with nvcc and a CUDA build of torch.")
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """The spec of `gemv`: x @ weight.T (+ residual) in fp32 on the given values, rounded once to out's
+    dtype (x's by default). x [M, K], weight [N, K], residual [M, N] (may be `out`), out [M, N]."""
+    y = x.float() @ weight.float().T
+    if residual is not None:
+        y = y + residual.float()
+    if out is None:
+        return y.to(x.dtype)
+    return out.copy_(y)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
+         out: torch.Tensor | None = None, warps_per_block: int = 0) -> torch.Tensor:
+    """out = x @ weight.T (+ residual) by the extension's weight-streaming GEMV (csrc/skinny_gemv_kernel.cuh).
+
+    x [M, K] with M = 1..8, weight [N, K] (nn.Linear's layout), residual [M, N] or None (may be `out`
+    itself: an in-place out += x @ weight.T), out [M, N] (allocated when None): all bf16, contiguous, on one
+    CUDA device; K a multiple of 8. fp32 accumulation, rounded once. Floor: the weight's 2 N K bytes, read
+    once. Graph-safe with `out` given (the launch allocates nothing and does not synchronise).
+    `warps_per_block` (1..16) overrides how many warps split each 16-row tile's K (0: the default).
+    Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
+    _require()
+    if out is None:
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block)
+    return out

@@ -1,0 +1,264 @@
+"""The CUDA extension moshi_fast._C (csrc/): the package without it (any machine), and on the GPU its
+weight-streaming GEMV against the reference: odd and model shapes, residuals (separate and in place),
+NaN-poisoned outputs, the split of K forced, argument checks, determinism, CUDA-graph capture."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moshi_fast
+from moshi_fast import cuda_ext, ops
+from moshi_fast.config import LMConfig
+
+from .helpers import rel_err
+
+_LM = LMConfig()
+ODD_SHAPES = [(40, 72), (8, 8), (17, 264), (1, 136), (200, 1032)]
+"""(N, K): partial 16-row tiles (N % 16 != 0) and a partial last K step (K % 128 != 0)."""
+MODEL_SHAPES = [(3 * _LM.dim, _LM.dim), (_LM.dim, _LM.dim), (2 * _LM.hidden, _LM.dim),
+                (_LM.text_card, _LM.dim), (_LM.dim, _LM.hidden), (3 * _LM.depformer_dim, _LM.depformer_dim),
+                (_LM.depformer_dim, _LM.depformer_dim), (2 * _LM.depformer_hidden, _LM.depformer_dim),
+                (_LM.depformer_dim, _LM.depformer_hidden)]
+"""(N, K) of the language model's decode linears: Helium's qkv, out, gate_up, text head, down; the depth
+transformer's qkv, out, gate_up, down."""
+
+
+def exact_of(x, weight, residual):
+    """x @ weight.T + residual in float64, computed before the call (the residual may be out)."""
+    exact = x.double() @ weight.double().T
+    return exact if residual is None else exact + residual.double()
+
+
+def assert_rounded_once(out, exact):
+    """Within the 1e-2 bound of the bf16 kernel tests, and no further from the exact result than its own
+    rounding to bf16 (a product rounded before the residual is added, or bf16 partial sums, would be)."""
+    assert not out.isnan().any()
+    assert rel_err(out, exact) < 1e-2
+    assert rel_err(out, exact) <= 1.1 * rel_err(exact.bfloat16(), exact) + 1e-6
+
+
+@pytest.fixture
+def without_extension(monkeypatch):
+    """cuda_ext as on a machine where moshi_fast._C is neither built nor buildable (even where it is)."""
+    monkeypatch.setitem(sys.modules, "moshi_fast._C", None)
+    monkeypatch.delattr(moshi_fast, "_C", raising=False)
+    monkeypatch.setenv("MOSHI_FAST_NO_JIT", "1")
+    monkeypatch.setattr(cuda_ext, "_extension", cuda_ext._UNTRIED)
+    monkeypatch.setattr(cuda_ext, "_unavailable_reason", "")
+
+
+def test_package_imports_without_the_extension():
+    code = ("import sys; sys.modules['moshi_fast._C'] = None\n"
+            "import moshi_fast, moshi_fast.ops as ops\n"
+            "assert not ops.cuda_extension_available()\n")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOSHI_FAST_NO_JIT": "1"},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_load_returns_none_without_the_extension(without_extension):
+    assert cuda_ext.load() is None
+    assert not cuda_ext.available() and not ops.cuda_extension_available()
+    assert "MOSHI_FAST_NO_JIT" in cuda_ext.unavailable_reason()
+
+
+@pytest.fixture
+def jit_build(without_extension, monkeypatch):
+    """A CUDA machine with nvcc and ninja but no built extension, JIT allowed: the build's arguments are
+    recorded into the returned dict, and the build returns its "module" entry or raises its "error" entry."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv("MOSHI_FAST_NO_JIT")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_ext.shutil, "which", lambda name: name)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    build = {}
+
+    def fake_load(**kwargs):
+        build["kwargs"] = kwargs
+        if "error" in build:
+            raise build["error"]
+        return build["module"]
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    return build
+
+
+def test_jit_build_of_csrc(jit_build, capsys):
+    jit_build["module"] = module = object()
+    assert cuda_ext.load() is module and cuda_ext.available() and cuda_ext.unavailable_reason() == ""
+    sources = {os.path.basename(path) for path in jit_build["kwargs"]["sources"]}
+    assert {"skinny_gemv.cu", "bindings.cpp"} <= sources
+    assert jit_build["kwargs"]["extra_cuda_cflags"] == cuda_ext.NVCC_FLAGS
+    assert capsys.readouterr().err.count("\n") == 1, "one progress line"
+
+
+def test_failed_jit_build_leaves_the_package_usable(jit_build):
+    jit_build["error"] = RuntimeError("nvcc failed")
+    assert cuda_ext.load() is None
+    assert "nvcc failed" in cuda_ext.unavailable_reason()
+    with pytest.raises(RuntimeError, match="JIT build .* failed"):
+        ops.gemv_cuda(torch.randn(2, 16).bfloat16(), torch.randn(8, 16).bfloat16())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the extension may be built")
+def test_load_returns_none_on_a_cpu_machine():
+    assert cuda_ext.load() is None
+    assert cuda_ext.unavailable_reason()
+
+
+def test_gemv_cuda_raises_clearly_without_the_extension(without_extension):
+    x, weight = torch.randn(2, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    with pytest.raises(RuntimeError, match="CUDA extension is not available: .*MOSHI_FAST_NO_JIT"):
+        ops.gemv_cuda(x, weight)
+
+
+def test_reference_rounds_once_and_updates_in_place():
+    x, weight = torch.randn(3, 40).bfloat16(), torch.randn(24, 40).bfloat16()
+    hidden = torch.randn(3, 24).bfloat16()
+    exact = exact_of(x, weight, hidden)
+    got = cuda_ext.gemv_ref(x, weight, residual=hidden, out=hidden)
+    assert got is hidden
+    assert_rounded_once(hidden, exact)
+
+
+@pytest.fixture(scope="module")
+def extension():
+    """The extension on the GPU machine, where its tests fail, rather than skip, when it cannot load."""
+    assert cuda_ext.available(), cuda_ext.unavailable_reason()
+
+
+def operands(m, n, k, residual):
+    """(x, weight, residual, out) on the GPU, out NaN-poisoned; residual None, "separate" or "out" (out
+    itself, filled with values)."""
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    weight = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    if residual == "out":
+        out.copy_(torch.randn(m, n, device="cuda"))
+        return x, weight, out, out
+    return x, weight, (torch.randn(m, n, device="cuda").bfloat16() if residual == "separate" else None), out
+
+
+def _shape_id(shape):
+    return f"N{shape[0]}-K{shape[1]}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [None, "separate", "out"], ids=["plain", "residual", "residual-is-out"])
+@pytest.mark.parametrize("n, k", ODD_SHAPES + MODEL_SHAPES,
+                         ids=[_shape_id(shape) for shape in ODD_SHAPES + MODEL_SHAPES])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gemv_matches_reference(extension, m, n, k, residual):
+    x, weight, res, out = operands(m, n, k, residual)
+    exact = exact_of(x, weight, res)
+    got = ops.gemv_cuda(x, weight, res, out)
+    assert got is out
+    assert_rounded_once(out, exact)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warps", [1, 3, 8, 16])
+def test_forced_warps_per_block(extension, warps):
+    """Any split of K among a block's warps, including more warps than the 9 K steps."""
+    x, weight, res, out = operands(5, 200, 1032, "separate")
+    exact = exact_of(x, weight, res)
+    cuda_ext.gemv(x, weight, res, out, warps_per_block=warps)
+    assert_rounded_once(out, exact)
+
+
+@pytest.mark.gpu
+def test_allocates_out_and_is_deterministic(extension):
+    x, weight, _, _ = operands(8, 4096, 11264, None)
+    first = ops.gemv_cuda(x, weight)
+    assert first.shape == (8, 4096) and first.dtype == torch.bfloat16
+    assert torch.equal(first, ops.gemv_cuda(x, weight))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager(extension):
+    """An in-place hidden += x @ weight.T step (residual = out) captured once, replayed twice after new inputs
+    are written into the captured tensors: equal to two eager steps, and no memory allocated by the replays."""
+    x, weight, hidden, _ = operands(4, 1000, 1032, "out")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.gemv_cuda(x, weight, hidden, hidden)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.gemv_cuda(x, weight, hidden, hidden)
+
+    new_x, start = torch.randn_like(x), torch.randn_like(hidden)
+    expected = start.clone()
+    for _ in range(2):
+        ops.gemv_cuda(new_x, weight, expected, expected)
+    x.copy_(new_x)
+    hidden.copy_(start)
+    allocated = torch.cuda.memory_allocated()
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == allocated
+    assert torch.equal(hidden, expected)
+
+
+def _bad_calls():
+    """(changes to the good arguments, error, message); good: x [3, 64], weight [40, 64], out [3, 40]."""
+    def misaligned(ok):
+        return ok["x"].new_empty(3 * 64 + 1)[1:].view(3, 64)
+
+    def out_over_x(ok):
+        storage = ok["x"].new_empty(3 * 64 + 3 * 40)
+        x_end = 3 * 64
+        return dict(ok, x=storage[:x_end].view(3, 64), out=storage[x_end - 8:x_end - 8 + 3 * 40].view(3, 40))
+
+    def shifted_residual(ok):
+        storage = ok["out"].new_empty(3 * 40 + 8)
+        return dict(ok, out=storage[:3 * 40].view(3, 40), residual=storage[8:].view(3, 40))
+
+    return [
+        pytest.param(lambda ok: dict(ok, x=ok["x"].float()), TypeError, "x must be bfloat16", id="x-fp32"),
+        pytest.param(lambda ok: dict(ok, weight=ok["weight"].half()), TypeError, "weight must be bfloat16",
+                     id="weight-fp16"),
+        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(9, 64), out=ok["out"].new_zeros(9, 40)),
+                     ValueError, "1 to 8 rows", id="nine-rows"),
+        pytest.param(lambda ok: dict(ok, weight=ok["weight"].new_zeros(40, 72)), ValueError,
+                     "do not match along K", id="k-mismatch"),
+        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(3, 60), weight=ok["weight"].new_zeros(40, 60)),
+                     ValueError, "multiple of 8", id="k-not-multiple-of-8"),
+        pytest.param(lambda ok: dict(ok, weight=ok["weight"].new_zeros(64, 40).T), ValueError, "contiguous",
+                     id="weight-transposed"),
+        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(64)), ValueError, "x must be 2-D", id="x-1d"),
+        pytest.param(lambda ok: dict(ok, out=ok["out"].new_zeros(3, 41)), ValueError, "out must have shape",
+                     id="out-shape"),
+        pytest.param(lambda ok: dict(ok, residual=ok["out"].new_zeros(2, 40)), ValueError,
+                     "residual must have shape", id="residual-shape"),
+        pytest.param(lambda ok: dict(ok, residual=ok["out"].float()), TypeError, "residual must be bfloat16",
+                     id="residual-fp32"),
+        pytest.param(lambda ok: dict(ok, x=ok["x"].cpu()), ValueError, "runs on CUDA tensors", id="x-on-cpu"),
+        pytest.param(lambda ok: dict(ok, weight=ok["weight"].cpu()), ValueError,
+                     "weight must be on x's device", id="weight-on-cpu"),
+        pytest.param(lambda ok: {name: t.cpu() for name, t in ok.items()}, NotImplementedError, "CPU",
+                     id="all-on-cpu"),
+        pytest.param(lambda ok: dict(ok, x=misaligned(ok)), ValueError, "16-byte aligned", id="x-misaligned"),
+        pytest.param(out_over_x, ValueError, "out overlaps x", id="out-overlaps-x"),
+        pytest.param(lambda ok: dict(ok, out=ok["weight"].view(-1)[:3 * 40].view(3, 40)), ValueError,
+                     "out overlaps weight", id="out-in-weight"),
+        pytest.param(shifted_residual, ValueError, "residual overlaps out", id="residual-shifted-from-out"),
+        pytest.param(lambda ok: dict(ok, warps_per_block=17), ValueError, "warps_per_block",
+                     id="seventeen-warps"),
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("change, error, message", _bad_calls())
+def test_bad_arguments_raise(extension, change, error, message):
+    ok = {"x": torch.randn(3, 64, device="cuda").bfloat16(),
+          "weight": torch.randn(40, 64, device="cuda").bfloat16(),
+          "out": torch.empty(3, 40, device="cuda", dtype=torch.bfloat16)}
+    call = change(ok)
+    with pytest.raises(error, match=message):
+        cuda_ext.gemv(call.pop("x"), call.pop("weight"), call.pop("residual", None), **call)

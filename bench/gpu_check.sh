@@ -4,7 +4,7 @@
 #   run the GPU-marked tests, the kernel microbenchmarks, the codec and LM-step benchmarks against Kyutai,
 #   run the demo at Moshi's real size, and keep the logs and JSON results under $OUT.
 # Usage (from the repository root): GIT_SHA=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [steps]
-#   steps: a comma-separated subset of tests,kernels,mimi,lm,demo (default: all of them)
+#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,demo (default: all of them)
 #   TEST_ARGS: extra pytest arguments for the GPU tests, e.g. TEST_ARGS='tests/test_lm_fast.py'
 #   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
 #   (leaves out the sampling kernel's tile sweep)
@@ -23,7 +23,7 @@ import os, torch, triton
 print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
 print("git:", os.environ["GIT_SHA"])
 PY
-steps=",${1:-tests,kernels,mimi,lm,demo},"
+steps=",${1:-tests,kernels,mimi,lm,frame,demo},"
 status=0
 if [[ $steps == *,tests,* ]]; then
     eval "python3 -m pytest -q -m gpu -s ${TEST_ARGS:-}" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || status=1
@@ -38,6 +38,10 @@ if [[ $steps == *,mimi,* ]]; then
 fi
 if [[ $steps == *,lm,* ]]; then
     eval "python3 bench/bench_lm_step.py --json \"\$OUT/lm_step.json\" ${LM_ARGS:-}" 2>&1 | tee "$OUT/lm_step.log" || status=1
+fi
+if [[ $steps == *,frame,* ]]; then
+    eval "python3 bench/bench_frame.py --json \"\$OUT/frame.json\" --plot \"\$OUT/frame.png\" ${FRAME_ARGS:-}" 2>&1 \
+        | tee "$OUT/frame.log" || status=1
 fi
 if [[ $steps == *,demo,* ]]; then
     python3 -m moshi_fast demo --seconds 4 --output "$OUT/demo.wav" 2>&1 | tee "$OUT/demo.log" || status=1

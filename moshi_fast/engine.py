@@ -21,15 +21,17 @@ import numpy as np
 import torch
 
 from .config import MimiConfig, MoshiConfig, moshiko
+from .fast.lm import FastLM
 from .fast.mimi import FastMimi, FastMimiRunner
+from .fast.moshi import FastFrameRunner
 from .reference.lm import LM, SamplingParams, StreamingLM
 from .reference.mimi import Mimi
 from .tokenizer import TextTokenizer
 from .weights import find_moshi_checkpoint, load_lm, load_mimi, random_init_
 
 BACKENDS = ("reference", "fast")
-"""reference: the eager PyTorch spec. fast: Triton kernels under CUDA graphs (Mimi so far; the LM
-runs its reference until its fast path lands)."""
+"""reference: the eager PyTorch spec. fast: Triton kernels (their torch references off CUDA); FastMoshi's
+whole frame (encode, LM step, decode) is one CUDA-graph replay, MimiCodec's each direction."""
 
 
 def _check_backend(backend: str) -> None:
@@ -198,6 +200,7 @@ class _ReferenceMimiRunner:
 
 
 _MIMI_CLASSES = {"reference": Mimi, "fast": FastMimi}
+_LM_CLASSES = {"reference": LM, "fast": FastLM}
 
 
 def _mimi_runner(model: Mimi, batch_size: int, device: torch.device, eager: bool):
@@ -206,8 +209,9 @@ def _mimi_runner(model: Mimi, batch_size: int, device: torch.device, eager: bool
     return _ReferenceMimiRunner(model, batch_size, device)
 
 
-def _prepared(model: Mimi) -> Mimi:
-    return model.prepare() if isinstance(model, FastMimi) else model
+def _prepared(model):
+    """A fast model after its one-time `prepare()` (derived tensors); a reference model as it is."""
+    return model.prepare() if isinstance(model, (FastMimi, FastLM)) else model
 
 
 def _print_progress(done: int, total: int) -> None:
@@ -282,17 +286,23 @@ class FastMoshi:
         self.device = device
         self.max_batch = max_batch
         self.tokenizer = tokenizer
+        if isinstance(lm, FastLM) != isinstance(mimi, FastMimi):
+            raise ValueError("the fast backend needs a FastLM and a FastMimi, the reference backend neither")
+        self.backend = "fast" if isinstance(lm, FastLM) else "reference"
         self.mimi = mimi
         self.lm = lm
-        self._generator = StreamingLM(lm)
         if seed is None:
             seed = int.from_bytes(os.urandom(7), "little")
         self.seed = seed
         self.sampling = {"use_sampling": use_sampling, "temp": temp, "temp_text": temp_text, "top_k": top_k,
                          "top_k_text": top_k_text}
         self._sampling = self._sampling_params(use_sampling, temp, temp_text, top_k, top_k_text, seed)
-        self._codec = _mimi_runner(mimi, max_batch, device, eager)
-        self._lm_state = self._generator.init_state(max_batch)
+        if self.backend == "fast":
+            self._frame_runner = FastFrameRunner(mimi, lm, max_batch, self._sampling, device, eager=eager)
+        else:
+            self._generator = StreamingLM(lm)
+            self._codec = _mimi_runner(mimi, max_batch, device, eager)
+            self._lm_state = self._generator.init_state(max_batch)
         self._all = torch.ones(max_batch, dtype=torch.bool, device=device)
         self._open = [False] * max_batch
 
@@ -326,7 +336,8 @@ class FastMoshi:
                                                                   config.lm.text_padding_id))
         mimi = _prepared(load_mimi(Path(path), _MIMI_CLASSES[backend], device,
                                    num_codebooks=config.mimi.num_codebooks))
-        lm = load_lm(checkpoint, lambda: LM(config.lm), dtype, device, _print_progress if progress else None)
+        lm = _prepared(load_lm(checkpoint, lambda: _LM_CLASSES[backend](config.lm), dtype, device,
+                               _print_progress if progress else None))
         defaults = {k: v for k, v in config.lm_gen.items()
                     if k in ("use_sampling", "temp", "temp_text", "top_k", "top_k_text")}
         return cls(config, lm, mimi, tokenizer, device, max_batch, eager=eager, **{**defaults, **sampling})
@@ -343,7 +354,7 @@ class FastMoshi:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         mimi = _prepared(_random_module(lambda: _MIMI_CLASSES[backend](config.mimi), torch.float32, device,
                                         weights_seed))
-        lm = _random_module(lambda: LM(config.lm), dtype, device, weights_seed + 1)
+        lm = _prepared(_random_module(lambda: _LM_CLASSES[backend](config.lm), dtype, device, weights_seed + 1))
         return cls(config, lm, mimi, tokenizer, device, max_batch, eager=eager, **sampling)
 
     @property
@@ -434,18 +445,27 @@ class FastMoshi:
             stepping[slots] = True
         else:
             batch, slots, stepping = self._frames(frames), list(range(self.max_batch)), self._all
-        codes = self._codec.encode(batch, stepping)
-        out = self._generator.step(codes[:, :self.config.lm.dep_q, 0], self._lm_state, stepping, self._sampling)
-        audio = out.tokens[:, 1:]
-        decoded = self._codec.decode(audio.clamp(min=0)[..., None], out.valid)
-        pcm_out = torch.where(out.valid[:, None], decoded[:, 0], torch.zeros_like(decoded[:, 0]))
+        if self.backend == "fast":
+            pcm_out, tokens, _ = self._frame_runner.step(batch, stepping)
+            pcm_out = pcm_out[:, 0]
+        else:
+            codes = self._codec.encode(batch, stepping)
+            out = self._generator.step(codes[:, :self.config.lm.dep_q, 0], self._lm_state, stepping,
+                                       self._sampling)
+            decoded = self._codec.decode(out.tokens[:, 1:].clamp(min=0)[..., None], out.valid)
+            pcm_out = torch.where(out.valid[:, None], decoded[:, 0], torch.zeros_like(decoded[:, 0]))
+            tokens = out.tokens
+        audio = tokens[:, 1:]
         rows = torch.tensor(slots, device=self.device)
-        text_tokens = out.tokens[rows, 0].cpu()
+        text_tokens = tokens[rows, 0].cpu()
         return StepOutput(pcm=pcm_out[rows].float().cpu(), text_tokens=text_tokens, audio_codes=audio[rows].cpu(),
                           text=self.tokenizer.pieces(text_tokens) if self.tokenizer else None, slots=slots)
 
     def reset(self, slot: int | None = None) -> None:
         """Restarts one conversation (slot index) or all of them (None)."""
         mask = _slot_mask(slot, self.max_batch, self.device)
-        self._codec.reset(mask)
-        self._lm_state.reset(mask)
+        if self.backend == "fast":
+            self._frame_runner.reset(mask)
+        else:
+            self._codec.reset(mask)
+            self._lm_state.reset(mask)

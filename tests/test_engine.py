@@ -208,3 +208,33 @@ def test_late_joiner_and_idle_slot_produce_what_they_produce_alone():
     greedy = _engine(max_batch=1, use_sampling=False)
     assert torch.equal(torch.stack([greedy.step(f).audio_codes[0] for f in b_frames]),
                        torch.stack([o.audio_codes[o.slots.index(slot_b)] for o in outputs_b]))
+
+
+def test_fast_backend_serves_what_the_reference_backend_serves():
+    """backend="fast" (FastMimi + FastLM in one frame function, which a CUDA graph captures on a GPU) and
+    the reference backend, same random weights and seeds, fp32: the same tokens and codes and the same
+    audio, through slots that join late, sit out frames and restart. The fast models run every op's
+    torch reference here (their Triton kernels are tested op by op, and the LM step in test_lm_fast)."""
+    from moshi_fast import ops
+
+    fast, reference = (_engine(max_batch=3, seed=9, backend=b) for b in ("fast", "reference"))
+    assert (fast.backend, reference.backend) == ("fast", "reference")
+    frames = _frames(3, 6, seed=3)
+    plan = [{0: 0, 1: 1}, {0: 0, 2: 2}, {0: 0, 1: 1, 2: 2}, "reset 1", {1: 1, 2: 2}, {0: 0, 1: 1, 2: 2}, {0: 0}]
+    slots = [engine.open() for engine in (fast, reference) for _ in range(3)]
+    assert slots == [0, 1, 2, 0, 1, 2]
+    frame = iter(frames)
+    for step in plan:
+        if step == "reset 1":
+            fast.reset(1)
+            reference.reset(1)
+            continue
+        pcm = next(frame)
+        batch = {slot: pcm[row] for slot, row in step.items()}
+        with ops.reference_ops():
+            ours = fast.step(batch)
+        theirs = reference.step(batch)
+        assert ours.slots == theirs.slots
+        assert torch.equal(ours.text_tokens, theirs.text_tokens)
+        assert torch.equal(ours.audio_codes, theirs.audio_codes)
+        torch.testing.assert_close(ours.pcm, theirs.pcm, rtol=1e-4, atol=1e-5)

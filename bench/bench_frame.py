@@ -1,0 +1,178 @@
+"""The headline: one 80 ms Moshi frame (Mimi encode -> LM step -> Mimi decode) for B conversations,
+moshi_fast's engine vs Kyutai's (the `moshi` package, its own CUDA graphs), same random weights, same run.
+
+    python bench/bench_frame.py --batches 1,8,32,64 --frames 60 --json frame.json --plot frame.png
+
+Kyutai's side is its library loop: `MimiModel.encode`, `LMGen.step`, `MimiModel.decode` in streaming mode.
+Ours is `FastMoshi(backend="fast").step(frames)`: pcm from the host in, pcm and tokens to the host out.
+Kyutai's side copies pcm in and its output to the host as well. Weights: Kyutai's Mimi with random non-zero
+codebooks (saved in its file format and read by our loader) and Kyutai's randomly initialised LM (our
+loader's name map onto the same tensors), bf16 LM, fp32 codec, Kyutai's default sampling. Every slot
+starts at frame `--context` (full context: the LM's 3000-token window full of random keys and values, valid
+random tokens in the delay lines; our codec's rings full too), so the numbers are those of conversations
+that old. Times are wall-clock per step call with the GPU synchronised, p50 and p99 over `--frames` frames
+after warm-up; memory is each engine's peak allocation during its run (they run one after the other).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._harness import device_info, timed_calls  # noqa: E402
+from bench.bench_lm_step import (KYUTAI_SAMPLING, _release, _set_fast_context, _set_kyutai_context,  # noqa: E402
+                                 kyutai_lm, ours_from_kyutai)
+from moshi_fast import FastMoshi  # noqa: E402
+from moshi_fast.config import MoshiConfig, moshiko  # noqa: E402
+from moshi_fast.fast.mimi import FastMimi  # noqa: E402
+from moshi_fast.weights import load_mimi  # noqa: E402
+from tests.checkpoints import kyutai_mimi  # noqa: E402
+from tests.helpers import speech_like  # noqa: E402
+
+BUDGET_MS = 80.0
+"""One frame of audio: an engine keeps up in real time while a frame takes less."""
+
+
+def _stats(times: list[float]) -> dict:
+    ordered = sorted(1000 * t for t in times)
+    return {"p50_ms": ordered[len(ordered) // 2], "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+            "mean_ms": sum(ordered) / len(ordered)}
+
+
+def bench_kyutai(mimi, lm, config: MoshiConfig, batch: int, frames: list[torch.Tensor], warmup: int,
+                 context: int) -> dict:
+    from moshi.models.lm import LMGen
+
+    torch.cuda.reset_peak_memory_stats()
+    lm_gen = LMGen(lm, **KYUTAI_SAMPLING)
+
+    def step(pcm: torch.Tensor) -> None:
+        codes = mimi.encode(pcm.cuda()[:, None])
+        tokens = lm_gen.step(codes)
+        if tokens is not None:
+            mimi.decode(tokens[:, 1:]).cpu()
+            tokens.cpu()
+
+    with torch.no_grad(), mimi.streaming(batch), lm_gen.streaming(batch):
+        _set_kyutai_context(lm_gen, context, config.lm)
+        for pcm in frames[:warmup]:
+            step(pcm)
+        row = _stats(timed_calls(step, frames[warmup:]))
+    row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    del lm_gen
+    _release()
+    return row
+
+
+def bench_fast(mimi: FastMimi, lm, config: MoshiConfig, batch: int, frames: list[torch.Tensor], warmup: int,
+               context: int) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    engine = FastMoshi(config, lm, mimi, None, torch.device("cuda"), max_batch=batch, **KYUTAI_SAMPLING)
+    runner = engine._frame_runner
+    _set_fast_context(runner.lm_runner, context, config.lm)
+    runner.mimi_cache.encoder_frame.fill_(context)
+    runner.mimi_cache.decoder_frame.fill_(context)
+    for ring_k, ring_v in runner.mimi_cache.rings.values():
+        ring_k.normal_()
+        ring_v.normal_()
+    for pcm in frames[:warmup]:
+        engine.step(pcm)
+    row = _stats(timed_calls(engine.step, frames[warmup:]))
+    row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    del engine, runner
+    _release()
+    return row
+
+
+def plot(rows: list[dict], info: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for engine, label in (("kyutai", "Kyutai moshi (PyTorch, CUDA graphs)"), ("fast", "moshi_fast")):
+        points = [(r["batch"], r[engine]["p50_ms"], r[engine]["p99_ms"]) for r in rows if "p50_ms" in r.get(engine, {})]
+        if points:
+            batches, p50, p99 = zip(*points)
+            line = axis.plot(batches, p50, marker="o", label=f"{label}, p50")[0]
+            axis.plot(batches, p99, marker="x", linestyle="--", color=line.get_color(), label=f"{label}, p99")
+    axis.axhline(BUDGET_MS, color="red", linewidth=1, label="80 ms: real time")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("conversations per GPU (batch)")
+    axis.set_ylabel("frame time (ms)")
+    axis.set_title(f"One 80 ms Moshi frame, full context, {info['device']}")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--context", type=int, default=3000)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args(argv)
+    info = device_info()
+    print(f"# {info}", flush=True)
+    config = moshiko()
+    with tempfile.TemporaryDirectory() as tmp:
+        kyutai_codec, path = kyutai_mimi(Path(tmp) / "mimi.safetensors")
+        kyutai_codec = kyutai_codec.cuda()
+        ours_codec = load_mimi(path, FastMimi, torch.device("cuda"), num_codebooks=config.mimi.num_codebooks).prepare()
+    kyutai_model = kyutai_lm(config.lm)
+    ours_lm = ours_from_kyutai(kyutai_model, config.lm)
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        pcm = speech_like(batch, args.warmup + args.frames, seed=batch)
+        frames = list(pcm[:, 0].split(config.mimi.frame_size, dim=-1))
+        row = {"batch": batch, "frames": args.frames, "context": args.context}
+        for name, run in (("kyutai", lambda: bench_kyutai(kyutai_codec, kyutai_model, config, batch, frames,
+                                                           args.warmup, args.context)),
+                          ("fast", lambda: bench_fast(ours_codec, ours_lm, config, batch, frames, args.warmup,
+                                                      args.context))):
+            try:
+                row[name] = run()
+            except torch.OutOfMemoryError:
+                row[name] = {"error": "out of GPU memory"}
+                _release()
+        if "p50_ms" in row["kyutai"] and "p50_ms" in row["fast"]:
+            row["speedup_p50"] = row["kyutai"]["p50_ms"] / row["fast"]["p50_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    real_time = {engine: max((r["batch"] for r in rows if r[engine].get("p99_ms", 1e9) <= BUDGET_MS), default=0)
+                 for engine in ("kyutai", "fast")}
+    print(f"\n{'B':>3} {'Kyutai p50':>11} {'p99':>8} {'GB':>6} {'fast p50':>9} {'p99':>8} {'GB':>6} {'speed-up':>9}")
+    for row in rows:
+        k, f = row["kyutai"], row["fast"]
+        cell = lambda r, key, width: f"{r[key]:>{width}.2f}" if key in r else f"{'-':>{width}}"  # noqa: E731
+        ratio = f"{row['speedup_p50']:>8.2f}x" if "speedup_p50" in row else f"{'-':>9}"
+        print(f"{row['batch']:>3} {cell(k, 'p50_ms', 9)}ms {cell(k, 'p99_ms', 6)}ms {cell(k, 'peak_GB', 6)} "
+              f"{cell(f, 'p50_ms', 7)}ms {cell(f, 'p99_ms', 6)}ms {cell(f, 'peak_GB', 6)} {ratio}")
+    print(f"most conversations tested with p99 <= {BUDGET_MS:.0f} ms: Kyutai {real_time['kyutai']}, "
+          f"moshi_fast {real_time['fast']} (of batches {args.batches})")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "benchmark": "moshi_frame", **info,
+            "config": "moshiko real config, random weights (Kyutai's LM init, Mimi with random codebooks), "
+                      f"bf16 LM, fp32 Mimi, Kyutai's default sampling, every slot at frame {args.context}",
+            "real_time_conversations": real_time, "rows": rows}, indent=1))
+    if args.plot:
+        plot(rows, info, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -207,6 +207,8 @@ class LMCache:
         tokens        [B, 1 + n_q, max_delay + 2] int64   the delay line of every stream (LMGen's cache)
         depth_k/_v    [depformer layers, B, heads, dep_q, head_dim]  the depth transformer's keys and
                       values of this frame's codebook steps (rewritten every frame)
+        depth_scratch the fused depth step's activations between its phases and its counters
+                      (ops.depth_step, with FastLM.prepare(fused_depth=True))
         workspace     one SplitWorkspace for every split linear and attention of the step, sized for
                       the largest (they run one after another on one stream)
     """
@@ -223,6 +225,8 @@ class LMCache:
                  config.depformer_head_dim)
         self.depth_k = torch.zeros(depth, dtype=dtype, device=device)
         self.depth_v = torch.zeros(depth, dtype=dtype, device=device)
+        self.depth_scratch = ops.depth_step_scratch(batch_size, config.depformer_dim, config.depformer_hidden,
+                                                    config.depformer_num_heads, dtype, device)
         c, b = config, batch_size
         linears = [  # (output width, input width, gated)
             (3 * c.dim, c.dim, False), (c.dim, c.dim, False), (c.hidden, c.dim, True), (c.dim, c.hidden, False),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from . import cuda_ext
 from .kernels._utils import SplitWorkspace, can_launch
 from .kernels.conv1d_stream import conv1d_stream as _conv1d_stream_kernel
@@ -19,6 +21,8 @@ from .kernels.conv_transpose1d_stream import (conv_transpose1d_stream_ref, conv_
                                               pack_conv_transpose_weight)
 from .kernels.depth_attention import depth_attention as _depth_attention_kernel
 from .kernels.depth_attention import depth_attention_ref
+from .kernels.depth_step import depth_step as _depth_step_kernel
+from .kernels.depth_step import depth_step_ref, depth_step_scratch
 from .kernels.embed_sum import embed_sum as _embed_sum_kernel
 from .kernels.embed_sum import embed_sum_ref
 from .kernels.paged_attention import paged_attention as _paged_attention_kernel
@@ -96,6 +100,16 @@ def depth_attention(qkv, k_cache, v_cache, step: int, out=None):
     return fn(qkv, k_cache, v_cache, step, out=out)
 
 
+def depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head, k_cache,
+               v_cache, step: int, eps: float, logits_out, scratch, phases=None):
+    """One codebook step of the depth transformer: embedding add, every layer with the step's weights
+    (qkv [L, 3D, D], ... views with a layer stride), KV write at `step`, head logits into logits_out, in
+    one persistent launch on CUDA (kernels/depth_step.py); scratch from `depth_step_scratch`."""
+    fn = _depth_step_kernel if _use_kernel(x, qkv) else depth_step_ref
+    return fn(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head, k_cache,
+              v_cache, step, eps, logits_out, scratch, phases=phases)
+
+
 def embed_sum(tokens, table, row_offset, out=None, accumulate=False):
     """Sum of one row per stream of concatenated embedding tables, each add rounded to out's dtype
     as torch's are; added to out when `accumulate` (kernels/embed_sum.py)."""
@@ -122,10 +136,33 @@ def sample_tokens(logits, temperature, top_k, max_top_k: int, seed, counter, dra
     return fn(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out)
 
 
+CUDA_GEMV_SHAPES = frozenset({(1024, 1024), (1024, 2816), (4096, 11264)})
+"""(N, K) of the plain bf16 products (no norm, bias or activation; M <= 8) where the CUDA extension's GEMV
+beat skinny_linear on an H200 (bench/results/2026-11-22_H200_5180938_cuda_gemv.json, M = 1 / 4 / 8): the
+depth transformer's attention output 2.5 vs 3.6 us and FFN output 3.7 vs 4.9 us, Helium's FFN output
+25.7 vs 27.5 us. On the other LM shapes skinny_linear was as fast or faster."""
+
+
+def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
+    if not (_kernels_enabled and x.is_cuda and bias is None and norm is None and activation is None):
+        return False
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[0] > 8:
+        return False
+    if tuple(weight.shape) not in CUDA_GEMV_SHAPES:
+        return False
+    operands = [t for t in (x, weight, residual, out) if t is not None]
+    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 and t.dtype == torch.bfloat16 for t in operands):
+        return False
+    return cuda_ext.available()
+
+
 def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, out=None,
            workspace: SplitWorkspace | None = None):
     """act(LayerNorm(x) @ weight.T + bias) + residual for few rows, weights streamed once
-    (kernels/skinny_linear.py); x [M, K], norm (weight, bias, eps) or None, residual may be `out`."""
+    (kernels/skinny_linear.py; the CUDA extension's GEMV on the CUDA_GEMV_SHAPES, when it is built); x [M, K],
+    norm (weight, bias, eps) or None, residual may be `out`."""
+    if _use_cuda_gemv(x, weight, bias, norm, activation, residual, out):
+        return cuda_ext.gemv(x, weight, residual, out)
     fn = _skinny_linear_kernel if _use_kernel(x, weight) else skinny_linear_ref
     return fn(x, weight, bias=bias, norm=norm, activation=activation, residual=residual, out=out,
               workspace=workspace)
@@ -154,6 +191,7 @@ def gemv_cuda(x, weight, residual=None, out=None):
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
            "conv_transpose1d_stream_workspace_size", "cuda_extension_available", "depth_attention",
+           "depth_step", "depth_step_scratch",
            "embed_sum", "gemv_cuda", "linear",
            "linear_workspace_size", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "ring_attention",

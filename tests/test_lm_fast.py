@@ -15,8 +15,8 @@ from moshi_fast.reference.lm import SamplingParams, StreamingLM
 from .helpers import rel_err
 
 
-def build(config, dtype=torch.float32, device="cpu", seed=3):
-    return _random_module(lambda: FastLM(config), dtype, torch.device(device), seed).prepare()
+def build(config, dtype=torch.float32, device="cpu", seed=3, fused_depth=False):
+    return _random_module(lambda: FastLM(config), dtype, torch.device(device), seed).prepare(fused_depth)
 
 
 def sampling_params(batch, device="cpu", greedy=False, top_k_text=5, top_k=20):
@@ -48,8 +48,8 @@ def schedule(frames, batch, seed=0):
 
 
 def compare_streams(config, frames, batch, kernels, greedy, forced=False, device="cpu", dtype=torch.float32,
-                    tolerance=1e-4):
-    lm = build(config, dtype, device)
+                    tolerance=1e-4, fused_depth=False):
+    lm = build(config, dtype, device, fused_depth=fused_depth)
     params = sampling_params(batch, device, greedy)
     reference = StreamingLM(lm)
     state = reference.init_state(batch)
@@ -87,6 +87,11 @@ def compare_streams(config, frames, batch, kernels, greedy, forced=False, device
 def test_fast_step_matches_reference_ops(greedy):
     """The fast step's wiring (ops' torch references): tokens equal, logits equal to rounding."""
     compare_streams(tiny().lm, frames=10, batch=3, kernels=False, greedy=greedy)
+
+
+def test_fused_depth_step_matches_reference():
+    """prepare(fused_depth=True): each depth step is one ops.depth_step (its torch reference here)."""
+    compare_streams(tiny().lm, frames=6, batch=3, kernels=False, greedy=False, fused_depth=True)
 
 
 def test_fast_step_matches_reference_kernels():

@@ -13,7 +13,10 @@ One frame for B slots (`FastStreamingLM.step`), the launches in order, at Moshi'
     8 x depth step k                        embed_sum adds the previous token's embedding; 6 layers of
                                             linear qkv (RMSNorm) -> depth_attention over steps 0..k ->
                                             linear out (+res) -> linear gate_up (RMSNorm, SiLU) ->
-                                            linear down (+res); linear head[k] -> sample_tokens
+                                            linear down (+res); linear head[k] -> sample_tokens.
+                                            With prepare(fused_depth=True) the step before the sampling
+                                            is one persistent depth_step launch instead (measured slower
+                                            so far: bench/RESULTS.md)
     delay line out (a few small torch ops)  the generated tokens enter the line, the delayed output
                                             is read, the frame counter advances
 
@@ -35,11 +38,17 @@ from ..reference.lm import LM, SamplingParams
 
 class FastLM(LM):
     """Call `prepare()` once after the weights are loaded: the embedding tables become views of one
-    concatenated table per transformer (no second copy), read by one embed_sum launch."""
+    concatenated table per transformer, and each depth-transformer projection's (and RMSNorm's) layers
+    views of one stacked tensor (no second copy), read by one launch (embed_sum, depth_step)."""
+
+    fused_depth = False
 
     @torch.no_grad()
-    def prepare(self) -> "FastLM":
+    def prepare(self, fused_depth: bool = False) -> "FastLM":
+        """fused_depth: run each depth-transformer step as one persistent kernel (ops.depth_step) rather
+        than 32 launches; off by default, because on an H200 it measured slower (bench/RESULTS.md)."""
         c = self.config
+        self.fused_depth = fused_depth
         # Helium sums audio streams 0..n_q-1 then the text stream (LM.embed's order, which fixes the
         # bf16 rounding of every partial sum).
         self._concatenate_tables("embed", [*self.audio_emb, self.text_emb])
@@ -47,7 +56,20 @@ class FastLM(LM):
         self._concatenate_tables("depth_embed", [self.depformer.text_emb, *self.depformer.audio_emb])
         self.register_buffer("depth_in_proj", self.depformer.in_proj.view(c.dep_q * c.depformer_dim, c.dim),
                              persistent=False)
+        layers = self.depformer.layers
+        for name in ("qkv", "out", "gate_up", "down"):
+            self._stack_layers(f"depth_{name}", [getattr(layer, name) for layer in layers])
+        for name in ("norm1", "norm2"):
+            self._stack_layers(f"depth_{name}", [getattr(layer, name).weight for layer in layers])
         return self
+
+    def _stack_layers(self, name: str, parameters: list[torch.nn.Parameter]) -> None:
+        """[layers, ...] stacked, each parameter re-pointed to its slice: the depth step takes a
+        projection's weights of every layer as one tensor with a layer stride."""
+        stacked = torch.stack([p.data for p in parameters])
+        for i, p in enumerate(parameters):
+            p.data = stacked[i]
+        self.register_buffer(name, stacked, persistent=False)
 
     def _concatenate_tables(self, name: str, embeddings: list[torch.nn.Embedding]) -> None:
         table = torch.cat([e.weight for e in embeddings])
@@ -95,6 +117,12 @@ class FastLM(LM):
         updated in place into the step's residual stream; previous [B] is the token step - 1 produced
         (the text token at step 0). Writes the step's logits into logits_out [B, card]."""
         c, d, workspace = self.config, self.depformer, cache.workspace
+        if self.fused_depth:
+            return ops.depth_step(x, previous, self.depth_embed_table, self.depth_embed_offsets[step:step + 1],
+                                  self.depth_norm1, self.depth_qkv[:, step], self.depth_out[:, step],
+                                  self.depth_norm2, self.depth_gate_up[:, step], self.depth_down[:, step],
+                                  d.heads[step], cache.depth_k, cache.depth_v, step, c.norm_eps, logits_out,
+                                  cache.depth_scratch)
         ops.embed_sum(previous[:, None], self.depth_embed_table, self.depth_embed_offsets[step:step + 1], out=x,
                       accumulate=True)
         for i, layer in enumerate(d.layers):

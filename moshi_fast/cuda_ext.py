@@ -112,7 +112,64 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     `warps_per_block` (1..16) overrides how many warps split each 16-row tile's K (0: the default).
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     _require()
-    if out is None:
+    if out is None and x.dim() == 2 and weight.dim() == 2:
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _check_gemv(x, weight, residual, out, warps_per_block)
     torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block)
     return out
+
+
+MAX_ROWS = 8
+MAX_WARPS = 16
+
+
+def _check_gemv(x, weight, residual, out, warps_per_block) -> None:
+    """The op's argument checks, made here first: on an H200 (torch 2.11) one of the op's own C++ checks
+    crashed the process instead of raising (a c10::ValueError thrown before any launch, in a test of bad
+    arguments; cause not established), so no invalid call reaches it."""
+    if all(t.device.type == "cpu" for t in (x, weight, out) if t is not None):
+        raise NotImplementedError("gemv_bf16 has no CPU implementation: it runs on CUDA tensors")
+    if not x.is_cuda:
+        raise ValueError(f"gemv_bf16 runs on CUDA tensors; x is on {x.device}")
+    named = {"x": x, "weight": weight, "out": out}
+    if residual is not None:
+        named["residual"] = residual
+    for name, tensor in named.items():
+        if tensor.device != x.device:
+            raise ValueError(f"gemv_bf16: {name} must be on x's device {x.device}, got {tensor.device}")
+        if tensor.dtype != torch.bfloat16:
+            raise TypeError(f"gemv_bf16: {name} must be bfloat16, got {tensor.dtype}")
+        if tensor.dim() != 2:
+            raise ValueError(f"gemv_bf16: {name} must be 2-D, got shape {list(tensor.shape)}")
+        if not tensor.is_contiguous():
+            raise ValueError(f"gemv_bf16: {name} must be contiguous, got strides {tensor.stride()}")
+    rows, k = x.shape
+    n = weight.shape[0]
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"gemv_bf16: x must have 1 to {MAX_ROWS} rows, got {rows}")
+    if weight.shape[1] != k:
+        raise ValueError(f"gemv_bf16: x {list(x.shape)} and weight {list(weight.shape)} do not match along K")
+    if k <= 0 or k % 8:
+        raise ValueError(f"gemv_bf16: K must be a positive multiple of 8, got {k}")
+    for name in ("out", "residual"):
+        if name in named and tuple(named[name].shape) != (rows, n):
+            raise ValueError(f"gemv_bf16: {name} must have shape [{rows}, {n}], got {list(named[name].shape)}")
+    for name in ("x", "weight"):
+        if named[name].data_ptr() % 16:
+            raise ValueError(f"gemv_bf16: {name} must start 16-byte aligned (it is read in 16-byte pieces)")
+    for name in ("x", "weight"):
+        if _overlap(out, named[name]):
+            raise ValueError(f"gemv_bf16: out overlaps {name}")
+    if residual is not None and _overlap(residual, out) and not (
+            residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()):
+        raise ValueError("gemv_bf16: residual overlaps out without being out itself")
+    if not 0 <= warps_per_block <= MAX_WARPS:
+        raise ValueError(f"gemv_bf16: warps_per_block must be 0 (the default) or 1 to {MAX_WARPS}, "
+                         f"got {warps_per_block}")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors' byte ranges intersect."""
+    a_end = a.data_ptr() + a.numel() * a.element_size()
+    b_end = b.data_ptr() + b.numel() * b.element_size()
+    return a.data_ptr() < b_end and b.data_ptr() < a_end

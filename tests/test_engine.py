@@ -238,3 +238,47 @@ def test_fast_backend_serves_what_the_reference_backend_serves():
         assert torch.equal(ours.text_tokens, theirs.text_tokens)
         assert torch.equal(ours.audio_codes, theirs.audio_codes)
         torch.testing.assert_close(ours.pcm, theirs.pcm, rtol=1e-4, atol=1e-5)
+
+
+def test_long_conversation_wraps_the_window_like_the_reference():
+    """A context of 6 frames, 30 frames: the fast backend's paged window recycles its pages several
+    times and serves what the reference backend's ring serves (same weights, sampling, seeds)."""
+    import dataclasses
+
+    from moshi_fast import ops
+
+    config = dataclasses.replace(CONFIG, lm=dataclasses.replace(CONFIG.lm, context=6))
+    fast, reference = (FastMoshi.random(config, device="cpu", max_batch=2, seed=4, backend=b)
+                       for b in ("fast", "reference"))
+    for pcm in _frames(2, 30, seed=8):
+        with ops.reference_ops():
+            ours = fast.step(pcm)
+        theirs = reference.step(pcm)
+        assert torch.equal(ours.text_tokens, theirs.text_tokens)
+        assert torch.equal(ours.audio_codes, theirs.audio_codes)
+
+
+@pytest.mark.gpu
+def test_ten_thousand_frames_keep_flat_time_and_memory():
+    """13 minutes of conversation on the fast engine at Moshi's real size (B = 1): the 3000-token window
+    wraps three times; once it is full, frame time stays flat and no GPU memory is allocated."""
+    import time
+
+    engine = FastMoshi.random(device="cuda", backend="fast", max_batch=1)
+    frames = [f.cuda() for f in _frames(1, 50, seed=2)]
+    times, memory = [], {}
+    for t in range(10_000):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step(frames[t % len(frames)])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        if t in (10, 9_999):
+            memory[t] = torch.cuda.memory_allocated()
+    window = lambda first: sorted(times[first:first + 500])[250] * 1000  # noqa: E731
+    early, full, late = window(500), window(3_500), window(9_500)
+    print(f"\nB=1 frame p50: {early:.2f} ms at frames 500-999, {full:.2f} ms at 3500-3999, {late:.2f} ms at "
+          f"9500-9999; GPU memory allocated {memory[10] / 1e9:.3f} GB at frame 10, {memory[9_999] / 1e9:.3f} GB "
+          f"at frame 9999")
+    assert late <= 1.05 * full
+    assert memory[9_999] == memory[10]

@@ -4,7 +4,7 @@
 #   run the GPU-marked tests, the kernel microbenchmarks, the codec and LM-step benchmarks against Kyutai,
 #   run the demo at Moshi's real size, and keep the logs and JSON results under $OUT.
 # Usage (from the repository root): GIT_SHA=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [steps]
-#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,demo (default: all of them)
+#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,load,demo (default: all of them)
 #   TEST_ARGS: extra pytest arguments for the GPU tests, e.g. TEST_ARGS='tests/test_lm_fast.py'
 #   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
 #   (leaves out the sampling kernel's tile sweep)
@@ -23,7 +23,7 @@ import os, torch, triton
 print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
 print("git:", os.environ["GIT_SHA"])
 PY
-steps=",${1:-tests,kernels,mimi,lm,frame,demo},"
+steps=",${1:-tests,kernels,mimi,lm,frame,load,demo},"
 status=0
 if [[ $steps == *,tests,* ]]; then
     eval "python3 -m pytest -q -m gpu -s ${TEST_ARGS:-}" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || status=1
@@ -42,6 +42,21 @@ fi
 if [[ $steps == *,frame,* ]]; then
     eval "python3 bench/bench_frame.py --json \"\$OUT/frame.json\" --plot \"\$OUT/frame.png\" ${FRAME_ARGS:-}" 2>&1 \
         | tee "$OUT/frame.log" || status=1
+fi
+if [[ $steps == *,load,* ]]; then
+    # The server at Moshi's real size on the fast engine, and LOAD_CLIENTS real-time Kyutai-protocol clients.
+    clients=${LOAD_CLIENTS:-64}
+    python3 -m moshi_fast serve --max-conversations "$clients" --port 8998 > "$OUT/serve.log" 2>&1 &
+    server=$!
+    for _ in $(seq 300); do
+        python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8998/api/stats', timeout=2)" \
+            2> /dev/null && break
+        sleep 1
+    done
+    python3 -m moshi_fast loadtest --clients "$clients" --seconds "${LOAD_SECONDS:-30}" \
+        --output "$OUT/loadtest.json" 2>&1 | tee "$OUT/loadtest.log" || status=1
+    kill "$server"
+    wait "$server"
 fi
 if [[ $steps == *,demo,* ]]; then
     python3 -m moshi_fast demo --seconds 4 --output "$OUT/demo.wav" 2>&1 | tee "$OUT/demo.log" || status=1

@@ -162,8 +162,8 @@ class MoshiServer:
         self.output_backlog = output_backlog
         self.heartbeat_s = heartbeat_s
         self.counters = collections.Counter()
-        # (step index, step_ms, interval_ms, batch): one record per engine step.
-        self._frames: collections.deque[tuple[int, float, float, int]] = collections.deque(
+        # (step index, step_ms, interval_ms, batch, engine_ms): one record per engine step.
+        self._frames: collections.deque[tuple[int, float, float, int, float]] = collections.deque(
             maxlen=stats_window)
         self._conversations: dict[int, Conversation] = {}
         self._ids = itertools.count(1)
@@ -231,10 +231,14 @@ class MoshiServer:
     def stats(self, after_step: int = 0) -> dict:
         """Counters and timings. Frame times are over the recorded steps with index > after_step
         (pass a previous `stats()["steps"]` to measure an interval): `frame_ms` is the wall time of
-        one engine step, `tick_interval_ms` the time between the starts of consecutive steps."""
+        one engine step as the frame clock sees it (from submitting the step to resuming after it),
+        `engine_ms` the same step timed inside the engine's thread (the difference is time spent
+        waiting for that thread or for the event loop), `tick_interval_ms` the time between the starts
+        of consecutive steps."""
         records = [r for r in self._frames if r[0] > after_step]
         steps = np.array([r[1] for r in records])
         intervals = np.array([r[2] for r in records if r[2] > 0])
+        engine_steps = np.array([r[4] for r in records])
         return {
             "conversations": self.conversations,
             "max_conversations": self.engine.max_batch,
@@ -250,6 +254,7 @@ class MoshiServer:
             "measured_steps": len(records),
             "mean_batch": float(np.mean([r[3] for r in records])) if records else 0.0,
             "frame_ms": _percentiles(steps),
+            "engine_ms": _percentiles(engine_steps),
             "tick_interval_ms": _percentiles(intervals),
         }
 
@@ -372,7 +377,8 @@ class MoshiServer:
                 interval_ms = 0.0 if last_start is None else 1000 * (start - last_start)
                 last_start = start
                 try:
-                    out = await self._run_in_engine(self.engine.step, {c.slot: f for c, f in batch.items()})
+                    out, engine_ms = await self._run_in_engine(_timed, self.engine.step,
+                                                               {c.slot: f for c, f in batch.items()})
                 except Exception:
                     log.exception("engine step failed; closing the conversations it carried")
                     for conversation in batch:
@@ -381,7 +387,7 @@ class MoshiServer:
                 else:
                     self.counters["steps"] += 1
                     self._frames.append((self.counters["steps"], 1000 * (time.perf_counter() - start),
-                                         interval_ms, len(batch)))
+                                         interval_ms, len(batch), engine_ms))
                     self._spawn(self._deliver({c.slot: c for c in batch}, out))
             else:
                 last_start = None
@@ -439,6 +445,13 @@ def _percentiles(values: np.ndarray) -> dict:
         return {"p50": None, "p90": None, "p99": None, "max": None}
     return {"p50": float(np.percentile(values, 50)), "p90": float(np.percentile(values, 90)),
             "p99": float(np.percentile(values, 99)), "max": float(values.max())}
+
+
+def _timed(function, *args):
+    """(function(*args), its wall time in ms), measured in the calling thread."""
+    start = time.perf_counter()
+    result = function(*args)
+    return result, 1000 * (time.perf_counter() - start)
 
 
 def serve(engine: FastMoshi, host: str = "127.0.0.1", port: int = 8998, **options) -> None:

@@ -360,6 +360,7 @@ def test_loadtest_reports_server_frame_times(server16, tmp_path):
     assert report["received_ratio"]["min"] >= 0.9
     server = report["server"]
     assert server["measured_steps"] >= 10 and server["frame_ms"]["p99"] > 0
+    assert 0 < server["engine_ms"]["p50"] <= server["frame_ms"]["p50"]
     assert json.loads(json.dumps(report)) == report
 
 

@@ -62,6 +62,30 @@ class SplitWorkspace:
                              f"counters, has {self.partials.numel()} and {self.counters.numel()}")
 
 
+def split_buffers(workspace: SplitWorkspace | None, partial_floats: int, counters: int, splits: int,
+                  out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials, arrival counters) for a launch split `splits` ways: the given workspace, checked (a fresh
+    one where None); unsplit, the kernel never touches them and `out` stands in for both pointers."""
+    if splits == 1:
+        return out, out
+    if workspace is None:
+        workspace = SplitWorkspace(partial_floats, counters, out.device)
+    workspace.check(partial_floats, counters)
+    return workspace.partials, workspace.counters
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """Element offset of a non-empty tensor's last element from its first."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges that the two tensors' elements span intersect."""
+    a_end = a.data_ptr() + (max_offset(a) + 1) * a.element_size()
+    b_end = b.data_ptr() + (max_offset(b) + 1) * b.element_size()
+    return a.data_ptr() < b_end and b.data_ptr() < a_end
+
+
 @triton.jit
 def combine_softmax_partials(stats_ptr, partials_ptr, partials, has_split, offs_d, HEAD_DIM: tl.constexpr,
                              EXP2: tl.constexpr):

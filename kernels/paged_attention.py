@@ -63,7 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, combine_softmax_partials, interpreting, next_pow2, parallel_sms
+from ._utils import (SplitWorkspace, combine_softmax_partials, interpreting, next_pow2, parallel_sms,
+                     split_buffers)
 from .ring_attention import _rope
 from .tuned import shape_key, tuned_tiles
 
@@ -110,6 +111,19 @@ def paged_attention_ref(qkv, k_pool, v_pool, page_table, positions, exec_mask, c
     y = torch.nn.functional.scaled_dot_product_attention(q.float(), keys, values, visible[:, None, None, :])
     out[running] = y.reshape(-1, heads * head_dim).to(out.dtype)
     return out
+
+
+@triton.jit
+def _window_block(k_pool_ptr, v_pool_ptr, table, key_pos, stop, head_offset, stride_pool_page, stride_pool_row,
+                  offs_d, PAGE_SIZE: tl.constexpr, PAGES_PER_SLOT: tl.constexpr):
+    """Keys and values [BLOCK_N, D] of window positions key_pos (those < stop; the others read as 0), each
+    row found through the slot's page table, and the mask of the positions read."""
+    mask_n = key_pos < stop
+    pages = tl.load(table + (key_pos // PAGE_SIZE) % PAGES_PER_SLOT, mask=mask_n, other=0).to(tl.int64)
+    rows = pages * stride_pool_page + head_offset + (key_pos % PAGE_SIZE) * stride_pool_row
+    keys = tl.load(k_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    values = tl.load(v_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    return keys, values, mask_n
 
 
 @triton.jit
@@ -185,12 +199,9 @@ def _paged_attention_kernel(
         l_rows = tl.broadcast_to(l_i, (DOT_ROWS,))
         acc_rows = tl.broadcast_to(acc[None, :], (DOT_ROWS, HEAD_DIM))
         for block_start in range(start, stop, BLOCK_N):
-            key_pos = block_start + offs_n
-            mask_n = key_pos < stop
-            pages = tl.load(table + (key_pos // PAGE_SIZE) % PAGES_PER_SLOT, mask=mask_n, other=0).to(tl.int64)
-            rows = pages * stride_pool_page + head_offset + (key_pos % PAGE_SIZE) * stride_pool_row
-            keys = tl.load(k_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-            values = tl.load(v_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
+                                                 head_offset, stride_pool_page, stride_pool_row, offs_d,
+                                                 PAGE_SIZE, PAGES_PER_SLOT)
             scores = tl.dot(queries, tl.trans(keys)) * QK_SCALE
             scores = tl.where(mask_n[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_rows, tl.max(scores, axis=1))
@@ -204,12 +215,9 @@ def _paged_attention_kernel(
         m_i = tl.max(tl.where(is_row0, m_rows, float("-inf")), axis=0)
     else:
         for block_start in range(start, stop, BLOCK_N):
-            key_pos = block_start + offs_n
-            mask_n = key_pos < stop
-            pages = tl.load(table + (key_pos // PAGE_SIZE) % PAGES_PER_SLOT, mask=mask_n, other=0).to(tl.int64)
-            rows = pages * stride_pool_page + head_offset + (key_pos % PAGE_SIZE) * stride_pool_row
-            keys = tl.load(k_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-            values = tl.load(v_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
+                                                 head_offset, stride_pool_page, stride_pool_row, offs_d,
+                                                 PAGE_SIZE, PAGES_PER_SLOT)
             scores = tl.where(mask_n, tl.sum(keys.to(tl.float32) * query[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             rescale = tl.exp2(m_i - m_new)
@@ -356,15 +364,7 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     block_n, splits, num_warps, num_stages = _resolve_tiles(batch, heads, head_dim, context, tiles,
                                                             _programs_wanted(qkv.device))
     dot = _use_dot(k_pool.dtype, block_n, head_dim, tiles)
-    partial_floats, counters = _workspace_size(batch, heads, head_dim, splits)
-    if splits > 1:
-        if workspace is None:
-            workspace = SplitWorkspace(partial_floats, counters, qkv.device)
-        workspace.check(partial_floats, counters)
-        partials, arrivals = workspace.partials, workspace.counters
-    else:
-        # Unsplit: the kernel never touches the workspace; `out` stands in for its pointers.
-        partials, arrivals = out, out
+    partials, arrivals = split_buffers(workspace, *_workspace_size(batch, heads, head_dim, splits), splits, out)
     launch_options = {"num_warps": num_warps}
     if num_stages is not None:
         launch_options["num_stages"] = num_stages

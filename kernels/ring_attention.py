@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, combine_softmax_partials, next_pow2, parallel_sms
+from ._utils import SplitWorkspace, combine_softmax_partials, next_pow2, parallel_sms, split_buffers
 from .tuned import shape_key, tuned_tiles
 
 MAX_STEPS = 4
@@ -294,15 +294,8 @@ def ring_attention(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
         raise ValueError("out must have unit stride in its last dim")
     block_r, num_warps = _resolve_tiles(batch, heads, head_dim, capacity, tiles, parallel_sms(qkv.device))
     splits = triton.cdiv(capacity, block_r)
-    partial_floats, counters = _workspace_size(batch, heads, steps, head_dim, splits)
-    if splits > 1:
-        if workspace is None:
-            workspace = SplitWorkspace(partial_floats, counters, qkv.device)
-        workspace.check(partial_floats, counters)
-        partials, arrivals = workspace.partials, workspace.counters
-    else:
-        # Unsplit: the kernel never touches the workspace; `out` stands in for its pointers.
-        partials, arrivals = out, out
+    partials, arrivals = split_buffers(workspace, *_workspace_size(batch, heads, steps, head_dim, splits), splits,
+                                       out)
     _ring_attention_kernel[(splits, batch * heads)](
         qkv, ring_k, ring_v, frame, out, partials, arrivals,
         capacity,

@@ -111,7 +111,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, can_launch, dot_precision, interpreting, next_pow2, parallel_sms, sm_count
+from ._utils import (SplitWorkspace, can_launch, dot_precision, interpreting, max_offset, next_pow2, parallel_sms,
+                     sm_count, spans_overlap)
 from .tuned import shape_key, tuned_tiles
 
 DOT_MIN_ROWS = {torch.float32: 16, torch.bfloat16: 1}
@@ -602,18 +603,6 @@ def _unit_stride(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 or t.shape[-1] == 1
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    """Element offset of a non-empty tensor's last element from its first."""
-    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the byte ranges that the two tensors' elements span intersect."""
-    a_end = a.data_ptr() + (_max_offset(a) + 1) * a.element_size()
-    b_end = b.data_ptr() + (_max_offset(b) + 1) * b.element_size()
-    return a.data_ptr() < b_end and b.data_ptr() < a_end
-
-
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
                   norm: Norm | tuple | None = None, activation: str | None = None,
                   residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -647,7 +636,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor |
         if not _unit_stride(t):
             raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
         # Offsets are computed in int32 in the kernel.
-        if _max_offset(t) >= 2 ** 31:
+        if max_offset(t) >= 2 ** 31:
             raise ValueError(f"{name} spans more than 2**31 elements")
     if not weight.is_contiguous():
         raise ValueError("weight must be contiguous [N, K]")
@@ -658,7 +647,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor |
     if not can_launch(*given.values()) or len({t.device for t in given.values()}) > 1:
         raise ValueError("all tensors must be on one CUDA device (or on the CPU under TRITON_INTERPRET=1)")
     for name, t in given.items():
-        if name != "out" and _overlap(t, out):
+        if name != "out" and spans_overlap(t, out):
             # Other programs still read x (and the rest) while a program writes its output tile; only
             # the residual's own tile may be out's, element for element.
             same_view = t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.dtype == out.dtype

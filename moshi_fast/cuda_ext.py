@@ -127,6 +127,9 @@ def _check_gemv(x, weight, residual, out, warps_per_block) -> None:
     """The op's argument checks, made here first: on an H200 (torch 2.11) one of the op's own C++ checks
     crashed the process instead of raising (a c10::ValueError thrown before any launch, in a test of bad
     arguments; cause not established), so no invalid call reaches it."""
+    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
+    from .kernels._utils import spans_overlap
+
     if all(t.device.type == "cpu" for t in (x, weight, out) if t is not None):
         raise NotImplementedError("gemv_bf16 has no CPU implementation: it runs on CUDA tensors")
     if not x.is_cuda:
@@ -158,18 +161,12 @@ def _check_gemv(x, weight, residual, out, warps_per_block) -> None:
         if named[name].data_ptr() % 16:
             raise ValueError(f"gemv_bf16: {name} must start 16-byte aligned (it is read in 16-byte pieces)")
     for name in ("x", "weight"):
-        if _overlap(out, named[name]):
+        if spans_overlap(out, named[name]):
             raise ValueError(f"gemv_bf16: out overlaps {name}")
-    if residual is not None and _overlap(residual, out) and not (
+    if residual is not None and spans_overlap(residual, out) and not (
             residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()):
         raise ValueError("gemv_bf16: residual overlaps out without being out itself")
     if not 0 <= warps_per_block <= MAX_WARPS:
         raise ValueError(f"gemv_bf16: warps_per_block must be 0 (the default) or 1 to {MAX_WARPS}, "
                          f"got {warps_per_block}")
 
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two contiguous tensors' byte ranges intersect."""
-    a_end = a.data_ptr() + a.numel() * a.element_size()
-    b_end = b.data_ptr() + b.numel() * b.element_size()
-    return a.data_ptr() < b_end and b.data_ptr() < a_end

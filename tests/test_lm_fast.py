@@ -144,7 +144,8 @@ def _teacher_forced_run(models: dict, batch: int, frames: int, device) -> dict:
             runner = FastLMRunner(lm, batch, params, device, teacher_forcing=True)
             steppers[name] = lambda user, forced, runner=runner: runner.step(user, mask, forced)
         else:
-            reference, state = StreamingLM(lm), StreamingLM(lm).init_state(batch)
+            reference = StreamingLM(lm)
+            state = reference.init_state(batch)
             steppers[name] = lambda user, forced, r=reference, s=state: r.step(user, s, mask, params, forced=forced)
     generator = torch.Generator(device=device).manual_seed(5)
     logits = {name: [] for name in models}

@@ -23,7 +23,7 @@ from .mimi import FastMimi
 class FastFrameRunner:
     def __init__(self, mimi: FastMimi, lm: FastLM, batch_size: int, params: SamplingParams, device: torch.device,
                  eager: bool = False, kv_pages: int | None = None):
-        mc, lc = mimi.config, lm.config
+        mc = mimi.config
         self.mimi, self.lm = mimi, lm
         self.mimi_cache = MimiCache(mimi, batch_size, device)
         self.scratch = ops.rvq_encode_scratch(batch_size, mc.num_codebooks, mc.codebook_dim, device)

@@ -331,8 +331,8 @@ class ServerProcess:
         self.process.kill()
         raise AssertionError(f"the server did not start: {self.process.communicate()[1][-3000:]}")
 
-    def stats(self) -> dict:
-        with urllib.request.urlopen(f"{self.http}/api/stats", timeout=10) as response:
+    def stats(self, after_step: int = 0) -> dict:
+        with urllib.request.urlopen(f"{self.http}/api/stats?after={after_step}", timeout=10) as response:
             return json.load(response)
 
     def stop(self) -> tuple[int, str]:
@@ -409,14 +409,17 @@ def test_16_clients_with_abrupt_disconnects_and_malformed_messages(server16):
     assert stats["accepted"] - before["accepted"] == 16 and stats["refused"] == before["refused"]
     assert stats["malformed"] - before["malformed"] == len(MALFORMED)
     assert all(first == b"\x00" for first, _ in results)
+    # On a small shared CPU the tiny engine's batched step itself can take longer than the 80 ms frame
+    # (measured on 2 cores: 90-100 ms at 11 slots), so the clock ticks at the engine's pace: a good client
+    # keeps its frame rate when it gets a frame on (nearly) every tick the server makes.
+    tick_s = max(FRAME_S, server16.stats(after_step=before["steps"])["tick_interval_ms"]["p50"] / 1000)
     for role, (_, client) in zip(roles, results, strict=True):
         if role == "good":
-            # From 1 s in (when the others start to vanish or misbehave) to its last frame sent, the
-            # client should get a frame every 80 ms; ticks run late on a slow shared CPU, so 60% is the
-            # floor (measured on 2 cores: 79-100%).
+            # From 1 s in (when the others start to vanish or misbehave) to its last frame sent; a stall of
+            # a second or more would cost a third of the window's frames.
             opened, closed = client.window
             in_window = sum(opened <= t <= closed for t in client.audio_times)
-            assert in_window >= 0.6 * (closed - opened) / FRAME_S, role
+            assert in_window >= 0.8 * (closed - opened) / tick_s, role
             assert client.frames_received == len(pages[0]) and client.errors == [], role
         elif role in MALFORMED:
             assert client.close_code == aiohttp.WSCloseCode.UNSUPPORTED_DATA, role

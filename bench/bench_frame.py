@@ -75,9 +75,10 @@ def bench_kyutai(mimi, lm, config: MoshiConfig, batch: int, frames: list[torch.T
 def bench_fast(mimi: FastMimi, lm, config: MoshiConfig, batch: int, frames: list[torch.Tensor], warmup: int,
                context: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
-    engine = FastMoshi(config, lm, mimi, None, torch.device("cuda"), max_batch=batch, **KYUTAI_SAMPLING)
-    runner = engine._frame_runner
-    _set_fast_context(runner.lm_runner, context, config.lm)
+    engine = FastMoshi(config, lm, mimi, None, torch.device("cuda"), max_batch=batch, batch_buckets=[batch],
+                       **KYUTAI_SAMPLING)
+    runner = engine._runner
+    _set_fast_context(runner.lm_cache, context, config.lm)
     runner.mimi_cache.encoder_frame.fill_(context)
     runner.mimi_cache.decoder_frame.fill_(context)
     for ring_k, ring_v in runner.mimi_cache.rings.values():

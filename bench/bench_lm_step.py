@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._harness import device_info, graph_time, timed_calls  # noqa: E402
 from moshi_fast import ops  # noqa: E402
+from moshi_fast.cache import LMCache  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
 from moshi_fast.fast.lm import FastLM, FastLMRunner  # noqa: E402
 from moshi_fast.reference.lm import SamplingParams  # noqa: E402
@@ -122,8 +123,7 @@ def _sampling(batch: int) -> SamplingParams:
                           torch.arange(batch, device="cuda"), s["top_k_text"], s["top_k"])
 
 
-def _set_fast_context(runner: FastLMRunner, context: int, config) -> None:
-    cache = runner.cache
+def _set_fast_context(cache: LMCache, context: int, config) -> None:
     cache.frame.fill_(context)
     cache.kv.positions.fill_(context)
     cache.tokens.copy_(_random_tokens(cache.tokens.shape, config, cache.tokens.device))
@@ -140,7 +140,7 @@ def bench_fast(lm: FastLM, config, batch: int, contexts: list[int], frames: int,
     codes = torch.randint(0, config.card, (warmup + frames, batch, config.dep_q), device="cuda")
     with torch.no_grad():
         for context in contexts:
-            _set_fast_context(runner, context, config)
+            _set_fast_context(runner.cache, context, config)
             for t in range(warmup):
                 runner.step(codes[t], mask)
             p50, p90 = _percentiles(timed_calls(lambda c: runner.step(c, mask), codes[warmup:]))
@@ -156,7 +156,7 @@ def fast_breakdown(lm: FastLM, config, batch: int, context: int) -> dict:
     (embedding included), the text head and its sampling, the depth transformer's 8 steps with theirs."""
     runner = FastLMRunner(lm, batch, _sampling(batch), torch.device("cuda"), eager=True)
     cache, params = runner.cache, runner.generator.params
-    _set_fast_context(runner, context, config)
+    _set_fast_context(runner.cache, context, config)
     cache.kv.set_exec_mask(torch.ones(batch, dtype=torch.bool, device="cuda"))
     tokens = _random_tokens((batch, config.num_streams, 1), config, "cuda")[..., 0]
     x = lm.helium(tokens, cache)

@@ -15,25 +15,51 @@ memory; attention reads only each slot's live window (kernels/paged_attention.py
 
 The LM step's whole state (`LMCache`): the paged KV cache, LMGen's per-slot frame counter and token
 delay line, the depth transformer's per-frame keys and values, and one shared split-K workspace.
+
+Batch buckets: every cache is allocated for all slots; `narrow(b)` gives the first b slots as views (what
+a bucket's captured step runs on, so its replay touches only those rows) and `swap(a, b)` exchanges two
+slots' whole state (the engine keeps the open conversations in the first rows). Workspaces are sized
+for every bucket the cache is built for.
 """
 from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
 
 import torch
 
 from . import ops
 from .reference.lm import UNGENERATED
+from .reference.state import swap_rows
 from .reference.mimi import CausalConv1d, CausalConvTranspose1d
 
 
 class MimiCache:
-    def __init__(self, model, batch_size: int, device: torch.device):
-        """model: a FastMimi (its `streaming_input_lengths()` plan the split workspace)."""
+    def __init__(self, model, batch_size: int, device: torch.device, buckets: Sequence[int] = ()):
+        """model: a FastMimi (its `streaming_input_lengths()` plan the split workspace). buckets: the
+        batch sizes `narrow` will be asked for (the workspace is sized for every one of them)."""
         config = model.config
         self.batch_size = batch_size
         self.encoder_frame = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.decoder_frame = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.history: dict[str, torch.Tensor] = {}
         self.overlap: dict[str, torch.Tensor] = {}
+        for name, module in model.named_modules():
+            # k = 1 convs get an empty history: one kernel and one lookup for every conv.
+            if isinstance(module, CausalConv1d):
+                self.history[name] = torch.zeros(2, batch_size, module.weight.shape[1], module.history, device=device)
+            elif isinstance(module, CausalConvTranspose1d):
+                self.overlap[name] = torch.zeros(2, batch_size, module.out_channels, module.overlap, device=device)
+        needs = [need for b in {batch_size, *buckets} for need in self._workspace_needs(model, b)]
+        self.workspace = ops.SplitWorkspace(max(n[0] for n in needs), max(n[1] for n in needs), device)
+        ring = (batch_size, config.num_heads, config.context, config.head_dim)
+        self.rings = {f"{side}.{i}": (torch.zeros(ring, device=device), torch.zeros(ring, device=device))
+                      for side in ("encoder_transformer", "decoder_transformer") for i in range(config.num_layers)}
+
+    @staticmethod
+    def _workspace_needs(model, batch_size: int) -> list[tuple[int, int]]:
+        """(partial floats, counters) of every split kernel of both directions at batch_size."""
+        config = model.config
         lengths = model.streaming_input_lengths()
         steps = lengths["encoder.conv_out"]
         rows = batch_size * steps
@@ -43,21 +69,27 @@ class MimiCache:
             (3 * config.dimension, config.dimension), (config.dimension, config.dimension),
             (config.dim_feedforward, config.dimension), (config.dimension, config.dim_feedforward))]
         for name, module in model.named_modules():
-            # k = 1 convs get an empty history: one kernel and one lookup for every conv.
             if isinstance(module, CausalConv1d):
-                self.history[name] = torch.zeros(2, batch_size, module.weight.shape[1], module.history, device=device)
                 c_out, c_in, kernel = module.weight.shape
                 needs.append(ops.conv1d_stream_workspace_size(batch_size, c_in, c_out, kernel, module.stride,
                                                               lengths[name]))
             elif isinstance(module, CausalConvTranspose1d):
-                self.overlap[name] = torch.zeros(2, batch_size, module.out_channels, module.overlap, device=device)
                 needs.append(ops.conv_transpose1d_stream_workspace_size(
                     batch_size, module.weight.shape[0], module.out_channels, module.weight.shape[-1], module.stride,
                     lengths[name], module.groups))
-        self.workspace = ops.SplitWorkspace(max(n[0] for n in needs), max(n[1] for n in needs), device)
-        ring = (batch_size, config.num_heads, config.context, config.head_dim)
-        self.rings = {f"{side}.{i}": (torch.zeros(ring, device=device), torch.zeros(ring, device=device))
-                      for side in ("encoder_transformer", "decoder_transformer") for i in range(config.num_layers)}
+        return needs
+
+    def narrow(self, batch_size: int) -> "MimiCache":
+        """The state of the first batch_size slots as views of this cache's tensors (a step on it updates
+        those slots here), sharing the workspace."""
+        narrowed = copy.copy(self)
+        narrowed.batch_size = batch_size
+        narrowed.encoder_frame = self.encoder_frame[:batch_size]
+        narrowed.decoder_frame = self.decoder_frame[:batch_size]
+        narrowed.history = {name: t[:, :batch_size] for name, t in self.history.items()}
+        narrowed.overlap = {name: t[:, :batch_size] for name, t in self.overlap.items()}
+        narrowed.rings = {name: (k[:batch_size], v[:batch_size]) for name, (k, v) in self.rings.items()}
+        return narrowed
 
     def reset(self, slots: torch.Tensor) -> None:
         """Restarts the selected slots (bool mask [B]) in both directions."""
@@ -65,6 +97,13 @@ class MimiCache:
         self.decoder_frame[slots] = 0
         for tensor in (*self.history.values(), *self.overlap.values()):
             tensor[:, slots] = 0
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchanges the whole state of slots a and b."""
+        for tensor in (self.encoder_frame, self.decoder_frame, *(t for ring in self.rings.values() for t in ring)):
+            swap_rows(tensor, a, b)
+        for tensor in (*self.history.values(), *self.overlap.values()):
+            swap_rows(tensor, a, b, dim=1)
 
 
 class KVPoolExhausted(RuntimeError):
@@ -193,6 +232,27 @@ class PagedKVCache:
         """After the step's last layer: the running slots move to their next position."""
         torch.add(self.positions, self.exec_mask, out=self.positions)
 
+    def narrow(self, slots: int) -> "PagedKVCache":
+        """The first `slots` slots as a cache over the same pool whose per-slot tensors are views of this
+        one's: what a step of a smaller batch runs on. Admit, release and swap on the full cache."""
+        narrowed = copy.copy(self)
+        narrowed.max_slots = slots
+        for name in ("page_table", "positions", "admitted", "exec_mask"):
+            setattr(narrowed, name, getattr(self, name)[:slots])
+        return narrowed
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchanges slots a and b: their pages (with the keys and values in them) and positions."""
+        self._check_slot(a)
+        self._check_slot(b)
+        for name in ("page_table", "positions", "admitted", "exec_mask"):
+            swap_rows(getattr(self, name), a, b)
+        pages_a, pages_b = self._slot_pages.pop(a, None), self._slot_pages.pop(b, None)
+        if pages_a is not None:
+            self._slot_pages[b] = pages_a
+        if pages_b is not None:
+            self._slot_pages[a] = pages_b
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} is outside 0..{self.max_slots - 1}")
@@ -214,20 +274,31 @@ class LMCache:
     """
 
     def __init__(self, config, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 kv_pages: int | None = None):
+                 kv_pages: int | None = None, buckets: Sequence[int] = ()):
+        """buckets: the batch sizes `narrow` will be asked for (the workspace is sized for all of them)."""
         self.config = config
         self.batch_size = batch_size
         self.kv = PagedKVCache.for_lm(config, batch_size, num_pages=kv_pages, dtype=dtype, device=device)
         self.frame = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.tokens = torch.full((batch_size, config.num_streams, config.max_delay + 2), UNGENERATED,
                                  dtype=torch.long, device=device)
-        depth = (config.depformer_num_layers, batch_size, config.depformer_num_heads, config.dep_q,
-                 config.depformer_head_dim)
+        self._allocate_depth_scratch(batch_size, dtype, device)
+        needs = [need for b in {batch_size, *buckets} for need in self._workspace_needs(config, b, dtype)]
+        self.workspace = ops.SplitWorkspace(max(n[0] for n in needs), max(n[1] for n in needs), device)
+        for slot in range(batch_size):
+            self.kv.admit(slot)
+
+    def _allocate_depth_scratch(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        c = self.config
+        depth = (c.depformer_num_layers, batch_size, c.depformer_num_heads, c.dep_q, c.depformer_head_dim)
         self.depth_k = torch.zeros(depth, dtype=dtype, device=device)
         self.depth_v = torch.zeros(depth, dtype=dtype, device=device)
-        self.depth_scratch = ops.depth_step_scratch(batch_size, config.depformer_dim, config.depformer_hidden,
-                                                    config.depformer_num_heads, dtype, device)
-        c, b = config, batch_size
+        self.depth_scratch = ops.depth_step_scratch(batch_size, c.depformer_dim, c.depformer_hidden,
+                                                    c.depformer_num_heads, dtype, device)
+
+    @staticmethod
+    def _workspace_needs(c, b: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+        """(partial floats, counters) of every split linear and attention of the step at batch b."""
         linears = [  # (output width, input width, gated)
             (3 * c.dim, c.dim, False), (c.dim, c.dim, False), (c.hidden, c.dim, True), (c.dim, c.hidden, False),
             (c.text_card, c.dim, False), (c.dep_q * c.depformer_dim, c.dim, False),
@@ -236,12 +307,29 @@ class LMCache:
             (c.card, c.depformer_dim, False)]
         needs = [ops.linear_workspace_size(b, n, k, dtype, gated=gated) for n, k, gated in linears]
         needs.append(ops.paged_attention_workspace_size(b, c.num_heads, c.head_dim, c.context))
-        self.workspace = ops.SplitWorkspace(max(n[0] for n in needs), max(n[1] for n in needs), device)
-        for slot in range(batch_size):
-            self.kv.admit(slot)
+        return needs
+
+    def narrow(self, batch_size: int) -> "LMCache":
+        """The first batch_size slots: their per-slot state as views of this cache's tensors (a step on it
+        updates those slots here), the shared workspace, and depth-transformer scratch of its own (it holds
+        nothing between frames, and the fused depth step needs it contiguous)."""
+        narrowed = copy.copy(self)
+        narrowed.batch_size = batch_size
+        narrowed.kv = self.kv.narrow(batch_size)
+        narrowed.frame = self.frame[:batch_size]
+        narrowed.tokens = self.tokens[:batch_size]
+        if batch_size != self.batch_size:
+            narrowed._allocate_depth_scratch(batch_size, self.depth_k.dtype, self.depth_k.device)
+        return narrowed
 
     def reset(self, slots: torch.Tensor) -> None:
         """Restarts the selected slots (bool mask [B]): frame 0, an empty delay line, KV position 0."""
         self.frame[slots] = 0
         self.tokens[slots] = UNGENERATED
         self.kv.positions[slots] = 0
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchanges the whole state of slots a and b."""
+        swap_rows(self.frame, a, b)
+        swap_rows(self.tokens, a, b)
+        self.kv.swap(a, b)

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="port (default: %(default)s; 0 picks a free one)")
     serve.add_argument("--max-conversations", metavar="N", type=_positive_int, default=8,
                        help="concurrent conversations; one more is refused (default: %(default)s)")
+    serve.add_argument("--batch-buckets", metavar="N,N,...", type=_batch_sizes,
+                       help="batch sizes the fast engine captures a CUDA graph for; a frame runs the smallest "
+                            "that holds the open conversations (default: the powers of two below N, and N)")
     serve.set_defaults(handler=_serve)
 
     load = commands.add_parser(
@@ -164,7 +167,8 @@ def _serve(args: argparse.Namespace) -> int:
     from . import server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server.serve(args.spec.build(max_batch=args.max_conversations), host=args.host, port=args.port)
+    engine = args.spec.build(max_batch=args.max_conversations, batch_buckets=args.batch_buckets)
+    server.serve(engine, host=args.host, port=args.port)
     return 0
 
 
@@ -203,6 +207,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
                 parser.error(f"output directory does not exist: {path.parent}")
     elif args.command == "bench" and args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    elif args.command == "serve" and args.batch_buckets and max(args.batch_buckets) > args.max_conversations:
+        parser.error(f"--batch-buckets may not exceed --max-conversations ({args.max_conversations})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import graphs
 from .config import MimiConfig, MoshiConfig, moshiko
 from .fast.lm import FastLM
 from .fast.mimi import FastMimi, FastMimiRunner
@@ -198,6 +200,42 @@ class _ReferenceMimiRunner:
         self._encoder_state.reset(slots)
         self._decoder_state.reset(slots)
 
+    def swap(self, a: int, b: int) -> None:
+        self._encoder_state.swap(a, b)
+        self._decoder_state.swap(a, b)
+
+
+class _ReferenceFrameRunner:
+    """The reference backend's frame for `batch_size` slots: either codec runner around the eager
+    reference LM. It has one bucket: every step runs all the slots (the fast backend's twin is
+    FastFrameRunner, with its captured buckets)."""
+
+    def __init__(self, mimi: Mimi, lm: LM, batch_size: int, params: SamplingParams, device: torch.device,
+                 eager: bool):
+        self.buckets = (batch_size,)
+        self.params = params
+        self.dep_q = lm.config.dep_q
+        self.generator = StreamingLM(lm)
+        self.codec = _mimi_runner(mimi, batch_size, device, eager)
+        self.lm_state = self.generator.init_state(batch_size)
+
+    def step(self, pcm: torch.Tensor, exec_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pcm [B, 1, frame_size], exec_mask [B] -> (pcm out [B, 1, frame_size], tokens [B, 1 + dep_q], valid [B])."""
+        codes = self.codec.encode(pcm, exec_mask)
+        out = self.generator.step(codes[:, :self.dep_q, 0], self.lm_state, exec_mask, self.params)
+        decoded = self.codec.decode(out.tokens[:, 1:].clamp(min=0)[..., None], out.valid)
+        pcm_out = torch.where(out.valid[:, None, None], decoded, torch.zeros_like(decoded))
+        return pcm_out, out.tokens, out.valid
+
+    def reset(self, slots: torch.Tensor) -> None:
+        self.codec.reset(slots)
+        self.lm_state.reset(slots)
+
+    def swap(self, a: int, b: int) -> None:
+        self.codec.swap(a, b)
+        self.lm_state.swap(a, b)
+        self.params.swap(a, b)
+
 
 _MIMI_CLASSES = {"reference": Mimi, "fast": FastMimi}
 _LM_CLASSES = {"reference": LM, "fast": FastLM}
@@ -252,6 +290,8 @@ class StepOutput:
     """Text piece per slot ("" for padding and for no token); None when there is no tokenizer."""
     slots: list[int]
     """The slot of each row."""
+    bucket: int
+    """The batch size the step ran at: the smallest of the engine's buckets that held these slots."""
 
 
 class SlotsBusyError(RuntimeError):
@@ -270,14 +310,21 @@ class FastMoshi:
     Two ways to drive it: `step(frames[max_batch, 1920])` steps every slot; or `open()` a slot per
     conversation, `step({slot: frame, ...})` with the frames of the conversations that have audio
     this frame (the others keep their state untouched), and `close(slot)` when one ends.
+
+    Batch buckets (fast backend): one CUDA graph is captured per bucket size (`batch_buckets`, by default
+    the powers of two below max_batch, and max_batch), and a step runs the smallest bucket that holds the
+    open conversations: the engine keeps the open conversations' state in its first rows, moving the
+    last one into the place of one that closes, so n open conversations run on the bucket >= n whatever
+    slot ids they hold. The reference backend runs every slot each step.
     """
 
     def __init__(self, config: MoshiConfig, lm: LM, mimi: Mimi, tokenizer: TextTokenizer | None,
                  device: torch.device, max_batch: int = 1, use_sampling: bool = True, temp: float = 0.8,
                  temp_text: float = 0.7, top_k: int = 250, top_k_text: int = 25, seed: int | None = None,
-                 eager: bool = False):
+                 eager: bool = False, batch_buckets: Sequence[int] | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        batch_buckets = graphs.batch_buckets(max_batch, batch_buckets)
         if not 1 <= top_k <= config.lm.card or not 1 <= top_k_text <= config.lm.text_card:
             raise ValueError(f"top_k must be in [1, {config.lm.card}] and top_k_text in [1, {config.lm.text_card}]")
         if temp < 0 or temp_text < 0:
@@ -298,13 +345,16 @@ class FastMoshi:
                          "top_k_text": top_k_text}
         self._sampling = self._sampling_params(use_sampling, temp, temp_text, top_k, top_k_text, seed)
         if self.backend == "fast":
-            self._frame_runner = FastFrameRunner(mimi, lm, max_batch, self._sampling, device, eager=eager)
+            self._runner = FastFrameRunner(mimi, lm, max_batch, self._sampling, device, eager=eager,
+                                           buckets=batch_buckets)
         else:
-            self._generator = StreamingLM(lm)
-            self._codec = _mimi_runner(mimi, max_batch, device, eager)
-            self._lm_state = self._generator.init_state(max_batch)
+            self._runner = _ReferenceFrameRunner(mimi, lm, max_batch, self._sampling, device, eager)
         self._all = torch.ones(max_batch, dtype=torch.bool, device=device)
         self._open = [False] * max_batch
+        # Slot ids are what callers hold; rows index the state. The open slots hold rows 0..open_count-1.
+        self._row_of = list(range(max_batch))
+        self._slot_at_row = list(range(max_batch))
+        self._open_count = 0
 
     def _sampling_params(self, use_sampling, temp, temp_text, top_k, top_k_text, seed) -> SamplingParams:
         n, device = self.max_batch, self.device
@@ -381,6 +431,19 @@ class FastMoshi:
     def open_slots(self) -> list[int]:
         return [slot for slot, is_open in enumerate(self._open) if is_open]
 
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The batch sizes a step can run at (one captured graph each on the fast backend)."""
+        return self._runner.buckets
+
+    def _swap_rows(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        self._runner.swap(a, b)
+        slot_a, slot_b = self._slot_at_row[a], self._slot_at_row[b]
+        self._slot_at_row[a], self._slot_at_row[b] = slot_b, slot_a
+        self._row_of[slot_a], self._row_of[slot_b] = b, a
+
     def open(self, seed: int | None = None, use_sampling: bool | None = None, temp: float | None = None,
              temp_text: float | None = None, top_k: int | None = None, top_k_text: int | None = None) -> int:
         """Starts a conversation in a free slot and returns the slot id. Unset sampling parameters take
@@ -399,39 +462,48 @@ class FastMoshi:
             raise ValueError(f"a slot's top_k must be in [1, {d['top_k']}] and top_k_text in [1, {d['top_k_text']}]")
         if temp < 0 or temp_text < 0:
             raise ValueError("temperatures must be >= 0 (0 is greedy)")
+        self._swap_rows(self._row_of[free], self._open_count)
+        row = self._open_count
         params = self._sampling
-        params.audio_temperature[free] = temp if use_sampling else 0.0
-        params.text_temperature[free] = temp_text if use_sampling else 0.0
-        params.audio_top_k[free] = top_k
-        params.text_top_k[free] = top_k_text
-        params.seed[free] = self.seed + free if seed is None else seed
+        params.audio_temperature[row] = temp if use_sampling else 0.0
+        params.text_temperature[row] = temp_text if use_sampling else 0.0
+        params.audio_top_k[row] = top_k
+        params.text_top_k[row] = top_k_text
+        params.seed[row] = self.seed + free if seed is None else seed
         self.reset(free)
         self._open[free] = True
+        self._open_count += 1
         return free
 
     def close(self, slot: int) -> None:
         """Ends the conversation in `slot`; the slot is free for the next `open()`."""
         if not self._is_slot(slot) or not self._open[slot]:
             raise ValueError(f"slot {slot!r} is not an open conversation (open: {self.open_slots})")
+        self._swap_rows(self._row_of[slot], self._open_count - 1)
         self._open[slot] = False
+        self._open_count -= 1
 
     def _is_slot(self, slot) -> bool:
         return isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) and 0 <= slot < self.max_batch
 
-    def _slot_frames(self, frames: dict) -> tuple[torch.Tensor, list[int]]:
+    def _slot_frames(self, frames: dict) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Validates {slot: frame}; returns (pcm [bucket, 1, frame_size] with each frame at its slot's row,
+        the slots, their rows)."""
         if not frames:
             raise ValueError("no frames given")
         slots = list(frames)
         for slot in slots:
             if not self._is_slot(slot) or not self._open[slot]:
                 raise ValueError(f"slot {slot!r} is not an open conversation (open: {self.open_slots})")
-        batch = torch.zeros(self.max_batch, self.frame_size, dtype=torch.float32, device=self.device)
-        for slot in slots:
+        rows = [self._row_of[slot] for slot in slots]
+        bucket = graphs.bucket_for(max(rows) + 1, self.buckets)
+        batch = torch.zeros(bucket, self.frame_size, dtype=torch.float32, device=self.device)
+        for slot, row in zip(slots, rows):
             frame = _as_float_tensor(frames[slot], f"frame of slot {slot}")
             if frame.shape != (self.frame_size,):
                 raise ValueError(f"frame of slot {slot} must have shape [{self.frame_size}], got {list(frame.shape)}")
-            batch[slot] = frame.to(self.device, torch.float32)
-        return batch[:, None, :], [int(slot) for slot in slots]
+            batch[row] = frame.to(self.device, torch.float32)
+        return batch[:, None, :], [int(slot) for slot in slots], rows
 
     @torch.inference_mode()
     def step(self, frames) -> StepOutput:
@@ -440,32 +512,21 @@ class FastMoshi:
 
         Invalid input raises ValueError before any state changes."""
         if isinstance(frames, dict):
-            batch, slots = self._slot_frames(frames)
-            stepping = torch.zeros(self.max_batch, dtype=torch.bool, device=self.device)
-            stepping[slots] = True
+            batch, slots, rows = self._slot_frames(frames)
+            stepping = torch.zeros(batch.shape[0], dtype=torch.bool, device=self.device)
+            stepping[rows] = True
         else:
-            batch, slots, stepping = self._frames(frames), list(range(self.max_batch)), self._all
-        if self.backend == "fast":
-            pcm_out, tokens, _ = self._frame_runner.step(batch, stepping)
-            pcm_out = pcm_out[:, 0]
-        else:
-            codes = self._codec.encode(batch, stepping)
-            out = self._generator.step(codes[:, :self.config.lm.dep_q, 0], self._lm_state, stepping,
-                                       self._sampling)
-            decoded = self._codec.decode(out.tokens[:, 1:].clamp(min=0)[..., None], out.valid)
-            pcm_out = torch.where(out.valid[:, None], decoded[:, 0], torch.zeros_like(decoded[:, 0]))
-            tokens = out.tokens
-        audio = tokens[:, 1:]
-        rows = torch.tensor(slots, device=self.device)
-        text_tokens = tokens[rows, 0].cpu()
-        return StepOutput(pcm=pcm_out[rows].float().cpu(), text_tokens=text_tokens, audio_codes=audio[rows].cpu(),
-                          text=self.tokenizer.pieces(text_tokens) if self.tokenizer else None, slots=slots)
+            batch = self._frames(frames)[torch.tensor(self._slot_at_row, device=self.device)]
+            slots, rows, stepping = list(range(self.max_batch)), self._row_of, self._all
+        pcm_out, tokens, _ = self._runner.step(batch, stepping)
+        index = torch.tensor(rows, device=self.device)
+        text_tokens = tokens[index, 0].cpu()
+        return StepOutput(pcm=pcm_out[index, 0].float().cpu(), text_tokens=text_tokens,
+                          audio_codes=tokens[index, 1:].cpu(),
+                          text=self.tokenizer.pieces(text_tokens) if self.tokenizer else None, slots=slots,
+                          bucket=batch.shape[0])
 
     def reset(self, slot: int | None = None) -> None:
         """Restarts one conversation (slot index) or all of them (None)."""
-        mask = _slot_mask(slot, self.max_batch, self.device)
-        if self.backend == "fast":
-            self._frame_runner.reset(mask)
-        else:
-            self._codec.reset(mask)
-            self._lm_state.reset(mask)
+        _slot_mask(slot, self.max_batch, self.device)
+        self._runner.reset(_slot_mask(None if slot is None else self._row_of[slot], self.max_batch, self.device))

@@ -4,6 +4,12 @@ A `CapturedStep` owns static input tensors; calling it copies the new inputs int
 the graph, whose outputs are static tensors overwritten by the next replay (copy them out before the
 next call). Everything per-frame that varies lives in device tensors written before the replay.
 On the CPU, or with `eager=True` for debugging, the function simply runs.
+
+Batch buckets: an engine serving up to N slots captures one step per bucket size (by default the powers
+of two below N, and N) and runs each frame on the smallest bucket that holds its slots, so a few
+conversations on a large engine pay for a few rows, not N. Graphs of different buckets may share one
+memory pool (`pool`): they never run at the same time, and each step's outputs are consumed before the
+next replay.
 """
 from __future__ import annotations
 
@@ -12,9 +18,30 @@ from collections.abc import Callable, Sequence
 import torch
 
 
+def batch_buckets(max_batch: int, requested: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The sorted bucket sizes for an engine of max_batch slots: `requested` (validated; max_batch is
+    always added), or by default the powers of two below max_batch, and max_batch."""
+    if requested is None:
+        requested = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    requested = list(requested)
+    for size in requested:
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= max_batch:
+            raise ValueError(f"batch buckets must be integers in [1, {max_batch}], got {size!r}")
+    return tuple(sorted({*requested, max_batch}))
+
+
+def bucket_for(rows: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds `rows` rows (buckets sorted, the last the largest)."""
+    for size in buckets:
+        if size >= rows:
+            return size
+    raise ValueError(f"{rows} rows do not fit the largest bucket ({buckets[-1]})")
+
+
 class CapturedStep:
     def __init__(self, fn: Callable[..., torch.Tensor], example_inputs: Sequence[torch.Tensor], eager: bool = False,
-                 warmup: int = 2):
+                 warmup: int = 2, pool=None):
+        """pool: a `torch.cuda.graph_pool_handle()` shared with other steps that never run concurrently."""
         self.fn = fn
         self.inputs = [x.clone() for x in example_inputs]
         self.eager = eager or not self.inputs[0].is_cuda
@@ -22,9 +49,9 @@ class CapturedStep:
         self.output: torch.Tensor | None = None
         if self.eager:
             return
-        self._warmup_and_capture(warmup)
+        self._warmup_and_capture(warmup, pool)
 
-    def _warmup_and_capture(self, warmup: int) -> None:
+    def _warmup_and_capture(self, warmup: int, pool) -> None:
         # Warm-up on a side stream compiles the Triton kernels and sets up cuBLAS before capture;
         # it advances streaming state, so the caller resets the state after building the step.
         stream = torch.cuda.Stream()
@@ -34,7 +61,7 @@ class CapturedStep:
                 self.fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.output = self.fn(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:

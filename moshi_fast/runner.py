@@ -167,9 +167,10 @@ class EngineSpec:
         decoding = "greedy" if self.greedy else f"sampling, seed {self.seed}"
         return f"{model} on {self.device}, {self.backend} backend ({decoding})"
 
-    def build(self, max_batch: int = 1, quiet: bool = False) -> FastMoshi:
-        """The engine, serving `max_batch` conversations; reports loading on stderr unless quiet."""
-        sampling = {"seed": self.seed}
+    def build(self, max_batch: int = 1, quiet: bool = False, batch_buckets: list[int] | None = None) -> FastMoshi:
+        """The engine, serving `max_batch` conversations (batch_buckets: see FastMoshi); reports loading on
+        stderr unless quiet."""
+        sampling = {"seed": self.seed, "batch_buckets": batch_buckets}
         if self.greedy:
             sampling["use_sampling"] = False
         start = time.perf_counter()

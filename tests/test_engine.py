@@ -19,9 +19,10 @@ def _frames(batch, count, seed=0):
 
 
 def _state(engine):
-    return {f"{part}.{name}": t.clone() for part, state in (("enc", engine._codec._encoder_state),
-                                                             ("dec", engine._codec._decoder_state),
-                                                             ("lm", engine._lm_state)) for name, t in state.items()}
+    runner = engine._runner
+    return {f"{part}.{name}": t.clone() for part, state in (("enc", runner.codec._encoder_state),
+                                                             ("dec", runner.codec._decoder_state),
+                                                             ("lm", runner.lm_state)) for name, t in state.items()}
 
 
 def _same(a, b):
@@ -257,6 +258,103 @@ def test_long_conversation_wraps_the_window_like_the_reference():
         theirs = reference.step(pcm)
         assert torch.equal(ours.text_tokens, theirs.text_tokens)
         assert torch.equal(ours.audio_codes, theirs.audio_codes)
+
+
+def test_batch_buckets_default_and_validation():
+    from moshi_fast.graphs import batch_buckets, bucket_for
+
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert batch_buckets(1) == (1,) and batch_buckets(3) == (1, 2, 3) and batch_buckets(5, [4, 2, 4]) == (2, 4, 5)
+    for bad in ([0], [6], [2.0], [True]):
+        with pytest.raises(ValueError, match=r"integers in \[1, 5\]"):
+            batch_buckets(5, bad)
+    assert [bucket_for(n, (1, 2, 4, 5)) for n in (1, 2, 3, 5)] == [1, 2, 4, 5]
+    with pytest.raises(ValueError, match="largest bucket"):
+        bucket_for(6, (1, 2, 4, 5))
+    with pytest.raises(ValueError, match="batch buckets"):
+        _engine(max_batch=2, batch_buckets=[3])
+
+
+CLOSING_PLAN = [  # (seeds closing before the step, seeds opening before it, the seeds that step, bucket)
+    ((), (), (11, 12, 13), 4), ((), (), (12,), 2), ((11,), (), (12, 13), 2), ((), (), (13,), 1),
+    ((12,), (), (13,), 1), ((), (14,), (13, 14), 2), ((13,), (), (14,), 1), ((), (), (14,), 1)]
+"""Conversations (named by their sampling seed) close and join in any slot of a 4-slot engine."""
+
+
+def _run_closing_plan(engine: FastMoshi, make_alone, fast_buckets: bool, device="cpu") -> None:
+    """Runs CLOSING_PLAN on `engine` (frames on `device`): each step runs the expected bucket (with
+    fast_buckets; else the engine's only one), and every conversation produces exactly what it
+    produces alone in make_alone() (an engine of one slot), through every move of its state."""
+    streams = {seed: [f[0].to(device) for f in _frames(1, 9, seed=seed)] for seed in (11, 12, 13, 14)}
+    slot_of = {seed: engine.open(seed=seed) for seed in (11, 12, 13)}
+    assert list(slot_of.values()) == [0, 1, 2]
+    outputs = {seed: [] for seed in streams}
+    for closing, opening, stepping, bucket in CLOSING_PLAN:
+        for seed in closing:
+            engine.close(slot_of.pop(seed))
+        for seed in opening:
+            slot_of[seed] = engine.open(seed=seed)
+        out = engine.step({slot_of[seed]: streams[seed][len(outputs[seed])] for seed in stepping})
+        assert out.bucket == (bucket if fast_buckets else engine.max_batch)
+        for seed in stepping:
+            outputs[seed].append((slot_of[seed], out))
+    assert slot_of == {14: 0}, "a new conversation takes the lowest free slot id"
+    for seed, produced in outputs.items():
+        alone = make_alone()
+        alone.open(seed=seed)
+        for index, (slot, out) in enumerate(produced):
+            expected = alone.step({0: streams[seed][index]})
+            row = out.slots.index(slot)
+            assert torch.equal(out.text_tokens[row], expected.text_tokens[0]), (seed, index)
+            assert torch.equal(out.audio_codes[row], expected.audio_codes[0]), (seed, index)
+            torch.testing.assert_close(out.pcm[row], expected.pcm[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_closing_conversations_moves_the_others_to_the_smallest_bucket(backend):
+    """Four slots, buckets (1, 2, 4): the open conversations keep the first rows, so each step runs the
+    smallest bucket that holds them (fast backend), and each produces what it produces alone."""
+    from moshi_fast import ops
+
+    engine = _engine(max_batch=4, backend=backend)
+    assert engine.buckets == ((1, 2, 4) if backend == "fast" else (4,))
+    with ops.reference_ops():
+        _run_closing_plan(engine, lambda: _engine(max_batch=1), fast_buckets=backend == "fast")
+
+
+@pytest.mark.gpu
+def test_bucket_graphs_serve_each_conversation_as_alone_on_the_gpu():
+    """The same plan on CUDA: the tiny preset in fp32 on the fast backend's kernels, one captured graph per
+    bucket (1, 2, 4) replayed as conversations move between rows, against each conversation alone in a
+    one-slot fast engine (its own graph); then seeded sampling inside the graphs repeats and differs."""
+    fast = dict(device="cuda", backend="fast", dtype=torch.float32)
+    engine = FastMoshi.random(CONFIG, max_batch=4, seed=5, **fast)
+    assert engine.buckets == (1, 2, 4)
+    _run_closing_plan(engine, lambda: FastMoshi.random(CONFIG, max_batch=1, seed=5, **fast), fast_buckets=True,
+                      device="cuda")
+    frames = [f.cuda() for f in _frames(2, 6)]
+    run = lambda engine: torch.stack([engine.step(f).audio_codes for f in frames])  # noqa: E731
+    same = [run(FastMoshi.random(CONFIG, max_batch=2, seed=3, **fast)) for _ in range(2)]
+    other = run(FastMoshi.random(CONFIG, max_batch=2, seed=4, **fast))
+    assert torch.equal(same[0], same[1]) and not torch.equal(same[0], other)
+
+
+def test_whole_batch_steps_follow_each_slot_through_moves():
+    """Closing a slot moves state between rows; a whole-batch step still gives each slot (row i of the
+    frames and of the output) its own conversation, the closed one's included."""
+    moved, still = _engine(max_batch=3), _engine(max_batch=3)
+    frames = _frames(3, 5, seed=6)
+    for engine in (moved, still):
+        for _ in range(3):
+            engine.open()
+        for frame in frames[:2]:
+            engine.step({slot: frame[slot] for slot in range(3)})
+    moved.close(0)
+    for frame in frames[2:]:
+        ours, theirs = moved.step(frame), still.step(frame)
+        assert ours.slots == theirs.slots == [0, 1, 2]
+        assert torch.equal(ours.audio_codes, theirs.audio_codes)
+        torch.testing.assert_close(ours.pcm, theirs.pcm, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

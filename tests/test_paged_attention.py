@@ -207,6 +207,38 @@ def test_release_and_readmit_reuses_pages_without_leak():
     assert torch.equal(torch.stack(outs), fresh_conversation(new_conversation, SPLIT))
 
 
+def test_swap_moves_conversations_between_slots_and_narrow_runs_the_first_slots():
+    """Three conversations; slots 0 and 2 exchange places mid-run (their pages and positions move, no key
+    is copied); then a cache narrowed to the first two slots steps them alone. Every conversation keeps
+    matching its dense history, and the release after the swap frees the right ring."""
+    slots = 3
+    cache = new_cache(slots)
+    history = DenseHistory(1, slots)
+    for slot in range(slots):
+        cache.admit(slot)
+    conversation_at = [0, 1, 2]
+    for step in range(16):
+        if step == 6:
+            pages_of_0, pages_of_2 = cache.page_table[0].clone(), cache.page_table[2].clone()
+            cache.swap(0, 2)
+            assert torch.equal(cache.page_table[0], pages_of_2) and torch.equal(cache.page_table[2], pages_of_0)
+            conversation_at = [2, 1, 0]
+        narrowed = step >= 11
+        runner = cache.narrow(2) if narrowed else cache
+        rows = 2 if narrowed else slots
+        qkv = torch.randn(1, rows, 3 * WIDTH)
+        out = run_step(runner, qkv, torch.ones(rows, dtype=torch.bool), SPLIT)
+        for row in range(rows):
+            expected = history.step(0, conversation_at[row], qkv[0, row])
+            assert rel_err(out[0, row], expected) < 1e-5, (step, row)
+    assert cache.positions.tolist() == [16, 16, 11]
+    released = set(cache.page_table[2].tolist())
+    cache.release(2)
+    assert set(cache._free_pages) == released
+    with pytest.raises(ValueError, match="outside"):
+        cache.swap(0, 3)
+
+
 def test_pool_exhaustion_at_admission_changes_nothing():
     slots = 3
     pages_per_slot = new_cache(1).pages_per_slot

@@ -176,3 +176,6 @@ class FastMimiRunner:
 
     def reset(self, slots: torch.Tensor) -> None:
         self.cache.reset(slots)
+
+    def swap(self, a: int, b: int) -> None:
+        self.cache.swap(a, b)

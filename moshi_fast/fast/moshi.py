@@ -1,54 +1,90 @@
 """The whole Moshi frame on the fast path: Mimi encode -> LM step (delays, Helium, depth transformer,
-sampling) -> Mimi decode, for every slot at once, as one CUDA graph.
+sampling) -> Mimi decode, for a batch of slots at once, as one CUDA graph per batch bucket.
 
-    pcm [B, 1, 1920] f32 --encode--> user codes [B, 8] --LM step--> tokens [B, 1 + 8] (delayed output)
-        --decode (slots with output)--> pcm [B, 1, 1920] f32, silence where a slot has no output yet
+    pcm [b, 1, 1920] f32 --encode--> user codes [b, 8] --LM step--> tokens [b, 1 + 8] (delayed output)
+        --decode (slots with output)--> pcm [b, 1, 1920] f32, silence where a slot has no output yet
 
 `FastFrameRunner` owns the streaming state of both models (a MimiCache and an LMCache) for `batch_size`
-slots and the captured graph; an execution mask [B] says which slots step this frame (the others keep
-their state). Nothing here allocates or syncs per frame outside the graph's own memory pool.
+slots and one captured step per bucket size b (graphs.batch_buckets): bucket b runs slots 0..b-1, on
+views of the first b rows of every state tensor, so its replay reads and writes only those rows. An
+execution mask [b] says which of them step this frame (the others keep their state). Nothing here
+allocates or syncs per frame outside the graphs' shared memory pool.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from .. import ops
-from ..cache import MimiCache
-from ..graphs import CapturedStep
+from ..cache import LMCache, MimiCache
+from ..graphs import CapturedStep, batch_buckets
 from ..reference.lm import SamplingParams
-from .lm import FastLM, FastLMRunner
+from .lm import FastLM, FastStreamingLM
 from .mimi import FastMimi
 
 
-class FastFrameRunner:
-    def __init__(self, mimi: FastMimi, lm: FastLM, batch_size: int, params: SamplingParams, device: torch.device,
-                 eager: bool = False, kv_pages: int | None = None):
-        mc = mimi.config
-        self.mimi, self.lm = mimi, lm
-        self.mimi_cache = MimiCache(mimi, batch_size, device)
-        self.scratch = ops.rvq_encode_scratch(batch_size, mc.num_codebooks, mc.codebook_dim, device)
-        # The LM half: its cache and bookkeeping, stepped inside this runner's graph (eager=True keeps the
-        # LM runner from capturing a graph of its own).
-        self.lm_runner = FastLMRunner(lm, batch_size, params, device, eager=True, kv_pages=kv_pages)
-        pcm = torch.zeros(batch_size, 1, mc.frame_size, device=device)
-        mask = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self._step = CapturedStep(self._frame, [pcm, mask], eager=eager)
-        self.reset(mask)
+class _BucketFrame:
+    """The frame function of one bucket: the models on the first `size` slots' views of the state."""
 
-    def _frame(self, pcm: torch.Tensor, exec_mask: torch.Tensor):
-        lc = self.lm.config
+    def __init__(self, mimi: FastMimi, lm: FastLM, mimi_cache: MimiCache, lm_cache: LMCache,
+                 params: SamplingParams):
+        mc = mimi.config
+        self.mimi, self.mimi_cache = mimi, mimi_cache
+        self.generator = FastStreamingLM(lm, lm_cache, params)
+        self.dep_q = lm.config.dep_q
+        self.scratch = ops.rvq_encode_scratch(mimi_cache.batch_size, mc.num_codebooks, mc.codebook_dim,
+                                              mimi_cache.encoder_frame.device)
+
+    def __call__(self, pcm: torch.Tensor, exec_mask: torch.Tensor):
         codes = self.mimi.encode_step(pcm, self.mimi_cache, exec_mask, self.scratch)
-        out = self.lm_runner.generator.step(codes[:, :lc.dep_q], exec_mask)
+        out = self.generator.step(codes[:, :self.dep_q], exec_mask)
         decoded = self.mimi.decode_step(out.tokens[:, 1:].clamp(min=0), self.mimi_cache, out.valid)
         pcm_out = torch.where(out.valid[:, None, None], decoded, torch.zeros_like(decoded))
         return pcm_out, out.tokens, out.valid
 
+
+class FastFrameRunner:
+    """params: per-slot sampling parameters [batch_size] (the runner steps and swaps their rows with the
+    state). buckets: the batch sizes to capture (default graphs.batch_buckets(batch_size)). eager: run the
+    frame functions without graphs, for debugging."""
+
+    def __init__(self, mimi: FastMimi, lm: FastLM, batch_size: int, params: SamplingParams, device: torch.device,
+                 eager: bool = False, kv_pages: int | None = None, buckets: Sequence[int] | None = None):
+        self.mimi, self.lm = mimi, lm
+        self.batch_size = batch_size
+        self.buckets = batch_buckets(batch_size, buckets)
+        self.params = params
+        self.mimi_cache = MimiCache(mimi, batch_size, device, buckets=self.buckets)
+        self.lm_cache = LMCache(lm.config, batch_size, device, lm.text_head.dtype, kv_pages=kv_pages,
+                                buckets=self.buckets)
+        pool = torch.cuda.graph_pool_handle() if device.type == "cuda" and not eager else None
+        self._steps: dict[int, CapturedStep] = {}
+        for size in reversed(self.buckets):
+            frame = _BucketFrame(mimi, lm, self.mimi_cache.narrow(size), self.lm_cache.narrow(size),
+                                 params.narrow(size))
+            pcm = torch.zeros(size, 1, mimi.config.frame_size, device=device)
+            mask = torch.ones(size, dtype=torch.bool, device=device)
+            self._steps[size] = CapturedStep(frame, [pcm, mask], eager=eager, pool=pool)
+        # Warm-up and capture stepped the state: every slot starts over.
+        self.reset(torch.ones(batch_size, dtype=torch.bool, device=device))
+
     def step(self, pcm: torch.Tensor, exec_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """pcm [B, 1, frame_size] f32, exec_mask [B] bool -> (pcm out [B, 1, frame_size], tokens [B, 1 + dep_q]
-        int64 (-1 where not produced), valid [B] bool); static tensors, overwritten by the next step."""
-        return self._step(pcm, exec_mask)
+        """Slots 0..b-1 for a bucket size b: pcm [b, 1, frame_size] f32, exec_mask [b] bool -> (pcm out
+        [b, 1, frame_size], tokens [b, 1 + dep_q] int64 (-1 where not produced), valid [b] bool); static
+        tensors, overwritten by the next step of that bucket."""
+        step = self._steps.get(pcm.shape[0])
+        if step is None:
+            raise ValueError(f"no captured step for a batch of {pcm.shape[0]}; buckets: {self.buckets}")
+        return step(pcm, exec_mask)
 
     def reset(self, slots: torch.Tensor) -> None:
-        """Restarts the selected slots (bool mask [B]) in the codec and the LM."""
+        """Restarts the selected slots (bool mask [batch_size]) in the codec and the LM."""
         self.mimi_cache.reset(slots)
-        self.lm_runner.reset(slots)
+        self.lm_cache.reset(slots)
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchanges slots a and b: their whole streaming state and sampling parameters."""
+        self.mimi_cache.swap(a, b)
+        self.lm_cache.swap(a, b)
+        self.params.swap(a, b)

@@ -16,6 +16,7 @@ float32 for exact comparisons; the depth transformer's per-step weights are stac
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from ..config import LMConfig
 from . import sampling
 from .attention import add_ring, attend, merge_heads, ring_write, rope_interleaved, split_heads
-from .state import SlotState
+from .state import SlotState, swap_rows
 
 UNGENERATED = -2
 """Token-cache filler for entries not produced yet (Kyutai's ungenerated_token_id)."""
@@ -218,6 +219,18 @@ class SamplingParams:
     seed: torch.Tensor
     max_text_top_k: int
     max_audio_top_k: int
+
+    def _per_slot(self) -> tuple[str, ...]:
+        return ("text_temperature", "text_top_k", "audio_temperature", "audio_top_k", "seed")
+
+    def narrow(self, batch_size: int) -> "SamplingParams":
+        """The parameters of the first batch_size slots, as views (writes reach these parameters)."""
+        return dataclasses.replace(self, **{name: getattr(self, name)[:batch_size] for name in self._per_slot()})
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchanges the parameters of slots a and b."""
+        for name in self._per_slot():
+            swap_rows(getattr(self, name), a, b)
 
 
 @dataclass

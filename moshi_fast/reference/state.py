@@ -44,3 +44,16 @@ class SlotState:
         for name, tensor in self._tensors.items():
             tensor[slot_mask] = self._initial[name]
 
+    def swap(self, a: int, b: int) -> None:
+        """Exchanges the whole state of slots a and b."""
+        for tensor in self._tensors.values():
+            swap_rows(tensor, a, b)
+
+
+def swap_rows(tensor: torch.Tensor, a: int, b: int, dim: int = 0) -> None:
+    """Exchanges rows a and b of `tensor` along `dim`, in place."""
+    if a == b:
+        return
+    rows = torch.tensor([a, b], device=tensor.device)
+    tensor.index_copy_(dim, rows, tensor.index_select(dim, rows.flip(0)))
+

@@ -49,6 +49,7 @@ def _number(kind: type, valid, requirement: str):
 
 _positive_seconds = _number(float, lambda x: x > 0, "positive")
 _positive_int = _number(int, lambda x: x >= 1, "at least 1")
+_non_negative_int = _number(int, lambda x: x >= 0, "at least 0")
 _port = _number(int, lambda x: 0 <= x <= 65535, "in [0, 65535] (0 picks a free port)")
 
 
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-buckets", metavar="N,N,...", type=_batch_sizes,
                        help="batch sizes the fast engine captures a CUDA graph for; a frame runs the smallest "
                             "that holds the open conversations (default: the powers of two below N, and N)")
+    serve.add_argument("--opus-processes", metavar="N", type=_non_negative_int,
+                       help="worker processes that Opus-encode Moshi's audio (default: one per 8 conversations, "
+                            "leaving a core free; 0: a thread of the server)")
     serve.set_defaults(handler=_serve)
 
     load = commands.add_parser(
@@ -168,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = args.spec.build(max_batch=args.max_conversations, batch_buckets=args.batch_buckets)
-    server.serve(engine, host=args.host, port=args.port)
+    server.serve(engine, host=args.host, port=args.port, opus_processes=args.opus_processes)
     return 0
 
 

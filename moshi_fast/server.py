@@ -15,9 +15,11 @@ closes that connection only, with a log line.
 Scheduling: each connection holds one engine slot. One frame clock ticks every 80 ms; at each tick every
 connection with a whole frame of decoded input contributes it, and one `engine.step({slot: frame})` runs
 them all in a worker thread, so the event loop keeps serving sockets meanwhile. A connection whose input
-lags skips the tick and keeps its state. Moshi's output is Opus-encoded in a second worker thread (so the
-encoding of one frame overlaps the next step) and queued per connection; a client that reads too slowly
-loses its oldest queued audio, never delaying the clock or the other clients.
+lags skips the tick and keeps its state. Moshi's output is Opus-encoded while the next step runs, in
+worker processes (`OpusWorkers`: sphn holds the GIL while it encodes, 1-2.5 ms per frame and connection,
+which at dozens of connections would starve the event loop and the engine's thread) or, with
+opus_processes=0, in a thread of the server's process; it is queued per connection, and a client that
+reads too slowly loses its oldest queued audio, never delaying the clock or the other clients.
 
 `GET /api/stats` returns the server's counters and frame-time percentiles as JSON.
 """
@@ -27,16 +29,21 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import signal
+import subprocess
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .engine import FastMoshi, SlotsBusyError
+from .opus_worker import read_message, write_message
 
 log = logging.getLogger("moshi_fast.server")
 
@@ -125,7 +132,8 @@ class Conversation:
     inbox: PcmBuffer
     outbox: Outbox
     opus_reader: sphn.OpusStreamReader
-    opus_writer: sphn.OpusStreamWriter
+    opus_writer: sphn.OpusStreamWriter | None
+    """Encodes in the server's process (opus_processes=0); None when worker processes encode."""
     closed: bool = False
     frames_out: int = 0
     header_queued: bool = False
@@ -134,6 +142,110 @@ class Conversation:
     @property
     def name(self) -> str:
         return f"conversation {self.id} ({self.peer}, slot {self.slot})"
+
+
+class OpusWorkerDied(RuntimeError):
+    """An Opus worker process exited; `conversations` lost their streams (the worker is restarted for
+    the others)."""
+
+    def __init__(self, message: str, conversations: set[int]):
+        super().__init__(message)
+        self.conversations = conversations
+
+
+class OpusWorkers:
+    """Ogg/Opus encoding of outgoing audio in `processes` worker processes (moshi_fast/opus_worker.py, run
+    by path with this interpreter). A conversation's frames always go to the same worker, so its stream
+    stays in order; each worker has one thread here that owns its process and sends its requests and
+    reads its replies one at a time, in submission order. A worker that dies is restarted; the
+    conversations whose streams it held fail (OpusWorkerDied), later ones encode on the new process."""
+
+    def __init__(self, processes: int, sample_rate: int):
+        self._command = [sys.executable, str(Path(__file__).with_name("opus_worker.py")), str(sample_rate)]
+        self._processes = [self._start() for _ in range(processes)]
+        for process in self._processes:
+            self._wait_ready(process)
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"moshi-opus-{i}") for i in range(processes)]
+        self._streams: list[set[int]] = [set() for _ in range(processes)]
+        self._lost: list[set[int]] = [set() for _ in range(processes)]
+
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    @staticmethod
+    def _wait_ready(process: subprocess.Popen) -> None:
+        """Blocks until a started worker has imported its codec, so the first frames wait for nothing."""
+        if read_message(process.stdout) != "ready":
+            raise RuntimeError(f"an Opus worker failed to start (exit code {process.wait()})")
+
+    def __len__(self) -> int:
+        return len(self._processes)
+
+    def worker_of(self, conversation_id: int) -> int:
+        return conversation_id % len(self._processes)
+
+    def encode(self, worker: int, frames: list[tuple[int, np.ndarray]]) -> Future:
+        """Queues frames [(conversation id, pcm float32 [n])] for `worker`; the future gives their Ogg/Opus
+        bytes, in order."""
+        return self._threads[worker].submit(self._round_trip, worker, frames)
+
+    def forget(self, conversation_id: int) -> None:
+        """Drops a conversation's stream once the frames queued for it are encoded."""
+        worker = self.worker_of(conversation_id)
+        self._threads[worker].submit(self._forget, worker, conversation_id)
+
+    def _forget(self, worker: int, conversation_id: int) -> None:
+        self._lost[worker].discard(conversation_id)
+        if conversation_id in self._streams[worker]:
+            self._streams[worker].discard(conversation_id)
+            try:
+                write_message(self._processes[worker].stdin, ("close", conversation_id))
+            except OSError:
+                pass
+
+    def _round_trip(self, worker: int, frames: list[tuple[int, np.ndarray]]) -> list[bytes]:
+        ids = {conversation for conversation, _ in frames}
+        if ids & self._lost[worker]:
+            raise OpusWorkerDied(f"Opus worker {worker} lost these streams when it died", ids & self._lost[worker])
+        process = self._processes[worker]
+        reply = None
+        try:
+            write_message(process.stdin, ("encode", frames))
+            reply = read_message(process.stdout)
+        except OSError:
+            pass
+        if reply is None:
+            process.kill()
+            code = process.wait()
+            lost = self._streams[worker] | ids
+            self._lost[worker] |= lost
+            self._streams[worker] = set()
+            self._processes[worker] = self._start()
+            self._wait_ready(self._processes[worker])
+            raise OpusWorkerDied(f"Opus worker {worker} exited with code {code} and was restarted", lost)
+        self._streams[worker] |= ids
+        return [opus for _, opus in reply]
+
+    def shutdown(self) -> None:
+        """Lets queued work finish, then ends the workers (they exit when their stdin closes)."""
+        for thread in self._threads:
+            thread.shutdown(wait=True)
+        for process in self._processes:
+            try:
+                process.stdin.close()
+            except OSError:
+                pass
+        for process in self._processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def default_opus_processes(max_conversations: int) -> int:
+    """One worker process per 8 conversations, leaving a core to the server's own process."""
+    return max(1, min(-(-max_conversations // 8), (os.cpu_count() or 2) - 1))
 
 
 class ProtocolError(Exception):
@@ -151,11 +263,18 @@ class MoshiServer:
         oldest audio is dropped.
     heartbeat_s: websocket ping interval; a client that does not answer is disconnected.
     stats_window: how many recent frames `/api/stats` keeps timing records for.
+    opus_processes: worker processes that Opus-encode the outgoing audio (default: one per 8
+        conversations, leaving a core free); 0 encodes in a thread of this process.
     """
 
     def __init__(self, engine: FastMoshi, input_backlog_s: float = 2.0, output_backlog: int = 50,
-                 heartbeat_s: float = 10.0, stats_window: int = 10000):
+                 heartbeat_s: float = 10.0, stats_window: int = 10000, opus_processes: int | None = None):
+        if opus_processes is not None and opus_processes < 0:
+            raise ValueError(f"opus_processes must be >= 0, got {opus_processes}")
         self.engine = engine
+        self.opus_processes = (default_opus_processes(engine.max_batch) if opus_processes is None
+                               else opus_processes)
+        self._opus_workers: OpusWorkers | None = None
         self.frame_size = engine.frame_size
         self.frame_s = engine.frame_size / engine.sample_rate
         self.input_backlog_samples = max(int(input_backlog_s * engine.sample_rate), engine.frame_size)
@@ -188,6 +307,8 @@ class MoshiServer:
         # One thread owns the engine: steps, opens and closes run there in submission order.
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="moshi-engine")
         self._codec_thread = ThreadPoolExecutor(1, thread_name_prefix="moshi-opus")
+        if self.opus_processes:
+            self._opus_workers = OpusWorkers(self.opus_processes, self.engine.sample_rate)
         self._runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
@@ -216,6 +337,9 @@ class MoshiServer:
         await self._runner.cleanup()
         self._engine_thread.shutdown(wait=True)
         self._codec_thread.shutdown(wait=True)
+        if self._opus_workers is not None:
+            self._opus_workers.shutdown()
+            self._opus_workers = None
         self._runner = None
 
     async def __aenter__(self) -> "MoshiServer":
@@ -250,6 +374,7 @@ class MoshiServer:
             "dropped_input_s": self.counters["dropped_input_samples"] / self.engine.sample_rate,
             "dropped_messages": self.counters["dropped_messages"] + sum(
                 conversation.outbox.dropped for conversation in self._conversations.values()),
+            "opus_processes": self.opus_processes,
             "budget_ms": 1000 * self.frame_s,
             "measured_steps": len(records),
             "mean_batch": float(np.mean([r[3] for r in records])) if records else 0.0,
@@ -291,7 +416,7 @@ class MoshiServer:
         conversation = Conversation(
             id=next(self._ids), peer=peer, ws=ws, slot=slot, inbox=PcmBuffer(self.input_backlog_samples),
             outbox=Outbox(self.output_backlog), opus_reader=sphn.OpusStreamReader(self.engine.sample_rate),
-            opus_writer=sphn.OpusStreamWriter(self.engine.sample_rate))
+            opus_writer=None if self._opus_workers is not None else sphn.OpusStreamWriter(self.engine.sample_rate))
         self.counters["accepted"] += 1
         try:
             await ws.send_bytes(bytes([HANDSHAKE]))
@@ -358,6 +483,8 @@ class MoshiServer:
             await asyncio.gather(conversation.sender, return_exceptions=True)
         # Queued behind any step that still includes this slot, so the slot is freed only after it.
         await self._run_in_engine(self.engine.close, conversation.slot)
+        if self._opus_workers is not None:
+            self._opus_workers.forget(conversation.id)
         self.counters["dropped_messages"] += conversation.outbox.dropped
         if not conversation.ws.closed:
             await conversation.ws.close()
@@ -388,7 +515,7 @@ class MoshiServer:
                     self.counters["steps"] += 1
                     self._frames.append((self.counters["steps"], 1000 * (time.perf_counter() - start),
                                          interval_ms, len(batch), engine_ms))
-                    self._spawn(self._deliver({c.slot: c for c in batch}, out))
+                    self._deliver({c.slot: c for c in batch}, out)
             else:
                 last_start = None
             delay = deadline - loop.time()
@@ -403,33 +530,56 @@ class MoshiServer:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _deliver(self, by_slot: dict[int, Conversation], out) -> None:
-        loop = asyncio.get_running_loop()
-        messages = await loop.run_in_executor(self._codec_thread, _encode_outputs, by_slot, out)
-        for conversation, audio, text in messages:
+    def _deliver(self, by_slot: dict[int, Conversation], out) -> None:
+        """Queues the Opus encoding of a step's output (row i of out.pcm [n, 1920] is for the conversation
+        of slot out.slots[i]) and, for each group of conversations encoded together, a task that queues
+        their audio and text once it is done. The encodings are queued here, in step order, so each
+        conversation's frames stay in order."""
+        pcm = out.pcm.numpy()
+        rows = [(by_slot[slot], row, out.text[row] if out.text is not None else "")
+                for row, slot in enumerate(out.slots)]
+        if self._opus_workers is None:
+            groups = [rows]
+            encodings = [self._codec_thread.submit(_encode_in_process, [(c, pcm[row]) for c, row, _ in rows])]
+        else:
+            by_worker: dict[int, list] = collections.defaultdict(list)
+            for conversation, row, text in rows:
+                by_worker[self._opus_workers.worker_of(conversation.id)].append((conversation, row, text))
+            groups = list(by_worker.values())
+            encodings = [self._opus_workers.encode(worker, [(c.id, pcm[row]) for c, row, _ in group])
+                         for worker, group in by_worker.items()]
+        for group, encoding in zip(groups, encodings):
+            self._spawn(self._queue_output(group, asyncio.wrap_future(encoding)))
+
+    async def _queue_output(self, group: list[tuple[Conversation, int, str]], encoding) -> None:
+        try:
+            pages = await encoding
+        except OpusWorkerDied as e:
+            log.error("%s; closing the conversations whose audio streams it held: %s", e, sorted(e.conversations))
+            for conversation in list(self._conversations.values()):
+                if conversation.id in e.conversations:
+                    self._spawn(_send_error_and_close(conversation.ws, "internal error",
+                                                      WSCloseCode.INTERNAL_ERROR))
+            return
+        except Exception:
+            log.exception("Opus encoding failed; closing the conversations it carried")
+            for conversation, _, _ in group:
+                self._spawn(_send_error_and_close(conversation.ws, "internal error", WSCloseCode.INTERNAL_ERROR))
+            return
+        for (conversation, _, text), page in zip(group, pages):
             if conversation.closed:
                 continue
             conversation.frames_out += 1
-            if audio:
-                conversation.outbox.put(audio, droppable=conversation.header_queued)
+            if page:
+                conversation.outbox.put(bytes([AUDIO]) + page, droppable=conversation.header_queued)
                 conversation.header_queued = True
             if text:
-                conversation.outbox.put(text)
+                conversation.outbox.put(bytes([TEXT]) + text.encode("utf-8"))
 
 
-def _encode_outputs(by_slot: dict[int, Conversation], out) -> list[tuple[Conversation, bytes, bytes]]:
-    """Opus-encodes each row of out.pcm [n, 1920] for the conversation of its slot (out.slots[row]) and
-    frames its text piece; returns (conversation, audio message or b"", text message or b"") per row."""
-    pcm = out.pcm.numpy()
-    messages = []
-    for row, slot in enumerate(out.slots):
-        conversation = by_slot[slot]
-        opus = conversation.opus_writer.append_pcm(pcm[row])
-        audio = bytes([AUDIO]) + opus if opus else b""
-        piece = out.text[row] if out.text is not None else ""
-        text = bytes([TEXT]) + piece.encode("utf-8") if piece else b""
-        messages.append((conversation, audio, text))
-    return messages
+def _encode_in_process(frames: list[tuple[Conversation, np.ndarray]]) -> list[bytes]:
+    """Each conversation's next Ogg/Opus bytes for its pcm [1920], with its own stream writer."""
+    return [conversation.opus_writer.append_pcm(pcm) for conversation, pcm in frames]
 
 
 async def _send_error_and_close(ws: web.WebSocketResponse, reason: str, code: int) -> None:

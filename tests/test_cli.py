@@ -275,7 +275,7 @@ def test_the_backend_defaults_to_a_fast_one_on_cuda_only(monkeypatch):
 @pytest.mark.parametrize("arguments", [["run", "in.wav"], ["run", "in.wav", "-o", "no/such/dir/out.wav"],
                                        ["bench", "--batch-sizes", "1,x"], ["bench", "--frames", "0"],
                                        ["serve", "--port", "70000"], ["serve", "--max-conversations", "0"],
-                                       ["loadtest", "--clients", "0"], ["serve", "--batch-buckets", "0,2"],
+                                       ["loadtest", "--clients", "0"], ["serve", "--batch-buckets", "0,2"], ["serve", "--opus-processes", "-1"],
                                        ["serve", "--preset", "tiny", "--device", "cpu", "--max-conversations", "2",
                                         "--batch-buckets", "3"],
                                        ["serve", "--weights", ".", "--preset", "tiny"]])

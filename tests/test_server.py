@@ -166,7 +166,8 @@ def _engine(max_batch: int, tokenizer=None) -> FastMoshi:
     return FastMoshi.random(tiny(), device="cpu", max_batch=max_batch, seed=7, tokenizer=tokenizer)
 
 
-def test_handshake_audio_round_trip_and_text_match_the_engine(tokenizer):
+@pytest.mark.parametrize("opus_processes", [1, 0], ids=["worker-process", "in-process"])
+def test_handshake_audio_round_trip_and_text_match_the_engine(tokenizer, opus_processes):
     pages = opus_pages(audio.test_signal(1.2, RATE, seed=3))
     # What the server hears is the Opus-decoded signal: a twin engine stepped on it gives the
     # expected audio and text.
@@ -180,7 +181,7 @@ def test_handshake_audio_round_trip_and_text_match_the_engine(tokenizer):
     assert expected_text, "the twin engine produced no text: pick another seed"
 
     async def body():
-        async with MoshiServer(_engine(2, tokenizer)) as server:
+        async with MoshiServer(_engine(2, tokenizer), opus_processes=opus_processes) as server:
             port = await server.start("127.0.0.1", 0)
             async with aiohttp.ClientSession() as session:
                 client = KyutaiClient(session, f"ws://127.0.0.1:{port}/api/chat")
@@ -209,6 +210,74 @@ def test_handshake_audio_round_trip_and_text_match_the_engine(tokenizer):
     aligned = received[FRAME + lag:end + lag]
     assert np.corrcoef(envelope(expected_pcm[FRAME:end]), envelope(aligned))[0, 1] > 0.9
     assert np.std(received) == pytest.approx(np.std(expected_pcm), rel=0.3)
+
+
+def test_opus_workers_encode_exactly_like_the_library_in_process():
+    """Two conversations' streams interleaved over two worker processes: every page is the bytes sphn
+    writes in this process, a forgotten conversation starts a new stream, and a worker killed
+    mid-conversation fails the streams it held while new conversations encode on its replacement."""
+    from moshi_fast.server import OpusWorkerDied, OpusWorkers
+
+    signals = {cid: audio.test_signal(0.8, RATE, seed=cid) for cid in (1, 2, 3)}
+    frames = {cid: audio.frames(signal, FRAME) for cid, signal in signals.items()}
+    workers = OpusWorkers(2, RATE)
+    try:
+        assert [workers.worker_of(cid) for cid in (1, 2, 3)] == [1, 0, 1]
+        got = {cid: [] for cid in frames}
+        for t in range(len(frames[1])):
+            for cid in (1, 3):
+                got[cid] += workers.encode(1, [(cid, frames[cid][t])]).result(timeout=30)
+            got[2] += workers.encode(0, [(2, frames[2][t])]).result(timeout=30)
+        for cid, pages in got.items():
+            assert pages == opus_pages(signals[cid]), cid
+        workers.forget(1)
+        assert workers.encode(1, [(1, frames[1][0])]).result(timeout=30) == opus_pages(signals[1])[:1]
+        workers._processes[1].kill()
+        with pytest.raises(OpusWorkerDied) as died:
+            workers.encode(1, [(3, frames[3][0])]).result(timeout=30)
+        assert died.value.conversations == {1, 3}
+        with pytest.raises(OpusWorkerDied):
+            workers.encode(1, [(1, frames[1][1])]).result(timeout=30)
+        assert workers.encode(1, [(5, frames[1][0])]).result(timeout=30) == opus_pages(signals[1])[:1]
+    finally:
+        workers.shutdown()
+    assert all(process.poll() == 0 for process in workers._processes)
+
+
+def test_a_dead_opus_worker_closes_its_conversations_and_the_server_goes_on(caplog):
+    pages = opus_pages(audio.test_signal(1.2, RATE))
+
+    async def body():
+        async with MoshiServer(_engine(3), opus_processes=1) as server:
+            port = await server.start("127.0.0.1", 0)
+            url = f"ws://127.0.0.1:{port}/api/chat"
+            async with aiohttp.ClientSession() as session:
+                first, second = KyutaiClient(session, url), KyutaiClient(session, url)
+                for client in (first, second):
+                    assert await client.connect() == b"\x00"
+                await asyncio.gather(first.stream(pages[:5]), second.stream(pages[:5]))
+                await wait_until(lambda: first.frames_received >= 3 and second.frames_received >= 3, 10,
+                                 "the first frames")
+                server._opus_workers._processes[0].kill()
+                # The server closes both while they stream: their sends then fail.
+                streamed = await asyncio.gather(first.stream(pages[5:]), second.stream(pages[5:]),
+                                                return_exceptions=True)
+                assert all(r is None or isinstance(r, ConnectionError) for r in streamed), streamed
+                await asyncio.gather(first.wait_closed(10), second.wait_closed(10))
+                await wait_until(lambda: server.engine.open_slots == [], 10, "the slots to be freed")
+                third = KyutaiClient(session, url)
+                assert await third.connect() == b"\x00"
+                await third.stream(pages[:6])
+                await third.wait_for_frames(6, timeout=10)
+                await third.close()
+            return first, second, third
+
+    with caplog.at_level("ERROR", logger="moshi_fast.server"):
+        first, second, third = run(body())
+    for client in (first, second):
+        assert client.close_code == aiohttp.WSCloseCode.INTERNAL_ERROR and client.errors == ["internal error"]
+    assert third.frames_received == 6 and third.errors == []
+    assert any("exited with code" in r.getMessage() for r in caplog.records)
 
 
 def test_full_server_refuses_clearly_and_accepts_again_once_a_slot_frees():

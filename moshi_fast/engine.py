@@ -516,10 +516,13 @@ class FastMoshi:
             stepping = torch.zeros(batch.shape[0], dtype=torch.bool, device=self.device)
             stepping[rows] = True
         else:
-            batch = self._frames(frames)[torch.tensor(self._slot_at_row, device=self.device)]
             slots, rows, stepping = list(range(self.max_batch)), self._row_of, self._all
+            batch = self._frames(frames)
+            if rows != slots:
+                batch = batch[torch.tensor(self._slot_at_row, device=self.device)]
         pcm_out, tokens, _ = self._runner.step(batch, stepping)
-        index = torch.tensor(rows, device=self.device)
+        # Rows in slot order; with every row in place (the usual whole-batch step) no gather is needed.
+        index = slice(None) if rows == list(range(batch.shape[0])) else torch.tensor(rows, device=self.device)
         text_tokens = tokens[index, 0].cpu()
         return StepOutput(pcm=pcm_out[index, 0].float().cpu(), text_tokens=text_tokens,
                           audio_codes=tokens[index, 1:].cpu(),

@@ -48,6 +48,7 @@ def _number(kind: type, valid, requirement: str):
 
 
 _positive_seconds = _number(float, lambda x: x > 0, "positive")
+_non_negative_seconds = _number(float, lambda x: x >= 0, "at least 0")
 _positive_int = _number(int, lambda x: x >= 1, "at least 1")
 _non_negative_int = _number(int, lambda x: x >= 0, "at least 0")
 _port = _number(int, lambda x: 0 <= x <= 65535, "in [0, 65535] (0 picks a free port)")
@@ -134,12 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="port (default: %(default)s; 0 picks a free one)")
     serve.add_argument("--max-conversations", metavar="N", type=_positive_int, default=8,
                        help="concurrent conversations; one more is refused (default: %(default)s)")
+    serve.add_argument("--input-backlog", metavar="SECONDS", type=_positive_seconds, default=2.0,
+                       help="decoded input audio kept per connection while the engine lags behind real time, "
+                            "before the oldest is dropped (default: %(default)s)")
     serve.add_argument("--batch-buckets", metavar="N,N,...", type=_batch_sizes,
                        help="batch sizes the fast engine captures a CUDA graph for; a frame runs the smallest "
                             "that holds the open conversations (default: the powers of two below N, and N)")
     serve.add_argument("--opus-processes", metavar="N", type=_non_negative_int,
-                       help="worker processes that Opus-encode Moshi's audio (default: one per 8 conversations, "
-                            "leaving a core free; 0: a thread of the server)")
+                       help="worker processes for the Opus coding (default: on a GPU one per 8 conversations, "
+                            "leaving a core free; on the CPU 0, the server's own process)")
     serve.set_defaults(handler=_serve)
 
     load = commands.add_parser(
@@ -154,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="audio each client streams (default: %(default)s)")
     load.add_argument("--processes", metavar="N", type=_positive_int,
                       help="client worker processes (default: one per 16 clients, at most the CPU count)")
+    load.add_argument("--drain", metavar="S", type=_non_negative_seconds, default=1.0,
+                      help="how long each client waits after its last page for the rest of its audio "
+                           "(default: %(default)s)")
     load.add_argument("--output", metavar="JSON", type=Path, help="where to write the full report")
     load.set_defaults(handler=_loadtest)
     return parser
@@ -172,7 +179,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = args.spec.build(max_batch=args.max_conversations, batch_buckets=args.batch_buckets)
-    server.serve(engine, host=args.host, port=args.port, opus_processes=args.opus_processes)
+    server.serve(engine, host=args.host, port=args.port, opus_processes=args.opus_processes,
+                 input_backlog_s=args.input_backlog)
     return 0
 
 
@@ -180,7 +188,7 @@ def _loadtest(args: argparse.Namespace) -> int:
     from . import loadtest
 
     processes = args.processes or max(1, min(os.cpu_count() or 1, -(-args.clients // 16)))
-    return loadtest.run_load_test(args.url, args.clients, args.seconds, processes, args.output)
+    return loadtest.run_load_test(args.url, args.clients, args.seconds, processes, args.output, args.drain)
 
 
 def _resolve_engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

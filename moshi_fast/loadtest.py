@@ -99,21 +99,22 @@ async def stream_client(session: aiohttp.ClientSession, url: str, pages: list[by
 
 
 async def run_clients(url: str, clients: int, seconds: float, stagger_s: float = 0.01,
-                      seed: int = 0) -> list[ClientReport]:
+                      seed: int = 0, drain_s: float = 1.0) -> list[ClientReport]:
     """`clients` concurrent `stream_client`s, each streaming `seconds` of its own test signal, started
-    stagger_s apart."""
+    stagger_s apart, each waiting up to drain_s after its last page for the rest of its audio."""
     pages = [opus_pages(audio.test_signal(seconds, SAMPLE_RATE, seed=seed + i)) for i in range(clients)]
 
     async def delayed(index: int, session: aiohttp.ClientSession) -> ClientReport:
         await asyncio.sleep(index * stagger_s)
-        return await stream_client(session, url, pages[index])
+        return await stream_client(session, url, pages[index], drain_s)
 
     async with aiohttp.ClientSession() as session:
         return list(await asyncio.gather(*(delayed(i, session) for i in range(clients))))
 
 
-def _client_process(url: str, clients: int, seconds: float, seed: int) -> list[dict]:
-    return [asdict(report) for report in asyncio.run(run_clients(url, clients, seconds, seed=seed))]
+def _client_process(url: str, clients: int, seconds: float, seed: int, drain_s: float) -> list[dict]:
+    return [asdict(report) for report in asyncio.run(run_clients(url, clients, seconds, seed=seed,
+                                                                 drain_s=drain_s))]
 
 
 def fetch_stats(chat_url: str, after_step: int = 0) -> dict:
@@ -123,22 +124,24 @@ def fetch_stats(chat_url: str, after_step: int = 0) -> dict:
         return json.load(response)
 
 
-def load_test(url: str, clients: int, seconds: float, processes: int = 1) -> dict:
+def load_test(url: str, clients: int, seconds: float, processes: int = 1, drain_s: float = 1.0) -> dict:
     """Runs `clients` concurrent clients for `seconds`, spread over `processes` worker processes, and
     returns a JSON-ready report: per-client frame counts, a summary, and the server's frame times over
-    the run (p50/p90/p99 of one engine step, and of the interval between steps)."""
-    if clients < 1 or processes < 1 or seconds <= 0:
-        raise ValueError("clients and processes must be >= 1 and seconds > 0")
+    the run (p50/p90/p99 of one engine step, and of the interval between steps). drain_s: how long each
+    client waits after its last page for the audio still owed to it (a server slower than real time
+    owes more)."""
+    if clients < 1 or processes < 1 or seconds <= 0 or drain_s < 0:
+        raise ValueError("clients and processes must be >= 1, seconds > 0 and drain_s >= 0")
     processes = min(processes, clients)
     before = fetch_stats(url)
     shares = [clients // processes + (i < clients % processes) for i in range(processes)]
     seeds = np.cumsum([0] + shares[:-1]).tolist()
     start = time.perf_counter()
     if processes == 1:
-        reports = _client_process(url, clients, seconds, 0)
+        reports = _client_process(url, clients, seconds, 0, drain_s)
     else:
         with multiprocessing.get_context("spawn").Pool(processes) as pool:
-            jobs = [(url, share, seconds, seed) for share, seed in zip(shares, seeds, strict=True)]
+            jobs = [(url, share, seconds, seed, drain_s) for share, seed in zip(shares, seeds, strict=True)]
             parts = pool.starmap(_client_process, jobs)
         reports = [report for part in parts for report in part]
     wall_s = time.perf_counter() - start
@@ -150,6 +153,7 @@ def load_test(url: str, clients: int, seconds: float, processes: int = 1) -> dic
         "clients": clients,
         "processes": processes,
         "seconds": seconds,
+        "drain_s": drain_s,
         "wall_s": wall_s,
         "connected": len(connected),
         "refused": sum(r["refusal"] is not None for r in reports),
@@ -184,9 +188,9 @@ def format_report(report: dict) -> str:
     ])
 
 
-def run_load_test(url: str, clients: int, seconds: float, processes: int, output=None) -> int:
+def run_load_test(url: str, clients: int, seconds: float, processes: int, output=None, drain_s: float = 1.0) -> int:
     """The `moshi-fast loadtest` command: prints the summary and writes the JSON report to `output`."""
-    report = load_test(url, clients, seconds, processes)
+    report = load_test(url, clients, seconds, processes, drain_s)
     print(format_report(report))
     if output is not None:
         output.write_text(json.dumps(report, indent=1) + "\n")

@@ -1,15 +1,21 @@
-"""A worker process that Ogg/Opus-encodes the outgoing audio of some of the server's conversations.
+"""A worker process that does the Ogg/Opus coding of some of the server's conversations.
 
-sphn holds the GIL while it encodes, about 1-2.5 ms per 80 ms frame and conversation: 64 conversations
-in the server's own process would need a whole CPU core, under the lock the event loop and the engine's
-thread need too. The server (`server.OpusWorkers`) starts this file as a script, by path, so that it
-imports numpy and sphn only (not the package, not torch), and talks to it over its stdin and stdout.
+sphn holds the GIL while it codes, about 1-2.5 ms per 80 ms frame and conversation to encode and 0.3 ms
+to decode: 64 conversations in the server's own process would need a whole CPU core, under the lock the
+event loop and the engine's thread need too. The server (`server.OpusWorkers`) starts this file as a
+script, by path, so that it imports numpy and sphn only (not the package, not torch), and talks to it
+over its stdin and stdout.
 
 Protocol: each message either way is an 8-byte little-endian length, then that many bytes of pickle.
-Once it has imported sphn the worker says "ready". Requests are ("encode", [(conversation id, pcm float32 [n]), ...]), answered with [(conversation id,
-Ogg/Opus bytes), ...] in the same order, each conversation's stream continuing from its last frame; and
-("close", conversation id), unanswered, which forgets that conversation's stream. The worker exits when
-its stdin closes.
+Once it has imported sphn the worker says "ready". Requests:
+
+    ("encode", [(conversation id, pcm float32 [n]), ...])  ->  [(conversation id, Ogg/Opus bytes), ...]
+        in the same order, each conversation's outgoing stream continuing from its last frame
+    ("decode", (conversation id, Ogg/Opus bytes))  ->  ("pcm", float32 [m]) (m may be 0: pages carry
+        20 ms), or ("error", reason) for bytes that are not Ogg/Opus, from its incoming stream
+    ("close", conversation id)  ->  no answer; forgets both of that conversation's streams
+
+The worker exits when its stdin closes.
 
     python opus_worker.py SAMPLE_RATE
 """
@@ -43,7 +49,7 @@ def serve(sample_rate: int, requests, replies) -> None:
     import sphn
 
     write_message(replies, "ready")
-    writers = {}
+    writers, readers = {}, {}
     while (message := read_message(requests)) is not None:
         kind, payload = message
         if kind == "encode":
@@ -54,8 +60,18 @@ def serve(sample_rate: int, requests, replies) -> None:
                     writer = writers[conversation] = sphn.OpusStreamWriter(sample_rate)
                 encoded.append((conversation, writer.append_pcm(pcm)))
             write_message(replies, encoded)
+        elif kind == "decode":
+            conversation, data = payload
+            reader = readers.get(conversation)
+            if reader is None:
+                reader = readers[conversation] = sphn.OpusStreamReader(sample_rate)
+            try:
+                write_message(replies, ("pcm", reader.append_bytes(data)))
+            except ValueError as e:
+                write_message(replies, ("error", str(e)))
         elif kind == "close":
             writers.pop(payload, None)
+            readers.pop(payload, None)
         else:
             raise ValueError(f"unknown request {kind!r}")
 

@@ -15,11 +15,12 @@ closes that connection only, with a log line.
 Scheduling: each connection holds one engine slot. One frame clock ticks every 80 ms; at each tick every
 connection with a whole frame of decoded input contributes it, and one `engine.step({slot: frame})` runs
 them all in a worker thread, so the event loop keeps serving sockets meanwhile. A connection whose input
-lags skips the tick and keeps its state. Moshi's output is Opus-encoded while the next step runs, in
-worker processes (`OpusWorkers`: sphn holds the GIL while it encodes, 1-2.5 ms per frame and connection,
-which at dozens of connections would starve the event loop and the engine's thread) or, with
-opus_processes=0, in a thread of the server's process; it is queued per connection, and a client that
-reads too slowly loses its oldest queued audio, never delaying the clock or the other clients.
+lags skips the tick and keeps its state. Opus coding runs in worker processes (`OpusWorkers`: sphn holds
+the GIL while it codes, 1-2.5 ms per frame and connection to encode, which at dozens of connections
+would starve the event loop and the engine's thread): incoming pages are decoded as they arrive, and
+Moshi's output is encoded while the next step runs. With opus_processes=0 the event loop decodes and a
+thread of the server's process encodes. Output is queued per connection, and a client that reads too
+slowly loses its oldest queued audio, never delaying the clock or the other clients.
 
 `GET /api/stats` returns the server's counters and frame-time percentiles as JSON.
 """
@@ -131,10 +132,12 @@ class Conversation:
     slot: int
     inbox: PcmBuffer
     outbox: Outbox
-    opus_reader: sphn.OpusStreamReader
+    opus_reader: sphn.OpusStreamReader | None
     opus_writer: sphn.OpusStreamWriter | None
-    """Encodes in the server's process (opus_processes=0); None when worker processes encode."""
+    """Both code in the server's process (opus_processes=0); None when worker processes do."""
     closed: bool = False
+    ending: bool = False
+    """Being closed by the server (malformed audio, a lost Opus stream): further audio is ignored."""
     frames_out: int = 0
     header_queued: bool = False
     sender: asyncio.Task | None = field(default=None, repr=False)
@@ -154,9 +157,9 @@ class OpusWorkerDied(RuntimeError):
 
 
 class OpusWorkers:
-    """Ogg/Opus encoding of outgoing audio in `processes` worker processes (moshi_fast/opus_worker.py, run
-    by path with this interpreter). A conversation's frames always go to the same worker, so its stream
-    stays in order; each worker has one thread here that owns its process and sends its requests and
+    """Ogg/Opus coding of the conversations' audio, both ways, in `processes` worker processes (moshi_fast/opus_worker.py, run
+    by path with this interpreter). A conversation's audio always goes to the same worker, so its streams
+    stay in order; each worker has one thread here that owns its process and sends its requests and
     reads its replies one at a time, in submission order. A worker that dies is restarted; the
     conversations whose streams it held fail (OpusWorkerDied), later ones encode on the new process."""
 
@@ -187,7 +190,13 @@ class OpusWorkers:
     def encode(self, worker: int, frames: list[tuple[int, np.ndarray]]) -> Future:
         """Queues frames [(conversation id, pcm float32 [n])] for `worker`; the future gives their Ogg/Opus
         bytes, in order."""
-        return self._threads[worker].submit(self._round_trip, worker, frames)
+        return self._threads[worker].submit(self._encode, worker, frames)
+
+    def decode(self, conversation_id: int, data: bytes) -> Future:
+        """Queues a conversation's incoming Ogg/Opus bytes; the future gives the pcm float32 [n] they
+        complete (n is often 0), or raises ValueError for bytes that are not Ogg/Opus."""
+        worker = self.worker_of(conversation_id)
+        return self._threads[worker].submit(self._decode, worker, conversation_id, data)
 
     def forget(self, conversation_id: int) -> None:
         """Drops a conversation's stream once the frames queued for it are encoded."""
@@ -203,14 +212,24 @@ class OpusWorkers:
             except OSError:
                 pass
 
-    def _round_trip(self, worker: int, frames: list[tuple[int, np.ndarray]]) -> list[bytes]:
-        ids = {conversation for conversation, _ in frames}
+    def _encode(self, worker: int, frames: list[tuple[int, np.ndarray]]) -> list[bytes]:
+        reply = self._round_trip(worker, {conversation for conversation, _ in frames}, ("encode", frames))
+        return [opus for _, opus in reply]
+
+    def _decode(self, worker: int, conversation_id: int, data: bytes) -> np.ndarray:
+        status, value = self._round_trip(worker, {conversation_id}, ("decode", (conversation_id, data)))
+        if status == "error":
+            raise ValueError(value)
+        return value
+
+    def _round_trip(self, worker: int, ids: set[int], request):
+        """Sends one request about conversations `ids` and returns the worker's answer."""
         if ids & self._lost[worker]:
             raise OpusWorkerDied(f"Opus worker {worker} lost these streams when it died", ids & self._lost[worker])
         process = self._processes[worker]
         reply = None
         try:
-            write_message(process.stdin, ("encode", frames))
+            write_message(process.stdin, request)
             reply = read_message(process.stdout)
         except OSError:
             pass
@@ -224,7 +243,7 @@ class OpusWorkers:
             self._wait_ready(self._processes[worker])
             raise OpusWorkerDied(f"Opus worker {worker} exited with code {code} and was restarted", lost)
         self._streams[worker] |= ids
-        return [opus for _, opus in reply]
+        return reply
 
     def shutdown(self) -> None:
         """Lets queued work finish, then ends the workers (they exit when their stdin closes)."""
@@ -243,9 +262,13 @@ class OpusWorkers:
                 process.wait()
 
 
-def default_opus_processes(max_conversations: int) -> int:
-    """One worker process per 8 conversations, leaving a core to the server's own process."""
-    return max(1, min(-(-max_conversations // 8), (os.cpu_count() or 2) - 1))
+def default_opus_processes(engine: FastMoshi) -> int:
+    """For an engine on a GPU, one Opus worker process per 8 conversations, leaving a core to the server's
+    own process. 0 for an engine on the CPU: its step keeps every core busy, so worker processes would
+    compete with it for the cores rather than use idle ones."""
+    if engine.device.type == "cpu":
+        return 0
+    return max(1, min(-(-engine.max_batch // 8), (os.cpu_count() or 2) - 1))
 
 
 class ProtocolError(Exception):
@@ -263,8 +286,8 @@ class MoshiServer:
         oldest audio is dropped.
     heartbeat_s: websocket ping interval; a client that does not answer is disconnected.
     stats_window: how many recent frames `/api/stats` keeps timing records for.
-    opus_processes: worker processes that Opus-encode the outgoing audio (default: one per 8
-        conversations, leaving a core free); 0 encodes in a thread of this process.
+    opus_processes: worker processes for the Opus coding (default: `default_opus_processes`); 0 decodes
+        on the event loop and encodes in a thread of this process.
     """
 
     def __init__(self, engine: FastMoshi, input_backlog_s: float = 2.0, output_backlog: int = 50,
@@ -272,8 +295,7 @@ class MoshiServer:
         if opus_processes is not None and opus_processes < 0:
             raise ValueError(f"opus_processes must be >= 0, got {opus_processes}")
         self.engine = engine
-        self.opus_processes = (default_opus_processes(engine.max_batch) if opus_processes is None
-                               else opus_processes)
+        self.opus_processes = default_opus_processes(engine) if opus_processes is None else opus_processes
         self._opus_workers: OpusWorkers | None = None
         self.frame_size = engine.frame_size
         self.frame_s = engine.frame_size / engine.sample_rate
@@ -415,7 +437,8 @@ class MoshiServer:
             return ws
         conversation = Conversation(
             id=next(self._ids), peer=peer, ws=ws, slot=slot, inbox=PcmBuffer(self.input_backlog_samples),
-            outbox=Outbox(self.output_backlog), opus_reader=sphn.OpusStreamReader(self.engine.sample_rate),
+            outbox=Outbox(self.output_backlog),
+            opus_reader=None if self._opus_workers is not None else sphn.OpusStreamReader(self.engine.sample_rate),
             opus_writer=None if self._opus_workers is not None else sphn.OpusStreamWriter(self.engine.sample_rate))
         self.counters["accepted"] += 1
         try:
@@ -425,9 +448,7 @@ class MoshiServer:
             log.info("%s: connected", conversation.name)
             await self._receive_loop(conversation)
         except ProtocolError as e:
-            self.counters["malformed"] += 1
-            log.warning("%s: malformed message, closing: %s", conversation.name, e)
-            await _send_error_and_close(ws, f"malformed message: {e}", WSCloseCode.UNSUPPORTED_DATA)
+            await self._close_malformed(conversation, str(e))
         except ConnectionError as e:
             log.info("%s: connection lost: %s", conversation.name, e)
         finally:
@@ -455,14 +476,56 @@ class MoshiServer:
             return
         if kind != AUDIO:
             raise ProtocolError(f"unexpected message kind {kind}")
+        if conversation.ending:
+            return
+        if self._opus_workers is None:
+            try:
+                pcm = conversation.opus_reader.append_bytes(data[1:])
+            except ValueError as e:
+                raise ProtocolError(f"audio is not an Ogg/Opus stream ({e})") from None
+            self._push_input(conversation, pcm)
+            return
+        loop = asyncio.get_running_loop()
+        decoding = self._opus_workers.decode(conversation.id, data[1:])
+        # Done callbacks run in the worker's thread, in its order: the pcm reaches the inbox in order too.
+        decoding.add_done_callback(lambda done: loop.call_soon_threadsafe(self._decoded, conversation, done))
+
+    def _decoded(self, conversation: Conversation, decoding: Future) -> None:
+        if conversation.closed or conversation.ending:
+            return
         try:
-            pcm = conversation.opus_reader.append_bytes(data[1:])
+            pcm = decoding.result()
+        except OpusWorkerDied as e:
+            self._close_lost(e)
         except ValueError as e:
-            raise ProtocolError(f"audio is not an Ogg/Opus stream ({e})") from None
+            self._spawn(self._close_malformed(conversation, f"audio is not an Ogg/Opus stream ({e})"))
+        else:
+            self._push_input(conversation, pcm)
+
+    def _push_input(self, conversation: Conversation, pcm: np.ndarray) -> None:
         if pcm.size:
             before = conversation.inbox.dropped
             conversation.inbox.push(pcm)
             self.counters["dropped_input_samples"] += conversation.inbox.dropped - before
+
+    async def _close_malformed(self, conversation: Conversation, reason: str) -> None:
+        """Closes a connection that broke the protocol, once, with a log line and the reason."""
+        if conversation.ending:
+            return
+        conversation.ending = True
+        self.counters["malformed"] += 1
+        log.warning("%s: malformed message, closing: %s", conversation.name, reason)
+        await _send_error_and_close(conversation.ws, f"malformed message: {reason}", WSCloseCode.UNSUPPORTED_DATA)
+
+    def _close_lost(self, died: OpusWorkerDied) -> None:
+        """Closes the conversations whose Opus streams died with a worker."""
+        lost = [c for c in self._conversations.values() if c.id in died.conversations and not c.ending]
+        if lost:
+            log.error("%s; closing the conversations whose audio streams it held: %s", died,
+                      [c.id for c in lost])
+        for conversation in lost:
+            conversation.ending = True
+            self._spawn(_send_error_and_close(conversation.ws, "internal error", WSCloseCode.INTERNAL_ERROR))
 
     async def _send_loop(self, conversation: Conversation) -> None:
         try:
@@ -555,11 +618,7 @@ class MoshiServer:
         try:
             pages = await encoding
         except OpusWorkerDied as e:
-            log.error("%s; closing the conversations whose audio streams it held: %s", e, sorted(e.conversations))
-            for conversation in list(self._conversations.values()):
-                if conversation.id in e.conversations:
-                    self._spawn(_send_error_and_close(conversation.ws, "internal error",
-                                                      WSCloseCode.INTERNAL_ERROR))
+            self._close_lost(e)
             return
         except Exception:
             log.exception("Opus encoding failed; closing the conversations it carried")

@@ -276,6 +276,7 @@ def test_the_backend_defaults_to_a_fast_one_on_cuda_only(monkeypatch):
                                        ["bench", "--batch-sizes", "1,x"], ["bench", "--frames", "0"],
                                        ["serve", "--port", "70000"], ["serve", "--max-conversations", "0"],
                                        ["loadtest", "--clients", "0"], ["serve", "--batch-buckets", "0,2"], ["serve", "--opus-processes", "-1"],
+                                       ["serve", "--input-backlog", "0"], ["loadtest", "--drain", "-1"],
                                        ["serve", "--preset", "tiny", "--device", "cpu", "--max-conversations", "2",
                                         "--batch-buckets", "3"],
                                        ["serve", "--weights", ".", "--preset", "tiny"]])

@@ -25,7 +25,7 @@ from . import graphs
 from .config import MimiConfig, MoshiConfig, moshiko
 from .fast.lm import FastLM
 from .fast.mimi import FastMimi, FastMimiRunner
-from .fast.moshi import FastFrameRunner
+from .fast.moshi import FastFrameRunner, FrameOutput
 from .reference.lm import LM, SamplingParams, StreamingLM
 from .reference.mimi import Mimi
 from .tokenizer import TextTokenizer
@@ -219,13 +219,14 @@ class _ReferenceFrameRunner:
         self.codec = _mimi_runner(mimi, batch_size, device, eager)
         self.lm_state = self.generator.init_state(batch_size)
 
-    def step(self, pcm: torch.Tensor, exec_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """pcm [B, 1, frame_size], exec_mask [B] -> (pcm out [B, 1, frame_size], tokens [B, 1 + dep_q], valid [B])."""
-        codes = self.codec.encode(pcm, exec_mask)
-        out = self.generator.step(codes[:, :self.dep_q, 0], self.lm_state, exec_mask, self.params)
+    def step(self, pcm: torch.Tensor, exec_mask: torch.Tensor, forced: torch.Tensor | None = None) -> FrameOutput:
+        """pcm [B, 1, frame_size], exec_mask [B], forced [B, 1 + dep_q] (teacher forcing) or None -> the
+        frame's outputs."""
+        codes = self.codec.encode(pcm, exec_mask)[..., 0]
+        out = self.generator.step(codes[:, :self.dep_q], self.lm_state, exec_mask, self.params, forced=forced)
         decoded = self.codec.decode(out.tokens[:, 1:].clamp(min=0)[..., None], out.valid)
         pcm_out = torch.where(out.valid[:, None, None], decoded, torch.zeros_like(decoded))
-        return pcm_out, out.tokens, out.valid
+        return FrameOutput(pcm_out, out.tokens, out.valid, codes, out.text_logits, out.audio_logits)
 
     def reset(self, slots: torch.Tensor) -> None:
         self.codec.reset(slots)
@@ -520,7 +521,8 @@ class FastMoshi:
             batch = self._frames(frames)
             if rows != slots:
                 batch = batch[torch.tensor(self._slot_at_row, device=self.device)]
-        pcm_out, tokens, _ = self._runner.step(batch, stepping)
+        out = self._runner.step(batch, stepping)
+        pcm_out, tokens = out.pcm, out.tokens
         # Rows in slot order; with every row in place (the usual whole-batch step) no gather is needed.
         index = slice(None) if rows == list(range(batch.shape[0])) else torch.tensor(rows, device=self.device)
         text_tokens = tokens[index, 0].cpu()

@@ -357,6 +357,113 @@ def test_whole_batch_steps_follow_each_slot_through_moves():
         torch.testing.assert_close(ours.pcm, theirs.pcm, rtol=1e-5, atol=1e-6)
 
 
+def _teacher_forced_frames(fast_runner, reference_runner, frames, device, compare, tokens=None) -> None:
+    """Steps both frame runners on the same audio, the fast one forced to the tokens the reference
+    generated: its greedy ones, or with tokens(t) -> [B, 1 + dep_q] these, forced on both.
+    compare(t, fast output, reference output) checks each frame."""
+    for t, pcm in enumerate(frames):
+        pcm = pcm.to(device)[:, None, :]
+        mask = torch.ones(pcm.shape[0], dtype=torch.bool, device=device)
+        forced = None if tokens is None else tokens(t).to(device)
+        theirs = reference_runner.step(pcm, mask, forced)
+        if forced is None:
+            forced = torch.cat([theirs.text_logits.argmax(-1, keepdim=True), theirs.audio_logits.argmax(-1)], 1)
+        ours = fast_runner.step(pcm, mask, forced)
+        compare(t, ours, theirs)
+
+
+def test_teacher_forced_fast_frames_match_the_reference_frames():
+    """The whole frame (encode -> LM step -> decode) teacher-forced with random tokens (nothing greedy
+    decoding would produce): the fast backend's frame function (every op's torch reference here; the GPU
+    test below runs the kernels under graphs) gives the reference frame's user codes, logits, output tokens
+    and audio, B = 2 over 12 frames, fp32."""
+    from moshi_fast import ops
+    from moshi_fast.engine import _ReferenceFrameRunner
+    from moshi_fast.fast.moshi import FastFrameRunner
+
+    fast, reference = (_engine(max_batch=2, backend=b, use_sampling=False) for b in ("fast", "reference"))
+    device = torch.device("cpu")
+    fast_runner = FastFrameRunner(fast.mimi, fast.lm, 2, fast._sampling, device, teacher_forcing=True)
+    reference_runner = _ReferenceFrameRunner(reference.mimi, reference.lm, 2, reference._sampling, device, False)
+    with pytest.raises(ValueError, match="teacher_forcing"):
+        fast_runner.step(torch.zeros(2, 1, 1920), torch.ones(2, dtype=torch.bool))
+
+    def compare(t, ours, theirs):
+        assert torch.equal(ours.user_codes, theirs.user_codes), t
+        assert torch.equal(ours.tokens, theirs.tokens) and torch.equal(ours.valid, theirs.valid), t
+        torch.testing.assert_close(ours.text_logits, theirs.text_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.audio_logits, theirs.audio_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.pcm, theirs.pcm, rtol=1e-4, atol=1e-5)
+
+    c = CONFIG.lm
+    generator = torch.Generator().manual_seed(4)
+    tokens = [torch.cat([torch.randint(0, c.text_card, (2, 1), generator=generator),
+                         torch.randint(0, c.card, (2, c.dep_q), generator=generator)], 1) for _ in range(12)]
+    with ops.reference_ops():
+        _teacher_forced_frames(fast_runner, reference_runner, _frames(2, 12, seed=9), device, compare,
+                               tokens=tokens.__getitem__)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 8])
+def test_real_config_teacher_forced_frames_on_the_gpu(batch):
+    """Moshi's real shapes in fp32 (context 400, so that 8 slots of both engines' caches fit an H100), 200
+    frames of speech-like audio: the fast frame under its CUDA graph, forced to the reference frame's
+    greedy tokens. The two codecs agree on >= 99.9% of the user's codes; for each slot, as long as they
+    have agreed on all of them (the LM's input is then the same), the logits are within 1e-2 (relative) of
+    the reference's and the audio within 1e-3."""
+    import dataclasses
+
+    from moshi_fast.config import moshiko
+    from moshi_fast.engine import _ReferenceFrameRunner
+    from moshi_fast.fast.moshi import FastFrameRunner
+    from moshi_fast.reference.lm import SamplingParams
+    from moshi_fast.reference.mimi import Mimi
+
+    from .helpers import rel_err
+
+    config = dataclasses.replace(moshiko(), lm=dataclasses.replace(moshiko().lm, context=400))
+    device = torch.device("cuda")
+    fast = FastMoshi.random(config, device=device, backend="fast", dtype=torch.float32, use_sampling=False)
+    reference_mimi = Mimi(config.mimi).to(device).eval().requires_grad_(False)
+    reference_mimi.load_state_dict(fast.mimi.state_dict())
+
+    def greedy():
+        full = lambda value, dtype: torch.full((batch,), value, dtype=dtype, device=device)  # noqa: E731
+        return SamplingParams(full(0.0, torch.float32), full(25, torch.long), full(0.0, torch.float32),
+                              full(250, torch.long), torch.arange(batch, device=device), 25, 250)
+
+    fast_runner = FastFrameRunner(fast.mimi, fast.lm, batch, greedy(), device, buckets=[batch], teacher_forcing=True)
+    # The reference LM runs on the same (fast) LM object: its parameters are the reference's.
+    reference_runner = _ReferenceFrameRunner(reference_mimi, fast.lm, batch, greedy(), device, False)
+    in_sync = torch.ones(batch, dtype=torch.bool)
+    codes, worst = {"equal": 0, "all": 0}, {"logits": 0.0, "pcm": 0.0}
+
+    def compare(t, ours, theirs):
+        same = (ours.user_codes == theirs.user_codes).cpu()
+        codes["equal"] += int(same.sum())
+        codes["all"] += same.numel()
+        in_sync.logical_and_(same.all(-1))
+        for row in in_sync.nonzero()[:, 0].tolist():
+            for o, r in ((ours.text_logits[row], theirs.text_logits[row]),
+                         (ours.audio_logits[row], theirs.audio_logits[row])):
+                error = rel_err(o, r)
+                assert error <= 1e-2, (t, row, error)
+                worst["logits"] = max(worst["logits"], error)
+            if bool(theirs.valid[row]):
+                assert torch.equal(ours.tokens[row], theirs.tokens[row]), (t, row)
+                error = rel_err(ours.pcm[row], theirs.pcm[row])
+                assert error <= 1e-3, (t, row, error)
+                worst["pcm"] = max(worst["pcm"], error)
+
+    with torch.no_grad():
+        _teacher_forced_frames(fast_runner, reference_runner, _frames(batch, 200, seed=batch), device, compare)
+    print(f"\nteacher-forced frames, fp32, B={batch}, 200 frames: user codes equal {codes['equal']}/{codes['all']}; "
+          f"{int(in_sync.sum())}/{batch} slots in sync to the end; worst logits rel err {worst['logits']:.2e}, "
+          f"worst pcm rel err {worst['pcm']:.2e}")
+    assert codes["equal"] >= 0.999 * codes["all"]
+
+
 @pytest.mark.gpu
 def test_ten_thousand_frames_keep_flat_time_and_memory():
     """13 minutes of conversation on the fast engine at Moshi's real size (B = 1): the 3000-token window

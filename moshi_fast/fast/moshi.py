@@ -13,6 +13,7 @@ allocates or syncs per frame outside the graphs' shared memory pool.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +23,23 @@ from ..graphs import CapturedStep, batch_buckets
 from ..reference.lm import SamplingParams
 from .lm import FastLM, FastStreamingLM
 from .mimi import FastMimi
+
+
+class FrameOutput(NamedTuple):
+    """One frame of a batch of b slots (static tensors of a captured step: copy what you keep)."""
+
+    pcm: torch.Tensor
+    """[b, 1, frame_size] float32: Moshi's audio, silence where a slot has no output yet."""
+    tokens: torch.Tensor
+    """[b, 1 + dep_q] int64: the delayed text token and audio codes decoded into pcm, -1 where none."""
+    valid: torch.Tensor
+    """[b] bool: the slot ran and produced output."""
+    user_codes: torch.Tensor
+    """[b, num_codebooks] int64: the Mimi codes of the user's audio this frame."""
+    text_logits: torch.Tensor
+    """[b, text_card]: the logits of this frame's text token."""
+    audio_logits: torch.Tensor
+    """[b, dep_q, card]: the logits of this frame's audio codes."""
 
 
 class _BucketFrame:
@@ -36,25 +54,28 @@ class _BucketFrame:
         self.scratch = ops.rvq_encode_scratch(mimi_cache.batch_size, mc.num_codebooks, mc.codebook_dim,
                                               mimi_cache.encoder_frame.device)
 
-    def __call__(self, pcm: torch.Tensor, exec_mask: torch.Tensor):
+    def __call__(self, pcm: torch.Tensor, exec_mask: torch.Tensor, forced: torch.Tensor | None = None) -> FrameOutput:
         codes = self.mimi.encode_step(pcm, self.mimi_cache, exec_mask, self.scratch)
-        out = self.generator.step(codes[:, :self.dep_q], exec_mask)
+        out = self.generator.step(codes[:, :self.dep_q], exec_mask, forced)
         decoded = self.mimi.decode_step(out.tokens[:, 1:].clamp(min=0), self.mimi_cache, out.valid)
         pcm_out = torch.where(out.valid[:, None, None], decoded, torch.zeros_like(decoded))
-        return pcm_out, out.tokens, out.valid
+        return FrameOutput(pcm_out, out.tokens, out.valid, codes, out.text_logits, out.audio_logits)
 
 
 class FastFrameRunner:
     """params: per-slot sampling parameters [batch_size] (the runner steps and swaps their rows with the
     state). buckets: the batch sizes to capture (default graphs.batch_buckets(batch_size)). eager: run the
-    frame functions without graphs, for debugging."""
+    frame functions without graphs, for debugging. teacher_forcing: every step takes the tokens Moshi
+    generates (for validation against a recorded run)."""
 
     def __init__(self, mimi: FastMimi, lm: FastLM, batch_size: int, params: SamplingParams, device: torch.device,
-                 eager: bool = False, kv_pages: int | None = None, buckets: Sequence[int] | None = None):
+                 eager: bool = False, kv_pages: int | None = None, buckets: Sequence[int] | None = None,
+                 teacher_forcing: bool = False):
         self.mimi, self.lm = mimi, lm
         self.batch_size = batch_size
         self.buckets = batch_buckets(batch_size, buckets)
         self.params = params
+        self.teacher_forcing = teacher_forcing
         self.mimi_cache = MimiCache(mimi, batch_size, device, buckets=self.buckets)
         self.lm_cache = LMCache(lm.config, batch_size, device, lm.text_head.dtype, kv_pages=kv_pages,
                                 buckets=self.buckets)
@@ -63,20 +84,24 @@ class FastFrameRunner:
         for size in reversed(self.buckets):
             frame = _BucketFrame(mimi, lm, self.mimi_cache.narrow(size), self.lm_cache.narrow(size),
                                  params.narrow(size))
-            pcm = torch.zeros(size, 1, mimi.config.frame_size, device=device)
-            mask = torch.ones(size, dtype=torch.bool, device=device)
-            self._steps[size] = CapturedStep(frame, [pcm, mask], eager=eager, pool=pool)
+            inputs = [torch.zeros(size, 1, mimi.config.frame_size, device=device),
+                      torch.ones(size, dtype=torch.bool, device=device)]
+            if teacher_forcing:
+                inputs.append(torch.zeros(size, 1 + lm.config.dep_q, dtype=torch.long, device=device))
+            self._steps[size] = CapturedStep(frame, inputs, eager=eager, pool=pool)
         # Warm-up and capture stepped the state: every slot starts over.
         self.reset(torch.ones(batch_size, dtype=torch.bool, device=device))
 
-    def step(self, pcm: torch.Tensor, exec_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Slots 0..b-1 for a bucket size b: pcm [b, 1, frame_size] f32, exec_mask [b] bool -> (pcm out
-        [b, 1, frame_size], tokens [b, 1 + dep_q] int64 (-1 where not produced), valid [b] bool); static
-        tensors, overwritten by the next step of that bucket."""
+    def step(self, pcm: torch.Tensor, exec_mask: torch.Tensor, forced: torch.Tensor | None = None) -> FrameOutput:
+        """Slots 0..b-1 for a bucket size b: pcm [b, 1, frame_size] f32, exec_mask [b] bool, and with
+        teacher_forcing the tokens to generate, forced [b, 1 + dep_q] int64 -> the frame's outputs, static
+        tensors overwritten by the next step of that bucket."""
         step = self._steps.get(pcm.shape[0])
         if step is None:
             raise ValueError(f"no captured step for a batch of {pcm.shape[0]}; buckets: {self.buckets}")
-        return step(pcm, exec_mask)
+        if (forced is not None) != self.teacher_forcing:
+            raise ValueError("forced tokens are given exactly when the runner is built with teacher_forcing")
+        return step(pcm, exec_mask) if forced is None else step(pcm, exec_mask, forced)
 
     def reset(self, slots: torch.Tensor) -> None:
         """Restarts the selected slots (bool mask [batch_size]) in the codec and the LM."""

@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decoded input audio kept per connection while the engine lags behind real time, "
                             "before the oldest is dropped (default: %(default)s)")
     serve.add_argument("--batch-buckets", metavar="N,N,...", type=_batch_sizes,
-                       help="batch sizes the fast engine captures a CUDA graph for; a frame runs the smallest "
-                            "that holds the open conversations (default: the powers of two below N, and N)")
+                       help="batch sizes a frame can run at, the smallest that holds the open conversations "
+                            "(the fast engine captures a CUDA graph for each; default: the powers of two below "
+                            "N, and N)")
     serve.add_argument("--opus-processes", metavar="N", type=_non_negative_int,
                        help="worker processes for the Opus coding (default: on a GPU one per 8 conversations, "
                             "leaving a core free; on the CPU 0, the server's own process)")

@@ -12,6 +12,7 @@ backend's models and their per-slot streaming state.
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections.abc import Sequence
@@ -196,6 +197,13 @@ class _ReferenceMimiRunner:
     def decode(self, codes: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:
         return self.model.decode_step(codes, self._decoder_state, exec_mask)
 
+    def narrow(self, batch_size: int) -> "_ReferenceMimiRunner":
+        """The first batch_size streams, on views of this runner's state."""
+        narrowed = copy.copy(self)
+        narrowed._encoder_state = self._encoder_state.narrow(batch_size)
+        narrowed._decoder_state = self._decoder_state.narrow(batch_size)
+        return narrowed
+
     def reset(self, slots: torch.Tensor) -> None:
         self._encoder_state.reset(slots)
         self._decoder_state.reset(slots)
@@ -207,24 +215,33 @@ class _ReferenceMimiRunner:
 
 class _ReferenceFrameRunner:
     """The reference backend's frame for `batch_size` slots: either codec runner around the eager
-    reference LM. It has one bucket: every step runs all the slots (the fast backend's twin is
-    FastFrameRunner, with its captured buckets)."""
+    reference LM (the fast backend's twin is FastFrameRunner). With the reference codec a step of b slots
+    runs slots 0..b-1 on views of the state, for any bucket b; with the fast codec (its graphs are
+    captured for all the slots) every step runs all of them."""
 
     def __init__(self, mimi: Mimi, lm: LM, batch_size: int, params: SamplingParams, device: torch.device,
-                 eager: bool):
-        self.buckets = (batch_size,)
+                 eager: bool, buckets: Sequence[int] | None = None):
+        self.batch_size = batch_size
         self.params = params
         self.dep_q = lm.config.dep_q
         self.generator = StreamingLM(lm)
         self.codec = _mimi_runner(mimi, batch_size, device, eager)
         self.lm_state = self.generator.init_state(batch_size)
+        narrowable = isinstance(self.codec, _ReferenceMimiRunner)
+        self.buckets = graphs.batch_buckets(batch_size, buckets) if narrowable else (batch_size,)
 
     def step(self, pcm: torch.Tensor, exec_mask: torch.Tensor, forced: torch.Tensor | None = None) -> FrameOutput:
-        """pcm [B, 1, frame_size], exec_mask [B], forced [B, 1 + dep_q] (teacher forcing) or None -> the
-        frame's outputs."""
-        codes = self.codec.encode(pcm, exec_mask)[..., 0]
-        out = self.generator.step(codes[:, :self.dep_q], self.lm_state, exec_mask, self.params, forced=forced)
-        decoded = self.codec.decode(out.tokens[:, 1:].clamp(min=0)[..., None], out.valid)
+        """pcm [b, 1, frame_size] for slots 0..b-1 (b one of the buckets), exec_mask [b], forced [b, 1 + dep_q]
+        (teacher forcing) or None -> the frame's outputs."""
+        size = pcm.shape[0]
+        if size not in self.buckets:
+            raise ValueError(f"no bucket for a batch of {size}; buckets: {self.buckets}")
+        codec, state, params = self.codec, self.lm_state, self.params
+        if size != self.batch_size:
+            codec, state, params = codec.narrow(size), state.narrow(size), params.narrow(size)
+        codes = codec.encode(pcm, exec_mask)[..., 0]
+        out = self.generator.step(codes[:, :self.dep_q], state, exec_mask, params, forced=forced)
+        decoded = codec.decode(out.tokens[:, 1:].clamp(min=0)[..., None], out.valid)
         pcm_out = torch.where(out.valid[:, None, None], decoded, torch.zeros_like(decoded))
         return FrameOutput(pcm_out, out.tokens, out.valid, codes, out.text_logits, out.audio_logits)
 
@@ -312,11 +329,11 @@ class FastMoshi:
     conversation, `step({slot: frame, ...})` with the frames of the conversations that have audio
     this frame (the others keep their state untouched), and `close(slot)` when one ends.
 
-    Batch buckets (fast backend): one CUDA graph is captured per bucket size (`batch_buckets`, by default
-    the powers of two below max_batch, and max_batch), and a step runs the smallest bucket that holds the
-    open conversations: the engine keeps the open conversations' state in its first rows, moving the
-    last one into the place of one that closes, so n open conversations run on the bucket >= n whatever
-    slot ids they hold. The reference backend runs every slot each step.
+    Batch buckets: a step runs the smallest bucket size (`batch_buckets`, by default the powers of two
+    below max_batch, and max_batch) that holds the open conversations, on the first rows of the state;
+    the engine keeps the open conversations there, moving the last one into the place of one that
+    closes, so n open conversations run on the bucket >= n whatever slot ids they hold. The fast backend
+    captures one CUDA graph per bucket.
     """
 
     def __init__(self, config: MoshiConfig, lm: LM, mimi: Mimi, tokenizer: TextTokenizer | None,
@@ -349,7 +366,8 @@ class FastMoshi:
             self._runner = FastFrameRunner(mimi, lm, max_batch, self._sampling, device, eager=eager,
                                            buckets=batch_buckets)
         else:
-            self._runner = _ReferenceFrameRunner(mimi, lm, max_batch, self._sampling, device, eager)
+            self._runner = _ReferenceFrameRunner(mimi, lm, max_batch, self._sampling, device, eager,
+                                                 buckets=batch_buckets)
         self._all = torch.ones(max_batch, dtype=torch.bool, device=device)
         self._open = [False] * max_batch
         # Slot ids are what callers hold; rows index the state. The open slots hold rows 0..open_count-1.

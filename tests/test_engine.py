@@ -281,10 +281,10 @@ CLOSING_PLAN = [  # (seeds closing before the step, seeds opening before it, the
 """Conversations (named by their sampling seed) close and join in any slot of a 4-slot engine."""
 
 
-def _run_closing_plan(engine: FastMoshi, make_alone, fast_buckets: bool, device="cpu") -> None:
-    """Runs CLOSING_PLAN on `engine` (frames on `device`): each step runs the expected bucket (with
-    fast_buckets; else the engine's only one), and every conversation produces exactly what it
-    produces alone in make_alone() (an engine of one slot), through every move of its state."""
+def _run_closing_plan(engine: FastMoshi, make_alone, device="cpu") -> None:
+    """Runs CLOSING_PLAN on `engine` (frames on `device`): each step runs the expected bucket, and every
+    conversation produces exactly what it produces alone in make_alone() (an engine of one slot), through
+    every move of its state."""
     streams = {seed: [f[0].to(device) for f in _frames(1, 9, seed=seed)] for seed in (11, 12, 13, 14)}
     slot_of = {seed: engine.open(seed=seed) for seed in (11, 12, 13)}
     assert list(slot_of.values()) == [0, 1, 2]
@@ -295,7 +295,7 @@ def _run_closing_plan(engine: FastMoshi, make_alone, fast_buckets: bool, device=
         for seed in opening:
             slot_of[seed] = engine.open(seed=seed)
         out = engine.step({slot_of[seed]: streams[seed][len(outputs[seed])] for seed in stepping})
-        assert out.bucket == (bucket if fast_buckets else engine.max_batch)
+        assert out.bucket == bucket
         for seed in stepping:
             outputs[seed].append((slot_of[seed], out))
     assert slot_of == {14: 0}, "a new conversation takes the lowest free slot id"
@@ -313,13 +313,13 @@ def _run_closing_plan(engine: FastMoshi, make_alone, fast_buckets: bool, device=
 @pytest.mark.parametrize("backend", ["fast", "reference"])
 def test_closing_conversations_moves_the_others_to_the_smallest_bucket(backend):
     """Four slots, buckets (1, 2, 4): the open conversations keep the first rows, so each step runs the
-    smallest bucket that holds them (fast backend), and each produces what it produces alone."""
+    smallest bucket that holds them, and each produces what it produces alone."""
     from moshi_fast import ops
 
     engine = _engine(max_batch=4, backend=backend)
-    assert engine.buckets == ((1, 2, 4) if backend == "fast" else (4,))
+    assert engine.buckets == (1, 2, 4)
     with ops.reference_ops():
-        _run_closing_plan(engine, lambda: _engine(max_batch=1), fast_buckets=backend == "fast")
+        _run_closing_plan(engine, lambda: _engine(max_batch=1))
 
 
 @pytest.mark.gpu
@@ -330,8 +330,7 @@ def test_bucket_graphs_serve_each_conversation_as_alone_on_the_gpu():
     fast = dict(device="cuda", backend="fast", dtype=torch.float32)
     engine = FastMoshi.random(CONFIG, max_batch=4, seed=5, **fast)
     assert engine.buckets == (1, 2, 4)
-    _run_closing_plan(engine, lambda: FastMoshi.random(CONFIG, max_batch=1, seed=5, **fast), fast_buckets=True,
-                      device="cuda")
+    _run_closing_plan(engine, lambda: FastMoshi.random(CONFIG, max_batch=1, seed=5, **fast), device="cuda")
     frames = [f.cuda() for f in _frames(2, 6)]
     run = lambda engine: torch.stack([engine.step(f).audio_codes for f in frames])  # noqa: E731
     same = [run(FastMoshi.random(CONFIG, max_batch=2, seed=3, **fast)) for _ in range(2)]

@@ -44,6 +44,14 @@ class SlotState:
         for name, tensor in self._tensors.items():
             tensor[slot_mask] = self._initial[name]
 
+    def narrow(self, batch_size: int) -> "SlotState":
+        """The first batch_size slots as views of these tensors: a step on them updates this state (every
+        update is in place)."""
+        narrowed = SlotState(batch_size)
+        narrowed._tensors = {name: tensor[:batch_size] for name, tensor in self._tensors.items()}
+        narrowed._initial = self._initial
+        return narrowed
+
     def swap(self, a: int, b: int) -> None:
         """Exchanges the whole state of slots a and b."""
         for tensor in self._tensors.values():

@@ -229,16 +229,18 @@ class _ReferenceFrameRunner:
         self.lm_state = self.generator.init_state(batch_size)
         narrowable = isinstance(self.codec, _ReferenceMimiRunner)
         self.buckets = graphs.batch_buckets(batch_size, buckets) if narrowable else (batch_size,)
+        # Views of the first b slots' state per bucket, made once (swaps and resets are in place).
+        self._views = {size: (self.codec.narrow(size), self.lm_state.narrow(size), params.narrow(size))
+                       for size in self.buckets if size != batch_size}
+        self._views[batch_size] = (self.codec, self.lm_state, params)
 
     def step(self, pcm: torch.Tensor, exec_mask: torch.Tensor, forced: torch.Tensor | None = None) -> FrameOutput:
         """pcm [b, 1, frame_size] for slots 0..b-1 (b one of the buckets), exec_mask [b], forced [b, 1 + dep_q]
         (teacher forcing) or None -> the frame's outputs."""
-        size = pcm.shape[0]
-        if size not in self.buckets:
-            raise ValueError(f"no bucket for a batch of {size}; buckets: {self.buckets}")
-        codec, state, params = self.codec, self.lm_state, self.params
-        if size != self.batch_size:
-            codec, state, params = codec.narrow(size), state.narrow(size), params.narrow(size)
+        views = self._views.get(pcm.shape[0])
+        if views is None:
+            raise ValueError(f"no bucket for a batch of {pcm.shape[0]}; buckets: {self.buckets}")
+        codec, state, params = views
         codes = codec.encode(pcm, exec_mask)[..., 0]
         out = self.generator.step(codes[:, :self.dep_q], state, exec_mask, params, forced=forced)
         decoded = codec.decode(out.tokens[:, 1:].clamp(min=0)[..., None], out.valid)
@@ -370,10 +372,8 @@ class FastMoshi:
                                                  buckets=batch_buckets)
         self._all = torch.ones(max_batch, dtype=torch.bool, device=device)
         self._open = [False] * max_batch
-        # Slot ids are what callers hold; rows index the state. The open slots hold rows 0..open_count-1.
+        # Slot ids are what callers hold; rows index the state. The n open slots hold rows 0..n-1.
         self._row_of = list(range(max_batch))
-        self._slot_at_row = list(range(max_batch))
-        self._open_count = 0
 
     def _sampling_params(self, use_sampling, temp, temp_text, top_k, top_k_text, seed) -> SamplingParams:
         n, device = self.max_batch, self.device
@@ -459,8 +459,7 @@ class FastMoshi:
         if a == b:
             return
         self._runner.swap(a, b)
-        slot_a, slot_b = self._slot_at_row[a], self._slot_at_row[b]
-        self._slot_at_row[a], self._slot_at_row[b] = slot_b, slot_a
+        slot_a, slot_b = self._row_of.index(a), self._row_of.index(b)
         self._row_of[slot_a], self._row_of[slot_b] = b, a
 
     def open(self, seed: int | None = None, use_sampling: bool | None = None, temp: float | None = None,
@@ -481,8 +480,8 @@ class FastMoshi:
             raise ValueError(f"a slot's top_k must be in [1, {d['top_k']}] and top_k_text in [1, {d['top_k_text']}]")
         if temp < 0 or temp_text < 0:
             raise ValueError("temperatures must be >= 0 (0 is greedy)")
-        self._swap_rows(self._row_of[free], self._open_count)
-        row = self._open_count
+        row = sum(self._open)
+        self._swap_rows(self._row_of[free], row)
         params = self._sampling
         params.audio_temperature[row] = temp if use_sampling else 0.0
         params.text_temperature[row] = temp_text if use_sampling else 0.0
@@ -491,16 +490,14 @@ class FastMoshi:
         params.seed[row] = self.seed + free if seed is None else seed
         self.reset(free)
         self._open[free] = True
-        self._open_count += 1
         return free
 
     def close(self, slot: int) -> None:
         """Ends the conversation in `slot`; the slot is free for the next `open()`."""
         if not self._is_slot(slot) or not self._open[slot]:
             raise ValueError(f"slot {slot!r} is not an open conversation (open: {self.open_slots})")
-        self._swap_rows(self._row_of[slot], self._open_count - 1)
+        self._swap_rows(self._row_of[slot], sum(self._open) - 1)
         self._open[slot] = False
-        self._open_count -= 1
 
     def _is_slot(self, slot) -> bool:
         return isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) and 0 <= slot < self.max_batch
@@ -538,7 +535,8 @@ class FastMoshi:
             slots, rows, stepping = list(range(self.max_batch)), self._row_of, self._all
             batch = self._frames(frames)
             if rows != slots:
-                batch = batch[torch.tensor(self._slot_at_row, device=self.device)]
+                slot_at_row = sorted(slots, key=self._row_of.__getitem__)
+                batch = batch[torch.tensor(slot_at_row, device=self.device)]
         out = self._runner.step(batch, stepping)
         pcm_out, tokens = out.pcm, out.tokens
         # Rows in slot order; with every row in place (the usual whole-batch step) no gather is needed.
@@ -551,5 +549,7 @@ class FastMoshi:
 
     def reset(self, slot: int | None = None) -> None:
         """Restarts one conversation (slot index) or all of them (None)."""
-        _slot_mask(slot, self.max_batch, self.device)
-        self._runner.reset(_slot_mask(None if slot is None else self._row_of[slot], self.max_batch, self.device))
+        mask = _slot_mask(slot, self.max_batch, self.device)
+        if slot is not None:
+            mask = _slot_mask(self._row_of[slot], self.max_batch, self.device)
+        self._runner.reset(mask)

@@ -157,8 +157,9 @@ class OpusWorkerDied(RuntimeError):
 
 
 class OpusWorkers:
-    """Ogg/Opus coding of the conversations' audio, both ways, in `processes` worker processes (moshi_fast/opus_worker.py, run
-    by path with this interpreter). A conversation's audio always goes to the same worker, so its streams
+    """Ogg/Opus coding of the conversations' audio, both ways, in `processes` worker processes
+    (moshi_fast/opus_worker.py, run by path with this interpreter). A conversation's audio always goes to
+    the same worker, so its streams
     stay in order; each worker has one thread here that owns its process and sends its requests and
     reads its replies one at a time, in submission order. A worker that dies is restarted; the
     conversations whose streams it held fail (OpusWorkerDied), later ones encode on the new process."""
@@ -180,9 +181,6 @@ class OpusWorkers:
         """Blocks until a started worker has imported its codec, so the first frames wait for nothing."""
         if read_message(process.stdout) != "ready":
             raise RuntimeError(f"an Opus worker failed to start (exit code {process.wait()})")
-
-    def __len__(self) -> int:
-        return len(self._processes)
 
     def worker_of(self, conversation_id: int) -> int:
         return conversation_id % len(self._processes)

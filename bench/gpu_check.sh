@@ -62,6 +62,14 @@ if [[ $steps == *,load,* ]]; then
         --output "$OUT/loadtest.json" 2>&1 | tee "$OUT/loadtest.log" || status=1
     kill "$server"
     wait "$server"
+    # The load test's report carries no device: record it beside the clients' and the server's figures.
+    python3 - "$OUT/loadtest.json" <<'PY'
+import json, os, sys, torch, triton
+report = json.load(open(sys.argv[1]))
+info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "git_sha": os.environ["GIT_SHA"]}
+json.dump({**info, "report": report}, open(sys.argv[1], "w"), indent=1)
+PY
 fi
 if [[ $steps == *,demo,* ]]; then
     python3 -m moshi_fast demo --seconds 4 --output "$OUT/demo.wav" 2>&1 | tee "$OUT/demo.log" || status=1

@@ -1,6 +1,17 @@
 // Weight-streaming GEMV for decode: out[M, N] = x[M, K] @ weight[N, K]^T (+ residual[M, N]), M = 1..8, bf16 in
-// and out, fp32 accumulation, rounded once. Device code and a launcher on raw pointers and a stream, free of torch
-// (the torch op, with its argument checks, is skinny_gemv.cu).
+// and out, fp32 accumulation, rounded once; optionally with the language model's RMSNorm of x fused before the
+// product and its SiLU gate after it. Device code and a launcher on raw pointers and a stream, free of torch (the
+// torch op, with its argument checks, is skinny_gemv.cu).
+//
+// Fusions (each a template instance):
+//   norm:  x is replaced by bf16(x * (norm_weight * rsqrt(eps + mean(x^2)))) row by row, the RMSNorm of the
+//          reference (fp32 math, rounded to bf16 before the product, as skinny_linear does). Every block computes
+//          the M row scales itself from x (M K bf16, read from L2: 2 KB a block at the depth transformer's K = 1024
+//          and M = 1), while its first weight loads are in flight; the normalised x is made in registers as it is
+//          loaded, never stored.
+//   gated: the weight is [2N, K], gate rows then up rows, and out = silu(x W[:N]^T) * (x W[N:]^T) (the SiLU-gated
+//          FFN input). A block's 16 A-operand rows are 8 gate rows and the 8 matching up rows, so every lane holds
+//          the gate and up sums of the same outputs and the gate is applied in the epilogue.
 //
 // Shapes served: the language model's decode linears at batch <= 8. Helium K = 4096 -> N = 12288 (qkv), 4096
 // (attention out), 22528 (gate_up), 32000 (text head); K = 11264 -> 4096 (down). Depth transformer K = 1024 ->
@@ -15,11 +26,12 @@
 // registers, with no shared-memory staging, no pipeline barriers and no layout conversions, so a warp spends
 // about two dozen instructions per 4 KB of weight: twelve 16-byte loads a lane, then eight mma.sync.
 //
-// Work split: a block owns 16 consecutive weight rows (a tile) over all of K; its warps take the tile's K steps
-// (128 elements, 256 bytes of each row) round robin, so a block streams 16 rows x 256 bytes per warp at a time,
-// and sums its warps' fp32 partials in shared memory in warp order (deterministic, no workspace, no atomics).
-// The grid is one block per tile (64 to 2000 at the model's shapes; up to three run on an SM at once), started
-// by the hardware as SMs free up; the SM count sets how many warps split a tile's K (skinny_gemv_default_warps).
+// Work split: a block owns 16 consecutive weight rows (a tile; gated: 8 gate rows and their 8 up rows) over all of
+// K; its warps take the tile's K steps (128 elements, 256 bytes of each row) round robin, so a block streams 16
+// rows x 256 bytes per warp at a time, and sums its warps' fp32 partials in shared memory in warp order
+// (deterministic, no workspace, no atomics). The grid is one block per tile (64 to 2816 at the model's shapes; up
+// to three run on an SM at once), started by the hardware as SMs free up; the SM count sets how many warps split a
+// tile's K (skinny_gemv_default_warps).
 //
 // Products: mma.m16n8k16 with the weight as the 16 x 16 A operand (16 rows x 16 of K) and x as the 16 x 8 B
 // operand (16 of K x 8 rows of x; columns >= M repeat row M - 1 and are not stored). See load_step for how whole
@@ -46,13 +58,16 @@ constexpr int kGemvStepK = 4 * 8 * kGemvLoadsPerRow;
 constexpr int kGemvMaxWarps = 16;
 
 struct SkinnyGemvArgs {
-  const __nv_bfloat16* x;         // [rows, k] contiguous, 16-byte aligned
-  const __nv_bfloat16* weight;    // [n, k] contiguous, 16-byte aligned
-  const __nv_bfloat16* residual;  // [rows, n] contiguous, or null; may be out itself
-  __nv_bfloat16* out;             // [rows, n] contiguous; overlaps neither x nor the weight
-  int rows;                       // 1..kGemvMaxRows
-  int n;                          // at most INT_MAX - kGemvTileRows: row indices stay 32-bit
-  int k;                          // a positive multiple of 8: every row starts 16-byte aligned
+  const __nv_bfloat16* x;            // [rows, k] contiguous, 16-byte aligned
+  const __nv_bfloat16* weight;       // [n, k] contiguous, 16-byte aligned ([2 n, k] when gated)
+  const __nv_bfloat16* residual;     // [rows, n] contiguous, or null; may be out itself
+  __nv_bfloat16* out;                // [rows, n] contiguous; overlaps neither x nor the weight
+  const __nv_bfloat16* norm_weight;  // [k] contiguous, 16-byte aligned: RMSNorm x first; or null
+  float eps;                         // the RMSNorm's epsilon
+  bool gated;                        // out = silu(gate) * up of the weight's two halves
+  int rows;                          // 1..kGemvMaxRows
+  int n;                             // output columns, at most (INT_MAX - kGemvTileRows) / 2: indices stay 32-bit
+  int k;                             // a positive multiple of 8: every row starts 16-byte aligned
 };
 
 namespace detail {
@@ -95,6 +110,28 @@ struct StepOperands {
 //
 // A step past the end of K (the last one, when K is not a multiple of kGemvStepK) loads only the 16-byte pieces
 // inside K and zeroes both operands elsewhere; K being a multiple of 8, no piece straddles the end.
+__device__ __forceinline__ bool piece_inside(int k0, int u, int lane_k, int k) { return k0 + 32 * u + lane_k < k; }
+
+__device__ __forceinline__ void load_weight_step(StepOperands& operands, const __nv_bfloat16* weight_lo,
+                                                 const __nv_bfloat16* weight_hi, int k0, int lane_k, int k) {
+  if (k0 + kGemvStepK <= k) {
+#pragma unroll
+    for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+      operands.weight_lo[u] = load_weight(weight_lo + k0 + 32 * u);
+      operands.weight_hi[u] = load_weight(weight_hi + k0 + 32 * u);
+    }
+    return;
+  }
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+    const bool inside = piece_inside(k0, u, lane_k, k);
+    operands.weight_lo[u] = inside ? load_weight(weight_lo + k0 + 32 * u) : zero;
+    operands.weight_hi[u] = inside ? load_weight(weight_hi + k0 + 32 * u) : zero;
+  }
+}
+
+// Weight and x of a step at once (the kernels without the norm).
 __device__ __forceinline__ void load_step(StepOperands& operands, const __nv_bfloat16* weight_lo,
                                           const __nv_bfloat16* weight_hi, const __nv_bfloat16* x, int k0,
                                           int lane_k, int k) {
@@ -110,10 +147,82 @@ __device__ __forceinline__ void load_step(StepOperands& operands, const __nv_bfl
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int u = 0; u < kGemvLoadsPerRow; ++u) {
-    const bool inside = k0 + 32 * u + lane_k < k;
+    const bool inside = piece_inside(k0, u, lane_k, k);
     operands.weight_lo[u] = inside ? load_weight(weight_lo + k0 + 32 * u) : zero;
     operands.weight_hi[u] = inside ? load_weight(weight_hi + k0 + 32 * u) : zero;
     operands.x[u] = inside ? load_x(x + k0 + 32 * u) : zero;
+  }
+}
+
+// bf16(x * (norm_weight * scale)) for 8 elements: the reference's RMSNorm, in its order of fp32 products (no
+// sum is involved, so fast-math contraction cannot change it).
+__device__ __forceinline__ uint4 normalize_piece(uint4 x, uint4 norm_weight, float scale) {
+  uint4 result;
+  const __nv_bfloat162* xs = reinterpret_cast<const __nv_bfloat162*>(&x);
+  const __nv_bfloat162* ws = reinterpret_cast<const __nv_bfloat162*>(&norm_weight);
+  __nv_bfloat162* rs = reinterpret_cast<__nv_bfloat162*>(&result);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 xf = __bfloat1622float2(xs[j]);
+    const float2 wf = __bfloat1622float2(ws[j]);
+    rs[j] = __floats2bfloat162_rn(xf.x * (wf.x * scale), xf.y * (wf.y * scale));
+  }
+  return result;
+}
+
+// The step's x pieces and the norm weight's at the same K, loaded together, then x normalised in registers;
+// pieces past K are zero in both.
+__device__ __forceinline__ void load_normalized_x_step(StepOperands& operands, const __nv_bfloat16* x,
+                                                       const __nv_bfloat16* norm_weight, float scale, int k0,
+                                                       int lane_k, int k) {
+  uint4 weights[kGemvLoadsPerRow];
+  if (k0 + kGemvStepK <= k) {
+#pragma unroll
+    for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+      operands.x[u] = load_x(x + k0 + 32 * u);
+      weights[u] = load_x(norm_weight + k0 + 32 * u);
+    }
+  } else {
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+      const bool inside = piece_inside(k0, u, lane_k, k);
+      operands.x[u] = inside ? load_x(x + k0 + 32 * u) : zero;
+      weights[u] = inside ? load_x(norm_weight + k0 + 32 * u) : zero;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kGemvLoadsPerRow; ++u) operands.x[u] = normalize_piece(operands.x[u], weights[u], scale);
+}
+
+// rsqrt(eps + mean(x^2)) of each x row into scales[rows], a warp a row (rows round robin over the warps), fp32.
+__device__ __forceinline__ void row_rms_scales(const SkinnyGemvArgs& args, float* scales, int warp, int warps,
+                                               int lane) {
+  for (int m = warp; m < args.rows; m += warps) {
+    const __nv_bfloat16* row = args.x + static_cast<int64_t>(m) * args.k;
+    // kScaleLoads 16-byte pieces a lane in flight at once: one round trip to L2 for K <= 2048, two for 4096.
+    constexpr int kScaleLoads = 8;
+    float sum = 0.f;
+    for (int base = 8 * lane; base < args.k; base += 8 * 32 * kScaleLoads) {
+      uint4 pieces[kScaleLoads];
+#pragma unroll
+      for (int b = 0; b < kScaleLoads; ++b) {
+        const int i = base + 8 * 32 * b;
+        pieces[b] = i < args.k ? load_x(row + i) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int b = 0; b < kScaleLoads; ++b) {
+        const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&pieces[b]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = __bfloat1622float2(pairs[j]);
+          sum += f.x * f.x + f.y * f.y;
+        }
+      }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) scales[m] = rsqrtf(args.eps + sum / static_cast<float>(args.k));
   }
 }
 
@@ -128,48 +237,78 @@ __device__ __forceinline__ void multiply_step(float (&acc)[4], const StepOperand
   }
 }
 
+template <bool kNorm, bool kGated>
 __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
+  // Output columns a block owns: its 16 weight rows, or (gated) their 8 gate-and-up pairs.
+  constexpr int kTileColumns = kGated ? kGemvTileRows / 2 : kGemvTileRows;
   __shared__ float4 warp_partials[kGemvMaxWarps][32];
+  __shared__ float row_scales[kGemvMaxRows];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int warps = blockDim.x / 32;
   const int group = lane / 4;
   const int lane_k = 8 * (lane % 4);
-  const int tile_row = blockIdx.x * kGemvTileRows;
+  const int tile_column = blockIdx.x * kTileColumns;
 
   // Rows past N, and x rows past M, read the last valid row instead: their products land only in accumulator
   // rows and columns that are never stored, and the loop needs no predicates.
-  const int64_t row_lo = min(tile_row + group, args.n - 1);
-  const int64_t row_hi = min(tile_row + group + 8, args.n - 1);
-  const int64_t x_row = min(group, args.rows - 1);
+  int64_t row_lo, row_hi;
+  if constexpr (kGated) {
+    row_lo = min(tile_column + group, args.n - 1);
+    row_hi = row_lo + args.n;
+  } else {
+    row_lo = min(tile_column + group, args.n - 1);
+    row_hi = min(tile_column + group + 8, args.n - 1);
+  }
+  const int x_row = min(group, args.rows - 1);
   const __nv_bfloat16* weight_lo = args.weight + row_lo * args.k + lane_k;
   const __nv_bfloat16* weight_hi = args.weight + row_hi * args.k + lane_k;
-  const __nv_bfloat16* x = args.x + x_row * args.k + lane_k;
+  const __nv_bfloat16* x = args.x + static_cast<int64_t>(x_row) * args.k + lane_k;
+  const __nv_bfloat16* norm_weight = kNorm ? args.norm_weight + lane_k : nullptr;
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   const int steps = (args.k + kGemvStepK - 1) / kGemvStepK;
+  StepOperands operands;
+  // With the norm, the first step's weight is in flight while the block computes the row scales.
+  if (kNorm && warp < steps) load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
+  float scale = 1.f;
+  if constexpr (kNorm) {
+    row_rms_scales(args, row_scales, warp, warps, lane);
+    __syncthreads();
+    scale = row_scales[x_row];
+  }
   for (int step = warp; step < steps; step += warps) {
-    StepOperands operands;
-    load_step(operands, weight_lo, weight_hi, x, step * kGemvStepK, lane_k, args.k);
+    const int k0 = step * kGemvStepK;
+    if constexpr (kNorm) {
+      if (step != warp) load_weight_step(operands, weight_lo, weight_hi, k0, lane_k, args.k);
+      load_normalized_x_step(operands, x, norm_weight, scale, k0, lane_k, args.k);
+    } else {
+      load_step(operands, weight_lo, weight_hi, x, k0, lane_k, args.k);
+    }
     multiply_step(acc, operands);
   }
 
   warp_partials[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
   __syncthreads();
 
-  // Thread e finishes out[m = e / 16, tile_row + e % 16]: consecutive threads write consecutive columns. The
-  // accumulator element i of lane (g, t) holds weight row g + 8 (i / 2) of the tile and x row 2 t + i % 2.
-  for (int e = threadIdx.x; e < kGemvMaxRows * kGemvTileRows; e += blockDim.x) {
-    const int m = e / kGemvTileRows;
-    const int tile_column = e % kGemvTileRows;
-    const int column = tile_row + tile_column;
+  // Thread e finishes out[m = e / kTileColumns, tile_column + e % kTileColumns]: consecutive threads write
+  // consecutive columns. The accumulator element i of lane (g, t) holds weight row g + 8 (i / 2) of the tile (the
+  // gate row g for i < 2 and its up row for i >= 2, gated) and x row 2 t + i % 2.
+  for (int e = threadIdx.x; e < kGemvMaxRows * kTileColumns; e += blockDim.x) {
+    const int m = e / kTileColumns;
+    const int column_in_tile = e % kTileColumns;
+    const int column = tile_column + column_in_tile;
     if (m >= args.rows || column >= args.n) continue;
-    const int source_lane = 4 * (tile_column % 8) + m / 2;
-    const int source_element = 2 * (tile_column / 8) + m % 2;
+    const int source_lane = 4 * (column_in_tile % 8) + m / 2;
+    const int source_element = 2 * (column_in_tile / 8) + m % 2;
     float sum = 0.f;
+    float up = 0.f;
     for (int w = 0; w < warps; ++w) {
-      sum += reinterpret_cast<const float*>(&warp_partials[w][source_lane])[source_element];
+      const float* partial = reinterpret_cast<const float*>(&warp_partials[w][source_lane]);
+      sum += partial[source_element];
+      if constexpr (kGated) up += partial[source_element + 2];
     }
+    if constexpr (kGated) sum = sum / (1.f + __expf(-sum)) * up;
     // One thread reads and writes each element, so the residual may be out itself.
     const int64_t index = static_cast<int64_t>(m) * args.n + column;
     if (args.residual != nullptr) sum += __bfloat162float(args.residual[index]);
@@ -177,13 +316,19 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   }
 }
 
+// Blocks in the grid: one per tile of output columns.
+inline unsigned skinny_gemv_tiles(int n, bool gated) {
+  const int columns = gated ? kGemvTileRows / 2 : kGemvTileRows;
+  return static_cast<unsigned>((n + columns - 1) / columns);
+}
+
 }  // namespace detail
 
-// Warps a block splits its tile's K across: 8 by default (nvcc 13.0 gives the kernel 78 registers a thread, so
-// three such blocks fit an SM: 96 KB of weight in flight), 16 when the tiles do not outnumber the SMs (one block
+// Warps a block splits its tile's K across: 8 by default (nvcc 13.0 gives the plain kernel 78 registers a thread,
+// so three such blocks fit an SM: 96 KB of weight in flight), 16 when the tiles do not outnumber the SMs (one block
 // an SM: more bytes in flight per tile), and never more warps than K steps.
-inline int skinny_gemv_default_warps(int n, int k, int multiprocessors) {
-  const int tiles = (n + kGemvTileRows - 1) / kGemvTileRows;
+inline int skinny_gemv_default_warps(int n, int k, bool gated, int multiprocessors) {
+  const int tiles = static_cast<int>(detail::skinny_gemv_tiles(n, gated));
   const int steps = (k + kGemvStepK - 1) / kGemvStepK;
   const int warps = tiles <= multiprocessors ? kGemvMaxWarps : 8;
   return warps < steps ? warps : steps;
@@ -191,8 +336,17 @@ inline int skinny_gemv_default_warps(int n, int k, int multiprocessors) {
 
 // Launches on `stream` (no allocation, no synchronisation: graph-capturable); warps in 1..kGemvMaxWarps.
 inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream) {
-  const unsigned tiles = (args.n + kGemvTileRows - 1) / kGemvTileRows;
-  detail::skinny_gemv_bf16_kernel<<<tiles, warps * 32, 0, stream>>>(args);
+  const unsigned tiles = detail::skinny_gemv_tiles(args.n, args.gated);
+  const bool norm = args.norm_weight != nullptr;
+  if (norm && args.gated) {
+    detail::skinny_gemv_bf16_kernel<true, true><<<tiles, warps * 32, 0, stream>>>(args);
+  } else if (norm) {
+    detail::skinny_gemv_bf16_kernel<true, false><<<tiles, warps * 32, 0, stream>>>(args);
+  } else if (args.gated) {
+    detail::skinny_gemv_bf16_kernel<false, true><<<tiles, warps * 32, 0, stream>>>(args);
+  } else {
+    detail::skinny_gemv_bf16_kernel<false, false><<<tiles, warps * 32, 0, stream>>>(args);
+  }
   return cudaGetLastError();
 }
 

@@ -90,10 +90,22 @@ def _require() -> None:
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """The spec of `gemv`: x @ weight.T (+ residual) in fp32 on the given values, rounded once to out's
-    dtype (x's by default). x [M, K], weight [N, K], residual [M, N] (may be `out`), out [M, N]."""
-    y = x.float() @ weight.float().T
+             out: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
+             gated: bool = False) -> torch.Tensor:
+    """The spec of `gemv`: act(norm(x) @ weight.T) (+ residual) in fp32 on the given values, rounded once to
+    out's dtype (x's by default). x [M, K], weight [N, K] ([2N, K] gated: the gate rows, then the up rows),
+    residual [M, N] (may be `out`), out [M, N]. norm (norm_weight [K], eps): x is first replaced by
+    x * (norm_weight / sqrt(eps + mean(x^2))) in fp32, rounded to x's dtype (the LM's RMSNorm, as
+    skinny_linear's); gated: out = silu(gate) * up."""
+    hidden = x.float()
+    if norm is not None:
+        norm_weight, eps = norm
+        scale = torch.rsqrt(eps + torch.mean(hidden ** 2, dim=-1, keepdim=True))
+        hidden = (hidden * (norm_weight.float() * scale)).to(x.dtype).float()
+    y = hidden @ weight.float().T
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
     if residual is not None:
         y = y + residual.float()
     if out is None:
@@ -102,20 +114,26 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, warps_per_block: int = 0) -> torch.Tensor:
-    """out = x @ weight.T (+ residual) by the extension's weight-streaming GEMV (csrc/skinny_gemv_kernel.cuh).
+         out: torch.Tensor | None = None, warps_per_block: int = 0, *,
+         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False) -> torch.Tensor:
+    """out = act(norm(x) @ weight.T) (+ residual) by the extension's weight-streaming GEMV
+    (csrc/skinny_gemv_kernel.cuh); the spec is `gemv_ref`.
 
-    x [M, K] with M = 1..8, weight [N, K] (nn.Linear's layout), residual [M, N] or None (may be `out`
-    itself: an in-place out += x @ weight.T), out [M, N] (allocated when None): all bf16, contiguous, on one
-    CUDA device; K a multiple of 8. fp32 accumulation, rounded once. Floor: the weight's 2 N K bytes, read
-    once. Graph-safe with `out` given (the launch allocates nothing and does not synchronise).
-    `warps_per_block` (1..16) overrides how many warps split each 16-row tile's K (0: the default).
+    x [M, K] with M = 1..8, weight [N, K] (nn.Linear's layout; [2N, K] when gated), residual [M, N] or None
+    (may be `out` itself: an in-place out += x @ weight.T), out [M, N] (allocated when None): all bf16,
+    contiguous, on one CUDA device; K a multiple of 8. norm (norm_weight [K] bf16, eps): RMSNorm x first, fused
+    (each block computes the row scales itself). gated: out = silu(gate) * up of the weight's two halves,
+    fused. fp32 accumulation, rounded once. Floor: the weight's 2 N K bytes, read once. Graph-safe with `out`
+    given (the launch allocates nothing and does not synchronise). `warps_per_block` (1..16) overrides how
+    many warps split each 16-row tile's K (0: the default).
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     _require()
     if out is None and x.dim() == 2 and weight.dim() == 2:
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    _check_gemv(x, weight, residual, out, warps_per_block)
-    torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block)
+        columns = weight.shape[0] // 2 if gated else weight.shape[0]
+        out = torch.empty(x.shape[0], columns, dtype=x.dtype, device=x.device)
+    norm_weight, eps = norm if norm is not None else (None, 0.0)
+    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated)
+    torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated)
     return out
 
 
@@ -123,7 +141,7 @@ MAX_ROWS = 8
 MAX_WARPS = 16
 
 
-def _check_gemv(x, weight, residual, out, warps_per_block) -> None:
+def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False) -> None:
     """The op's argument checks, made here first: on an H200 (torch 2.11) one of the op's own C++ checks
     crashed the process instead of raising (a c10::ValueError thrown before any launch, in a test of bad
     arguments; cause not established), so no invalid call reaches it."""
@@ -137,17 +155,24 @@ def _check_gemv(x, weight, residual, out, warps_per_block) -> None:
     named = {"x": x, "weight": weight, "out": out}
     if residual is not None:
         named["residual"] = residual
+    if norm_weight is not None:
+        named["norm_weight"] = norm_weight
     for name, tensor in named.items():
         if tensor.device != x.device:
             raise ValueError(f"gemv_bf16: {name} must be on x's device {x.device}, got {tensor.device}")
         if tensor.dtype != torch.bfloat16:
             raise TypeError(f"gemv_bf16: {name} must be bfloat16, got {tensor.dtype}")
-        if tensor.dim() != 2:
-            raise ValueError(f"gemv_bf16: {name} must be 2-D, got shape {list(tensor.shape)}")
+        dims = 1 if name == "norm_weight" else 2
+        if tensor.dim() != dims:
+            raise ValueError(f"gemv_bf16: {name} must be {dims}-D, got shape {list(tensor.shape)}")
         if not tensor.is_contiguous():
             raise ValueError(f"gemv_bf16: {name} must be contiguous, got strides {tensor.stride()}")
     rows, k = x.shape
-    n = weight.shape[0]
+    if gated and weight.shape[0] % 2:
+        raise ValueError(f"gemv_bf16: a gated weight has an even number of rows, got {weight.shape[0]}")
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    if norm_weight is not None and tuple(norm_weight.shape) != (k,):
+        raise ValueError(f"gemv_bf16: norm_weight must have shape [{k}], got {list(norm_weight.shape)}")
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"gemv_bf16: x must have 1 to {MAX_ROWS} rows, got {rows}")
     if weight.shape[1] != k:
@@ -157,10 +182,11 @@ def _check_gemv(x, weight, residual, out, warps_per_block) -> None:
     for name in ("out", "residual"):
         if name in named and tuple(named[name].shape) != (rows, n):
             raise ValueError(f"gemv_bf16: {name} must have shape [{rows}, {n}], got {list(named[name].shape)}")
-    for name in ("x", "weight"):
+    read = [name for name in ("x", "weight", "norm_weight") if name in named]
+    for name in read:
         if named[name].data_ptr() % 16:
             raise ValueError(f"gemv_bf16: {name} must start 16-byte aligned (it is read in 16-byte pieces)")
-    for name in ("x", "weight"):
+    for name in read:
         if spans_overlap(out, named[name]):
             raise ValueError(f"gemv_bf16: out overlaps {name}")
     if residual is not None and spans_overlap(residual, out) and not (

@@ -136,21 +136,38 @@ def sample_tokens(logits, temperature, top_k, max_top_k: int, seed, counter, dra
     return fn(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out)
 
 
-CUDA_GEMV_SHAPES = frozenset({(1024, 1024), (1024, 2816), (4096, 11264)})
-"""(N, K) of the plain bf16 products (no norm, bias or activation; M <= 8) where the CUDA extension's GEMV
-beat skinny_linear on an H200 (bench/results/2026-11-22_H200_5180938_cuda_gemv.json, M = 1 / 4 / 8): the
-depth transformer's attention output 2.5 vs 3.6 us and FFN output 3.7 vs 4.9 us, Helium's FFN output
-25.7 vs 27.5 us. On the other LM shapes skinny_linear was as fast or faster."""
+CUDA_GEMV_SHAPES = frozenset({
+    (1024, 1024, "plain"), (1024, 2816, "plain"), (4096, 11264, "plain"),
+    (3072, 1024, "rms"), (5632, 1024, "rms+silu_gate"),
+})
+"""(N, K, fusion) of the bf16 products (M <= 8, no bias) that ops.linear gives the CUDA extension's GEMV, where
+it beat skinny_linear on an H200. fusion "plain": no norm or activation (bench/results/
+2026-11-22_H200_5180938_cuda_gemv.json, M = 1 / 4 / 8: the depth transformer's attention output 2.5 vs 3.6 us
+and FFN output 3.7 vs 4.9 us, Helium's FFN output 25.7 vs 27.5 us; on the other plain LM shapes skinny_linear
+was as fast or faster). "rms" / "rms+silu_gate": the RMSNorm (and the SiLU gate) fused, at the depth
+transformer's qkv and gate_up (bench/RESULTS.md has the measurement)."""
+
+
+def _cuda_gemv_fusion(norm, activation) -> str | None:
+    """The CUDA GEMV's name of a linear's fusion, or None where it has none (LayerNorm, GELU)."""
+    if activation not in (None, "silu_gate"):
+        return None
+    if norm is None:
+        return None if activation else "plain"
+    if not (isinstance(norm, tuple) and len(norm) == 3 and norm[0] == "rms"):
+        return None
+    return "rms+silu_gate" if activation else "rms"
 
 
 def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
-    if not (_kernels_enabled and x.is_cuda and bias is None and norm is None and activation is None):
+    if not (_kernels_enabled and x.is_cuda and bias is None):
+        return False
+    fusion = _cuda_gemv_fusion(norm, activation)
+    if fusion is None or (tuple(weight.shape) + (fusion,)) not in CUDA_GEMV_SHAPES:
         return False
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[0] > 8:
         return False
-    if tuple(weight.shape) not in CUDA_GEMV_SHAPES:
-        return False
-    operands = [t for t in (x, weight, residual, out) if t is not None]
+    operands = [t for t in (x, weight, residual, out, norm[1] if norm else None) if t is not None]
     if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 and t.dtype == torch.bfloat16 for t in operands):
         return False
     return cuda_ext.available()
@@ -158,11 +175,13 @@ def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
 
 def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, out=None,
            workspace: SplitWorkspace | None = None):
-    """act(LayerNorm(x) @ weight.T + bias) + residual for few rows, weights streamed once
+    """act(norm(x) @ weight.T + bias) + residual for few rows, weights streamed once
     (kernels/skinny_linear.py; the CUDA extension's GEMV on the CUDA_GEMV_SHAPES, when it is built); x [M, K],
-    norm (weight, bias, eps) or None, residual may be `out`."""
+    norm (weight, bias, eps) for LayerNorm or ("rms", weight, eps), activation None, "gelu" or "silu_gate"
+    (weight [2N, K]), residual may be `out`."""
     if _use_cuda_gemv(x, weight, bias, norm, activation, residual, out):
-        return cuda_ext.gemv(x, weight, residual, out)
+        return cuda_ext.gemv(x, weight, residual, out, norm=(norm[1], norm[2]) if norm else None,
+                             gated=activation == "silu_gate")
     fn = _skinny_linear_kernel if _use_kernel(x, weight) else skinny_linear_ref
     return fn(x, weight, bias=bias, norm=norm, activation=activation, residual=residual, out=out,
               workspace=workspace)
@@ -181,12 +200,13 @@ def cuda_extension_available() -> bool:
     return cuda_ext.available()
 
 
-def gemv_cuda(x, weight, residual=None, out=None):
-    """x @ weight.T + residual for 1..8 bf16 rows by the CUDA extension's weight-streaming GEMV
-    (csrc/skinny_gemv_kernel.cuh; reference cuda_ext.gemv_ref); x [M, K], weight [N, K], residual may be
-    `out`. Raises RuntimeError when the extension is unavailable. `linear` stays on its Triton kernel;
-    bench/bench_cuda_gemv.py times the two side by side."""
-    return cuda_ext.gemv(x, weight, residual, out)
+def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
+    """act(norm(x) @ weight.T) + residual for 1..8 bf16 rows by the CUDA extension's weight-streaming GEMV
+    (csrc/skinny_gemv_kernel.cuh; reference cuda_ext.gemv_ref); x [M, K], weight [N, K] ([2N, K] gated),
+    residual may be `out`, norm (norm_weight [K], eps) for a fused RMSNorm, gated for the SiLU gate. Raises
+    RuntimeError when the extension is unavailable. `linear` calls it on CUDA_GEMV_SHAPES only;
+    bench/bench_cuda_gemv.py times it beside skinny_linear and cuBLAS."""
+    return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated)
 
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",

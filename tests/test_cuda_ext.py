@@ -1,6 +1,7 @@
 """The CUDA extension moshi_fast._C (csrc/): the package without it (any machine), and on the GPU its
-weight-streaming GEMV against the reference: odd and model shapes, residuals (separate and in place),
-NaN-poisoned outputs, the split of K forced, argument checks, determinism, CUDA-graph capture."""
+weight-streaming GEMV against the reference: odd and model shapes, residuals (separate and in place), the fused
+RMSNorm and SiLU gate, NaN-poisoned outputs, the split of K forced, argument checks, determinism, CUDA-graph
+capture, and ops.linear's dispatch to it."""
 import os
 import subprocess
 import sys
@@ -124,6 +125,19 @@ def test_reference_rounds_once_and_updates_in_place():
     assert_rounded_once(hidden, exact)
 
 
+def test_reference_fusions_are_skinny_linears_spec():
+    """gemv_ref's RMSNorm and SiLU gate are the ones skinny_linear computes (and the LM step calls either)."""
+    from moshi_fast.kernels.skinny_linear import skinny_linear_ref
+
+    x, gamma = torch.randn(3, 64).bfloat16(), (1 + 0.3 * torch.randn(64)).bfloat16()
+    weight = (torch.randn(2 * 24, 64) / 8).bfloat16()
+    for norm, gated in [(None, True), ((gamma, 1e-8), False), ((gamma, 1e-8), True)]:
+        got = cuda_ext.gemv_ref(x, weight, norm=norm, gated=gated)
+        expected = skinny_linear_ref(x, weight, norm=None if norm is None else ("rms", *norm),
+                                     activation="silu_gate" if gated else None)
+        assert torch.equal(got, expected), (norm is not None, gated)
+
+
 @pytest.fixture(scope="module")
 def extension():
     """The extension on the GPU machine, where its tests fail, rather than skip, when it cannot load."""
@@ -157,6 +171,68 @@ def test_gemv_matches_reference(extension, m, n, k, residual):
     got = ops.gemv_cuda(x, weight, res, out)
     assert got is out
     assert_rounded_once(out, exact)
+
+
+def exact_fused(x, weight, norm, gated, residual):
+    """The fused spec in float64 after the one rounding it prescribes before the product (the RMSNorm's
+    bf16 x), computed before the call (the residual may be out)."""
+    hidden = x
+    if norm is not None:
+        gamma, eps = norm
+        scale = torch.rsqrt(eps + torch.mean(x.float() ** 2, dim=-1, keepdim=True))
+        hidden = (x.float() * (gamma.float() * scale)).bfloat16()
+    exact = hidden.double() @ weight.double().T
+    if gated:
+        gate, up = exact.chunk(2, dim=-1)
+        exact = torch.nn.functional.silu(gate) * up
+    return exact if residual is None else exact + residual.double()
+
+
+FUSED_SHAPES = [(40, 72), (34, 264), (200, 1032), (3 * _LM.depformer_dim, _LM.depformer_dim),
+                (2 * _LM.depformer_hidden, _LM.depformer_dim), (3 * _LM.dim, _LM.dim), (2 * _LM.hidden, _LM.dim),
+                (_LM.text_card, _LM.dim)]
+"""(weight rows, K): partial tiles (40, 34 and 200 rows; gated, 20, 17 and 100 outputs in tiles of 8) and partial
+K steps, and the
+LM's products that carry an RMSNorm (qkv, the text head) or an RMSNorm and the gate (gate_up)."""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fusion", ["rms", "gated", "rms+gated"])
+@pytest.mark.parametrize("n, k", FUSED_SHAPES, ids=[_shape_id(shape) for shape in FUSED_SHAPES])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_fused_gemv_matches_reference(extension, m, n, k, fusion):
+    x, weight, res, out = operands(m, n, k, "separate" if m == 3 else None)
+    # Rows of very different sizes, so that a wrong row's scale shows.
+    x = x * torch.logspace(-1, 1, m, device="cuda")[:, None].bfloat16()
+    gated = "gated" in fusion
+    norm = ((1 + 0.5 * torch.randn(k, device="cuda")).bfloat16(), 1e-8) if "rms" in fusion else None
+    if gated:
+        out = out[:, :n // 2].contiguous()
+        res = None if res is None else res[:, :n // 2].contiguous()
+    exact = exact_fused(x, weight, norm, gated, res)
+    got = ops.gemv_cuda(x, weight, res, out, norm=norm, gated=gated)
+    assert got is out
+    assert_rounded_once(out, exact)
+
+
+@pytest.mark.gpu
+def test_linear_dispatches_the_depth_transformers_fused_products(extension, monkeypatch):
+    """ops.linear gives the CUDA GEMV the RMSNorm'd qkv and gated FFN input of the depth transformer, with
+    the results of skinny_linear's spec, and keeps skinny_linear for a LayerNorm."""
+    calls = []
+    real_gemv = cuda_ext.gemv
+    monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: calls.append(kw) or real_gemv(*a, **kw))
+    d, h = _LM.depformer_dim, _LM.depformer_hidden
+    x = torch.randn(2, d, device="cuda").bfloat16()
+    gamma = (1 + 0.5 * torch.randn(d, device="cuda")).bfloat16()
+    for rows, activation in ((3 * d, None), (2 * h, "silu_gate")):
+        weight = (torch.randn(rows, d, device="cuda") / d ** 0.5).bfloat16()
+        got = ops.linear(x, weight, norm=("rms", gamma, 1e-8), activation=activation)
+        expected = cuda_ext.gemv_ref(x, weight, norm=(gamma, 1e-8), gated=activation is not None)
+        assert rel_err(got, expected) < 1e-2
+    assert [c["gated"] for c in calls] == [False, True]
+    ops.linear(x, weight[:d], norm=(gamma, None, 1e-5))
+    assert len(calls) == 2
 
 
 @pytest.mark.gpu
@@ -250,6 +326,16 @@ def _bad_calls():
         pytest.param(shifted_residual, ValueError, "residual overlaps out", id="residual-shifted-from-out"),
         pytest.param(lambda ok: dict(ok, warps_per_block=17), ValueError, "warps_per_block",
                      id="seventeen-warps"),
+        pytest.param(lambda ok: dict(ok, norm=(ok["x"].new_ones(72), 1e-5)), ValueError,
+                     r"norm_weight must have shape \[64\]", id="norm-weight-length"),
+        pytest.param(lambda ok: dict(ok, norm=(ok["x"].new_ones(64).float(), 1e-5)), TypeError,
+                     "norm_weight must be bfloat16", id="norm-weight-fp32"),
+        pytest.param(lambda ok: dict(ok, norm=(ok["x"].new_ones(2, 64), 1e-5)), ValueError,
+                     "norm_weight must be 1-D", id="norm-weight-2d"),
+        pytest.param(lambda ok: dict(ok, weight=ok["weight"][:39].contiguous(), out=ok["out"][:, :19].contiguous(),
+                                     gated=True), ValueError, "even number of rows", id="gated-odd-rows"),
+        pytest.param(lambda ok: dict(ok, gated=True), ValueError, r"out must have shape \[3, 20\]",
+                     id="gated-out-width"),
     ]
 
 

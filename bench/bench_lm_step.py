@@ -171,7 +171,7 @@ def fast_breakdown(lm: FastLM, config, batch: int, context: int) -> dict:
         inputs = lm.depth_inputs(x, cache)
         logits = torch.empty(batch, config.card, dtype=x.dtype, device="cuda")
         for step in range(config.dep_q):
-            lm.depth_step(step, inputs[:, step], token, cache, logits)
+            lm.depth_step(step, inputs[step], token, cache, logits)
             ops.sample_tokens(logits, params.audio_temperature, params.audio_top_k, params.max_audio_top_k,
                               params.seed, cache.frame, 1 + step, out=token)
 

@@ -105,11 +105,13 @@ class FastLM(LM):
                           workspace=cache.workspace)
 
     def depth_inputs(self, x: torch.Tensor, cache: LMCache) -> torch.Tensor:
-        """The residual stream [B, dim] -> in_proj[k](out_norm(x)) for every codebook k, [B, dep_q, depformer_dim]."""
+        """The residual stream [B, dim] -> in_proj[k](out_norm(x)) for every codebook k, [dep_q, B, depformer_dim]:
+        codebook-major, so that each step's rows are contiguous, as the CUDA GEMV reads them (one small copy
+        for B > 1; none at B = 1)."""
         c = self.config
         projected = ops.linear(x, self.depth_in_proj, norm=("rms", self.out_norm.weight, c.norm_eps),
                                workspace=cache.workspace)
-        return projected.view(-1, c.dep_q, c.depformer_dim)
+        return projected.view(-1, c.dep_q, c.depformer_dim).transpose(0, 1).contiguous()
 
     def depth_step(self, step: int, x: torch.Tensor, previous: torch.Tensor, cache: LMCache,
                    logits_out: torch.Tensor) -> torch.Tensor:
@@ -191,7 +193,7 @@ class FastStreamingLM:
         depth = lm.depth_inputs(x, cache)
         audio_logits = torch.empty(x.shape[0], c.dep_q, c.card, dtype=x.dtype, device=x.device)
         for step in range(c.dep_q):
-            logits = lm.depth_step(step, depth[:, step], generated[step], cache, audio_logits[:, step])
+            logits = lm.depth_step(step, depth[step], generated[step], cache, audio_logits[:, step])
             if forced is None:
                 ops.sample_tokens(logits, params.audio_temperature, params.audio_top_k, params.max_audio_top_k,
                                   params.seed, frame, 1 + step, out=generated[1 + step])

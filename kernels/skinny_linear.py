@@ -173,7 +173,7 @@ class Norm(NamedTuple):
     eps: float
 
 
-def _as_norm(norm) -> Norm | None:
+def as_norm(norm) -> Norm | None:
     """`norm=` as a checked Norm (None stays None)."""
     if norm is None:
         return None
@@ -201,7 +201,7 @@ def skinny_linear_ref(x, weight, *, bias=None, norm=None, activation=None, resid
     default); an RMSNorm's rows are rounded to x's dtype before the product, as the kernel's (module
     doc). `tiles` and `workspace` are accepted for the kernel's signature."""
     _check_activation(activation, bias)
-    norm = _as_norm(norm)
+    norm = as_norm(norm)
     hidden = x.float()
     if norm is not None and norm.kind == "layer":
         hidden = F.layer_norm(hidden, (hidden.shape[-1],), norm.weight.float(),
@@ -623,7 +623,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor |
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     if min(m, n, k) == 0:
         raise ValueError(f"empty product: M = {m}, N = {n}, K = {k}")
-    norm = _as_norm(norm)
+    norm = as_norm(norm)
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     norm_weight, norm_bias = (norm.weight, norm.bias) if norm is not None else (None, None)

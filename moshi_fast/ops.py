@@ -36,7 +36,7 @@ from .kernels.rvq_encode import rvq_encode_ref, rvq_encode_scratch
 from .kernels.sample_tokens import sample_tokens as _sample_tokens_kernel
 from .kernels.sample_tokens import sample_tokens_ref
 from .kernels.skinny_linear import skinny_linear as _skinny_linear_kernel
-from .kernels.skinny_linear import skinny_linear_ref, skinny_linear_tiles, skinny_linear_workspace_size
+from .kernels.skinny_linear import as_norm, skinny_linear_ref, skinny_linear_tiles, skinny_linear_workspace_size
 
 _kernels_enabled = True
 
@@ -150,17 +150,16 @@ transformer's qkv, 4.1 vs 6.9 us, and gate_up, 6.8 vs 9.0 us, at M = 1 (bench/re
 
 
 def _cuda_gemv_fusion(norm, activation) -> str | None:
-    """The CUDA GEMV's name of a linear's fusion, or None where it has none (LayerNorm, GELU)."""
-    if activation not in (None, "silu_gate"):
+    """The CUDA GEMV's name of a linear's fusion (norm an as_norm Norm or None), or None where it has none
+    (LayerNorm, GELU)."""
+    if activation not in (None, "silu_gate") or (norm is not None and norm.kind != "rms"):
         return None
-    if norm is None:
-        return None if activation else "plain"
-    if not (isinstance(norm, tuple) and len(norm) == 3 and norm[0] == "rms"):
-        return None
-    return "rms+silu_gate" if activation else "rms"
+    parts = (["rms"] if norm else []) + ([activation] if activation else [])
+    return "+".join(parts) or "plain"
 
 
 def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
+    """norm: an as_norm Norm or None."""
     if not (_kernels_enabled and x.is_cuda and bias is None):
         return False
     fusion = _cuda_gemv_fusion(norm, activation)
@@ -168,7 +167,7 @@ def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
         return False
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[0] > 8:
         return False
-    operands = [t for t in (x, weight, residual, out, norm[1] if norm else None) if t is not None]
+    operands = [t for t in (x, weight, residual, out, norm.weight if norm else None) if t is not None]
     if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 and t.dtype == torch.bfloat16 for t in operands):
         return False
     return cuda_ext.available()
@@ -180,8 +179,9 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
     (kernels/skinny_linear.py; the CUDA extension's GEMV on the CUDA_GEMV_SHAPES, when it is built); x [M, K],
     norm (weight, bias, eps) for LayerNorm or ("rms", weight, eps), activation None, "gelu" or "silu_gate"
     (weight [2N, K]), residual may be `out`."""
-    if _use_cuda_gemv(x, weight, bias, norm, activation, residual, out):
-        return cuda_ext.gemv(x, weight, residual, out, norm=(norm[1], norm[2]) if norm else None,
+    parsed = as_norm(norm)
+    if _use_cuda_gemv(x, weight, bias, parsed, activation, residual, out):
+        return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps) if parsed else None,
                              gated=activation == "silu_gate")
     fn = _skinny_linear_kernel if _use_kernel(x, weight) else skinny_linear_ref
     return fn(x, weight, bias=bias, norm=norm, activation=activation, residual=residual, out=out,

@@ -27,6 +27,16 @@ def _seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def no_tf32():
+    """Exact fp32 products in torch's CUDA matmuls and cuDNN's convs (both may run in TF32 on Hopper), for
+    references that are the fp32 spec."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def kyutai_mimi(tmp_path_factory):
     """Kyutai's MimiModel at the real config with random non-zero codebooks, and its file."""

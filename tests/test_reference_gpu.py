@@ -14,14 +14,6 @@ from .helpers import rel_err, speech_like
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def test_mimi_on_gpu_matches_cpu(no_tf32):
     cpu = MimiCodec.random(moshiko().mimi, device="cpu", seed=3)
     gpu = MimiCodec(copy.deepcopy(cpu.model).to("cuda"), torch.device("cuda"))

@@ -112,14 +112,6 @@ def test_rvq_encode_matches_the_model_quantizer():
     assert_nearest(latent, ops["input_proj"], ops["codebooks"], 1, codes)
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("batches, max_programs", [
     pytest.param((1, 8, 64, 3), None, id="all-sms"),

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from moshi_fast import ops
+
 CALLS_PER_ROUND = 50
 """pytest-benchmark's own statistics are per round of this many back-to-back calls."""
 
@@ -84,6 +86,13 @@ def graph_time(fn: Callable[[], object], iters: int = 50, reps: int = 15) -> flo
         end.synchronize()
         times.append(begin.elapsed_time(end) / 1000 / iters)
     return sorted(times)[len(times) // 2]
+
+
+def without_pdl(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with every launch (and graph capture) inside it made without programmatic
+    dependent launch: the baseline that shows what PDL gains, timed in the same run."""
+    with ops.programmatic_launch(False):
+        return fn(*args, **kwargs)
 
 
 def timed_calls(call: Callable[[object], object], inputs) -> list[float]:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._harness import device_info, timed_calls  # noqa: E402
 from bench.bench_lm_step import (KYUTAI_SAMPLING, _release, _set_fast_context, _set_kyutai_context,  # noqa: E402
                                  kyutai_lm, ours_from_kyutai)
+from bench._harness import without_pdl  # noqa: E402
 from moshi_fast import FastMoshi  # noqa: E402
 from moshi_fast.config import MoshiConfig, moshiko  # noqa: E402
 from moshi_fast.fast.mimi import FastMimi  # noqa: E402
@@ -125,6 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=3000)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--without-pdl", action="store_true",
+                        help="also time moshi_fast with programmatic dependent launch off (fast_no_pdl), same run")
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}", flush=True)
@@ -140,10 +143,13 @@ def main(argv=None) -> int:
         pcm = speech_like(batch, args.warmup + args.frames, seed=batch)
         frames = list(pcm[:, 0].split(config.mimi.frame_size, dim=-1))
         row = {"batch": batch, "frames": args.frames, "context": args.context}
-        for name, run in (("kyutai", lambda: bench_kyutai(kyutai_codec, kyutai_model, config, batch, frames,
-                                                           args.warmup, args.context)),
-                          ("fast", lambda: bench_fast(ours_codec, ours_lm, config, batch, frames, args.warmup,
-                                                      args.context))):
+        runs = [("kyutai", lambda: bench_kyutai(kyutai_codec, kyutai_model, config, batch, frames, args.warmup,
+                                                args.context)),
+                ("fast", lambda: bench_fast(ours_codec, ours_lm, config, batch, frames, args.warmup, args.context))]
+        if args.without_pdl:
+            runs.append(("fast_no_pdl", lambda: without_pdl(bench_fast, ours_codec, ours_lm, config, batch, frames,
+                                                            args.warmup, args.context)))
+        for name, run in runs:
             try:
                 row[name] = run()
             except torch.OutOfMemoryError:
@@ -162,6 +168,10 @@ def main(argv=None) -> int:
         ratio = f"{row['speedup_p50']:>8.2f}x" if "speedup_p50" in row else f"{'-':>9}"
         print(f"{row['batch']:>3} {cell(k, 'p50_ms', 9)}ms {cell(k, 'p99_ms', 6)}ms {cell(k, 'peak_GB', 6)} "
               f"{cell(f, 'p50_ms', 7)}ms {cell(f, 'p99_ms', 6)}ms {cell(f, 'peak_GB', 6)} {ratio}")
+    for row in rows:
+        if "p50_ms" in row.get("fast_no_pdl", {}):
+            print(f"B = {row['batch']}: moshi_fast without programmatic dependent launch p50 "
+                  f"{row['fast_no_pdl']['p50_ms']:.2f} ms, p99 {row['fast_no_pdl']['p99_ms']:.2f} ms")
     print(f"most conversations tested with p99 <= {BUDGET_MS:.0f} ms: Kyutai {real_time['kyutai']}, "
           f"moshi_fast {real_time['fast']} (of batches {args.batches})")
     if args.json:

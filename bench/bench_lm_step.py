@@ -27,7 +27,7 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info, graph_time, timed_calls  # noqa: E402
+from bench._harness import device_info, graph_time, timed_calls, without_pdl  # noqa: E402
 from moshi_fast import ops  # noqa: E402
 from moshi_fast.cache import LMCache  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
@@ -132,7 +132,8 @@ def _set_fast_context(cache: LMCache, context: int, config) -> None:
             pool.normal_()
 
 
-def bench_fast(lm: FastLM, config, batch: int, contexts: list[int], frames: int, warmup: int) -> dict:
+def bench_fast(lm: FastLM, config, batch: int, contexts: list[int], frames: int, warmup: int,
+               name: str = "fast") -> dict:
     row = {}
     torch.cuda.reset_peak_memory_stats()
     runner = FastLMRunner(lm, batch, _sampling(batch), torch.device("cuda"))
@@ -144,8 +145,8 @@ def bench_fast(lm: FastLM, config, batch: int, contexts: list[int], frames: int,
             for t in range(warmup):
                 runner.step(codes[t], mask)
             p50, p90 = _percentiles(timed_calls(lambda c: runner.step(c, mask), codes[warmup:]))
-            row[f"fast_ms_ctx{context}"], row[f"fast_p90_ms_ctx{context}"] = p50, p90
-    row["fast_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+            row[f"{name}_ms_ctx{context}"], row[f"{name}_p90_ms_ctx{context}"] = p50, p90
+    row[f"{name}_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
     del runner
     _release()
     return row
@@ -192,6 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the fast step's parts (Helium, text head, depth transformer) alone")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--without-pdl", action="store_true",
+                        help="also time the fast step with programmatic dependent launch off (fast_no_pdl), same run")
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}", flush=True)
@@ -202,8 +205,12 @@ def main(argv=None) -> int:
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         row = {"batch": batch, "frames": args.frames}
-        for name, run in (("kyutai", lambda: bench_kyutai(kyutai, config, batch, contexts, args.frames, args.warmup)),
-                          ("fast", lambda: bench_fast(lm, config, batch, contexts, args.frames, args.warmup))):
+        runs = [("kyutai", lambda: bench_kyutai(kyutai, config, batch, contexts, args.frames, args.warmup)),
+                ("fast", lambda: bench_fast(lm, config, batch, contexts, args.frames, args.warmup))]
+        if args.without_pdl:
+            runs.append(("fast_no_pdl", lambda: without_pdl(bench_fast, lm, config, batch, contexts, args.frames,
+                                                            args.warmup, name="fast_no_pdl")))
+        for name, run in runs:
             try:
                 row.update(run())
             except torch.OutOfMemoryError:
@@ -218,14 +225,15 @@ def main(argv=None) -> int:
                 row[f"speedup_ctx{context}"] = row[f"kyutai_ms_ctx{context}"] / row[f"fast_ms_ctx{context}"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'B':>3} {'ctx':>5} {'Kyutai p50':>11} {'fast p50':>9} {'fast p90':>9} {'speed-up':>9}")
+    print(f"\n{'B':>3} {'ctx':>5} {'Kyutai p50':>11} {'fast p50':>11} {'fast p90':>11} {'speed-up':>9} "
+          f"{'no-PDL p50':>11}")
     for row in rows:
         for context in contexts:
             k, f = row.get(f"kyutai_ms_ctx{context}"), row.get(f"fast_ms_ctx{context}")
-            f90 = row.get(f"fast_p90_ms_ctx{context}")
-            cells = [f"{v:>9.2f}ms" if v is not None else f"{'-':>11}" for v in (k, f, f90)]
+            f90, plain = row.get(f"fast_p90_ms_ctx{context}"), row.get(f"fast_no_pdl_ms_ctx{context}")
+            cells = [f"{v:>9.2f}ms" if v is not None else f"{'-':>11}" for v in (k, f, f90, plain)]
             ratio = f"{k / f:>8.2f}x" if k and f else f"{'-':>9}"
-            print(f"{row['batch']:>3} {context:>5} {cells[0]} {cells[1]} {cells[2]} {ratio}")
+            print(f"{row['batch']:>3} {context:>5} {cells[0]} {cells[1]} {cells[2]} {ratio} {cells[3]}")
     if args.json:
         args.json.write_text(json.dumps({
             "benchmark": "lm_step", **info,

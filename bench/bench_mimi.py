@@ -22,7 +22,7 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info, timed_calls  # noqa: E402
+from bench._harness import device_info, timed_calls, without_pdl  # noqa: E402
 from moshi_fast import MimiCodec  # noqa: E402
 from tests.checkpoints import kyutai_mimi  # noqa: E402
 from tests.helpers import speech_like  # noqa: E402
@@ -42,7 +42,8 @@ def _time_codec(encode, decode, chunks, warmup: int) -> tuple[float, float, list
     return _median_ms(encode_times), _median_ms(decode_times), codes
 
 
-def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 4) -> dict:
+def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 4,
+                compare_pdl: bool = False) -> dict:
     pcm = speech_like(batch, frames + warmup).cuda()
     chunks = list(pcm.split(1920, dim=-1))
     row = {"batch": batch, "frames": frames}
@@ -53,6 +54,11 @@ def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 
     row["fast_encode_ms"], row["fast_decode_ms"], our_codes = _time_codec(stream.encode, stream.decode, chunks,
                                                                           warmup)
     row["agreement"] = float((torch.cat(our_codes, -1) == torch.cat(codes, -1)).float().mean())
+    if compare_pdl:
+        # Captured without programmatic dependent launch: the same graphs' baseline, same run.
+        stream = without_pdl(ours.stream, batch)
+        row["fast_no_pdl_encode_ms"], row["fast_no_pdl_decode_ms"], _ = _time_codec(stream.encode, stream.decode,
+                                                                                    chunks, warmup)
     row["speedup"] = ((row["kyutai_encode_ms"] + row["kyutai_decode_ms"])
                       / (row["fast_encode_ms"] + row["fast_decode_ms"]))
     return row
@@ -63,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--without-pdl", action="store_true",
+                        help="also time the fast codec with programmatic dependent launch off, same run")
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}")
@@ -74,11 +82,14 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'B':>3} {'Kyutai enc':>11} {'dec':>7} {'fast enc':>9} {'dec':>7} {'enc+dec x':>10} {'codes eq':>9}")
     for batch in (int(b) for b in args.batches.split(",")):
-        row = bench_batch(kyutai, ours, batch, args.frames)
+        row = bench_batch(kyutai, ours, batch, args.frames, compare_pdl=args.without_pdl)
         rows.append(row)
         print(f"{batch:>3} {row['kyutai_encode_ms']:>9.3f}ms {row['kyutai_decode_ms']:>5.3f}ms "
               f"{row['fast_encode_ms']:>7.3f}ms {row['fast_decode_ms']:>5.3f}ms {row['speedup']:>9.1f}x "
               f"{row['agreement']:>9.2%}")
+        if args.without_pdl:
+            print(f"    without programmatic dependent launch: enc {row['fast_no_pdl_encode_ms']:.3f}ms "
+                  f"dec {row['fast_no_pdl_decode_ms']:.3f}ms")
     if args.json:
         args.json.write_text(json.dumps({"benchmark": "mimi_frame", **info,
                                          "config": "Mimi real config, random weights, fp32, TF32 convs as default",

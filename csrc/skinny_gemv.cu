@@ -45,9 +45,10 @@ int multiprocessor_count(c10::DeviceIndex device) {
 // out = act(norm(x) @ weight.T) (+ residual), see skinny_gemv_kernel.cuh: norm_weight given, x is RMSNormed with it
 // and eps first; gated, the weight holds the gate rows then the up rows and out = silu(gate) * up. warps_per_block 0
 // takes the default split of each tile's K (skinny_gemv_default_warps); 1..16 forces one, for measuring.
+// programmatic: launch with programmatic dependent launch (the caller checks that the device supports it).
 void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                at::Tensor& out, int64_t warps_per_block, const std::optional<at::Tensor>& norm_weight, double eps,
-               bool gated) {
+               bool gated, bool programmatic) {
   TORCH_CHECK_VALUE(x.is_cuda(), "gemv_bf16 runs on CUDA tensors; x is on ", x.device());
   check_matrix(x, "x", x);
   check_matrix(weight, "weight", x);
@@ -110,7 +111,7 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
       static_cast<int>(n),
       static_cast<int>(k),
   };
-  C10_CUDA_CHECK(launch_skinny_gemv_bf16(args, warps, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_skinny_gemv_bf16(args, warps, c10::cuda::getCurrentCUDAStream(), programmatic));
 }
 
 }  // namespace

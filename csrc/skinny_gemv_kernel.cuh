@@ -33,9 +33,13 @@
 // to three run on an SM at once), started by the hardware as SMs free up; the SM count sets how many warps split a
 // tile's K (skinny_gemv_default_warps).
 //
+// Programmatic dependent launch (Hopper): launched with it, a block requests its first step's weight, then waits for
+// the previous kernel on the stream (griddepcontrol.wait) before it reads x, so that its launch and its first weight
+// round trip overlap the previous kernel's tail; it then lets the next kernel's blocks start.
+//
 // Products: mma.m16n8k16 with the weight as the 16 x 16 A operand (16 rows x 16 of K) and x as the 16 x 8 B
-// operand (16 of K x 8 rows of x; columns >= M repeat row M - 1 and are not stored). See load_step for how whole
-// 16-byte loads fill both.
+// operand (16 of K x 8 rows of x; columns >= M repeat row M - 1 and are not stored). See load_weight_step for how
+// whole 16-byte loads fill both.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -131,29 +135,26 @@ __device__ __forceinline__ void load_weight_step(StepOperands& operands, const _
   }
 }
 
-// Weight and x of a step at once (the kernels without the norm). Written out rather than as load_weight_step plus
-// the x loads: nvcc 13.0 compiles that composition into different code for the plain kernel (74 registers against
-// 63), and this is the code that was measured.
-__device__ __forceinline__ void load_step(StepOperands& operands, const __nv_bfloat16* weight_lo,
-                                          const __nv_bfloat16* weight_hi, const __nv_bfloat16* x, int k0,
-                                          int lane_k, int k) {
+// The step's x pieces (the kernels without the norm); pieces past K are zero.
+__device__ __forceinline__ void load_x_step(StepOperands& operands, const __nv_bfloat16* x, int k0, int lane_k,
+                                            int k) {
   if (k0 + kGemvStepK <= k) {
 #pragma unroll
-    for (int u = 0; u < kGemvLoadsPerRow; ++u) {
-      operands.weight_lo[u] = load_weight(weight_lo + k0 + 32 * u);
-      operands.weight_hi[u] = load_weight(weight_hi + k0 + 32 * u);
-      operands.x[u] = load_x(x + k0 + 32 * u);
-    }
+    for (int u = 0; u < kGemvLoadsPerRow; ++u) operands.x[u] = load_x(x + k0 + 32 * u);
     return;
   }
-  const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
-  for (int u = 0; u < kGemvLoadsPerRow; ++u) {
-    const bool inside = piece_inside(k0, u, lane_k, k);
-    operands.weight_lo[u] = inside ? load_weight(weight_lo + k0 + 32 * u) : zero;
-    operands.weight_hi[u] = inside ? load_weight(weight_hi + k0 + 32 * u) : zero;
-    operands.x[u] = inside ? load_x(x + k0 + 32 * u) : zero;
-  }
+  for (int u = 0; u < kGemvLoadsPerRow; ++u)
+    operands.x[u] = piece_inside(k0, u, lane_k, k) ? load_x(x + k0 + 32 * u) : make_uint4(0, 0, 0, 0);
+}
+
+// Programmatic dependent launch (a launch with cudaLaunchAttributeProgrammaticStreamSerialization): the block may
+// start while the previous kernel on the stream still runs. Wait until that kernel has finished and its writes are
+// visible, then let the next kernel's blocks start (they hold their own wait). Without such a launch the previous
+// kernel has finished already and both are no-ops.
+__device__ __forceinline__ void await_previous_kernel() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
 // bf16(x * (norm_weight * scale)) for 8 elements: the reference's RMSNorm, in its order of fp32 products (no
@@ -271,8 +272,11 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   const int steps = (args.k + kGemvStepK - 1) / kGemvStepK;
   StepOperands operands;
-  // With the norm, the first step's weight is in flight while the block computes the row scales.
-  if (kNorm && warp < steps) load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
+  // The first step's weight is requested before the wait: no kernel of a step writes weights, so it can be in flight
+  // while the previous kernel finishes (with a programmatic dependent launch) and, with the norm, while the block
+  // computes the row scales.
+  if (warp < steps) load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
+  await_previous_kernel();
   float scale = 1.f;
   if constexpr (kNorm) {
     row_rms_scales(args, row_scales, warp, warps, lane);
@@ -281,11 +285,11 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   }
   for (int step = warp; step < steps; step += warps) {
     const int k0 = step * kGemvStepK;
+    if (step != warp) load_weight_step(operands, weight_lo, weight_hi, k0, lane_k, args.k);
     if constexpr (kNorm) {
-      if (step != warp) load_weight_step(operands, weight_lo, weight_hi, k0, lane_k, args.k);
       load_normalized_x_step(operands, x, norm_weight, scale, k0, lane_k, args.k);
     } else {
-      load_step(operands, weight_lo, weight_hi, x, k0, lane_k, args.k);
+      load_x_step(operands, x, k0, lane_k, args.k);
     }
     multiply_step(acc, operands);
   }
@@ -336,20 +340,34 @@ inline int skinny_gemv_default_warps(int n, int k, bool gated, int multiprocesso
   return warps < steps ? warps : steps;
 }
 
+namespace detail {
+
+template <bool kNorm, bool kGated>
+cudaError_t launch_instance(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(skinny_gemv_tiles(args.n, args.gated));
+  config.blockDim = dim3(warps * 32);
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = programmatic ? 1 : 0;
+  return cudaLaunchKernelEx(&config, skinny_gemv_bf16_kernel<kNorm, kGated>, args);
+}
+
+}  // namespace detail
+
 // Launches on `stream` (no allocation, no synchronisation: graph-capturable); warps in 1..kGemvMaxWarps.
-inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream) {
-  const unsigned tiles = detail::skinny_gemv_tiles(args.n, args.gated);
+// programmatic: a programmatic dependent launch (Hopper and later), which the kernel's await_previous_kernel makes
+// safe after any kernel.
+inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream,
+                                           bool programmatic) {
   const bool norm = args.norm_weight != nullptr;
-  if (norm && args.gated) {
-    detail::skinny_gemv_bf16_kernel<true, true><<<tiles, warps * 32, 0, stream>>>(args);
-  } else if (norm) {
-    detail::skinny_gemv_bf16_kernel<true, false><<<tiles, warps * 32, 0, stream>>>(args);
-  } else if (args.gated) {
-    detail::skinny_gemv_bf16_kernel<false, true><<<tiles, warps * 32, 0, stream>>>(args);
-  } else {
-    detail::skinny_gemv_bf16_kernel<false, false><<<tiles, warps * 32, 0, stream>>>(args);
-  }
-  return cudaGetLastError();
+  if (norm && args.gated) return detail::launch_instance<true, true>(args, warps, stream, programmatic);
+  if (norm) return detail::launch_instance<true, false>(args, warps, stream, programmatic);
+  if (args.gated) return detail::launch_instance<false, true>(args, warps, stream, programmatic);
+  return detail::launch_instance<false, false>(args, warps, stream, programmatic);
 }
 
 }  // namespace moshi_fast

@@ -1,6 +1,7 @@
 """Helpers shared by the Triton kernels."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -23,6 +24,60 @@ def can_launch(*tensors: torch.Tensor) -> bool:
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+PDL_ENV = "MOSHI_FAST_PDL"
+"""Environment variable: "0" launches every kernel without programmatic dependent launch (to bisect a
+suspected race, or to time the difference); anything else, or unset, leaves it on where supported."""
+_pdl_allowed = os.environ.get(PDL_ENV, "1") != "0"
+
+
+@functools.cache
+def _compute_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels launched on `device` use programmatic dependent launch (PDL, Hopper and later):
+    such a launch may start its programs while the previous kernel on the stream is still running, so
+    that its launch latency and its first weight requests hide behind that kernel's tail. Every kernel
+    launched with it begins with `await_previous_kernel` (its PDL argument this same value), before
+    which it reads only weights, which no kernel of a step writes. Off under the interpreter, off CUDA,
+    on GPUs before compute capability 9.0, with MOSHI_FAST_PDL=0, and inside `programmatic_launch(False)`."""
+    if not _pdl_allowed or device.type != "cuda" or interpreting():
+        return False
+    return _compute_capability(device)[0] >= 9
+
+
+@contextlib.contextmanager
+def programmatic_launch(enabled: bool):
+    """Within the block, launches use programmatic dependent launch where `pdl` allows it (enabled) or
+    never (not enabled); CUDA graphs keep what their capture saw."""
+    global _pdl_allowed
+    saved, _pdl_allowed = _pdl_allowed, enabled
+    try:
+        yield
+    finally:
+        _pdl_allowed = saved
+
+
+@triton.jit
+def await_previous_kernel(PDL: tl.constexpr):
+    """With PDL (a launch with programmatic dependent launch): wait until the previous kernel on the
+    stream has finished and its writes are visible, then let the next kernel's programs start (they
+    hold their own wait). Nothing before this call may read what an earlier kernel of the step writes,
+    or write what one reads. Without PDL, nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(pointers):
+    """Ask L2 for the 128-byte lines holding `pointers` (any shape), without waiting: a hint that costs
+    no registers, for weights a program will read right after `await_previous_kernel`. GPU only (PTX)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pointers], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 def parallel_sms(device: torch.device | None = None) -> int:

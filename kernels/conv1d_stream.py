@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, dot_precision, next_pow2
+from ._utils import SplitWorkspace, await_previous_kernel, dot_precision, next_pow2, pdl
 from .tuned import shape_key, tuned_tiles
 
 
@@ -125,7 +125,9 @@ def _conv1d_stream_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ELU_INPUT: tl.constexpr, REPLICATE: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
     TILES_WITHIN_SLOTS: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     pid_n = tl.program_id(0)
     pid_co = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -406,6 +408,7 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
         BLOCK_CO=plan.block_co, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r, SPLIT=plan.split,
         TILES_WITHIN_SLOTS=t_out % plan.block_n == 0,
         BLOCK_HC=min(64, next_pow2(c_in)), BLOCK_H=next_pow2(max(history, 1)),
-        INPUT_PRECISION=dot_precision(), num_warps=plan.num_warps, num_stages=plan.num_stages,
+        INPUT_PRECISION=dot_precision(), PDL=pdl(x.device), num_warps=plan.num_warps, num_stages=plan.num_stages,
+        launch_pdl=pdl(x.device),
     )
     return out

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, dot_precision, next_pow2
+from ._utils import SplitWorkspace, await_previous_kernel, dot_precision, next_pow2, pdl
 from .tuned import shape_key, tuned_tiles
 
 SMS = 132
@@ -284,8 +284,9 @@ def _conv_transpose1d_stream_kernel(
     STRIDE: tl.constexpr, TAPS: tl.constexpr, DEPTHWISE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ELU_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CI: tl.constexpr, SPLIT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     # Column tiles vary fastest, so the programs that share a weight tile run together and the weight
     # tile is fetched from HBM about once.
     pid_n = tl.program_id(0)
@@ -407,6 +408,7 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
         out.stride(0), out.stride(1), out.stride(2),
         STRIDE=stride, TAPS=g.taps, DEPTHWISE=g.depthwise, HAS_BIAS=bias is not None, ELU_INPUT=elu_input,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_CI=plan.block_ci, SPLIT=plan.split,
-        INPUT_PRECISION=dot_precision(), num_warps=plan.num_warps, num_stages=plan.num_stages,
+        INPUT_PRECISION=dot_precision(), PDL=pdl(x.device), num_warps=plan.num_warps, num_stages=plan.num_stages,
+        launch_pdl=pdl(x.device),
     )
     return out

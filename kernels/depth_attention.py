@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import can_launch, next_pow2
+from ._utils import await_previous_kernel, can_launch, next_pow2, pdl
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -61,8 +61,9 @@ def _depth_attention_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, out_ptr, step,
     stride_qkv_b, stride_out_b,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, STEPS: tl.constexpr, BLOCK_S: tl.constexpr,
-    SCALE: tl.constexpr,
+    SCALE: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     pair = tl.program_id(0)
     slot = pair // HEADS
     head = pair % HEADS
@@ -128,6 +129,6 @@ def depth_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         qkv, k_cache, v_cache, out, step,
         qkv.stride(0), out.stride(0),
         HEADS=heads, HEAD_DIM=head_dim, STEPS=steps, BLOCK_S=next_pow2(steps, minimum=2),
-        SCALE=head_dim ** -0.5, num_warps=1,
+        SCALE=head_dim ** -0.5, PDL=pdl(qkv.device), num_warps=1, launch_pdl=pdl(qkv.device),
     )
     return out

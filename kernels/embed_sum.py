@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import can_launch, next_pow2, parallel_sms
+from ._utils import await_previous_kernel, can_launch, next_pow2, parallel_sms, pdl
 
 DTYPES = (torch.float32, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -75,8 +75,9 @@ def _gather_row(tokens_row, row_offset_ptr, table_ptr, offs_d, in_dim, DIM, stre
 def _embed_sum_kernel(
     tokens_ptr, table_ptr, row_offset_ptr, out_ptr,
     DIM, stride_tokens_b, stride_tokens_s, stride_row_offset, stride_out_b,
-    STREAMS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_D: tl.constexpr,
+    STREAMS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     slot = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_dim = offs_d < DIM
@@ -143,6 +144,7 @@ def embed_sum(tokens: torch.Tensor, table: torch.Tensor, row_offset: torch.Tenso
     _embed_sum_kernel[(batch, triton.cdiv(dim, block_d))](
         tokens, table, row_offset, out,
         dim, tokens.stride(0), tokens.stride(1), row_offset.stride(0), out.stride(0),
-        STREAMS=streams, ACCUMULATE=accumulate, BLOCK_D=block_d, num_warps=num_warps,
+        STREAMS=streams, ACCUMULATE=accumulate, BLOCK_D=block_d, PDL=pdl(out.device), num_warps=num_warps,
+        launch_pdl=pdl(out.device),
     )
     return out

@@ -63,8 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (SplitWorkspace, combine_softmax_partials, interpreting, next_pow2, parallel_sms,
-                     split_buffers)
+from ._utils import (SplitWorkspace, await_previous_kernel, combine_softmax_partials, interpreting, next_pow2,
+                     parallel_sms, pdl, split_buffers)
 from .ring_attention import _rope
 from .tuned import shape_key, tuned_tiles
 
@@ -134,8 +134,9 @@ def _paged_attention_kernel(
     stride_pool_page, stride_pool_head, stride_pool_row,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CONTEXT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGES_PER_SLOT: tl.constexpr, LOG_PERIOD: tl.constexpr, QK_SCALE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     split = tl.program_id(0)
     pair = tl.program_id(1)
     pid_b = pair // HEADS
@@ -374,6 +375,7 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         HEADS=heads, HEAD_DIM=head_dim, CONTEXT=context, PAGE_SIZE=page_size, PAGES_PER_SLOT=pages_per_slot,
         LOG_PERIOD=math.log(max_period), QK_SCALE=head_dim ** -0.5 * math.log2(math.e),
-        BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot, **launch_options,
+        BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot, PDL=pdl(qkv.device),
+        launch_pdl=pdl(qkv.device), **launch_options,
     )
     return out

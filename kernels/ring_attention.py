@@ -61,7 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, combine_softmax_partials, next_pow2, parallel_sms, split_buffers
+from ._utils import (SplitWorkspace, await_previous_kernel, combine_softmax_partials, next_pow2, parallel_sms, pdl,
+                     split_buffers)
 from .tuned import shape_key, tuned_tiles
 
 MAX_STEPS = 4
@@ -128,8 +129,9 @@ def _ring_attention_kernel(
     stride_rb, stride_rh, stride_rs,
     stride_ob, stride_ot,
     STEPS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, LOG_PERIOD: tl.constexpr,
-    SCALE: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    SCALE: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     split = tl.program_id(0)
     pair = tl.program_id(1)
     pid_b = pair // HEADS
@@ -304,6 +306,6 @@ def ring_attention(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
         out.stride(0), out.stride(1),
         STEPS=steps, HEADS=heads, HEAD_DIM=head_dim, LOG_PERIOD=math.log(max_period), SCALE=head_dim ** -0.5,
         BLOCK_R=block_r, SPLITS=splits,
-        BLOCK_S=next_pow2(splits, minimum=2), num_warps=num_warps,
+        BLOCK_S=next_pow2(splits, minimum=2), PDL=pdl(qkv.device), num_warps=num_warps, launch_pdl=pdl(qkv.device),
     )
     return out

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2, parallel_sms
+from ._utils import await_previous_kernel, next_pow2, parallel_sms, pdl
 from .rvq_encode import _matvec, _warps_for
 
 
@@ -57,6 +57,7 @@ def _rvq_decode_kernel(
     stride_proj_r, stride_proj_d, stride_proj_c,
     stride_out_b, stride_out_d,
     NUM_LEVELS: tl.constexpr, N_SEMANTIC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -67,6 +68,8 @@ def _rvq_decode_kernel(
     w_offsets = dims[:, None] * stride_proj_d + offs_k[None, :] * stride_proj_c
     semantic_proj = tl.load(proj_ptr + w_offsets, mask=w_mask, other=0.0)
     acoustic_proj = tl.load(proj_ptr + stride_proj_r + w_offsets, mask=w_mask, other=0.0)
+    # The projections (weights) load while the previous kernel may still run; the codes come after.
+    await_previous_kernel(PDL)
     semantic = tl.zeros((BLOCK_DC,), dtype=tl.float32)
     acoustic = tl.zeros((BLOCK_DC,), dtype=tl.float32)
     # Unrolled: the NQ gathers are in flight together; each sum runs in level order from 0.
@@ -108,6 +111,7 @@ def rvq_decode(codes: torch.Tensor, codebooks: torch.Tensor, output_proj: torch.
         codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
         output_proj.stride(0), output_proj.stride(1), output_proj.stride(2),
         out.stride(0), out.stride(1),
-        NUM_LEVELS=nq, N_SEMANTIC=n_semantic, BLOCK_D=block_d, BLOCK_DC=block_dc, num_warps=num_warps,
+        NUM_LEVELS=nq, N_SEMANTIC=n_semantic, BLOCK_D=block_d, BLOCK_DC=block_dc, PDL=pdl(codebooks.device),
+        num_warps=num_warps, launch_pdl=pdl(codebooks.device),
     )
     return out

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision, next_pow2, parallel_sms
+from ._utils import await_previous_kernel, dot_precision, next_pow2, parallel_sms, pdl
 
 DOT_ROWS = 16
 """From this batch size on, row tiles of 16 rows (tl.dot's smallest M) go through tl.dot."""
@@ -219,8 +219,9 @@ def _rvq_encode_kernel(
     ROW_GROUPS: tl.constexpr, NUM_SLICES: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     NUM_PROGRAMS: tl.constexpr = ROW_GROUPS * NUM_SLICES
     STEPS: tl.constexpr = max(N_SEMANTIC, NUM_LEVELS - N_SEMANTIC)
     pid = tl.program_id(0)
@@ -364,6 +365,6 @@ def rvq_encode(latent: torch.Tensor, input_proj: torch.Tensor, codebooks: torch.
         NUM_LEVELS=nq, N_SEMANTIC=n_semantic, ROW_GROUPS=row_groups, NUM_SLICES=num_slices, USE_DOT=use_dot,
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=min(128, block_dc), BLOCK_DC=block_dc, BLOCK_C=block_c,
         BLOCK_D=min(64, block_dim), BLOCK_DIM=block_dim, BLOCK_L=next_pow2(nq, minimum=2),
-        INPUT_PRECISION=dot_precision(), num_warps=num_warps,
+        INPUT_PRECISION=dot_precision(), PDL=pdl(latent.device), num_warps=num_warps, launch_pdl=pdl(latent.device),
     )
     return out

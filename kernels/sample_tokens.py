@@ -66,7 +66,7 @@ from triton.language.extra import libdevice
 
 from moshi_fast.reference.sampling import sample
 
-from ._utils import can_launch, interpreting, next_pow2
+from ._utils import await_previous_kernel, can_launch, interpreting, next_pow2, pdl
 
 FLOAT_PASSES = 16
 """Bisection passes that split at the float midpoint before falling back to the key midpoint."""
@@ -165,8 +165,9 @@ def _sample_tokens_kernel(
     stride_logits_b, stride_logits_v, stride_temperature, stride_top_k, stride_seed, stride_counter,
     stride_candidates, stride_out,
     KEY_SHIFT: tl.constexpr, FLOAT_PASSES: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_K: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_K: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_logits_b
     vocab = tl.arange(0, BLOCK_V)
@@ -310,6 +311,6 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         counter.stride(0), candidates.stride(0), out.stride(0),
         KEY_SHIFT=16 if logits.dtype == torch.bfloat16 else 0, FLOAT_PASSES=FLOAT_PASSES,
         BLOCK_V=next_pow2(vocab, minimum=2), CHUNK=tiles.chunk, BLOCK_K=block_k, INTERPRETED=interpreting(),
-        num_warps=tiles.num_warps,
+        PDL=pdl(logits.device), num_warps=tiles.num_warps, launch_pdl=pdl(logits.device),
     )
     return out

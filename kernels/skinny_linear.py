@@ -100,6 +100,11 @@ Floor: weight + x + out (+ residual) bytes, the weight dominating at small M. Mi
 33.6 MB, gate_up 184.5 MB, down 92.3 MB (411 MB, 117 us at 3.5 TB/s; 32 layers 3.8 ms), the text head
 262 MB (75 us); a depth-transformer step's layer 6.3 + 2.1 + 11.5 + 5.8 MB (25.7 MB). Graph-safe: no
 host values depend on the data.
+
+Programmatic dependent launch (Hopper; _utils.pdl): a program first asks L2 for the first PREFETCH_CHUNKS
+chunks of its weight rows (prefetch hints, no registers), then waits for the previous kernel; at one
+conversation a Helium product is ~25 us of streaming, and the previous kernel's tail and this one's first
+memory round trip are what the overlap hides.
 """
 from __future__ import annotations
 
@@ -111,8 +116,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import (SplitWorkspace, can_launch, dot_precision, interpreting, max_offset, next_pow2, parallel_sms,
-                     sm_count, spans_overlap)
+from ._utils import (SplitWorkspace, await_previous_kernel, can_launch, dot_precision, interpreting, max_offset,
+                     next_pow2, parallel_sms, pdl, prefetch_l2, sm_count, spans_overlap)
 from .tuned import shape_key, tuned_tiles
 
 DOT_MIN_ROWS = {torch.float32: 16, torch.bfloat16: 1}
@@ -140,6 +145,13 @@ RMS_STATS_ELEMENTS = 8192
 """x elements a program squares per step of its RMSNorm statistics (64 fp32 registers a thread at 4
 warps): at M = 1 and K = 4096 one step, so that the statistics cost about one L2 round trip before
 the weight starts streaming."""
+PREFETCH_CHUNKS = 2
+"""With programmatic dependent launch (_utils.pdl), each program asks L2 for the first PREFETCH_CHUNKS
+chunks (BLOCK_K each) of its weight rows before it waits for the previous kernel: what its pipeline
+requests first, so that the loop starts on L2 hits instead of a memory round trip. 0: no prefetch."""
+MAX_PREFETCH_LINES = 32
+"""At most this many 128-byte lines a weight row are prefetched (4 KB)."""
+CACHE_LINE_BYTES = 128
 H200_SMS = 132
 """SMs the tiles are planned for when no CUDA device is present (the target GPU)."""
 DTYPES = (torch.float32, torch.bfloat16)
@@ -325,7 +337,8 @@ def _skinny_linear_kernel(
     GELU: tl.constexpr, GATED: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT: tl.constexpr,
     BF16_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK_M: tl.constexpr,
-    STATS_BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    STATS_BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    LINE_ELEMENTS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -338,6 +351,17 @@ def _skinny_linear_kernel(
     if GATED:
         # N is the output width: the up rows start N rows into the weight.
         up_ptr = w_ptr + N * stride_wn
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    if PDL and PREFETCH_LINES > 0:
+        # The first lines of this program's weight rows are requested while the previous kernel still
+        # runs (weights are never written by a step's kernels); the loop below then finds them in L2.
+        rows = tl.minimum(offs_n, N - 1)
+        line_offsets = tl.minimum(k_begin + tl.arange(0, PREFETCH_LINES) * LINE_ELEMENTS, k_end - 1)
+        prefetch_l2(w_ptr + rows[:, None] * stride_wn + line_offsets[None, :])
+        if GATED:
+            prefetch_l2(up_ptr + rows[:, None] * stride_wn + line_offsets[None, :])
+    await_previous_kernel(PDL)
     # Unused without a norm (and the mean without a LayerNorm); _load_rows takes them either way.
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = mean
@@ -357,8 +381,6 @@ def _skinny_linear_kernel(
                                       NUM_STAGES)
         else:
             mean, rstd = _row_statistics(x_ptr, offs_m, mask_m, stride_xm, K, eps, BLOCK_M, STATS_BLOCK_K)
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
 
     if DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -678,17 +700,24 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor |
     # #11584): there the dot path takes the exact fp32 upcast of bf16 operands instead.
     bf16_dot = x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and not interpreting()
     grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, tiles.block_m), tiles.split_k)
+    k_per_split = _k_per_split(k, tiles.split_k, tiles.block_k)
+    use_pdl = pdl(x.device)
+    line_elements = CACHE_LINE_BYTES // weight.element_size()
+    prefetch_lines = min(MAX_PREFETCH_LINES, triton.cdiv(min(k_per_split, PREFETCH_CHUNKS * tiles.block_k),
+                                                         line_elements))
+    prefetch_lines = _prev_pow2(prefetch_lines) if prefetch_lines else 0
     _skinny_linear_kernel[grid](
         x, weight, bias if bias is not None else weight,
         norm_weight if norm_weight is not None else weight, norm_bias if norm_bias is not None else weight,
         residual_arg, out, partials, counters,
-        m, n, k, _k_per_split(k, tiles.split_k, tiles.block_k), float(norm.eps) if norm is not None else 0.0,
+        m, n, k, k_per_split, float(norm.eps) if norm is not None else 0.0,
         x.stride(0), weight.stride(0), residual_arg.stride(0), out.stride(0),
         HAS_NORM=norm is not None, RMS_NORM=rms, NORM_HAS_BIAS=norm_bias is not None,
         HAS_BIAS=bias is not None, GELU=activation == "gelu", GATED=gated, HAS_RESIDUAL=residual is not None,
         DOT=tiles.dot, BF16_DOT=bf16_dot, INPUT_PRECISION=dot_precision(), SPLIT_K=tiles.split_k,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         STATS_BLOCK_M=stats_block_m, STATS_BLOCK_K=stats_block_k,
-        NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        NUM_STAGES=tiles.num_stages, PDL=use_pdl, PREFETCH_LINES=prefetch_lines, LINE_ELEMENTS=line_elements,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=use_pdl,
     )
     return out

@@ -123,17 +123,22 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     (may be `out` itself: an in-place out += x @ weight.T), out [M, N] (allocated when None): all bf16,
     contiguous, on one CUDA device; K a multiple of 8. norm (norm_weight [K] bf16, eps): RMSNorm x first, fused
     (each block computes the row scales itself). gated: out = silu(gate) * up of the weight's two halves,
-    fused. fp32 accumulation, rounded once. Floor: the weight's 2 N K bytes, read once. Graph-safe with `out`
+    fused. fp32 accumulation, rounded once. Launched with programmatic dependent launch where
+    `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read once. Graph-safe with `out`
     given (the launch allocates nothing and does not synchronise). `warps_per_block` (1..16) overrides how
     many warps split each 16-row tile's K (0: the default).
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
+    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
+    from .kernels._utils import pdl
+
     _require()
     if out is None and x.dim() == 2 and weight.dim() == 2:
         columns = weight.shape[0] // 2 if gated else weight.shape[0]
         out = torch.empty(x.shape[0], columns, dtype=x.dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated)
-    torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated)
+    torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated,
+                                   pdl(x.device))
     return out
 
 

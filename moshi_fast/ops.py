@@ -5,6 +5,9 @@ interpreter), and otherwise its torch reference from the same kernel file, so th
 also run, more slowly, on a plain CPU. Nothing else in moshi_fast.fast chooses a backend.
 Kernels that split a reduction across programs take a `SplitWorkspace` allocated once by the
 caller's cache (sized with the `*_workspace_size` functions re-exported here).
+On Hopper and later GPUs every kernel launches with programmatic dependent launch, so that each one's
+launch and first weight requests overlap the previous kernel's tail (kernels/_utils.pdl); MOSHI_FAST_PDL=0,
+or `programmatic_launch(False)` around a graph's capture, turns it off.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import contextlib
 import torch
 
 from . import cuda_ext
-from .kernels._utils import SplitWorkspace, can_launch
+from .kernels._utils import SplitWorkspace, can_launch, programmatic_launch
 from .kernels.conv1d_stream import conv1d_stream as _conv1d_stream_kernel
 from .kernels.conv1d_stream import conv1d_stream_ref, conv1d_stream_workspace_size
 from .kernels.conv_transpose1d_stream import conv_transpose1d_stream as _conv_transpose1d_stream_kernel
@@ -51,6 +54,15 @@ def reference_ops():
         yield
     finally:
         _kernels_enabled = saved
+
+
+def settle_weights(module: torch.nn.Module) -> None:
+    """Waits until every write to the module's parameters and buffers on CUDA devices has finished. Kernels
+    launched with programmatic dependent launch read weights before they wait for the previous kernel
+    (kernels/_utils.pdl), so a fast model's `prepare()`, which derives weights on the GPU, ends with this."""
+    devices = {t.device for t in (*module.parameters(), *module.buffers()) if t.is_cuda}
+    for device in devices:
+        torch.cuda.synchronize(device)
 
 
 def _use_kernel(*tensors) -> bool:
@@ -215,5 +227,6 @@ __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "c
            "depth_step", "depth_step_scratch",
            "embed_sum", "gemv_cuda", "linear",
            "linear_workspace_size", "pack_conv_transpose_weight",
-           "paged_attention", "paged_attention_workspace_size", "ring_attention",
-           "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens"]
+           "paged_attention", "paged_attention_workspace_size", "programmatic_launch", "ring_attention",
+           "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens",
+           "settle_weights"]

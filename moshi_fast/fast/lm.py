@@ -61,6 +61,7 @@ class FastLM(LM):
             self._stack_layers(f"depth_{name}", [getattr(layer, name) for layer in layers])
         for name in ("norm1", "norm2"):
             self._stack_layers(f"depth_{name}", [getattr(layer, name).weight for layer in layers])
+        ops.settle_weights(self)
         return self
 
     def _stack_layers(self, name: str, parameters: list[torch.nn.Parameter]) -> None:

@@ -48,6 +48,7 @@ class FastMimi(Mimi):
                                       persistent=False)
                 layer.register_buffer("fc2_scaled", (layer.fc2.weight * layer.scale2[:, None]).contiguous(),
                                       persistent=False)
+        ops.settle_weights(self)
         return self
 
     def streaming_input_lengths(self) -> dict[str, int]:

@@ -356,11 +356,11 @@ def _skinny_linear_kernel(
     if PDL and PREFETCH_LINES > 0:
         # The first lines of this program's weight rows are requested while the previous kernel still
         # runs (weights are never written by a step's kernels); the loop below then finds them in L2.
-        rows = tl.minimum(offs_n, N - 1)
+        weight_rows = tl.minimum(offs_n, N - 1)
         line_offsets = tl.minimum(k_begin + tl.arange(0, PREFETCH_LINES) * LINE_ELEMENTS, k_end - 1)
-        prefetch_l2(w_ptr + rows[:, None] * stride_wn + line_offsets[None, :])
+        prefetch_l2(w_ptr + weight_rows[:, None] * stride_wn + line_offsets[None, :])
         if GATED:
-            prefetch_l2(up_ptr + rows[:, None] * stride_wn + line_offsets[None, :])
+            prefetch_l2(up_ptr + weight_rows[:, None] * stride_wn + line_offsets[None, :])
     await_previous_kernel(PDL)
     # Unused without a norm (and the mean without a LayerNorm); _load_rows takes them either way.
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)

@@ -37,14 +37,27 @@ def _compute_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def pdl(device: torch.device) -> bool:
-    """Whether kernels launched on `device` use programmatic dependent launch (PDL, Hopper and later):
-    such a launch may start its programs while the previous kernel on the stream is still running, so
-    that its launch latency and its first weight requests hide behind that kernel's tail. Every kernel
-    launched with it begins with `await_previous_kernel` (its PDL argument this same value), before
-    which it reads only weights, which no kernel of a step writes. Off under the interpreter, off CUDA,
-    on GPUs before compute capability 9.0, with MOSHI_FAST_PDL=0, and inside `programmatic_launch(False)`."""
+PDL_KERNELS = {"linear", "gemv", "paged_attention", "depth_attention", "embed_sum", "sample_tokens",
+               "conv1d_stream", "conv_transpose1d_stream", "ring_attention", "rvq_encode", "rvq_decode"}
+"""The kernels (by launcher) that launch with programmatic dependent launch where `pdl` allows it."""
+PDL_MAX_STREAM_BYTES: int | None = None
+"""Launches that stream more weight bytes than this launch without programmatic dependent launch (None:
+no limit)."""
+
+
+def pdl(device: torch.device, kernel: str | None = None, stream_bytes: int = 0) -> bool:
+    """Whether a launch of `kernel` (a name in PDL_KERNELS; None: any) streaming `stream_bytes` of weights
+    on `device` uses programmatic dependent launch (PDL, Hopper and later): such a launch may start its
+    programs while the previous kernel on the stream is still running, so that its launch latency and
+    its first weight requests hide behind that kernel's tail. Every kernel launched with it begins with
+    `await_previous_kernel` (its PDL argument this same value), before which it reads only weights, which
+    no kernel of a step writes. Off under the interpreter, off CUDA, on GPUs before compute capability
+    9.0, with MOSHI_FAST_PDL=0, and inside `programmatic_launch(False)`."""
     if not _pdl_allowed or device.type != "cuda" or interpreting():
+        return False
+    if kernel is not None and kernel not in PDL_KERNELS:
+        return False
+    if PDL_MAX_STREAM_BYTES is not None and stream_bytes > PDL_MAX_STREAM_BYTES:
         return False
     return _compute_capability(device)[0] >= 9
 
@@ -62,13 +75,22 @@ def programmatic_launch(enabled: bool):
 
 
 @triton.jit
-def await_previous_kernel(PDL: tl.constexpr):
+def await_previous_kernel(PDL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = True):
     """With PDL (a launch with programmatic dependent launch): wait until the previous kernel on the
-    stream has finished and its writes are visible, then let the next kernel's programs start (they
-    hold their own wait). Nothing before this call may read what an earlier kernel of the step writes,
-    or write what one reads. Without PDL, nothing."""
+    stream has finished and its writes are visible, then (LAUNCH_DEPENDENTS) let the next kernel's
+    programs start (they hold their own wait). Nothing before this call may read what an earlier kernel
+    of the step writes, or write what one reads. Without PDL, nothing."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        if LAUNCH_DEPENDENTS:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def launch_dependents(PDL: tl.constexpr):
+    """With PDL: let the next kernel's programs start now (a kernel that waited with LAUNCH_DEPENDENTS
+    False). Without PDL, nothing."""
+    if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
 

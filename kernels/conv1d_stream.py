@@ -395,6 +395,7 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
     res = residual if residual is not None else out
     # A k = 1 conv has an empty history; any valid pointer stands in for it (never dereferenced).
     state_arg = state if state.numel() else x
+    use_pdl = pdl(x.device, "conv1d_stream")
     _conv1d_stream_kernel[(grid.n_tiles, grid.co_tiles, plan.split)](
         x, state_arg, frame, weight_rows, bias if bias is not None else weight_rows, res, out, partials, counters,
         batch, c_in, c_out, t_in, t_out, grid.chunk,
@@ -408,7 +409,7 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
         BLOCK_CO=plan.block_co, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r, SPLIT=plan.split,
         TILES_WITHIN_SLOTS=t_out % plan.block_n == 0,
         BLOCK_HC=min(64, next_pow2(c_in)), BLOCK_H=next_pow2(max(history, 1)),
-        INPUT_PRECISION=dot_precision(), PDL=pdl(x.device), num_warps=plan.num_warps, num_stages=plan.num_stages,
-        launch_pdl=pdl(x.device),
+        INPUT_PRECISION=dot_precision(), PDL=use_pdl, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        launch_pdl=use_pdl,
     )
     return out

@@ -399,6 +399,7 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
         workspace.check(*need)
         scratch, counters = workspace.partials, workspace.counters
     grid = (triton.cdiv(g.cols, plan.block_n), triton.cdiv(g.rows, plan.block_m), plan.split)
+    use_pdl = pdl(x.device, "conv_transpose1d_stream")
     _conv_transpose1d_stream_kernel[grid](
         x, partial, frame, w, bias if bias is not None else w, out, scratch, counters,
         c_in, c_out, t_in, g.cols,
@@ -408,7 +409,7 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
         out.stride(0), out.stride(1), out.stride(2),
         STRIDE=stride, TAPS=g.taps, DEPTHWISE=g.depthwise, HAS_BIAS=bias is not None, ELU_INPUT=elu_input,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_CI=plan.block_ci, SPLIT=plan.split,
-        INPUT_PRECISION=dot_precision(), PDL=pdl(x.device), num_warps=plan.num_warps, num_stages=plan.num_stages,
-        launch_pdl=pdl(x.device),
+        INPUT_PRECISION=dot_precision(), PDL=use_pdl, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        launch_pdl=use_pdl,
     )
     return out

@@ -125,10 +125,11 @@ def depth_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError("all tensors must be on one CUDA device (or on the CPU under TRITON_INTERPRET=1)")
     if batch == 0:
         return out
+    use_pdl = pdl(qkv.device, "depth_attention")
     _depth_attention_kernel[(batch * heads,)](
         qkv, k_cache, v_cache, out, step,
         qkv.stride(0), out.stride(0),
         HEADS=heads, HEAD_DIM=head_dim, STEPS=steps, BLOCK_S=next_pow2(steps, minimum=2),
-        SCALE=head_dim ** -0.5, PDL=pdl(qkv.device), num_warps=1, launch_pdl=pdl(qkv.device),
+        SCALE=head_dim ** -0.5, PDL=use_pdl, num_warps=1, launch_pdl=use_pdl,
     )
     return out

@@ -141,10 +141,11 @@ def embed_sum(tokens: torch.Tensor, table: torch.Tensor, row_offset: torch.Tenso
     if batch == 0 or dim == 0:
         return out
     num_warps = min(8, max(1, block_d * table.element_size() // BYTES_PER_WARP))
+    use_pdl = pdl(out.device, "embed_sum")
     _embed_sum_kernel[(batch, triton.cdiv(dim, block_d))](
         tokens, table, row_offset, out,
         dim, tokens.stride(0), tokens.stride(1), row_offset.stride(0), out.stride(0),
-        STREAMS=streams, ACCUMULATE=accumulate, BLOCK_D=block_d, PDL=pdl(out.device), num_warps=num_warps,
-        launch_pdl=pdl(out.device),
+        STREAMS=streams, ACCUMULATE=accumulate, BLOCK_D=block_d, PDL=use_pdl, num_warps=num_warps,
+        launch_pdl=use_pdl,
     )
     return out

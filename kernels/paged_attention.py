@@ -369,13 +369,14 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     launch_options = {"num_warps": num_warps}
     if num_stages is not None:
         launch_options["num_stages"] = num_stages
+    use_pdl = pdl(qkv.device, "paged_attention")
     _paged_attention_kernel[(splits, batch * heads)](
         qkv, k_pool, v_pool, page_table, positions, exec_mask, out, partials, arrivals,
         qkv.stride(0), out.stride(0), page_table.stride(0),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         HEADS=heads, HEAD_DIM=head_dim, CONTEXT=context, PAGE_SIZE=page_size, PAGES_PER_SLOT=pages_per_slot,
         LOG_PERIOD=math.log(max_period), QK_SCALE=head_dim ** -0.5 * math.log2(math.e),
-        BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot, PDL=pdl(qkv.device),
-        launch_pdl=pdl(qkv.device), **launch_options,
+        BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot, PDL=use_pdl,
+        launch_pdl=use_pdl, **launch_options,
     )
     return out

@@ -298,6 +298,7 @@ def ring_attention(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
     splits = triton.cdiv(capacity, block_r)
     partials, arrivals = split_buffers(workspace, *_workspace_size(batch, heads, steps, head_dim, splits), splits,
                                        out)
+    use_pdl = pdl(qkv.device, "ring_attention")
     _ring_attention_kernel[(splits, batch * heads)](
         qkv, ring_k, ring_v, frame, out, partials, arrivals,
         capacity,
@@ -306,6 +307,6 @@ def ring_attention(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
         out.stride(0), out.stride(1),
         STEPS=steps, HEADS=heads, HEAD_DIM=head_dim, LOG_PERIOD=math.log(max_period), SCALE=head_dim ** -0.5,
         BLOCK_R=block_r, SPLITS=splits,
-        BLOCK_S=next_pow2(splits, minimum=2), PDL=pdl(qkv.device), num_warps=num_warps, launch_pdl=pdl(qkv.device),
+        BLOCK_S=next_pow2(splits, minimum=2), PDL=use_pdl, num_warps=num_warps, launch_pdl=use_pdl,
     )
     return out

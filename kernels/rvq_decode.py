@@ -104,6 +104,7 @@ def rvq_decode(codes: torch.Tensor, codebooks: torch.Tensor, output_proj: torch.
     programs = parallel_sms(codebooks.device)
     block_d = min(64, next_pow2(dim, minimum=1), next_pow2(triton.cdiv(dim * batch, programs), minimum=4))
     num_warps = _warps_for(2 * block_d * block_dc)
+    use_pdl = pdl(codebooks.device, "rvq_decode")
     _rvq_decode_kernel[(batch, triton.cdiv(dim, block_d))](
         codes, codebooks, output_proj, out,
         dim, dc,
@@ -111,7 +112,7 @@ def rvq_decode(codes: torch.Tensor, codebooks: torch.Tensor, output_proj: torch.
         codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
         output_proj.stride(0), output_proj.stride(1), output_proj.stride(2),
         out.stride(0), out.stride(1),
-        NUM_LEVELS=nq, N_SEMANTIC=n_semantic, BLOCK_D=block_d, BLOCK_DC=block_dc, PDL=pdl(codebooks.device),
-        num_warps=num_warps, launch_pdl=pdl(codebooks.device),
+        NUM_LEVELS=nq, N_SEMANTIC=n_semantic, BLOCK_D=block_d, BLOCK_DC=block_dc, PDL=use_pdl,
+        num_warps=num_warps, launch_pdl=use_pdl,
     )
     return out

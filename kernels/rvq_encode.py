@@ -353,6 +353,7 @@ def rvq_encode(latent: torch.Tensor, input_proj: torch.Tensor, codebooks: torch.
         slices_per_program = triton.cdiv(2 * dc * triton.cdiv(batch, block_b), programs)
         block_c = min(block_dc, next_pow2(slices_per_program, minimum=1),
                       max(1, num_warps * 32 * TILE_PER_THREAD // block_dim))
+    use_pdl = pdl(latent.device, "rvq_encode")
     _rvq_encode_kernel[(programs,)](
         latent, input_proj, codebooks, norms, scratch, keys, x0, out,
         batch, dim, dc, num_codes,
@@ -365,6 +366,6 @@ def rvq_encode(latent: torch.Tensor, input_proj: torch.Tensor, codebooks: torch.
         NUM_LEVELS=nq, N_SEMANTIC=n_semantic, ROW_GROUPS=row_groups, NUM_SLICES=num_slices, USE_DOT=use_dot,
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=min(128, block_dc), BLOCK_DC=block_dc, BLOCK_C=block_c,
         BLOCK_D=min(64, block_dim), BLOCK_DIM=block_dim, BLOCK_L=next_pow2(nq, minimum=2),
-        INPUT_PRECISION=dot_precision(), PDL=pdl(latent.device), num_warps=num_warps, launch_pdl=pdl(latent.device),
+        INPUT_PRECISION=dot_precision(), PDL=use_pdl, num_warps=num_warps, launch_pdl=use_pdl,
     )
     return out

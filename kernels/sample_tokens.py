@@ -304,6 +304,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     tiles = tiles or sample_tokens_tiles(vocab)
     if tiles.chunk < 2 or tiles.chunk & (tiles.chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 2, got {tiles.chunk}")
+    use_pdl = pdl(logits.device, "sample_tokens")
     _sample_tokens_kernel[(batch,)](
         logits, temperature, top_k, seed, counter, candidates, out,
         vocab, top_k_cap, draw,
@@ -311,6 +312,6 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         counter.stride(0), candidates.stride(0), out.stride(0),
         KEY_SHIFT=16 if logits.dtype == torch.bfloat16 else 0, FLOAT_PASSES=FLOAT_PASSES,
         BLOCK_V=next_pow2(vocab, minimum=2), CHUNK=tiles.chunk, BLOCK_K=block_k, INTERPRETED=interpreting(),
-        PDL=pdl(logits.device), num_warps=tiles.num_warps, launch_pdl=pdl(logits.device),
+        PDL=use_pdl, num_warps=tiles.num_warps, launch_pdl=use_pdl,
     )
     return out

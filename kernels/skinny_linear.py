@@ -116,8 +116,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import (SplitWorkspace, await_previous_kernel, can_launch, dot_precision, interpreting, max_offset,
-                     next_pow2, parallel_sms, pdl, prefetch_l2, sm_count, spans_overlap)
+from ._utils import (SplitWorkspace, await_previous_kernel, can_launch, dot_precision, interpreting,
+                     launch_dependents, max_offset, next_pow2, parallel_sms, pdl, prefetch_l2, sm_count,
+                     spans_overlap)
 from .tuned import shape_key, tuned_tiles
 
 DOT_MIN_ROWS = {torch.float32: 16, torch.bfloat16: 1}
@@ -149,6 +150,10 @@ PREFETCH_CHUNKS = 2
 """With programmatic dependent launch (_utils.pdl), each program asks L2 for the first PREFETCH_CHUNKS
 chunks (BLOCK_K each) of its weight rows before it waits for the previous kernel: what its pipeline
 requests first, so that the loop starts on L2 hits instead of a memory round trip. 0: no prefetch."""
+LAUNCH_DEPENDENTS_AFTER_STREAM = False
+"""With programmatic dependent launch: a program lets the next kernel start once it has streamed its
+weights (before the split-K sum and the epilogue) rather than right after its wait, so that the next
+kernel's programs land on SMs as this kernel's leave."""
 MAX_PREFETCH_LINES = 32
 """At most this many 128-byte lines a weight row are prefetched (4 KB)."""
 CACHE_LINE_BYTES = 128
@@ -338,7 +343,7 @@ def _skinny_linear_kernel(
     BF16_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK_M: tl.constexpr,
     STATS_BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr,
-    LINE_ELEMENTS: tl.constexpr,
+    LINE_ELEMENTS: tl.constexpr, LATE_LAUNCH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -361,7 +366,7 @@ def _skinny_linear_kernel(
         prefetch_l2(w_ptr + weight_rows[:, None] * stride_wn + line_offsets[None, :])
         if GATED:
             prefetch_l2(up_ptr + weight_rows[:, None] * stride_wn + line_offsets[None, :])
-    await_previous_kernel(PDL)
+    await_previous_kernel(PDL, not LATE_LAUNCH)
     # Unused without a norm (and the mean without a LayerNorm); _load_rows takes them either way.
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = mean
@@ -419,6 +424,8 @@ def _skinny_linear_kernel(
         if GATED:
             up_acc = tl.sum(up_products, axis=2)
 
+    if LATE_LAUNCH:
+        launch_dependents(PDL)
     if SPLIT_K > 1:
         tile = pid_m * tl.num_programs(0) + pid_n
         tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -701,7 +708,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor |
     bf16_dot = x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and not interpreting()
     grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, tiles.block_m), tiles.split_k)
     k_per_split = _k_per_split(k, tiles.split_k, tiles.block_k)
-    use_pdl = pdl(x.device)
+    use_pdl = pdl(x.device, "linear", weight.numel() * weight.element_size())
     line_elements = CACHE_LINE_BYTES // weight.element_size()
     prefetch_lines = min(MAX_PREFETCH_LINES, triton.cdiv(min(k_per_split, PREFETCH_CHUNKS * tiles.block_k),
                                                          line_elements))
@@ -718,6 +725,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor |
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         STATS_BLOCK_M=stats_block_m, STATS_BLOCK_K=stats_block_k,
         NUM_STAGES=tiles.num_stages, PDL=use_pdl, PREFETCH_LINES=prefetch_lines, LINE_ELEMENTS=line_elements,
+        LATE_LAUNCH=LAUNCH_DEPENDENTS_AFTER_STREAM,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=use_pdl,
     )
     return out

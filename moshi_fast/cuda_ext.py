@@ -138,7 +138,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated)
     torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated,
-                                   pdl(x.device))
+                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()))
     return out
 
 

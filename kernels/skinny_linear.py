@@ -102,9 +102,10 @@ Floor: weight + x + out (+ residual) bytes, the weight dominating at small M. Mi
 host values depend on the data.
 
 Programmatic dependent launch (Hopper; _utils.pdl): a program first asks L2 for the first PREFETCH_CHUNKS
-chunks of its weight rows (prefetch hints, no registers), then waits for the previous kernel; at one
-conversation a Helium product is ~25 us of streaming, and the previous kernel's tail and this one's first
-memory round trip are what the overlap hides.
+chunks of its weight rows (prefetch hints, no registers), then waits for the previous kernel, and lets the
+next kernel start once its own weights are streamed (LAUNCH_DEPENDENTS_AFTER_STREAM); at one conversation a
+Helium product is ~25 us of streaming, and the previous kernel's tail and this one's first memory round trip
+are what the overlap hides.
 """
 from __future__ import annotations
 
@@ -150,10 +151,13 @@ PREFETCH_CHUNKS = 2
 """With programmatic dependent launch (_utils.pdl), each program asks L2 for the first PREFETCH_CHUNKS
 chunks (BLOCK_K each) of its weight rows before it waits for the previous kernel: what its pipeline
 requests first, so that the loop starts on L2 hits instead of a memory round trip. 0: no prefetch."""
-LAUNCH_DEPENDENTS_AFTER_STREAM = False
+LAUNCH_DEPENDENTS_AFTER_STREAM = True
 """With programmatic dependent launch: a program lets the next kernel start once it has streamed its
 weights (before the split-K sum and the epilogue) rather than right after its wait, so that the next
-kernel's programs land on SMs as this kernel's leave."""
+kernel's programs land on SMs as this kernel's leave. Launched early, they land wherever this kernel
+left room, unevenly, and the next bandwidth-bound kernel then streams from fewer SMs: measured on an
+H100 (bench/pdl_sweep.py, git 4082571, LM step at ctx 3000), early 7.62 / 12.48 ms at B = 1 / 8, after
+the stream 6.97 / 10.96 ms, without PDL 7.39 / 11.25 ms."""
 MAX_PREFETCH_LINES = 32
 """At most this many 128-byte lines a weight row are prefetched (4 KB)."""
 CACHE_LINE_BYTES = 128

@@ -218,7 +218,12 @@ def main(argv=None) -> int:
                 _release()
         if args.breakdown:
             for context in contexts:
-                parts = fast_breakdown(lm, config, batch, context)
+                try:
+                    parts = fast_breakdown(lm, config, batch, context)
+                except torch.OutOfMemoryError:
+                    row[f"breakdown_error_ctx{context}"] = "out of GPU memory"
+                    _release()
+                    continue
                 row.update({f"{name}_ctx{context}": value for name, value in parts.items()})
         for context in contexts:
             if f"kyutai_ms_ctx{context}" in row and f"fast_ms_ctx{context}" in row:

@@ -4,9 +4,11 @@
 #   run the GPU-marked tests, the kernel microbenchmarks, the codec and LM-step benchmarks against Kyutai,
 #   run the demo at Moshi's real size, and keep the logs and JSON results under $OUT.
 # Usage (from the repository root): GIT_SHA=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [steps]
-#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,buckets,load,demo (default: all of them)
+#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,buckets,pdl,load,demo (default: all of them)
 #   TEST_ARGS: extra pytest arguments for the GPU tests, e.g. TEST_ARGS='tests/test_lm_fast.py'
-#   LM_ARGS, FRAME_ARGS, BUCKET_ARGS: extra arguments of bench_lm_step.py, bench_frame.py, bench_buckets.py
+#   LM_ARGS, FRAME_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_lm_step.py, bench_frame.py,
+#   bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl: the same engine without programmatic
+#   dependent launch, timed in the same run)
 #   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
 #   (leaves out the sampling kernel's tile sweep)
 set -uo pipefail
@@ -24,7 +26,7 @@ import os, torch, triton
 print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
 print("git:", os.environ["GIT_SHA"])
 PY
-steps=",${1:-tests,kernels,mimi,lm,frame,buckets,load,demo},"
+steps=",${1:-tests,kernels,mimi,lm,frame,buckets,pdl,load,demo},"
 status=0
 if [[ $steps == *,tests,* ]]; then
     eval "python3 -m pytest -q -m gpu -s ${TEST_ARGS:-}" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || status=1
@@ -46,6 +48,10 @@ if [[ $steps == *,frame,* ]]; then
 fi
 if [[ $steps == *,buckets,* ]]; then
     eval "python3 bench/bench_buckets.py --json \"\$OUT/buckets.json\" ${BUCKET_ARGS:-}" 2>&1 | tee "$OUT/buckets.log" \
+        || status=1
+fi
+if [[ $steps == *,pdl,* ]]; then
+    eval "python3 bench/pdl_sweep.py --json \"\$OUT/pdl_sweep.json\" ${PDL_ARGS:-}" 2>&1 | tee "$OUT/pdl_sweep.log" \
         || status=1
 fi
 if [[ $steps == *,load,* ]]; then

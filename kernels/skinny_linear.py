@@ -161,6 +161,7 @@ the stream 6.97 / 10.96 ms, without PDL 7.39 / 11.25 ms."""
 MAX_PREFETCH_LINES = 32
 """At most this many 128-byte lines a weight row are prefetched (4 KB)."""
 CACHE_LINE_BYTES = 128
+"""The span of one L2 prefetch hint."""
 H200_SMS = 132
 """SMs the tiles are planned for when no CUDA device is present (the target GPU)."""
 DTYPES = (torch.float32, torch.bfloat16)

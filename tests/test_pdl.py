@@ -33,6 +33,26 @@ def test_programmatic_launch_restores_the_setting_after_an_error():
     assert _utils._pdl_allowed is before
 
 
+def test_pdl_policy_by_kernel_size_and_device(monkeypatch):
+    """The launch policy without a GPU: a CUDA device object, its compute capability faked, outside the
+    interpreter."""
+    from moshi_fast.kernels import _utils
+
+    cuda = torch.device("cuda", 0)
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    monkeypatch.setattr(_utils, "_compute_capability", lambda device: capability["value"])
+    monkeypatch.setattr(_utils, "PDL_KERNELS", {"linear", "sample_tokens"})
+    monkeypatch.setattr(_utils, "PDL_MAX_STREAM_BYTES", 1000)
+    assert pdl(cuda) and pdl(cuda, "linear", 1000) and pdl(cuda, "sample_tokens")
+    assert not pdl(cuda, "linear", 1001)
+    assert not pdl(cuda, "paged_attention")
+    with programmatic_launch(False):
+        assert not pdl(cuda, "linear")
+    capability["value"] = (8, 0)
+    assert not pdl(cuda, "linear")
+
+
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 

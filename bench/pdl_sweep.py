@@ -34,7 +34,6 @@ from moshi_fast.kernels import _utils, skinny_linear  # noqa: E402
 from tests.helpers import speech_like  # noqa: E402
 
 ALL_KERNELS = frozenset(_utils.PDL_KERNELS)
-CODEC_KERNELS = frozenset({"conv1d_stream", "conv_transpose1d_stream", "ring_attention", "rvq_encode", "rvq_decode"})
 POLICIES = {
     "off": {"enabled": False},
     "all": {},

@@ -715,9 +715,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor |
     k_per_split = _k_per_split(k, tiles.split_k, tiles.block_k)
     use_pdl = pdl(x.device, "linear", weight.numel() * weight.element_size())
     line_elements = CACHE_LINE_BYTES // weight.element_size()
-    prefetch_lines = min(MAX_PREFETCH_LINES, triton.cdiv(min(k_per_split, PREFETCH_CHUNKS * tiles.block_k),
-                                                         line_elements))
-    prefetch_lines = _prev_pow2(prefetch_lines) if prefetch_lines else 0
+    # Without PDL nothing is prefetched: a constant 0 keeps one compiled variant per tiling.
+    prefetch_lines = 0
+    if use_pdl and PREFETCH_CHUNKS:
+        prefetch_lines = _prev_pow2(min(MAX_PREFETCH_LINES, triton.cdiv(
+            min(k_per_split, PREFETCH_CHUNKS * tiles.block_k), line_elements)))
     _skinny_linear_kernel[grid](
         x, weight, bias if bias is not None else weight,
         norm_weight if norm_weight is not None else weight, norm_bias if norm_bias is not None else weight,

@@ -95,6 +95,13 @@ def without_pdl(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def with_cuda_sampling(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with `ops.sample_tokens` on the CUDA extension's kernel (graphs captured inside it keep
+    it): the candidate beside the default Triton sampler, timed in the same run."""
+    with ops.cuda_sampling(True):
+        return fn(*args, **kwargs)
+
+
 def timed_calls(call: Callable[[object], object], inputs) -> list[float]:
     """Wall seconds of call(x) for each x, the GPU synchronised before and after each call: the time a
     user waits for one synchronous step (launch overhead, host work and GPU work)."""

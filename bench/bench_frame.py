@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._harness import device_info, timed_calls  # noqa: E402
 from bench.bench_lm_step import (KYUTAI_SAMPLING, _release, _set_fast_context, _set_kyutai_context,  # noqa: E402
                                  kyutai_lm, ours_from_kyutai)
-from bench._harness import without_pdl  # noqa: E402
+from bench._harness import with_cuda_sampling, without_pdl  # noqa: E402
 from moshi_fast import FastMoshi  # noqa: E402
 from moshi_fast.config import MoshiConfig, moshiko  # noqa: E402
 from moshi_fast.fast.mimi import FastMimi  # noqa: E402
@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--without-pdl", action="store_true",
                         help="also time moshi_fast with programmatic dependent launch off (fast_no_pdl), same run")
+    parser.add_argument("--cuda-sampling", action="store_true",
+                        help="also time moshi_fast sampling with the CUDA extension's kernel (fast_cuda_sampling), "
+                             "same run")
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}", flush=True)
@@ -149,6 +152,9 @@ def main(argv=None) -> int:
         if args.without_pdl:
             runs.append(("fast_no_pdl", lambda: without_pdl(bench_fast, ours_codec, ours_lm, config, batch, frames,
                                                             args.warmup, args.context)))
+        if args.cuda_sampling:
+            runs.append(("fast_cuda_sampling", lambda: with_cuda_sampling(bench_fast, ours_codec, ours_lm, config, batch,
+                                                                          frames, args.warmup, args.context)))
         for name, run in runs:
             try:
                 row[name] = run()
@@ -172,6 +178,9 @@ def main(argv=None) -> int:
         if "p50_ms" in row.get("fast_no_pdl", {}):
             print(f"B = {row['batch']}: moshi_fast without programmatic dependent launch p50 "
                   f"{row['fast_no_pdl']['p50_ms']:.2f} ms, p99 {row['fast_no_pdl']['p99_ms']:.2f} ms")
+        if "p50_ms" in row.get("fast_cuda_sampling", {}):
+            print(f"B = {row['batch']}: moshi_fast sampling with the CUDA extension's kernel p50 "
+                  f"{row['fast_cuda_sampling']['p50_ms']:.2f} ms, p99 {row['fast_cuda_sampling']['p99_ms']:.2f} ms")
     print(f"most conversations tested with p99 <= {BUDGET_MS:.0f} ms: Kyutai {real_time['kyutai']}, "
           f"moshi_fast {real_time['fast']} (of batches {args.batches})")
     if args.json:

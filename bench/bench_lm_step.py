@@ -27,7 +27,7 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info, graph_time, timed_calls, without_pdl  # noqa: E402
+from bench._harness import device_info, graph_time, timed_calls, with_cuda_sampling, without_pdl  # noqa: E402
 from moshi_fast import ops  # noqa: E402
 from moshi_fast.cache import LMCache  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
@@ -195,6 +195,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--without-pdl", action="store_true",
                         help="also time the fast step with programmatic dependent launch off (fast_no_pdl), same run")
+    parser.add_argument("--cuda-sampling", action="store_true",
+                        help="also time the fast step sampling with the CUDA extension's kernel (fast_cuda_sampling), "
+                             "same run")
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}", flush=True)
@@ -210,6 +213,9 @@ def main(argv=None) -> int:
         if args.without_pdl:
             runs.append(("fast_no_pdl", lambda: without_pdl(bench_fast, lm, config, batch, contexts, args.frames,
                                                             args.warmup, name="fast_no_pdl")))
+        if args.cuda_sampling:
+            runs.append(("fast_cuda_sampling", lambda: with_cuda_sampling(
+                bench_fast, lm, config, batch, contexts, args.frames, args.warmup, name="fast_cuda_sampling")))
         for name, run in runs:
             try:
                 row.update(run())
@@ -225,20 +231,26 @@ def main(argv=None) -> int:
                     _release()
                     continue
                 row.update({f"{name}_ctx{context}": value for name, value in parts.items()})
+                if args.cuda_sampling:
+                    parts = with_cuda_sampling(fast_breakdown, lm, config, batch, context)
+                    row.update({f"cuda_sampling_{name}_ctx{context}": value for name, value in parts.items()
+                                if name != "helium_ms"})
         for context in contexts:
             if f"kyutai_ms_ctx{context}" in row and f"fast_ms_ctx{context}" in row:
                 row[f"speedup_ctx{context}"] = row[f"kyutai_ms_ctx{context}"] / row[f"fast_ms_ctx{context}"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'B':>3} {'ctx':>5} {'Kyutai p50':>11} {'fast p50':>11} {'fast p90':>11} {'speed-up':>9} "
-          f"{'no-PDL p50':>11}")
+          f"{'no-PDL p50':>11} {'CUDA-sampling p50':>18}")
     for row in rows:
         for context in contexts:
             k, f = row.get(f"kyutai_ms_ctx{context}"), row.get(f"fast_ms_ctx{context}")
             f90, plain = row.get(f"fast_p90_ms_ctx{context}"), row.get(f"fast_no_pdl_ms_ctx{context}")
+            cuda_sampling = row.get(f"fast_cuda_sampling_ms_ctx{context}")
             cells = [f"{v:>9.2f}ms" if v is not None else f"{'-':>11}" for v in (k, f, f90, plain)]
+            cells.append(f"{cuda_sampling:>16.2f}ms" if cuda_sampling is not None else f"{'-':>18}")
             ratio = f"{k / f:>8.2f}x" if k and f else f"{'-':>9}"
-            print(f"{row['batch']:>3} {context:>5} {cells[0]} {cells[1]} {cells[2]} {ratio} {cells[3]}")
+            print(f"{row['batch']:>3} {context:>5} {cells[0]} {cells[1]} {cells[2]} {ratio} {cells[3]} {cells[4]}")
     if args.json:
         args.json.write_text(json.dumps({
             "benchmark": "lm_step", **info,

@@ -1,11 +1,13 @@
 """On-GPU token sampling (temperature + top-k exponential race) at the language model's two shapes,
 text (V = 32000, k = 25, bf16 logits) and audio (V = 2048, k = 250), beside the torch path
-(`moshi_fast.reference.sampling.sample`: softmax, torch.topk, the hashed noise, the race); and, on a
-GPU, the launch options (warps, compaction chunk) around the default."""
+(`moshi_fast.reference.sampling.sample`: softmax, torch.topk, the hashed noise, the race): the Triton kernel
+(op sample_tokens) and, where it is built, the CUDA extension's kernel (op sample_tokens_cuda, which ops uses
+then); and, on a GPU, the Triton kernel's launch options (warps, compaction chunk) around the default."""
 import pytest
 import torch
 import triton
 
+from moshi_fast import cuda_ext
 from moshi_fast.kernels.sample_tokens import SampleTiles, sample_tokens, sample_tokens_ref
 
 GPU = torch.cuda.is_available()
@@ -36,16 +38,24 @@ def sampling_call(device, batch, shape, dtype=torch.bfloat16):
     return args, out, moved
 
 
+KERNELS = {"sample_tokens": sample_tokens, "sample_tokens_cuda": cuda_ext.sample_tokens}
+"""Op name in the results -> the kernel: Triton's, and the CUDA extension's."""
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_sample_tokens(measure, device, shape, dtype, batch):
+@pytest.mark.parametrize("op", list(KERNELS))
+def test_sample_tokens(measure, device, op, shape, dtype, batch):
+    if op == "sample_tokens_cuda" and not (GPU and cuda_ext.available()):
+        pytest.skip("needs the CUDA extension on a GPU")
     args, out, moved = sampling_call(device, batch, shape, dtype)
+    kernel = KERNELS[op]
 
     def fast():
-        sample_tokens(*args, out=out)
+        kernel(*args, out=out)
 
-    measure(fast, moved, lambda: sample_tokens_ref(*args), op="sample_tokens",
+    measure(fast, moved, lambda: sample_tokens_ref(*args), op=op,
             shape=f"{shape}-{str(dtype).removeprefix('torch.')}", batch=batch)
 
 

@@ -10,6 +10,11 @@ TORCH_LIBRARY(moshi_fast, m) {
   // launched with programmatic dependent launch (Hopper and later).
   m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? residual, Tensor(a!) out, int warps_per_block=0, "
         "Tensor? norm_weight=None, float eps=0., bool gated=False, bool programmatic=False) -> ()");
+  // out[b] = one token of logits[b, :V] by temperature + top-k exponential race with the counter-based noise of
+  // moshi_fast.reference.sampling (sample_tokens.cu); logits bf16 or fp32 [B, V], V < 2^16, min(max_top_k, V)
+  // <= 1024; temperature fp32 [B]; top_k, seed, counter, out int64 [B].
+  m.def("sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, int max_top_k, Tensor seed, "
+        "Tensor counter, int draw, Tensor(a!) out, bool programmatic=False) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

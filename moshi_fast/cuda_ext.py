@@ -1,4 +1,5 @@
-"""The optional CUDA extension moshi_fast._C (csrc/): how it is found or built, and its ops' torch references.
+"""The optional CUDA extension moshi_fast._C (csrc/): how it is found or built, its ops, and their torch references
+(the sampling op's is the Triton kernel module's `sample_tokens_ref`).
 
 `load()` returns the extension module, or None where it cannot run, and never raises: first the module
 built by setup.py (`pip install -e .` on a machine with nvcc and a CUDA build of torch); else, on a CUDA
@@ -144,6 +145,76 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
 
 MAX_ROWS = 8
 MAX_WARPS = 16
+SAMPLE_MAX_CANDIDATES = 1024
+"""The largest min(max_top_k, V) the extension's sampling kernel serves (its candidate list is in shared memory)."""
+SAMPLE_MAX_VOCAB = 1 << 16
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, max_top_k: int,
+                  seed: torch.Tensor, counter: torch.Tensor, draw: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of logits [B, V] by the extension's sampling kernel (csrc/sample_tokens_kernel.cuh): the
+    temperature + top-k exponential race of `moshi_fast.reference.sampling.sample` (the spec; its reference
+    implementation is kernels.sample_tokens.sample_tokens_ref), the Triton kernel's tokens, one block per row.
+
+    logits [B, V] bf16 or fp32, any strides, 0 < V < 2^16; temperature [B] fp32 (<= 0: greedy); top_k [B] int64,
+    clamped to [1, min(max_top_k, V)]; min(max_top_k, V) <= SAMPLE_MAX_CANDIDATES; seed, counter [B] int64 (read
+    on the device: a graph replay after the counter advances draws fresh noise); draw in [0, 2^31); out [B] int64
+    (allocated when None). Launched with programmatic dependent launch where `kernels._utils.pdl` allows it.
+    Graph-safe with `out` given. Raises RuntimeError when the extension is unavailable, ValueError / TypeError
+    on bad arguments."""
+    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
+    from .kernels._utils import pdl
+
+    _require()
+    if out is None and logits.dim() == 2:
+        out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out)
+    if logits.shape[0]:
+        torch.ops.moshi_fast.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out,
+                                           pdl(logits.device, "sample_tokens"))
+    return out
+
+
+def sample_tokens_supported(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, max_top_k: int,
+                            seed: torch.Tensor, counter: torch.Tensor, out: torch.Tensor | None) -> bool:
+    """Whether `sample_tokens` takes these operands (dtypes, sizes, one CUDA device); whether the extension is
+    available is not checked here."""
+    tensors = [t for t in (logits, temperature, top_k, seed, counter, out) if t is not None]
+    return (logits.dim() == 2 and logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float32)
+            and 0 < logits.shape[1] < SAMPLE_MAX_VOCAB and 1 <= max_top_k
+            and min(max_top_k, logits.shape[1]) <= SAMPLE_MAX_CANDIDATES
+            and temperature.dtype == torch.float32 and top_k.dtype == torch.int64
+            and seed.dtype == torch.int64 and counter.dtype == torch.int64
+            and (out is None or out.dtype == torch.int64)
+            and len({t.device for t in tensors}) == 1)
+
+
+def _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out) -> None:
+    """The op's argument checks, made here first (see _check_gemv)."""
+    if logits.dim() != 2:
+        raise ValueError(f"sample_tokens: logits must be [B, V], got {list(logits.shape)}")
+    if not logits.is_cuda:
+        raise ValueError(f"sample_tokens runs on CUDA tensors; logits are on {logits.device}")
+    if logits.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"sample_tokens: logits must be bfloat16 or float32, got {logits.dtype}")
+    batch, vocab = logits.shape
+    if not 0 < vocab < SAMPLE_MAX_VOCAB:
+        raise ValueError(f"sample_tokens: need 0 < V < {SAMPLE_MAX_VOCAB}, got {vocab}")
+    if max_top_k < 1 or min(max_top_k, vocab) > SAMPLE_MAX_CANDIDATES:
+        raise ValueError(f"sample_tokens: need 1 <= max_top_k and min(max_top_k, V) <= {SAMPLE_MAX_CANDIDATES}, "
+                         f"got max_top_k {max_top_k}")
+    if not 0 <= draw < 2 ** 31:
+        raise ValueError(f"sample_tokens: draw must be in [0, 2**31), got {draw}")
+    vectors = {"temperature": (temperature, torch.float32), "top_k": (top_k, torch.int64),
+               "seed": (seed, torch.int64), "counter": (counter, torch.int64), "out": (out, torch.int64)}
+    for name, (tensor, dtype) in vectors.items():
+        if tensor.device != logits.device:
+            raise ValueError(f"sample_tokens: {name} must be on the logits' device {logits.device}, "
+                             f"got {tensor.device}")
+        if tensor.dtype != dtype:
+            raise TypeError(f"sample_tokens: {name} must be {dtype}, got {tensor.dtype}")
+        if tuple(tensor.shape) != (batch,):
+            raise ValueError(f"sample_tokens: {name} must be [{batch}], got {list(tensor.shape)}")
 
 
 def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False) -> None:

@@ -12,6 +12,7 @@ or `programmatic_launch(False)` around a graph's capture, turns it off.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -54,6 +55,26 @@ def reference_ops():
         yield
     finally:
         _kernels_enabled = saved
+
+
+CUDA_SAMPLING_ENV = "MOSHI_FAST_CUDA_SAMPLING"
+"""Environment variable: "1" makes `sample_tokens` use the CUDA extension's kernel by default."""
+_cuda_sampling = os.environ.get(CUDA_SAMPLING_ENV, "0") == "1"
+
+
+@contextlib.contextmanager
+def cuda_sampling(enabled: bool = True):
+    """Inside the block (and in CUDA graphs captured inside it), `sample_tokens` runs the CUDA extension's
+    sampling kernel where it is built and takes the operands, or never (not enabled). Off by default
+    (MOSHI_FAST_CUDA_SAMPLING=1 turns it on for a process): the kernel has not yet run on a GPU, so the Triton
+    kernel, tested and measured there, stays the default until it has (issue 4); bench_lm_step.py and
+    bench_frame.py time it beside the default with --cuda-sampling."""
+    global _cuda_sampling
+    saved, _cuda_sampling = _cuda_sampling, enabled
+    try:
+        yield
+    finally:
+        _cuda_sampling = saved
 
 
 def settle_weights(module: torch.nn.Module) -> None:
@@ -143,7 +164,13 @@ def rvq_decode(codes, codebooks, output_proj, n_semantic, out=None):
 
 def sample_tokens(logits, temperature, top_k, max_top_k: int, seed, counter, draw: int, out=None):
     """Temperature + top-k exponential race per slot, the reference sampler's tokens from the same
-    (seed, counter, draw) noise, drawn on the GPU without a sync (kernels/sample_tokens.py)."""
+    (seed, counter, draw) noise, drawn on the GPU without a sync: the Triton kernel (kernels/sample_tokens.py),
+    or inside `cuda_sampling(True)` the CUDA extension's kernel where it is built and takes the operands
+    (csrc/sample_tokens_kernel.cuh); both draw the same tokens."""
+    if (_kernels_enabled and _cuda_sampling
+            and cuda_ext.sample_tokens_supported(logits, temperature, top_k, max_top_k, seed, counter, out)
+            and cuda_ext.available()):
+        return cuda_ext.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out)
     fn = _sample_tokens_kernel if _use_kernel(logits, seed) else sample_tokens_ref
     return fn(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out)
 
@@ -223,7 +250,7 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
 
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
-           "conv_transpose1d_stream_workspace_size", "cuda_extension_available", "depth_attention",
+           "conv_transpose1d_stream_workspace_size", "cuda_extension_available", "cuda_sampling", "depth_attention",
            "depth_step", "depth_step_scratch",
            "embed_sum", "gemv_cuda", "linear",
            "linear_workspace_size", "pack_conv_transpose_weight",

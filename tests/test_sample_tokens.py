@@ -279,8 +279,9 @@ def test_noise_on_gpu_is_torch_bit_for_bit():
     assert ulps(noise, -torch.log(uniform)) == 0
 
 
-@pytest.mark.gpu
-def test_cuda_graph_replay_draws_fresh_noise_when_the_counter_advances():
+def assert_graph_replays_draw_fresh_noise(sampler) -> None:
+    """sampler (sample_tokens's signature) captured in a CUDA graph: replays repeat the reference's tokens
+    until the counter advances, then draw the reference's new ones."""
     batch, vocab, max_top_k = 64, 2048, 250
     temperature, top_k = torch.ones(batch), torch.full((batch,), max_top_k)
     logits = tie_free_logits(temperature, vocab, max_top_k, torch.bfloat16, scale=0.5).cuda()
@@ -289,10 +290,10 @@ def test_cuda_graph_replay_draws_fresh_noise_when_the_counter_advances():
     counter = torch.zeros(batch, dtype=torch.int64, device="cuda")
     out = torch.empty(batch, dtype=torch.int64, device="cuda")
     args = (logits, temperature, top_k, max_top_k, seed, counter, 4)
-    sample_tokens(*args, out=out)
+    sampler(*args, out=out)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        sample_tokens(*args, out=out)
+        sampler(*args, out=out)
     graph.replay()
     first = out.clone()
     graph.replay()
@@ -302,3 +303,8 @@ def test_cuda_graph_replay_draws_fresh_noise_when_the_counter_advances():
     graph.replay()
     assert torch.equal(out, sample_tokens_ref(*args))
     assert (out != first).sum() >= batch // 2
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_draws_fresh_noise_when_the_counter_advances():
+    assert_graph_replays_draw_fresh_noise(sample_tokens)

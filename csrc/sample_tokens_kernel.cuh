@@ -1,0 +1,353 @@
+// Token sampling for decode: Kyutai's temperature + top-k exponential race with moshi_fast's counter-based noise,
+// one block per slot row, every intermediate in registers and shared memory. Device code and a launcher on raw
+// pointers and a stream, free of torch (the torch op, with its argument checks, is sample_tokens.cu).
+//
+// The spec is moshi_fast.reference.sampling.sample; kernels/sample_tokens.py (the Triton kernel, its docstring
+// the semantics in full) draws the same tokens. In short, for a row of V logits, temperature T and top_k k:
+//   - greedy (T <= 0, or k = 1): the first vocabulary id holding the maximum;
+//   - otherwise the k candidates are the keys above the k-th largest one, then the keys equal to it in vocabulary
+//     order until there are k; a candidate's rank orders (logit descending, id ascending); it races
+//     expf(logit / T - max / T) / E(rank), E = -logf(uniform(hash(seed, counter, draw, rank))), every division
+//     correctly rounded, and the highest race wins (NaN above everything, the lowest rank on ties, a race of -inf
+//     from the -0.0 noise of the top uniform below every other).
+// exp and log are libdevice's __nv_expf and __nv_logf, called by name: the functions of the Triton kernel
+// (libdevice.exp / log), which the extension's --use_fast_math would otherwise swap for ex2.approx / lg2.approx
+// under the names expf and logf; divisions are __fdiv_rn, correctly rounded under any flags. Like Triton's
+// libdevice calls they flush denormals (the build's -ftz, as Triton's libdevice), which only moves races far
+// below the winner's.
+//
+// Shapes: logits [B, V] bf16 or fp32, any strides, V < 2^16 (text 32000, audio 2048); temperature [B] fp32;
+// top_k, seed, counter [B] int64; out [B] int64. max_top_k <= kSampleMaxCandidates (text 25, audio 250).
+//
+// Why it is faster than the Triton kernel: the same bisection for the k-th key, but each pass is one warp
+// reduction instruction (redux.sync) per warp and one barrier, the keys a thread holds sit in registers in
+// vocabulary order (so the compaction's prefix sum is a warp scan plus one barrier), and the candidate list, their
+// ranks and the race stay in shared memory. At the audio row (V = 2048, k = 250, 256 threads of 8 keys) the bulk
+// is ~16 bisection passes of ~100 cycles and the rank count (250 shared-memory compares a candidate).
+//
+// Floor: the logits (B V x 2 or 4 bytes) plus 40 bytes a slot, a few hundredths of a microsecond; the kernel is
+// latency-bound (a chain of block-wide reductions), one block per slot, so flat in B up to the SM count.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+// libdevice's correctly specified exp and log (see above).
+extern "C" __device__ float __nv_expf(float);
+extern "C" __device__ float __nv_logf(float);
+
+namespace moshi_fast {
+
+// The largest max_top_k served: the candidate list lives in shared memory.
+constexpr int kSampleMaxCandidates = 1024;
+// Vocabulary ids and counts are packed into 16-bit fields.
+constexpr int kSampleMaxVocab = 1 << 16;
+// Bisection passes that split at the float midpoint of the interval before the key midpoint (as the Triton kernel).
+constexpr int kSampleFloatPasses = 16;
+
+struct SampleTokensArgs {
+  const void* logits;          // [batch, vocab], bf16 (logits_bf16) or fp32
+  int64_t stride_logits_b;     // in elements
+  int64_t stride_logits_v;
+  const float* temperature;    // [batch], stride stride_temperature
+  const int64_t* top_k;        // [batch]
+  const int64_t* seed;         // [batch]
+  const int64_t* counter;      // [batch]
+  int64_t* out;                // [batch]
+  int64_t stride_temperature;
+  int64_t stride_top_k;
+  int64_t stride_seed;
+  int64_t stride_counter;
+  int64_t stride_out;
+  int batch;
+  int vocab;                   // 1 .. kSampleMaxVocab - 1
+  int top_k_cap;               // min(max_top_k, vocab), 1 .. kSampleMaxCandidates
+  int draw;                    // 0 text, 1 + k audio codebook k
+  bool logits_bf16;
+};
+
+namespace sampling_detail {
+
+// int32 key of fp32 bits whose signed order is the floats' order; -0.0 keys as +0.0. bf16 values keep their 16
+// significant bits (shift 16), which halves the bisection's key range.
+template <int kShift>
+__device__ __forceinline__ int float_key(float x) {
+  const int bits = x == 0.f ? 0 : __float_as_int(x);
+  return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> kShift;
+}
+
+// A float with this key (a logit's own value for a logit's key): the shifted-out bits were ones for negative
+// floats and zeros for positive ones, and the order map is its own inverse.
+template <int kShift>
+__device__ __forceinline__ float key_float(int key) {
+  const int key32 = kShift == 0 ? key : static_cast<int>((static_cast<unsigned>(key) << kShift) |
+                                                         ((key >> 31) & ((1u << kShift) - 1)));
+  return __int_as_float(key32 ^ ((key32 >> 31) & 0x7FFFFFFF));
+}
+
+// Wellons' lowbias32, products mod 2^32.
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+__device__ __forceinline__ uint32_t combine(uint32_t h, uint32_t value) { return mix32((h ^ value) + 0x9E3779B9u); }
+
+// Candidate entries ordered as ranks are, (key descending, id ascending) as an unsigned integer: 16-bit keys and
+// the id fit 32 bits, 32-bit keys need 64.
+template <int kShift>
+struct Entry {
+  using Type = uint64_t;
+  __device__ static Type pack(int key, int id) {
+    return (static_cast<uint64_t>(static_cast<uint32_t>(key) ^ 0x80000000u) << 32) | static_cast<uint32_t>(0xFFFF - id);
+  }
+  __device__ static int key(Type e) { return static_cast<int>(static_cast<uint32_t>(e >> 32) ^ 0x80000000u); }
+  __device__ static int id(Type e) { return 0xFFFF - static_cast<int>(e & 0xFFFF); }
+};
+
+template <>
+struct Entry<16> {
+  using Type = uint32_t;
+  __device__ static Type pack(int key, int id) {
+    return (static_cast<uint32_t>(key + 0x8000) << 16) | static_cast<uint32_t>(0xFFFF - id);
+  }
+  __device__ static int key(Type e) { return static_cast<int>(e >> 16) - 0x8000; }
+  __device__ static int id(Type e) { return 0xFFFF - static_cast<int>(e & 0xFFFF); }
+};
+
+enum class Reduction { kSum, kMax, kMin };
+
+template <Reduction kOp>
+__device__ __forceinline__ int reduce_pair(int a, int b) {
+  if constexpr (kOp == Reduction::kSum) return a + b;
+  if constexpr (kOp == Reduction::kMax) return max(a, b);
+  return min(a, b);
+}
+
+// Block-wide reduction of one int32 a thread (a redux.sync per warp). `slots` holds a value per warp; the result
+// is read by every thread after one barrier. Callers alternate between two slot arrays, so a reduction never
+// overwrites slots that a slower thread may still be reading from the previous one (it passed the barrier between
+// them).
+template <int kWarps, Reduction kOp>
+__device__ __forceinline__ int block_reduce(int value, int* slots) {
+  if constexpr (kOp == Reduction::kSum) value = __reduce_add_sync(0xFFFFFFFFu, value);
+  if constexpr (kOp == Reduction::kMax) value = __reduce_max_sync(0xFFFFFFFFu, value);
+  if constexpr (kOp == Reduction::kMin) value = __reduce_min_sync(0xFFFFFFFFu, value);
+  if ((threadIdx.x & 31) == 0) slots[threadIdx.x >> 5] = value;
+  __syncthreads();
+  int result = slots[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) result = reduce_pair<kOp>(result, slots[w]);
+  return result;
+}
+
+template <int kWarps>
+__device__ __forceinline__ int64_t block_max64(int64_t value, int64_t* slots) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value = max(value, __shfl_xor_sync(0xFFFFFFFFu, value, offset));
+  if ((threadIdx.x & 31) == 0) slots[threadIdx.x >> 5] = value;
+  __syncthreads();
+  int64_t best = slots[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) best = max(best, slots[w]);
+  return best;
+}
+
+// Exclusive prefix sum over the block in thread order, of one value a thread (two 16-bit counts packed: unsigned,
+// so that a count past 2^15 in the high half stays a count).
+template <int kWarps>
+__device__ __forceinline__ uint32_t block_exclusive_scan(uint32_t value, uint32_t* slots) {
+  const int lane = threadIdx.x & 31;
+  uint32_t inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const uint32_t other = __shfl_up_sync(0xFFFFFFFFu, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  if (lane == 31) slots[threadIdx.x >> 5] = inclusive;
+  __syncthreads();
+  uint32_t before = inclusive - value;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) before += w < warp ? slots[w] : 0u;
+  return before;
+}
+
+__device__ __forceinline__ void await_previous_kernel() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// One block per row; thread t holds the row's entries t * kKeys .. t * kKeys + kKeys - 1 (vocabulary order along
+// the block, which the compaction's scan relies on).
+template <typename Logit, int kThreads, int kKeys>
+__global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTokensArgs args) {
+  constexpr int kShift = sizeof(Logit) == 2 ? 16 : 0;
+  constexpr int kWarps = kThreads / 32;
+  using E = Entry<kShift>;
+  __shared__ int reduce_slots[2][kWarps];
+  __shared__ int64_t best_slots[kWarps];
+  __shared__ typename E::Type candidates[kSampleMaxCandidates];
+
+  await_previous_kernel();
+  const int row = blockIdx.x;
+  const Logit* logits = static_cast<const Logit*>(args.logits) + row * args.stride_logits_b;
+  const int first = threadIdx.x * kKeys;
+  int keys[kKeys];
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) {
+    const int id = first + j;
+    // Padding sits below every real key (-inf's included), so no threshold counts it.
+    keys[j] = id < args.vocab ? float_key<kShift>(static_cast<float>(logits[id * args.stride_logits_v])) : INT_MIN;
+  }
+  int local_max = INT_MIN;
+  int local_min = INT_MAX;
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) {
+    local_max = max(local_max, keys[j]);
+    if (first + j < args.vocab) local_min = min(local_min, keys[j]);
+  }
+  const int max_key = block_reduce<kWarps, Reduction::kMax>(local_max, reduce_slots[0]);
+  // The reductions alternate between the two slot arrays: see block_reduce.
+  const float temperature = args.temperature[row * args.stride_temperature];
+  const int64_t requested = args.top_k[row * args.stride_top_k];
+  const int top_k = static_cast<int>(min(max(requested, int64_t{1}), static_cast<int64_t>(args.top_k_cap)));
+
+  if (temperature <= 0.f || top_k == 1) {
+    int local_first = kSampleMaxVocab;
+#pragma unroll
+    for (int j = 0; j < kKeys; ++j)
+      if (keys[j] == max_key) local_first = min(local_first, first + j);
+    const int token = block_reduce<kWarps, Reduction::kMin>(local_first, reduce_slots[1]);
+    if (threadIdx.x == 0) args.out[row * args.stride_out] = token;
+    return;
+  }
+
+  // Bisection for a key interval [lo, hi) with count(key >= lo) >= k > count(key >= hi); it stops when
+  // count(key >= lo) == k, or at hi = lo + 1 (the k-th key is tied). int64: key distances span up to 2^32.
+  int64_t lo = block_reduce<kWarps, Reduction::kMin>(local_min, reduce_slots[1]);
+  int64_t hi = static_cast<int64_t>(max_key) + 1;
+  float lo_value = key_float<kShift>(static_cast<int>(lo));
+  float hi_value = key_float<kShift>(static_cast<int>(hi));
+  int count_lo = args.vocab;
+  int count_hi = 0;
+  int free_slots = 0;
+  for (int pass = 0; count_lo != top_k && hi - lo > 1; ++pass, free_slots ^= 1) {
+    const float float_mid = lo_value * 0.5f + hi_value * 0.5f;
+    const int64_t float_mid_key = float_key<kShift>(float_mid);
+    const bool use_float = pass < kSampleFloatPasses && float_mid_key > lo && float_mid_key < hi;
+    const int64_t mid = use_float ? float_mid_key : lo + (hi - lo) / 2;
+    const float mid_value = use_float ? float_mid : key_float<kShift>(static_cast<int>(mid));
+    const int mid32 = static_cast<int>(mid);
+    int local = 0;
+#pragma unroll
+    for (int j = 0; j < kKeys; ++j) local += keys[j] >= mid32;
+    const int count = block_reduce<kWarps, Reduction::kSum>(local, reduce_slots[free_slots]);
+    if (count >= top_k) {
+      lo = mid;
+      lo_value = mid_value;
+      count_lo = count;
+    } else {
+      hi = mid;
+      hi_value = mid_value;
+      count_hi = count;
+    }
+  }
+
+  // Compaction into the shared list: every key >= hi, then the first (k - count_hi) keys in [lo, hi) in
+  // vocabulary order. Both running counts come out of one scan, packed in 16-bit halves (V < 2^16).
+  const int lo32 = static_cast<int>(lo);
+  const int hi32 = static_cast<int>(hi);
+  const int quota = top_k - count_hi;
+  uint32_t flags = 0;
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) flags += keys[j] >= hi32 ? 1u : (keys[j] >= lo32 ? 0x10000u : 0u);
+  const uint32_t before =
+      block_exclusive_scan<kWarps>(flags, reinterpret_cast<uint32_t*>(reduce_slots[free_slots]));
+  int above_before = static_cast<int>(before & 0xFFFF);
+  int between_before = static_cast<int>(before >> 16);
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) {
+    const bool above = keys[j] >= hi32;
+    const bool between = !above && keys[j] >= lo32;
+    if (above || (between && between_before < quota))
+      candidates[above_before + min(between_before, quota)] = E::pack(keys[j], first + j);
+    above_before += above;
+    between_before += between;
+  }
+  __syncthreads();
+
+  // Rank, then race: one candidate a thread (k <= kSampleMaxCandidates; threads take k / kThreads each).
+  const uint64_t seed = static_cast<uint64_t>(args.seed[row * args.stride_seed]);
+  const uint32_t hash_prefix = combine(combine(mix32((static_cast<uint32_t>(seed) ^ static_cast<uint32_t>(seed >> 32))
+                                                     + 0x9E3779B9u),
+                                               static_cast<uint32_t>(args.counter[row * args.stride_counter])),
+                                       static_cast<uint32_t>(args.draw));
+  // The reference's logits / T and softmax's x - max(x), both correctly rounded (max(x) = max(logits) / T, since
+  // rounding is monotonic).
+  const float max_scaled = __fdiv_rn(key_float<kShift>(max_key), temperature);
+  int64_t best = INT64_MIN;
+  for (int i = threadIdx.x; i < top_k; i += kThreads) {
+    const typename E::Type entry = candidates[i];
+    int rank = 0;
+    for (int j = 0; j < top_k; ++j) rank += candidates[j] > entry;
+    const uint32_t bits = combine(hash_prefix, static_cast<uint32_t>(rank));
+    const float uniform = (static_cast<float>(bits >> 8) + 0.5f) * (1.f / (1 << 24));
+    // Negation, not 0 - x: the top uniform rounds to 1.0, its noise is -0.0 and that race is -inf, as in the
+    // reference.
+    const float noise = -__nv_logf(uniform);
+    const float weight = __nv_expf(__fdiv_rn(key_float<kShift>(E::key(entry)), temperature) - max_scaled);
+    const float race = __fdiv_rn(weight, noise);
+    // Non-negative races order by their bits, NaN above +inf (torch.argmax picks NaN); -inf below them.
+    const int race_key = race < 0.f ? -1 : (__float_as_int(race) & 0x7FFFFFFF);
+    const int64_t packed = static_cast<int64_t>(static_cast<uint64_t>(static_cast<int64_t>(race_key)) << 32) |
+                           (static_cast<int64_t>(0xFFFF - rank) << 16) | E::id(entry);
+    best = max(best, packed);
+  }
+  best = block_max64<kWarps>(best, best_slots);
+  if (threadIdx.x == 0) args.out[row * args.stride_out] = best & 0xFFFF;
+}
+
+template <typename Logit, int kThreads, int kKeys>
+cudaError_t launch_instance(const SampleTokensArgs& args, cudaStream_t stream, bool programmatic) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(args.batch);
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = programmatic ? 1 : 0;
+  return cudaLaunchKernelEx(&config, sample_tokens_kernel<Logit, kThreads, kKeys>, args);
+}
+
+template <typename Logit>
+cudaError_t launch_for_vocab(const SampleTokensArgs& args, cudaStream_t stream, bool programmatic) {
+  // Keys a thread holds in registers: up to 32 without spills (ptxas -v, sm_90); 64 at the largest vocabularies,
+  // where 1024 threads have 64 registers each and some spill.
+  if (args.vocab <= 2048) return launch_instance<Logit, 256, 8>(args, stream, programmatic);
+  if (args.vocab <= 4096) return launch_instance<Logit, 256, 16>(args, stream, programmatic);
+  if (args.vocab <= 8192) return launch_instance<Logit, 256, 32>(args, stream, programmatic);
+  if (args.vocab <= 16384) return launch_instance<Logit, 512, 32>(args, stream, programmatic);
+  if (args.vocab <= 32768) return launch_instance<Logit, 1024, 32>(args, stream, programmatic);
+  return launch_instance<Logit, 1024, 64>(args, stream, programmatic);
+}
+
+}  // namespace sampling_detail
+
+// Launches on `stream` (no allocation, no synchronisation: graph-capturable). programmatic: a programmatic
+// dependent launch (Hopper and later); the kernel waits for the previous kernel before its first read.
+inline cudaError_t launch_sample_tokens(const SampleTokensArgs& args, cudaStream_t stream, bool programmatic) {
+  if (args.batch == 0) return cudaSuccess;
+  if (args.logits_bf16) return sampling_detail::launch_for_vocab<__nv_bfloat16>(args, stream, programmatic);
+  return sampling_detail::launch_for_vocab<float>(args, stream, programmatic);
+}
+
+}  // namespace moshi_fast

@@ -4,11 +4,11 @@
 #   run the GPU-marked tests, the kernel microbenchmarks, the codec and LM-step benchmarks against Kyutai,
 #   run the demo at Moshi's real size, and keep the logs and JSON results under $OUT.
 # Usage (from the repository root): GIT_SHA=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [steps]
-#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,buckets,pdl,load,demo (default: all of them)
+#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo (default: all)
 #   TEST_ARGS: extra pytest arguments for the GPU tests, e.g. TEST_ARGS='tests/test_lm_fast.py'
-#   LM_ARGS, FRAME_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_lm_step.py, bench_frame.py,
-#   bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl: the same engine without programmatic
-#   dependent launch, timed in the same run)
+#   LM_ARGS, FRAME_ARGS, PROFILE_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_lm_step.py, bench_frame.py,
+#   profile_frame.py, bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl: the same engine without
+#   programmatic dependent launch, timed in the same run; --cuda-sampling: with the CUDA extension's sampler)
 #   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
 #   (leaves out the sampling kernel's tile sweep)
 set -uo pipefail
@@ -26,7 +26,7 @@ import os, torch, triton
 print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
 print("git:", os.environ["GIT_SHA"])
 PY
-steps=",${1:-tests,kernels,mimi,lm,frame,buckets,pdl,load,demo},"
+steps=",${1:-tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo},"
 status=0
 if [[ $steps == *,tests,* ]]; then
     eval "python3 -m pytest -q -m gpu -s ${TEST_ARGS:-}" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || status=1
@@ -45,6 +45,11 @@ fi
 if [[ $steps == *,frame,* ]]; then
     eval "python3 bench/bench_frame.py --json \"\$OUT/frame.json\" --plot \"\$OUT/frame.png\" ${FRAME_ARGS:-}" 2>&1 \
         | tee "$OUT/frame.log" || status=1
+fi
+if [[ $steps == *,profile,* ]]; then
+    # Every kernel of the frame, timed by the CUDA profiler and grouped by phase, at one and eight conversations.
+    eval "python3 bench/profile_frame.py --batches 1,8 --json \"\$OUT/profile.json\" ${PROFILE_ARGS:-}" 2>&1 \
+        | tee "$OUT/profile.log" || status=1
 fi
 if [[ $steps == *,buckets,* ]]; then
     eval "python3 bench/bench_buckets.py --json \"\$OUT/buckets.json\" ${BUCKET_ARGS:-}" 2>&1 | tee "$OUT/buckets.log" \

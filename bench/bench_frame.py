@@ -33,6 +33,7 @@ from bench.bench_lm_step import (KYUTAI_SAMPLING, _release, _set_fast_context, _
 from bench._harness import with_cuda_sampling, without_pdl  # noqa: E402
 from moshi_fast import FastMoshi  # noqa: E402
 from moshi_fast.config import MoshiConfig, moshiko  # noqa: E402
+from moshi_fast.engine import KV_CACHE_DTYPES  # noqa: E402
 from moshi_fast.fast.mimi import FastMimi  # noqa: E402
 from moshi_fast.weights import load_mimi  # noqa: E402
 from tests.checkpoints import kyutai_mimi  # noqa: E402
@@ -74,10 +75,10 @@ def bench_kyutai(mimi, lm, config: MoshiConfig, batch: int, frames: list[torch.T
 
 
 def bench_fast(mimi: FastMimi, lm, config: MoshiConfig, batch: int, frames: list[torch.Tensor], warmup: int,
-               context: int) -> dict:
+               context: int, kv_dtype: torch.dtype | None = None) -> dict:
     torch.cuda.reset_peak_memory_stats()
     engine = FastMoshi(config, lm, mimi, None, torch.device("cuda"), max_batch=batch, batch_buckets=[batch],
-                       **KYUTAI_SAMPLING)
+                       kv_dtype=kv_dtype, **KYUTAI_SAMPLING)
     runner = engine._runner
     _set_fast_context(runner.lm_cache, context, config.lm)
     runner.mimi_cache.encoder_frame.fill_(context)
@@ -101,7 +102,8 @@ def plot(rows: list[dict], info: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for engine, label in (("kyutai", "Kyutai moshi (PyTorch, CUDA graphs)"), ("fast", "moshi_fast")):
+    for engine, label in (("kyutai", "Kyutai moshi (PyTorch, CUDA graphs)"), ("fast", "moshi_fast"),
+                          ("fast_kv_fp8", "moshi_fast, fp8 KV cache")):
         points = [(r["batch"], r[engine]["p50_ms"], r[engine]["p99_ms"]) for r in rows if "p50_ms" in r.get(engine, {})]
         if points:
             batches, p50, p99 = zip(*points)
@@ -128,6 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--without-pdl", action="store_true",
                         help="also time moshi_fast with programmatic dependent launch off (fast_no_pdl), same run")
+    parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
+                        help="also time moshi_fast with Helium's KV cache in this dtype (fast_kv_<name>), same run")
     parser.add_argument("--cuda-sampling", action="store_true",
                         help="also time moshi_fast sampling with the CUDA extension's kernel (fast_cuda_sampling), "
                              "same run")
@@ -155,6 +159,10 @@ def main(argv=None) -> int:
         if args.cuda_sampling:
             runs.append(("fast_cuda_sampling", lambda: with_cuda_sampling(bench_fast, ours_codec, ours_lm, config, batch,
                                                                           frames, args.warmup, args.context)))
+        if args.kv_cache:
+            runs.append((f"fast_kv_{args.kv_cache}", lambda: bench_fast(
+                ours_codec, ours_lm, config, batch, frames, args.warmup, args.context,
+                kv_dtype=KV_CACHE_DTYPES[args.kv_cache])))
         for name, run in runs:
             try:
                 row[name] = run()
@@ -181,6 +189,10 @@ def main(argv=None) -> int:
         if "p50_ms" in row.get("fast_cuda_sampling", {}):
             print(f"B = {row['batch']}: moshi_fast sampling with the CUDA extension's kernel p50 "
                   f"{row['fast_cuda_sampling']['p50_ms']:.2f} ms, p99 {row['fast_cuda_sampling']['p99_ms']:.2f} ms")
+        kv = row.get(f"fast_kv_{args.kv_cache}", {})
+        if "p50_ms" in kv:
+            print(f"B = {row['batch']}: moshi_fast with the {args.kv_cache} KV cache p50 {kv['p50_ms']:.2f} ms, "
+                  f"p99 {kv['p99_ms']:.2f} ms, peak {kv['peak_GB']:.1f} GB")
     print(f"most conversations tested with p99 <= {BUDGET_MS:.0f} ms: Kyutai {real_time['kyutai']}, "
           f"moshi_fast {real_time['fast']} (of batches {args.batches})")
     if args.json:

@@ -31,6 +31,7 @@ from bench._harness import device_info, graph_time, timed_calls, with_cuda_sampl
 from moshi_fast import ops  # noqa: E402
 from moshi_fast.cache import LMCache  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
+from moshi_fast.engine import KV_CACHE_DTYPES  # noqa: E402
 from moshi_fast.fast.lm import FastLM, FastLMRunner  # noqa: E402
 from moshi_fast.reference.lm import SamplingParams  # noqa: E402
 from moshi_fast.weights import lm_spec_kyutai  # noqa: E402
@@ -129,14 +130,18 @@ def _set_fast_context(cache: LMCache, context: int, config) -> None:
     cache.tokens.copy_(_random_tokens(cache.tokens.shape, config, cache.tokens.device))
     for layer in range(config.num_layers):
         for pool in cache.kv.layer(layer):
-            pool.normal_()
+            if pool.dtype.itemsize == 1:
+                # No random kernels for 8-bit floats: bf16 draws, rounded as the cache rounds its writes.
+                pool.copy_(torch.randn(pool.shape, dtype=torch.bfloat16, device=pool.device))
+            else:
+                pool.normal_()
 
 
 def bench_fast(lm: FastLM, config, batch: int, contexts: list[int], frames: int, warmup: int,
-               name: str = "fast") -> dict:
+               name: str = "fast", kv_dtype: torch.dtype | None = None) -> dict:
     row = {}
     torch.cuda.reset_peak_memory_stats()
-    runner = FastLMRunner(lm, batch, _sampling(batch), torch.device("cuda"))
+    runner = FastLMRunner(lm, batch, _sampling(batch), torch.device("cuda"), kv_dtype=kv_dtype)
     mask = torch.ones(batch, dtype=torch.bool, device="cuda")
     codes = torch.randint(0, config.card, (warmup + frames, batch, config.dep_q), device="cuda")
     with torch.no_grad():
@@ -195,6 +200,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--without-pdl", action="store_true",
                         help="also time the fast step with programmatic dependent launch off (fast_no_pdl), same run")
+    parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
+                        help="also time the fast step with Helium's KV cache in this dtype (fast_kv_<name>), same run")
     parser.add_argument("--cuda-sampling", action="store_true",
                         help="also time the fast step sampling with the CUDA extension's kernel (fast_cuda_sampling), "
                              "same run")
@@ -216,6 +223,10 @@ def main(argv=None) -> int:
         if args.cuda_sampling:
             runs.append(("fast_cuda_sampling", lambda: with_cuda_sampling(
                 bench_fast, lm, config, batch, contexts, args.frames, args.warmup, name="fast_cuda_sampling")))
+        if args.kv_cache:
+            kv_name = f"fast_kv_{args.kv_cache}"
+            runs.append((kv_name, lambda: bench_fast(lm, config, batch, contexts, args.frames, args.warmup,
+                                                     name=kv_name, kv_dtype=KV_CACHE_DTYPES[args.kv_cache])))
         for name, run in runs:
             try:
                 row.update(run())
@@ -240,17 +251,18 @@ def main(argv=None) -> int:
                 row[f"speedup_ctx{context}"] = row[f"kyutai_ms_ctx{context}"] / row[f"fast_ms_ctx{context}"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'B':>3} {'ctx':>5} {'Kyutai p50':>11} {'fast p50':>11} {'fast p90':>11} {'speed-up':>9} "
-          f"{'no-PDL p50':>11} {'CUDA-sampling p50':>18}")
+    variants = [name for name, _ in runs if name not in ("kyutai", "fast")]
+    print(f"\n{'B':>3} {'ctx':>5} {'Kyutai p50':>11} {'fast p50':>11} {'fast p90':>11} {'speed-up':>9}"
+          + "".join(f" {name + ' p50':>22}" for name in variants))
     for row in rows:
         for context in contexts:
             k, f = row.get(f"kyutai_ms_ctx{context}"), row.get(f"fast_ms_ctx{context}")
-            f90, plain = row.get(f"fast_p90_ms_ctx{context}"), row.get(f"fast_no_pdl_ms_ctx{context}")
-            cuda_sampling = row.get(f"fast_cuda_sampling_ms_ctx{context}")
-            cells = [f"{v:>9.2f}ms" if v is not None else f"{'-':>11}" for v in (k, f, f90, plain)]
-            cells.append(f"{cuda_sampling:>16.2f}ms" if cuda_sampling is not None else f"{'-':>18}")
+            values = [k, f, row.get(f"fast_p90_ms_ctx{context}")]
+            cells = [f"{v:>9.2f}ms" if v is not None else f"{'-':>11}" for v in values]
+            extra = [row.get(f"{name}_ms_ctx{context}") for name in variants]
             ratio = f"{k / f:>8.2f}x" if k and f else f"{'-':>9}"
-            print(f"{row['batch']:>3} {context:>5} {cells[0]} {cells[1]} {cells[2]} {ratio} {cells[3]} {cells[4]}")
+            print(f"{row['batch']:>3} {context:>5} {' '.join(cells)} {ratio}"
+                  + "".join(f" {v:>20.2f}ms" if v is not None else f" {'-':>22}" for v in extra))
     if args.json:
         args.json.write_text(json.dumps({
             "benchmark": "lm_step", **info,

@@ -1,5 +1,5 @@
 """paged_attention at Helium's shapes (32 heads x 128, window 3000, pages of 16, bf16, one new token per
-slot) beside Kyutai's path: the ring write and torch SDPA over a dense [B, H, 3000, D] ring under the window
+slot; the pools in bf16 or in e4m3) beside Kyutai's path: the ring write and torch SDPA over a dense [B, H, 3000, D] ring under the window
 mask, which reads the whole ring however few keys are live (Kyutai's RoPE, compiled, is left out of it).
 
 Successive calls cycle through LAYERS layers' pools and rings, as the engine's 32 layers do, so that one
@@ -20,16 +20,18 @@ DTYPE = torch.bfloat16 if GPU else torch.float32
 LAYERS = 4 if GPU else 1
 
 
+@pytest.mark.parametrize("kv_dtype", [DTYPE, torch.float8_e4m3fn], ids=["kv-activation-dtype", "kv-fp8"])
 @pytest.mark.parametrize("filled", [100, CONTEXT] if GPU else [5, CONTEXT])
 @pytest.mark.parametrize("batch", [1, 8, 32, 64] if GPU else [2])
-def test_paged_attention(measure, device, batch, filled):
+def test_paged_attention(measure, device, batch, filled, kv_dtype):
+    """kv-fp8: the pools in e4m3 (half the bytes; the torch path beside it keeps its bf16 ring)."""
     width = HEADS * HEAD_DIM
-    cache = PagedKVCache(LAYERS, HEADS, HEAD_DIM, CONTEXT, batch, page_size=PAGE_SIZE, dtype=DTYPE,
+    cache = PagedKVCache(LAYERS, HEADS, HEAD_DIM, CONTEXT, batch, page_size=PAGE_SIZE, dtype=kv_dtype,
                          device=device)
     for slot in range(batch):
         cache.admit(slot)
-    cache.k_pool.normal_()
-    cache.v_pool.normal_()
+    cache.k_pool.copy_(torch.randn(cache.k_pool.shape, device=device).to(kv_dtype))
+    cache.v_pool.copy_(torch.randn(cache.v_pool.shape, device=device).to(kv_dtype))
     # A full window sits past the ring's first laps, as in a long conversation.
     position = filled - 1 if filled < CONTEXT else 2 * CONTEXT + 17
     cache.positions.fill_(position)
@@ -58,6 +60,6 @@ def test_paged_attention(measure, device, batch, filled):
         return torch.nn.functional.scaled_dot_product_attention(q, ring_k, ring_v, mask)
 
     live_keys = min(position + 1, CONTEXT)
-    moved = DTYPE.itemsize * (2 * batch * live_keys * width + qkv.numel() + out.numel())
+    moved = kv_dtype.itemsize * 2 * batch * live_keys * width + DTYPE.itemsize * (qkv.numel() + out.numel())
     measure(fast, moved, torch_path, op="paged_attention", batch=batch, filled=live_keys, heads=HEADS,
-            head_dim=HEAD_DIM, context=CONTEXT, page_size=PAGE_SIZE)
+            head_dim=HEAD_DIM, context=CONTEXT, page_size=PAGE_SIZE, kv_dtype=str(kv_dtype).removeprefix("torch."))

@@ -3,8 +3,9 @@ key and value into their page, and sliding-window attention over the slot's live
 
 Shapes (S slots in the cache, the first B of them in this call; slot b is row b everywhere):
     qkv         [B, 3 * H * D]       the new token's fused projection, laid out (q | k | v), each (head, dim)
-    k_pool      [P, H, PAGE, D]      one layer's key pages (after RoPE), shared by every slot
-    v_pool      [P, H, PAGE, D]      the same layer's value pages, same layout
+    k_pool      [P, H, PAGE, D]      one layer's key pages (after RoPE), shared by every slot: qkv's dtype,
+                                     another float dtype, or float8_e4m3fn (an 8-bit cache, see below)
+    v_pool      [P, H, PAGE, D]      the same layer's value pages, same layout and dtype
     page_table  [S, N] int32         slot b's ring of N pages: position p lives in page
                                      page_table[b, (p // PAGE) % N] at row p % PAGE
     positions   [S] int32/int64      the new token's absolute position per slot
@@ -18,7 +19,10 @@ min(q + 1, context) keys, and only those are read. The ring must hold the window
 then the window's positions sit in distinct rows, and the row the new key takes held position
 q - N * PAGE, which no query sees again. RoPE rotates interleaved pairs (x[2i], x[2i+1]) by
 position * max_period^(-2i/D) in fp32 and casts back to the activation dtype, for q and the new k (the
-reference's rounding); scale 1/sqrt(D); scores, softmax and the weighted sum in fp32.
+reference's rounding); scale 1/sqrt(D); scores, softmax and the weighted sum in fp32. The new key and value
+enter the pools as reference.attention.to_cache_dtype rounds them from the activation dtype (for an 8-bit
+cache: saturated to +-448, then rounded to e4m3), and the new token attends to itself through those stored
+values too, as the reference reads them back.
 
 Design, for Helium's regime (H = 32, D = 128, context 3000, bf16, B = 1..64):
   * Grid (SPLITS, B * H). Program (split, slot * H + head) takes a contiguous run of the live window:
@@ -50,7 +54,8 @@ step reads the same positions, and the cache adds the execution mask once after 
 (moshi_fast.cache.PagedKVCache.advance).
 
 Floor, per layer and step: live keys and values (min(q + 1, context) x H x D x 2 x 2 bytes in bf16: 49 MB
-a slot at a full window of 3000) + qkv + out. On an H200 (~4.2 TB/s copy) that is ~12 us per slot and layer
+a slot at a full window of 3000; half that with an 8-bit cache, whose tiles widen exactly to bf16 in
+registers before the tensor-core products) + qkv + out. On an H200 (~4.2 TB/s copy) that is ~12 us per slot and layer
 at a full window, ~0.4 ms for the 32 layers; B = 64 full windows: ~0.75 ms per layer. At 100 live keys
 (1.6 MB a slot) the launch and the chain of dependent loads (position, page table, keys, then the
 partials) dominate.
@@ -62,6 +67,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from moshi_fast.reference.attention import to_cache_dtype
 
 from ._utils import (SplitWorkspace, await_previous_kernel, combine_softmax_partials, interpreting, next_pow2,
                      parallel_sms, pdl, split_buffers)
@@ -101,8 +108,8 @@ def paged_attention_ref(qkv, k_pool, v_pool, page_table, positions, exec_mask, c
         return tables.gather(1, (key_pos // page_size) % pages_per_slot), key_pos % page_size
 
     new_page, new_row = locate(query_pos[:, None])
-    k_pool[new_page[:, 0], :, new_row[:, 0]] = k[:, :, 0].to(k_pool.dtype)
-    v_pool[new_page[:, 0], :, new_row[:, 0]] = v[:, :, 0].to(v_pool.dtype)
+    k_pool[new_page[:, 0], :, new_row[:, 0]] = to_cache_dtype(k[:, :, 0], k_pool.dtype)
+    v_pool[new_page[:, 0], :, new_row[:, 0]] = to_cache_dtype(v[:, :, 0], v_pool.dtype)
     key_pos = query_pos[:, None] - torch.arange(context, device=qkv.device)
     visible = key_pos >= 0
     page, row = locate(key_pos.clamp(min=0))
@@ -111,6 +118,25 @@ def paged_attention_ref(qkv, k_pool, v_pool, page_table, positions, exec_mask, c
     y = torch.nn.functional.scaled_dot_product_attention(q.float(), keys, values, visible[:, None, None, :])
     out[running] = y.reshape(-1, heads * head_dim).to(out.dtype)
     return out
+
+
+@triton.jit
+def _to_cache(x, cache_dtype: tl.constexpr, E4M3: tl.constexpr):
+    """x (the activation dtype) as the cache stores it (reference.attention.to_cache_dtype): a cast, or for an
+    e4m3 cache saturation to +-448 and rounding to nearest even on the e4m3 grid in fp32 (then the cast is
+    exact: Triton's interpreter rounds fp8 casts otherwise than the GPU and torch)."""
+    if E4M3:
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+        bits = x.to(tl.int32, bitcast=True)
+        # Three mantissa bits: the grid step is 2^(e - 3) for magnitudes in [2^e, 2^(e+1)), e >= -6, and 2^-9
+        # below 2^-6 (subnormals). Steps are powers of two, so scaling by them is exact.
+        exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+        step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        inverse_step = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
+        # Round half to even to an integer: adding and removing 1.5 * 2^23 (|x| / step is at most 16).
+        magnitude = ((tl.abs(x) * inverse_step + 12582912.0) - 12582912.0) * step
+        x = (magnitude.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    return x.to(cache_dtype)
 
 
 @triton.jit
@@ -134,7 +160,8 @@ def _paged_attention_kernel(
     stride_pool_page, stride_pool_head, stride_pool_row,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CONTEXT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGES_PER_SLOT: tl.constexpr, LOG_PERIOD: tl.constexpr, QK_SCALE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr, E4M3: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     split = tl.program_id(0)
@@ -170,8 +197,8 @@ def _paged_attention_kernel(
     # QK_SCALE folds 1/sqrt(D) and log2(e) into the query so the softmax runs on exp2.
     query_rounded = query.to(qkv_ptr.dtype.element_ty)
     query = query_rounded.to(tl.float32) * QK_SCALE
-    key_new = key_new.to(k_pool_ptr.dtype.element_ty)
-    value_new = tl.load(token_row + 2 * HEADS * HEAD_DIM + offs_d).to(v_pool_ptr.dtype.element_ty)
+    key_new = _to_cache(key_new.to(qkv_ptr.dtype.element_ty), k_pool_ptr.dtype.element_ty, E4M3)
+    value_new = _to_cache(tl.load(token_row + 2 * HEADS * HEAD_DIM + offs_d), v_pool_ptr.dtype.element_ty, E4M3)
 
     table = page_table_ptr + pid_b * stride_table_b
     head_offset = pid_h * stride_pool_head
@@ -203,6 +230,9 @@ def _paged_attention_kernel(
             keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
                                                  head_offset, stride_pool_page, stride_pool_row, offs_d,
                                                  PAGE_SIZE, PAGES_PER_SLOT)
+            # An 8-bit cache's tiles widen (exactly) to the activation dtype for the tensor cores.
+            keys = keys.to(queries.dtype)
+            values = values.to(queries.dtype)
             scores = tl.dot(queries, tl.trans(keys)) * QK_SCALE
             scores = tl.where(mask_n[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_rows, tl.max(scores, axis=1))
@@ -285,14 +315,15 @@ def _resolve_tiles(batch: int, heads: int, head_dim: int, context: int, tiles: d
 
 
 def _use_dot(dtype: torch.dtype, block_n: int, head_dim: int, tiles: dict) -> bool:
-    """The tensor-core loop for 16-bit pools (the plan's "dot" overrides it); tl.dot needs blocks of 16,
-    and Triton's interpreter multiplies bf16 tl.dot operands wrongly, so there bf16 takes the FMA loop."""
+    """The tensor-core loop for 16-bit activations (dtype; the pools are the same or an 8-bit float, widened
+    to it; the plan's "dot" overrides it); tl.dot needs blocks of 16, and Triton's interpreter multiplies bf16
+    tl.dot operands wrongly, so there bf16 takes the FMA loop."""
     dot = tiles.get("dot")
     if dot is None:
         dot = dtype in (torch.bfloat16, torch.float16) and not (interpreting() and dtype == torch.bfloat16)
     if dot and (block_n < 16 or head_dim < 16 or dtype == torch.float32):
         if tiles.get("dot"):
-            raise ValueError(f"the tensor-core loop needs 16-bit pools and block_n, head_dim >= 16 "
+            raise ValueError(f"the tensor-core loop needs 16-bit activations and block_n, head_dim >= 16 "
                              f"(got {dtype}, {block_n}, {head_dim})")
         return False
     return dot
@@ -364,7 +395,9 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         tiles = tuned_tiles("paged_attention", shape_key(heads, head_dim, context), batch) or {}
     block_n, splits, num_warps, num_stages = _resolve_tiles(batch, heads, head_dim, context, tiles,
                                                             _programs_wanted(qkv.device))
-    dot = _use_dot(k_pool.dtype, block_n, head_dim, tiles)
+    if v_pool.dtype != k_pool.dtype:
+        raise ValueError(f"k_pool and v_pool must share a dtype, got {k_pool.dtype} and {v_pool.dtype}")
+    dot = _use_dot(qkv.dtype, block_n, head_dim, tiles)
     partials, arrivals = split_buffers(workspace, *_workspace_size(batch, heads, head_dim, splits), splits, out)
     launch_options = {"num_warps": num_warps}
     if num_stages is not None:
@@ -376,7 +409,8 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         HEADS=heads, HEAD_DIM=head_dim, CONTEXT=context, PAGE_SIZE=page_size, PAGES_PER_SLOT=pages_per_slot,
         LOG_PERIOD=math.log(max_period), QK_SCALE=head_dim ** -0.5 * math.log2(math.e),
-        BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot, PDL=use_pdl,
+        BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot, E4M3=k_pool.dtype == torch.float8_e4m3fn,
+        PDL=use_pdl,
         launch_pdl=use_pdl, **launch_options,
     )
     return out

@@ -274,11 +274,14 @@ class LMCache:
     """
 
     def __init__(self, config, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 kv_pages: int | None = None, buckets: Sequence[int] = ()):
-        """buckets: the batch sizes `narrow` will be asked for (the workspace is sized for all of them)."""
+                 kv_pages: int | None = None, buckets: Sequence[int] = (), kv_dtype: torch.dtype | None = None):
+        """buckets: the batch sizes `narrow` will be asked for (the workspace is sized for all of them).
+        kv_dtype: Helium's KV cache dtype, default `dtype` (the activations'); torch.float8_e4m3fn halves its
+        bytes (reference.attention.to_cache_dtype)."""
         self.config = config
         self.batch_size = batch_size
-        self.kv = PagedKVCache.for_lm(config, batch_size, num_pages=kv_pages, dtype=dtype, device=device)
+        self.kv = PagedKVCache.for_lm(config, batch_size, num_pages=kv_pages, dtype=kv_dtype or dtype,
+                                      device=device)
         self.frame = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.tokens = torch.full((batch_size, config.num_streams, config.max_delay + 2), UNGENERATED,
                                  dtype=torch.long, device=device)

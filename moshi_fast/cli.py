@@ -21,7 +21,7 @@ import torch
 
 from . import runner
 from .config import PRESETS
-from .engine import BACKENDS
+from .engine import BACKENDS, KV_CACHE_DTYPES
 
 
 def _device(value: str) -> torch.device:
@@ -78,6 +78,9 @@ def _engine_options() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, default=0,
                        help="seed for sampling and random weights (default: 0)")
     group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    group.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
+                       help="store the LM's keys and values in 8 bits: half the memory per conversation, "
+                            "e4m3 rounding (default: the LM's dtype)")
     return options
 
 
@@ -202,7 +205,7 @@ def _resolve_engine_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         preset = "tiny" if device.type == "cpu" else "moshiko"
     args.spec = runner.EngineSpec(weights=args.weights, device=device, preset=preset,
                                   backend=args.backend or runner.default_backend(device), seed=args.seed,
-                                  greedy=args.greedy)
+                                  greedy=args.greedy, kv_cache=args.kv_cache)
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

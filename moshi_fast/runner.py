@@ -151,6 +151,8 @@ class EngineSpec:
     backend: str = "reference"
     seed: int = 0
     greedy: bool = False
+    kv_cache: str | None = None
+    """None: Helium's KV cache in the LM's dtype; a name of engine.KV_CACHE_DTYPES ("fp8")."""
 
     def __post_init__(self):
         if (self.weights is None) == (self.preset is None):
@@ -165,12 +167,13 @@ class EngineSpec:
     def describe(self) -> str:
         model = str(self.weights) if self.weights is not None else f"random weights, {self.preset} preset"
         decoding = "greedy" if self.greedy else f"sampling, seed {self.seed}"
-        return f"{model} on {self.device}, {self.backend} backend ({decoding})"
+        cache = f", {self.kv_cache} KV cache" if self.kv_cache else ""
+        return f"{model} on {self.device}, {self.backend} backend ({decoding}{cache})"
 
     def build(self, max_batch: int = 1, quiet: bool = False, batch_buckets: list[int] | None = None) -> FastMoshi:
         """The engine, serving `max_batch` conversations (batch_buckets: see FastMoshi); reports loading on
         stderr unless quiet."""
-        sampling = {"seed": self.seed, "batch_buckets": batch_buckets}
+        sampling = {"seed": self.seed, "batch_buckets": batch_buckets, "kv_dtype": self.kv_cache}
         if self.greedy:
             sampling["use_sampling"] = False
         start = time.perf_counter()

@@ -149,6 +149,19 @@ def test_demo_streams_an_input_file_resampled_to_24k(tmp_path, capsys):
     assert str(source) in captured.out and "greedy" in captured.out
 
 
+def test_demo_with_the_fp8_kv_cache(tmp_path, capsys, monkeypatch):
+    built = []
+    original = runner.EngineSpec.build
+    monkeypatch.setattr(runner.EngineSpec, "build", lambda self, *a, **k: built.append(original(self, *a, **k))
+                        or built[-1])
+    code = cli.main(["demo", "--seconds", "0.5", "--device", "cpu", "--kv-cache", "fp8",
+                     "--output", str(tmp_path / "reply.wav")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "fp8 KV cache" in captured.out + captured.err
+    assert built[0].kv_dtype == torch.float8_e4m3fn
+
+
 def test_demo_missing_input_fails_with_the_file_name(tmp_path, capsys):
     missing, output = tmp_path / "nowhere.wav", tmp_path / "reply.wav"
 
@@ -277,6 +290,7 @@ def test_the_backend_defaults_to_a_fast_one_on_cuda_only(monkeypatch):
                                        ["serve", "--port", "70000"], ["serve", "--max-conversations", "0"],
                                        ["loadtest", "--clients", "0"], ["serve", "--batch-buckets", "0,2"], ["serve", "--opus-processes", "-1"],
                                        ["serve", "--input-backlog", "0"], ["loadtest", "--drain", "-1"],
+                                       ["demo", "--kv-cache", "int4"],
                                        ["serve", "--preset", "tiny", "--device", "cpu", "--max-conversations", "2",
                                         "--batch-buckets", "3"],
                                        ["serve", "--weights", ".", "--preset", "tiny"]])

@@ -137,6 +137,48 @@ def test_constructor_validation():
         FastMoshi.random(CONFIG, device="cpu", backend="turbo")
 
 
+def test_fp8_kv_cache_option():
+    """kv_dtype "fp8" (or the dtype): e4m3 rings in the reference backend, e4m3 pools in the fast one, half the
+    bytes; the LM's own dtype means the default; anything else is refused. Both backends serve the same
+    tokens with it, through a reset and a slot that sits a frame out."""
+    from moshi_fast import ops
+
+    with pytest.raises(ValueError, match="kv_dtype"):
+        _engine(kv_dtype="int4")
+    with pytest.raises(ValueError, match="kv_dtype"):
+        _engine(kv_dtype=torch.float16)
+    assert _engine(kv_dtype=torch.float32).kv_dtype == torch.float32
+    fast, reference = (_engine(max_batch=2, seed=9, backend=b, kv_dtype="fp8") for b in ("fast", "reference"))
+    assert fast.kv_dtype == reference.kv_dtype == torch.float8_e4m3fn
+    assert reference._runner.lm_state["helium.layers.0.k"].dtype == torch.float8_e4m3fn
+    pool = fast._runner.lm_cache.kv.k_pool
+    assert pool.dtype == torch.float8_e4m3fn
+    plain = _engine(max_batch=2, seed=9, backend="fast")._runner.lm_cache.kv.k_pool
+    assert pool.nbytes * 4 == plain.nbytes  # fp32 here: a quarter; bf16 on a GPU: half
+    slots = [engine.open() for engine in (fast, reference) for _ in range(2)]
+    assert slots == [0, 1, 0, 1]
+    for t, pcm in enumerate(_frames(2, 5, seed=2)):
+        if t == 3:
+            fast.reset(1)
+            reference.reset(1)
+        batch = {0: pcm[0]} if t == 2 else {0: pcm[0], 1: pcm[1]}
+        with ops.reference_ops():
+            ours = fast.step(batch)
+        theirs = reference.step(batch)
+        assert torch.equal(ours.text_tokens, theirs.text_tokens), t
+        assert torch.equal(ours.audio_codes, theirs.audio_codes), t
+    # Closing slot 0 moves slot 1's whole state (its 8-bit keys and values too) into row 0.
+    for engine in (fast, reference):
+        engine.close(0)
+    for pcm in _frames(1, 3, seed=4):
+        with ops.reference_ops():
+            ours = fast.step({1: pcm[0]})
+        theirs = reference.step({1: pcm[0]})
+        assert ours.bucket == theirs.bucket == 1
+        assert torch.equal(ours.text_tokens, theirs.text_tokens)
+        assert torch.equal(ours.audio_codes, theirs.audio_codes)
+
+
 def test_mimi_codec_validation_and_stream_reset():
     codec = MimiCodec.random(CONFIG.mimi, device="cpu")
     pcm = speech_like(2, 3)

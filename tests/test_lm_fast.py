@@ -48,12 +48,12 @@ def schedule(frames, batch, seed=0):
 
 
 def compare_streams(config, frames, batch, kernels, greedy, forced=False, device="cpu", dtype=torch.float32,
-                    tolerance=1e-4, fused_depth=False):
+                    tolerance=1e-4, fused_depth=False, kv_dtype=None):
     lm = build(config, dtype, device, fused_depth=fused_depth)
     params = sampling_params(batch, device, greedy)
     reference = StreamingLM(lm)
-    state = reference.init_state(batch)
-    runner = FastLMRunner(lm, batch, params, torch.device(device), teacher_forcing=forced)
+    state = reference.init_state(batch, kv_dtype)
+    runner = FastLMRunner(lm, batch, params, torch.device(device), teacher_forcing=forced, kv_dtype=kv_dtype)
     masks, resets, codes = schedule(frames, batch)
     codes = codes % config.card
     generator = torch.Generator().manual_seed(1)
@@ -101,6 +101,15 @@ def test_fast_step_matches_reference_kernels():
 
 def test_teacher_forcing_matches_reference():
     compare_streams(tiny().lm, frames=6, batch=2, kernels=False, greedy=False, forced=True)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch-references", "kernels"])
+def test_fp8_kv_cache_matches_reference(kernels):
+    """Helium's keys and values in e4m3 in both (the reference's ring and the paged pool round them alike),
+    across a window wrap: the same tokens, logits equal to rounding."""
+    config = dataclasses.replace(tiny().lm, context=5)
+    compare_streams(config, frames=7 if kernels else 12, batch=3, kernels=kernels, greedy=False,
+                    kv_dtype=torch.float8_e4m3fn)
 
 
 def test_window_wrap_matches_reference():

@@ -5,13 +5,15 @@ cross the window twice. Pools start as NaN: a row read before this conversation 
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from moshi_fast.cache import KVPoolExhausted, PagedKVCache
 from moshi_fast.kernels._utils import SplitWorkspace
-from moshi_fast.kernels.paged_attention import (_resolve_tiles, paged_attention,
+from moshi_fast.kernels.paged_attention import (_resolve_tiles, _to_cache, paged_attention,
                                                 paged_attention_candidate_tiles, paged_attention_ref,
                                                 paged_attention_workspace_size)
-from moshi_fast.reference.attention import attend, rope_interleaved, split_heads
+from moshi_fast.reference.attention import attend, rope_interleaved, split_heads, to_cache_dtype
 
 from .helpers import rel_err
 
@@ -337,6 +339,65 @@ def test_tensor_core_loop_matches_reference_fp16(tiles):
         run(tiles={**tiles, "block_n": 8, "dot": True})
 
 
+@triton.jit
+def _to_cache_probe_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _to_cache(tl.load(x_ptr + offs), out_ptr.dtype.element_ty, True))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_e4m3_rounding_is_torchs(device):
+    """The kernel's e4m3 rounding against torch's cast, bit for bit: every finite e4m3 value, the midpoints
+    between neighbours (ties go to even), points just off them, both signs and zeros, and values past 448."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[grid.isfinite() & (grid >= 0)].sort().values
+    middles = (grid[1:] + grid[:-1]) / 2
+    near = torch.cat([middles * (1 + 2.0 ** -20), middles * (1 - 2.0 ** -20)])
+    values = torch.cat([grid, middles, near, torch.tensor([449.0, 464.0, 1e6, 2.0 ** -12, 2.0 ** -10])])
+    values = torch.cat([values, -values, torch.tensor([0.0, -0.0])])
+    x = torch.cat([values, torch.zeros(-len(values) % 256)]).to(device)
+    out = torch.empty(len(x), dtype=torch.float8_e4m3fn, device=device)
+    _to_cache_probe_kernel[(len(x) // 256,)](x, out, BLOCK=256)
+    assert torch.equal(out.view(torch.uint8), to_cache_dtype(x, torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.parametrize("activation", [torch.float32, torch.float16], ids=["fp32-fma", "fp16-tensor-core"])
+@pytest.mark.parametrize("tiles", [{"splits": 1, "block_n": 16}, {"splits": 3, "block_n": 16}],
+                         ids=["unsplit", "3-splits"])
+def test_fp8_pools_match_reference(activation, tiles):
+    """An 8-bit cache (e4m3): the new rows are stored with the reference's bits (rounded from the activation
+    dtype, values past +-448 saturated), the rest of the pools untouched, and attention over the widened
+    values matches the reference, on ragged windows up to a wrapped context of 40."""
+    context, slots = 40, 6
+    cache = PagedKVCache(1, HEADS, HEAD_DIM, context, slots, page_size=PAGE_SIZE, dtype=torch.float8_e4m3fn)
+    for slot in range(slots):
+        cache.admit(slot)
+    cache.k_pool.copy_(torch.randn(cache.k_pool.shape).to(torch.float8_e4m3fn))
+    cache.v_pool.copy_(torch.randn(cache.v_pool.shape).to(torch.float8_e4m3fn))
+    cache.positions.copy_(torch.tensor([0, 5, 17, 39, 40, 97]))
+    cache.set_exec_mask(torch.ones(slots, dtype=torch.bool))
+    qkv = torch.randn(slots, 3 * WIDTH)
+    qkv[:, 2 * WIDTH::7] *= 1000.0  # values beyond e4m3's range
+    qkv = qkv.to(activation)
+
+    def run(reference: bool):
+        k_pool, v_pool = cache.k_pool[0].clone(), cache.v_pool[0].clone()
+        args = (qkv, k_pool, v_pool, cache.page_table, cache.positions, cache.exec_mask, context, MAX_PERIOD)
+        out = torch.full((slots, WIDTH), float("nan"), dtype=activation)
+        if reference:
+            return paged_attention_ref(*args, out=out).float(), k_pool, v_pool
+        sizes = paged_attention_workspace_size(slots, HEADS, HEAD_DIM, context, tiles)
+        return (paged_attention(*args, out=out, tiles=tiles, workspace=SplitWorkspace(*sizes, "cpu")).float(),
+                k_pool, v_pool)
+
+    expected, expected_k, expected_v = run(reference=True)
+    got, k_pool, v_pool = run(reference=False)
+    assert torch.equal(k_pool.view(torch.uint8), expected_k.view(torch.uint8))
+    assert torch.equal(v_pool.view(torch.uint8), expected_v.view(torch.uint8))
+    assert (v_pool.float().abs() == 448).any(), "the saturated values reached the pool"
+    assert rel_err(got, expected) < (1e-5 if activation == torch.float32 else 2e-3)
+
+
 def test_int64_positions_give_the_same_bits():
     cache, qkv = ragged_batch(RAGGED)
     narrow = call(cache, qkv, tiles=SPLIT)
@@ -404,13 +465,13 @@ def test_memory_math():
 HELIUM = {"heads": 32, "head_dim": 128, "context": 3000}
 
 
-def helium_cache(positions: list[int], layers: int = 1) -> PagedKVCache:
+def helium_cache(positions: list[int], layers: int = 1, dtype: torch.dtype = torch.bfloat16) -> PagedKVCache:
     cache = PagedKVCache(layers, HELIUM["heads"], HELIUM["head_dim"], HELIUM["context"], len(positions),
-                         device="cuda")
+                         dtype=dtype, device="cuda")
     for slot in range(len(positions)):
         cache.admit(slot)
-    cache.k_pool.normal_()
-    cache.v_pool.normal_()
+    cache.k_pool.copy_(torch.randn(cache.k_pool.shape, device="cuda").to(dtype))
+    cache.v_pool.copy_(torch.randn(cache.v_pool.shape, device="cuda").to(dtype))
     cache.positions.copy_(torch.tensor(positions))
     return cache
 
@@ -445,6 +506,29 @@ def test_paged_attention_bf16_at_helium_shapes(batch):
     assert rel_err(cache.k_pool[0, pages, :, rows], twin_k[0, pages, :, rows]) < 1e-2
     twin_k[0, pages, :, rows] = cache.k_pool[0, pages, :, rows]
     assert torch.equal(cache.k_pool, twin_k) and torch.equal(cache.v_pool, twin_v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_paged_attention_fp8_cache_at_helium_shapes(batch):
+    """bf16 activations on an e4m3 cache (the tensor-core loop on widened tiles): the reference's output and
+    stored bits."""
+    width = HELIUM["heads"] * HELIUM["head_dim"]
+    positions = torch.randint(0, 8000, (batch,), generator=torch.Generator().manual_seed(batch)).tolist()
+    positions[:4] = [0, 99, 2999, 3000][:batch]
+    cache = helium_cache(positions, dtype=torch.float8_e4m3fn)
+    cache.set_exec_mask(torch.ones(batch, dtype=torch.bool, device="cuda"))
+    twin_k, twin_v = cache.k_pool.clone(), cache.v_pool.clone()
+    qkv = torch.randn(batch, 3 * width, device="cuda").to(torch.bfloat16)
+    args = (cache.page_table, cache.positions, cache.exec_mask, HELIUM["context"], 10000.0)
+    out = paged_attention(qkv, *cache.layer(0), *args, out=torch.full((batch, width), float("nan"), device="cuda",
+                                                                       dtype=torch.bfloat16))
+    expected = paged_attention_ref(qkv, twin_k[0], twin_v[0], *args)
+    assert rel_err(out, expected) <= 1e-2
+    assert torch.equal(cache.v_pool.view(torch.uint8), twin_v.view(torch.uint8))
+    # Keys: RoPE in fp32 may round one new key element differently before the 8-bit rounding.
+    differ = cache.k_pool.view(torch.uint8) != twin_k.view(torch.uint8)
+    assert differ.float().mean() < 1e-3
 
 
 @pytest.mark.gpu

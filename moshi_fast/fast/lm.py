@@ -217,9 +217,11 @@ class FastLMRunner:
     static inputs (user codes, execution mask, and with teacher_forcing the forced tokens)."""
 
     def __init__(self, lm: FastLM, batch_size: int, params: SamplingParams, device: torch.device,
-                 eager: bool = False, teacher_forcing: bool = False, kv_pages: int | None = None):
+                 eager: bool = False, teacher_forcing: bool = False, kv_pages: int | None = None,
+                 kv_dtype: torch.dtype | None = None):
+        """kv_dtype: Helium's KV cache dtype (LMCache)."""
         c = lm.config
-        self.cache = LMCache(c, batch_size, device, lm.text_head.dtype, kv_pages=kv_pages)
+        self.cache = LMCache(c, batch_size, device, lm.text_head.dtype, kv_pages=kv_pages, kv_dtype=kv_dtype)
         self.generator = FastStreamingLM(lm, self.cache, params)
         codes = torch.zeros(batch_size, c.dep_q, dtype=torch.long, device=device)
         mask = torch.ones(batch_size, dtype=torch.bool, device=device)

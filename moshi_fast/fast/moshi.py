@@ -66,11 +66,11 @@ class FastFrameRunner:
     """params: per-slot sampling parameters [batch_size] (the runner steps and swaps their rows with the
     state). buckets: the batch sizes to capture (default graphs.batch_buckets(batch_size)). eager: run the
     frame functions without graphs, for debugging. teacher_forcing: every step takes the tokens Moshi
-    generates (for validation against a recorded run)."""
+    generates (for validation against a recorded run). kv_dtype: Helium's KV cache dtype (LMCache)."""
 
     def __init__(self, mimi: FastMimi, lm: FastLM, batch_size: int, params: SamplingParams, device: torch.device,
                  eager: bool = False, kv_pages: int | None = None, buckets: Sequence[int] | None = None,
-                 teacher_forcing: bool = False):
+                 teacher_forcing: bool = False, kv_dtype: torch.dtype | None = None):
         self.mimi, self.lm = mimi, lm
         self.batch_size = batch_size
         self.buckets = batch_buckets(batch_size, buckets)
@@ -78,7 +78,7 @@ class FastFrameRunner:
         self.teacher_forcing = teacher_forcing
         self.mimi_cache = MimiCache(mimi, batch_size, device, buckets=self.buckets)
         self.lm_cache = LMCache(lm.config, batch_size, device, lm.text_head.dtype, kv_pages=kv_pages,
-                                buckets=self.buckets)
+                                buckets=self.buckets, kv_dtype=kv_dtype)
         pool = torch.cuda.graph_pool_handle() if device.type == "cuda" and not eager else None
         self._steps: dict[int, CapturedStep] = {}
         for size in reversed(self.buckets):

@@ -5,6 +5,11 @@ Semantics (Kyutai's `RingKVCache` + `StreamingMultiheadAttention`): keys are sto
 ring index `position % capacity`; a key is visible from a query iff it was written, and
 0 <= pos_q - pos_k < context. A step of T tokens writes all T keys before attending, so with
 capacity == context the first query of a step no longer sees the key its last token overwrote.
+
+KV cache dtype: the cache may hold keys and values in a narrower dtype than the activations (an 8-bit
+float, to halve the bytes a step reads and the memory a conversation holds; not in Kyutai's engine).
+They are then stored as `to_cache_dtype` rounds them (from the activation dtype, saturated to the
+format's finite range) and attended with in the activation dtype they convert back to exactly.
 """
 from __future__ import annotations
 
@@ -31,6 +36,22 @@ def rope_interleaved(x: torch.Tensor, positions: torch.Tensor, max_period: float
     out_real = real * cos - imag * sin
     out_imag = real * sin + imag * cos
     return torch.stack([out_real.to(x.dtype), out_imag.to(x.dtype)], dim=-1).view(x.shape)
+
+
+CACHE_DTYPES_8BIT = (torch.float8_e4m3fn,)
+"""8-bit float KV cache dtypes: e4m3 (3 mantissa bits, finite range +-448, no infinities)."""
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (keys or values, the activation dtype) as a KV cache of `dtype` stores them: unchanged, or rounded to
+    nearest after saturation to the 8-bit format's largest finite magnitude (explicit, so that every
+    implementation agrees past it: e4m3 has no infinity to round to); NaN stays NaN."""
+    if dtype == x.dtype:
+        return x
+    if dtype in CACHE_DTYPES_8BIT:
+        limit = torch.finfo(dtype).max
+        return x.clamp(-limit, limit).to(dtype)
+    return x.to(dtype)
 
 
 def window_mask(pos_q: torch.Tensor, pos_k: torch.Tensor, context: int | None) -> torch.Tensor:
@@ -77,12 +98,21 @@ def ring_write(state: SlotState, prefix: str, k: torch.Tensor, v: torch.Tensor, 
     ring_pos.scatter_(1, index, new_pos)
     kv_index = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
     kv_keep = keep[:, :, None, None]
-    ring_k.scatter_(2, kv_index, torch.where(kv_keep, ring_k.gather(2, kv_index), k))
-    ring_v.scatter_(2, kv_index, torch.where(kv_keep, ring_v.gather(2, kv_index), v))
+    k, v = to_cache_dtype(k, ring_k.dtype), to_cache_dtype(v, ring_v.dtype)
+    # Rows are chosen on their bit patterns: integer gather, where and scatter exist for every dtype's size.
+    bits = _same_size_int(ring_k.dtype)
+    for ring, new in ((ring_k, k), (ring_v, v)):
+        kept = ring.view(bits).gather(2, kv_index)
+        ring.view(bits).scatter_(2, kv_index, torch.where(kv_keep, kept, new.view(bits)))
     return ring_k, ring_v, ring_pos
+
+
+def _same_size_int(dtype: torch.dtype) -> torch.dtype:
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
            context: int | None) -> torch.Tensor:
-    """Scaled dot-product attention (scale 1/sqrt(D)) under the sliding-window causal mask."""
-    return F.scaled_dot_product_attention(q, k, v, window_mask(pos_q, pos_k, context))
+    """Scaled dot-product attention (scale 1/sqrt(D)) under the sliding-window causal mask; keys and values of a
+    narrower cache dtype first convert (exactly) to q's."""
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), window_mask(pos_q, pos_k, context))

@@ -110,14 +110,16 @@ class LM(nn.Module):
             x = x + self.audio_emb[k](tokens[:, 1 + k])
         return x + self.text_emb(tokens[:, 0])
 
-    def init_state(self, batch_size: int, state: SlotState | None = None) -> SlotState:
-        """Helium's streaming state: per layer a ring KV of `context` steps, and the position."""
+    def init_state(self, batch_size: int, state: SlotState | None = None,
+                   kv_dtype: torch.dtype | None = None) -> SlotState:
+        """Helium's streaming state: per layer a ring KV of `context` steps, and the position. kv_dtype: the
+        ring's dtype (default the weights'; or an 8-bit float, see attention.to_cache_dtype)."""
         c = self.config
         state = state or SlotState(batch_size)
         device, dtype = self.text_head.device, self.text_head.dtype
         state.add("helium.offset", torch.empty(batch_size, dtype=torch.long, device=device))
         for i in range(c.num_layers):
-            add_ring(state, f"helium.layers.{i}", c.num_heads, c.context, c.head_dim, dtype, device)
+            add_ring(state, f"helium.layers.{i}", c.num_heads, c.context, c.head_dim, kv_dtype or dtype, device)
         return state
 
     def forward_text(self, tokens: torch.Tensor, state: SlotState | None = None,
@@ -258,14 +260,15 @@ class StreamingLM:
         self.lm = lm
         self.config = lm.config
 
-    def init_state(self, batch_size: int) -> SlotState:
+    def init_state(self, batch_size: int, kv_dtype: torch.dtype | None = None) -> SlotState:
+        """kv_dtype: Helium's KV cache dtype (LM.init_state)."""
         c = self.config
         state = SlotState(batch_size)
         device = self.lm.text_head.device
         state.add("gen.offset", torch.empty(batch_size, dtype=torch.long, device=device))
         state.add("gen.cache", torch.empty(batch_size, c.num_streams, c.max_delay + 2, dtype=torch.long,
                                            device=device), UNGENERATED)
-        return self.lm.init_state(batch_size, state)
+        return self.lm.init_state(batch_size, state, kv_dtype)
 
     def step(self, user_codes: torch.Tensor, state: SlotState, exec_mask: torch.Tensor,
              params: SamplingParams, forced: torch.Tensor | None = None) -> LMStepOutput:

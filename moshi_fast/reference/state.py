@@ -42,7 +42,12 @@ class SlotState:
     def reset(self, slot_mask: torch.Tensor) -> None:
         """Returns the selected slots to the start of a conversation."""
         for name, tensor in self._tensors.items():
-            tensor[slot_mask] = self._initial[name]
+            initial = self._initial[name]
+            if _is_8bit_float(tensor):
+                # No masked-fill kernels for 8-bit floats: the initial value's byte is written instead.
+                tensor, initial = tensor.view(torch.uint8), torch.tensor(initial, dtype=tensor.dtype).view(
+                    torch.uint8).item()
+            tensor[slot_mask] = initial
 
     def narrow(self, batch_size: int) -> "SlotState":
         """The first batch_size slots as views of these tensors: a step on them updates this state (every
@@ -62,6 +67,12 @@ def swap_rows(tensor: torch.Tensor, a: int, b: int, dim: int = 0) -> None:
     """Exchanges rows a and b of `tensor` along `dim`, in place."""
     if a == b:
         return
+    if _is_8bit_float(tensor):
+        # 8-bit floats (a KV cache's) have no index_copy kernels: their bytes move instead.
+        tensor = tensor.view(torch.uint8)
     rows = torch.tensor([a, b], device=tensor.device)
     tensor.index_copy_(dim, rows, tensor.index_select(dim, rows.flip(0)))
 
+
+def _is_8bit_float(tensor: torch.Tensor) -> bool:
+    return tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from moshi_fast import ops
+from moshi_fast.engine import KV_CACHE_DTYPES
 
 CALLS_PER_ROUND = 50
 """pytest-benchmark's own statistics are per round of this many back-to-back calls."""
@@ -100,6 +101,32 @@ def with_cuda_sampling(fn: Callable[..., object], *args, **kwargs):
     it): the candidate beside the default Triton sampler, timed in the same run."""
     with ops.cuda_sampling(True):
         return fn(*args, **kwargs)
+
+
+def add_variant_options(parser, subject: str) -> None:
+    """The benchmarks' options that also time variants of the fast engine in the same run (see variant_runs);
+    subject names what is timed in their help ("the fast step", "moshi_fast")."""
+    parser.add_argument("--without-pdl", action="store_true",
+                        help=f"also time {subject} with programmatic dependent launch off (fast_no_pdl), same run")
+    parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
+                        help=f"also time {subject} with Helium's KV cache in this dtype (fast_kv_<name>), same run")
+    parser.add_argument("--cuda-sampling", action="store_true",
+                        help=f"also time {subject} sampling with the CUDA extension's kernel (fast_cuda_sampling), "
+                             "same run")
+
+
+def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Callable[[], dict]]]:
+    """(name, timing call) of each variant asked for by add_variant_options' flags; run(name, kv_dtype) times
+    the fast engine with that KV cache dtype (None: the LM's) under the variant's settings."""
+    runs = []
+    if args.without_pdl:
+        runs.append(("fast_no_pdl", lambda: without_pdl(run, "fast_no_pdl", None)))
+    if args.cuda_sampling:
+        runs.append(("fast_cuda_sampling", lambda: with_cuda_sampling(run, "fast_cuda_sampling", None)))
+    if args.kv_cache:
+        name = f"fast_kv_{args.kv_cache}"
+        runs.append((name, lambda: run(name, KV_CACHE_DTYPES[args.kv_cache])))
+    return runs
 
 
 def timed_calls(call: Callable[[object], object], inputs) -> list[float]:

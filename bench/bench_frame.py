@@ -30,10 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._harness import device_info, timed_calls  # noqa: E402
 from bench.bench_lm_step import (KYUTAI_SAMPLING, _release, _set_fast_context, _set_kyutai_context,  # noqa: E402
                                  kyutai_lm, ours_from_kyutai)
-from bench._harness import with_cuda_sampling, without_pdl  # noqa: E402
+from bench._harness import add_variant_options, variant_runs  # noqa: E402
 from moshi_fast import FastMoshi  # noqa: E402
 from moshi_fast.config import MoshiConfig, moshiko  # noqa: E402
-from moshi_fast.engine import KV_CACHE_DTYPES  # noqa: E402
 from moshi_fast.fast.mimi import FastMimi  # noqa: E402
 from moshi_fast.weights import load_mimi  # noqa: E402
 from tests.checkpoints import kyutai_mimi  # noqa: E402
@@ -128,13 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=3000)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
-    parser.add_argument("--without-pdl", action="store_true",
-                        help="also time moshi_fast with programmatic dependent launch off (fast_no_pdl), same run")
-    parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
-                        help="also time moshi_fast with Helium's KV cache in this dtype (fast_kv_<name>), same run")
-    parser.add_argument("--cuda-sampling", action="store_true",
-                        help="also time moshi_fast sampling with the CUDA extension's kernel (fast_cuda_sampling), "
-                             "same run")
+    add_variant_options(parser, "moshi_fast")
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}", flush=True)
@@ -153,16 +146,8 @@ def main(argv=None) -> int:
         runs = [("kyutai", lambda: bench_kyutai(kyutai_codec, kyutai_model, config, batch, frames, args.warmup,
                                                 args.context)),
                 ("fast", lambda: bench_fast(ours_codec, ours_lm, config, batch, frames, args.warmup, args.context))]
-        if args.without_pdl:
-            runs.append(("fast_no_pdl", lambda: without_pdl(bench_fast, ours_codec, ours_lm, config, batch, frames,
-                                                            args.warmup, args.context)))
-        if args.cuda_sampling:
-            runs.append(("fast_cuda_sampling", lambda: with_cuda_sampling(bench_fast, ours_codec, ours_lm, config, batch,
-                                                                          frames, args.warmup, args.context)))
-        if args.kv_cache:
-            runs.append((f"fast_kv_{args.kv_cache}", lambda: bench_fast(
-                ours_codec, ours_lm, config, batch, frames, args.warmup, args.context,
-                kv_dtype=KV_CACHE_DTYPES[args.kv_cache])))
+        runs += variant_runs(args, lambda _, kv_dtype: bench_fast(ours_codec, ours_lm, config, batch, frames,
+                                                                  args.warmup, args.context, kv_dtype=kv_dtype))
         for name, run in runs:
             try:
                 row[name] = run()

@@ -27,11 +27,11 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info, graph_time, timed_calls, with_cuda_sampling, without_pdl  # noqa: E402
+from bench._harness import (add_variant_options, device_info, graph_time, timed_calls, variant_runs,  # noqa: E402
+                            with_cuda_sampling)
 from moshi_fast import ops  # noqa: E402
 from moshi_fast.cache import LMCache  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
-from moshi_fast.engine import KV_CACHE_DTYPES  # noqa: E402
 from moshi_fast.fast.lm import FastLM, FastLMRunner  # noqa: E402
 from moshi_fast.reference.lm import SamplingParams  # noqa: E402
 from moshi_fast.weights import lm_spec_kyutai  # noqa: E402
@@ -198,13 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the fast step's parts (Helium, text head, depth transformer) alone")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--without-pdl", action="store_true",
-                        help="also time the fast step with programmatic dependent launch off (fast_no_pdl), same run")
-    parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
-                        help="also time the fast step with Helium's KV cache in this dtype (fast_kv_<name>), same run")
-    parser.add_argument("--cuda-sampling", action="store_true",
-                        help="also time the fast step sampling with the CUDA extension's kernel (fast_cuda_sampling), "
-                             "same run")
+    add_variant_options(parser, "the fast step")
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}", flush=True)
@@ -217,16 +211,8 @@ def main(argv=None) -> int:
         row = {"batch": batch, "frames": args.frames}
         runs = [("kyutai", lambda: bench_kyutai(kyutai, config, batch, contexts, args.frames, args.warmup)),
                 ("fast", lambda: bench_fast(lm, config, batch, contexts, args.frames, args.warmup))]
-        if args.without_pdl:
-            runs.append(("fast_no_pdl", lambda: without_pdl(bench_fast, lm, config, batch, contexts, args.frames,
-                                                            args.warmup, name="fast_no_pdl")))
-        if args.cuda_sampling:
-            runs.append(("fast_cuda_sampling", lambda: with_cuda_sampling(
-                bench_fast, lm, config, batch, contexts, args.frames, args.warmup, name="fast_cuda_sampling")))
-        if args.kv_cache:
-            kv_name = f"fast_kv_{args.kv_cache}"
-            runs.append((kv_name, lambda: bench_fast(lm, config, batch, contexts, args.frames, args.warmup,
-                                                     name=kv_name, kv_dtype=KV_CACHE_DTYPES[args.kv_cache])))
+        runs += variant_runs(args, lambda name, kv_dtype: bench_fast(lm, config, batch, contexts, args.frames,
+                                                                     args.warmup, name=name, kv_dtype=kv_dtype))
         for name, run in runs:
             try:
                 row.update(run())

@@ -89,11 +89,10 @@ def _phases(names: list[str]) -> list[str]:
 
 def profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda_sampling: bool = False) -> dict:
     with ops.programmatic_launch(pdl), ops.cuda_sampling(cuda_sampling):
-        result = _profile(batch, frames, warmup, context, pdl)
-    return {**result, "cuda_sampling": cuda_sampling}
+        return _profile(batch, frames, warmup, context, pdl, cuda_sampling)
 
 
-def _profile(batch: int, frames: int, warmup: int, context: int, pdl: bool) -> dict:
+def _profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda_sampling: bool) -> dict:
     engine = FastMoshi.random(device="cuda", backend="fast", max_batch=batch, batch_buckets=[batch],
                               **KYUTAI_SAMPLING)
     _fill_context(engine, context)
@@ -124,7 +123,7 @@ def _profile(batch: int, frames: int, warmup: int, context: int, pdl: bool) -> d
         by_phase[k["phase"]]["gaps_us"] += k["gap_before_us"]
         by_name[(k["phase"], k["name"])]["kernels"] += 1
         by_name[(k["phase"], k["name"])]["us"] += k["us"]
-    return {"batch": batch, "context": context, "frames": frames, "pdl": pdl,
+    return {"batch": batch, "context": context, "frames": frames, "pdl": pdl, "cuda_sampling": cuda_sampling,
             "gpu_span_us": statistics.median(frame_spans), "kernels_per_frame": len(kernels),
             "by_phase": dict(by_phase),
             "by_kernel": [{"phase": p, "name": n, **v} for (p, n), v in by_name.items()], "kernels": kernels}

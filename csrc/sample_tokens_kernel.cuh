@@ -35,6 +35,8 @@
 #include <climits>
 #include <cstdint>
 
+#include "programmatic_launch.cuh"
+
 // libdevice's correctly specified exp and log (see above).
 extern "C" __device__ float __nv_expf(float);
 extern "C" __device__ float __nv_logf(float);
@@ -179,11 +181,6 @@ __device__ __forceinline__ uint32_t block_exclusive_scan(uint32_t value, uint32_
   return before;
 }
 
-__device__ __forceinline__ void await_previous_kernel() {
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-
 // One block per row; thread t holds the row's entries t * kKeys .. t * kKeys + kKeys - 1 (vocabulary order along
 // the block, which the compaction's scan relies on).
 template <typename Logit, int kThreads, int kKeys>
@@ -316,16 +313,8 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTok
 
 template <typename Logit, int kThreads, int kKeys>
 cudaError_t launch_instance(const SampleTokensArgs& args, cudaStream_t stream, bool programmatic) {
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(args.batch);
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&config, sample_tokens_kernel<Logit, kThreads, kKeys>, args);
+  return launch_kernel(sample_tokens_kernel<Logit, kThreads, kKeys>, dim3(args.batch), dim3(kThreads), stream,
+                       programmatic, args);
 }
 
 template <typename Logit>

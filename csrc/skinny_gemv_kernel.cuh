@@ -47,6 +47,8 @@
 
 #include <cstdint>
 
+#include "programmatic_launch.cuh"
+
 namespace moshi_fast {
 
 // Weight rows a block owns: the A operand's 16 rows.
@@ -146,15 +148,6 @@ __device__ __forceinline__ void load_x_step(StepOperands& operands, const __nv_b
 #pragma unroll
   for (int u = 0; u < kGemvLoadsPerRow; ++u)
     operands.x[u] = piece_inside(k0, u, lane_k, k) ? load_x(x + k0 + 32 * u) : make_uint4(0, 0, 0, 0);
-}
-
-// Programmatic dependent launch (a launch with cudaLaunchAttributeProgrammaticStreamSerialization): the block may
-// start while the previous kernel on the stream still runs. Wait until that kernel has finished and its writes are
-// visible, then let the next kernel's blocks start (they hold their own wait). Without such a launch the previous
-// kernel has finished already and both are no-ops.
-__device__ __forceinline__ void await_previous_kernel() {
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
 // bf16(x * (norm_weight * scale)) for 8 elements: the reference's RMSNorm, in its order of fp32 products (no
@@ -344,16 +337,8 @@ namespace detail {
 
 template <bool kNorm, bool kGated>
 cudaError_t launch_instance(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(skinny_gemv_tiles(args.n, args.gated));
-  config.blockDim = dim3(warps * 32);
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&config, skinny_gemv_bf16_kernel<kNorm, kGated>, args);
+  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated>, dim3(skinny_gemv_tiles(args.n, args.gated)),
+                       dim3(warps * 32), stream, programmatic, args);
 }
 
 }  // namespace detail

@@ -55,8 +55,8 @@ step reads the same positions, and the cache adds the execution mask once after 
 
 Floor, per layer and step: live keys and values (min(q + 1, context) x H x D x 2 x 2 bytes in bf16: 49 MB
 a slot at a full window of 3000; half that with an 8-bit cache, whose tiles widen exactly to bf16 in
-registers before the tensor-core products) + qkv + out. On an H200 (~4.2 TB/s copy) that is ~12 us per slot and layer
-at a full window, ~0.4 ms for the 32 layers; B = 64 full windows: ~0.75 ms per layer. At 100 live keys
+registers before the tensor-core products) + qkv + out. On an H200 (~4.2 TB/s copy) that is ~12 us per slot
+and layer at a full window, ~0.4 ms for the 32 layers; B = 64 full windows: ~0.75 ms per layer. At 100 live keys
 (1.6 MB a slot) the launch and the chain of dependent loads (position, page table, keys, then the
 partials) dominate.
 """
@@ -409,8 +409,7 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         HEADS=heads, HEAD_DIM=head_dim, CONTEXT=context, PAGE_SIZE=page_size, PAGES_PER_SLOT=pages_per_slot,
         LOG_PERIOD=math.log(max_period), QK_SCALE=head_dim ** -0.5 * math.log2(math.e),
-        BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot, E4M3=k_pool.dtype == torch.float8_e4m3fn,
-        PDL=use_pdl,
-        launch_pdl=use_pdl, **launch_options,
+        BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot,
+        E4M3=k_pool.dtype == torch.float8_e4m3fn, PDL=use_pdl, launch_pdl=use_pdl, **launch_options,
     )
     return out

@@ -177,20 +177,17 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 
 def sample_tokens_supported(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, max_top_k: int,
                             seed: torch.Tensor, counter: torch.Tensor, out: torch.Tensor | None) -> bool:
-    """Whether `sample_tokens` takes these operands (dtypes, sizes, one CUDA device); whether the extension is
+    """Whether `sample_tokens` takes these operands (its argument checks pass); whether the extension is
     available is not checked here."""
-    tensors = [t for t in (logits, temperature, top_k, seed, counter, out) if t is not None]
-    return (logits.dim() == 2 and logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float32)
-            and 0 < logits.shape[1] < SAMPLE_MAX_VOCAB and 1 <= max_top_k
-            and min(max_top_k, logits.shape[1]) <= SAMPLE_MAX_CANDIDATES
-            and temperature.dtype == torch.float32 and top_k.dtype == torch.int64
-            and seed.dtype == torch.int64 and counter.dtype == torch.int64
-            and (out is None or out.dtype == torch.int64)
-            and len({t.device for t in tensors}) == 1)
+    try:
+        _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, 0, out)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out) -> None:
-    """The op's argument checks, made here first (see _check_gemv)."""
+    """The op's argument checks, made here first (see _check_gemv); out may be None (allocated later)."""
     if logits.dim() != 2:
         raise ValueError(f"sample_tokens: logits must be [B, V], got {list(logits.shape)}")
     if not logits.is_cuda:
@@ -206,7 +203,9 @@ def _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, d
     if not 0 <= draw < 2 ** 31:
         raise ValueError(f"sample_tokens: draw must be in [0, 2**31), got {draw}")
     vectors = {"temperature": (temperature, torch.float32), "top_k": (top_k, torch.int64),
-               "seed": (seed, torch.int64), "counter": (counter, torch.int64), "out": (out, torch.int64)}
+               "seed": (seed, torch.int64), "counter": (counter, torch.int64)}
+    if out is not None:
+        vectors["out"] = (out, torch.int64)
     for name, (tensor, dtype) in vectors.items():
         if tensor.device != logits.device:
             raise ValueError(f"sample_tokens: {name} must be on the logits' device {logits.device}, "

@@ -103,6 +103,14 @@ def with_cuda_sampling(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def with_fused_depth_attention(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the depth transformer's attention computed inside its output projection's CUDA
+    GEMV (ops.fused_depth_attention; graphs captured inside it keep it): the candidate beside the default two
+    launches, timed in the same run."""
+    with ops.fused_depth_attention(True):
+        return fn(*args, **kwargs)
+
+
 def add_variant_options(parser, subject: str) -> None:
     """The benchmarks' options that also time variants of the fast engine in the same run (see variant_runs);
     subject names what is timed in their help ("the fast step", "moshi_fast")."""
@@ -113,6 +121,9 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--cuda-sampling", action="store_true",
                         help=f"also time {subject} sampling with the CUDA extension's kernel (fast_cuda_sampling), "
                              "same run")
+    parser.add_argument("--fused-depth-attention", action="store_true",
+                        help=f"also time {subject} with the depth transformer's attention inside its output "
+                             "projection's CUDA GEMV (fast_fused_depth_attention), same run")
 
 
 def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Callable[[], dict]]]:
@@ -123,6 +134,9 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
         runs.append(("fast_no_pdl", lambda: without_pdl(run, "fast_no_pdl", None)))
     if args.cuda_sampling:
         runs.append(("fast_cuda_sampling", lambda: with_cuda_sampling(run, "fast_cuda_sampling", None)))
+    if args.fused_depth_attention:
+        runs.append(("fast_fused_depth_attention",
+                     lambda: with_fused_depth_attention(run, "fast_fused_depth_attention", None)))
     if args.kv_cache:
         name = f"fast_kv_{args.kv_cache}"
         runs.append((name, lambda: run(name, KV_CACHE_DTYPES[args.kv_cache])))

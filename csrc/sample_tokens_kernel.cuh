@@ -181,6 +181,10 @@ __device__ __forceinline__ uint32_t block_exclusive_scan(uint32_t value, uint32_
   return before;
 }
 
+// A logit in fp32: torch's extension build forbids bf16's implicit conversions (__CUDA_NO_BFLOAT16_CONVERSIONS__).
+__device__ __forceinline__ float logit_to_float(float logit) { return logit; }
+__device__ __forceinline__ float logit_to_float(__nv_bfloat16 logit) { return __bfloat162float(logit); }
+
 // One block per row; thread t holds the row's entries t * kKeys .. t * kKeys + kKeys - 1 (vocabulary order along
 // the block, which the compaction's scan relies on).
 template <typename Logit, int kThreads, int kKeys>
@@ -201,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTok
   for (int j = 0; j < kKeys; ++j) {
     const int id = first + j;
     // Padding sits below every real key (-inf's included), so no threshold counts it.
-    keys[j] = id < args.vocab ? float_key<kShift>(static_cast<float>(logits[id * args.stride_logits_v])) : INT_MIN;
+    keys[j] = id < args.vocab ? float_key<kShift>(logit_to_float(logits[id * args.stride_logits_v])) : INT_MIN;
   }
   int local_max = INT_MIN;
   int local_min = INT_MAX;
@@ -313,8 +317,8 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTok
 
 template <typename Logit, int kThreads, int kKeys>
 cudaError_t launch_instance(const SampleTokensArgs& args, cudaStream_t stream, bool programmatic) {
-  return launch_kernel(sample_tokens_kernel<Logit, kThreads, kKeys>, dim3(args.batch), dim3(kThreads), stream,
-                       programmatic, args);
+  return launch_kernel(sample_tokens_kernel<Logit, kThreads, kKeys>, dim3(args.batch), dim3(kThreads), 0,
+                       stream, programmatic, args);
 }
 
 template <typename Logit>

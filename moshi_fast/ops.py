@@ -77,6 +77,26 @@ def cuda_sampling(enabled: bool = True):
         _cuda_sampling = saved
 
 
+FUSED_DEPTH_ATTENTION_ENV = "MOSHI_FAST_FUSED_DEPTH_ATTENTION"
+"""Environment variable: "1" makes `depth_attention_linear` use the CUDA extension's fused kernel by default."""
+_fused_depth_attention = os.environ.get(FUSED_DEPTH_ATTENTION_ENV, "0") == "1"
+
+
+@contextlib.contextmanager
+def fused_depth_attention(enabled: bool = True):
+    """Inside the block (and in CUDA graphs captured inside it), `depth_attention_linear` runs the attention
+    inside the CUDA extension's GEMV (one launch) where it is built and takes the operands, or never (not
+    enabled). Off by default (MOSHI_FAST_FUSED_DEPTH_ATTENTION=1 turns it on for a process) until it has been
+    measured against the two launches on a GPU (issue 4); bench_lm_step.py and bench_frame.py time it beside
+    the default with --fused-depth-attention."""
+    global _fused_depth_attention
+    saved, _fused_depth_attention = _fused_depth_attention, enabled
+    try:
+        yield
+    finally:
+        _fused_depth_attention = saved
+
+
 def settle_weights(module: torch.nn.Module) -> None:
     """Waits until every write to the module's parameters and buffers on CUDA devices has finished. Kernels
     launched with programmatic dependent launch read weights before they wait for the previous kernel
@@ -131,6 +151,20 @@ def depth_attention(qkv, k_cache, v_cache, step: int, out=None):
     (kernels/depth_attention.py)."""
     fn = _depth_attention_kernel if _use_kernel(qkv, k_cache) else depth_attention_ref
     return fn(qkv, k_cache, v_cache, step, out=out)
+
+
+def depth_attention_linear(qkv, k_cache, v_cache, step: int, weight, residual=None, out=None,
+                           workspace: SplitWorkspace | None = None):
+    """The depth transformer's attention of codebook step `step` (as `depth_attention`: the cache write, then
+    attention over steps 0..step) projected by weight [N, H * D] (+ residual, which may be `out`): `depth_attention`
+    then `linear`, or inside `fused_depth_attention(True)` one launch of the CUDA extension's GEMV computing the
+    attention itself (csrc/skinny_gemv_kernel.cuh, attend) where it is built and takes the operands."""
+    if (_kernels_enabled and _fused_depth_attention
+            and cuda_ext.depth_attention_gemv_supported(qkv, k_cache, v_cache, step, weight, residual, out)
+            and cuda_ext.available()):
+        return cuda_ext.depth_attention_gemv(qkv, k_cache, v_cache, step, weight, residual, out)
+    attended = depth_attention(qkv, k_cache, v_cache, step)
+    return linear(attended, weight, residual=residual, out=out, workspace=workspace)
 
 
 def depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head, k_cache,
@@ -251,6 +285,7 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
            "conv_transpose1d_stream_workspace_size", "cuda_extension_available", "cuda_sampling", "depth_attention",
+           "depth_attention_linear", "fused_depth_attention",
            "depth_step", "depth_step_scratch",
            "embed_sum", "gemv_cuda", "linear",
            "linear_workspace_size", "pack_conv_transpose_weight",

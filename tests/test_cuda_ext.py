@@ -348,3 +348,160 @@ def test_bad_arguments_raise(extension, change, error, message):
     call = change(ok)
     with pytest.raises(error, match=message):
         cuda_ext.gemv(call.pop("x"), call.pop("weight"), call.pop("residual", None), **call)
+
+
+def attention_operands(m, heads, steps, n, device="cuda", dtype=torch.bfloat16):
+    """(qkv [m, 3 heads 64], k_cache, v_cache [m, heads, steps, 64] filled with values, weight [n, heads 64])."""
+    k = heads * cuda_ext.ATTEND_HEAD_DIM
+    qkv = torch.randn(m, 3 * k, device=device).to(dtype)
+    k_cache = torch.randn(m, heads, steps, cuda_ext.ATTEND_HEAD_DIM, device=device).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    weight = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
+    return qkv, k_cache, v_cache, weight
+
+
+def test_depth_attention_linear_falls_back_to_its_two_ops_on_the_cpu():
+    """Without the extension (or inside fused_depth_attention on a CPU), ops.depth_attention_linear is the
+    attention op then the linear op, cache write included."""
+    qkv, k_cache, v_cache, weight = attention_operands(3, 2, 4, 40, device="cpu", dtype=torch.float32)
+    residual = torch.randn(3, 40)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    expected = ops.linear(ops.depth_attention(qkv, k_expected, v_expected, 2), weight, residual=residual)
+    assert not cuda_ext.depth_attention_gemv_supported(qkv, k_cache, v_cache, 2, weight, residual, None)
+    with ops.fused_depth_attention(True):
+        got = ops.depth_attention_linear(qkv, k_cache, v_cache, 2, weight, residual=residual)
+    assert torch.equal(got, expected)
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
+ATTEND_SHAPES = [(16, 8, 1024), (2, 3, 40), (1, 1, 17), (4, 8, 200)]
+"""(heads, cache steps, N): the depth transformer's (16 heads of 64, 8 codebook steps, N = K = 1024), and odd
+ones (a partial 16-row tile, fewer steps, a single head)."""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [None, "out"], ids=["plain", "residual-is-out"])
+@pytest.mark.parametrize("heads, steps, n", ATTEND_SHAPES, ids=[f"H{h}-S{s}-N{n}" for h, s, n in ATTEND_SHAPES])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_depth_attention_gemv_matches_reference(extension, m, heads, steps, n, residual):
+    """Every step of the cache: the output as close to the exact composition as the two-launch path's (the
+    attention rounded to bf16, then the product rounded once), the step's key and value stored, nothing else
+    of the cache touched; the cache's steps after `step` are NaN and must not leak in."""
+    for step in range(steps):
+        qkv, k_cache, v_cache, weight = attention_operands(m, heads, steps, n)
+        k_cache[:, :, step + 1:] = float("nan")
+        v_cache[:, :, step + 1:] = float("nan")
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        res = torch.randn(m, n, device="cuda").bfloat16() if residual else None
+        exact = cuda_ext.depth_attention_gemv_ref(qkv.double(), k_ref.double(), v_ref.double(), step,
+                                                  weight.double(), None if res is None else res.double())
+        two_launches = cuda_ext.depth_attention_gemv_ref(qkv, k_ref.clone(), v_ref.clone(), step, weight,
+                                                         None if res is None else res.clone())
+        out = res if residual else torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        got = cuda_ext.depth_attention_gemv(qkv, k_cache, v_cache, step, weight, res, out)
+        assert got is out and not out.isnan().any()
+        assert rel_err(out, exact) <= 1.5 * rel_err(two_launches, exact) + 1e-3
+        width = heads * cuda_ext.ATTEND_HEAD_DIM
+        k_ref[:, :, step] = qkv[:, width:2 * width].view(m, heads, -1)
+        v_ref[:, :, step] = qkv[:, 2 * width:].view(m, heads, -1)
+        torch.testing.assert_close(k_cache, k_ref, equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(v_cache, v_ref, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_depth_attention_linear_dispatches_the_fused_kernel(extension, monkeypatch):
+    """Inside fused_depth_attention, ops.depth_attention_linear calls the fused kernel at the depth transformer's
+    shapes, with the two-launch path's result within bf16 rounding, and not outside it or past 8 rows."""
+    calls = []
+    real = cuda_ext.depth_attention_gemv
+    monkeypatch.setattr(cuda_ext, "depth_attention_gemv", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    qkv, k_cache, v_cache, weight = attention_operands(2, 16, 8, 1024)
+    hidden = torch.randn(2, 1024, device="cuda").bfloat16()
+    separate = ops.depth_attention_linear(qkv, k_cache.clone(), v_cache.clone(), 5, weight, residual=hidden)
+    assert calls == []
+    with ops.fused_depth_attention(True):
+        fused = ops.depth_attention_linear(qkv, k_cache, v_cache, 5, weight, residual=hidden)
+        many = attention_operands(9, 16, 8, 1024)
+        ops.depth_attention_linear(*many[:3], 5, many[3])
+    assert calls == [5]
+    assert rel_err(fused, separate) < 1e-2
+
+
+@pytest.mark.gpu
+def test_depth_attention_gemv_in_a_cuda_graph_takes_its_step_per_launch(extension):
+    """The eight codebook steps captured in one graph (each launch keeps its own step) and replayed on new qkv:
+    equal to eager calls, the cache filled step by step, nothing allocated by the replays."""
+    m, heads, steps, n = 2, 16, 8, 1024
+    qkv, k_cache, v_cache, weight = attention_operands(m, heads, steps, n)
+    qkvs = torch.randn(steps, *qkv.shape, device="cuda").bfloat16()
+    hidden = torch.zeros(m, n, device="cuda", dtype=torch.bfloat16)
+
+    def frame():
+        for step in range(steps):
+            cuda_ext.depth_attention_gemv(qkvs[step], k_cache, v_cache, step, weight, hidden, hidden)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        frame()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        frame()
+    new_qkvs = torch.randn_like(qkvs)
+    qkvs.copy_(new_qkvs)
+    hidden.zero_()
+    frame()
+    expected = (hidden.clone(), k_cache.clone(), v_cache.clone())
+    hidden.zero_()
+    k_cache.normal_()
+    v_cache.normal_()
+    allocated = torch.cuda.memory_allocated()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == allocated
+    assert torch.equal(hidden, expected[0])
+    assert torch.equal(k_cache, expected[1]) and torch.equal(v_cache, expected[2])
+    assert torch.equal(k_cache[:, :, 3], qkvs[3, :, heads * 64:2 * heads * 64].view(m, heads, 64))
+
+
+def _bad_attention_calls():
+    """(changes to the good arguments, error, message); good: qkv [2, 384] (2 heads), caches [2, 2, 4, 64],
+    weight [40, 128], step 1."""
+    def shared_cache(ok):
+        return dict(ok, v_cache=ok["k_cache"])
+
+    return [
+        pytest.param(lambda ok: dict(ok, qkv=ok["qkv"].float()), TypeError, "qkv must be bfloat16", id="qkv-fp32"),
+        pytest.param(lambda ok: dict(ok, qkv=ok["qkv"][:, :381]), ValueError, "multiple of 64", id="qkv-width"),
+        pytest.param(lambda ok: dict(ok, step=4), ValueError, r"step must be a Python int in \[0, 4\)",
+                     id="step-past-cache"),
+        pytest.param(lambda ok: dict(ok, step=True), ValueError, "step must be a Python int", id="step-bool"),
+        pytest.param(lambda ok: dict(ok, k_cache=ok["k_cache"].new_zeros(2, 2, 9, 64),
+                                     v_cache=ok["v_cache"].new_zeros(2, 2, 9, 64)), ValueError,
+                     r"S <= 8", id="cache-too-many-steps"),
+        pytest.param(lambda ok: dict(ok, v_cache=ok["v_cache"][:, :, :3].contiguous()), ValueError, "differ",
+                     id="caches-differ"),
+        pytest.param(shared_cache, ValueError, "k_cache overlaps v_cache", id="caches-shared"),
+        pytest.param(lambda ok: dict(ok, weight=ok["weight"][:, :64].contiguous()), ValueError,
+                     r"weight must be \[N, 128\]", id="weight-width"),
+        pytest.param(lambda ok: dict(ok, out=ok["out"][:, :20].contiguous()), ValueError,
+                     r"out must have shape \[2, 40\]", id="out-shape"),
+        pytest.param(lambda ok: dict(ok, qkv=ok["qkv"].new_zeros(9, 384), k_cache=ok["k_cache"].new_zeros(9, 2, 4, 64),
+                                     v_cache=ok["v_cache"].new_zeros(9, 2, 4, 64),
+                                     out=ok["out"].new_zeros(9, 40)), ValueError, "1 to 8 rows", id="too-many-rows"),
+        pytest.param(lambda ok: dict(ok, qkv=ok["qkv"].cpu()), ValueError, "must be on qkv's device|CUDA tensors",
+                     id="qkv-cpu"),
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("change, error, message", _bad_attention_calls())
+def test_depth_attention_gemv_bad_arguments_raise(extension, change, error, message):
+    qkv, k_cache, v_cache, weight = attention_operands(2, 2, 4, 40)
+    ok = {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "weight": weight, "step": 1,
+          "out": torch.empty(2, 40, device="cuda", dtype=torch.bfloat16)}
+    call = change(ok)
+    with pytest.raises(error, match=message):
+        cuda_ext.depth_attention_gemv(call.pop("qkv"), call.pop("k_cache"), call.pop("v_cache"), call.pop("step"),
+                                      call.pop("weight"), None, call.pop("out"))

@@ -96,18 +96,10 @@ def without_pdl(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def with_cuda_sampling(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with `ops.sample_tokens` on the CUDA extension's kernel (graphs captured inside it keep
-    it): the candidate beside the default Triton sampler, timed in the same run."""
-    with ops.cuda_sampling(True):
-        return fn(*args, **kwargs)
-
-
-def with_fused_depth_attention(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the depth transformer's attention computed inside its output projection's CUDA
-    GEMV (ops.fused_depth_attention; graphs captured inside it keep it): the candidate beside the default two
-    launches, timed in the same run."""
-    with ops.fused_depth_attention(True):
+def with_triton_sampling(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with `ops.sample_tokens` on the Triton kernel (graphs captured inside it keep it): the
+    previous sampler beside the default CUDA one, timed in the same run."""
+    with ops.cuda_sampling(False):
         return fn(*args, **kwargs)
 
 
@@ -118,12 +110,9 @@ def add_variant_options(parser, subject: str) -> None:
                         help=f"also time {subject} with programmatic dependent launch off (fast_no_pdl), same run")
     parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
                         help=f"also time {subject} with Helium's KV cache in this dtype (fast_kv_<name>), same run")
-    parser.add_argument("--cuda-sampling", action="store_true",
-                        help=f"also time {subject} sampling with the CUDA extension's kernel (fast_cuda_sampling), "
-                             "same run")
-    parser.add_argument("--fused-depth-attention", action="store_true",
-                        help=f"also time {subject} with the depth transformer's attention inside its output "
-                             "projection's CUDA GEMV (fast_fused_depth_attention), same run")
+    parser.add_argument("--triton-sampling", action="store_true",
+                        help=f"also time {subject} sampling with the Triton kernel instead of the CUDA extension's "
+                             "(fast_triton_sampling), same run")
 
 
 def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Callable[[], dict]]]:
@@ -132,11 +121,8 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
     runs = []
     if args.without_pdl:
         runs.append(("fast_no_pdl", lambda: without_pdl(run, "fast_no_pdl", None)))
-    if args.cuda_sampling:
-        runs.append(("fast_cuda_sampling", lambda: with_cuda_sampling(run, "fast_cuda_sampling", None)))
-    if args.fused_depth_attention:
-        runs.append(("fast_fused_depth_attention",
-                     lambda: with_fused_depth_attention(run, "fast_fused_depth_attention", None)))
+    if args.triton_sampling:
+        runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
     if args.kv_cache:
         name = f"fast_kv_{args.kv_cache}"
         runs.append((name, lambda: run(name, KV_CACHE_DTYPES[args.kv_cache])))

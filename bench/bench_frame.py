@@ -171,13 +171,9 @@ def main(argv=None) -> int:
         if "p50_ms" in row.get("fast_no_pdl", {}):
             print(f"B = {row['batch']}: moshi_fast without programmatic dependent launch p50 "
                   f"{row['fast_no_pdl']['p50_ms']:.2f} ms, p99 {row['fast_no_pdl']['p99_ms']:.2f} ms")
-        if "p50_ms" in row.get("fast_cuda_sampling", {}):
-            print(f"B = {row['batch']}: moshi_fast sampling with the CUDA extension's kernel p50 "
-                  f"{row['fast_cuda_sampling']['p50_ms']:.2f} ms, p99 {row['fast_cuda_sampling']['p99_ms']:.2f} ms")
-        if "p50_ms" in row.get("fast_fused_depth_attention", {}):
-            print(f"B = {row['batch']}: moshi_fast with the depth attention fused into its output GEMV p50 "
-                  f"{row['fast_fused_depth_attention']['p50_ms']:.2f} ms, "
-                  f"p99 {row['fast_fused_depth_attention']['p99_ms']:.2f} ms")
+        if "p50_ms" in row.get("fast_triton_sampling", {}):
+            print(f"B = {row['batch']}: moshi_fast sampling with the Triton kernel p50 "
+                  f"{row['fast_triton_sampling']['p50_ms']:.2f} ms, p99 {row['fast_triton_sampling']['p99_ms']:.2f} ms")
         kv = row.get(f"fast_kv_{args.kv_cache}", {})
         if "p50_ms" in kv:
             print(f"B = {row['batch']}: moshi_fast with the {args.kv_cache} KV cache p50 {kv['p50_ms']:.2f} ms, "

@@ -8,7 +8,7 @@
 #   TEST_ARGS: extra pytest arguments for the GPU tests, e.g. TEST_ARGS='tests/test_lm_fast.py'
 #   LM_ARGS, FRAME_ARGS, PROFILE_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_lm_step.py, bench_frame.py,
 #   profile_frame.py, bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl: the same engine without
-#   programmatic dependent launch, timed in the same run; --cuda-sampling: with the CUDA extension's sampler)
+#   programmatic dependent launch, timed in the same run; --triton-sampling: with the Triton sampler instead of the CUDA one)
 #   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
 #   (leaves out the sampling kernel's tile sweep)
 set -uo pipefail

@@ -87,7 +87,7 @@ def _phases(names: list[str]) -> list[str]:
     return phases
 
 
-def profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda_sampling: bool = False) -> dict:
+def profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda_sampling: bool = True) -> dict:
     with ops.programmatic_launch(pdl), ops.cuda_sampling(cuda_sampling):
         return _profile(batch, frames, warmup, context, pdl, cuda_sampling)
 
@@ -149,15 +149,15 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--context", type=int, default=3000)
     parser.add_argument("--pdl", action="store_true", help="keep programmatic dependent launch on (spans overlap)")
-    parser.add_argument("--cuda-sampling", action="store_true",
-                        help="sample with the CUDA extension's kernel (ops.cuda_sampling) instead of the Triton one")
+    parser.add_argument("--triton-sampling", action="store_true",
+                        help="sample with the Triton kernel instead of the CUDA extension's (ops.cuda_sampling(False))")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}", flush=True)
     results = []
     for batch in (int(b) for b in args.batches.split(",")):
-        result = profile(batch, args.frames, args.warmup, args.context, args.pdl, args.cuda_sampling)
+        result = profile(batch, args.frames, args.warmup, args.context, args.pdl, not args.triton_sampling)
         report(result)
         results.append(result)
         torch.cuda.empty_cache()

@@ -10,10 +10,9 @@ def main(path: str) -> None:
         e = run["extra_info"]
         case = str(e.get("shape") or " ".join(f"{key} {e[key]}" if key == "step" else str(e[key])
                                               for key in ("filled", "kv_dtype", "step") if key in e))
-        two_launches = f"  (two launches {e['two_launch_us']:.2f} us)" if "two_launch_us" in e else ""
         print(f"{e['op']:<26}{case:<16}{e.get('batch', ''):>4}{e['us']:>9.2f}{e['GBps']:>8.0f}"
               f"{e.get('pct_of_floor', float('nan')):>8.1f}%{e.get('torch_us', float('nan')):>10.2f}"
-              f"{e.get('speedup_vs_torch', float('nan')):>8.2f}{two_launches}")
+              f"{e.get('speedup_vs_torch', float('nan')):>8.2f}")
 
 
 if __name__ == "__main__":

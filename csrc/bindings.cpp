@@ -10,11 +10,6 @@ TORCH_LIBRARY(moshi_fast, m) {
   // launched with programmatic dependent launch (Hopper and later).
   m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? residual, Tensor(a!) out, int warps_per_block=0, "
         "Tensor? norm_weight=None, float eps=0., bool gated=False, bool programmatic=False) -> ()");
-  // out[M, N] = weight[N, K] @ attention(qkv[M, 3K], k_cache, v_cache, step) (+ residual[M, N], may be out):
-  // the depth transformer's attention of codebook step `step` over its caches [M, K / 64, S <= 8, 64] (the step's
-  // key and value are stored at `step`), fused into the GEMV as its input (skinny_gemv.cu); bf16, M <= 8.
-  m.def("depth_attention_gemv_bf16(Tensor qkv, Tensor(b!) k_cache, Tensor(c!) v_cache, int step, Tensor weight, "
-        "Tensor? residual, Tensor(a!) out, int warps_per_block=0, bool programmatic=False) -> ()");
   // out[b] = one token of logits[b, :V] by temperature + top-k exponential race with the counter-based noise of
   // moshi_fast.reference.sampling (sample_tokens.cu); logits bf16 or fp32 [B, V], V < 2^16, min(max_top_k, V)
   // <= 1024; temperature fp32 [B]; top_k, seed, counter, out int64 [B].

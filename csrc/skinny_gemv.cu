@@ -1,6 +1,5 @@
-// The torch ops moshi_fast::gemv_bf16 and moshi_fast::depth_attention_gemv_bf16 (schemas in bindings.cpp): argument
-// checks, device and stream, launch of the weight-streaming GEMV (with its optional RMSNorm and SiLU gate, or with
-// the depth transformer's attention as its input) in skinny_gemv_kernel.cuh.
+// The torch op moshi_fast::gemv_bf16 (schema in bindings.cpp): argument checks, device and stream, launch of the
+// weight-streaming GEMV (with its optional RMSNorm and SiLU gate) in skinny_gemv_kernel.cuh.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,19 +16,14 @@
 namespace moshi_fast {
 namespace {
 
-// A bf16 contiguous tensor of `dims` dimensions on first's device.
-void check_matrix_like(const at::Tensor& tensor, const char* name, const at::Tensor& first, int64_t dims) {
-  TORCH_CHECK_VALUE(tensor.device() == first.device(), "gemv_bf16: ", name, " must be on the device ", first.device(),
+void check_matrix(const at::Tensor& tensor, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(tensor.device() == x.device(), "gemv_bf16: ", name, " must be on x's device ", x.device(),
                     ", got ", tensor.device());
   TORCH_CHECK_TYPE(tensor.scalar_type() == at::kBFloat16, "gemv_bf16: ", name, " must be bfloat16, got ",
                    tensor.scalar_type());
-  TORCH_CHECK_VALUE(tensor.dim() == dims, "gemv_bf16: ", name, " must be ", dims, "-D, got shape ", tensor.sizes());
+  TORCH_CHECK_VALUE(tensor.dim() == 2, "gemv_bf16: ", name, " must be 2-D, got shape ", tensor.sizes());
   TORCH_CHECK_VALUE(tensor.is_contiguous(), "gemv_bf16: ", name, " must be contiguous, got strides ",
                     tensor.strides());
-}
-
-void check_matrix(const at::Tensor& tensor, const char* name, const at::Tensor& x) {
-  check_matrix_like(tensor, name, x, 2);
 }
 
 void check_aligned(const at::Tensor& tensor, const char* name) {
@@ -116,96 +110,6 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
       static_cast<int>(rows),
       static_cast<int>(n),
       static_cast<int>(k),
-      nullptr,
-      nullptr,
-      nullptr,
-      0,
-      0,
-  };
-  C10_CUDA_CHECK(launch_skinny_gemv_bf16(args, warps, c10::cuda::getCurrentCUDAStream(), programmatic));
-}
-
-void check_cache(const at::Tensor& cache, const char* name, const at::Tensor& qkv, int64_t rows, int64_t heads) {
-  check_matrix_like(cache, name, qkv, 4);
-  TORCH_CHECK_VALUE(cache.size(0) == rows && cache.size(1) == heads && cache.size(2) >= 1 &&
-                        cache.size(2) <= kAttendMaxSteps && cache.size(3) == kAttendHeadDim,
-                    "depth_attention_gemv_bf16: ", name, " must be [", rows, ", ", heads, ", S <= ", kAttendMaxSteps,
-                    ", ", kAttendHeadDim, "], got ", cache.sizes());
-  check_aligned(cache, name);
-}
-
-// out = W (attention of this codebook step) (+ residual), see skinny_gemv_kernel.cuh (attend): qkv [M, 3K] the
-// step's projections, k_cache / v_cache [M, K / 64, S, 64] the frame's keys and values (the step's are stored at
-// `step`), weight [N, K], residual [M, N] (may be out), out [M, N]; bf16, contiguous.
-void depth_attention_gemv_bf16(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache, int64_t step,
-                               const at::Tensor& weight, const std::optional<at::Tensor>& residual, at::Tensor& out,
-                               int64_t warps_per_block, bool programmatic) {
-  TORCH_CHECK_VALUE(qkv.is_cuda(), "depth_attention_gemv_bf16 runs on CUDA tensors; qkv is on ", qkv.device());
-  check_matrix_like(qkv, "qkv", qkv, 2);
-  check_matrix_like(weight, "weight", qkv, 2);
-  check_matrix_like(out, "out", qkv, 2);
-  const int64_t rows = qkv.size(0);
-  TORCH_CHECK_VALUE(qkv.size(1) % (3 * kAttendHeadDim) == 0, "depth_attention_gemv_bf16: qkv must be [M, 3 K] with K ",
-                    "a multiple of ", kAttendHeadDim, ", got ", qkv.sizes());
-  const int64_t k = qkv.size(1) / 3;
-  const int64_t n = weight.size(0);
-  TORCH_CHECK_VALUE(rows >= 1 && rows <= kGemvMaxRows && rows * k <= kAttendMaxElements,
-                    "depth_attention_gemv_bf16: qkv must have 1 to ", kGemvMaxRows, " rows and M K <= ",
-                    kAttendMaxElements, ", got ", qkv.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) == k, "depth_attention_gemv_bf16: weight ", weight.sizes(), " must have K = ", k,
-                    " columns");
-  TORCH_CHECK_VALUE(n >= 1 && n <= std::numeric_limits<int>::max() - kGemvTileRows,
-                    "depth_attention_gemv_bf16: weight must have 1 to INT_MAX - 16 rows, got ", n);
-  check_cache(k_cache, "k_cache", qkv, rows, k / kAttendHeadDim);
-  check_cache(v_cache, "v_cache", qkv, rows, k / kAttendHeadDim);
-  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "depth_attention_gemv_bf16: k_cache ", k_cache.sizes(),
-                    " and v_cache ", v_cache.sizes(), " differ");
-  TORCH_CHECK_VALUE(step >= 0 && step < k_cache.size(2), "depth_attention_gemv_bf16: step must be in [0, ",
-                    k_cache.size(2), "), got ", step);
-  check_output_shape(out, "out", rows, n);
-  check_aligned(qkv, "qkv");
-  check_aligned(weight, "weight");
-  const at::Tensor* read[] = {&qkv, &weight, &k_cache, &v_cache};
-  for (const at::Tensor* tensor : read) {
-    TORCH_CHECK_VALUE(at::get_overlap_status(out, *tensor) == at::MemOverlapStatus::No,
-                      "depth_attention_gemv_bf16: out overlaps one of qkv, weight and the caches");
-  }
-  TORCH_CHECK_VALUE(at::get_overlap_status(k_cache, v_cache) == at::MemOverlapStatus::No &&
-                        at::get_overlap_status(k_cache, qkv) == at::MemOverlapStatus::No &&
-                        at::get_overlap_status(v_cache, qkv) == at::MemOverlapStatus::No,
-                    "depth_attention_gemv_bf16: the caches overlap each other or qkv");
-  if (residual.has_value()) {
-    check_matrix_like(*residual, "residual", qkv, 2);
-    check_output_shape(*residual, "residual", rows, n);
-    const at::MemOverlapStatus overlap = at::get_overlap_status(*residual, out);
-    TORCH_CHECK_VALUE(overlap == at::MemOverlapStatus::No || overlap == at::MemOverlapStatus::Full,
-                      "depth_attention_gemv_bf16: residual overlaps out without being out itself");
-  }
-  TORCH_CHECK_VALUE(warps_per_block >= 0 && warps_per_block <= kGemvMaxWarps,
-                    "depth_attention_gemv_bf16: warps_per_block must be 0 (the default) or 1 to ", kGemvMaxWarps,
-                    ", got ", warps_per_block);
-
-  const c10::cuda::CUDAGuard device_guard(qkv.device());
-  const int warps = warps_per_block > 0
-                        ? static_cast<int>(warps_per_block)
-                        : skinny_gemv_default_warps(static_cast<int>(n), static_cast<int>(k), false,
-                                                    multiprocessor_count(qkv.device().index()));
-  const SkinnyGemvArgs args{
-      nullptr,
-      reinterpret_cast<const __nv_bfloat16*>(weight.const_data_ptr()),
-      residual.has_value() ? reinterpret_cast<const __nv_bfloat16*>(residual->const_data_ptr()) : nullptr,
-      reinterpret_cast<__nv_bfloat16*>(out.mutable_data_ptr()),
-      nullptr,
-      0.f,
-      false,
-      static_cast<int>(rows),
-      static_cast<int>(n),
-      static_cast<int>(k),
-      reinterpret_cast<const __nv_bfloat16*>(qkv.const_data_ptr()),
-      reinterpret_cast<__nv_bfloat16*>(k_cache.mutable_data_ptr()),
-      reinterpret_cast<__nv_bfloat16*>(v_cache.mutable_data_ptr()),
-      static_cast<int>(k_cache.size(2)),
-      static_cast<int>(step),
   };
   C10_CUDA_CHECK(launch_skinny_gemv_bf16(args, warps, c10::cuda::getCurrentCUDAStream(), programmatic));
 }
@@ -215,5 +119,4 @@ void depth_attention_gemv_bf16(const at::Tensor& qkv, at::Tensor& k_cache, at::T
 
 TORCH_LIBRARY_IMPL(moshi_fast, CUDA, m) {
   m.impl("gemv_bf16", &moshi_fast::gemv_bf16);
-  m.impl("depth_attention_gemv_bf16", &moshi_fast::depth_attention_gemv_bf16);
 }

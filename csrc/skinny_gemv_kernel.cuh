@@ -12,14 +12,6 @@
 //   gated: the weight is [2N, K], gate rows then up rows, and out = silu(x W[:N]^T) * (x W[N:]^T) (the SiLU-gated
 //          FFN input). A block's 16 A-operand rows are 8 gate rows and the 8 matching up rows, so every lane holds
 //          the gate and up sums of the same outputs and the gate is applied in the epilogue.
-//   attend: x is the depth transformer's attention of this codebook step, which the kernel computes itself and
-//          never stores: from the step's projections qkv [M, 3K] (q | k | v, each K/64 heads of 64) and the keys
-//          and values of the frame's earlier steps in a [M, K/64, S, 64] cache, each head's query attends over
-//          steps 0..step (scale 1/8, fp32 scores, softmax and weighted sum, rounded to bf16: kernels/
-//          depth_attention.py's math), and block 0 stores the step's key and value into the cache. Every block
-//          computes all M x K/64 heads into shared memory while its first weight loads are in flight (at M = 1:
-//          16 heads, 34 KB of q, k, v and cache from L2 a block), which saves the attention's own launch
-//          between the qkv product and this one; at larger M that recomputation grows M-fold per block.
 //
 // Shapes served: the language model's decode linears at batch <= 8. Helium K = 4096 -> N = 12288 (qkv), 4096
 // (attention out), 22528 (gate_up), 32000 (text head); K = 11264 -> 4096 (down). Depth transformer K = 1024 ->
@@ -59,12 +51,6 @@
 
 namespace moshi_fast {
 
-// The fused attention's head width and the most codebook steps its cache may hold (a lane per step and piece).
-constexpr int kAttendHeadDim = 64;
-constexpr int kAttendMaxSteps = 8;
-// The largest M K the fused attention's shared-memory copy of x holds (32 KB).
-constexpr int kAttendMaxElements = 16384;
-
 // Weight rows a block owns: the A operand's 16 rows.
 constexpr int kGemvTileRows = 16;
 // Rows of x at most: the B operand's 8 columns.
@@ -88,12 +74,6 @@ struct SkinnyGemvArgs {
   int rows;                          // 1..kGemvMaxRows
   int n;                             // output columns, at most (INT_MAX - kGemvTileRows) / 2: indices stay 32-bit
   int k;                             // a positive multiple of 8: every row starts 16-byte aligned
-  // attend (x is null then): the depth transformer's attention as x, see the file's head. K a multiple of 64.
-  const __nv_bfloat16* qkv;          // [rows, 3 k] contiguous, 16-byte aligned: the step's q | k | v
-  __nv_bfloat16* k_cache;            // [rows, k / 64, cache_steps, 64] contiguous, 16-byte aligned
-  __nv_bfloat16* v_cache;            // the same shape
-  int cache_steps;                   // 1..kAttendMaxSteps
-  int step;                          // 0..cache_steps - 1: the codebook step attending over steps 0..step
 };
 
 namespace detail {
@@ -110,15 +90,6 @@ __device__ __forceinline__ uint4 load_weight(const __nv_bfloat16* address) {
 
 __device__ __forceinline__ uint4 load_x(const __nv_bfloat16* address) {
   return __ldg(reinterpret_cast<const uint4*>(address));
-}
-
-// x in shared memory (attend), by a generic load.
-__device__ __forceinline__ uint4 load_x_shared(const __nv_bfloat16* address) {
-  return *reinterpret_cast<const uint4*>(address);
-}
-
-__device__ __forceinline__ void store_piece(__nv_bfloat16* address, uint4 value) {
-  *reinterpret_cast<uint4*>(address) = value;
 }
 
 // acc[16 x 8] += a[16 x 16] b[16 x 8] in fp32; the bf16 products are exact in fp32.
@@ -166,20 +137,17 @@ __device__ __forceinline__ void load_weight_step(StepOperands& operands, const _
   }
 }
 
-// The step's x pieces (the kernels without the norm), from global memory or (kShared) shared memory; pieces past K
-// are zero.
-template <bool kShared>
+// The step's x pieces (the kernels without the norm); pieces past K are zero.
 __device__ __forceinline__ void load_x_step(StepOperands& operands, const __nv_bfloat16* x, int k0, int lane_k,
                                             int k) {
-  const auto load = [](const __nv_bfloat16* address) { return kShared ? load_x_shared(address) : load_x(address); };
   if (k0 + kGemvStepK <= k) {
 #pragma unroll
-    for (int u = 0; u < kGemvLoadsPerRow; ++u) operands.x[u] = load(x + k0 + 32 * u);
+    for (int u = 0; u < kGemvLoadsPerRow; ++u) operands.x[u] = load_x(x + k0 + 32 * u);
     return;
   }
 #pragma unroll
   for (int u = 0; u < kGemvLoadsPerRow; ++u)
-    operands.x[u] = piece_inside(k0, u, lane_k, k) ? load(x + k0 + 32 * u) : make_uint4(0, 0, 0, 0);
+    operands.x[u] = piece_inside(k0, u, lane_k, k) ? load_x(x + k0 + 32 * u) : make_uint4(0, 0, 0, 0);
 }
 
 // bf16(x * (norm_weight * scale)) for 8 elements: the reference's RMSNorm, in its order of fp32 products (no
@@ -254,111 +222,6 @@ __device__ __forceinline__ void row_rms_scales(const SkinnyGemvArgs& args, float
   }
 }
 
-// sum over 8 elements of a * b * scale in fp32 (a pre-scaled, as kernels/depth_attention.py scales the query).
-__device__ __forceinline__ float scaled_dot_piece(uint4 a, uint4 b, float scale) {
-  const __nv_bfloat162* as = reinterpret_cast<const __nv_bfloat162*>(&a);
-  const __nv_bfloat162* bs = reinterpret_cast<const __nv_bfloat162*>(&b);
-  float sum = 0.f;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 af = __bfloat1622float2(as[j]);
-    const float2 bf = __bfloat1622float2(bs[j]);
-    sum += (af.x * scale) * bf.x + (af.y * scale) * bf.y;
-  }
-  return sum;
-}
-
-// acc = weight * value, 8 elements in fp32.
-__device__ __forceinline__ void weigh_piece(float (&acc)[8], uint4 value, float weight) {
-  const __nv_bfloat162* vs = reinterpret_cast<const __nv_bfloat162*>(&value);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 vf = __bfloat1622float2(vs[j]);
-    acc[2 * j] = weight * vf.x;
-    acc[2 * j + 1] = weight * vf.y;
-  }
-}
-
-// bf16(acc / total), 8 elements.
-__device__ __forceinline__ uint4 finish_piece(float (&acc)[8], float total) {
-  uint4 result;
-  __nv_bfloat162* rs = reinterpret_cast<__nv_bfloat162*>(&result);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) rs[j] = __floats2bfloat162_rn(acc[2 * j] / total, acc[2 * j + 1] / total);
-  return result;
-}
-
-// The fused attention (attend): attended[m, head * 64 + d] for every row m and head, bf16, into `attended`
-// ([rows, k] in shared memory), a warp per (row, head) pair, pairs round robin over the warps. Lane (p, c) =
-// (lane / 4, lane % 4) holds step p's key and value at dims 16 c .. 16 c + 15: the cache's row for p < step, the
-// step's own (from qkv) for p = step, zeros past it. Scores are summed over a step's four lanes, the softmax and
-// the weighted sum over the eight steps' lanes, with shuffles. Block 0 also stores the step's key and value.
-__device__ __forceinline__ void attend_into_shared(const SkinnyGemvArgs& args, __nv_bfloat16* attended, int warp,
-                                                   int warps, int lane) {
-  constexpr float kScale = 0.125f;  // 1 / sqrt(kAttendHeadDim), exact
-  const int heads = args.k / kAttendHeadDim;
-  const int position = lane / 4;
-  const int piece = 16 * (lane % 4);
-  const bool earlier = position < args.step;
-  const bool current = position == args.step;
-  const bool stores = blockIdx.x == 0 && current;
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int pair = warp; pair < args.rows * heads; pair += warps) {
-    const int m = pair / heads;
-    const int head = pair - m * heads;
-    const __nv_bfloat16* q = args.qkv + static_cast<int64_t>(m) * 3 * args.k + head * kAttendHeadDim + piece;
-    const int64_t cached = (static_cast<int64_t>(pair) * args.cache_steps + position) * kAttendHeadDim + piece;
-    const uint4 q_lo = load_x(q);
-    const uint4 q_hi = load_x(q + 8);
-    uint4 k_lo = zero, k_hi = zero, v_lo = zero, v_hi = zero;
-    if (earlier) {
-      k_lo = load_x(args.k_cache + cached);
-      k_hi = load_x(args.k_cache + cached + 8);
-      v_lo = load_x(args.v_cache + cached);
-      v_hi = load_x(args.v_cache + cached + 8);
-    } else if (current) {
-      k_lo = load_x(q + args.k);
-      k_hi = load_x(q + args.k + 8);
-      v_lo = load_x(q + 2 * args.k);
-      v_hi = load_x(q + 2 * args.k + 8);
-    }
-    if (stores) {
-      store_piece(args.k_cache + cached, k_lo);
-      store_piece(args.k_cache + cached + 8, k_hi);
-      store_piece(args.v_cache + cached, v_lo);
-      store_piece(args.v_cache + cached + 8, v_hi);
-    }
-    float score = scaled_dot_piece(q_lo, k_lo, kScale) + scaled_dot_piece(q_hi, k_hi, kScale);
-    score += __shfl_xor_sync(0xffffffffu, score, 1);
-    score += __shfl_xor_sync(0xffffffffu, score, 2);
-    score = position <= args.step ? score : -INFINITY;
-    float top = score;
-#pragma unroll
-    for (int offset = 4; offset < 32; offset *= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
-    // Step `step`'s score is finite for finite inputs, so top is, and the steps past it weigh exp(-inf) = 0.
-    const float weight = __expf(score - top);
-    float total = weight;
-#pragma unroll
-    for (int offset = 4; offset < 32; offset *= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
-    float lo[8], hi[8];
-    weigh_piece(lo, v_lo, weight);
-    weigh_piece(hi, v_hi, weight);
-#pragma unroll
-    for (int offset = 4; offset < 32; offset *= 2) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        lo[i] += __shfl_xor_sync(0xffffffffu, lo[i], offset);
-        hi[i] += __shfl_xor_sync(0xffffffffu, hi[i], offset);
-      }
-    }
-    if (position == 0) {
-      __nv_bfloat16* destination = attended + static_cast<int64_t>(m) * args.k + head * kAttendHeadDim + piece;
-      store_piece(destination, finish_piece(lo, total));
-      store_piece(destination + 8, finish_piece(hi, total));
-    }
-  }
-}
-
 __device__ __forceinline__ void multiply_step(float (&acc)[4], const StepOperands& operands) {
 #pragma unroll
   for (int u = 0; u < kGemvLoadsPerRow; ++u) {
@@ -370,15 +233,12 @@ __device__ __forceinline__ void multiply_step(float (&acc)[4], const StepOperand
   }
 }
 
-template <bool kNorm, bool kGated, bool kAttend>
+template <bool kNorm, bool kGated>
 __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
-  static_assert(!(kAttend && (kNorm || kGated)), "the fused attention comes without the norm and the gate");
   // Output columns a block owns: its 16 weight rows, or (gated) their 8 gate-and-up pairs.
   constexpr int kTileColumns = kGated ? kGemvTileRows / 2 : kGemvTileRows;
   __shared__ float4 warp_partials[kGemvMaxWarps][32];
   __shared__ float row_scales[kGemvMaxRows];
-  // attend: x, [rows, k] bf16 (the launch sizes it).
-  extern __shared__ uint4 attended_shared[];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int warps = blockDim.x / 32;
@@ -399,8 +259,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   const int x_row = min(group, args.rows - 1);
   const __nv_bfloat16* weight_lo = args.weight + row_lo * args.k + lane_k;
   const __nv_bfloat16* weight_hi = args.weight + row_hi * args.k + lane_k;
-  const __nv_bfloat16* x_rows = kAttend ? reinterpret_cast<const __nv_bfloat16*>(attended_shared) : args.x;
-  const __nv_bfloat16* x = x_rows + static_cast<int64_t>(x_row) * args.k + lane_k;
+  const __nv_bfloat16* x = args.x + static_cast<int64_t>(x_row) * args.k + lane_k;
   const __nv_bfloat16* norm_weight = kNorm ? args.norm_weight + lane_k : nullptr;
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -411,10 +270,6 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   // computes the row scales.
   if (warp < steps) load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
   await_previous_kernel();
-  if constexpr (kAttend) {
-    attend_into_shared(args, reinterpret_cast<__nv_bfloat16*>(attended_shared), warp, warps, lane);
-    __syncthreads();
-  }
   float scale = 1.f;
   if constexpr (kNorm) {
     row_rms_scales(args, row_scales, warp, warps, lane);
@@ -427,7 +282,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
     if constexpr (kNorm) {
       load_normalized_x_step(operands, x, norm_weight, scale, k0, lane_k, args.k);
     } else {
-      load_x_step<kAttend>(operands, x, k0, lane_k, args.k);
+      load_x_step(operands, x, k0, lane_k, args.k);
     }
     multiply_step(acc, operands);
   }
@@ -480,11 +335,10 @@ inline int skinny_gemv_default_warps(int n, int k, bool gated, int multiprocesso
 
 namespace detail {
 
-template <bool kNorm, bool kGated, bool kAttend = false>
+template <bool kNorm, bool kGated>
 cudaError_t launch_instance(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
-  const size_t shared_bytes = kAttend ? static_cast<size_t>(args.rows) * args.k * sizeof(__nv_bfloat16) : 0;
-  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated, kAttend>, dim3(skinny_gemv_tiles(args.n, args.gated)),
-                       dim3(warps * 32), shared_bytes, stream, programmatic, args);
+  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated>, dim3(skinny_gemv_tiles(args.n, args.gated)),
+                       dim3(warps * 32), stream, programmatic, args);
 }
 
 }  // namespace detail
@@ -495,7 +349,6 @@ cudaError_t launch_instance(const SkinnyGemvArgs& args, int warps, cudaStream_t 
 inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream,
                                            bool programmatic) {
   const bool norm = args.norm_weight != nullptr;
-  if (args.qkv != nullptr) return detail::launch_instance<false, false, true>(args, warps, stream, programmatic);
   if (norm && args.gated) return detail::launch_instance<true, true>(args, warps, stream, programmatic);
   if (norm) return detail::launch_instance<true, false>(args, warps, stream, programmatic);
   if (args.gated) return detail::launch_instance<false, true>(args, warps, stream, programmatic);

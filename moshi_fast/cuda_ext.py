@@ -143,60 +143,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     return out
 
 
-def depth_attention_gemv_ref(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: int,
-                             weight: torch.Tensor, residual: torch.Tensor | None = None,
-                             out: torch.Tensor | None = None) -> torch.Tensor:
-    """The spec of `depth_attention_gemv`: kernels.depth_attention's reference (the cache write at `step`, then
-    the attention over steps 0..step, rounded to qkv's dtype), then `gemv_ref` of the result."""
-    from .kernels.depth_attention import depth_attention_ref
-
-    return gemv_ref(depth_attention_ref(qkv, k_cache, v_cache, step), weight, residual, out)
-
-
-def depth_attention_gemv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: int,
-                         weight: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                         warps_per_block: int = 0) -> torch.Tensor:
-    """out = attention(qkv, caches, step) @ weight.T (+ residual): the depth transformer's attention of codebook
-    step `step` computed inside the weight-streaming GEMV as its input (csrc/skinny_gemv_kernel.cuh, attend), one
-    launch instead of two; the spec is `depth_attention_gemv_ref`.
-
-    qkv [M, 3K] (q | k | v, each K / 64 heads of 64), k_cache / v_cache [M, K / 64, S, 64] with S <= 8 (the
-    step's key and value are stored at `step`, steps after it are never read), weight [N, K], residual [M, N] or
-    None (may be `out`), out [M, N] (allocated when None): bf16, contiguous, on one CUDA device; 1 <= M <= 8 and
-    M K <= ATTEND_MAX_ELEMENTS; 0 <= step < S. Every block recomputes the whole attention (16 heads at the
-    depth transformer's K = 1024) while its first weights are in flight, so the floor is the weight's 2 N K bytes
-    plus a memory latency. Graph-safe with `out` given: `step` is fixed per call site.
-    Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
-    from .kernels._utils import pdl
-
-    _require()
-    if out is None and qkv.dim() == 2 and weight.dim() == 2:
-        out = torch.empty(qkv.shape[0], weight.shape[0], dtype=qkv.dtype, device=qkv.device)
-    _check_depth_attention_gemv(qkv, k_cache, v_cache, step, weight, residual, out, warps_per_block)
-    torch.ops.moshi_fast.depth_attention_gemv_bf16(qkv, k_cache, v_cache, step, weight, residual, out,
-                                                   warps_per_block, pdl(qkv.device, "gemv",
-                                                                        weight.numel() * weight.element_size()))
-    return out
-
-
-def depth_attention_gemv_supported(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: int,
-                                   weight: torch.Tensor, residual: torch.Tensor | None,
-                                   out: torch.Tensor | None) -> bool:
-    """Whether `depth_attention_gemv` takes these operands (its argument checks pass); whether the extension is
-    available is not checked here."""
-    try:
-        _check_depth_attention_gemv(qkv, k_cache, v_cache, step, weight, residual, out, 0)
-    except (ValueError, TypeError, NotImplementedError):
-        return False
-    return True
-
-
 MAX_ROWS = 8
 MAX_WARPS = 16
-ATTEND_HEAD_DIM = 64
-ATTEND_MAX_STEPS = 8
-ATTEND_MAX_ELEMENTS = 16384
-"""depth_attention_gemv's limits: the head width, the cache's steps, and M K (x's copy in shared memory)."""
 SAMPLE_MAX_CANDIDATES = 1024
 """The largest min(max_top_k, V) the extension's sampling kernel serves (its candidate list is in shared memory)."""
 SAMPLE_MAX_VOCAB = 1 << 16
@@ -323,67 +271,3 @@ def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gat
         raise ValueError(f"gemv_bf16: warps_per_block must be 0 (the default) or 1 to {MAX_WARPS}, "
                          f"got {warps_per_block}")
 
-
-
-def _check_depth_attention_gemv(qkv, k_cache, v_cache, step, weight, residual, out, warps_per_block) -> None:
-    """The fused op's argument checks, made here first (see _check_gemv); out may be None."""
-    from .kernels._utils import spans_overlap
-
-    if all(t.device.type == "cpu" for t in (qkv, weight, k_cache) if t is not None):
-        raise NotImplementedError("depth_attention_gemv_bf16 has no CPU implementation: it runs on CUDA tensors")
-    if qkv.dim() != 2 or qkv.shape[1] % (3 * ATTEND_HEAD_DIM):
-        raise ValueError(f"depth_attention_gemv: qkv must be [M, 3K] with K a multiple of {ATTEND_HEAD_DIM}, "
-                         f"got {list(qkv.shape)}")
-    rows, k = qkv.shape[0], qkv.shape[1] // 3
-    heads = k // ATTEND_HEAD_DIM
-    if not 1 <= rows <= MAX_ROWS or rows * k > ATTEND_MAX_ELEMENTS:
-        raise ValueError(f"depth_attention_gemv: qkv must have 1 to {MAX_ROWS} rows and M K <= "
-                         f"{ATTEND_MAX_ELEMENTS}, got {list(qkv.shape)}")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if cache.dim() != 4 or tuple(cache.shape[:2]) != (rows, heads) or cache.shape[3] != ATTEND_HEAD_DIM \
-                or not 1 <= cache.shape[2] <= ATTEND_MAX_STEPS:
-            raise ValueError(f"depth_attention_gemv: {name} must be [{rows}, {heads}, S <= {ATTEND_MAX_STEPS}, "
-                             f"{ATTEND_HEAD_DIM}], got {list(cache.shape)}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"depth_attention_gemv: k_cache {list(k_cache.shape)} and v_cache "
-                         f"{list(v_cache.shape)} differ")
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < k_cache.shape[2]:
-        raise ValueError(f"depth_attention_gemv: step must be a Python int in [0, {k_cache.shape[2]}), got {step!r}")
-    named = {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "weight": weight}
-    if out is not None:
-        named["out"] = out
-    if residual is not None:
-        named["residual"] = residual
-    for name, tensor in named.items():
-        if tensor.device != qkv.device:
-            raise ValueError(f"depth_attention_gemv: {name} must be on qkv's device {qkv.device}, got "
-                             f"{tensor.device}")
-        if tensor.dtype != torch.bfloat16:
-            raise TypeError(f"depth_attention_gemv: {name} must be bfloat16, got {tensor.dtype}")
-        if not tensor.is_contiguous():
-            raise ValueError(f"depth_attention_gemv: {name} must be contiguous, got strides {tensor.stride()}")
-        if name in ("qkv", "k_cache", "v_cache", "weight") and tensor.data_ptr() % 16:
-            raise ValueError(f"depth_attention_gemv: {name} must start 16-byte aligned (it is read in 16-byte "
-                             "pieces)")
-    if not qkv.is_cuda:
-        raise ValueError(f"depth_attention_gemv runs on CUDA tensors; qkv is on {qkv.device}")
-    if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] < 1:
-        raise ValueError(f"depth_attention_gemv: weight must be [N, {k}], got {list(weight.shape)}")
-    n = weight.shape[0]
-    for name in ("out", "residual"):
-        if name in named and tuple(named[name].shape) != (rows, n):
-            raise ValueError(f"depth_attention_gemv: {name} must have shape [{rows}, {n}], got "
-                             f"{list(named[name].shape)}")
-    for first, second in (("k_cache", "v_cache"), ("k_cache", "qkv"), ("v_cache", "qkv")):
-        if spans_overlap(named[first], named[second]):
-            raise ValueError(f"depth_attention_gemv: {first} overlaps {second}")
-    if out is not None:
-        for name in ("qkv", "k_cache", "v_cache", "weight"):
-            if spans_overlap(out, named[name]):
-                raise ValueError(f"depth_attention_gemv: out overlaps {name}")
-        if residual is not None and spans_overlap(residual, out) and not (
-                residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()):
-            raise ValueError("depth_attention_gemv: residual overlaps out without being out itself")
-    if not 0 <= warps_per_block <= MAX_WARPS:
-        raise ValueError(f"depth_attention_gemv: warps_per_block must be 0 (the default) or 1 to {MAX_WARPS}, "
-                         f"got {warps_per_block}")

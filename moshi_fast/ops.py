@@ -58,43 +58,25 @@ def reference_ops():
 
 
 CUDA_SAMPLING_ENV = "MOSHI_FAST_CUDA_SAMPLING"
-"""Environment variable: "1" makes `sample_tokens` use the CUDA extension's kernel by default."""
-_cuda_sampling = os.environ.get(CUDA_SAMPLING_ENV, "0") == "1"
+"""Environment variable: "0" makes `sample_tokens` keep the Triton kernel for every dtype by default."""
+_cuda_sampling = os.environ.get(CUDA_SAMPLING_ENV, "1") == "1"
 
 
 @contextlib.contextmanager
 def cuda_sampling(enabled: bool = True):
     """Inside the block (and in CUDA graphs captured inside it), `sample_tokens` runs the CUDA extension's
-    sampling kernel where it is built and takes the operands, or never (not enabled). Off by default
-    (MOSHI_FAST_CUDA_SAMPLING=1 turns it on for a process): the kernel has not yet run on a GPU, so the Triton
-    kernel, tested and measured there, stays the default until it has (issue 4); bench_lm_step.py and
-    bench_frame.py time it beside the default with --cuda-sampling."""
+    sampling kernel on bf16 logits where it is built and takes the operands, or never (not enabled). On by
+    default (MOSHI_FAST_CUDA_SAMPLING=0 turns it off for a process): on an H100 it drew an audio token (V = 2048)
+    in 6.2 us against the Triton kernel's 17.5 us and a text token (V = 32000) in 25.1 against 29.6 us, bf16 at
+    B = 1, the same within 1 us at B = 8 and 64 (bench/RESULTS.md). fp32 logits keep the Triton kernel, which
+    was as fast or faster there. bench_lm_step.py and bench_frame.py time the Triton kernel beside it with
+    --triton-sampling."""
     global _cuda_sampling
     saved, _cuda_sampling = _cuda_sampling, enabled
     try:
         yield
     finally:
         _cuda_sampling = saved
-
-
-FUSED_DEPTH_ATTENTION_ENV = "MOSHI_FAST_FUSED_DEPTH_ATTENTION"
-"""Environment variable: "1" makes `depth_attention_linear` use the CUDA extension's fused kernel by default."""
-_fused_depth_attention = os.environ.get(FUSED_DEPTH_ATTENTION_ENV, "0") == "1"
-
-
-@contextlib.contextmanager
-def fused_depth_attention(enabled: bool = True):
-    """Inside the block (and in CUDA graphs captured inside it), `depth_attention_linear` runs the attention
-    inside the CUDA extension's GEMV (one launch) where it is built and takes the operands, or never (not
-    enabled). Off by default (MOSHI_FAST_FUSED_DEPTH_ATTENTION=1 turns it on for a process) until it has been
-    measured against the two launches on a GPU (issue 4); bench_lm_step.py and bench_frame.py time it beside
-    the default with --fused-depth-attention."""
-    global _fused_depth_attention
-    saved, _fused_depth_attention = _fused_depth_attention, enabled
-    try:
-        yield
-    finally:
-        _fused_depth_attention = saved
 
 
 def settle_weights(module: torch.nn.Module) -> None:
@@ -153,20 +135,6 @@ def depth_attention(qkv, k_cache, v_cache, step: int, out=None):
     return fn(qkv, k_cache, v_cache, step, out=out)
 
 
-def depth_attention_linear(qkv, k_cache, v_cache, step: int, weight, residual=None, out=None,
-                           workspace: SplitWorkspace | None = None):
-    """The depth transformer's attention of codebook step `step` (as `depth_attention`: the cache write, then
-    attention over steps 0..step) projected by weight [N, H * D] (+ residual, which may be `out`): `depth_attention`
-    then `linear`, or inside `fused_depth_attention(True)` one launch of the CUDA extension's GEMV computing the
-    attention itself (csrc/skinny_gemv_kernel.cuh, attend) where it is built and takes the operands."""
-    if (_kernels_enabled and _fused_depth_attention
-            and cuda_ext.depth_attention_gemv_supported(qkv, k_cache, v_cache, step, weight, residual, out)
-            and cuda_ext.available()):
-        return cuda_ext.depth_attention_gemv(qkv, k_cache, v_cache, step, weight, residual, out)
-    attended = depth_attention(qkv, k_cache, v_cache, step)
-    return linear(attended, weight, residual=residual, out=out, workspace=workspace)
-
-
 def depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head, k_cache,
                v_cache, step: int, eps: float, logits_out, scratch, phases=None):
     """One codebook step of the depth transformer: embedding add, every layer with the step's weights
@@ -198,10 +166,10 @@ def rvq_decode(codes, codebooks, output_proj, n_semantic, out=None):
 
 def sample_tokens(logits, temperature, top_k, max_top_k: int, seed, counter, draw: int, out=None):
     """Temperature + top-k exponential race per slot, the reference sampler's tokens from the same
-    (seed, counter, draw) noise, drawn on the GPU without a sync: the Triton kernel (kernels/sample_tokens.py),
-    or inside `cuda_sampling(True)` the CUDA extension's kernel where it is built and takes the operands
-    (csrc/sample_tokens_kernel.cuh); both draw the same tokens."""
-    if (_kernels_enabled and _cuda_sampling
+    (seed, counter, draw) noise, drawn on the GPU without a sync: for bf16 logits the CUDA extension's kernel
+    (csrc/sample_tokens_kernel.cuh) where it is built and takes the operands, unless `cuda_sampling(False)`;
+    else the Triton kernel (kernels/sample_tokens.py). Both draw the same tokens."""
+    if (_kernels_enabled and _cuda_sampling and logits.dtype == torch.bfloat16
             and cuda_ext.sample_tokens_supported(logits, temperature, top_k, max_top_k, seed, counter, out)
             and cuda_ext.available()):
         return cuda_ext.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out)
@@ -285,7 +253,6 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
            "conv_transpose1d_stream_workspace_size", "cuda_extension_available", "cuda_sampling", "depth_attention",
-           "depth_attention_linear", "fused_depth_attention",
            "depth_step", "depth_step_scratch",
            "embed_sum", "gemv_cuda", "linear",
            "linear_workspace_size", "pack_conv_transpose_weight",

@@ -2,8 +2,8 @@
 Triton kernel's tokens and the reference sampler's on tie-free random logits (every vocabulary range of its
 launch plans, fp32 and bf16, greedy and sampled slots, per-slot top_k), the Triton kernel's tokens where logits
 tie or are -inf, the -0.0 noise rule, strided operands, CUDA-graph replays, argument checks, and ops'
-dispatch to it inside `ops.cuda_sampling`. On the CPU: that switch (off by default), and that ops.sample_tokens
-keeps the Triton kernel and the reference there."""
+dispatch to it for bf16 logits (the default, `ops.cuda_sampling`). On the CPU: that switch (on by default), and
+that ops.sample_tokens keeps the Triton kernel and the reference there."""
 import os
 import subprocess
 import sys
@@ -158,7 +158,7 @@ def test_bad_arguments_raise(extension, change, error):
 
 
 @pytest.mark.gpu
-def test_ops_dispatches_to_the_extension_inside_cuda_sampling(extension, monkeypatch):
+def test_ops_dispatches_bf16_logits_to_the_extension_by_default(extension, monkeypatch):
     calls = []
     original = cuda_ext.sample_tokens
     monkeypatch.setattr(cuda_ext, "sample_tokens", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
@@ -168,20 +168,21 @@ def test_ops_dispatches_to_the_extension_inside_cuda_sampling(extension, monkeyp
     with ops.cuda_sampling(False):
         assert torch.equal(ops.sample_tokens(logits, temperature, top_k, 250, seed, counter, 1), expected)
     assert calls == []
-    with ops.cuda_sampling(True):
-        assert torch.equal(ops.sample_tokens(logits, temperature, top_k, 250, seed, counter, 1), expected)
-        assert calls == [logits.shape]
-        # int32 top_k is the Triton kernel's alone.
-        assert torch.equal(ops.sample_tokens(logits, temperature, top_k.int(), 250, seed, counter, 1), expected)
+    assert ops._cuda_sampling
+    assert torch.equal(ops.sample_tokens(logits, temperature, top_k, 250, seed, counter, 1), expected)
+    assert calls == [logits.shape]
+    # int32 top_k, and fp32 logits (where the Triton kernel measured as fast), are the Triton kernel's.
+    assert torch.equal(ops.sample_tokens(logits, temperature, top_k.int(), 250, seed, counter, 1), expected)
+    assert torch.equal(ops.sample_tokens(logits.float(), temperature, top_k, 250, seed, counter, 1), expected)
     assert len(calls) == 1
 
 
-def test_cuda_sampling_is_off_by_default_and_scoped(monkeypatch):
+def test_cuda_sampling_is_on_by_default_and_scoped(monkeypatch):
     monkeypatch.delenv(ops.CUDA_SAMPLING_ENV, raising=False)
-    code = "import moshi_fast.ops as ops; assert not ops._cuda_sampling"
-    assert subprocess.run([sys.executable, "-c", code], env={**os.environ}).returncode == 0
     code = "import moshi_fast.ops as ops; assert ops._cuda_sampling"
-    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, ops.CUDA_SAMPLING_ENV: "1"}).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ}).returncode == 0
+    code = "import moshi_fast.ops as ops; assert not ops._cuda_sampling"
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, ops.CUDA_SAMPLING_ENV: "0"}).returncode == 0
     saved = ops._cuda_sampling
     with ops.cuda_sampling(True):
         assert ops._cuda_sampling

@@ -137,16 +137,16 @@ def _lm_linear_cases(batch: int, device, workspace):
         yield "lm_linear", name, call, candidates
 
 
-def _paged_cases(batch: int, device, workspace):
+def _paged_cases(batch: int, device, workspace, kv_dtype: torch.dtype = torch.bfloat16):
     """Helium's decode attention at a full window (the bandwidth-bound case), one layer of pools per
-    call out of four so that a slot's window is not served from L2."""
+    call out of four so that a slot's window is not served from L2; pools of kv_dtype (bf16 activations)."""
     c = LMConfig()
     layers = 4
-    cache = PagedKVCache(layers, c.num_heads, c.head_dim, c.context, batch, dtype=torch.bfloat16, device=device)
+    cache = PagedKVCache(layers, c.num_heads, c.head_dim, c.context, batch, dtype=kv_dtype, device=device)
     for slot in range(batch):
         cache.admit(slot)
-    cache.k_pool.normal_()
-    cache.v_pool.normal_()
+    cache.k_pool.copy_(torch.randn(cache.k_pool.shape, device=device).to(kv_dtype))
+    cache.v_pool.copy_(torch.randn(cache.v_pool.shape, device=device).to(kv_dtype))
     cache.positions.fill_(2 * c.context + 17)
     cache.set_exec_mask(torch.ones(batch, dtype=torch.bool, device=device))
     qkv = torch.randn(batch, 3 * c.dim, device=device, dtype=torch.bfloat16)
@@ -162,6 +162,12 @@ def _paged_cases(batch: int, device, workspace):
     # The tensor-core loop's plans, and the FMA loop's best plans of an earlier sweep on an H200.
     candidates = [{"block_n": block_n, "splits": split, "num_warps": warps, "num_stages": stages}
                   for split in splits for block_n in (32, 64, 128) for warps in (4, 8) for stages in (2, 3, 4)]
+    if kv_dtype.itemsize == 1:
+        # Half the bytes per block: also longer blocks, to keep as many bytes in flight as the 16-bit plans.
+        candidates += [{"block_n": 256, "splits": split, "num_warps": warps, "num_stages": stages}
+                       for split in splits for warps in (4, 8) for stages in (2, 3)]
+        yield "paged_fp8", "helium", call, candidates
+        return
     candidates += [{"block_n": 64, "splits": 16, "num_warps": 4, "num_stages": None, "dot": False},
                    {"block_n": 128, "splits": 2, "num_warps": 4, "num_stages": 4, "dot": False}]
     yield "paged", "helium", call, candidates
@@ -199,11 +205,12 @@ def _shape_and_default(model: FastMimi, op: str, name: str, batch: int) -> tuple
             n, k, _, _ = LM_LINEARS[name]
             tiles = linear_module.skinny_linear_tiles(batch, n, k, torch.bfloat16, sms=H100_H200_SMS, split_k=True)
             return tuned.shape_key(n, k, torch.bfloat16), tiles._asdict()
-        if op == "paged":
+        if op in ("paged", "paged_fp8"):
             lm = LMConfig()
             block_n, splits, num_warps, num_stages = paged_module._resolve_tiles(
                 batch, lm.num_heads, lm.head_dim, lm.context, None, paged_module.PROGRAMS_PER_SM * H100_H200_SMS)
-            return (tuned.shape_key(lm.num_heads, lm.head_dim, lm.context),
+            dtype = (torch.float8_e4m3fn,) if op == "paged_fp8" else ()
+            return (tuned.shape_key(lm.num_heads, lm.head_dim, lm.context, *dtype),
                     {"block_n": block_n, "splits": splits, "num_warps": num_warps, "num_stages": num_stages})
         if op == "ring":
             block_r, num_warps = ring_module._resolve_tiles(batch, c.num_heads, c.head_dim, c.context, None,
@@ -237,10 +244,12 @@ def _parse_tiles(text: str) -> dict:
     return types[call.func.id](**{kw.arg: ast.literal_eval(kw.value) for kw in call.keywords})._asdict()
 
 
-def write_table(sweeps: list[Path]) -> None:
+def write_table(sweeps: list[Path], update: bool = False) -> None:
+    """kernels/tuned_tiles.json from the sweeps (oldest first); update: starting from the current table, as if
+    the sweeps that made it were given first."""
     with torch.device("meta"):
         model = FastMimi(moshiko().mimi)
-    table: dict = {}
+    table: dict = json.loads(tuned.TABLE_PATH.read_text()) if update and tuned.TABLE_PATH.exists() else {}
     for path in sweeps:
         for case in json.loads(path.read_text())["results"]:
             timed = [c for c in case["candidates"] if "us" in c]
@@ -248,7 +257,8 @@ def write_table(sweeps: list[Path]) -> None:
             best = min(timed, key=lambda c: c["us"])
             key, plan = _shape_and_default(model, case["op"], case["name"], case["batch"])
             rows = str(2 * case["batch"] if case["op"] == "linear" else case["batch"])
-            op = {"paged": "paged_attention", "lm_linear": "linear"}.get(case["op"], case["op"])
+            op = {"paged": "paged_attention", "paged_fp8": "paged_attention", "lm_linear": "linear"}.get(
+                case["op"], case["op"])
             plans = table.setdefault(op, {}).setdefault(key, {})
             # A later sweep's default is the plan an earlier sweep (given first) put in the table.
             plan = plans.get(rows, plan)
@@ -262,12 +272,15 @@ def write_table(sweeps: list[Path]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8,64")
-    parser.add_argument("--ops", default="conv1d,convtr,ring,linear", help="any of conv1d,convtr,ring,linear,lm_linear,paged")
+    parser.add_argument("--ops", default="conv1d,convtr,ring,linear",
+                        help="any of conv1d,convtr,ring,linear,lm_linear,paged,paged_fp8")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", help="write kernels/tuned_tiles.json from these sweeps")
+    parser.add_argument("--update", action="store_true",
+                        help="with --table: add the sweeps' plans to the current table instead of rebuilding it")
     args = parser.parse_args()
     if args.table:
-        write_table(args.table)
+        write_table(args.table, args.update)
         return
     device = torch.device("cuda")
     ops = set(args.ops.split(","))
@@ -286,6 +299,8 @@ def main() -> None:
             cases += list(_lm_linear_cases(batch, device, workspace))
         if "paged" in ops:
             cases += list(_paged_cases(batch, device, workspace))
+        if "paged_fp8" in ops:
+            cases += list(_paged_cases(batch, device, workspace, torch.float8_e4m3fn))
         for op, name, call, candidates in cases:
             rows = _time_candidates(call, candidates)
             timed = [r for r in rows if "us" in r]

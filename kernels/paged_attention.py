@@ -296,14 +296,25 @@ def _warps_for(block_n: int, head_dim: int) -> int:
     return min(8, max(1, block_n * head_dim // (32 * TILE_PER_THREAD)))
 
 
+def tuned_plan(batch: int, heads: int, head_dim: int, context: int, kv_dtype: torch.dtype | None = None) -> dict:
+    """The measured plan (kernels/tuned.py) for this shape and batch, {} where there is none. An 8-bit cache
+    moves half the bytes per block and has plans of its own (key: the shape and the pools' dtype); where it has
+    none it takes the 16-bit cache's."""
+    if kv_dtype is not None and kv_dtype.itemsize == 1:
+        plan = tuned_tiles("paged_attention", shape_key(heads, head_dim, context, kv_dtype), batch)
+        if plan is not None:
+            return plan
+    return tuned_tiles("paged_attention", shape_key(heads, head_dim, context), batch) or {}
+
+
 def _resolve_tiles(batch: int, heads: int, head_dim: int, context: int, tiles: dict | None,
-                   programs_wanted: int) -> tuple[int, int, int, int | None]:
+                   programs_wanted: int, kv_dtype: torch.dtype | None = None) -> tuple[int, int, int, int | None]:
     """(BLOCK_N, SPLITS, num_warps, num_stages or None): `tiles` entries override the defaults, which are
-    the measured plan where kernels/tuned.py has one for this shape and batch, else these heuristics: as
-    many splits as keep B * H * splits within the programs wanted, but no run shorter than
-    MIN_SPLIT_KEYS at a full window; blocks of MAX_BLOCK_N positions; warps for TILE_PER_THREAD."""
+    the measured plan where kernels/tuned.py has one for this shape, batch and pool dtype (tuned_plan), else
+    these heuristics: as many splits as keep B * H * splits within the programs wanted, but no run shorter
+    than MIN_SPLIT_KEYS at a full window; blocks of MAX_BLOCK_N positions; warps for TILE_PER_THREAD."""
     if tiles is None:
-        tiles = tuned_tiles("paged_attention", shape_key(heads, head_dim, context), batch) or {}
+        tiles = tuned_plan(batch, heads, head_dim, context, kv_dtype)
     block_n = tiles.get("block_n") or _default_block_n(context)
     if block_n < 2 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 2, got {block_n}")
@@ -336,11 +347,11 @@ def _workspace_size(batch: int, heads: int, head_dim: int, splits: int) -> tuple
 
 
 def paged_attention_workspace_size(batch: int, heads: int, head_dim: int, context: int,
-                                   tiles: dict | None = None) -> tuple[int, int]:
-    """(partial floats, counters) for SplitWorkspace: the launcher's plan on the current device (or
-    `tiles`). (0, 0) when the window is not split: no workspace is needed."""
+                                   tiles: dict | None = None, kv_dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """(partial floats, counters) for SplitWorkspace: the launcher's plan on the current device for pools of
+    kv_dtype (None: a 16-bit cache), or `tiles`. (0, 0) when the window is not split: no workspace is needed."""
     programs_wanted = _programs_wanted()
-    _, splits, _, _ = _resolve_tiles(batch, heads, head_dim, context, tiles, programs_wanted)
+    _, splits, _, _ = _resolve_tiles(batch, heads, head_dim, context, tiles, programs_wanted, kv_dtype)
     return _workspace_size(batch, heads, head_dim, splits)
 
 
@@ -392,9 +403,9 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     if out.shape != (batch, heads * head_dim) or out.stride(-1) != 1:
         raise ValueError(f"out must be [{batch}, {heads * head_dim}] with unit stride in its last dim")
     if tiles is None:
-        tiles = tuned_tiles("paged_attention", shape_key(heads, head_dim, context), batch) or {}
+        tiles = tuned_plan(batch, heads, head_dim, context, k_pool.dtype)
     block_n, splits, num_warps, num_stages = _resolve_tiles(batch, heads, head_dim, context, tiles,
-                                                            _programs_wanted(qkv.device))
+                                                            _programs_wanted(qkv.device), k_pool.dtype)
     if v_pool.dtype != k_pool.dtype:
         raise ValueError(f"k_pool and v_pool must share a dtype, got {k_pool.dtype} and {v_pool.dtype}")
     dot = _use_dot(qkv.dtype, block_n, head_dim, tiles)

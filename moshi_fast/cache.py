@@ -286,7 +286,8 @@ class LMCache:
         self.tokens = torch.full((batch_size, config.num_streams, config.max_delay + 2), UNGENERATED,
                                  dtype=torch.long, device=device)
         self._allocate_depth_scratch(batch_size, dtype, device)
-        needs = [need for b in {batch_size, *buckets} for need in self._workspace_needs(config, b, dtype)]
+        needs = [need for b in {batch_size, *buckets}
+                 for need in self._workspace_needs(config, b, dtype, self.kv.k_pool.dtype)]
         self.workspace = ops.SplitWorkspace(max(n[0] for n in needs), max(n[1] for n in needs), device)
         for slot in range(batch_size):
             self.kv.admit(slot)
@@ -300,8 +301,9 @@ class LMCache:
                                                     c.depformer_num_heads, dtype, device)
 
     @staticmethod
-    def _workspace_needs(c, b: int, dtype: torch.dtype) -> list[tuple[int, int]]:
-        """(partial floats, counters) of every split linear and attention of the step at batch b."""
+    def _workspace_needs(c, b: int, dtype: torch.dtype, kv_dtype: torch.dtype) -> list[tuple[int, int]]:
+        """(partial floats, counters) of every split linear and attention of the step at batch b (activations
+        of dtype, Helium's KV cache of kv_dtype, whose attention plan may differ)."""
         linears = [  # (output width, input width, gated)
             (3 * c.dim, c.dim, False), (c.dim, c.dim, False), (c.hidden, c.dim, True), (c.dim, c.hidden, False),
             (c.text_card, c.dim, False), (c.dep_q * c.depformer_dim, c.dim, False),
@@ -309,7 +311,7 @@ class LMCache:
             (c.depformer_hidden, c.depformer_dim, True), (c.depformer_dim, c.depformer_hidden, False),
             (c.card, c.depformer_dim, False)]
         needs = [ops.linear_workspace_size(b, n, k, dtype, gated=gated) for n, k, gated in linears]
-        needs.append(ops.paged_attention_workspace_size(b, c.num_heads, c.head_dim, c.context))
+        needs.append(ops.paged_attention_workspace_size(b, c.num_heads, c.head_dim, c.context, kv_dtype=kv_dtype))
         return needs
 
     def narrow(self, batch_size: int) -> "LMCache":

@@ -578,3 +578,22 @@ def test_paged_attention_replays_in_a_cuda_graph():
         twin.advance()
     assert torch.equal(cache.positions, twin.positions)
     assert cache.positions.tolist() == [5, 2998 + 5, 5000, 17 + 5]
+
+
+def test_an_8bit_cache_takes_its_own_tuned_plan_and_sizes_its_workspace_for_it(monkeypatch):
+    """Plans keyed by the pools' dtype: an e4m3 cache takes its own where the table has one, else the 16-bit
+    cache's; the workspace size follows the plan of the dtype it is asked for."""
+    from moshi_fast.kernels import paged_attention as paged
+
+    plans = {"32,128,3000": {"8": {"block_n": 64, "splits": 2, "num_warps": 4, "num_stages": 3}},
+             "32,128,3000,float8_e4m3fn": {"8": {"block_n": 256, "splits": 4, "num_warps": 8, "num_stages": 2}}}
+    monkeypatch.setattr(paged, "tuned_tiles", lambda op, shape, batch: dict(plans[shape]["8"]) if shape in plans
+                        else None)
+    fp8 = torch.float8_e4m3fn
+    assert paged._resolve_tiles(8, 32, 128, 3000, None, 1, fp8) == (256, 4, 8, 2)
+    assert paged._resolve_tiles(8, 32, 128, 3000, None, 1, torch.bfloat16) == (64, 2, 4, 3)
+    assert paged._resolve_tiles(8, 32, 128, 3000, None, 1) == (64, 2, 4, 3)
+    assert paged_attention_workspace_size(8, 32, 128, 3000, kv_dtype=fp8) == (8 * 32 * 4 * 130, 8 * 32)
+    assert paged_attention_workspace_size(8, 32, 128, 3000) == (8 * 32 * 2 * 130, 8 * 32)
+    del plans["32,128,3000,float8_e4m3fn"]
+    assert paged._resolve_tiles(8, 32, 128, 3000, None, 1, fp8) == (64, 2, 4, 3)

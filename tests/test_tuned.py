@@ -58,9 +58,12 @@ def test_ring_plans_are_valid_and_used(shape, batch, plan):
 
 @pytest.mark.parametrize("shape, batch, plan", _cases("paged_attention"))
 def test_paged_attention_plans_are_valid_and_used(shape, batch, plan):
-    heads, head_dim, context = map(int, shape.split(","))
+    """A plan keyed by the shape alone serves 16-bit pools (and 8-bit ones without their own); one keyed by the
+    shape and an 8-bit dtype serves that dtype."""
+    heads, head_dim, context, *kv_dtype = shape.split(",")
+    kv_dtype = getattr(torch, kv_dtype[0]) if kv_dtype else torch.bfloat16
     expected = (plan["block_n"], plan["splits"], plan["num_warps"], plan["num_stages"])
-    assert paged._resolve_tiles(batch, heads, head_dim, context, None, 1) == expected
+    assert paged._resolve_tiles(batch, int(heads), int(head_dim), int(context), None, 1, kv_dtype) == expected
 
 
 def test_nearest_batch_on_a_log_scale_and_heuristics_only():

@@ -68,8 +68,8 @@ def cuda_sampling(enabled: bool = True):
     sampling kernel on bf16 logits where it is built and takes the operands, or never (not enabled). On by
     default (MOSHI_FAST_CUDA_SAMPLING=0 turns it off for a process): on an H100 it drew an audio token (V = 2048)
     in 6.2 us against the Triton kernel's 17.5 us and a text token (V = 32000) in 25.1 against 29.6 us, bf16 at
-    B = 1, the same within 1 us at B = 8 and 64 (bench/RESULTS.md). fp32 logits keep the Triton kernel, which
-    was as fast or faster there. bench_lm_step.py and bench_frame.py time the Triton kernel beside it with
+    B = 1, and as much faster at B = 8 and 64 (bench/RESULTS.md). fp32 logits keep the Triton kernel, which was
+    as fast or faster there. bench_lm_step.py and bench_frame.py time the Triton kernel beside it with
     --triton-sampling."""
     global _cuda_sampling
     saved, _cuda_sampling = _cuda_sampling, enabled

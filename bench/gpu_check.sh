@@ -4,7 +4,9 @@
 #   run the GPU-marked tests, the kernel microbenchmarks, the codec and LM-step benchmarks against Kyutai,
 #   run the demo at Moshi's real size, and keep the logs and JSON results under $OUT.
 # Usage (from the repository root): GIT_SHA=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [steps]
-#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo (default: all)
+#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo (default: all),
+#   or sweep (not in the default): time launch-plan candidates (SWEEP_OPS, default paged_fp8; SWEEP_BATCHES,
+#   default 1,8,64) and write the updated kernels/tuned_tiles.json beside the sweep under $OUT
 #   TEST_ARGS: extra pytest arguments for the GPU tests, e.g. TEST_ARGS='tests/test_lm_fast.py'
 #   LM_ARGS, FRAME_ARGS, PROFILE_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_lm_step.py, bench_frame.py,
 #   profile_frame.py, bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl: the same engine without
@@ -58,6 +60,11 @@ fi
 if [[ $steps == *,pdl,* ]]; then
     eval "python3 bench/pdl_sweep.py --json \"\$OUT/pdl_sweep.json\" ${PDL_ARGS:-}" 2>&1 | tee "$OUT/pdl_sweep.log" \
         || status=1
+fi
+if [[ $steps == *,sweep,* ]]; then
+    python3 bench/sweep_tiles.py --ops "${SWEEP_OPS:-paged_fp8}" --batches "${SWEEP_BATCHES:-1,8,64}" \
+        --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" || status=1
+    python3 bench/sweep_tiles.py --table "$OUT/sweep.json" --update && cp kernels/tuned_tiles.json "$OUT/" || status=1
 fi
 if [[ $steps == *,load,* ]]; then
     # The server at Moshi's real size on the fast engine, and LOAD_CLIENTS real-time Kyutai-protocol clients.

@@ -1,0 +1,36 @@
+"""bench/_harness's variant options (the benchmarks' same-run comparisons): which runs each flag adds, and that each
+run happens under its setting (the timing itself needs a GPU)."""
+import argparse
+
+import torch
+
+from bench._harness import add_variant_options, variant_runs
+from moshi_fast import ops
+from moshi_fast.kernels import _utils
+
+
+def _settings(name, kv_dtype):
+    return {"name": name, "kv_dtype": kv_dtype, "cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed}
+
+
+def _runs(argv):
+    parser = argparse.ArgumentParser()
+    add_variant_options(parser, "the fast step")
+    return variant_runs(parser.parse_args(argv), _settings)
+
+
+def test_no_flag_adds_no_run():
+    assert _runs([]) == []
+
+
+def test_each_flag_runs_its_variant_under_its_setting():
+    runs = dict(_runs(["--without-pdl", "--triton-sampling", "--kv-cache", "fp8"]))
+    assert list(runs) == ["fast_no_pdl", "fast_triton_sampling", "fast_kv_fp8"]
+    default_sampling, default_pdl = ops._cuda_sampling, _utils._pdl_allowed
+    assert runs["fast_no_pdl"]() == {"name": "fast_no_pdl", "kv_dtype": None, "cuda_sampling": default_sampling,
+                                     "pdl": False}
+    assert runs["fast_triton_sampling"]() == {"name": "fast_triton_sampling", "kv_dtype": None,
+                                              "cuda_sampling": False, "pdl": default_pdl}
+    assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn,
+                                     "cuda_sampling": default_sampling, "pdl": default_pdl}
+    assert (ops._cuda_sampling, _utils._pdl_allowed) == (default_sampling, default_pdl)

@@ -390,6 +390,8 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         raise ValueError(f"head_dim must be a power of two, got {head_dim}")
     if k_pool.stride(-1) != 1 or v_pool.shape != k_pool.shape or v_pool.stride() != k_pool.stride():
         raise ValueError("k_pool and v_pool must share a shape and layout with unit stride in the head dim")
+    if v_pool.dtype != k_pool.dtype:
+        raise ValueError(f"k_pool and v_pool must share a dtype, got {k_pool.dtype} and {v_pool.dtype}")
     if pages_per_slot * page_size < context:
         raise ValueError(f"a ring of {pages_per_slot} pages of {page_size} cannot hold a window of {context}")
     if page_table.dtype != torch.int32 or page_table.stride(-1) != 1:
@@ -405,9 +407,7 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     if tiles is None:
         tiles = tuned_plan(batch, heads, head_dim, context, k_pool.dtype)
     block_n, splits, num_warps, num_stages = _resolve_tiles(batch, heads, head_dim, context, tiles,
-                                                            _programs_wanted(qkv.device), k_pool.dtype)
-    if v_pool.dtype != k_pool.dtype:
-        raise ValueError(f"k_pool and v_pool must share a dtype, got {k_pool.dtype} and {v_pool.dtype}")
+                                                            _programs_wanted(qkv.device))
     dot = _use_dot(qkv.dtype, block_n, head_dim, tiles)
     partials, arrivals = split_buffers(workspace, *_workspace_size(batch, heads, head_dim, splits), splits, out)
     launch_options = {"num_warps": num_warps}

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .state import SlotState
+from .state import SlotState, as_bits
 
 
 def rope_interleaved(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
@@ -99,16 +99,9 @@ def ring_write(state: SlotState, prefix: str, k: torch.Tensor, v: torch.Tensor, 
     kv_index = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
     kv_keep = keep[:, :, None, None]
     k, v = to_cache_dtype(k, ring_k.dtype), to_cache_dtype(v, ring_v.dtype)
-    # Rows are chosen on their bit patterns: integer gather, where and scatter exist for every dtype's size.
-    bits = _same_size_int(ring_k.dtype)
-    for ring, new in ((ring_k, k), (ring_v, v)):
-        kept = ring.view(bits).gather(2, kv_index)
-        ring.view(bits).scatter_(2, kv_index, torch.where(kv_keep, kept, new.view(bits)))
+    for ring, new in ((as_bits(ring_k), as_bits(k)), (as_bits(ring_v), as_bits(v))):
+        ring.scatter_(2, kv_index, torch.where(kv_keep, ring.gather(2, kv_index), new))
     return ring_k, ring_v, ring_pos
-
-
-def _same_size_int(dtype: torch.dtype) -> torch.dtype:
-    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,

@@ -40,14 +40,11 @@ class SlotState:
         old.copy_(torch.where(mask, new.to(old.dtype), old))
 
     def reset(self, slot_mask: torch.Tensor) -> None:
-        """Returns the selected slots to the start of a conversation."""
+        """Returns the selected slots to the start of a conversation (the initial value's bit pattern is
+        written: see as_bits)."""
         for name, tensor in self._tensors.items():
-            initial = self._initial[name]
-            if _is_8bit_float(tensor):
-                # No masked-fill kernels for 8-bit floats: the initial value's byte is written instead.
-                tensor, initial = tensor.view(torch.uint8), torch.tensor(initial, dtype=tensor.dtype).view(
-                    torch.uint8).item()
-            tensor[slot_mask] = initial
+            initial = as_bits(torch.tensor(self._initial[name], dtype=tensor.dtype)).item()
+            as_bits(tensor)[slot_mask] = initial
 
     def narrow(self, batch_size: int) -> "SlotState":
         """The first batch_size slots as views of these tensors: a step on them updates this state (every
@@ -67,12 +64,16 @@ def swap_rows(tensor: torch.Tensor, a: int, b: int, dim: int = 0) -> None:
     """Exchanges rows a and b of `tensor` along `dim`, in place."""
     if a == b:
         return
-    if _is_8bit_float(tensor):
-        # 8-bit floats (a KV cache's) have no index_copy kernels: their bytes move instead.
-        tensor = tensor.view(torch.uint8)
+    tensor = as_bits(tensor)
     rows = torch.tensor([a, b], device=tensor.device)
     tensor.index_copy_(dim, rows, tensor.index_select(dim, rows.flip(0)))
 
 
-def _is_8bit_float(tensor: torch.Tensor) -> bool:
-    return tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor viewed as the integer dtype of its item size. State moves values by their bit patterns, exactly
+    and for every dtype: 8-bit floats (a KV cache's) have no gather, where, scatter, index_copy or masked-fill
+    kernels, integers of every size do."""
+    return tensor.view(_BITS[tensor.dtype.itemsize])

@@ -103,6 +103,14 @@ def with_triton_sampling(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def with_cuda_depth_step(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the fast LM's depth-transformer steps on the CUDA extension's persistent kernel
+    where it applies (`ops.cuda_depth_step`, B <= 8; graphs captured inside it keep it), timed beside the default
+    in the same run."""
+    with ops.cuda_depth_step():
+        return fn(*args, **kwargs)
+
+
 def add_variant_options(parser, subject: str) -> None:
     """The benchmarks' options that also time variants of the fast engine in the same run (see variant_runs);
     subject names what is timed in their help ("the fast step", "moshi_fast")."""
@@ -113,6 +121,9 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--triton-sampling", action="store_true",
                         help=f"also time {subject} sampling with the Triton kernel instead of the CUDA extension's "
                              "(fast_triton_sampling), same run")
+    parser.add_argument("--cuda-depth-step", action="store_true",
+                        help=f"also time {subject} with each depth-transformer step as the CUDA extension's "
+                             "persistent kernel, B <= 8 (fast_cuda_depth_step), same run")
 
 
 def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Callable[[], dict]]]:
@@ -123,6 +134,8 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
         runs.append(("fast_no_pdl", lambda: without_pdl(run, "fast_no_pdl", None)))
     if args.triton_sampling:
         runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
+    if args.cuda_depth_step:
+        runs.append(("fast_cuda_depth_step", lambda: with_cuda_depth_step(run, "fast_cuda_depth_step", None)))
     if args.kv_cache:
         name = f"fast_kv_{args.kv_cache}"
         runs.append((name, lambda: run(name, KV_CACHE_DTYPES[args.kv_cache])))

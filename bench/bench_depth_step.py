@@ -1,14 +1,14 @@
 """depth_step: the depth transformer's 8 codebook steps of one frame (bf16, Moshi's shapes: 6 layers of
-D = 1024, Hd = 2816, 16 heads, card 2048), one persistent launch a step, beside the unfused sequence the
-fast LM ran before it (embed_sum, then per layer linear qkv + RMSNorm, depth_attention, linear out +
-residual, linear gate_up + RMSNorm + SiLU gate, linear down + residual, then linear head: 32 launches a
-step, split-K where the default tiles choose it). The floor counts the 8 steps' weights (158.4 MB a step
-at Moshi's shapes), the activations and the KV rows. The issue's target: <= 0.6 ms for the 8 steps at
-B = 1 on an H200."""
+D = 1024, Hd = 2816, 16 heads, card 2048), one persistent launch a step (the Triton kernel, and on the GPU
+at B <= 8 the CUDA extension's), beside the unfused sequence the fast LM runs by default (embed_sum, then
+per layer linear qkv + RMSNorm, depth_attention, linear out + residual, linear gate_up + RMSNorm + SiLU
+gate, linear down + residual, then linear head: 32 launches a step, split-K where the default tiles
+choose it). The floor counts the 8 steps' weights (158.4 MB a step at Moshi's shapes), the activations
+and the KV rows. The issue's target: <= 0.6 ms for the 8 steps at B = 1 on an H200."""
 import pytest
 import torch
 
-from moshi_fast import ops
+from moshi_fast import cuda_ext, ops
 from moshi_fast.config import LMConfig
 from moshi_fast.kernels.depth_step import depth_step, depth_step_scratch
 
@@ -21,8 +21,14 @@ DTYPE = torch.bfloat16 if GPU else torch.float32
 EPS = _LM.norm_eps
 
 
+@pytest.mark.parametrize("kernel", ["triton", "cuda"] if GPU else ["triton"])
 @pytest.mark.parametrize("batch", [1, 8, 64] if GPU else [2])
-def test_depth_step_frame(measure, device, batch):
+def test_depth_step_frame(measure, device, batch, kernel):
+    """kernel: the Triton persistent kernel (kernels/depth_step.py) or the CUDA extension's
+    (csrc/depth_step_kernel.cuh, B <= 8)."""
+    if kernel == "cuda" and batch > cuda_ext.MAX_ROWS:
+        pytest.skip("the CUDA depth step serves B <= 8")
+    step_kernel = cuda_ext.depth_step if kernel == "cuda" else depth_step
     s = SHAPES
     layers, dim, hidden, card, steps, heads = s["layers"], s["dim"], s["hidden"], s["card"], s["steps"], s["heads"]
 
@@ -52,9 +58,9 @@ def test_depth_step_frame(measure, device, batch):
     def fused():
         x.copy_(inputs)
         for step in range(steps):
-            depth_step(x[:, step], previous[step], table, offsets[step:step + 1], norm1, qkv[:, step],
-                       out_proj[:, step], norm2, gate_up[:, step], down[:, step], heads_w[step], k_cache, v_cache,
-                       step, EPS, logits[:, step], scratch)
+            step_kernel(x[:, step], previous[step], table, offsets[step:step + 1], norm1, qkv[:, step],
+                        out_proj[:, step], norm2, gate_up[:, step], down[:, step], heads_w[step], k_cache, v_cache,
+                        step, EPS, logits[:, step], scratch)
 
     def unfused():
         x.copy_(inputs)
@@ -75,6 +81,6 @@ def test_depth_step_frame(measure, device, batch):
     # Per step: the embedding row, x read and written, the logits, the key and value rows, the cached rows.
     activations = steps * batch * (4 * dim + card + layers * 2 * dim) * element
     cached = sum(layers * batch * 2 * step * dim for step in range(steps)) * element
-    measure(fused, weights + activations + cached, unfused, op="depth_step", batch=batch, steps=steps,
+    measure(fused, weights + activations + cached, unfused, op=f"depth_step_{kernel}", batch=batch, steps=steps,
             layers=layers, dim=dim, hidden=hidden, dtype=str(DTYPE).removeprefix("torch."),
             baseline="unfused ops sequence (32 launches a step)")

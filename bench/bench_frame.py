@@ -174,6 +174,9 @@ def main(argv=None) -> int:
         if "p50_ms" in row.get("fast_triton_sampling", {}):
             print(f"B = {row['batch']}: moshi_fast sampling with the Triton kernel p50 "
                   f"{row['fast_triton_sampling']['p50_ms']:.2f} ms, p99 {row['fast_triton_sampling']['p99_ms']:.2f} ms")
+        if "p50_ms" in row.get("fast_cuda_depth_step", {}):
+            print(f"B = {row['batch']}: moshi_fast with the CUDA depth step p50 "
+                  f"{row['fast_cuda_depth_step']['p50_ms']:.2f} ms, p99 {row['fast_cuda_depth_step']['p99_ms']:.2f} ms")
         kv = row.get(f"fast_kv_{args.kv_cache}", {})
         if "p50_ms" in kv:
             print(f"B = {row['batch']}: moshi_fast with the {args.kv_cache} KV cache p50 {kv['p50_ms']:.2f} ms, "

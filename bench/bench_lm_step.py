@@ -28,7 +28,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._harness import (add_variant_options, device_info, graph_time, timed_calls, variant_runs,  # noqa: E402
-                            with_triton_sampling)
+                            with_cuda_depth_step, with_triton_sampling)
 from moshi_fast import ops  # noqa: E402
 from moshi_fast.cache import LMCache  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
@@ -231,6 +231,10 @@ def main(argv=None) -> int:
                 if args.triton_sampling:
                     parts = with_triton_sampling(fast_breakdown, lm, config, batch, context)
                     row.update({f"triton_sampling_{name}_ctx{context}": value for name, value in parts.items()
+                                if name != "helium_ms"})
+                if args.cuda_depth_step:
+                    parts = with_cuda_depth_step(fast_breakdown, lm, config, batch, context)
+                    row.update({f"cuda_depth_step_{name}_ctx{context}": value for name, value in parts.items()
                                 if name != "helium_ms"})
         for context in contexts:
             if f"kyutai_ms_ctx{context}" in row and f"fast_ms_ctx{context}" in row:

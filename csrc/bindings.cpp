@@ -15,6 +15,15 @@ TORCH_LIBRARY(moshi_fast, m) {
   // <= 1024; temperature fp32 [B]; top_k, seed, counter, out int64 [B].
   m.def("sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, int max_top_k, Tensor seed, "
         "Tensor counter, int draw, Tensor(a!) out, bool programmatic=False) -> ()");
+  // One codebook step of the depth transformer in one persistent launch (depth_step.cu), bf16, B <= 8: x [B, D]
+  // += the embedding of previous [B], then every layer with the step's weights ([L, ...] views with a layer
+  // stride), the caches' column `step` written, logits_out [B, card] = the head's; the spec is
+  // kernels/depth_step.py's depth_step_ref. The scratches carry activations between the phases; counters[0:2] are
+  // the grid barrier's (left as found).
+  m.def("depth_step_bf16(Tensor(a!) x, Tensor previous, Tensor embed_table, Tensor embed_row_offset, Tensor norm1, "
+        "Tensor qkv, Tensor out_proj, Tensor norm2, Tensor gate_up, Tensor down, Tensor head, Tensor(b!) k_cache, "
+        "Tensor(c!) v_cache, int step, float eps, Tensor(d!) logits_out, Tensor(e!) qkv_scratch, "
+        "Tensor(f!) attention_scratch, Tensor(g!) hidden_scratch, Tensor(h!) counters, bool programmatic=False) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

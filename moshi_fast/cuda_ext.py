@@ -175,6 +175,119 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return out
 
 
+DEPTH_MAX_WIDTH = 3072
+"""The widest D and Hd the extension's depth step serves (a tile's activation pieces are held in registers)."""
+DEPTH_HEAD_DIM = 64
+DEPTH_MAX_STEPS = 16
+
+
+def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tensor, embed_row_offset: torch.Tensor,
+               norm1: torch.Tensor, qkv: torch.Tensor, out_proj: torch.Tensor, norm2: torch.Tensor,
+               gate_up: torch.Tensor, down: torch.Tensor, head: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, step: int, eps: float, logits_out: torch.Tensor, scratch) -> torch.Tensor:
+    """One codebook step of the depth transformer in one persistent launch by the extension's kernel
+    (csrc/depth_step_kernel.cuh): the operands and semantics of kernels/depth_step.py's `depth_step` (its
+    `depth_step_ref` is the spec), bf16 only, B <= 8, heads of 64, D and Hd at most DEPTH_MAX_WIDTH, at most
+    DEPTH_MAX_STEPS steps, `previous` and `embed_row_offset` int64. scratch: kernels.depth_step.DepthStepScratch
+    (its counters' first two words are the grid barrier's). Launched with programmatic dependent launch where
+    `kernels._utils.pdl` allows it. Graph-safe. Returns logits_out. Raises RuntimeError when the extension is
+    unavailable, ValueError / TypeError on bad arguments."""
+    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
+    from .kernels._utils import pdl
+
+    _require()
+    _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
+                      k_cache, v_cache, step, logits_out, scratch)
+    torch.ops.moshi_fast.depth_step_bf16(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2,
+                                         gate_up, down, head, k_cache, v_cache, step, float(eps), logits_out,
+                                         scratch.qkv, scratch.attention, scratch.hidden, scratch.counters,
+                                         pdl(x.device, "depth_step"))
+    return logits_out
+
+
+def depth_step_supported(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down,
+                         head, k_cache, v_cache, step, logits_out, scratch) -> bool:
+    """Whether `depth_step` takes these operands (its argument checks pass); whether the extension is
+    available is not checked here."""
+    try:
+        _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down,
+                          head, k_cache, v_cache, step, logits_out, scratch)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
+                      k_cache, v_cache, step, logits_out, scratch) -> None:
+    """The op's argument checks, made here first (see _check_gemv)."""
+    if x.dim() != 2 or not x.is_cuda:
+        raise ValueError(f"depth_step_bf16 runs on a CUDA x [B, D], got {list(x.shape)} on {x.device}")
+    rows, dim = x.shape
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"depth_step_bf16: x must have 1 to {MAX_ROWS} rows, got {rows}")
+    if dim % DEPTH_HEAD_DIM or dim > DEPTH_MAX_WIDTH:
+        raise ValueError(f"depth_step_bf16: D must be a multiple of {DEPTH_HEAD_DIM} and at most {DEPTH_MAX_WIDTH}, "
+                         f"got {dim}")
+    if gate_up.dim() != 3 or gate_up.shape[1] % 2:
+        raise ValueError(f"depth_step_bf16: gate_up must be [L, 2 Hd, D], got {list(gate_up.shape)}")
+    layers, hidden = norm1.shape[0], gate_up.shape[1] // 2
+    if hidden % 8 or hidden > DEPTH_MAX_WIDTH:
+        raise ValueError(f"depth_step_bf16: Hd must be a multiple of 8 and at most {DEPTH_MAX_WIDTH}, got {hidden}")
+    heads = dim // DEPTH_HEAD_DIM
+    steps = k_cache.shape[3] if k_cache.dim() == 5 else 0
+    expected = {
+        "x": (x, torch.bfloat16, (rows, dim)), "previous": (previous, torch.int64, (rows,)),
+        "embed_table": (embed_table, torch.bfloat16, (embed_table.shape[0], dim)),
+        "embed_row_offset": (embed_row_offset, torch.int64, tuple(embed_row_offset.shape)),
+        "norm1": (norm1, torch.bfloat16, (layers, dim)), "norm2": (norm2, torch.bfloat16, (layers, dim)),
+        "qkv": (qkv, torch.bfloat16, (layers, 3 * dim, dim)), "out_proj": (out_proj, torch.bfloat16, (layers, dim, dim)),
+        "gate_up": (gate_up, torch.bfloat16, (layers, 2 * hidden, dim)),
+        "down": (down, torch.bfloat16, (layers, dim, hidden)), "head": (head, torch.bfloat16, (head.shape[0], dim)),
+        "k_cache": (k_cache, torch.bfloat16, (layers, rows, heads, steps, DEPTH_HEAD_DIM)),
+        "v_cache": (v_cache, torch.bfloat16, (layers, rows, heads, steps, DEPTH_HEAD_DIM)),
+        "logits_out": (logits_out, torch.bfloat16, (rows, head.shape[0])),
+        "scratch.qkv": (scratch.qkv, torch.bfloat16, (rows, 3 * dim)),
+        "scratch.attention": (scratch.attention, torch.bfloat16, (rows, dim)),
+        "scratch.hidden": (scratch.hidden, torch.bfloat16, (rows, hidden)),
+        "scratch.counters": (scratch.counters, torch.int32, tuple(scratch.counters.shape)),
+    }
+    for name, (tensor, dtype, shape) in expected.items():
+        if tensor.device != x.device:
+            raise ValueError(f"depth_step_bf16: {name} must be on x's device {x.device}, got {tensor.device}")
+        if tensor.dtype != dtype:
+            raise TypeError(f"depth_step_bf16: {name} must be {dtype}, got {tensor.dtype}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"depth_step_bf16: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
+    if embed_row_offset.numel() != 1 or scratch.counters.numel() < 2 or not scratch.counters.is_contiguous():
+        raise ValueError("depth_step_bf16: embed_row_offset must hold one value and scratch.counters at least two, "
+                         "contiguous")
+    if layers < 1 or head.shape[0] < 1:
+        raise ValueError("depth_step_bf16: need at least one layer and one head row")
+    if not (steps <= DEPTH_MAX_STEPS and 0 <= step < steps):
+        raise ValueError(f"depth_step_bf16: need 0 <= step < S <= {DEPTH_MAX_STEPS}, got step {step} and S {steps}")
+    # Rows read in 16-byte pieces: unit last stride, row (and layer) strides a multiple of 8 elements, aligned.
+    for name in ("x", "norm1", "norm2", "qkv", "out_proj", "gate_up", "down"):
+        tensor = expected[name][0]
+        if tensor.stride(-1) != 1 or any(s % 8 for s in tensor.stride()[:-1]) or tensor.data_ptr() % 16:
+            raise ValueError(f"depth_step_bf16: {name} must have unit last stride, other strides multiples of 8 "
+                             f"and a 16-byte aligned start, got strides {tensor.stride()}")
+    for name in ("qkv", "out_proj", "gate_up", "down"):
+        tensor = expected[name][0]
+        if tensor.stride(1) != tensor.shape[2]:
+            raise ValueError(f"depth_step_bf16: {name}'s rows must be contiguous, got strides {tensor.stride()}")
+    if norm1.stride() != norm2.stride():
+        raise ValueError("depth_step_bf16: norm1 and norm2 must have the same strides")
+    for name in ("head", "embed_table", "previous", "k_cache", "v_cache", "scratch.qkv", "scratch.attention",
+                 "scratch.hidden"):
+        if not expected[name][0].is_contiguous():
+            raise ValueError(f"depth_step_bf16: {name} must be contiguous")
+    for name in ("head", "embed_table", "scratch.qkv", "scratch.attention", "scratch.hidden"):
+        if expected[name][0].data_ptr() % 16:
+            raise ValueError(f"depth_step_bf16: {name} must start 16-byte aligned (it is read in 16-byte pieces)")
+    if logits_out.stride(-1) != 1:
+        raise ValueError(f"depth_step_bf16: logits_out must have unit last stride, got {logits_out.stride()}")
+
+
 def sample_tokens_supported(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, max_top_k: int,
                             seed: torch.Tensor, counter: torch.Tensor, out: torch.Tensor | None) -> bool:
     """Whether `sample_tokens` takes these operands (its argument checks pass); whether the extension is

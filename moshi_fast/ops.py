@@ -79,6 +79,27 @@ def cuda_sampling(enabled: bool = True):
         _cuda_sampling = saved
 
 
+CUDA_DEPTH_STEP_ENV = "MOSHI_FAST_CUDA_DEPTH_STEP"
+"""Environment variable: "1" makes the fast LM run each depth-transformer step as the CUDA extension's persistent
+kernel where it takes the operands (`cuda_depth_step`)."""
+_cuda_depth_step = os.environ.get(CUDA_DEPTH_STEP_ENV, "0") == "1"
+
+
+@contextlib.contextmanager
+def cuda_depth_step(enabled: bool = True):
+    """Inside the block (and in CUDA graphs captured inside it), `depth_step` runs the CUDA extension's persistent
+    kernel (csrc/depth_step_kernel.cuh: bf16, B <= 8) where it is built and takes the operands, and
+    `uses_cuda_depth_step` says so, so that the fast LM fuses each depth-transformer step into it; or never (not
+    enabled). Off by default until measured (MOSHI_FAST_CUDA_DEPTH_STEP=1 turns it on for a process);
+    bench_lm_step.py and bench_frame.py time it beside the default with --cuda-depth-step."""
+    global _cuda_depth_step
+    saved, _cuda_depth_step = _cuda_depth_step, enabled
+    try:
+        yield
+    finally:
+        _cuda_depth_step = saved
+
+
 def settle_weights(module: torch.nn.Module) -> None:
     """Waits until every write to the module's parameters and buffers on CUDA devices has finished. Kernels
     launched with programmatic dependent launch read weights before they wait for the previous kernel
@@ -135,11 +156,26 @@ def depth_attention(qkv, k_cache, v_cache, step: int, out=None):
     return fn(qkv, k_cache, v_cache, step, out=out)
 
 
+def uses_cuda_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
+                         k_cache, v_cache, step: int, logits_out, scratch) -> bool:
+    """Whether `depth_step` on these operands (without `phases`) runs the CUDA extension's persistent kernel: inside
+    `cuda_depth_step()`, where the extension is built and takes them."""
+    return (_kernels_enabled and _cuda_depth_step and x.is_cuda
+            and cuda_ext.depth_step_supported(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2,
+                                              gate_up, down, head, k_cache, v_cache, step, logits_out, scratch)
+            and cuda_ext.available())
+
+
 def depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head, k_cache,
                v_cache, step: int, eps: float, logits_out, scratch, phases=None):
     """One codebook step of the depth transformer: embedding add, every layer with the step's weights
     (qkv [L, 3D, D], ... views with a layer stride), KV write at `step`, head logits into logits_out, in
-    one persistent launch on CUDA (kernels/depth_step.py); scratch from `depth_step_scratch`."""
+    one persistent launch on CUDA: the CUDA extension's kernel where `uses_cuda_depth_step` (phases None), else
+    the Triton kernel (kernels/depth_step.py); scratch from `depth_step_scratch`."""
+    if phases is None and uses_cuda_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2,
+                                               gate_up, down, head, k_cache, v_cache, step, logits_out, scratch):
+        return cuda_ext.depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up,
+                                   down, head, k_cache, v_cache, step, eps, logits_out, scratch)
     fn = _depth_step_kernel if _use_kernel(x, qkv) else depth_step_ref
     return fn(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head, k_cache,
               v_cache, step, eps, logits_out, scratch, phases=phases)
@@ -252,10 +288,10 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
 
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
-           "conv_transpose1d_stream_workspace_size", "cuda_extension_available", "cuda_sampling", "depth_attention",
-           "depth_step", "depth_step_scratch",
+           "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_sampling",
+           "depth_attention", "depth_step", "depth_step_scratch",
            "embed_sum", "gemv_cuda", "linear",
            "linear_workspace_size", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "programmatic_launch", "ring_attention",
            "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens",
-           "settle_weights"]
+           "settle_weights", "uses_cuda_depth_step"]

@@ -10,7 +10,8 @@ from moshi_fast.kernels import _utils
 
 
 def _settings(name, kv_dtype):
-    return {"name": name, "kv_dtype": kv_dtype, "cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed}
+    return {"name": name, "kv_dtype": kv_dtype, "cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
+            "cuda_depth_step": ops._cuda_depth_step}
 
 
 def _runs(argv):
@@ -24,13 +25,15 @@ def test_no_flag_adds_no_run():
 
 
 def test_each_flag_runs_its_variant_under_its_setting():
-    runs = dict(_runs(["--without-pdl", "--triton-sampling", "--kv-cache", "fp8"]))
-    assert list(runs) == ["fast_no_pdl", "fast_triton_sampling", "fast_kv_fp8"]
-    default_sampling, default_pdl = ops._cuda_sampling, _utils._pdl_allowed
-    assert runs["fast_no_pdl"]() == {"name": "fast_no_pdl", "kv_dtype": None, "cuda_sampling": default_sampling,
-                                     "pdl": False}
-    assert runs["fast_triton_sampling"]() == {"name": "fast_triton_sampling", "kv_dtype": None,
-                                              "cuda_sampling": False, "pdl": default_pdl}
-    assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn,
-                                     "cuda_sampling": default_sampling, "pdl": default_pdl}
-    assert (ops._cuda_sampling, _utils._pdl_allowed) == (default_sampling, default_pdl)
+    runs = dict(_runs(["--without-pdl", "--triton-sampling", "--cuda-depth-step", "--kv-cache", "fp8"]))
+    assert list(runs) == ["fast_no_pdl", "fast_triton_sampling", "fast_cuda_depth_step", "fast_kv_fp8"]
+    defaults = {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
+                "cuda_depth_step": ops._cuda_depth_step}
+    assert runs["fast_no_pdl"]() == {"name": "fast_no_pdl", "kv_dtype": None, **defaults, "pdl": False}
+    assert runs["fast_triton_sampling"]() == {"name": "fast_triton_sampling", "kv_dtype": None, **defaults,
+                                              "cuda_sampling": False}
+    assert runs["fast_cuda_depth_step"]() == {"name": "fast_cuda_depth_step", "kv_dtype": None, **defaults,
+                                              "cuda_depth_step": True}
+    assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn, **defaults}
+    assert {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
+            "cuda_depth_step": ops._cuda_depth_step} == defaults

@@ -14,9 +14,10 @@ One frame for B slots (`FastStreamingLM.step`), the launches in order, at Moshi'
                                             linear qkv (RMSNorm) -> depth_attention over steps 0..k ->
                                             linear out (+res) -> linear gate_up (RMSNorm, SiLU) ->
                                             linear down (+res); linear head[k] -> sample_tokens.
-                                            With prepare(fused_depth=True) the step before the sampling
-                                            is one persistent depth_step launch instead (measured slower
-                                            so far: bench/RESULTS.md)
+                                            Inside ops.cuda_depth_step() (bf16, B <= 8), or with
+                                            prepare(fused_depth=True), the step before the sampling is one
+                                            persistent ops.depth_step launch instead (the Triton one
+                                            measured slower: bench/RESULTS.md)
     delay line out (a few small torch ops)  the generated tokens enter the line, the delayed output
                                             is read, the frame counter advances
 
@@ -120,12 +121,11 @@ class FastLM(LM):
         updated in place into the step's residual stream; previous [B] is the token step - 1 produced
         (the text token at step 0). Writes the step's logits into logits_out [B, card]."""
         c, d, workspace = self.config, self.depformer, cache.workspace
-        if self.fused_depth:
-            return ops.depth_step(x, previous, self.depth_embed_table, self.depth_embed_offsets[step:step + 1],
-                                  self.depth_norm1, self.depth_qkv[:, step], self.depth_out[:, step],
-                                  self.depth_norm2, self.depth_gate_up[:, step], self.depth_down[:, step],
-                                  d.heads[step], cache.depth_k, cache.depth_v, step, c.norm_eps, logits_out,
-                                  cache.depth_scratch)
+        operands = (x, previous, self.depth_embed_table, self.depth_embed_offsets[step:step + 1], self.depth_norm1,
+                    self.depth_qkv[:, step], self.depth_out[:, step], self.depth_norm2, self.depth_gate_up[:, step],
+                    self.depth_down[:, step], d.heads[step], cache.depth_k, cache.depth_v, step)
+        if self.fused_depth or ops.uses_cuda_depth_step(*operands, logits_out, cache.depth_scratch):
+            return ops.depth_step(*operands, c.norm_eps, logits_out, cache.depth_scratch)
         ops.embed_sum(previous[:, None], self.depth_embed_table, self.depth_embed_offsets[step:step + 1], out=x,
                       accumulate=True)
         for i, layer in enumerate(d.layers):

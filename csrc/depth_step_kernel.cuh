@@ -383,8 +383,7 @@ __device__ void product_phase_run(const DepthStepArgs& a, int p, int first_block
     shared.partials[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     __syncthreads();
 
-    // Thread e finishes row m = e / columns, column tile_column + e % columns (see skinny_gemv_kernel.cuh for the
-    // accumulator layout).
+    // Thread e finishes row m = e / columns, column tile_column + e % columns.
     const int columns = phase.gated ? kGemvTileRows / 2 : kGemvTileRows;
     const int tile_column = tile * columns;
     for (int e = threadIdx.x; e < kGemvMaxRows * columns; e += kDepthThreads) {
@@ -392,15 +391,9 @@ __device__ void product_phase_run(const DepthStepArgs& a, int p, int first_block
       const int column_in_tile = e % columns;
       const int column = tile_column + column_in_tile;
       if (m >= a.rows || column >= phase.n) continue;
-      const int source_lane = 4 * (column_in_tile % 8) + m / 2;
-      const int source_element = 2 * (column_in_tile / 8) + m % 2;
-      float sum = 0.f;
-      float up = 0.f;
-      for (int w = 0; w < kDepthWarps; ++w) {
-        const float* partial = reinterpret_cast<const float*>(&shared.partials[w][source_lane]);
-        sum += partial[source_element];
-        if (phase.gated) up += partial[source_element + 2];
-      }
+      const float2 sums = tile_element_sums(shared.partials, kDepthWarps, m, column_in_tile, phase.gated);
+      const float sum = sums.x;
+      const float up = sums.y;
       switch (phase.kind) {
         case kQkv: {
           const __nv_bfloat16 value = __float2bfloat16_rn(sum);

@@ -233,6 +233,22 @@ __device__ __forceinline__ void multiply_step(float (&acc)[4], const StepOperand
   }
 }
 
+// A tile's element (x row m, column_in_tile) summed over the warps' fp32 partials [warps][32] in warp order
+// (deterministic): .x the product, .y (gated) its up row's. The accumulator element i of lane (g, t) holds weight
+// row g + 8 (i / 2) of the tile (the gate row g for i < 2 and its up row for i >= 2, gated) and x row 2 t + i % 2.
+__device__ __forceinline__ float2 tile_element_sums(const float4 (*partials)[32], int warps, int m, int column_in_tile,
+                                                   bool gated) {
+  const int source_lane = 4 * (column_in_tile % 8) + m / 2;
+  const int source_element = 2 * (column_in_tile / 8) + m % 2;
+  float2 sums = make_float2(0.f, 0.f);
+  for (int w = 0; w < warps; ++w) {
+    const float* partial = reinterpret_cast<const float*>(&partials[w][source_lane]);
+    sums.x += partial[source_element];
+    if (gated) sums.y += partial[source_element + 2];
+  }
+  return sums;
+}
+
 template <bool kNorm, bool kGated>
 __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
   // Output columns a block owns: its 16 weight rows, or (gated) their 8 gate-and-up pairs.
@@ -291,23 +307,15 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   __syncthreads();
 
   // Thread e finishes out[m = e / kTileColumns, tile_column + e % kTileColumns]: consecutive threads write
-  // consecutive columns. The accumulator element i of lane (g, t) holds weight row g + 8 (i / 2) of the tile (the
-  // gate row g for i < 2 and its up row for i >= 2, gated) and x row 2 t + i % 2.
+  // consecutive columns.
   for (int e = threadIdx.x; e < kGemvMaxRows * kTileColumns; e += blockDim.x) {
     const int m = e / kTileColumns;
     const int column_in_tile = e % kTileColumns;
     const int column = tile_column + column_in_tile;
     if (m >= args.rows || column >= args.n) continue;
-    const int source_lane = 4 * (column_in_tile % 8) + m / 2;
-    const int source_element = 2 * (column_in_tile / 8) + m % 2;
-    float sum = 0.f;
-    float up = 0.f;
-    for (int w = 0; w < warps; ++w) {
-      const float* partial = reinterpret_cast<const float*>(&warp_partials[w][source_lane]);
-      sum += partial[source_element];
-      if constexpr (kGated) up += partial[source_element + 2];
-    }
-    if constexpr (kGated) sum = sum / (1.f + __expf(-sum)) * up;
+    const float2 sums = tile_element_sums(warp_partials, warps, m, column_in_tile, kGated);
+    float sum = sums.x;
+    if constexpr (kGated) sum = sum / (1.f + __expf(-sum)) * sums.y;
     // One thread reads and writes each element, so the residual may be out itself.
     const int64_t index = static_cast<int64_t>(m) * args.n + column;
     if (args.residual != nullptr) sum += __bfloat162float(args.residual[index]);

@@ -18,12 +18,12 @@ TORCH_LIBRARY(moshi_fast, m) {
   // One codebook step of the depth transformer in one persistent launch (depth_step.cu), bf16, B <= 8: x [B, D]
   // += the embedding of previous [B], then every layer with the step's weights ([L, ...] views with a layer
   // stride), the caches' column `step` written, logits_out [B, card] = the head's; the spec is
-  // kernels/depth_step.py's depth_step_ref. The scratches carry activations between the phases; counters[0:2] are
-  // the grid barrier's (left as found).
+  // kernels/depth_step.py's depth_step_ref. The scratches carry the queries and the FFN activations between the
+  // phases; counters[0:2] are the grid barrier's (the arrival count left at 0).
   m.def("depth_step_bf16(Tensor(a!) x, Tensor previous, Tensor embed_table, Tensor embed_row_offset, Tensor norm1, "
         "Tensor qkv, Tensor out_proj, Tensor norm2, Tensor gate_up, Tensor down, Tensor head, Tensor(b!) k_cache, "
         "Tensor(c!) v_cache, int step, float eps, Tensor(d!) logits_out, Tensor(e!) qkv_scratch, "
-        "Tensor(f!) attention_scratch, Tensor(g!) hidden_scratch, Tensor(h!) counters, bool programmatic=False) -> ()");
+        "Tensor(f!) hidden_scratch, Tensor(g!) counters, bool programmatic=False) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

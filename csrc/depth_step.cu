@@ -63,7 +63,7 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
                      const at::Tensor& out_proj, const at::Tensor& norm2, const at::Tensor& gate_up,
                      const at::Tensor& down, const at::Tensor& head, at::Tensor& k_cache, at::Tensor& v_cache,
                      int64_t step, double eps, at::Tensor& logits_out, at::Tensor& qkv_scratch,
-                     at::Tensor& attention_scratch, at::Tensor& hidden_scratch, at::Tensor& counters,
+                     at::Tensor& hidden_scratch, at::Tensor& counters,
                      bool programmatic) {
   TORCH_CHECK_VALUE(x.is_cuda(), "depth_step_bf16 runs on CUDA tensors; x is on ", x.device());
   check_on(x, "x", x, at::kBFloat16);
@@ -75,8 +75,8 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
   const int64_t dim = x.size(1);
   TORCH_CHECK_VALUE(rows >= 1 && rows <= kGemvMaxRows, "depth_step_bf16: x must have 1 to ", kGemvMaxRows,
                     " rows, got ", rows);
-  TORCH_CHECK_VALUE(dim % kDepthHeadDim == 0 && dim <= kDepthMaxK, "depth_step_bf16: D must be a multiple of ",
-                    kDepthHeadDim, " and at most ", kDepthMaxK, ", got ", dim);
+  TORCH_CHECK_VALUE(dim % kDepthHeadDim == 0 && dim <= kDepthMaxDim, "depth_step_bf16: D must be a multiple of ",
+                    kDepthHeadDim, " and at most ", kDepthMaxDim, ", got ", dim);
   const int64_t layers = norm1.size(0);
   TORCH_CHECK_VALUE(norm1.dim() == 2 && norm2.dim() == 2 && norm1.sizes() == norm2.sizes() && norm1.size(1) == dim &&
                         norm1.stride(1) == 1 && norm1.strides() == norm2.strides() && norm1.stride(0) % 8 == 0,
@@ -126,8 +126,7 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
   TORCH_CHECK_VALUE(logits_out.dim() == 2 && logits_out.size(0) == rows && logits_out.size(1) == card &&
                         logits_out.stride(1) == 1,
                     "depth_step_bf16: logits_out must be [B, card] with unit last stride, got ", logits_out.sizes());
-  const std::array<std::pair<at::Tensor*, int64_t>, 3> scratches{
-      {{&qkv_scratch, 3 * dim}, {&attention_scratch, dim}, {&hidden_scratch, hidden}}};
+  const std::array<std::pair<at::Tensor*, int64_t>, 2> scratches{{{&qkv_scratch, 3 * dim}, {&hidden_scratch, hidden}}};
   for (const auto& [scratch, width] : scratches) {
     check_on(*scratch, "scratch", x, at::kBFloat16);
     TORCH_CHECK_VALUE(scratch->dim() == 2 && scratch->size(0) == rows && scratch->size(1) == width &&
@@ -158,7 +157,6 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
   args.v_cache = reinterpret_cast<__nv_bfloat16*>(v_cache.mutable_data_ptr());
   args.logits = reinterpret_cast<__nv_bfloat16*>(logits_out.mutable_data_ptr());
   args.qkv_scratch = reinterpret_cast<__nv_bfloat16*>(qkv_scratch.mutable_data_ptr());
-  args.attention_scratch = reinterpret_cast<__nv_bfloat16*>(attention_scratch.mutable_data_ptr());
   args.hidden_scratch = reinterpret_cast<__nv_bfloat16*>(hidden_scratch.mutable_data_ptr());
   args.barrier = reinterpret_cast<unsigned*>(counters.mutable_data_ptr<int32_t>());
   args.x_stride = x.stride(0);

@@ -25,16 +25,17 @@
 // summed in shared memory in warp order (deterministic) and rounded once in the epilogue.
 //
 // Phases of a layer, separated by grid barriers:
-//   qkv      RMSNorm(x) (each block computes the B row scales itself; layer 0 first adds the embedding, every block
-//            for itself, without storing it) -> the qkv scratch [B, 3D]; key and value columns also go into the
-//            caches at `step`
-//   attend   one warp per (row, head): the query against the cached keys 0..step, fp32 softmax, the output rounded
-//            into the attention scratch [B, D]
-//   out      x = round(attention @ out^T + x) (layer 0: x + embedding, rounded, as the residual); a tile's columns
-//            of x are read and written by its block alone
+//   qkv      RMSNorm(x) (layer 0 first adds the embedding, every block for itself, without storing it) -> queries
+//            into the qkv scratch [B, 3D], keys and values into the caches at `step`
+//   out      every block with an out tile first computes the attention of every (row, head) itself (the query against
+//            the cached keys 0..step, fp32 online softmax, rounded) into shared memory, then x = round(attention @
+//            out^T + x) (layer 0: x + embedding, rounded, as the residual); a tile's columns of x are read and
+//            written by its block alone
 //   gate_up  RMSNorm(x) -> silu(gate) * up, rounded, into the hidden scratch [B, Hd]
 //   down     x = round(hidden @ down^T + x)
-// then the head: logits = round(x @ head^T). 5 L barriers a step (30 at Moshi's 6 layers).
+// then the head: logits = round(x @ head^T). 4 L barriers a step (24 at Moshi's 6 layers). A phase reads its input
+// rows once: each block's warps hold every element of them as B-operand pieces, and an RMSNorm's sums of squares
+// are summed from those pieces.
 //
 // Memory ordering. Activations written during the launch are read with ld.global.cg (at L2: the L1 of an SM is not
 // coherent with other SMs' writes). The barrier (grid_barrier) releases every write of the block before its arrival
@@ -61,6 +62,8 @@ constexpr int kDepthChunkK = kDepthWarps * kGemvStepK;
 // The widest K served: a tile's chunks' activation pieces are held in registers (kDepthMaxChunks per warp).
 constexpr int kDepthMaxChunks = 3;
 constexpr int kDepthMaxK = kDepthMaxChunks * kDepthChunkK;
+// The widest D served: the attention output of every row is kept in shared memory (16 KB at 8 rows).
+constexpr int kDepthMaxDim = 1024;
 // Chunks in flight per block: 6 x 33 KB of shared memory.
 constexpr int kDepthStages = 6;
 // A chunk row's pitch in shared memory, in elements: 64 bytes past the row's 2 KB, so that the 16-byte reads of one
@@ -86,7 +89,6 @@ struct DepthStepArgs {
   __nv_bfloat16* v_cache;
   __nv_bfloat16* logits;                  // [rows, card], row stride logits_stride
   __nv_bfloat16* qkv_scratch;             // [rows, 3 dim] contiguous
-  __nv_bfloat16* attention_scratch;       // [rows, dim] contiguous
   __nv_bfloat16* hidden_scratch;          // [rows, hidden] contiguous
   unsigned* barrier;                      // [2]: arrivals (0 between barriers), generation (any value)
   int64_t x_stride, norm_stride, qkv_stride, out_stride, gate_up_stride, down_stride, logits_stride;
@@ -280,47 +282,104 @@ __device__ __forceinline__ uint4 add_rounded(uint4 a, uint4 b) {
   return result;
 }
 
-// The product's input row m, 8 elements at column c: x (plus the embedding at layer 0), or a scratch.
+// The product's input row m, 8 elements at column c: x (plus the embedding at layer 0), a scratch, or the
+// attention output in shared memory.
 struct ActivationSource {
   const __nv_bfloat16* base;
   int64_t stride;
-  const __nv_bfloat16* embedding;  // [rows] of embedding rows, or null
+  bool in_shared;
+  const __nv_bfloat16* embedding;  // null, or the table: row m adds embedding[embedding_rows[m] + c]
   int64_t embedding_rows[kGemvMaxRows];
 
   __device__ __forceinline__ uint4 load(int m, int c) const {
-    uint4 value = load_activation(base + m * stride + c);
+    const __nv_bfloat16* address = base + m * stride + c;
+    uint4 value = in_shared ? *reinterpret_cast<const uint4*>(address) : load_activation(address);
     if (embedding != nullptr) value = add_rounded(value, __ldg(reinterpret_cast<const uint4*>(
                                                              embedding + embedding_rows[m] + c)));
     return value;
   }
 };
 
-// rsqrt(eps + mean(v^2)) of each source row into scales[rows], a warp a row.
-__device__ __forceinline__ void source_rms_scales(const ActivationSource& source, int rows, int k, float eps,
-                                                  float* scales) {
-  const int lane = threadIdx.x % 32;
-  for (int m = threadIdx.x / 32; m < rows; m += kDepthWarps) {
-    float sum = 0.f;
-    for (int c = 8 * lane; c < k; c += 8 * 32) {
-      const uint4 piece = source.load(m, c);
-      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&piece);
+__device__ __forceinline__ float sum_of_squares(uint4 piece) {
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&piece);
+  float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __bfloat1622float2(pairs[j]);
-        sum += f.x * f.x + f.y * f.y;
-      }
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) scales[m] = rsqrtf(eps + sum / static_cast<float>(k));
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(pairs[j]);
+    sum += f.x * f.x + f.y * f.y;
   }
+  return sum;
 }
 
 // Shared memory besides the slots.
 struct DepthShared {
   float4 partials[kDepthWarps][32];
-  float row_scales[kGemvMaxRows];
+  float square_sums[kDepthWarps][kGemvMaxRows];
+  __align__(16) __nv_bfloat16 attention[kGemvMaxRows * kDepthMaxDim];
 };
+
+// The attention of layer `layer` for every (row, head) into out [rows, dim] (shared memory), rounded: 8 threads a
+// (row, head), 8 of its 64 dimensions each, 32 (row, head) pairs at a time; the query from the qkv scratch, the keys
+// and values of steps 0..step from the caches (the qkv phase wrote this step's), an online fp32 softmax.
+__device__ void attend_into_shared(const DepthStepArgs& a, int layer, __nv_bfloat16* out) {
+  const int d = 8 * (threadIdx.x % 8);
+  const int pairs = a.rows * a.heads;
+  const float scale = rsqrtf(static_cast<float>(kDepthHeadDim));
+  // Every thread runs every round (the shuffles take whole warps); threads past the last pair store nothing.
+  for (int first = 0; first < pairs; first += kDepthThreads / 8) {
+    const int item = first + static_cast<int>(threadIdx.x) / 8;
+    const bool valid = item < pairs;
+    const int m = valid ? item / a.heads : 0;
+    const int head = valid ? item % a.heads : 0;
+    float q[8];
+    const uint4 q_piece = load_activation(a.qkv_scratch + static_cast<int64_t>(m) * 3 * a.dim + head * kDepthHeadDim + d);
+    const __nv_bfloat162* q_pairs = reinterpret_cast<const __nv_bfloat162*>(&q_piece);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(q_pairs[i]);
+      q[2 * i] = f.x, q[2 * i + 1] = f.y;
+    }
+    const int64_t base = (((static_cast<int64_t>(layer) * a.rows + m) * a.heads + head) * a.steps) * kDepthHeadDim + d;
+    float best = -INFINITY;
+    float total = 0.f;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kDepthMaxSteps; ++j) {
+      if (j > a.step) break;
+      const uint4 key = load_activation(a.k_cache + base + j * kDepthHeadDim);
+      const uint4 value = load_activation(a.v_cache + base + j * kDepthHeadDim);
+      const __nv_bfloat162* key_pairs = reinterpret_cast<const __nv_bfloat162*>(&key);
+      const __nv_bfloat162* value_pairs = reinterpret_cast<const __nv_bfloat162*>(&value);
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(key_pairs[i]);
+        dot += q[2 * i] * f.x + q[2 * i + 1] * f.y;
+      }
+#pragma unroll
+      for (int offset = 1; offset < 8; offset *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+      const float score = dot * scale;
+      const float new_best = fmaxf(best, score);
+      const float correction = __expf(best - new_best);
+      const float weight = __expf(score - new_best);
+      total = total * correction + weight;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(value_pairs[i]);
+        acc[2 * i] = acc[2 * i] * correction + weight * f.x;
+        acc[2 * i + 1] = acc[2 * i + 1] * correction + weight * f.y;
+      }
+      best = new_best;
+    }
+    if (valid) {
+      uint4 result;
+      __nv_bfloat162* result_pairs = reinterpret_cast<__nv_bfloat162*>(&result);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) result_pairs[i] = __floats2bfloat162_rn(acc[2 * i] / total, acc[2 * i + 1] / total);
+      *reinterpret_cast<uint4*>(out + m * a.dim + head * kDepthHeadDim + d) = result;
+    }
+  }
+}
 
 // One product phase of the block: every tile it owns, chunk by chunk from the pipeline, then the epilogue.
 // norm_weight: RMSNorm the source first (null: no norm).
@@ -336,25 +395,44 @@ __device__ void product_phase_run(const DepthStepArgs& a, int p, int first_block
   const int lane_k = 8 * (lane % 4);
   const int x_row = min(group, a.rows - 1);
 
-  if (norm_weight != nullptr) {
-    source_rms_scales(source, a.rows, phase.k, a.eps, shared.row_scales);
+  if (phase.kind == kOut) {
+    attend_into_shared(a, p / 4, shared.attention);
     __syncthreads();
   }
-  // The warp's B-operand pieces for each chunk (K-step chunk * kDepthWarps + warp), normalised; zero past K.
+  // The warp's B-operand pieces for each chunk (K-step chunk * kDepthWarps + warp); zero past K. Together the
+  // block's warps hold every element of the rows (each row's pieces in the 4 lanes of one group), so the RMSNorm's
+  // sums of squares come from the pieces themselves: one read of the source.
   uint4 x_pieces[kDepthMaxChunks][kGemvLoadsPerRow];
-  const float scale = norm_weight != nullptr ? shared.row_scales[x_row] : 1.f;
+  float square_sum = 0.f;
 #pragma unroll
   for (int c = 0; c < kDepthMaxChunks; ++c) {
 #pragma unroll
     for (int u = 0; u < kGemvLoadsPerRow; ++u) {
       const int column = c * kDepthChunkK + warp * kGemvStepK + 32 * u + lane_k;
       uint4 piece = make_uint4(0, 0, 0, 0);
-      if (c < phase.chunks && column < phase.k) {
-        piece = source.load(x_row, column);
-        if (norm_weight != nullptr) piece = normalize_piece(piece, __ldg(reinterpret_cast<const uint4*>(
-                                                                           norm_weight + column)), scale);
-      }
+      if (c < phase.chunks && column < phase.k) piece = source.load(x_row, column);
       x_pieces[c][u] = piece;
+      if (norm_weight != nullptr) square_sum += sum_of_squares(piece);
+    }
+  }
+  if (norm_weight != nullptr) {
+    square_sum += __shfl_xor_sync(0xffffffffu, square_sum, 1);
+    square_sum += __shfl_xor_sync(0xffffffffu, square_sum, 2);
+    if (lane % 4 == 0) shared.square_sums[warp][group] = square_sum;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < kDepthWarps; ++w) total += shared.square_sums[w][group];
+    const float scale = rsqrtf(a.eps + total / static_cast<float>(phase.k));
+#pragma unroll
+    for (int c = 0; c < kDepthMaxChunks; ++c) {
+#pragma unroll
+      for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+        const int column = c * kDepthChunkK + warp * kGemvStepK + 32 * u + lane_k;
+        if (c < phase.chunks && column < phase.k) {
+          x_pieces[c][u] = normalize_piece(x_pieces[c][u], __ldg(reinterpret_cast<const uint4*>(norm_weight + column)),
+                                           scale);
+        }
+      }
     }
   }
 
@@ -396,9 +474,11 @@ __device__ void product_phase_run(const DepthStepArgs& a, int p, int first_block
       const float up = sums.y;
       switch (phase.kind) {
         case kQkv: {
+          // Queries go to the scratch, keys and values to the caches, where the out phase reads them.
           const __nv_bfloat16 value = __float2bfloat16_rn(sum);
-          a.qkv_scratch[static_cast<int64_t>(m) * 3 * a.dim + column] = value;
-          if (column >= a.dim) {
+          if (column < a.dim) {
+            a.qkv_scratch[static_cast<int64_t>(m) * 3 * a.dim + column] = value;
+          } else {
             const int kv = column / a.dim;  // 1: key, 2: value
             const int within = column - kv * a.dim;
             const int head = within / kDepthHeadDim;
@@ -459,50 +539,6 @@ __device__ __forceinline__ void grid_barrier(unsigned* barrier) {
   __syncthreads();
 }
 
-// The attention of layer `layer`: warp-sized work items (row, head), dealt to the blocks' warps.
-__device__ void attention_phase(const DepthStepArgs& a, int layer) {
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int blocks = static_cast<int>(gridDim.x);
-  const float scale = rsqrtf(static_cast<float>(kDepthHeadDim));
-  for (int item = warp * blocks + static_cast<int>(blockIdx.x); item < a.rows * a.heads; item += kDepthWarps * blocks) {
-    const int m = item / a.heads;
-    const int head = item % a.heads;
-    const int d = 2 * lane;
-    const __nv_bfloat16* q_row = a.qkv_scratch + static_cast<int64_t>(m) * 3 * a.dim + head * kDepthHeadDim + d;
-    const float2 q = __bfloat1622float2(__ldcg(reinterpret_cast<const __nv_bfloat162*>(q_row)));
-    const int64_t base = (((static_cast<int64_t>(layer) * a.rows + m) * a.heads + head) * a.steps) * kDepthHeadDim + d;
-    float scores[kDepthMaxSteps];
-    float2 values[kDepthMaxSteps];
-    float best = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kDepthMaxSteps; ++j) {
-      if (j > a.step) break;
-      const float2 key = __bfloat1622float2(__ldcg(reinterpret_cast<const __nv_bfloat162*>(
-          a.k_cache + base + j * kDepthHeadDim)));
-      values[j] = __bfloat1622float2(__ldcg(reinterpret_cast<const __nv_bfloat162*>(
-          a.v_cache + base + j * kDepthHeadDim)));
-      float dot = q.x * key.x + q.y * key.y;
-#pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-      scores[j] = dot * scale;
-      best = fmaxf(best, scores[j]);
-    }
-    float total = 0.f;
-    float2 result = make_float2(0.f, 0.f);
-#pragma unroll
-    for (int j = 0; j < kDepthMaxSteps; ++j) {
-      if (j > a.step) break;
-      const float weight = __expf(scores[j] - best);
-      total += weight;
-      result.x += weight * values[j].x;
-      result.y += weight * values[j].y;
-    }
-    *reinterpret_cast<__nv_bfloat162*>(a.attention_scratch + static_cast<int64_t>(m) * a.dim + head * kDepthHeadDim +
-                                       d) = __floats2bfloat162_rn(result.x / total, result.y / total);
-  }
-}
-
 __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(DepthStepArgs a) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   __nv_bfloat16* slots = reinterpret_cast<__nv_bfloat16*>(shared_bytes);
@@ -514,14 +550,14 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
   pipeline.start(a, slots);
   await_previous_kernel();
 
-  ActivationSource x_source{a.x, a.x_stride, nullptr, {}};
+  ActivationSource x_source{a.x, a.x_stride, false, nullptr, {}};
   ActivationSource embedded = x_source;
   embedded.embedding = a.embed_table;
   for (int m = 0; m < kGemvMaxRows; ++m) {
     embedded.embedding_rows[m] = m < a.rows ? (a.embed_row_offset[0] + a.previous[m]) * a.dim : 0;
   }
-  const ActivationSource attention_source{a.attention_scratch, a.dim, nullptr, {}};
-  const ActivationSource hidden_source{a.hidden_scratch, a.hidden, nullptr, {}};
+  const ActivationSource attention_source{shared.attention, a.dim, true, nullptr, {}};
+  const ActivationSource hidden_source{a.hidden_scratch, a.hidden, false, nullptr, {}};
 
   const int blocks = static_cast<int>(gridDim.x);
   int first_block = 0;
@@ -531,8 +567,6 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
     product_phase_run(a, p + kQkv, first_block, pipeline, layer == 0 ? embedded : x_source,
                       a.norm1 + layer * a.norm_stride, shared);
     first_block = (first_block + phase.tiles) % blocks;
-    grid_barrier(a.barrier);
-    attention_phase(a, layer);
     grid_barrier(a.barrier);
     phase = product_phase(a, p + kOut);
     product_phase_run(a, p + kOut, first_block, pipeline, attention_source, nullptr, shared);

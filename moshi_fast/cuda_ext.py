@@ -175,8 +175,10 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return out
 
 
-DEPTH_MAX_WIDTH = 3072
-"""The widest D and Hd the extension's depth step serves (a tile's activation pieces are held in registers)."""
+DEPTH_MAX_DIM = 1024
+"""The widest D the extension's depth step serves (every row's attention output is kept in shared memory)."""
+DEPTH_MAX_HIDDEN = 3072
+"""The widest Hd it serves (a tile's activation pieces are held in registers)."""
 DEPTH_HEAD_DIM = 64
 DEPTH_MAX_STEPS = 16
 
@@ -187,9 +189,9 @@ def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tenso
                v_cache: torch.Tensor, step: int, eps: float, logits_out: torch.Tensor, scratch) -> torch.Tensor:
     """One codebook step of the depth transformer in one persistent launch by the extension's kernel
     (csrc/depth_step_kernel.cuh): the operands and semantics of kernels/depth_step.py's `depth_step` (its
-    `depth_step_ref` is the spec), bf16 only, B <= 8, heads of 64, D and Hd at most DEPTH_MAX_WIDTH, at most
+    `depth_step_ref` is the spec), bf16 only, B <= 8, heads of 64, D <= DEPTH_MAX_DIM, Hd <= DEPTH_MAX_HIDDEN, at most
     DEPTH_MAX_STEPS steps, `previous` and `embed_row_offset` int64. scratch: kernels.depth_step.DepthStepScratch
-    (its counters' first two words are the grid barrier's). Launched with programmatic dependent launch where
+    (its qkv and hidden buffers and its counters' first two words, the grid barrier's; not its attention buffer). Launched with programmatic dependent launch where
     `kernels._utils.pdl` allows it. Graph-safe. Returns logits_out. Raises RuntimeError when the extension is
     unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
@@ -200,7 +202,7 @@ def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tenso
                       k_cache, v_cache, step, logits_out, scratch)
     torch.ops.moshi_fast.depth_step_bf16(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2,
                                          gate_up, down, head, k_cache, v_cache, step, float(eps), logits_out,
-                                         scratch.qkv, scratch.attention, scratch.hidden, scratch.counters,
+                                         scratch.qkv, scratch.hidden, scratch.counters,
                                          pdl(x.device, "depth_step"))
     return logits_out
 
@@ -225,14 +227,14 @@ def _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, ou
     rows, dim = x.shape
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"depth_step_bf16: x must have 1 to {MAX_ROWS} rows, got {rows}")
-    if dim % DEPTH_HEAD_DIM or dim > DEPTH_MAX_WIDTH:
-        raise ValueError(f"depth_step_bf16: D must be a multiple of {DEPTH_HEAD_DIM} and at most {DEPTH_MAX_WIDTH}, "
+    if dim % DEPTH_HEAD_DIM or dim > DEPTH_MAX_DIM:
+        raise ValueError(f"depth_step_bf16: D must be a multiple of {DEPTH_HEAD_DIM} and at most {DEPTH_MAX_DIM}, "
                          f"got {dim}")
     if gate_up.dim() != 3 or gate_up.shape[1] % 2:
         raise ValueError(f"depth_step_bf16: gate_up must be [L, 2 Hd, D], got {list(gate_up.shape)}")
     layers, hidden = norm1.shape[0], gate_up.shape[1] // 2
-    if hidden % 8 or hidden > DEPTH_MAX_WIDTH:
-        raise ValueError(f"depth_step_bf16: Hd must be a multiple of 8 and at most {DEPTH_MAX_WIDTH}, got {hidden}")
+    if hidden % 8 or hidden > DEPTH_MAX_HIDDEN:
+        raise ValueError(f"depth_step_bf16: Hd must be a multiple of 8 and at most {DEPTH_MAX_HIDDEN}, got {hidden}")
     heads = dim // DEPTH_HEAD_DIM
     steps = k_cache.shape[3] if k_cache.dim() == 5 else 0
     expected = {
@@ -247,7 +249,6 @@ def _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, ou
         "v_cache": (v_cache, torch.bfloat16, (layers, rows, heads, steps, DEPTH_HEAD_DIM)),
         "logits_out": (logits_out, torch.bfloat16, (rows, head.shape[0])),
         "scratch.qkv": (scratch.qkv, torch.bfloat16, (rows, 3 * dim)),
-        "scratch.attention": (scratch.attention, torch.bfloat16, (rows, dim)),
         "scratch.hidden": (scratch.hidden, torch.bfloat16, (rows, hidden)),
         "scratch.counters": (scratch.counters, torch.int32, tuple(scratch.counters.shape)),
     }
@@ -277,11 +278,10 @@ def _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, ou
             raise ValueError(f"depth_step_bf16: {name}'s rows must be contiguous, got strides {tensor.stride()}")
     if norm1.stride() != norm2.stride():
         raise ValueError("depth_step_bf16: norm1 and norm2 must have the same strides")
-    for name in ("head", "embed_table", "previous", "k_cache", "v_cache", "scratch.qkv", "scratch.attention",
-                 "scratch.hidden"):
+    for name in ("head", "embed_table", "previous", "k_cache", "v_cache", "scratch.qkv", "scratch.hidden"):
         if not expected[name][0].is_contiguous():
             raise ValueError(f"depth_step_bf16: {name} must be contiguous")
-    for name in ("head", "embed_table", "scratch.qkv", "scratch.attention", "scratch.hidden"):
+    for name in ("head", "embed_table", "scratch.qkv", "scratch.hidden"):
         if expected[name][0].data_ptr() % 16:
             raise ValueError(f"depth_step_bf16: {name} must start 16-byte aligned (it is read in 16-byte pieces)")
     if logits_out.stride(-1) != 1:

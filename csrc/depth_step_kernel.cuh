@@ -149,7 +149,7 @@ __device__ __forceinline__ int first_tile(int first_block) {
 
 // Walks the block's chunks over the step, phase by phase: (phase, tile, chunk), in the consumer's order.
 struct ChunkCursor {
-  int phase;        // product phase index; phases() when past the end
+  int phase;        // product phase index; 4 L + 1 past the end
   int first_block;  // the block that owns the phase's tile 0
   int tile;
   int chunk;

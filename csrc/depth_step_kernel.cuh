@@ -147,6 +147,16 @@ __device__ __forceinline__ int first_tile(int first_block) {
   return (static_cast<int>(blockIdx.x) - first_block + blocks) % blocks;
 }
 
+// The block that owns tile 0 of the phase after `phase`, whose tile 0 went to `first_block`.
+__device__ __forceinline__ int next_first_block(int first_block, const ProductPhase& phase) {
+  return (first_block + phase.tiles) % static_cast<int>(gridDim.x);
+}
+
+// Element offset in embed_table of the embedding row that row m adds at layer 0.
+__device__ __forceinline__ int64_t embedding_row(const DepthStepArgs& a, int m) {
+  return (a.embed_row_offset[0] + a.previous[m]) * a.dim;
+}
+
 // Walks the block's chunks over the step, phase by phase: (phase, tile, chunk), in the consumer's order.
 struct ChunkCursor {
   int phase;        // product phase index; 4 L + 1 past the end
@@ -168,7 +178,7 @@ struct ChunkCursor {
 
   __device__ __forceinline__ void skip_empty_phases(const DepthStepArgs& a) {
     while (!done(a) && tile >= current.tiles) {
-      first_block = (first_block + current.tiles) % static_cast<int>(gridDim.x);
+      first_block = next_first_block(first_block, current);
       ++phase;
       if (done(a)) return;
       current = product_phase(a, phase);
@@ -382,13 +392,13 @@ __device__ void attend_into_shared(const DepthStepArgs& a, int layer, __nv_bfloa
 }
 
 // One product phase of the block: every tile it owns, chunk by chunk from the pipeline, then the epilogue.
-// norm_weight: RMSNorm the source first (null: no norm).
-__device__ void product_phase_run(const DepthStepArgs& a, int p, int first_block, WeightPipeline& pipeline,
+// norm_weight: RMSNorm the source first (null: no norm). Returns the block owning the next phase's tile 0.
+__device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block, WeightPipeline& pipeline,
                                   const ActivationSource& source, const __nv_bfloat16* norm_weight,
                                   DepthShared& shared) {
   const ProductPhase phase = product_phase(a, p);
   int tile = first_tile(first_block);
-  if (tile >= phase.tiles) return;
+  if (tile >= phase.tiles) return next_first_block(first_block, phase);
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int group = lane / 4;
@@ -496,8 +506,8 @@ __device__ void product_phase_run(const DepthStepArgs& a, int p, int first_block
           __nv_bfloat16* target = a.x + m * a.x_stride + column;
           float residual = __bfloat162float(__ldcg(target));
           if (phase.kind == kOut && p == kOut) {
-            const __nv_bfloat16* table = a.embed_table + (a.embed_row_offset[0] + a.previous[m]) * a.dim;
-            residual = __bfloat162float(__float2bfloat16_rn(residual + __bfloat162float(table[column])));
+            const __nv_bfloat16 embedded = a.embed_table[embedding_row(a, m) + column];
+            residual = __bfloat162float(__float2bfloat16_rn(residual + __bfloat162float(embedded)));
           }
           *target = __float2bfloat16_rn(sum + residual);
           break;
@@ -513,6 +523,7 @@ __device__ void product_phase_run(const DepthStepArgs& a, int p, int first_block
     }
     __syncthreads();
   }
+  return next_first_block(first_block, phase);
 }
 
 // Every block waits until all have arrived, their writes released to the whole GPU; graph-safe: the arrival count
@@ -554,32 +565,23 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
   ActivationSource embedded = x_source;
   embedded.embedding = a.embed_table;
   for (int m = 0; m < kGemvMaxRows; ++m) {
-    embedded.embedding_rows[m] = m < a.rows ? (a.embed_row_offset[0] + a.previous[m]) * a.dim : 0;
+    embedded.embedding_rows[m] = m < a.rows ? embedding_row(a, m) : 0;
   }
   const ActivationSource attention_source{shared.attention, a.dim, true, nullptr, {}};
   const ActivationSource hidden_source{a.hidden_scratch, a.hidden, false, nullptr, {}};
 
-  const int blocks = static_cast<int>(gridDim.x);
   int first_block = 0;
   for (int layer = 0; layer < a.layers; ++layer) {
-    const int p = 4 * layer;
-    ProductPhase phase = product_phase(a, p + kQkv);
-    product_phase_run(a, p + kQkv, first_block, pipeline, layer == 0 ? embedded : x_source,
-                      a.norm1 + layer * a.norm_stride, shared);
-    first_block = (first_block + phase.tiles) % blocks;
-    grid_barrier(a.barrier);
-    phase = product_phase(a, p + kOut);
-    product_phase_run(a, p + kOut, first_block, pipeline, attention_source, nullptr, shared);
-    first_block = (first_block + phase.tiles) % blocks;
-    grid_barrier(a.barrier);
-    phase = product_phase(a, p + kGateUp);
-    product_phase_run(a, p + kGateUp, first_block, pipeline, x_source, a.norm2 + layer * a.norm_stride, shared);
-    first_block = (first_block + phase.tiles) % blocks;
-    grid_barrier(a.barrier);
-    phase = product_phase(a, p + kDown);
-    product_phase_run(a, p + kDown, first_block, pipeline, hidden_source, nullptr, shared);
-    first_block = (first_block + phase.tiles) % blocks;
-    grid_barrier(a.barrier);
+    for (int kind = kQkv; kind <= kDown; ++kind) {
+      const ActivationSource source = kind == kQkv ? (layer == 0 ? embedded : x_source)
+                                      : kind == kOut ? attention_source
+                                      : kind == kGateUp ? x_source
+                                                        : hidden_source;
+      const __nv_bfloat16* norm = kind == kQkv ? a.norm1 : kind == kGateUp ? a.norm2 : nullptr;
+      first_block = product_phase_run(a, 4 * layer + kind, first_block, pipeline, source,
+                                      norm != nullptr ? norm + layer * a.norm_stride : nullptr, shared);
+      grid_barrier(a.barrier);
+    }
   }
   product_phase_run(a, 4 * a.layers, first_block, pipeline, x_source, nullptr, shared);
   wait_copies<0>();

@@ -180,19 +180,16 @@ def test_moshi_shapes_bf16(batch):
         assert_matches(frame, expected, step, 1e-2)
 
 
-@pytest.mark.gpu
-def test_cuda_graph_replays_a_frame():
-    """A captured frame of the 8 steps (one launch each, previous tokens fixed), replayed twice with
-    fresh inputs: each replay equals the eager steps on the same inputs."""
-    weights = Weights(**MOSHI, dtype=torch.bfloat16, device="cuda")
-    frame = Frame(weights, 8, 0, "cuda", torch.bfloat16)
-    steps = range(MOSHI["steps"])
-    inputs = frame.x.clone()
+def assert_graph_replays_a_frame(weights, frame, step_kernel, inputs=None):
+    """A captured frame of the steps (step_kernel(**frame.args(weights, step)) each, previous tokens fixed),
+    replayed twice with fresh inputs: each replay equals the eager steps on the same inputs. inputs: the x
+    each frame starts from (a clone of frame.x by default)."""
+    inputs = frame.x.clone() if inputs is None else inputs
 
     def run():
         frame.x.copy_(inputs)
-        for step in steps:
-            depth_step(**frame.args(weights, step))
+        for step in range(weights.config["steps"]):
+            step_kernel(**frame.args(weights, step))
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -214,3 +211,10 @@ def test_cuda_graph_replays_a_frame():
         assert torch.equal(replayed[1], frame.logits), replay
         assert torch.equal(replayed[2], frame.k_cache), replay
         assert not frame.scratch.counters[2:].any()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_a_frame():
+    """Moshi's 8 steps, one launch each, replayed in a CUDA graph (assert_graph_replays_a_frame)."""
+    weights = Weights(**MOSHI, dtype=torch.bfloat16, device="cuda")
+    assert_graph_replays_a_frame(weights, Frame(weights, 8, 0, "cuda", torch.bfloat16), depth_step)

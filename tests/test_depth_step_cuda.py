@@ -13,7 +13,7 @@ from moshi_fast.config import moshiko
 from moshi_fast.kernels.depth_step import depth_step_ref, depth_step_scratch
 
 from .helpers import rel_err
-from .test_depth_step import MOSHI, TINY, Frame, Weights, assert_matches
+from .test_depth_step import MOSHI, TINY, Frame, Weights, assert_graph_replays_a_frame, assert_matches
 from .test_lm_fast import _teacher_forced_run, build
 
 # Tails everywhere: a head of 300 rows (not a multiple of 16), Hd = 2200 (three K chunks, the last ending inside
@@ -90,25 +90,7 @@ def test_bitwise_repeatable_and_graph_replays(extension):
     run()
     assert torch.equal(frame.x, first[0]) and torch.equal(frame.logits, first[1])
     assert torch.equal(frame.k_cache, first[2])
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    for _ in range(2):
-        inputs.copy_(torch.randn(inputs.shape, device="cuda"))
-        frame.previous.copy_(torch.randint(0, weights.table_rows, frame.previous.shape, device="cuda"))
-        graph.replay()
-        torch.cuda.synchronize()
-        replayed = (frame.x.clone(), frame.logits.clone(), frame.k_cache.clone())
-        run()
-        torch.cuda.synchronize()
-        assert torch.equal(replayed[0], frame.x) and torch.equal(replayed[1], frame.logits)
-        assert torch.equal(replayed[2], frame.k_cache)
+    assert_graph_replays_a_frame(weights, frame, cuda_ext.depth_step, inputs)
     assert frame.scratch.counters[0].item() == 0, "the arrival count ends at zero"
 
 

@@ -39,7 +39,10 @@ Design, for Helium's regime (H = 32, D = 128, context 3000, bf16, B = 1..64):
     values go through tl.dot on the query repeated to 16 rows: the wasted tensor-core work is free, and
     Triton then pipelines the gathered K and V loads num_stages deep. Otherwise (fp32 pools, or
     tiles' "dot": False) scores are a broadcast multiply and a row sum over D, and the weighted values
-    a broadcast multiply and a column sum, each block's loads waited for in turn.
+    a broadcast multiply and a column sum, each block's loads waited for in turn. tiles' "dot_values":
+    False keeps the scores on the tensor cores and the weighted values on the FMA path: an 8-bit value
+    tile as tl.dot's right operand runs along K across rows, which Triton reads from shared memory a
+    byte at a time, while the broadcast multiply loads it in 16-byte vectors (the sweep decides).
   * The new token does not go through memory on its way to its own query: the program whose run holds
     position q starts its softmax state from the new key and value in registers and stores them into
     their row. No other program reads that row this step, so the store races with nothing.
@@ -54,7 +57,7 @@ step reads the same positions, and the cache adds the execution mask once after 
 (moshi_fast.cache.PagedKVCache.advance).
 
 Floor, per layer and step: live keys and values (min(q + 1, context) x H x D x 2 x 2 bytes in bf16: 49 MB
-a slot at a full window of 3000; half that with an 8-bit cache, whose tiles widen exactly to bf16 in
+a slot at a full window of 3000; half that with an 8-bit cache, whose tiles widen exactly to fp16 in
 registers before the tensor-core products) + qkv + out. On an H200 (~4.2 TB/s copy) that is ~12 us per slot
 and layer at a full window, ~0.4 ms for the 32 layers; B = 64 full windows: ~0.75 ms per layer. At 100 live keys
 (1.6 MB a slot) the launch and the chain of dependent loads (position, page table, keys, then the
@@ -153,6 +156,18 @@ def _window_block(k_pool_ptr, v_pool_ptr, table, key_pos, stop, head_offset, str
 
 
 @triton.jit
+def _dot_queries(query_rounded, HEAD_DIM: tl.constexpr, E4M3: tl.constexpr):
+    """The query row repeated over tl.dot's DOT_ROWS rows, in the dtype of the tensor-core operands: the activation
+    dtype, or fp16 with an e4m3 cache. e4m3 widens to fp16 in one packed conversion a pair of values (to bf16 it
+    takes a second, quarter-rate one per value, and those conversions, not the bytes, then bound the loop); fp16
+    holds every e4m3 value and every bf16 query in [2^-17, 65504] exactly, so the products are the same. Queries
+    beyond fp16's range saturate there."""
+    if E4M3:
+        query_rounded = tl.clamp(query_rounded.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return tl.broadcast_to(query_rounded[None, :], (DOT_ROWS, HEAD_DIM))
+
+
+@triton.jit
 def _paged_attention_kernel(
     qkv_ptr, k_pool_ptr, v_pool_ptr, page_table_ptr, positions_ptr, exec_mask_ptr, out_ptr,
     partials_ptr, counters_ptr,
@@ -160,8 +175,8 @@ def _paged_attention_kernel(
     stride_pool_page, stride_pool_head, stride_pool_row,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CONTEXT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGES_PER_SLOT: tl.constexpr, LOG_PERIOD: tl.constexpr, QK_SCALE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr, E4M3: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr, DOT_VALUES: tl.constexpr,
+    E4M3: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     split = tl.program_id(0)
@@ -216,13 +231,13 @@ def _paged_attention_kernel(
     acc = tl.where(mask_new, value_new.to(tl.float32), 0.0)
     stop = tl.minimum(start + chunk, position)
     offs_n = tl.arange(0, BLOCK_N)
-    if DOT:
+    if DOT and DOT_VALUES:
         # The one query row repeated over tl.dot's 16-row minimum: every row carries the same softmax
         # state, and row 0 is kept at the end. The tensor cores have time to spare at T = 1; what this
         # buys is that Triton software-pipelines the K and V loads that feed tl.dot (cp.async, num_stages
         # deep), where the FMA loop below waits for each block's loads.
         is_row0 = tl.arange(0, DOT_ROWS) == 0
-        queries = tl.broadcast_to(query_rounded[None, :], (DOT_ROWS, HEAD_DIM))
+        queries = _dot_queries(query_rounded, HEAD_DIM, E4M3)
         m_rows = tl.broadcast_to(m_i, (DOT_ROWS,))
         l_rows = tl.broadcast_to(l_i, (DOT_ROWS,))
         acc_rows = tl.broadcast_to(acc[None, :], (DOT_ROWS, HEAD_DIM))
@@ -230,7 +245,7 @@ def _paged_attention_kernel(
             keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
                                                  head_offset, stride_pool_page, stride_pool_row, offs_d,
                                                  PAGE_SIZE, PAGES_PER_SLOT)
-            # An 8-bit cache's tiles widen (exactly) to the activation dtype for the tensor cores.
+            # An 8-bit cache's tiles widen (exactly) to the operands' dtype for the tensor cores.
             keys = keys.to(queries.dtype)
             values = values.to(queries.dtype)
             scores = tl.dot(queries, tl.trans(keys)) * QK_SCALE
@@ -245,11 +260,19 @@ def _paged_attention_kernel(
         l_i = tl.sum(tl.where(is_row0, l_rows, 0.0), axis=0)
         m_i = tl.max(tl.where(is_row0, m_rows, float("-inf")), axis=0)
     else:
+        if DOT:
+            queries = _dot_queries(query_rounded, HEAD_DIM, E4M3)
         for block_start in range(start, stop, BLOCK_N):
             keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
                                                  head_offset, stride_pool_page, stride_pool_row, offs_d,
                                                  PAGE_SIZE, PAGES_PER_SLOT)
-            scores = tl.where(mask_n, tl.sum(keys.to(tl.float32) * query[None, :], axis=1), float("-inf"))
+            if DOT:
+                # Scores on the tensor cores (the keys' rows are the K-contiguous operand they want, and their
+                # loads pipeline); every row of the product is the one query's, so the max over rows is row 0.
+                scores = tl.max(tl.dot(queries, tl.trans(keys.to(queries.dtype))), axis=0) * QK_SCALE
+            else:
+                scores = tl.sum(keys.to(tl.float32) * query[None, :], axis=1)
+            scores = tl.where(mask_n, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             rescale = tl.exp2(m_i - m_new)
             weights = tl.exp2(scores - m_new)
@@ -326,8 +349,8 @@ def _resolve_tiles(batch: int, heads: int, head_dim: int, context: int, tiles: d
 
 
 def _use_dot(dtype: torch.dtype, block_n: int, head_dim: int, tiles: dict) -> bool:
-    """The tensor-core loop for 16-bit activations (dtype; the pools are the same or an 8-bit float, widened
-    to it; the plan's "dot" overrides it); tl.dot needs blocks of 16, and Triton's interpreter multiplies bf16
+    """The tensor-core loop for 16-bit activations (dtype; the pools are the same, or e4m3, widened to fp16;
+    the plan's "dot" overrides it); tl.dot needs blocks of 16, and Triton's interpreter multiplies bf16
     tl.dot operands wrongly, so there bf16 takes the FMA loop."""
     dot = tiles.get("dot")
     if dot is None:
@@ -380,7 +403,8 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     """Launcher. Shapes in the module docstring; k_pool/v_pool are one layer's pools (e.g.
     PagedKVCache.layer(i)). `workspace` (from paged_attention_workspace_size) is used when the window is
     split; a fresh one is allocated if it is None. `tiles` ({"block_n", "splits", "num_warps",
-    "num_stages"}, see paged_attention_candidate_tiles) overrides the defaults."""
+    "num_stages", "dot", "dot_values"}, see paged_attention_candidate_tiles and the module docstring) overrides
+    the defaults."""
     batch, width = qkv.shape
     _, heads, page_size, head_dim = k_pool.shape
     slots, pages_per_slot = page_table.shape
@@ -421,6 +445,7 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         HEADS=heads, HEAD_DIM=head_dim, CONTEXT=context, PAGE_SIZE=page_size, PAGES_PER_SLOT=pages_per_slot,
         LOG_PERIOD=math.log(max_period), QK_SCALE=head_dim ** -0.5 * math.log2(math.e),
         BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot,
+        DOT_VALUES=bool(tiles.get("dot_values", True)),
         E4M3=k_pool.dtype == torch.float8_e4m3fn, PDL=use_pdl, launch_pdl=use_pdl, **launch_options,
     )
     return out

@@ -333,8 +333,10 @@ def test_tensor_core_loop_matches_reference_fp16(tiles):
     sizes = paged_attention_workspace_size(slots, HEADS, HEAD_DIM, context, tiles)
     dot = run(tiles=tiles, workspace=SplitWorkspace(*sizes, "cpu"))
     fma = run(tiles={**tiles, "dot": False}, workspace=SplitWorkspace(*sizes, "cpu"))
+    scores_only = run(tiles={**tiles, "dot_values": False}, workspace=SplitWorkspace(*sizes, "cpu"))
     assert rel_err(dot, expected) < 2e-3
     assert rel_err(dot, fma) < 2e-3
+    assert rel_err(scores_only, expected) < 2e-3
     with pytest.raises(ValueError, match="tensor-core loop"):
         run(tiles={**tiles, "block_n": 8, "dot": True})
 
@@ -361,10 +363,12 @@ def test_e4m3_rounding_is_torchs(device):
     assert torch.equal(out.view(torch.uint8), to_cache_dtype(x, torch.float8_e4m3fn).view(torch.uint8))
 
 
-@pytest.mark.parametrize("activation", [torch.float32, torch.float16], ids=["fp32-fma", "fp16-tensor-core"])
+@pytest.mark.parametrize("activation, loop", [(torch.float32, {}), (torch.float16, {}),
+                                              (torch.float16, {"dot_values": False})],
+                         ids=["fp32-fma", "fp16-tensor-core", "fp16-tensor-core-scores"])
 @pytest.mark.parametrize("tiles", [{"splits": 1, "block_n": 16}, {"splits": 3, "block_n": 16}],
                          ids=["unsplit", "3-splits"])
-def test_fp8_pools_match_reference(activation, tiles):
+def test_fp8_pools_match_reference(activation, loop, tiles):
     """An 8-bit cache (e4m3): the new rows are stored with the reference's bits (rounded from the activation
     dtype, values past +-448 saturated), the rest of the pools untouched, and attention over the widened
     values matches the reference, on ragged windows up to a wrapped context of 40."""
@@ -387,8 +391,8 @@ def test_fp8_pools_match_reference(activation, tiles):
         if reference:
             return paged_attention_ref(*args, out=out).float(), k_pool, v_pool
         sizes = paged_attention_workspace_size(slots, HEADS, HEAD_DIM, context, tiles)
-        return (paged_attention(*args, out=out, tiles=tiles, workspace=SplitWorkspace(*sizes, "cpu")).float(),
-                k_pool, v_pool)
+        return (paged_attention(*args, out=out, tiles={**tiles, **loop},
+                                workspace=SplitWorkspace(*sizes, "cpu")).float(), k_pool, v_pool)
 
     expected, expected_k, expected_v = run(reference=True)
     got, k_pool, v_pool = run(reference=False)
@@ -509,10 +513,11 @@ def test_paged_attention_bf16_at_helium_shapes(batch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [None, {"dot_values": False}], ids=["plan", "scores-on-tensor-cores"])
 @pytest.mark.parametrize("batch", [1, 8, 64])
-def test_paged_attention_fp8_cache_at_helium_shapes(batch):
-    """bf16 activations on an e4m3 cache (the tensor-core loop on widened tiles): the reference's output and
-    stored bits."""
+def test_paged_attention_fp8_cache_at_helium_shapes(batch, tiles):
+    """bf16 activations on an e4m3 cache (the tensor-core loop on tiles widened to fp16, or only the scores
+    on the tensor cores): the reference's output and stored bits."""
     width = HELIUM["heads"] * HELIUM["head_dim"]
     positions = torch.randint(0, 8000, (batch,), generator=torch.Generator().manual_seed(batch)).tolist()
     positions[:4] = [0, 99, 2999, 3000][:batch]
@@ -521,8 +526,8 @@ def test_paged_attention_fp8_cache_at_helium_shapes(batch):
     twin_k, twin_v = cache.k_pool.clone(), cache.v_pool.clone()
     qkv = torch.randn(batch, 3 * width, device="cuda").to(torch.bfloat16)
     args = (cache.page_table, cache.positions, cache.exec_mask, HELIUM["context"], 10000.0)
-    out = paged_attention(qkv, *cache.layer(0), *args, out=torch.full((batch, width), float("nan"), device="cuda",
-                                                                       dtype=torch.bfloat16))
+    out = paged_attention(qkv, *cache.layer(0), *args, tiles=tiles,
+                          out=torch.full((batch, width), float("nan"), device="cuda", dtype=torch.bfloat16))
     expected = paged_attention_ref(qkv, twin_k[0], twin_v[0], *args)
     assert rel_err(out, expected) <= 1e-2
     assert torch.equal(cache.v_pool.view(torch.uint8), twin_v.view(torch.uint8))

@@ -111,6 +111,13 @@ def with_cuda_depth_step(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def with_fused_norms(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with every norm of `ops.linear` fused into its product (`ops.separate_norms(False)`, the
+    previous default; graphs captured inside it keep it), timed beside the default in the same run."""
+    with ops.separate_norms(False):
+        return fn(*args, **kwargs)
+
+
 def add_variant_options(parser, subject: str) -> None:
     """The benchmarks' options that also time variants of the fast engine in the same run (see variant_runs);
     subject names what is timed in their help ("the fast step", "moshi_fast")."""
@@ -124,6 +131,9 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--cuda-depth-step", action="store_true",
                         help=f"also time {subject} with each depth-transformer step as the CUDA extension's "
                              "persistent kernel, B <= 8 (fast_cuda_depth_step), same run")
+    parser.add_argument("--fused-norms", action="store_true",
+                        help=f"also time {subject} with every RMSNorm fused into its linear, at every batch "
+                             "(fast_fused_norms), same run")
 
 
 def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Callable[[], dict]]]:
@@ -136,6 +146,8 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
         runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
     if args.cuda_depth_step:
         runs.append(("fast_cuda_depth_step", lambda: with_cuda_depth_step(run, "fast_cuda_depth_step", None)))
+    if args.fused_norms:
+        runs.append(("fast_fused_norms", lambda: with_fused_norms(run, "fast_fused_norms", None)))
     if args.kv_cache:
         name = f"fast_kv_{args.kv_cache}"
         runs.append((name, lambda: run(name, KV_CACHE_DTYPES[args.kv_cache])))

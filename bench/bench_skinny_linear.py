@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from moshi_fast.config import LMConfig
 from moshi_fast.kernels._utils import SplitWorkspace
+from moshi_fast.kernels.norm_rows import norm_rows
 from moshi_fast.kernels.skinny_linear import (Norm, skinny_linear, skinny_linear_candidate_tiles,
                                               skinny_linear_tiles, skinny_linear_workspace_size)
 from moshi_fast.reference.lm import RMSNorm
@@ -77,9 +78,12 @@ def run(measure, device, shape: str, rows: int, batch: int, k: int, n: int, dtyp
             batch=batch, rows=rows, dtype=str(dtype).removeprefix("torch."), tiles=repr(tiles))
 
 
-def run_language_model(measure, device, shape: str, rows: int, split: bool, candidate: int | None = None):
+def run_language_model(measure, device, shape: str, rows: int, split: bool, candidate: int | None = None,
+                       separate_norm: bool = False):
     """One of LM's linears in bf16, default tiles (or candidate number `candidate`), beside the language
-    model's torch path. Skips a candidate number past the shape's list."""
+    model's torch path. Skips a candidate number past the shape's list. separate_norm: the rows normalised by
+    norm_rows first, then the product without a norm (ops.linear's path from SEPARATE_NORM_MIN_ROWS rows on),
+    both launches timed together."""
     k, n, rms, gated, residual = LM[shape]
     k, n = tiny(k, n)
     dtype = torch.bfloat16
@@ -102,9 +106,15 @@ def run_language_model(measure, device, shape: str, rows: int, split: bool, cand
     workspace = (SplitWorkspace(*skinny_linear_workspace_size(rows, n, tiles, gated=gated), device)
                  if tiles.split_k > 1 else None)
 
+    normed = torch.empty_like(x)
+
     def fast():
-        skinny_linear(x, weight, norm=norm, activation="silu_gate" if gated else None, residual=res, out=out,
-                      tiles=tiles, workspace=workspace)
+        if separate_norm:
+            skinny_linear(norm_rows(x, norm, out=normed), weight, activation="silu_gate" if gated else None,
+                          residual=res, out=out, tiles=tiles, workspace=workspace)
+        else:
+            skinny_linear(x, weight, norm=norm, activation="silu_gate" if gated else None, residual=res, out=out,
+                          tiles=tiles, workspace=workspace)
 
     @torch.no_grad()
     def torch_path():
@@ -118,7 +128,8 @@ def run_language_model(measure, device, shape: str, rows: int, split: bool, cand
         return y
 
     moved = weight.nbytes + x.nbytes + out.nbytes + (res.nbytes if residual else 0) + (k * 2 if rms else 0)
-    label = shape + (" split" if split else "") + ("" if candidate is None else f" candidate {candidate}")
+    label = (shape + (" split" if split else "") + (" separate norm" if separate_norm else "")
+             + ("" if candidate is None else f" candidate {candidate}"))
     measure(fast, moved, torch_path, op="skinny_linear", shape=label, batch=rows, rows=rows, dtype="bfloat16",
             tiles=repr(tiles))
 
@@ -137,6 +148,13 @@ def test_skinny_linear_mimi(measure, device, name, rows, split):
 @pytest.mark.parametrize("name", list(LM))
 def test_skinny_linear_lm(measure, device, name, rows, split):
     run_language_model(measure, device, name, rows, split)
+
+
+@pytest.mark.parametrize("rows", LM_ROWS)
+@pytest.mark.parametrize("name", [name for name, (_, _, rms, _, _) in LM.items() if rms])
+def test_skinny_linear_lm_separate_norm(measure, device, name, rows):
+    """The RMSNorm shapes with the norm in a launch of its own, beside the fused cases above (split plans)."""
+    run_language_model(measure, device, name, rows, split=True, separate_norm=True)
 
 
 @pytest.mark.skipif(not os.environ.get("BENCH_LM_CANDIDATES"), reason="set BENCH_LM_CANDIDATES=1 to sweep")

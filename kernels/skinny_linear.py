@@ -217,6 +217,18 @@ def _check_activation(activation: str | None, bias: torch.Tensor | None) -> None
         raise ValueError("silu_gate takes no bias (the language model's gate_up has none)")
 
 
+def normalize_rows_ref(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """The rows the product multiplies, the spec of the fused norm (and of kernels/norm_rows.py): LayerNorm in
+    fp32, as F.layer_norm, returned in fp32; RMSNorm as the language model's, (x * (weight * rsqrt(eps +
+    mean(x^2)))) in fp32, returned rounded to x's dtype. x [..., K]."""
+    hidden = x.float()
+    if norm.kind == "layer":
+        return F.layer_norm(hidden, (hidden.shape[-1],), norm.weight.float(),
+                            None if norm.bias is None else norm.bias.float(), norm.eps)
+    scale = torch.rsqrt(norm.eps + torch.mean(hidden ** 2, dim=-1, keepdim=True))
+    return (hidden * (norm.weight.float() * scale)).to(x.dtype)
+
+
 def skinny_linear_ref(x, weight, *, bias=None, norm=None, activation=None, residual=None, out=None,
                       tiles=None, workspace=None):
     """Torch reference, the spec: fp32 math on the given values, rounded once to out's dtype (x's by
@@ -224,13 +236,7 @@ def skinny_linear_ref(x, weight, *, bias=None, norm=None, activation=None, resid
     doc). `tiles` and `workspace` are accepted for the kernel's signature."""
     _check_activation(activation, bias)
     norm = as_norm(norm)
-    hidden = x.float()
-    if norm is not None and norm.kind == "layer":
-        hidden = F.layer_norm(hidden, (hidden.shape[-1],), norm.weight.float(),
-                              None if norm.bias is None else norm.bias.float(), norm.eps)
-    elif norm is not None:
-        scale = torch.rsqrt(norm.eps + torch.mean(hidden ** 2, dim=-1, keepdim=True))
-        hidden = (hidden * (norm.weight.float() * scale)).to(x.dtype).float()
+    hidden = x.float() if norm is None else normalize_rows_ref(x, norm).float()
     y = F.linear(hidden, weight.float(), None if bias is None else bias.float())
     if activation == "gelu":
         y = F.gelu(y)

@@ -29,6 +29,8 @@ from .kernels.depth_step import depth_step as _depth_step_kernel
 from .kernels.depth_step import depth_step_ref, depth_step_scratch
 from .kernels.embed_sum import embed_sum as _embed_sum_kernel
 from .kernels.embed_sum import embed_sum_ref
+from .kernels.norm_rows import norm_rows as _norm_rows_kernel
+from .kernels.norm_rows import norm_rows_ref
 from .kernels.paged_attention import paged_attention as _paged_attention_kernel
 from .kernels.paged_attention import paged_attention_ref, paged_attention_workspace_size
 from .kernels.ring_attention import ring_attention as _ring_attention_kernel
@@ -235,6 +237,27 @@ def _cuda_gemv_fusion(norm, activation) -> str | None:
     return "+".join(parts) or "plain"
 
 
+SEPARATE_NORM_MIN_ROWS = 8
+"""`linear` normalises the rows in a launch of their own (norm_rows) from this many rows on, and fuses the norm
+into the product below (where the CUDA GEMV does not take it). Chosen from the fused norm's measured cost (H200:
++3 us at B = 1, +8 us at B = 8, +39 us at B = 64 on Helium's qkv) against a launch of a few us; the separate
+path's own times come from bench_skinny_linear.py's "separate norm" cases."""
+_separate_norms = True
+
+
+@contextlib.contextmanager
+def separate_norms(enabled: bool = True):
+    """Inside the block (and in CUDA graphs captured inside it), `linear` normalises its rows in a launch of
+    their own from SEPARATE_NORM_MIN_ROWS rows on (the default), or always fuses the norm into the product (not
+    enabled). bench_lm_step.py and bench_frame.py time the fused norms beside the default with --fused-norms."""
+    global _separate_norms
+    saved, _separate_norms = _separate_norms, enabled
+    try:
+        yield
+    finally:
+        _separate_norms = saved
+
+
 def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
     """norm: an as_norm Norm or None."""
     if not (_kernels_enabled and x.is_cuda and bias is None):
@@ -260,9 +283,23 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
     if _use_cuda_gemv(x, weight, bias, parsed, activation, residual, out):
         return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps) if parsed else None,
                              gated=activation == "silu_gate")
-    fn = _skinny_linear_kernel if _use_kernel(x, weight) else skinny_linear_ref
-    return fn(x, weight, bias=bias, norm=norm, activation=activation, residual=residual, out=out,
-              workspace=workspace)
+    if not _use_kernel(x, weight):
+        return skinny_linear_ref(x, weight, bias=bias, norm=parsed, activation=activation, residual=residual,
+                                 out=out, workspace=workspace)
+    if parsed is not None and _separate_norms and x.shape[0] >= SEPARATE_NORM_MIN_ROWS:
+        # Every program of a fused norm computes all its rows' statistics before its weight stream starts;
+        # norm_rows computes each row's once.
+        x, parsed = _norm_rows_kernel(x, parsed), None
+    return _skinny_linear_kernel(x, weight, bias=bias, norm=parsed, activation=activation, residual=residual,
+                                 out=out, workspace=workspace)
+
+
+def norm_rows(x, norm, out=None):
+    """The rows `linear` multiplies after its norm (kernels/norm_rows.py): RMSNorm in x's dtype, LayerNorm in
+    fp32; x [M, K], norm as `linear` takes it."""
+    if _use_kernel(x):
+        return _norm_rows_kernel(x, norm, out=out)
+    return norm_rows_ref(x, norm, out=out)
 
 
 def linear_workspace_size(m: int, n: int, k: int, dtype, gated: bool = False) -> tuple[int, int]:
@@ -291,7 +328,7 @@ __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "c
            "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_sampling",
            "depth_attention", "depth_step", "depth_step_scratch",
            "embed_sum", "gemv_cuda", "linear",
-           "linear_workspace_size", "pack_conv_transpose_weight",
+           "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "programmatic_launch", "ring_attention",
            "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens",
-           "settle_weights", "uses_cuda_depth_step"]
+           "separate_norms", "settle_weights", "uses_cuda_depth_step"]

@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 
 CXX_FLAGS = ["-O3"]
-NVCC_FLAGS = ["-O3", "--use_fast_math", "--threads", "4", "-gencode", "arch=compute_90,code=sm_90"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--threads", "4", "-gencode", "arch=compute_90,code=sm_90"]
 """sm_90 (H100, H200) only: the kernels use mma.sync and 16-byte loads (sm_80 and later), nothing of sm_90a.
 No -std: torch's build adds the standard its headers need."""
 JIT_NAME = "moshi_fast_C"

@@ -22,6 +22,14 @@ ODD = dict(layers=2, dim=192, heads=3, hidden=2200, card=300, steps=5, tables=5,
 SMALL = dict(layers=3, dim=128, heads=2, hidden=200, card=77, steps=4, tables=4, table_rows=78)
 
 
+def cuda_weights(shapes) -> Weights:
+    """bf16 weights on the GPU with contiguous norms: test_depth_step's are strided views (row stride D + 3), which
+    the Triton kernel takes and this kernel's 16-byte loads do not (test_argument_checks)."""
+    weights = Weights(**shapes, dtype=torch.bfloat16, device="cuda")
+    weights.norm1, weights.norm2 = weights.norm1.contiguous(), weights.norm2.contiguous()
+    return weights
+
+
 def run_cuda(frame, weights, step):
     return cuda_ext.depth_step(**frame.args(weights, step))
 
@@ -32,7 +40,7 @@ def extension():
 
 
 def check_step(shapes, batch, step):
-    weights = Weights(**shapes, dtype=torch.bfloat16, device="cuda")
+    weights = cuda_weights(shapes)
     frame = Frame(weights, batch, step, "cuda", torch.bfloat16)
     expected = frame.clone()
     logits = run_cuda(frame, weights, step)
@@ -61,7 +69,7 @@ def test_odd_shapes(extension, shapes, batch):
 @pytest.mark.gpu
 def test_a_frame_of_steps(extension):
     """Steps 0..S-1 in turn, each attending over the keys the earlier ones wrote."""
-    weights = Weights(**MOSHI, dtype=torch.bfloat16, device="cuda")
+    weights = cuda_weights(MOSHI)
     frame = Frame(weights, 2, 0, "cuda", torch.bfloat16)
     expected = frame.clone()
     for step in range(MOSHI["steps"]):
@@ -76,7 +84,7 @@ def test_a_frame_of_steps(extension):
 def test_bitwise_repeatable_and_graph_replays(extension):
     """The same inputs give the same bits twice; a captured frame of the 8 steps replayed with fresh inputs equals
     the eager steps on those inputs."""
-    weights = Weights(**MOSHI, dtype=torch.bfloat16, device="cuda")
+    weights = cuda_weights(MOSHI)
     frame = Frame(weights, 8, 0, "cuda", torch.bfloat16)
     inputs = frame.x.clone()
 
@@ -104,13 +112,18 @@ def test_bitwise_repeatable_and_graph_replays(extension):
     (lambda w, f: dict(logits_out=f.logits[:, 1, ::2]), ValueError),
     (lambda w, f: dict(k_cache=f.k_cache[:, :, :, :, :32]), ValueError),
     (lambda w, f: dict(x=f.x[:, 1, 1:]), ValueError),
+    (lambda w, f: dict(norm1=torch.cat([w.norm1, w.norm1[:, :3]], 1)[:, :-3],
+                       norm2=torch.cat([w.norm2, w.norm2[:, :3]], 1)[:, :-3]), ValueError),
     (lambda w, f: dict(scratch=depth_step_scratch(2, MOSHI["dim"], MOSHI["hidden"], MOSHI["heads"], torch.bfloat16,
                                                   "cuda")), ValueError),
 ])
 def test_argument_checks(extension, change, error):
     """Bad operands raise before any launch, and the dispatch then keeps the Triton kernel."""
-    weights = Weights(**MOSHI, dtype=torch.bfloat16, device="cuda")
+    weights = cuda_weights(MOSHI)
     frame = Frame(weights, 3, 1, "cuda", torch.bfloat16)
+    valid = frame.args(weights, 1)
+    valid.pop("eps")
+    assert cuda_ext.depth_step_supported(**valid), "every case starts from operands the kernel takes"
     args = {**frame.args(weights, 1), **change(weights, frame)}
     with pytest.raises(error):
         cuda_ext.depth_step(**args)
@@ -121,7 +134,7 @@ def test_argument_checks(extension, change, error):
 
 @pytest.mark.gpu
 def test_more_than_eight_rows_keep_the_triton_kernel(extension):
-    weights = Weights(**MOSHI, dtype=torch.bfloat16, device="cuda")
+    weights = cuda_weights(MOSHI)
     frame = Frame(weights, 9, 0, "cuda", torch.bfloat16)
     args = frame.args(weights, 0)
     args.pop("eps")

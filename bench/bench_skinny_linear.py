@@ -82,7 +82,7 @@ def run_language_model(measure, device, shape: str, rows: int, split: bool, cand
                        separate_norm: bool = False):
     """One of LM's linears in bf16, default tiles (or candidate number `candidate`), beside the language
     model's torch path. Skips a candidate number past the shape's list. separate_norm: the rows normalised by
-    norm_rows first, then the product without a norm (ops.linear's path from SEPARATE_NORM_MIN_ROWS rows on),
+    norm_rows first, then the product without a norm (ops.linear's path for an RMSNorm, SEPARATE_NORM_KINDS),
     both launches timed together."""
     k, n, rms, gated, residual = LM[shape]
     k, n = tiny(k, n)

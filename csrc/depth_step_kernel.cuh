@@ -292,20 +292,24 @@ __device__ __forceinline__ uint4 add_rounded(uint4 a, uint4 b) {
   return result;
 }
 
-// The product's input row m, 8 elements at column c: x (plus the embedding at layer 0), a scratch, or the
-// attention output in shared memory.
+// The product's input row m, 8 elements at column c: x (plus, at layer 0, row m's embedding), a scratch, or the
+// attention output in shared memory. Plain values only (no per-row array): a copy of this struct stays in registers.
 struct ActivationSource {
   const __nv_bfloat16* base;
   int64_t stride;
   bool in_shared;
-  const __nv_bfloat16* embedding;  // null, or the table: row m adds embedding[embedding_rows[m] + c]
-  int64_t embedding_rows[kGemvMaxRows];
+  const __nv_bfloat16* embedding;          // null, or the table: row m adds its row (embedding_row)
+  const int64_t* previous;                 // with the table: the tokens [rows] and their row offset [1]
+  const int64_t* embedding_offset;
+  int64_t dim;
 
   __device__ __forceinline__ uint4 load(int m, int c) const {
     const __nv_bfloat16* address = base + m * stride + c;
     uint4 value = in_shared ? *reinterpret_cast<const uint4*>(address) : load_activation(address);
-    if (embedding != nullptr) value = add_rounded(value, __ldg(reinterpret_cast<const uint4*>(
-                                                             embedding + embedding_rows[m] + c)));
+    if (embedding != nullptr) {
+      const int64_t row = (embedding_offset[0] + previous[m]) * dim;
+      value = add_rounded(value, __ldg(reinterpret_cast<const uint4*>(embedding + row + c)));
+    }
     return value;
   }
 };
@@ -561,14 +565,10 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
   pipeline.start(a, slots);
   await_previous_kernel();
 
-  ActivationSource x_source{a.x, a.x_stride, false, nullptr, {}};
-  ActivationSource embedded = x_source;
-  embedded.embedding = a.embed_table;
-  for (int m = 0; m < kGemvMaxRows; ++m) {
-    embedded.embedding_rows[m] = m < a.rows ? embedding_row(a, m) : 0;
-  }
-  const ActivationSource attention_source{shared.attention, a.dim, true, nullptr, {}};
-  const ActivationSource hidden_source{a.hidden_scratch, a.hidden, false, nullptr, {}};
+  const ActivationSource x_source{a.x, a.x_stride, false, nullptr, nullptr, nullptr, 0};
+  const ActivationSource embedded{a.x, a.x_stride, false, a.embed_table, a.previous, a.embed_row_offset, a.dim};
+  const ActivationSource attention_source{shared.attention, a.dim, true, nullptr, nullptr, nullptr, 0};
+  const ActivationSource hidden_source{a.hidden_scratch, a.hidden, false, nullptr, nullptr, nullptr, 0};
 
   int first_block = 0;
   for (int layer = 0; layer < a.layers; ++layer) {

@@ -237,19 +237,20 @@ def _cuda_gemv_fusion(norm, activation) -> str | None:
     return "+".join(parts) or "plain"
 
 
-SEPARATE_NORM_MIN_ROWS = 8
-"""`linear` normalises the rows in a launch of their own (norm_rows) from this many rows on, and fuses the norm
-into the product below (where the CUDA GEMV does not take it). Chosen from the fused norm's measured cost (H200:
-+3 us at B = 1, +8 us at B = 8, +39 us at B = 64 on Helium's qkv) against a launch of a few us; the separate
-path's own times come from bench_skinny_linear.py's "separate norm" cases."""
+SEPARATE_NORM_KINDS = ("rms",)
+"""The norms `linear` runs as a launch of their own (norm_rows) before a product without a norm, rather than fused
+into the product (where the CUDA GEMV does not take it): the language model's RMSNorm. Measured on an H100 (git
+3dcc8ab, bench/RESULTS.md), norm_rows + product against the fused product, us at B = 1 / 8 / 64: Helium's qkv 36.1 /
+38.4 / 38.0 against 37.4 / 41.2 / 68.6, its gate_up 62.0 / 63.1 / 69.9 against 64.7 / 68.1 / 121.8, the text head
+86.9 / 90.6 / 91.3 against 89.2 / 93.8 / 132.0: every program of a fused norm first reads all its rows over K. Mimi's
+LayerNorm (fp32 rows, K = 512) stays fused: not measured separately."""
 _separate_norms = True
 
 
 @contextlib.contextmanager
 def separate_norms(enabled: bool = True):
-    """Inside the block (and in CUDA graphs captured inside it), `linear` normalises its rows in a launch of
-    their own from SEPARATE_NORM_MIN_ROWS rows on (the default), or always fuses the norm into the product (not
-    enabled). bench_lm_step.py and bench_frame.py time the fused norms beside the default with --fused-norms."""
+    """Inside the block (and in CUDA graphs captured inside it), `linear` runs the SEPARATE_NORM_KINDS norms in a
+    launch of their own (the default), or fuses every norm into its product (not enabled). bench_lm_step.py and bench_frame.py time the fused norms beside the default with --fused-norms."""
     global _separate_norms
     saved, _separate_norms = _separate_norms, enabled
     try:
@@ -286,7 +287,7 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
     if not _use_kernel(x, weight):
         return skinny_linear_ref(x, weight, bias=bias, norm=parsed, activation=activation, residual=residual,
                                  out=out, workspace=workspace)
-    if parsed is not None and _separate_norms and x.shape[0] >= SEPARATE_NORM_MIN_ROWS:
+    if parsed is not None and _separate_norms and parsed.kind in SEPARATE_NORM_KINDS:
         # Every program of a fused norm computes all its rows' statistics before its weight stream starts;
         # norm_rows computes each row's once.
         x, parsed = _norm_rows_kernel(x, parsed), None

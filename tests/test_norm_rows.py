@@ -74,19 +74,21 @@ def test_argument_checks():
         norm_rows(torch.randn(1, MAX_K + 1), rms_norm(MAX_K + 1))
 
 
-@pytest.mark.parametrize("rows", [ops.SEPARATE_NORM_MIN_ROWS - 1, ops.SEPARATE_NORM_MIN_ROWS, 17])
-def test_linear_normalises_separately_from_its_row_threshold(monkeypatch, rows):
-    """ops.linear with a norm: from SEPARATE_NORM_MIN_ROWS rows on it runs norm_rows, then the product without a
-    norm; below, the fused norm. Both give the fused kernel's result."""
+@pytest.mark.parametrize("rows", [1, 8, 17])
+def test_linear_runs_rms_norms_separately_and_fuses_layer_norms(monkeypatch, rows):
+    """ops.linear with an RMSNorm runs norm_rows, then the product without a norm; with a LayerNorm (Mimi's) the
+    fused norm, and inside ops.separate_norms(False) every norm fused. Every way gives the fused kernel's result."""
     k, n = 40, 24
     x, weight = strided_rows(rows, k), torch.randn(n, k) / k ** 0.5
     calls = []
     real = ops._norm_rows_kernel
-    monkeypatch.setattr(ops, "_norm_rows_kernel", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ops, "_norm_rows_kernel", lambda *a, **kw: calls.append(a[1].kind) or real(*a, **kw))
     for norm in (rms_norm(k), layer_norm(k, True)):
         fused = skinny_linear(x, weight, norm=norm)
         assert rel_err(ops.linear(x, weight, norm=norm), fused) < 1e-5
-    assert len(calls) == (2 if rows >= ops.SEPARATE_NORM_MIN_ROWS else 0)
+        with ops.separate_norms(False):
+            assert rel_err(ops.linear(x, weight, norm=norm), fused) < 1e-5
+    assert calls == ["rms"]
 
 
 @pytest.mark.gpu

@@ -50,7 +50,9 @@ def tiny(k: int, n: int) -> tuple[int, int]:
 
 
 def run(measure, device, shape: str, rows: int, batch: int, k: int, n: int, dtype: torch.dtype, norm: bool,
-        gelu: bool, residual: bool, split: bool):
+        gelu: bool, residual: bool, split: bool, separate_norm: bool = False):
+    """One of Mimi's linears; separate_norm: the LayerNorm by norm_rows first, then the product without a norm,
+    both launches timed together."""
     x = torch.randn(rows, k, device=device).to(dtype)
     weight = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
     norm_args = None
@@ -62,9 +64,15 @@ def run(measure, device, shape: str, rows: int, batch: int, k: int, n: int, dtyp
     tiles = skinny_linear_tiles(rows, n, k, dtype, sms=sms, split_k=split)
     workspace = SplitWorkspace(*skinny_linear_workspace_size(rows, n, tiles), device) if split else None
 
+    normed = torch.empty(rows, k, device=device)
+
     def fast():
-        skinny_linear(x, weight, norm=norm_args, activation="gelu" if gelu else None, residual=res, out=out,
-                      workspace=workspace)
+        if separate_norm:
+            skinny_linear(norm_rows(x, norm_args, out=normed), weight, activation="gelu" if gelu else None,
+                          residual=res, out=out, workspace=workspace)
+        else:
+            skinny_linear(x, weight, norm=norm_args, activation="gelu" if gelu else None, residual=res, out=out,
+                          workspace=workspace)
 
     def torch_path():
         h = F.layer_norm(x, (k,), *norm_args) if norm else x
@@ -74,7 +82,8 @@ def run(measure, device, shape: str, rows: int, batch: int, k: int, n: int, dtyp
         return F.gelu(y) if gelu else y
 
     moved = weight.nbytes + x.nbytes + out.nbytes + (res.nbytes if residual else 0)
-    measure(fast, moved, torch_path, op="skinny_linear", shape=shape + (" split" if split else ""),
+    measure(fast, moved, torch_path, op="skinny_linear",
+            shape=shape + (" split" if split else "") + (" separate norm" if separate_norm else ""),
             batch=batch, rows=rows, dtype=str(dtype).removeprefix("torch."), tiles=repr(tiles))
 
 
@@ -141,6 +150,16 @@ def test_skinny_linear_mimi(measure, device, name, rows, split):
     k, n, norm, gelu, residual = MIMI[name]
     slots = max(1, rows // 2)
     run(measure, device, name, rows, slots, *tiny(k, n), torch.float32, norm, gelu, residual, split)
+
+
+@pytest.mark.parametrize("rows", [2, 16, 128] if GPU else [3])
+@pytest.mark.parametrize("name", [name for name, (_, _, norm, _, _) in MIMI.items() if norm])
+def test_skinny_linear_mimi_separate_norm(measure, device, name, rows):
+    """Mimi's LayerNorm shapes with the norm in a launch of its own (split plans), beside the fused cases above:
+    whether ops.SEPARATE_NORM_KINDS should take the LayerNorm too."""
+    k, n, norm, gelu, residual = MIMI[name]
+    run(measure, device, name, rows, max(1, rows // 2), *tiny(k, n), torch.float32, norm, gelu, residual, True,
+        separate_norm=True)
 
 
 @pytest.mark.parametrize("split", [False, True] if GPU else [True])

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._harness import device_info, timed_calls  # noqa: E402
 from bench.bench_lm_step import (KYUTAI_SAMPLING, _release, _set_fast_context, _set_kyutai_context,  # noqa: E402
                                  kyutai_lm, ours_from_kyutai)
-from bench._harness import add_variant_options, variant_runs  # noqa: E402
+from bench._harness import GPU_FAULTS, add_variant_options, recorded_fault, variant_runs  # noqa: E402
 from moshi_fast import FastMoshi  # noqa: E402
 from moshi_fast.config import MoshiConfig, moshiko  # noqa: E402
 from moshi_fast.fast.mimi import FastMimi  # noqa: E402
@@ -156,9 +156,8 @@ def main(argv=None) -> int:
         for name, run in runs:
             try:
                 row[name] = run()
-            except torch.OutOfMemoryError:
-                row[name] = {"error": "out of GPU memory"}
-                _release()
+            except GPU_FAULTS as error:
+                row[name] = {"error": recorded_fault(error, _release)}
         if "p50_ms" in row["kyutai"] and "p50_ms" in row["fast"]:
             row["speedup_p50"] = row["kyutai"]["p50_ms"] / row["fast"]["p50_ms"]
         rows.append(row)

@@ -27,8 +27,8 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import (add_variant_options, device_info, graph_time, timed_calls, variant_runs,  # noqa: E402
-                            with_cuda_depth_step, with_triton_sampling)
+from bench._harness import (GPU_FAULTS, add_variant_options, device_info, graph_time, recorded_fault,  # noqa: E402
+                            timed_calls, variant_runs, with_cuda_depth_step, with_triton_sampling)
 from moshi_fast import ops  # noqa: E402
 from moshi_fast.cache import LMCache  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
@@ -216,26 +216,24 @@ def main(argv=None) -> int:
         for name, run in runs:
             try:
                 row.update(run())
-            except torch.OutOfMemoryError:
-                row[f"{name}_error"] = "out of GPU memory"
-                _release()
+            except GPU_FAULTS as error:
+                row[f"{name}_error"] = recorded_fault(error, _release)
         if args.breakdown:
             for context in contexts:
-                try:
-                    parts = fast_breakdown(lm, config, batch, context)
-                except torch.OutOfMemoryError:
-                    row[f"breakdown_error_ctx{context}"] = "out of GPU memory"
-                    _release()
-                    continue
-                row.update({f"{name}_ctx{context}": value for name, value in parts.items()})
+                # The default's parts, then each variant's that differ (its Helium is the default's).
+                breakdowns = [("", fast_breakdown)]
                 if args.triton_sampling:
-                    parts = with_triton_sampling(fast_breakdown, lm, config, batch, context)
-                    row.update({f"triton_sampling_{name}_ctx{context}": value for name, value in parts.items()
-                                if name != "helium_ms"})
+                    breakdowns.append(("triton_sampling_", lambda *a: with_triton_sampling(fast_breakdown, *a)))
                 if args.cuda_depth_step:
-                    parts = with_cuda_depth_step(fast_breakdown, lm, config, batch, context)
-                    row.update({f"cuda_depth_step_{name}_ctx{context}": value for name, value in parts.items()
-                                if name != "helium_ms"})
+                    breakdowns.append(("cuda_depth_step_", lambda *a: with_cuda_depth_step(fast_breakdown, *a)))
+                for prefix, breakdown in breakdowns:
+                    try:
+                        parts = breakdown(lm, config, batch, context)
+                    except GPU_FAULTS as error:
+                        row[f"{prefix}breakdown_error_ctx{context}"] = recorded_fault(error, _release)
+                        continue
+                    row.update({f"{prefix}{name}_ctx{context}": value for name, value in parts.items()
+                                if not prefix or name != "helium_ms"})
         for context in contexts:
             if f"kyutai_ms_ctx{context}" in row and f"fast_ms_ctx{context}" in row:
                 row[f"speedup_ctx{context}"] = row[f"kyutai_ms_ctx{context}"] / row[f"fast_ms_ctx{context}"]

@@ -27,8 +27,8 @@ def test_no_flag_adds_no_run():
 def test_each_flag_runs_its_variant_under_its_setting():
     runs = dict(_runs(["--without-pdl", "--triton-sampling", "--cuda-depth-step", "--fused-norms", "--kv-cache",
                        "fp8"]))
-    assert list(runs) == ["fast_no_pdl", "fast_triton_sampling", "fast_cuda_depth_step", "fast_fused_norms",
-                          "fast_kv_fp8"]
+    assert list(runs) == ["fast_no_pdl", "fast_triton_sampling", "fast_fused_norms", "fast_kv_fp8",
+                          "fast_cuda_depth_step"]
     defaults = {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
                 "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms}
     assert runs["fast_no_pdl"]() == {"name": "fast_no_pdl", "kv_dtype": None, **defaults, "pdl": False}

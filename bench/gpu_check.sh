@@ -40,8 +40,8 @@ ignored_tests=$(for f in $isolated_tests; do printf -- ' --ignore=%s' "$f"; done
 ignored_bench=$(for f in $isolated_bench; do printf -- ' --ignore=%s' "$f"; done)
 if [[ $steps == *,tests,* ]]; then
     for f in $isolated_tests; do
-        timeout "${ISOLATED_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s "$f" 2>&1 | tee -a "$OUT/pytest_isolated.log" \
-            | tail -5 || status=1
+        timeout "${ISOLATED_TIMEOUT:-300}" python3 -m pytest -q -m gpu -s "$f" 2>&1 \
+            | tee -a "$OUT/pytest_isolated.log" | tail -5 || status=1
     done
     eval "python3 -m pytest -q -m gpu -s $ignored_tests ${TEST_ARGS:-}" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 \
         || status=1

@@ -124,6 +124,8 @@ from .tuned import shape_key, tuned_tiles
 
 DOT_MIN_ROWS = {torch.float32: 16, torch.bfloat16: 1}
 """By weight dtype: from this M on the default tiles use tl.dot; below, exact FMAs (see the module doc)."""
+WIDE_TILE_MIN_ROWS = 32
+"""From this M on, the candidates for a sweep include N tiles past 64 wide (_wide_dot_tiles)."""
 MIN_PROGRAMS_PER_SM = 1.5
 """Programs the default tiles aim for, per SM (see the module doc)."""
 FMA_ACCUMULATORS_PER_THREAD = 64
@@ -580,6 +582,19 @@ def skinny_linear_tiles(m: int, n: int, k: int, dtype: torch.dtype, *, sms: int 
     return _dot_tiles(m, n, k, dtype, sms, split_k, parts)
 
 
+def _wide_dot_tiles(m: int, n: int, k: int, min_programs: int, parts: int, block_n: int, block_k: int,
+                    num_stages: int) -> SkinnyTiles:
+    """A tl.dot tiling of all M rows (up to 64) and BLOCK_N output columns (at most the output width rounded up), K
+    split until the grid reaches min_programs or each split holds a single chunk. Gated, a stage fewer: its two
+    weight slices double the pipeline's buffers (128 x 128 chunks, 3 stages would take 240 KB of shared memory)."""
+    block_m = min(64, next_pow2(m))
+    block_n = min(block_n, max(16, next_pow2(n)))
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = max(1, min(triton.cdiv(min_programs, tiles), triton.cdiv(k, block_k)))
+    return SkinnyTiles(block_m, block_n, block_k, True, split_k=split, num_warps=4 * parts,
+                       num_stages=num_stages - (parts - 1))
+
+
 def skinny_linear_candidate_tiles(m: int, n: int, k: int, dtype: torch.dtype, *, sms: int | None = None,
                                   split_k: bool = False, gated: bool = False) -> list[SkinnyTiles]:
     """At most 10 plausible tilings to time, the default first; split_k: include split-K tilings (the
@@ -602,15 +617,21 @@ def skinny_linear_candidate_tiles(m: int, n: int, k: int, dtype: torch.dtype, *,
                     dot._replace(block_n=max(16, dot.block_n // 2))]
     fma_split = [fma._replace(block_n=min(64, 4 * fma.block_n), block_k=max(16, fma.block_k // 4), split_k=4)]
     dot_split = [dot._replace(split_k=2 * dot.split_k)]
+    # Many rows: N tiles past 64 wide, K split back up to the program target. Each N tile re-reads all of its
+    # K range of x (at M = 64, as many bytes from L2 as its weights when 64 wide), so wider tiles read less of x.
+    wide = [_wide_dot_tiles(m, n, k, min_programs, parts, block_n, block_k, num_stages)
+            for block_n, block_k, num_stages in ((128, 64, 4), (128, 128, 3), (256, 64, 3))]
     if not split_k:
         fma_split = dot_split = []
+        wide = [t._replace(split_k=1) for t in wide]
     if m < DOT_MIN_ROWS[dtype]:
         candidates = [base, *fma_variants, *fma_split, *dot_split, dot, *dot_variants,
                       base._replace(num_stages=1)]
     else:
         # FMAs cost M x N x K on the CUDA cores: only worth timing while M is small.
         few_rows = [fma, *fma_split, *fma_variants[:2]] if m <= 32 else []
-        candidates = [base, *dot_variants[:4], *dot_split, dot_variants[4], *few_rows]
+        many_rows = wide if m >= WIDE_TILE_MIN_ROWS else []
+        candidates = [base, *dot_variants[:4], *dot_split, dot_variants[4], *few_rows, *many_rows]
     unique = []
     for tiles in candidates:
         if tiles not in unique:

@@ -250,7 +250,8 @@ _separate_norms = True
 @contextlib.contextmanager
 def separate_norms(enabled: bool = True):
     """Inside the block (and in CUDA graphs captured inside it), `linear` runs the SEPARATE_NORM_KINDS norms in a
-    launch of their own (the default), or fuses every norm into its product (not enabled). bench_lm_step.py and bench_frame.py time the fused norms beside the default with --fused-norms."""
+    launch of their own (the default), or fuses every norm into its product (not enabled). bench_lm_step.py and
+    bench_frame.py time the fused norms beside the default with --fused-norms."""
     global _separate_norms
     saved, _separate_norms = _separate_norms, enabled
     try:

@@ -12,8 +12,8 @@ from moshi_fast.config import LMConfig
 from moshi_fast.kernels import tuned
 from moshi_fast.kernels._utils import SplitWorkspace
 from moshi_fast.kernels.skinny_linear import (DOT_MIN_ROWS, DOT_SHARED_MEMORY, WEIGHT_BYTES_IN_FLIGHT_PER_SM,
-                                              Norm, SkinnyTiles, skinny_linear, skinny_linear_candidate_tiles,
-                                              skinny_linear_ref, skinny_linear_tiles,
+                                              WIDE_TILE_MIN_ROWS, Norm, SkinnyTiles, skinny_linear,
+                                              skinny_linear_candidate_tiles, skinny_linear_ref, skinny_linear_tiles,
                                               skinny_linear_workspace_size)
 from moshi_fast.reference.lm import RMSNorm, gated_ffn
 
@@ -268,6 +268,25 @@ def test_candidate_tiles_run_and_match():
         out.copy_(residual)
         skinny_linear(x, weight, out=out, residual=out, tiles=tiles, workspace=workspace, **kwargs)
         assert rel_err(out, expected) < 1e-5, tiles
+
+
+def test_wide_candidate_tiles_for_many_rows_run_and_match():
+    """From WIDE_TILE_MIN_ROWS rows on the candidates include N tiles past 64 wide with K split (and without a
+    workspace, the same tiles unsplit); each matches the reference, gated too."""
+    m, n, k = WIDE_TILE_MIN_ROWS + 3, 150, 200
+    x = torch.randn(m, k)
+    for gated in (False, True):
+        weight = torch.randn(2 * n if gated else n, k) / k ** 0.5
+        activation = "silu_gate" if gated else None
+        expected = skinny_linear_ref(x, weight, activation=activation)
+        for split_k in (True, False):
+            candidates = skinny_linear_candidate_tiles(m, n, k, torch.float32, sms=2, split_k=split_k, gated=gated)
+            wide = [t for t in candidates if t.block_n > 64]
+            assert wide and all(t.dot and (t.split_k > 1) == split_k for t in wide)
+            for tiles in wide:
+                workspace = SplitWorkspace(*skinny_linear_workspace_size(m, n, tiles, gated=gated), device="cpu")
+                got = skinny_linear(x, weight, activation=activation, tiles=tiles, workspace=workspace)
+                assert rel_err(got, expected) < 1e-5, tiles
 
 
 @pytest.mark.parametrize("m, n, k, dtype", [

@@ -152,9 +152,10 @@ __device__ __forceinline__ int next_first_block(int first_block, const ProductPh
   return (first_block + phase.tiles) % static_cast<int>(gridDim.x);
 }
 
-// Element offset in embed_table of the embedding row that row m adds at layer 0.
-__device__ __forceinline__ int64_t embedding_row(const DepthStepArgs& a, int m) {
-  return (a.embed_row_offset[0] + a.previous[m]) * a.dim;
+// Element offset in the embedding table of the row that row m adds at layer 0: token previous[m] of the table
+// starting at row offset[0], rows of `dim`.
+__device__ __forceinline__ int64_t embedding_row(const int64_t* offset, const int64_t* previous, int64_t dim, int m) {
+  return (offset[0] + previous[m]) * dim;
 }
 
 // Walks the block's chunks over the step, phase by phase: (phase, tile, chunk), in the consumer's order.
@@ -307,7 +308,7 @@ struct ActivationSource {
     const __nv_bfloat16* address = base + m * stride + c;
     uint4 value = in_shared ? *reinterpret_cast<const uint4*>(address) : load_activation(address);
     if (embedding != nullptr) {
-      const int64_t row = (embedding_offset[0] + previous[m]) * dim;
+      const int64_t row = embedding_row(embedding_offset, previous, dim, m);
       value = add_rounded(value, __ldg(reinterpret_cast<const uint4*>(embedding + row + c)));
     }
     return value;
@@ -510,7 +511,8 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
           __nv_bfloat16* target = a.x + m * a.x_stride + column;
           float residual = __bfloat162float(__ldcg(target));
           if (phase.kind == kOut && p == kOut) {
-            const __nv_bfloat16 embedded = a.embed_table[embedding_row(a, m) + column];
+            const int64_t row = embedding_row(a.embed_row_offset, a.previous, a.dim, m);
+            const __nv_bfloat16 embedded = a.embed_table[row + column];
             residual = __bfloat162float(__float2bfloat16_rn(residual + __bfloat162float(embedded)));
           }
           *target = __float2bfloat16_rn(sum + residual);

@@ -191,15 +191,23 @@ def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tenso
     (csrc/depth_step_kernel.cuh): the operands and semantics of kernels/depth_step.py's `depth_step` (its
     `depth_step_ref` is the spec), bf16 only, B <= 8, heads of 64, D <= DEPTH_MAX_DIM, Hd <= DEPTH_MAX_HIDDEN, at most
     DEPTH_MAX_STEPS steps, `previous` and `embed_row_offset` int64. scratch: kernels.depth_step.DepthStepScratch
-    (its qkv and hidden buffers and its counters' first two words, the grid barrier's; not its attention buffer). Launched with programmatic dependent launch where
-    `kernels._utils.pdl` allows it. Graph-safe. Returns logits_out. Raises RuntimeError when the extension is
-    unavailable, ValueError / TypeError on bad arguments."""
-    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
-    from .kernels._utils import pdl
-
+    (its qkv and hidden buffers and its counters' first two words, the grid barrier's; not its attention buffer).
+    Launched with programmatic dependent launch where `kernels._utils.pdl` allows it. Graph-safe. Returns
+    logits_out. Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     _require()
     _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
                       k_cache, v_cache, step, logits_out, scratch)
+    return launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down,
+                             head, k_cache, v_cache, step, eps, logits_out, scratch)
+
+
+def launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
+                      k_cache, v_cache, step, eps, logits_out, scratch) -> torch.Tensor:
+    """`depth_step` for operands that `depth_step_supported` has passed, with the extension loaded: the launch
+    without the Python-side checks (the op's own still run)."""
+    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
+    from .kernels._utils import pdl
+
     torch.ops.moshi_fast.depth_step_bf16(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2,
                                          gate_up, down, head, k_cache, v_cache, step, float(eps), logits_out,
                                          scratch.qkv, scratch.hidden, scratch.counters,

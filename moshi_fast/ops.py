@@ -169,15 +169,19 @@ def uses_cuda_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv,
 
 
 def depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head, k_cache,
-               v_cache, step: int, eps: float, logits_out, scratch, phases=None):
+               v_cache, step: int, eps: float, logits_out, scratch, phases=None, cuda: bool | None = None):
     """One codebook step of the depth transformer: embedding add, every layer with the step's weights
     (qkv [L, 3D, D], ... views with a layer stride), KV write at `step`, head logits into logits_out, in
     one persistent launch on CUDA: the CUDA extension's kernel where `uses_cuda_depth_step` (phases None), else
-    the Triton kernel (kernels/depth_step.py); scratch from `depth_step_scratch`."""
-    if phases is None and uses_cuda_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2,
-                                               gate_up, down, head, k_cache, v_cache, step, logits_out, scratch):
-        return cuda_ext.depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up,
-                                   down, head, k_cache, v_cache, step, eps, logits_out, scratch)
+    the Triton kernel (kernels/depth_step.py); scratch from `depth_step_scratch`. cuda: what
+    `uses_cuda_depth_step` said of these operands, for a caller that asked already (None: asked here)."""
+    if cuda is None:
+        cuda = phases is None and uses_cuda_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv,
+                                                       out_proj, norm2, gate_up, down, head, k_cache, v_cache, step,
+                                                       logits_out, scratch)
+    if cuda:
+        return cuda_ext.launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2,
+                                          gate_up, down, head, k_cache, v_cache, step, eps, logits_out, scratch)
     fn = _depth_step_kernel if _use_kernel(x, qkv) else depth_step_ref
     return fn(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head, k_cache,
               v_cache, step, eps, logits_out, scratch, phases=phases)

@@ -124,8 +124,9 @@ class FastLM(LM):
         operands = (x, previous, self.depth_embed_table, self.depth_embed_offsets[step:step + 1], self.depth_norm1,
                     self.depth_qkv[:, step], self.depth_out[:, step], self.depth_norm2, self.depth_gate_up[:, step],
                     self.depth_down[:, step], d.heads[step], cache.depth_k, cache.depth_v, step)
-        if self.fused_depth or ops.uses_cuda_depth_step(*operands, logits_out, cache.depth_scratch):
-            return ops.depth_step(*operands, c.norm_eps, logits_out, cache.depth_scratch)
+        cuda = ops.uses_cuda_depth_step(*operands, logits_out, cache.depth_scratch)
+        if self.fused_depth or cuda:
+            return ops.depth_step(*operands, c.norm_eps, logits_out, cache.depth_scratch, cuda=cuda)
         ops.embed_sum(previous[:, None], self.depth_embed_table, self.depth_embed_offsets[step:step + 1], out=x,
                       accumulate=True)
         for i, layer in enumerate(d.layers):

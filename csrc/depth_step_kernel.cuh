@@ -293,27 +293,24 @@ __device__ __forceinline__ uint4 add_rounded(uint4 a, uint4 b) {
   return result;
 }
 
-// The product's input row m, 8 elements at column c: x (plus, at layer 0, row m's embedding), a scratch, or the
-// attention output in shared memory. Plain values only (no per-row array): a copy of this struct stays in registers.
-struct ActivationSource {
-  const __nv_bfloat16* base;
-  int64_t stride;
-  bool in_shared;
-  const __nv_bfloat16* embedding;          // null, or the table: row m adds its row (embedding_row)
-  const int64_t* previous;                 // with the table: the tokens [rows] and their row offset [1]
-  const int64_t* embedding_offset;
-  int64_t dim;
+// Where a product's input rows come from. The rows are read straight from the kernel's arguments at each load: NVVM
+// (CUDA 13.0) miscompiled the struct of pointers this used to be, copied from the arguments and selected per phase,
+// into loads of the argument block itself at the struct's offsets (garbage pointers, an illegal address).
+enum ActivationSource { kFromX, kFromEmbeddedX, kFromAttention, kFromHidden };
 
-  __device__ __forceinline__ uint4 load(int m, int c) const {
-    const __nv_bfloat16* address = base + m * stride + c;
-    uint4 value = in_shared ? *reinterpret_cast<const uint4*>(address) : load_activation(address);
-    if (embedding != nullptr) {
-      const int64_t row = embedding_row(embedding_offset, previous, dim, m);
-      value = add_rounded(value, __ldg(reinterpret_cast<const uint4*>(embedding + row + c)));
-    }
-    return value;
+// The product's input row m, 8 elements at column c: x (plus, for kFromEmbeddedX at layer 0, row m's embedding),
+// the FFN scratch, or the attention output in shared memory.
+__device__ __forceinline__ uint4 load_activation_piece(const DepthStepArgs& a, ActivationSource source,
+                                                       const __nv_bfloat16* attention, int m, int c) {
+  if (source == kFromAttention) return *reinterpret_cast<const uint4*>(attention + m * a.dim + c);
+  if (source == kFromHidden) return load_activation(a.hidden_scratch + static_cast<int64_t>(m) * a.hidden + c);
+  uint4 value = load_activation(a.x + m * a.x_stride + c);
+  if (source == kFromEmbeddedX) {
+    const int64_t row = embedding_row(a.embed_row_offset, a.previous, a.dim, m);
+    value = add_rounded(value, __ldg(reinterpret_cast<const uint4*>(a.embed_table + row + c)));
   }
-};
+  return value;
+}
 
 __device__ __forceinline__ float sum_of_squares(uint4 piece) {
   const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&piece);
@@ -399,7 +396,7 @@ __device__ void attend_into_shared(const DepthStepArgs& a, int layer, __nv_bfloa
 // One product phase of the block: every tile it owns, chunk by chunk from the pipeline, then the epilogue.
 // norm_weight: RMSNorm the source first (null: no norm). Returns the block owning the next phase's tile 0.
 __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block, WeightPipeline& pipeline,
-                                  const ActivationSource& source, const __nv_bfloat16* norm_weight,
+                                  ActivationSource source, const __nv_bfloat16* norm_weight,
                                   DepthShared& shared) {
   const ProductPhase phase = product_phase(a, p);
   int tile = first_tile(first_block);
@@ -425,7 +422,7 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
     for (int u = 0; u < kGemvLoadsPerRow; ++u) {
       const int column = c * kDepthChunkK + warp * kGemvStepK + 32 * u + lane_k;
       uint4 piece = make_uint4(0, 0, 0, 0);
-      if (c < phase.chunks && column < phase.k) piece = source.load(x_row, column);
+      if (c < phase.chunks && column < phase.k) piece = load_activation_piece(a, source, shared.attention, x_row, column);
       x_pieces[c][u] = piece;
       if (norm_weight != nullptr) square_sum += sum_of_squares(piece);
     }
@@ -567,25 +564,20 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
   pipeline.start(a, slots);
   await_previous_kernel();
 
-  const ActivationSource x_source{a.x, a.x_stride, false, nullptr, nullptr, nullptr, 0};
-  const ActivationSource embedded{a.x, a.x_stride, false, a.embed_table, a.previous, a.embed_row_offset, a.dim};
-  const ActivationSource attention_source{shared.attention, a.dim, true, nullptr, nullptr, nullptr, 0};
-  const ActivationSource hidden_source{a.hidden_scratch, a.hidden, false, nullptr, nullptr, nullptr, 0};
-
   int first_block = 0;
   for (int layer = 0; layer < a.layers; ++layer) {
     for (int kind = kQkv; kind <= kDown; ++kind) {
-      const ActivationSource source = kind == kQkv ? (layer == 0 ? embedded : x_source)
-                                      : kind == kOut ? attention_source
-                                      : kind == kGateUp ? x_source
-                                                        : hidden_source;
+      const ActivationSource source = kind == kQkv ? (layer == 0 ? kFromEmbeddedX : kFromX)
+                                      : kind == kOut ? kFromAttention
+                                      : kind == kGateUp ? kFromX
+                                                        : kFromHidden;
       const __nv_bfloat16* norm = kind == kQkv ? a.norm1 : kind == kGateUp ? a.norm2 : nullptr;
       first_block = product_phase_run(a, 4 * layer + kind, first_block, pipeline, source,
                                       norm != nullptr ? norm + layer * a.norm_stride : nullptr, shared);
       grid_barrier(a.barrier);
     }
   }
-  product_phase_run(a, 4 * a.layers, first_block, pipeline, x_source, nullptr, shared);
+  product_phase_run(a, 4 * a.layers, first_block, pipeline, kFromX, nullptr, shared);
   wait_copies<0>();
 }
 

@@ -22,7 +22,7 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info, timed_calls, without_pdl  # noqa: E402
+from bench._harness import device_info, timed_calls, with_fused_norms, without_pdl  # noqa: E402
 from moshi_fast import MimiCodec  # noqa: E402
 from tests.checkpoints import kyutai_mimi  # noqa: E402
 from tests.helpers import speech_like  # noqa: E402
@@ -43,7 +43,7 @@ def _time_codec(encode, decode, chunks, warmup: int) -> tuple[float, float, list
 
 
 def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 4,
-                compare_pdl: bool = False) -> dict:
+                compare_pdl: bool = False, compare_fused_norms: bool = False) -> dict:
     pcm = speech_like(batch, frames + warmup).cuda()
     chunks = list(pcm.split(1920, dim=-1))
     row = {"batch": batch, "frames": frames}
@@ -59,6 +59,11 @@ def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 
         stream = without_pdl(ours.stream, batch)
         row["fast_no_pdl_encode_ms"], row["fast_no_pdl_decode_ms"], _ = _time_codec(stream.encode, stream.decode,
                                                                                     chunks, warmup)
+    if compare_fused_norms:
+        # Captured with every LayerNorm fused into its product (the previous default), same run.
+        stream = with_fused_norms(ours.stream, batch)
+        row["fast_fused_norms_encode_ms"], row["fast_fused_norms_decode_ms"], _ = _time_codec(
+            stream.encode, stream.decode, chunks, warmup)
     row["speedup"] = ((row["kyutai_encode_ms"] + row["kyutai_decode_ms"])
                       / (row["fast_encode_ms"] + row["fast_decode_ms"]))
     return row
@@ -71,6 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--without-pdl", action="store_true",
                         help="also time the fast codec with programmatic dependent launch off, same run")
+    parser.add_argument("--fused-norms", action="store_true",
+                        help="also time the fast codec with every LayerNorm fused into its linear, same run")
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}")
@@ -82,7 +89,8 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'B':>3} {'Kyutai enc':>11} {'dec':>7} {'fast enc':>9} {'dec':>7} {'enc+dec x':>10} {'codes eq':>9}")
     for batch in (int(b) for b in args.batches.split(",")):
-        row = bench_batch(kyutai, ours, batch, args.frames, compare_pdl=args.without_pdl)
+        row = bench_batch(kyutai, ours, batch, args.frames, compare_pdl=args.without_pdl,
+                          compare_fused_norms=args.fused_norms)
         rows.append(row)
         print(f"{batch:>3} {row['kyutai_encode_ms']:>9.3f}ms {row['kyutai_decode_ms']:>5.3f}ms "
               f"{row['fast_encode_ms']:>7.3f}ms {row['fast_decode_ms']:>5.3f}ms {row['speedup']:>9.1f}x "
@@ -90,6 +98,9 @@ def main(argv=None) -> int:
         if args.without_pdl:
             print(f"    without programmatic dependent launch: enc {row['fast_no_pdl_encode_ms']:.3f}ms "
                   f"dec {row['fast_no_pdl_decode_ms']:.3f}ms")
+        if args.fused_norms:
+            print(f"    every LayerNorm fused into its linear: enc {row['fast_fused_norms_encode_ms']:.3f}ms "
+                  f"dec {row['fast_fused_norms_decode_ms']:.3f}ms")
     if args.json:
         args.json.write_text(json.dumps({"benchmark": "mimi_frame", **info,
                                          "config": "Mimi real config, random weights, fp32, TF32 convs as default",

@@ -241,13 +241,14 @@ def _cuda_gemv_fusion(norm, activation) -> str | None:
     return "+".join(parts) or "plain"
 
 
-SEPARATE_NORM_KINDS = ("rms",)
+SEPARATE_NORM_KINDS = ("rms", "layer")
 """The norms `linear` runs as a launch of their own (norm_rows) before a product without a norm, rather than fused
-into the product (where the CUDA GEMV does not take it): the language model's RMSNorm. Measured on an H100 (git
-3dcc8ab, bench/RESULTS.md), norm_rows + product against the fused product, us at B = 1 / 8 / 64: Helium's qkv 36.1 /
-38.4 / 38.0 against 37.4 / 41.2 / 68.6, its gate_up 62.0 / 63.1 / 69.9 against 64.7 / 68.1 / 121.8, the text head
-86.9 / 90.6 / 91.3 against 89.2 / 93.8 / 132.0: every program of a fused norm first reads all its rows over K. Mimi's
-LayerNorm (fp32 rows, K = 512) stays fused: not measured separately."""
+into the product (where the CUDA GEMV does not take it): every program of a fused norm first reads all its rows over
+K. norm_rows + product against the fused product, split-K plans, us at B = 1 / 8 / 64 (bench/RESULTS.md):
+  - Helium's RMSNorm (H100, git 3dcc8ab): qkv 36.1 / 38.4 / 38.0 against 37.4 / 41.2 / 68.6, gate_up 62.0 / 63.1 /
+    69.9 against 64.7 / 68.1 / 121.8, the text head 86.9 / 90.6 / 91.3 against 89.2 / 93.8 / 132.0;
+  - Mimi's LayerNorm (fp32, K = 512, 2 B rows; H100, git 87a9604): qkv 3.57 / 5.39 / 13.25 against 3.52 / 7.73 /
+    13.98, fc1 + GELU 3.57 / 5.81 / 16.84 against 3.62 / 8.20 / 16.89."""
 _separate_norms = True
 
 

@@ -75,9 +75,9 @@ def test_argument_checks():
 
 
 @pytest.mark.parametrize("rows", [1, 8, 17])
-def test_linear_runs_rms_norms_separately_and_fuses_layer_norms(monkeypatch, rows):
-    """ops.linear with an RMSNorm runs norm_rows, then the product without a norm; with a LayerNorm (Mimi's) the
-    fused norm, and inside ops.separate_norms(False) every norm fused. Every way gives the fused kernel's result."""
+def test_linear_runs_norms_separately_unless_told_to_fuse(monkeypatch, rows):
+    """ops.linear with an RMSNorm or a LayerNorm (Mimi's) runs norm_rows, then the product without a norm; inside
+    ops.separate_norms(False) every norm is fused. Every way gives the fused kernel's result."""
     k, n = 40, 24
     x, weight = strided_rows(rows, k), torch.randn(n, k) / k ** 0.5
     calls = []
@@ -88,7 +88,7 @@ def test_linear_runs_rms_norms_separately_and_fuses_layer_norms(monkeypatch, row
         assert rel_err(ops.linear(x, weight, norm=norm), fused) < 1e-5
         with ops.separate_norms(False):
             assert rel_err(ops.linear(x, weight, norm=norm), fused) < 1e-5
-    assert calls == ["rms"]
+    assert calls == ["rms", "layer"]
 
 
 @pytest.mark.gpu

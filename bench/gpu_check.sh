@@ -8,9 +8,10 @@
 #   or sweep (not in the default): time launch-plan candidates (SWEEP_OPS, default paged_fp8; SWEEP_BATCHES,
 #   default 1,8,64) and write the updated kernels/tuned_tiles.json beside the sweep under $OUT
 #   TEST_ARGS: extra pytest arguments for the GPU tests, e.g. TEST_ARGS='tests/test_lm_fast.py'
-#   LM_ARGS, FRAME_ARGS, PROFILE_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_lm_step.py, bench_frame.py,
-#   profile_frame.py, bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl: the same engine without
-#   programmatic dependent launch, timed in the same run; --triton-sampling: with the Triton sampler instead of the CUDA one)
+#   MIMI_ARGS, LM_ARGS, FRAME_ARGS, PROFILE_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_mimi.py,
+#   bench_lm_step.py, bench_frame.py, profile_frame.py, bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl:
+#   the same engine without programmatic dependent launch, timed in the same run; --triton-sampling: with the Triton
+#   sampler instead of the CUDA one; MIMI_ARGS=--fused-norms: the codec with every LayerNorm fused, same run)
 #   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
 #   (leaves out the sampling kernel's tile sweep)
 #   ISOLATED_TESTS, ISOLATED_BENCH: test and benchmark files run first, each in a process of its own (default: the
@@ -57,7 +58,7 @@ if [[ $steps == *,kernels,* ]]; then
     python3 bench/summarize.py "$OUT/kernels.json" | tee "$OUT/kernels.txt"
 fi
 if [[ $steps == *,mimi,* ]]; then
-    python3 bench/bench_mimi.py --json "$OUT/mimi.json" 2>&1 | tee "$OUT/mimi.log" || status=1
+    eval "python3 bench/bench_mimi.py --json \"\$OUT/mimi.json\" ${MIMI_ARGS:-}" 2>&1 | tee "$OUT/mimi.log" || status=1
 fi
 if [[ $steps == *,lm,* ]]; then
     eval "python3 bench/bench_lm_step.py --json \"\$OUT/lm_step.json\" ${LM_ARGS:-}" 2>&1 | tee "$OUT/lm_step.log" || status=1

@@ -333,12 +333,29 @@ def conv1d_stream_workspace_size(batch: int, c_in: int, c_out: int, kernel: int,
     return _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).workspace_size()
 
 
+WIDE_COLUMNS = 8192
+"""Columns (B T_out) from which the sweep also tries wide column tiles with 8 warps (wide_column_tiles)."""
+
+
+def _wide_column_tiles(base: ConvTiles, columns: int) -> list[ConvTiles]:
+    """Two knobs moved at once, which the one-knob neighbours never reach: column tiles of 128 and 256 with 8 warps,
+    unsplit. For the long-T convs at many slots (the 24 kHz SEANet convs at B = 64 have 122,880 columns and ran at
+    2-12% of their floor on an H200 with 32-64 wide tiles): a program then streams more of its input per weight tile
+    and there are fewer, longer programs."""
+    if columns < WIDE_COLUMNS:
+        return []
+    return [base._replace(block_n=block_n, num_warps=8, split=1, num_stages=stages)
+            for block_n in (128, 256) for stages in (2, 3)]
+
+
 def conv1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int, stride: int,
                                   t_in: int) -> list[ConvTiles]:
-    """The default plan first, then up to 11 neighbours of it (each changes one knob) for a GPU sweep."""
+    """The default plan first, then up to 11 neighbours of it (each changes one knob), then, from WIDE_COLUMNS
+    columns on, up to 4 wide column tiles (_wide_column_tiles), for a GPU sweep."""
     base = _plan(batch, c_in, c_out, kernel, stride, t_in)
+    columns = batch * (t_in // stride)
     widest_co = min(128, next_pow2(c_out))
-    widest_n = min(128, next_pow2(batch * (t_in // stride)))
+    widest_n = min(128, next_pow2(columns))
     widest_r = min(64, next_pow2(c_in * kernel))
     neighbours = [
         base._replace(split=1), base._replace(split=base.split * 2), base._replace(split=base.split // 2),
@@ -355,7 +372,12 @@ def conv1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int
             tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
             if tiles not in candidates:
                 candidates.append(tiles)
-    return candidates[:12]
+    candidates = candidates[:12]
+    for tiles in _wide_column_tiles(base, columns):
+        tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
+        if tiles not in candidates:
+            candidates.append(tiles)
+    return candidates
 
 
 def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, weight: torch.Tensor,

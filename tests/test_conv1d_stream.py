@@ -6,6 +6,7 @@ import torch
 import triton
 
 from moshi_fast.kernels._utils import SplitWorkspace
+from moshi_fast.kernels import conv1d_stream as conv1d_module
 from moshi_fast.kernels.conv1d_stream import (ConvTiles, _grid, _plan, conv1d_stream, conv1d_stream_candidate_tiles,
                                               conv1d_stream_ref, conv1d_stream_workspace_size)
 
@@ -148,6 +149,20 @@ def test_conv1d_stream_candidate_tiles_match_reference():
     for tiles in candidates:
         workspace = SplitWorkspace(*conv1d_stream_workspace_size(*shape, tiles=tiles), "cpu")
         _check_over_frames(*shape, True, True, False, tiles=tiles, workspace=workspace, frames=1)
+
+
+def test_wide_column_tiles_join_the_candidates_of_many_columns(monkeypatch):
+    """From WIDE_COLUMNS columns on the sweep also tries 128- and 256-wide column tiles with 8 warps (here lowered
+    to this shape's 12 columns); each runs and matches the reference."""
+    shape = (3, 8, 20, 3, 1, 4)
+    assert all(tiles.block_n <= 16 for tiles in conv1d_stream_candidate_tiles(*shape))
+    monkeypatch.setattr(conv1d_module, "WIDE_COLUMNS", 12)
+    candidates = conv1d_stream_candidate_tiles(*shape)
+    wide = [tiles for tiles in candidates if tiles.block_n >= 128]
+    assert {tiles.block_n for tiles in wide} == {128, 256} and all(tiles.num_warps == 8 for tiles in wide)
+    assert len(set(candidates)) == len(candidates) <= 16
+    for tiles in wide:
+        _check_over_frames(*shape, True, True, False, tiles=tiles, frames=1)
 
 
 def _mimi_shapes():

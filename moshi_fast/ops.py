@@ -92,7 +92,7 @@ def cuda_depth_step(enabled: bool = True):
     """Inside the block (and in CUDA graphs captured inside it), `depth_step` runs the CUDA extension's persistent
     kernel (csrc/depth_step_kernel.cuh: bf16, B <= 8) where it is built and takes the operands, and
     `uses_cuda_depth_step` says so, so that the fast LM fuses each depth-transformer step into it; or never (not
-    enabled). Off by default: measured slower than the unfused sequence (H100, git b4b2f7c, bench/RESULTS.md: the
+    enabled). Off by default: measured slower than the unfused sequence (H100, git 086f0e8, bench/RESULTS.md: the
     depth transformer of a B = 1 LM step 1.78 ms with it, 1.00 ms without). MOSHI_FAST_CUDA_DEPTH_STEP=1 turns it on
     for a process; bench_lm_step.py and bench_frame.py time it beside the default with --cuda-depth-step."""
     global _cuda_depth_step

@@ -119,10 +119,9 @@ LM_LINEARS = {  # name: (N, K, RMSNorm on the input, residual add); the language
 
 
 def _as_linear_runs(kwargs: dict) -> dict:
-    """skinny_linear's keyword arguments as ops.linear passes them: a norm of ops.SEPARATE_NORM_KINDS runs in a launch
-    of its own before the product (whose plan is the one swept), so the product takes no norm."""
-    norm = linear_module.as_norm(kwargs.get("norm"))
-    if norm is not None and norm.kind in ops.SEPARATE_NORM_KINDS:
+    """skinny_linear's keyword arguments as ops.linear passes them: a norm that runs in a launch of its own before the
+    product (ops.norm_runs_apart; the product's plan is the one swept) leaves the product without a norm."""
+    if ops.norm_runs_apart(linear_module.as_norm(kwargs.get("norm"))):
         return {key: value for key, value in kwargs.items() if key != "norm"}
     return kwargs
 

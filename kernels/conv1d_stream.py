@@ -334,7 +334,7 @@ def conv1d_stream_workspace_size(batch: int, c_in: int, c_out: int, kernel: int,
 
 
 WIDE_COLUMNS = 8192
-"""Columns (B T_out) from which the sweep also tries wide column tiles with 8 warps (wide_column_tiles)."""
+"""Columns (B T_out) from which the sweep also tries wide column tiles with 8 warps (_wide_column_tiles)."""
 
 
 def _wide_column_tiles(base: ConvTiles, columns: int) -> list[ConvTiles]:

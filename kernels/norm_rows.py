@@ -1,6 +1,6 @@
 """Normalisation of few rows over their last dim in a launch of its own: the language model's RMSNorm (or
-Mimi's LayerNorm), ahead of a weight-streaming linear that then runs without a norm (ops.linear does so for the
-RMSNorm: ops.SEPARATE_NORM_KINDS).
+Mimi's LayerNorm), ahead of a weight-streaming linear that then runs without a norm (ops.linear does so for both:
+ops.SEPARATE_NORM_KINDS).
 
 Shapes:
     x       [M, K]   fp32 or bf16, unit stride along K, any row stride

@@ -266,6 +266,12 @@ def separate_norms(enabled: bool = True):
         _separate_norms = saved
 
 
+def norm_runs_apart(norm) -> bool:
+    """Whether `linear` runs this norm (an as_norm Norm or None) in a launch of its own before a product without a
+    norm, where it runs the Triton product: a SEPARATE_NORM_KINDS norm, unless inside separate_norms(False)."""
+    return norm is not None and _separate_norms and norm.kind in SEPARATE_NORM_KINDS
+
+
 def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
     """norm: an as_norm Norm or None."""
     if not (_kernels_enabled and x.is_cuda and bias is None):
@@ -294,7 +300,7 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
     if not _use_kernel(x, weight):
         return skinny_linear_ref(x, weight, bias=bias, norm=parsed, activation=activation, residual=residual,
                                  out=out, workspace=workspace)
-    if parsed is not None and _separate_norms and parsed.kind in SEPARATE_NORM_KINDS:
+    if norm_runs_apart(parsed):
         # Every program of a fused norm computes all its rows' statistics before its weight stream starts;
         # norm_rows computes each row's once.
         x, parsed = _norm_rows_kernel(x, parsed), None
@@ -339,4 +345,4 @@ __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "c
            "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "programmatic_launch", "ring_attention",
            "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens",
-           "separate_norms", "settle_weights", "uses_cuda_depth_step"]
+           "norm_runs_apart", "separate_norms", "settle_weights", "uses_cuda_depth_step"]

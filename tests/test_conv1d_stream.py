@@ -32,6 +32,9 @@ FORCED = [  # batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate
     # One slot over several column tiles: 40 steps (tiles straddle slots) and 32 (tiles within a slot).
     pytest.param(2, 5, 6, 3, 1, 40, True, False, False, ConvTiles(16, 16, 16, 1), id="slot-across-tiles"),
     pytest.param(2, 6, 20, 5, 1, 32, True, True, False, ConvTiles(16, 16, 16, 2), id="tiles-within-slots-split2"),
+    # Tiles within a slot after its first read no history (the loop without the history test), strided too.
+    pytest.param(3, 5, 9, 8, 4, 128, True, False, True, ConvTiles(16, 16, 16, 1), id="strided-history-free-tiles"),
+    pytest.param(2, 10, 5, 7, 1, 64, True, True, False, ConvTiles(16, 16, 16, 3), id="history-free-tiles-split3"),
     pytest.param(5, 40, 40, 3, 1, 6, True, True, False, ConvTiles(32, 32, 32, 2), id="wide-tiles-split2"),
 ]
 

@@ -6,7 +6,8 @@
 # Usage (from the repository root): GIT_SHA=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [steps]
 #   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo (default: all),
 #   or sweep (not in the default): time launch-plan candidates (SWEEP_OPS, default paged_fp8; SWEEP_BATCHES,
-#   default 1,8,64) and write the updated kernels/tuned_tiles.json beside the sweep under $OUT
+#   default 1,8,64; SWEEP_NAMES, case-name prefixes, default all) and write the updated kernels/tuned_tiles.json
+#   beside the sweep under $OUT
 #   TEST_ARGS: extra pytest arguments for the GPU tests, e.g. TEST_ARGS='tests/test_lm_fast.py'
 #   MIMI_ARGS, LM_ARGS, FRAME_ARGS, PROFILE_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_mimi.py,
 #   bench_lm_step.py, bench_frame.py, profile_frame.py, bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl:
@@ -82,7 +83,7 @@ if [[ $steps == *,pdl,* ]]; then
 fi
 if [[ $steps == *,sweep,* ]]; then
     python3 bench/sweep_tiles.py --ops "${SWEEP_OPS:-paged_fp8}" --batches "${SWEEP_BATCHES:-1,8,64}" \
-        --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" || status=1
+        --names "${SWEEP_NAMES:-}" --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" || status=1
     python3 bench/sweep_tiles.py --table "$OUT/sweep.json" --update && cp kernels/tuned_tiles.json "$OUT/" || status=1
 fi
 if [[ $steps == *,load,* ]]; then

@@ -289,6 +289,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--ops", default="conv1d,convtr,ring,linear",
                         help="any of conv1d,convtr,ring,linear,lm_linear,paged,paged_fp8")
+    parser.add_argument("--names", default="",
+                        help="comma-separated prefixes: only the cases whose name starts with one of them (e.g. "
+                             "decoder. to resume a sweep that its time limit stopped in the encoder)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", help="write kernels/tuned_tiles.json from these sweeps")
     parser.add_argument("--update", action="store_true",
@@ -316,7 +319,10 @@ def main() -> None:
             cases += list(_paged_cases(batch, device, workspace))
         if "paged_fp8" in ops:
             cases += list(_paged_cases(batch, device, workspace, torch.float8_e4m3fn))
+        prefixes = tuple(p for p in args.names.split(",") if p)
         for op, name, call, candidates in cases:
+            if prefixes and not name.startswith(prefixes):
+                continue
             rows = _time_candidates(call, candidates)
             timed = [r for r in rows if "us" in r]
             best = min(timed, key=lambda r: r["us"])

@@ -1,6 +1,8 @@
 """Timing and reporting shared by the benchmarks: per-call GPU time, achieved GB/s, % of the floor."""
 from __future__ import annotations
 
+import argparse
+
 import functools
 import os
 import subprocess
@@ -134,6 +136,26 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--fused-norms", action="store_true",
                         help=f"also time {subject} with every RMSNorm fused into its linear, at every batch "
                              "(fast_fused_norms), same run")
+    parser.add_argument("--skip", default="", type=_skipped_runs,
+                        help="comma-separated runs not to time: kyutai (Kyutai's engine, whose model is then freed "
+                             "once ours is built from it), fast (the fast engine's default run); e.g. --skip "
+                             "kyutai,fast --kv-cache fp8 at a batch whose bf16 cache does not fit the GPU")
+
+
+SKIPPABLE_RUNS = ("kyutai", "fast")
+
+
+def _skipped_runs(text: str) -> frozenset[str]:
+    names = frozenset(name for name in text.split(",") if name)
+    unknown = names - set(SKIPPABLE_RUNS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--skip takes {', '.join(SKIPPABLE_RUNS)}; got {', '.join(sorted(unknown))}")
+    return names
+
+
+def kept_runs(args, runs: list[tuple[str, Callable[[], dict]]]) -> list[tuple[str, Callable[[], dict]]]:
+    """The (name, timing call) pairs whose name --skip does not list."""
+    return [(name, run) for name, run in runs if name not in args.skip]
 
 
 def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Callable[[], dict]]]:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._harness import device_info, timed_calls  # noqa: E402
 from bench.bench_lm_step import (KYUTAI_SAMPLING, _release, _set_fast_context, _set_kyutai_context,  # noqa: E402
                                  kyutai_lm, ours_from_kyutai)
-from bench._harness import GPU_FAULTS, add_variant_options, recorded_fault, variant_runs  # noqa: E402
+from bench._harness import GPU_FAULTS, add_variant_options, kept_runs, recorded_fault, variant_runs  # noqa: E402
 from moshi_fast import FastMoshi  # noqa: E402
 from moshi_fast.config import MoshiConfig, moshiko  # noqa: E402
 from moshi_fast.fast.mimi import FastMimi  # noqa: E402
@@ -143,6 +143,9 @@ def main(argv=None) -> int:
         ours_codec = load_mimi(path, FastMimi, torch.device("cuda"), num_codebooks=config.mimi.num_codebooks).prepare()
     kyutai_model = kyutai_lm(config.lm)
     ours_lm = ours_from_kyutai(kyutai_model, config.lm)
+    if "kyutai" in args.skip:
+        kyutai_model = kyutai_codec = None  # ours keeps the tensors it shares; the rest of Kyutai's models is freed
+        _release()
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         pcm = speech_like(batch, args.warmup + args.frames, seed=batch)
@@ -153,20 +156,22 @@ def main(argv=None) -> int:
                 ("fast", lambda: bench_fast(ours_codec, ours_lm, config, batch, frames, args.warmup, args.context))]
         runs += variant_runs(args, lambda _, kv_dtype: bench_fast(ours_codec, ours_lm, config, batch, frames,
                                                                   args.warmup, args.context, kv_dtype=kv_dtype))
+        runs = kept_runs(args, runs)
         for name, run in runs:
             try:
                 row[name] = run()
             except GPU_FAULTS as error:
                 row[name] = {"error": recorded_fault(error, _release)}
-        if "p50_ms" in row["kyutai"] and "p50_ms" in row["fast"]:
+        if "p50_ms" in row.get("kyutai", {}) and "p50_ms" in row.get("fast", {}):
             row["speedup_p50"] = row["kyutai"]["p50_ms"] / row["fast"]["p50_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    real_time = {engine: max((r["batch"] for r in rows if r[engine].get("p99_ms", 1e9) <= BUDGET_MS), default=0)
+    real_time = {engine: max((r["batch"] for r in rows if r.get(engine, {}).get("p99_ms", 1e9) <= BUDGET_MS),
+                             default=0)
                  for engine in ("kyutai", "fast")}
     print(f"\n{'B':>3} {'Kyutai p50':>11} {'p99':>8} {'GB':>6} {'fast p50':>9} {'p99':>8} {'GB':>6} {'speed-up':>9}")
     for row in rows:
-        k, f = row["kyutai"], row["fast"]
+        k, f = row.get("kyutai", {}), row.get("fast", {})
         cell = lambda r, key, width: f"{r[key]:>{width}.2f}" if key in r else f"{'-':>{width}}"  # noqa: E731
         ratio = f"{row['speedup_p50']:>8.2f}x" if "speedup_p50" in row else f"{'-':>9}"
         print(f"{row['batch']:>3} {cell(k, 'p50_ms', 9)}ms {cell(k, 'p99_ms', 6)}ms {cell(k, 'peak_GB', 6)} "

@@ -27,8 +27,8 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import (GPU_FAULTS, add_variant_options, device_info, graph_time, recorded_fault,  # noqa: E402
-                            timed_calls, variant_runs, with_cuda_depth_step, with_triton_sampling)
+from bench._harness import (GPU_FAULTS, add_variant_options, device_info, graph_time, kept_runs,  # noqa: E402
+                            recorded_fault, timed_calls, variant_runs, with_cuda_depth_step, with_triton_sampling)
 from moshi_fast import ops  # noqa: E402
 from moshi_fast.cache import LMCache  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
@@ -206,6 +206,9 @@ def main(argv=None) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     kyutai = kyutai_lm(config)
     lm = ours_from_kyutai(kyutai, config)
+    if "kyutai" in args.skip:
+        kyutai = None  # ours keeps the tensors it shares; the rest of Kyutai's model is freed
+        _release()
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         row = {"batch": batch, "frames": args.frames}
@@ -213,6 +216,7 @@ def main(argv=None) -> int:
                 ("fast", lambda: bench_fast(lm, config, batch, contexts, args.frames, args.warmup))]
         runs += variant_runs(args, lambda name, kv_dtype: bench_fast(lm, config, batch, contexts, args.frames,
                                                                      args.warmup, name=name, kv_dtype=kv_dtype))
+        runs = kept_runs(args, runs)
         for name, run in runs:
             try:
                 row.update(run())

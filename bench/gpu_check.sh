@@ -12,7 +12,9 @@
 #   MIMI_ARGS, LM_ARGS, FRAME_ARGS, PROFILE_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_mimi.py,
 #   bench_lm_step.py, bench_frame.py, profile_frame.py, bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl:
 #   the same engine without programmatic dependent launch, timed in the same run; --triton-sampling: with the Triton
-#   sampler instead of the CUDA one; MIMI_ARGS=--fused-norms: the codec with every LayerNorm fused, same run)
+#   sampler instead of the CUDA one; MIMI_ARGS=--fused-norms: the codec with every LayerNorm fused, same run;
+#   FRAME_ARGS='--batches 64 --skip kyutai,fast --kv-cache fp8': only the e4m3-cache engine, where the others do
+#   not fit the GPU, e.g. B = 64 on 80 GB)
 #   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
 #   (leaves out the sampling kernel's tile sweep)
 #   ISOLATED_TESTS, ISOLATED_BENCH: test and benchmark files run first, each in a process of its own (default: the

@@ -2,9 +2,10 @@
 run happens under its setting (the timing itself needs a GPU)."""
 import argparse
 
+import pytest
 import torch
 
-from bench._harness import add_variant_options, variant_runs
+from bench._harness import add_variant_options, kept_runs, variant_runs
 from moshi_fast import ops
 from moshi_fast.kernels import _utils
 
@@ -41,3 +42,22 @@ def test_each_flag_runs_its_variant_under_its_setting():
     assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn, **defaults}
     assert {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
             "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms} == defaults
+
+
+def _parsed(argv):
+    parser = argparse.ArgumentParser()
+    add_variant_options(parser, "the fast step")
+    return parser.parse_args(argv)
+
+
+def test_skip_leaves_out_the_named_runs_and_keeps_the_variants():
+    runs = [("kyutai", None), ("fast", None), ("fast_kv_fp8", None)]
+    assert [name for name, _ in kept_runs(_parsed([]), runs)] == ["kyutai", "fast", "fast_kv_fp8"]
+    assert [name for name, _ in kept_runs(_parsed(["--skip", "kyutai"]), runs)] == ["fast", "fast_kv_fp8"]
+    assert [name for name, _ in kept_runs(_parsed(["--skip", "kyutai,fast"]), runs)] == ["fast_kv_fp8"]
+
+
+def test_skip_rejects_a_run_it_does_not_know(capsys):
+    with pytest.raises(SystemExit):
+        _parsed(["--skip", "kyutai,fast_kv_fp8"])
+    assert "--skip takes kyutai, fast; got fast_kv_fp8" in capsys.readouterr().err

@@ -198,23 +198,20 @@ def _conv1d_stream_kernel(
     r_begin = pid_s * CHUNK
     r_end = tl.minimum(r_begin + CHUNK, reduction)
     acc = tl.zeros((BLOCK_CO, BLOCK_N), dtype=tl.float32)
+    # A tile inside one slot whose first step reads at time >= 0 of x reads no history: it takes the loop without
+    # the per-element history test, second load and select (most tiles of the long-T convs).
+    reads_history = False
     if HISTORY > 0:
-        # A tile inside one slot whose first step reads at time >= 0 of x reads no history: it takes the loop
-        # without the per-element history test, second load and select (most tiles of the long-T convs).
-        history_free = False
+        reads_history = True
         if TILES_WITHIN_SLOTS:
-            history_free = ((pid_n * BLOCK_N) % T_OUT) * STRIDE >= HISTORY
-        if history_free:
-            acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step,
-                              first, x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
-                              STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, False)
-        else:
-            acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step,
-                              first, x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
-                              STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, True)
+            reads_history = ((pid_n * BLOCK_N) % T_OUT) * STRIDE < HISTORY
+    if reads_history:
+        acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
+                          x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
+                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, True)
     else:
-        acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step,
-                          first, x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
+        acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
+                          x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
                           STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, False)
 
     if SPLIT == 1:

@@ -301,25 +301,25 @@ def main() -> None:
         write_table(args.table, args.update)
         return
     device = torch.device("cuda")
-    ops = set(args.ops.split(","))
+    swept_ops = set(args.ops.split(","))
     model = MimiCodec.random(moshiko().mimi, device=device, backend="fast", eager=True).model
     workspace = SplitWorkspace(WORKSPACE_FLOATS, 1 << 16, device)
+    prefixes = tuple(prefix for prefix in args.names.split(",") if prefix)
     results = []
     for batch in (int(b) for b in args.batches.split(",")):
         cases = []
-        if ops & {"conv1d", "convtr"}:
-            cases += [case for case in _conv_cases(model, batch, device, workspace) if case[0] in ops]
-        if "ring" in ops:
+        if swept_ops & {"conv1d", "convtr"}:
+            cases += [case for case in _conv_cases(model, batch, device, workspace) if case[0] in swept_ops]
+        if "ring" in swept_ops:
             cases += list(_ring_cases(model, batch, device, workspace))
-        if "linear" in ops:
+        if "linear" in swept_ops:
             cases += list(_linear_cases(model, batch, device, workspace))
-        if "lm_linear" in ops:
+        if "lm_linear" in swept_ops:
             cases += list(_lm_linear_cases(batch, device, workspace))
-        if "paged" in ops:
+        if "paged" in swept_ops:
             cases += list(_paged_cases(batch, device, workspace))
-        if "paged_fp8" in ops:
+        if "paged_fp8" in swept_ops:
             cases += list(_paged_cases(batch, device, workspace, torch.float8_e4m3fn))
-        prefixes = tuple(p for p in args.names.split(",") if p)
         for op, name, call, candidates in cases:
             if prefixes and not name.startswith(prefixes):
                 continue

@@ -48,9 +48,12 @@ BUDGET_MS = 80.0
 
 
 def _stats(times: list[float]) -> dict:
-    ordered = sorted(1000 * t for t in times)
+    """p50, p99 and mean of per-frame wall times (seconds) in ms, and every frame's time in order (a slow p99 is then
+    one frame or many, early or late)."""
+    frames_ms = [1000 * t for t in times]
+    ordered = sorted(frames_ms)
     return {"p50_ms": ordered[len(ordered) // 2], "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
-            "mean_ms": sum(ordered) / len(ordered)}
+            "mean_ms": sum(ordered) / len(ordered), "frames_ms": [round(t, 3) for t in frames_ms]}
 
 
 def bench_kyutai(mimi, lm, config: MoshiConfig, batch: int, frames: list[torch.Tensor], warmup: int,

@@ -61,3 +61,11 @@ def test_skip_rejects_a_run_it_does_not_know(capsys):
     with pytest.raises(SystemExit):
         _parsed(["--skip", "kyutai,fast_kv_fp8"])
     assert "--skip takes kyutai, fast; got fast_kv_fp8" in capsys.readouterr().err
+
+
+def test_frame_stats_keep_every_frame_in_order():
+    from bench.bench_frame import _stats
+
+    stats = _stats([0.003, 0.001, 0.0025, 0.010])
+    assert stats["frames_ms"] == [3.0, 1.0, 2.5, 10.0]
+    assert stats["p50_ms"] == 3.0 and stats["p99_ms"] == 10.0 and stats["mean_ms"] == pytest.approx(4.125)

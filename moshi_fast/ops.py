@@ -23,6 +23,9 @@ from .kernels.conv1d_stream import conv1d_stream_ref, conv1d_stream_workspace_si
 from .kernels.conv_transpose1d_stream import conv_transpose1d_stream as _conv_transpose1d_stream_kernel
 from .kernels.conv_transpose1d_stream import (conv_transpose1d_stream_ref, conv_transpose1d_stream_workspace_size,
                                               pack_conv_transpose_weight)
+from .kernels.delay_line import delay_line_in as _delay_line_in_kernel
+from .kernels.delay_line import delay_line_in_ref, delay_line_out_ref
+from .kernels.delay_line import delay_line_out as _delay_line_out_kernel
 from .kernels.depth_attention import depth_attention as _depth_attention_kernel
 from .kernels.depth_attention import depth_attention_ref
 from .kernels.depth_step import depth_step as _depth_step_kernel
@@ -195,6 +198,20 @@ def embed_sum(tokens, table, row_offset, out=None, accumulate=False):
     return fn(tokens, table, row_offset, out=out, accumulate=accumulate)
 
 
+def delay_line_in(line, frame, exec_mask, user_codes, delays, initial, order, out=None):
+    """LMGen's delay line before Helium: the running slots' user codes enter the line, this frame's input
+    tokens come out in `order` (kernels/delay_line.py)."""
+    fn = _delay_line_in_kernel if _use_kernel(line, frame) else delay_line_in_ref
+    return fn(line, frame, exec_mask, user_codes, delays, initial, order, out=out)
+
+
+def delay_line_out(line, frame, exec_mask, generated, delays, out=None, valid_out=None):
+    """LMGen's delay line after the depth transformer: the running slots' generated tokens enter the line
+    and their frames advance; returns (the delayed output tokens, valid) (kernels/delay_line.py)."""
+    fn = _delay_line_out_kernel if _use_kernel(line, frame) else delay_line_out_ref
+    return fn(line, frame, exec_mask, generated, delays, out=out, valid_out=valid_out)
+
+
 def rvq_encode(latent, input_proj, codebooks, norms, n_semantic, scratch, out=None):
     """Split residual VQ encode, all codebooks in one launch (kernels/rvq_encode.py)."""
     fn = _rvq_encode_kernel if _use_kernel(latent, codebooks) else rvq_encode_ref
@@ -340,6 +357,7 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
            "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_sampling",
+           "delay_line_in", "delay_line_out",
            "depth_attention", "depth_step", "depth_step_scratch",
            "embed_sum", "gemv_cuda", "linear",
            "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight",

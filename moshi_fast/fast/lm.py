@@ -2,8 +2,9 @@
 
 One frame for B slots (`FastStreamingLM.step`), the launches in order, at Moshi's real config:
 
-    delay line in (a few small torch ops)   LMGen's bookkeeping: the user's codes enter their delayed
-                                            positions, this frame's 17 input tokens are read
+    delay_line_in                           LMGen's bookkeeping: the user's codes enter their delayed
+                                            positions, this frame's 17 input tokens are read in
+                                            Helium's embedding order
     embed_sum                               16 audio + 1 text embeddings summed, the reference's order
     32 x Helium layer                       linear qkv (RMSNorm fused) -> paged_attention (RoPE, KV
                                             write, window) -> linear out (+ residual, in place) ->
@@ -18,7 +19,7 @@ One frame for B slots (`FastStreamingLM.step`), the launches in order, at Moshi'
                                             prepare(fused_depth=True), the step before the sampling is one
                                             persistent ops.depth_step launch instead (the Triton one
                                             measured slower: bench/RESULTS.md)
-    delay line out (a few small torch ops)  the generated tokens enter the line, the delayed output
+    delay_line_out                          the generated tokens enter the line, the delayed output
                                             is read, the frame counter advances
 
 Everything lives in device tensors of an `LMCache`, so the whole step is one CUDA graph
@@ -171,20 +172,13 @@ class FastStreamingLM:
         forcing, as in the reference): generate these tokens instead of the sampled ones."""
         c, cache, params = self.config, self.cache, self.params
         lm = self.lm
-        span = cache.tokens.shape[-1]
         frame = cache.frame
         cache.kv.set_exec_mask(exec_mask)
         running = cache.kv.exec_mask
 
-        user_line = cache.tokens[:, 1 + c.dep_q:]
-        write_at = ((frame[:, None] + self.delays[None, 1 + c.dep_q:]) % span)[..., None]
-        kept = user_line.gather(-1, write_at)
-        user_line.scatter_(-1, write_at, torch.where(running[:, None, None], user_codes[..., None], kept))
-        read_at = (frame % span)[:, None, None].expand(-1, c.num_streams, 1)
-        tokens = cache.tokens.gather(-1, read_at)[..., 0]
-        tokens = torch.where(frame[:, None] <= self.delays[None, :], self.initial[None, :], tokens)
-
-        x = lm.helium(tokens.index_select(1, self.embed_order), cache)
+        tokens = ops.delay_line_in(cache.tokens, frame, running, user_codes, self.delays, self.initial,
+                                   self.embed_order)
+        x = lm.helium(tokens, cache)
         cache.kv.advance()
         text_logits = lm.text_logits(x, cache)
         generated = torch.empty(1 + c.dep_q, x.shape[0], dtype=torch.long, device=x.device)
@@ -200,17 +194,8 @@ class FastStreamingLM:
                 ops.sample_tokens(logits, params.audio_temperature, params.audio_top_k, params.max_audio_top_k,
                                   params.seed, frame, 1 + step, out=generated[1 + step])
 
-        own_line = cache.tokens[:, :1 + c.dep_q]
-        next_frame = frame + 1
-        store_at = (next_frame % span)[:, None, None].expand(-1, 1 + c.dep_q, 1)
-        kept = own_line.gather(-1, store_at)
-        own_line.scatter_(-1, store_at, torch.where(running[:, None, None], generated.t()[..., None], kept))
-        out_at = ((next_frame[:, None] - c.max_delay + self.delays[None, :1 + c.dep_q]) % span)[..., None]
-        out = own_line.gather(-1, out_at)[..., 0]
-        valid = next_frame > c.max_delay
-        out = torch.where(valid[:, None], out, torch.full_like(out, -1))
-        frame.add_(running)
-        return FastLMOutput(tokens=out, valid=valid & running, text_logits=text_logits, audio_logits=audio_logits)
+        out, valid = ops.delay_line_out(cache.tokens, frame, running, generated.t(), self.delays)
+        return FastLMOutput(tokens=out, valid=valid, text_logits=text_logits, audio_logits=audio_logits)
 
 
 class FastLMRunner:

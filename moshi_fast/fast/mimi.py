@@ -123,7 +123,7 @@ class FastMimi(Mimi):
                                    None, self.downsample.stride, replicate=True)
         codes = ops.rvq_encode(latent[..., 0], self.input_proj, self.codebooks, self.codebook_norms,
                                self.n_semantic, scratch)
-        frame += exec_mask.to(frame.dtype)
+        frame.add_(exec_mask)
         return codes
 
     def decode_step(self, codes: torch.Tensor, cache: MimiCache, exec_mask: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,7 @@ class FastMimi(Mimi):
         x = _conv_transpose(self.upsample, "upsample", latent[..., None], cache, frame, out=up)
         x = self._transformer(self.decoder_transformer, "decoder_transformer", x.transpose(1, 2), cache, frame)
         pcm = self._seanet_decoder(x.transpose(1, 2), cache, frame)
-        frame += exec_mask.to(frame.dtype)
+        frame.add_(exec_mask)
         return pcm
 
 

@@ -58,7 +58,7 @@ class _BucketFrame:
         codes = self.mimi.encode_step(pcm, self.mimi_cache, exec_mask, self.scratch)
         out = self.generator.step(codes[:, :self.dep_q], exec_mask, forced)
         decoded = self.mimi.decode_step(out.tokens[:, 1:].clamp(min=0), self.mimi_cache, out.valid)
-        pcm_out = torch.where(out.valid[:, None, None], decoded, torch.zeros_like(decoded))
+        pcm_out = torch.where(out.valid[:, None, None], decoded, 0.0)
         return FrameOutput(pcm_out, out.tokens, out.valid, codes, out.text_logits, out.audio_logits)
 
 

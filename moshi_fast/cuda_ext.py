@@ -145,6 +145,118 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
 
 MAX_ROWS = 8
 MAX_WARPS = 16
+
+
+ATTENTION_HEAD_DIM = 64
+ATTENTION_MAX_WIDTH = 1024
+"""The attention fusion's heads and widest K (= heads x 64): the attention rows are kept in shared memory."""
+ATTENTION_MAX_STEPS = 8
+"""The most cache steps the attention fusion serves (Moshi's depth transformer has 8 codebook steps)."""
+
+
+def attention_gemv_ref(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: int,
+                       weight: torch.Tensor, residual: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """The spec of `attention_gemv`: kernels/depth_attention.py's depth_attention_ref (the caches' rows at `step`
+    written, the attention rounded to qkv's dtype), then `gemv_ref` of its output (+ residual)."""
+    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
+    from .kernels.depth_attention import depth_attention_ref
+
+    attended = depth_attention_ref(qkv, k_cache, v_cache, step)
+    return gemv_ref(attended, weight, residual, out)
+
+
+def attention_gemv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: int, weight: torch.Tensor,
+                   residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                   warps_per_block: int = 0) -> torch.Tensor:
+    """out = attention(qkv, caches, step) @ weight.T (+ residual) by the extension's GEMV with the depth transformer's
+    attention made inside it (csrc/skinny_gemv_kernel.cuh): every block computes the attention of every (row, head)
+    from qkv and the caches into shared memory, block 0 writes the caches' rows at `step`, then the product reads it
+    from there; the spec is `attention_gemv_ref`. One launch where depth_attention + gemv take two.
+
+    qkv [M, 3K] (q | k | v, each (head, 64)), M = 1..8; k_cache, v_cache [M, K / 64, S, 64], S <= ATTENTION_MAX_STEPS,
+    K <= ATTENTION_MAX_WIDTH; step a Python int in [0, S); weight [N, K]; residual [M, N] or None (may be out); out
+    [M, N] (allocated when None). All bf16, contiguous, on one CUDA device. Launched with programmatic dependent
+    launch where `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes (qkv and the caches are noise
+    beside it, but are read by every block from L2). Graph-safe with `out` given. warps_per_block (1..16) overrides
+    the default (all 16: the warps without a K step of the product take attention pairs).
+    Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
+    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
+    from .kernels._utils import pdl
+
+    _require()
+    if out is None and qkv.dim() == 2 and weight.dim() == 2:
+        out = torch.empty(qkv.shape[0], weight.shape[0], dtype=qkv.dtype, device=qkv.device)
+    _check_attention_gemv(qkv, k_cache, v_cache, step, weight, residual, out, warps_per_block)
+    torch.ops.moshi_fast.attention_gemv_bf16(qkv, k_cache, v_cache, step, weight, residual, out, warps_per_block,
+                                             pdl(qkv.device, "gemv", weight.numel() * weight.element_size()))
+    return out
+
+
+def attention_gemv_supported(qkv, k_cache, v_cache, step, weight, residual, out) -> bool:
+    """Whether `attention_gemv` takes these operands (its argument checks pass); whether the extension is available
+    is not checked here."""
+    try:
+        _check_attention_gemv(qkv, k_cache, v_cache, step, weight, residual, out, 0)
+    except (ValueError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def _check_attention_gemv(qkv, k_cache, v_cache, step, weight, residual, out, warps_per_block) -> None:
+    """The op's argument checks, made here first (see _check_gemv)."""
+    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
+    from .kernels._utils import spans_overlap
+
+    if not qkv.is_cuda:
+        raise ValueError(f"attention_gemv_bf16 runs on CUDA tensors; qkv is on {qkv.device}")
+    named = {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "weight": weight, "out": out}
+    if residual is not None:
+        named["residual"] = residual
+    for name, tensor in named.items():
+        if tensor.device != qkv.device:
+            raise ValueError(f"attention_gemv_bf16: {name} must be on qkv's device {qkv.device}, got {tensor.device}")
+        if tensor.dtype != torch.bfloat16:
+            raise TypeError(f"attention_gemv_bf16: {name} must be bfloat16, got {tensor.dtype}")
+        if not tensor.is_contiguous():
+            raise ValueError(f"attention_gemv_bf16: {name} must be contiguous, got strides {tensor.stride()}")
+    if weight.dim() != 2 or qkv.dim() != 2:
+        raise ValueError(f"attention_gemv_bf16: qkv and weight must be 2-D, got {list(qkv.shape)} and "
+                         f"{list(weight.shape)}")
+    rows, (n, k) = qkv.shape[0], weight.shape
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"attention_gemv_bf16: qkv must have 1 to {MAX_ROWS} rows, got {rows}")
+    if k % ATTENTION_HEAD_DIM or not 0 < k <= ATTENTION_MAX_WIDTH:
+        raise ValueError(f"attention_gemv_bf16: K must be a positive multiple of {ATTENTION_HEAD_DIM} and at most "
+                         f"{ATTENTION_MAX_WIDTH}, got {k}")
+    if tuple(qkv.shape) != (rows, 3 * k):
+        raise ValueError(f"attention_gemv_bf16: qkv must be [{rows}, {3 * k}], got {list(qkv.shape)}")
+    heads = k // ATTENTION_HEAD_DIM
+    steps = k_cache.shape[2] if k_cache.dim() == 4 else 0
+    for name in ("k_cache", "v_cache"):
+        if tuple(named[name].shape) != (rows, heads, steps, ATTENTION_HEAD_DIM) or not 1 <= steps <= ATTENTION_MAX_STEPS:
+            raise ValueError(f"attention_gemv_bf16: {name} must be [{rows}, {heads}, S, {ATTENTION_HEAD_DIM}] with "
+                             f"1 <= S <= {ATTENTION_MAX_STEPS}, got {list(named[name].shape)}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < steps:
+        raise ValueError(f"attention_gemv_bf16: step must be a Python int in [0, {steps}), got {step!r}")
+    for name in ("out", "residual"):
+        if name in named and tuple(named[name].shape) != (rows, n):
+            raise ValueError(f"attention_gemv_bf16: {name} must have shape [{rows}, {n}], got "
+                             f"{list(named[name].shape)}")
+    for name in ("qkv", "weight"):
+        if named[name].data_ptr() % 16:
+            raise ValueError(f"attention_gemv_bf16: {name} must start 16-byte aligned (it is read in 16-byte pieces)")
+    for name in ("qkv", "weight", "k_cache", "v_cache"):
+        if spans_overlap(out, named[name]):
+            raise ValueError(f"attention_gemv_bf16: out overlaps {name}")
+    if residual is not None and spans_overlap(residual, out) and not (
+            residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()):
+        raise ValueError("attention_gemv_bf16: residual overlaps out without being out itself")
+    if not 0 <= warps_per_block <= MAX_WARPS:
+        raise ValueError(f"attention_gemv_bf16: warps_per_block must be 0 (the default) or 1 to {MAX_WARPS}, "
+                         f"got {warps_per_block}")
+
+
 SAMPLE_MAX_CANDIDATES = 1024
 """The largest min(max_top_k, V) the extension's sampling kernel serves (its candidate list is in shared memory)."""
 SAMPLE_MAX_VOCAB = 1 << 16

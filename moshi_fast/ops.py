@@ -162,6 +162,44 @@ def depth_attention(qkv, k_cache, v_cache, step: int, out=None):
     return fn(qkv, k_cache, v_cache, step, out=out)
 
 
+ATTENTION_GEMV_MAX_ROWS = 2
+"""The most rows (slots) for which `depth_attention_linear` runs the CUDA extension's fused launch: every block of
+the product recomputes the attention of every (row, head) pair, 16 pairs a row at Moshi's config over a block's 16
+warps, so from a few rows on a warp takes several pairs one after another, each a memory round trip, where the
+separate attention kernel takes them all at once."""
+_fused_depth_attention = True
+
+
+@contextlib.contextmanager
+def fused_depth_attention(enabled: bool = True):
+    """Inside the block (and in CUDA graphs captured inside it), `depth_attention_linear` runs the CUDA extension's
+    fused launch where it applies (the default), or never (not enabled: depth_attention, then linear).
+    bench_lm_step.py and bench_frame.py time the separate launches beside the default with
+    --separate-depth-attention."""
+    global _fused_depth_attention
+    saved, _fused_depth_attention = _fused_depth_attention, enabled
+    try:
+        yield
+    finally:
+        _fused_depth_attention = saved
+
+
+def depth_attention_linear(qkv, k_cache, v_cache, step: int, weight, residual=None, out=None,
+                           workspace: SplitWorkspace | None = None):
+    """linear(depth_attention(qkv, k_cache, v_cache, step), weight) + residual: the depth transformer's attention of
+    codebook step `step` (the caches' rows at `step` written) and its output projection. One launch of the CUDA
+    extension's GEMV with the attention made inside it (cuda_ext.attention_gemv) for bf16 at most
+    ATTENTION_GEMV_MAX_ROWS rows, where the extension is built and takes the operands, unless
+    `fused_depth_attention(False)`; else the two ops. qkv [B, 3D], caches [B, H, S, D / H], weight [N, D], residual
+    [B, N] (may be out)."""
+    if (_kernels_enabled and _fused_depth_attention and qkv.is_cuda and qkv.shape[0] <= ATTENTION_GEMV_MAX_ROWS
+            and cuda_ext.attention_gemv_supported(qkv, k_cache, v_cache, step, weight, residual, out)
+            and cuda_ext.available()):
+        return cuda_ext.attention_gemv(qkv, k_cache, v_cache, step, weight, residual, out)
+    attended = depth_attention(qkv, k_cache, v_cache, step)
+    return linear(attended, weight, residual=residual, out=out, workspace=workspace)
+
+
 def uses_cuda_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
                          k_cache, v_cache, step: int, logits_out, scratch) -> bool:
     """Whether `depth_step` on these operands (without `phases`) runs the CUDA extension's persistent kernel: inside
@@ -358,8 +396,8 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
            "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_sampling",
            "delay_line_in", "delay_line_out",
-           "depth_attention", "depth_step", "depth_step_scratch",
-           "embed_sum", "gemv_cuda", "linear",
+           "depth_attention", "depth_attention_linear", "depth_step", "depth_step_scratch",
+           "embed_sum", "fused_depth_attention", "gemv_cuda", "linear",
            "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "programmatic_launch", "ring_attention",
            "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens",

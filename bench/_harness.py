@@ -119,14 +119,6 @@ def with_fused_norms(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def with_separate_depth_attention(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the depth transformer's attention and output projection as two launches
-    (`ops.fused_depth_attention(False)`, the previous default; graphs captured inside it keep it), timed beside the
-    default in the same run."""
-    with ops.fused_depth_attention(False):
-        return fn(*args, **kwargs)
-
-
 def add_variant_options(parser, subject: str) -> None:
     """The benchmarks' options that also time variants of the fast engine in the same run (see variant_runs);
     subject names what is timed in their help ("the fast step", "moshi_fast")."""
@@ -143,9 +135,6 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--fused-norms", action="store_true",
                         help=f"also time {subject} with every RMSNorm fused into its linear, at every batch "
                              "(fast_fused_norms), same run")
-    parser.add_argument("--separate-depth-attention", action="store_true",
-                        help=f"also time {subject} with the depth transformer's attention and output projection as "
-                             "two launches at every batch (fast_separate_depth_attention), same run")
     parser.add_argument("--skip", default="", type=_skipped_runs,
                         help="comma-separated runs not to time: kyutai (Kyutai's engine, whose model is then freed "
                              "once ours is built from it), fast (the fast engine's default run); e.g. --skip "
@@ -178,9 +167,6 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
         runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
     if args.fused_norms:
         runs.append(("fast_fused_norms", lambda: with_fused_norms(run, "fast_fused_norms", None)))
-    if args.separate_depth_attention:
-        runs.append(("fast_separate_depth_attention",
-                     lambda: with_separate_depth_attention(run, "fast_separate_depth_attention", None)))
     if args.kv_cache:
         name = f"fast_kv_{args.kv_cache}"
         runs.append((name, lambda: run(name, KV_CACHE_DTYPES[args.kv_cache])))

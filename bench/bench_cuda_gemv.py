@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from moshi_fast import cuda_ext
 from moshi_fast.config import LMConfig
 from moshi_fast.kernels._utils import SplitWorkspace, parallel_sms
-from moshi_fast.kernels.depth_attention import depth_attention
 from moshi_fast.kernels.skinny_linear import skinny_linear, skinny_linear_tiles, skinny_linear_workspace_size
 
 from ._harness import graph_time
@@ -127,31 +126,3 @@ def test_gemv_warps_per_block(measure, device, shape, rows, warps):
     measure(_cuda(x, weight, res, out, norm, gated, warps), moved, _cublas(x, weight, res, norm, gated),
             op="gemv cuda", shape=f"{shape} warps {warps}", batch=rows, rows=rows, dtype="bfloat16",
             warps_per_block=warps)
-
-
-@pytest.mark.parametrize("rows", [1, 2, 4, 8])
-def test_attention_gemv(measure, device, rows):
-    """The depth transformer's attention and output projection (+ residual) at its last codebook step (the longest
-    attention), as ops.depth_attention_linear runs them: the CUDA op with the attention inside it, beside the two
-    launches it replaces (depth_attention, then the CUDA GEMV: separate_us) and the torch path (the references)."""
-    d, heads, steps = _LM.depformer_dim, _LM.depformer_dim // 64, _LM.dep_q
-    step = steps - 1
-    qkv = torch.randn(rows, 3 * d, device=device).bfloat16()
-    k_cache, v_cache = (torch.randn(rows, heads, steps, 64, device=device).bfloat16() for _ in range(2))
-    weight = (torch.randn(d, d, device=device) / d ** 0.5).bfloat16()
-    hidden = torch.randn(rows, d, device=device).bfloat16()
-    attended = torch.empty(rows, d, device=device, dtype=torch.bfloat16)
-
-    def separate():
-        depth_attention(qkv, k_cache, v_cache, step, out=attended)
-        cuda_ext.gemv(attended, weight, hidden, hidden)
-
-    # The weight, qkv, the caches' rows 0..step read and row step written, the hidden rows read and written.
-    moved = weight.nbytes + qkv.nbytes + 2 * rows * heads * (step + 2) * 64 * 2 + 2 * hidden.nbytes
-    extra = measure(lambda: cuda_ext.attention_gemv(qkv, k_cache, v_cache, step, weight, hidden, hidden), moved,
-                    lambda: cuda_ext.attention_gemv_ref(qkv, k_cache, v_cache, step, weight, hidden, hidden),
-                    op="attention gemv cuda", shape=f"dep attn+out+res {d}>{d}", batch=rows, rows=rows,
-                    dtype="bfloat16")
-    separate_seconds = graph_time(separate)
-    measure.benchmark.extra_info.update(separate_us=separate_seconds * 1e6,
-                                        speedup_vs_separate=separate_seconds * 1e6 / extra["us"])

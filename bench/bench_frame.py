@@ -41,8 +41,7 @@ from tests.helpers import speech_like  # noqa: E402
 VARIANT_LABELS = {"fast_no_pdl": "without programmatic dependent launch",
                   "fast_triton_sampling": "sampling with the Triton kernel",
                   "fast_cuda_depth_step": "with the CUDA depth step",
-                  "fast_fused_norms": "with every norm fused into its linear",
-                  "fast_separate_depth_attention": "with the depth attention in a launch of its own"}
+                  "fast_fused_norms": "with every norm fused into its linear"}
 """How the summary names the variants of bench._harness.variant_runs (the KV-cache one is printed with its memory)."""
 BUDGET_MS = 80.0
 """One frame of audio: an engine keeps up in real time while a frame takes less."""

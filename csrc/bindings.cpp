@@ -10,11 +10,6 @@ TORCH_LIBRARY(moshi_fast, m) {
   // launched with programmatic dependent launch (Hopper and later).
   m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? residual, Tensor(a!) out, int warps_per_block=0, "
         "Tensor? norm_weight=None, float eps=0., bool gated=False, bool programmatic=False) -> ()");
-  // out[M, N] = attention @ weight[N, K]^T (+ residual), the depth transformer's attention of the step made first
-  // from qkv [M, 3K] and the caches [M, K / 64, S, 64], whose rows at `step` take the new key and value
-  // (skinny_gemv.cu); bf16, M <= 8, heads of 64, K <= 1024, S <= 8.
-  m.def("attention_gemv_bf16(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int step, Tensor weight, "
-        "Tensor? residual, Tensor(c!) out, int warps_per_block=0, bool programmatic=False) -> ()");
   // out[b] = one token of logits[b, :V] by temperature + top-k exponential race with the counter-based noise of
   // moshi_fast.reference.sampling (sample_tokens.cu); logits bf16 or fp32 [B, V], V < 2^16, min(max_top_k, V)
   // <= 1024; temperature fp32 [B]; top_k, seed, counter, out int64 [B].

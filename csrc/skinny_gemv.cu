@@ -1,6 +1,5 @@
-// The torch ops moshi_fast::gemv_bf16 and moshi_fast::attention_gemv_bf16 (schemas in bindings.cpp): argument checks,
-// device and stream, launch of the weight-streaming GEMV (with its optional RMSNorm and SiLU gate, or with the depth
-// transformer's attention made before the product) in skinny_gemv_kernel.cuh.
+// The torch op moshi_fast::gemv_bf16 (schema in bindings.cpp): argument checks, device and stream, launch of the
+// weight-streaming GEMV (with its optional RMSNorm and SiLU gate) in skinny_gemv_kernel.cuh.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -115,84 +114,9 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
   C10_CUDA_CHECK(launch_skinny_gemv_bf16(args, warps, c10::cuda::getCurrentCUDAStream(), programmatic));
 }
 
-// out = attention @ weight.T (+ residual), the attention of the depth transformer's step fused before the product (see
-// skinny_gemv_kernel.cuh): qkv [rows, 3 K], k_cache / v_cache [rows, K / 64, S, 64] (their rows at `step` written),
-// weight [N, K]. warps_per_block 0 takes kAttentionGemvDefaultWarps.
-void attention_gemv_bf16(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache, int64_t step,
-                         const at::Tensor& weight, const std::optional<at::Tensor>& residual, at::Tensor& out,
-                         int64_t warps_per_block, bool programmatic) {
-  TORCH_CHECK_VALUE(qkv.is_cuda(), "attention_gemv_bf16 runs on CUDA tensors; qkv is on ", qkv.device());
-  check_matrix(qkv, "qkv", qkv);
-  check_matrix(weight, "weight", qkv);
-  check_matrix(out, "out", qkv);
-  const int64_t rows = qkv.size(0);
-  const int64_t k = weight.size(1);
-  const int64_t n = weight.size(0);
-  TORCH_CHECK_VALUE(rows >= 1 && rows <= kGemvMaxRows, "attention_gemv_bf16: qkv must have 1 to ", kGemvMaxRows,
-                    " rows, got ", rows);
-  TORCH_CHECK_VALUE(k > 0 && k % kGemvAttentionHeadDim == 0 && k <= kGemvMaxAttentionWidth,
-                    "attention_gemv_bf16: K must be a positive multiple of ", kGemvAttentionHeadDim, " and at most ",
-                    kGemvMaxAttentionWidth, ", got ", k);
-  TORCH_CHECK_VALUE(qkv.size(1) == 3 * k, "attention_gemv_bf16: qkv must be [", rows, ", ", 3 * k, "], got ",
-                    qkv.sizes());
-  TORCH_CHECK_VALUE(n >= 1 && n <= std::numeric_limits<int>::max() - kGemvTileRows,
-                    "attention_gemv_bf16: weight must have 1 to INT_MAX - 16 rows, got ", n);
-  check_output_shape(out, "out", rows, n);
-  const int64_t heads = k / kGemvAttentionHeadDim;
-  for (const at::Tensor* cache : {&k_cache, &v_cache}) {
-    TORCH_CHECK_VALUE(cache->device() == qkv.device(), "attention_gemv_bf16: the caches must be on qkv's device");
-    TORCH_CHECK_TYPE(cache->scalar_type() == at::kBFloat16, "attention_gemv_bf16: the caches must be bfloat16");
-    TORCH_CHECK_VALUE(cache->dim() == 4 && cache->size(0) == rows && cache->size(1) == heads &&
-                          cache->size(3) == kGemvAttentionHeadDim && cache->is_contiguous(),
-                      "attention_gemv_bf16: the caches must be contiguous [", rows, ", ", heads, ", S, ",
-                      kGemvAttentionHeadDim, "], got ", cache->sizes());
-    TORCH_CHECK_VALUE(at::get_overlap_status(out, *cache) == at::MemOverlapStatus::No,
-                      "attention_gemv_bf16: out overlaps a cache");
-  }
-  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "attention_gemv_bf16: the caches differ in shape");
-  const int64_t cache_steps = k_cache.size(2);
-  TORCH_CHECK_VALUE(cache_steps >= 1 && cache_steps <= kGemvMaxAttentionSteps,
-                    "attention_gemv_bf16: the caches must hold 1 to ", kGemvMaxAttentionSteps, " steps, got ",
-                    cache_steps);
-  TORCH_CHECK_VALUE(step >= 0 && step < cache_steps, "attention_gemv_bf16: step must be in [0, ", cache_steps,
-                    "), got ", step);
-  check_aligned(qkv, "qkv");
-  check_aligned(weight, "weight");
-  TORCH_CHECK_VALUE(at::get_overlap_status(out, qkv) == at::MemOverlapStatus::No, "attention_gemv_bf16: out overlaps qkv");
-  TORCH_CHECK_VALUE(at::get_overlap_status(out, weight) == at::MemOverlapStatus::No,
-                    "attention_gemv_bf16: out overlaps weight");
-  if (residual.has_value()) {
-    check_matrix(*residual, "residual", qkv);
-    check_output_shape(*residual, "residual", rows, n);
-    const at::MemOverlapStatus overlap = at::get_overlap_status(*residual, out);
-    TORCH_CHECK_VALUE(overlap == at::MemOverlapStatus::No || overlap == at::MemOverlapStatus::Full,
-                      "attention_gemv_bf16: residual overlaps out without being out itself");
-  }
-  TORCH_CHECK_VALUE(warps_per_block >= 0 && warps_per_block <= kGemvMaxWarps,
-                    "attention_gemv_bf16: warps_per_block must be 0 (the default) or 1 to ", kGemvMaxWarps, ", got ",
-                    warps_per_block);
-
-  const c10::cuda::CUDAGuard device_guard(qkv.device());
-  SkinnyGemvArgs args{};
-  args.weight = reinterpret_cast<const __nv_bfloat16*>(weight.const_data_ptr());
-  args.residual = residual.has_value() ? reinterpret_cast<const __nv_bfloat16*>(residual->const_data_ptr()) : nullptr;
-  args.out = reinterpret_cast<__nv_bfloat16*>(out.mutable_data_ptr());
-  args.rows = static_cast<int>(rows);
-  args.n = static_cast<int>(n);
-  args.k = static_cast<int>(k);
-  args.qkv = reinterpret_cast<const __nv_bfloat16*>(qkv.const_data_ptr());
-  args.k_cache = reinterpret_cast<__nv_bfloat16*>(k_cache.mutable_data_ptr());
-  args.v_cache = reinterpret_cast<__nv_bfloat16*>(v_cache.mutable_data_ptr());
-  args.cache_steps = static_cast<int>(cache_steps);
-  args.step = static_cast<int>(step);
-  const int warps = warps_per_block > 0 ? static_cast<int>(warps_per_block) : kAttentionGemvDefaultWarps;
-  C10_CUDA_CHECK(launch_attention_gemv_bf16(args, warps, c10::cuda::getCurrentCUDAStream(), programmatic));
-}
-
 }  // namespace
 }  // namespace moshi_fast
 
 TORCH_LIBRARY_IMPL(moshi_fast, CUDA, m) {
   m.impl("gemv_bf16", &moshi_fast::gemv_bf16);
-  m.impl("attention_gemv_bf16", &moshi_fast::attention_gemv_bf16);
 }

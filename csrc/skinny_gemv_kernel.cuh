@@ -12,15 +12,6 @@
 //   gated: the weight is [2N, K], gate rows then up rows, and out = silu(x W[:N]^T) * (x W[N:]^T) (the SiLU-gated
 //          FFN input). A block's 16 A-operand rows are 8 gate rows and the 8 matching up rows, so every lane holds
 //          the gate and up sums of the same outputs and the gate is applied in the epilogue.
-//   attention: x is the depth transformer's attention output, made by every block for itself from the step's
-//          qkv [M, 3K] and the frame's key and value caches [M, K / 64, S, 64] (heads of 64, no RoPE), exactly
-//          kernels/depth_attention.py's semantics: the cache rows at `step` take the new key and value (block 0
-//          stores them; the others read only rows before `step`, so nothing races), then each head's query
-//          attends over rows 0..step, fp32 scores, softmax and weighted sum, rounded to bf16 into shared memory,
-//          from where the product reads it. The depth transformer's attention output projection at batch 1 then
-//          needs no launch of its own for the attention: the launch and the memory round trip between the two
-//          kernels (about 2 us of a 4 us pair) are gone, for M x H (row, head) pairs recomputed by each of the
-//          projection's 64 blocks, a warp a pair, one memory round trip for all of them at M = 1.
 //
 // Shapes served: the language model's decode linears at batch <= 8. Helium K = 4096 -> N = 12288 (qkv), 4096
 // (attention out), 22528 (gate_up), 32000 (text head); K = 11264 -> 4096 (down). Depth transformer K = 1024 ->
@@ -83,24 +74,7 @@ struct SkinnyGemvArgs {
   int rows;                          // 1..kGemvMaxRows
   int n;                             // output columns, at most (INT_MAX - kGemvTileRows) / 2: indices stay 32-bit
   int k;                             // a positive multiple of 8: every row starts 16-byte aligned
-  // The attention fusion (x null): the step's qkv [rows, 3 k] contiguous, the caches [rows, k / 64, cache_steps, 64]
-  // contiguous, k <= kGemvMaxAttentionWidth, 0 <= step < cache_steps <= kGemvMaxAttentionSteps.
-  const __nv_bfloat16* qkv;
-  __nv_bfloat16* k_cache;
-  __nv_bfloat16* v_cache;
-  int cache_steps;
-  int step;
 };
-
-// The attention fusion's limits: heads of 64 (a lane holds two elements of a head), the widest x kept in shared
-// memory (the depth transformer's 1024, 16 KB at 8 rows) and the most cache steps (Moshi's 8 codebooks), whose rows
-// before `step` are held in registers.
-constexpr int kGemvAttentionHeadDim = 64;
-constexpr int kGemvMaxAttentionWidth = 1024;
-constexpr int kGemvMaxAttentionSteps = 8;
-// A shared x row's pitch, in elements: 64 bytes past the row, so that the 16-byte reads of a quarter warp (the 4
-// lanes of row g and the 4 of row g + 1) fall in distinct banks.
-constexpr int kGemvAttentionRowPitch = kGemvMaxAttentionWidth + 32;
 
 namespace detail {
 
@@ -248,90 +222,6 @@ __device__ __forceinline__ void row_rms_scales(const SkinnyGemvArgs& args, float
   }
 }
 
-// The step's x pieces from the shared attention rows (pieces past K are zero).
-__device__ __forceinline__ void load_shared_x_step(StepOperands& operands, const __nv_bfloat16* x, int k0, int lane_k,
-                                                   int k) {
-#pragma unroll
-  for (int u = 0; u < kGemvLoadsPerRow; ++u)
-    operands.x[u] = piece_inside(k0, u, lane_k, k) ? *reinterpret_cast<const uint4*>(x + k0 + 32 * u)
-                                                   : make_uint4(0, 0, 0, 0);
-}
-
-__device__ __forceinline__ float warp_sum(float value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
-
-__device__ __forceinline__ float dot2(float2 a, __nv_bfloat162 b) {
-  const float2 bf = __bfloat1622float2(b);
-  return a.x * bf.x + a.y * bf.y;
-}
-
-// The attention fusion's x: for each (row, head) pair, a warp a pair (lane l holds the head's elements 2l and 2l + 1),
-// the query against the cached keys 0..step - 1 and the new key, softmax in fp32, the weighted values rounded to bf16
-// into rows[row][head * 64 ...]; block 0 also stores the new key and value at `step`. Every load of a pair is
-// requested before its first product: one memory round trip a pair.
-__device__ __forceinline__ void attend_rows(const SkinnyGemvArgs& args, __nv_bfloat16* rows, int warp, int warps,
-                                            int lane) {
-  const int heads = args.k / kGemvAttentionHeadDim;
-  const float scale = rsqrtf(static_cast<float>(kGemvAttentionHeadDim));
-  for (int pair = warp; pair < args.rows * heads; pair += warps) {
-    const int row = pair / heads;
-    const int element = (pair % heads) * kGemvAttentionHeadDim + 2 * lane;
-    const __nv_bfloat16* qkv = args.qkv + static_cast<int64_t>(row) * 3 * args.k + element;
-    const int64_t cache_offset = static_cast<int64_t>(pair) * args.cache_steps * kGemvAttentionHeadDim + 2 * lane;
-    const __nv_bfloat162* cached_keys = reinterpret_cast<const __nv_bfloat162*>(args.k_cache + cache_offset);
-    const __nv_bfloat162* cached_values = reinterpret_cast<const __nv_bfloat162*>(args.v_cache + cache_offset);
-    constexpr int kRowPairs = kGemvAttentionHeadDim / 2;  // __nv_bfloat162 a cache row
-    const __nv_bfloat162 query_pair = *reinterpret_cast<const __nv_bfloat162*>(qkv);
-    const __nv_bfloat162 new_key = *reinterpret_cast<const __nv_bfloat162*>(qkv + args.k);
-    const __nv_bfloat162 new_value = *reinterpret_cast<const __nv_bfloat162*>(qkv + 2 * args.k);
-    __nv_bfloat162 keys[kGemvMaxAttentionSteps], values[kGemvMaxAttentionSteps];
-#pragma unroll
-    for (int s = 0; s < kGemvMaxAttentionSteps; ++s) {
-      if (s < args.step) {
-        keys[s] = cached_keys[s * kRowPairs];
-        values[s] = cached_values[s * kRowPairs];
-      }
-    }
-    if (blockIdx.x == 0) {
-      reinterpret_cast<__nv_bfloat162*>(args.k_cache + cache_offset)[args.step * kRowPairs] = new_key;
-      reinterpret_cast<__nv_bfloat162*>(args.v_cache + cache_offset)[args.step * kRowPairs] = new_value;
-    }
-    const float2 query_raw = __bfloat1622float2(query_pair);
-    const float2 query = make_float2(query_raw.x * scale, query_raw.y * scale);
-    // The new key's score, then the cached ones'; step is the same in every lane, so the branches do not diverge.
-    const float new_score = warp_sum(dot2(query, new_key));
-    float scores[kGemvMaxAttentionSteps];
-    float top = new_score;
-#pragma unroll
-    for (int s = 0; s < kGemvMaxAttentionSteps; ++s) {
-      if (s < args.step) {
-        scores[s] = warp_sum(dot2(query, keys[s]));
-        top = fmaxf(top, scores[s]);
-      }
-    }
-    float weight = __expf(new_score - top);
-    float total = weight;
-    float2 sum = __bfloat1622float2(new_value);
-    sum.x *= weight;
-    sum.y *= weight;
-#pragma unroll
-    for (int s = 0; s < kGemvMaxAttentionSteps; ++s) {
-      if (s < args.step) {
-        weight = __expf(scores[s] - top);
-        total += weight;
-        const float2 value = __bfloat1622float2(values[s]);
-        sum.x += weight * value.x;
-        sum.y += weight * value.y;
-      }
-    }
-    *reinterpret_cast<__nv_bfloat162*>(rows + row * kGemvAttentionRowPitch + element) =
-        __floats2bfloat162_rn(sum.x / total, sum.y / total);
-  }
-}
-
 __device__ __forceinline__ void multiply_step(float (&acc)[4], const StepOperands& operands) {
 #pragma unroll
   for (int u = 0; u < kGemvLoadsPerRow; ++u) {
@@ -359,7 +249,7 @@ __device__ __forceinline__ float2 tile_element_sums(const float4 (*partials)[32]
   return sums;
 }
 
-template <bool kNorm, bool kGated, bool kAttention>
+template <bool kNorm, bool kGated>
 __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
   // Output columns a block owns: its 16 weight rows, or (gated) their 8 gate-and-up pairs.
   constexpr int kTileColumns = kGated ? kGemvTileRows / 2 : kGemvTileRows;
@@ -385,10 +275,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   const int x_row = min(group, args.rows - 1);
   const __nv_bfloat16* weight_lo = args.weight + row_lo * args.k + lane_k;
   const __nv_bfloat16* weight_hi = args.weight + row_hi * args.k + lane_k;
-  // The attention fusion's x rows live in shared memory (its array has one element in the other instances).
-  __shared__ __align__(16) __nv_bfloat16 attention_rows[kAttention ? kGemvMaxRows * kGemvAttentionRowPitch : 1];
-  const __nv_bfloat16* x = kAttention ? attention_rows + x_row * kGemvAttentionRowPitch + lane_k
-                                      : args.x + static_cast<int64_t>(x_row) * args.k + lane_k;
+  const __nv_bfloat16* x = args.x + static_cast<int64_t>(x_row) * args.k + lane_k;
   const __nv_bfloat16* norm_weight = kNorm ? args.norm_weight + lane_k : nullptr;
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -399,10 +286,6 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   // computes the row scales.
   if (warp < steps) load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
   await_previous_kernel();
-  if constexpr (kAttention) {
-    attend_rows(args, attention_rows, warp, warps, lane);
-    __syncthreads();
-  }
   float scale = 1.f;
   if constexpr (kNorm) {
     row_rms_scales(args, row_scales, warp, warps, lane);
@@ -412,9 +295,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   for (int step = warp; step < steps; step += warps) {
     const int k0 = step * kGemvStepK;
     if (step != warp) load_weight_step(operands, weight_lo, weight_hi, k0, lane_k, args.k);
-    if constexpr (kAttention) {
-      load_shared_x_step(operands, x, k0, lane_k, args.k);
-    } else if constexpr (kNorm) {
+    if constexpr (kNorm) {
       load_normalized_x_step(operands, x, norm_weight, scale, k0, lane_k, args.k);
     } else {
       load_x_step(operands, x, k0, lane_k, args.k);
@@ -462,10 +343,10 @@ inline int skinny_gemv_default_warps(int n, int k, bool gated, int multiprocesso
 
 namespace detail {
 
-template <bool kNorm, bool kGated, bool kAttention = false>
+template <bool kNorm, bool kGated>
 cudaError_t launch_instance(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
-  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated, kAttention>,
-                       dim3(skinny_gemv_tiles(args.n, args.gated)), dim3(warps * 32), stream, programmatic, args);
+  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated>, dim3(skinny_gemv_tiles(args.n, args.gated)),
+                       dim3(warps * 32), stream, programmatic, args);
 }
 
 }  // namespace detail
@@ -480,17 +361,6 @@ inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps
   if (norm) return detail::launch_instance<true, false>(args, warps, stream, programmatic);
   if (args.gated) return detail::launch_instance<false, true>(args, warps, stream, programmatic);
   return detail::launch_instance<false, false>(args, warps, stream, programmatic);
-}
-
-// Warps a block of the attention fusion runs by default: every warp that takes no K step of the product still takes
-// (row, head) pairs of the attention, so all kGemvMaxWarps, and the K steps of a tile spread over them as usual.
-constexpr int kAttentionGemvDefaultWarps = kGemvMaxWarps;
-
-// The attention fusion (args.x null; qkv, the caches, cache_steps and step set; no norm, not gated), launched like
-// launch_skinny_gemv_bf16.
-inline cudaError_t launch_attention_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream,
-                                              bool programmatic) {
-  return detail::launch_instance<false, false, true>(args, warps, stream, programmatic);
 }
 
 }  // namespace moshi_fast

@@ -162,44 +162,6 @@ def depth_attention(qkv, k_cache, v_cache, step: int, out=None):
     return fn(qkv, k_cache, v_cache, step, out=out)
 
 
-ATTENTION_GEMV_MAX_ROWS = 2
-"""The most rows (slots) for which `depth_attention_linear` runs the CUDA extension's fused launch: every block of
-the product recomputes the attention of every (row, head) pair, 16 pairs a row at Moshi's config over a block's 16
-warps, so from a few rows on a warp takes several pairs one after another, each a memory round trip, where the
-separate attention kernel takes them all at once."""
-_fused_depth_attention = True
-
-
-@contextlib.contextmanager
-def fused_depth_attention(enabled: bool = True):
-    """Inside the block (and in CUDA graphs captured inside it), `depth_attention_linear` runs the CUDA extension's
-    fused launch where it applies (the default), or never (not enabled: depth_attention, then linear).
-    bench_lm_step.py and bench_frame.py time the separate launches beside the default with
-    --separate-depth-attention."""
-    global _fused_depth_attention
-    saved, _fused_depth_attention = _fused_depth_attention, enabled
-    try:
-        yield
-    finally:
-        _fused_depth_attention = saved
-
-
-def depth_attention_linear(qkv, k_cache, v_cache, step: int, weight, residual=None, out=None,
-                           workspace: SplitWorkspace | None = None):
-    """linear(depth_attention(qkv, k_cache, v_cache, step), weight) + residual: the depth transformer's attention of
-    codebook step `step` (the caches' rows at `step` written) and its output projection. One launch of the CUDA
-    extension's GEMV with the attention made inside it (cuda_ext.attention_gemv) for bf16 at most
-    ATTENTION_GEMV_MAX_ROWS rows, where the extension is built and takes the operands, unless
-    `fused_depth_attention(False)`; else the two ops. qkv [B, 3D], caches [B, H, S, D / H], weight [N, D], residual
-    [B, N] (may be out)."""
-    if (_kernels_enabled and _fused_depth_attention and qkv.is_cuda and qkv.shape[0] <= ATTENTION_GEMV_MAX_ROWS
-            and cuda_ext.attention_gemv_supported(qkv, k_cache, v_cache, step, weight, residual, out)
-            and cuda_ext.available()):
-        return cuda_ext.attention_gemv(qkv, k_cache, v_cache, step, weight, residual, out)
-    attended = depth_attention(qkv, k_cache, v_cache, step)
-    return linear(attended, weight, residual=residual, out=out, workspace=workspace)
-
-
 def uses_cuda_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
                          k_cache, v_cache, step: int, logits_out, scratch) -> bool:
     """Whether `depth_step` on these operands (without `phases`) runs the CUDA extension's persistent kernel: inside
@@ -276,16 +238,18 @@ def sample_tokens(logits, temperature, top_k, max_top_k: int, seed, counter, dra
 
 
 CUDA_GEMV_SHAPES = frozenset({
-    (1024, 1024, "plain"), (1024, 2816, "plain"), (4096, 11264, "plain"),
+    (1024, 1024, "plain"), (1024, 2816, "plain"), (4096, 11264, "plain"), (2048, 1024, "plain"),
     (3072, 1024, "rms"), (5632, 1024, "rms+silu_gate"),
 })
 """(N, K, fusion) of the bf16 products (M <= 8, no bias) that ops.linear gives the CUDA extension's GEMV, where
-it beat skinny_linear on an H200. fusion "plain": no norm or activation (bench/results/
-2026-11-22_H200_5180938_cuda_gemv.json, M = 1 / 4 / 8: the depth transformer's attention output 2.5 vs 3.6 us
-and FFN output 3.7 vs 4.9 us, Helium's FFN output 25.7 vs 27.5 us; on the other plain LM shapes skinny_linear
-was as fast or faster). "rms" / "rms+silu_gate": the RMSNorm (and the SiLU gate) fused, at the depth
-transformer's qkv, 4.1 vs 6.9 us, and gate_up, 6.8 vs 9.0 us, at M = 1 (bench/results/
-2026-12-03_H200_89eec6b_cuda_gemv_fused.json; at Helium's fused shapes neither won clearly)."""
+it beat skinny_linear. fusion "plain": no norm or activation (bench/results/2026-11-22_H200_5180938_cuda_gemv.json,
+H200, M = 1 / 4 / 8: the depth transformer's attention output 2.5 vs 3.6 us and FFN output 3.7 vs 4.9 us, Helium's
+FFN output 25.7 vs 27.5 us; on the other plain LM shapes skinny_linear was as fast or faster); the depth
+transformer's heads (2048 x 1024, bench/results/2026-12-06_H100_f64615c_attention_gemv_depth_head.json, H100):
+2.13 / 2.03 / 2.25 vs 4.50 / 4.71 / 4.55 us, taken at B = 1, where the step's logits row is contiguous.
+"rms" / "rms+silu_gate": the RMSNorm (and the SiLU gate) fused, at the depth transformer's qkv, 4.1 vs 6.9 us, and
+gate_up, 6.8 vs 9.0 us, at M = 1 (bench/results/2026-12-03_H200_89eec6b_cuda_gemv_fused.json; at Helium's fused
+shapes neither won clearly)."""
 
 
 def _cuda_gemv_fusion(norm, activation) -> str | None:
@@ -396,8 +360,8 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
            "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_sampling",
            "delay_line_in", "delay_line_out",
-           "depth_attention", "depth_attention_linear", "depth_step", "depth_step_scratch",
-           "embed_sum", "fused_depth_attention", "gemv_cuda", "linear",
+           "depth_attention", "depth_step", "depth_step_scratch",
+           "embed_sum", "gemv_cuda", "linear",
            "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "programmatic_launch", "ring_attention",
            "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens",

@@ -12,8 +12,7 @@ from moshi_fast.kernels import _utils
 
 def _settings(name, kv_dtype):
     return {"name": name, "kv_dtype": kv_dtype, "cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
-            "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
-            "fused_depth_attention": ops._fused_depth_attention}
+            "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms}
 
 
 def _runs(argv):
@@ -27,13 +26,12 @@ def test_no_flag_adds_no_run():
 
 
 def test_each_flag_runs_its_variant_under_its_setting():
-    runs = dict(_runs(["--without-pdl", "--triton-sampling", "--cuda-depth-step", "--fused-norms",
-                       "--separate-depth-attention", "--kv-cache", "fp8"]))
-    assert list(runs) == ["fast_no_pdl", "fast_triton_sampling", "fast_fused_norms", "fast_separate_depth_attention",
-                          "fast_kv_fp8", "fast_cuda_depth_step"]
+    runs = dict(_runs(["--without-pdl", "--triton-sampling", "--cuda-depth-step", "--fused-norms", "--kv-cache",
+                       "fp8"]))
+    assert list(runs) == ["fast_no_pdl", "fast_triton_sampling", "fast_fused_norms", "fast_kv_fp8",
+                          "fast_cuda_depth_step"]
     defaults = {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
-                "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
-                "fused_depth_attention": ops._fused_depth_attention}
+                "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms}
     assert runs["fast_no_pdl"]() == {"name": "fast_no_pdl", "kv_dtype": None, **defaults, "pdl": False}
     assert runs["fast_triton_sampling"]() == {"name": "fast_triton_sampling", "kv_dtype": None, **defaults,
                                               "cuda_sampling": False}
@@ -41,12 +39,9 @@ def test_each_flag_runs_its_variant_under_its_setting():
                                               "cuda_depth_step": True}
     assert runs["fast_fused_norms"]() == {"name": "fast_fused_norms", "kv_dtype": None, **defaults,
                                           "separate_norms": False}
-    assert runs["fast_separate_depth_attention"]() == {"name": "fast_separate_depth_attention", "kv_dtype": None,
-                                                       **defaults, "fused_depth_attention": False}
     assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn, **defaults}
     assert {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
-            "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
-            "fused_depth_attention": ops._fused_depth_attention} == defaults
+            "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms} == defaults
 
 
 def _parsed(argv):

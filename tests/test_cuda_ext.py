@@ -236,6 +236,23 @@ def test_linear_dispatches_the_depth_transformers_fused_products(extension, monk
 
 
 @pytest.mark.gpu
+def test_linear_dispatches_the_depth_heads_at_one_row(extension, monkeypatch):
+    """ops.linear gives the CUDA GEMV a depth transformer head's product into a contiguous logits row (B = 1), and
+    keeps skinny_linear where the rows of out are strided (B > 1 writes one step's column of the audio logits)."""
+    calls = []
+    real_gemv = cuda_ext.gemv
+    monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real_gemv(*a, **kw))
+    d, card, steps = _LM.depformer_dim, _LM.card, _LM.dep_q
+    head = (torch.randn(card, d, device="cuda") / d ** 0.5).bfloat16()
+    for rows in (1, 3):
+        x = torch.randn(rows, d, device="cuda").bfloat16()
+        logits = torch.empty(rows, steps, card, device="cuda", dtype=torch.bfloat16)
+        ops.linear(x, head, out=logits[:, 2])
+        assert rel_err(logits[:, 2], cuda_ext.gemv_ref(x, head)) < 1e-2
+    assert calls == [1]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("warps", [1, 3, 8, 16])
 def test_forced_warps_per_block(extension, warps):
     """Any split of K among a block's warps, including more warps than the 9 K steps."""
@@ -348,118 +365,3 @@ def test_bad_arguments_raise(extension, change, error, message):
     call = change(ok)
     with pytest.raises(error, match=message):
         cuda_ext.gemv(call.pop("x"), call.pop("weight"), call.pop("residual", None), **call)
-
-
-def attention_operands(m, heads, steps, n, step):
-    """(qkv [m, 3K], k_cache, v_cache [m, heads, steps, 64], weight [n, K]) on the GPU, K = 64 heads; the caches'
-    rows from `step` on hold NaN, which the op must overwrite (row step) or never read (the rows after it)."""
-    k = 64 * heads
-    qkv = torch.randn(m, 3 * k, device="cuda").bfloat16()
-    caches = [torch.randn(m, heads, steps, 64, device="cuda").bfloat16() for _ in range(2)]
-    for cache in caches:
-        cache[:, :, step:] = float("nan")
-    weight = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
-    return qkv, *caches, weight
-
-
-ATTENTION_SHAPES = [(16, 8, _LM.depformer_dim), (2, 3, 40), (3, 8, 200)]
-"""(heads, cache steps, N): the depth transformer's out projection (16 heads of 64, 8 codebook steps, N = 1024), and
-odd ones: 2 and 3 heads, a 3-step cache, partial 16-row tiles."""
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("residual", [None, "out"], ids=["plain", "residual-is-out"])
-@pytest.mark.parametrize("heads, steps, n", ATTENTION_SHAPES, ids=[f"H{h}-S{s}-N{n}" for h, s, n in ATTENTION_SHAPES])
-@pytest.mark.parametrize("m", [1, 2, 5, 8])
-def test_attention_gemv_matches_reference(extension, m, heads, steps, n, residual):
-    for step in sorted({0, 1, steps - 1}):
-        qkv, k_cache, v_cache, weight = attention_operands(m, heads, steps, n, step)
-        ref_k, ref_v = k_cache.clone(), v_cache.clone()
-        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        res = None
-        if residual == "out":
-            out.copy_(torch.randn(m, n, device="cuda"))
-            res = out
-        expected = cuda_ext.attention_gemv_ref(qkv, ref_k, ref_v, step, weight, None if res is None else res.clone())
-        got = cuda_ext.attention_gemv(qkv, k_cache, v_cache, step, weight, res, out)
-        assert got is out and not out.isnan().any()
-        assert rel_err(out, expected) < 1e-2
-        # The new key and value land at `step` exactly; the earlier rows are untouched, the later ones never read.
-        assert torch.equal(k_cache[:, :, :step + 1], ref_k[:, :, :step + 1])
-        assert torch.equal(v_cache[:, :, :step + 1], ref_v[:, :, :step + 1])
-        assert k_cache[:, :, step + 1:].isnan().all() and v_cache[:, :, step + 1:].isnan().all()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("warps", [1, 5, 16])
-def test_attention_gemv_any_warps(extension, warps):
-    """Fewer warps than (row, head) pairs and than K steps, and more warps than K steps."""
-    qkv, k_cache, v_cache, weight = attention_operands(3, 16, 8, 72, 5)
-    expected = cuda_ext.attention_gemv_ref(qkv, k_cache.clone(), v_cache.clone(), 5, weight)
-    assert rel_err(cuda_ext.attention_gemv(qkv, k_cache, v_cache, 5, weight, warps_per_block=warps), expected) < 1e-2
-
-
-@pytest.mark.gpu
-def test_depth_attention_linear_dispatch(extension, monkeypatch):
-    """ops.depth_attention_linear fuses at most ATTENTION_GEMV_MAX_ROWS rows into the CUDA op, and otherwise (and
-    inside fused_depth_attention(False)) runs depth_attention then linear: the same values either way."""
-    calls = []
-    real = cuda_ext.attention_gemv
-    monkeypatch.setattr(cuda_ext, "attention_gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
-    d = _LM.depformer_dim
-    for m in (1, ops.ATTENTION_GEMV_MAX_ROWS + 1):
-        qkv, k_cache, v_cache, weight = attention_operands(m, d // 64, _LM.dep_q, d, 3)
-        x = torch.randn(m, d, device="cuda").bfloat16()
-        expected = cuda_ext.attention_gemv_ref(qkv, k_cache.clone(), v_cache.clone(), 3, weight, x.clone())
-        separate = x.clone()
-        with ops.fused_depth_attention(False):
-            ops.depth_attention_linear(qkv, k_cache.clone(), v_cache.clone(), 3, weight, residual=separate,
-                                       out=separate)
-        ops.depth_attention_linear(qkv, k_cache, v_cache, 3, weight, residual=x, out=x)
-        assert rel_err(x, expected) < 1e-2 and rel_err(separate, expected) < 1e-2
-    assert calls == [1]
-
-
-@pytest.mark.gpu
-def test_attention_gemv_graph_replay_equals_eager(extension):
-    """Captured once, replayed after new qkv is written into the captured tensor: the eager op's values (the same
-    kernel: bitwise), the caches written alike, nothing allocated by the replay."""
-    qkv, k_cache, v_cache, weight = attention_operands(1, 16, 8, _LM.depformer_dim, 4)
-    hidden = torch.randn(1, _LM.depformer_dim, device="cuda").bfloat16()
-    start_k, start_v, start_hidden = k_cache.clone(), v_cache.clone(), hidden.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        cuda_ext.attention_gemv(qkv, k_cache, v_cache, 4, weight, hidden, hidden)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cuda_ext.attention_gemv(qkv, k_cache, v_cache, 4, weight, hidden, hidden)
-    new_qkv = torch.randn_like(qkv)
-    expected, eager_k, eager_v = start_hidden.clone(), start_k.clone(), start_v.clone()
-    cuda_ext.attention_gemv(new_qkv, eager_k, eager_v, 4, weight, expected, expected)
-    qkv.copy_(new_qkv)
-    k_cache.copy_(start_k)
-    v_cache.copy_(start_v)
-    hidden.copy_(start_hidden)
-    allocated = torch.cuda.memory_allocated()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == allocated
-    assert torch.equal(hidden, expected)
-    assert torch.equal(k_cache[:, :, :5], eager_k[:, :, :5]) and torch.equal(v_cache[:, :, :5], eager_v[:, :, :5])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("change, message", [
-    (lambda ok: dict(ok, qkv=ok["qkv"].float()), "qkv must be bfloat16"),
-    (lambda ok: dict(ok, step=8), r"step must be a Python int in \[0, 8\)"),
-    (lambda ok: dict(ok, k_cache=ok["k_cache"][:, :, :4].contiguous()), "v_cache must be"),
-    (lambda ok: dict(ok, weight=ok["weight"][:, :64].contiguous()), r"qkv must be \[2, 192\]"),
-    (lambda ok: dict(ok, qkv=torch.zeros(9, 3 * 128, device="cuda", dtype=torch.bfloat16)), "1 to 8 rows"),
-], ids=["qkv-fp32", "step-past-cache", "cache-steps", "weight-width", "rows"])
-def test_attention_gemv_bad_arguments_raise(extension, change, message):
-    qkv, k_cache, v_cache, weight = attention_operands(2, 2, 8, 40, 3)
-    call = change({"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "step": 3, "weight": weight})
-    with pytest.raises((ValueError, TypeError), match=message):
-        cuda_ext.attention_gemv(call["qkv"], call["k_cache"], call["v_cache"], call["step"], call["weight"])

@@ -12,9 +12,8 @@ One frame for B slots (`FastStreamingLM.step`), the launches in order, at Moshi'
     linear text head (out_norm fused)       text logits [B, 32000] -> sample_tokens -> text token
     linear depth in_proj, all 8 codebooks   h = out_norm(x) projected once for every codebook step
     8 x depth step k                        embed_sum adds the previous token's embedding; 6 layers of
-                                            linear qkv (RMSNorm) -> depth_attention_linear (attention
-                                            over steps 0..k, then out + res; one launch at B <= 2 on
-                                            the CUDA extension) -> linear gate_up (RMSNorm, SiLU) ->
+                                            linear qkv (RMSNorm) -> depth_attention over steps 0..k ->
+                                            linear out (+res) -> linear gate_up (RMSNorm, SiLU) ->
                                             linear down (+res); linear head[k] -> sample_tokens.
                                             Inside ops.cuda_depth_step() (bf16, B <= 8), or with
                                             prepare(fused_depth=True), the step before the sampling is one
@@ -133,8 +132,8 @@ class FastLM(LM):
                       accumulate=True)
         for i, layer in enumerate(d.layers):
             qkv = ops.linear(x, layer.qkv[step], norm=("rms", layer.norm1.weight, c.norm_eps), workspace=workspace)
-            ops.depth_attention_linear(qkv, cache.depth_k[i], cache.depth_v[i], step, layer.out[step], residual=x,
-                                       out=x, workspace=workspace)
+            attended = ops.depth_attention(qkv, cache.depth_k[i], cache.depth_v[i], step)
+            ops.linear(attended, layer.out[step], residual=x, out=x, workspace=workspace)
             hidden = ops.linear(x, layer.gate_up[step], norm=("rms", layer.norm2.weight, c.norm_eps),
                                 activation="silu_gate", workspace=workspace)
             ops.linear(hidden, layer.down[step], residual=x, out=x, workspace=workspace)

@@ -11,7 +11,9 @@ loader's name map onto the same tensors), bf16 LM, fp32 codec, Kyutai's default 
 starts at frame `--context` (full context: the LM's 3000-token window full of random keys and values, valid
 random tokens in the delay lines; our codec's rings full too), so the numbers are those of conversations
 that old. Times are wall-clock per step call with the GPU synchronised, p50 and p99 over `--frames` frames
-after warm-up; memory is each engine's peak allocation during its run (they run one after the other).
+after warm-up, and each frame's time (frames_ms); for moshi_fast also each frame's span of its graph replay on the
+GPU's timeline (replay_ms: a frame slower in frames_ms alone lost its time on the host); memory is each engine's
+peak allocation during its run (they run one after the other).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,12 +84,28 @@ def bench_kyutai(mimi, lm, config: MoshiConfig, batch: int, frames: list[torch.T
     return row
 
 
+def gpu_timed(step: Callable, events: list) -> Callable:
+    """step, recording a pair of CUDA events around each call into `events`: their interval is the call's span on
+    the GPU's timeline (for the frame runner, the input copies and the graph replay), which beside the wall time of
+    `FastMoshi.step` tells a slow frame of the GPU from one of the host."""
+    def timed(*args, **kwargs):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        result = step(*args, **kwargs)
+        end.record()
+        events.append((begin, end))
+        return result
+    return timed
+
+
 def bench_fast(mimi: FastMimi, lm, config: MoshiConfig, batch: int, frames: list[torch.Tensor], warmup: int,
                context: int, kv_dtype: torch.dtype | None = None) -> dict:
     torch.cuda.reset_peak_memory_stats()
     engine = FastMoshi(config, lm, mimi, None, torch.device("cuda"), max_batch=batch, batch_buckets=[batch],
                        kv_dtype=kv_dtype, **KYUTAI_SAMPLING)
     runner = engine._runner
+    events: list = []
+    runner.step = gpu_timed(runner.step, events)
     _set_fast_context(runner.lm_cache, context, config.lm)
     runner.mimi_cache.encoder_frame.fill_(context)
     runner.mimi_cache.decoder_frame.fill_(context)
@@ -96,6 +115,7 @@ def bench_fast(mimi: FastMimi, lm, config: MoshiConfig, batch: int, frames: list
     for pcm in frames[:warmup]:
         engine.step(pcm)
     row = _stats(timed_calls(engine.step, frames[warmup:]))
+    row["replay_ms"] = [round(begin.elapsed_time(end), 3) for begin, end in events[warmup:]]
     row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
     del engine, runner
     _release()

@@ -1,5 +1,5 @@
 """bench/_harness's variant options (the benchmarks' same-run comparisons): which runs each flag adds, and that each
-run happens under its setting (the timing itself needs a GPU)."""
+run happens under its setting (the timing itself needs a GPU); bench_frame's per-frame records."""
 import argparse
 
 import pytest
@@ -69,3 +69,16 @@ def test_frame_stats_keep_every_frame_in_order():
     stats = _stats([0.003, 0.001, 0.0025, 0.010])
     assert stats["frames_ms"] == [3.0, 1.0, 2.5, 10.0]
     assert stats["p50_ms"] == 3.0 and stats["p99_ms"] == 10.0 and stats["mean_ms"] == pytest.approx(4.125)
+
+
+@pytest.mark.gpu
+def test_gpu_timed_records_each_calls_span_and_returns_its_result():
+    from bench.bench_frame import gpu_timed
+
+    events = []
+    x = torch.ones(1 << 20, device="cuda")
+    step = gpu_timed(lambda y, scale: y * scale, events)
+    results = [step(x, scale=float(i)) for i in range(3)]
+    torch.cuda.synchronize()
+    assert [float(r[0]) for r in results] == [0.0, 1.0, 2.0] and len(events) == 3
+    assert all(begin.elapsed_time(end) > 0 for begin, end in events)

@@ -46,10 +46,10 @@ Floor: a few hundred bytes a slot, 8 a token (delay_line_in at Moshi's config: 1
 codes read, 8 codes stored, 17 tokens written out; delay_line_out: 9 generated tokens read and stored, 9
 line tokens read, 9 written out), 26 and 20 KB at B = 64: nanoseconds of HBM time. The launch and two
 dependent memory latencies (the frame, order and delays; then the line) are the floor instead. Each
-replaces the LM step's torch ops, 10 launches before Helium and 14 after the depth transformer. On an
-H100 (bench/bench_delay_line.py, 50 calls a CUDA graph, PDL on): 1.5 to 1.6 us a call at B = 1, 8 and 64,
-against 14.9 to 24.4 us (in) and 22.0 to 28.4 us (out, one reduction more than the step ran) for the
-torch references.
+replaces the LM step's torch ops, 10 launches before Helium and 14 after the depth transformer. In a
+development run on an H100 (bench/bench_delay_line.py, 50 calls a CUDA graph, PDL on; its JSON was not
+kept, bench/RESULTS.md): 1.5 to 1.6 us a call at B = 1, 8 and 64, against 14.9 to 24.4 us (in) and 22.0
+to 28.4 us (out, one reduction more than the step ran) for the torch references.
 """
 from __future__ import annotations
 

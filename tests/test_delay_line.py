@@ -109,16 +109,28 @@ def copies(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.clone() for t in tensors)
 
 
-@pytest.mark.parametrize("start", FRAME_STARTS)
-@pytest.mark.parametrize("config_name", list(CONFIGS))
-@pytest.mark.parametrize("batch", [1, 3, 5])
-@pytest.mark.parametrize("given_out", [True, False], ids=["out-given", "out-allocated"])
-def test_delay_line_in_matches_reference(batch, config_name, start, given_out):
+def slot_cases(test):
+    """Both halves' cases: every frame start, line config and batch, out given or allocated."""
+    for mark in (pytest.mark.parametrize("given_out", [True, False], ids=["out-given", "out-allocated"]),
+                 pytest.mark.parametrize("batch", [1, 3, 5]),
+                 pytest.mark.parametrize("config_name", list(CONFIGS)),
+                 pytest.mark.parametrize("start", FRAME_STARTS)):
+        test = mark(test)
+    return test
+
+
+def slot_state(config_name: str, batch: int, start: str):
+    """(config, state (line, frame), the mixed execution mask, a copy of the state before the call)."""
     config = CONFIGS[config_name]
+    state = (random_line(config, batch), frames(config, batch, start))
+    return config, state, mixed_mask(batch), copies(*state)
+
+
+@slot_cases
+def test_delay_line_in_matches_reference(batch, config_name, start, given_out):
+    config, state, mask, before = slot_state(config_name, batch, start)
     delays, initial, order = config.tensors()
-    state, mask = (random_line(config, batch), frames(config, batch, start)), mixed_mask(batch)
     codes = torch.randint(0, 2 ** 40, (batch, config.user))
-    before = copies(*state)
     out = torch.full((batch, config.streams), POISON) if given_out else None
     tokens = run_in(state, copies(*state), mask, codes, delays, initial, order, out=out)
     assert tokens is out or not given_out
@@ -128,16 +140,11 @@ def test_delay_line_in_matches_reference(batch, config_name, start, given_out):
     assert torch.equal(state[1], before[1])
 
 
-@pytest.mark.parametrize("start", FRAME_STARTS)
-@pytest.mark.parametrize("config_name", list(CONFIGS))
-@pytest.mark.parametrize("batch", [1, 3, 5])
-@pytest.mark.parametrize("given_out", [True, False], ids=["out-given", "out-allocated"])
+@slot_cases
 def test_delay_line_out_matches_reference(batch, config_name, start, given_out):
-    config = CONFIGS[config_name]
+    config, state, mask, before = slot_state(config_name, batch, start)
     delays, _, _ = config.tensors()
-    state, mask = (random_line(config, batch), frames(config, batch, start)), mixed_mask(batch)
     generated = torch.randint(0, 2 ** 40, (batch, config.own))
-    before = copies(*state)
     out, valid = ((torch.full((batch, config.own), POISON), torch.tensor([True, False] * batch)[:batch])
                   if given_out else (None, None))
     tokens, flags = run_out(state, copies(*state), mask, generated, delays, out=out, valid_out=valid)

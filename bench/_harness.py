@@ -119,22 +119,11 @@ def with_fused_norms(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def without_l2_prefetch(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with `ops.linear` ignoring its prefetch operand (`ops.l2_prefetch(False)`; graphs
-    captured inside it keep that): the products without the next weight's L2 prefetch, timed beside the default in
-    the same run."""
-    with ops.l2_prefetch(False):
-        return fn(*args, **kwargs)
-
-
 def add_variant_options(parser, subject: str) -> None:
     """The benchmarks' options that also time variants of the fast engine in the same run (see variant_runs);
     subject names what is timed in their help ("the fast step", "moshi_fast")."""
     parser.add_argument("--without-pdl", action="store_true",
                         help=f"also time {subject} with programmatic dependent launch off (fast_no_pdl), same run")
-    parser.add_argument("--without-l2-prefetch", action="store_true",
-                        help=f"also time {subject} with no product requesting the next one's weight into L2 "
-                             "(fast_no_l2_prefetch), same run")
     parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
                         help=f"also time {subject} with Helium's KV cache in this dtype (fast_kv_<name>), same run")
     parser.add_argument("--triton-sampling", action="store_true",
@@ -174,8 +163,6 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
     runs = []
     if args.without_pdl:
         runs.append(("fast_no_pdl", lambda: without_pdl(run, "fast_no_pdl", None)))
-    if args.without_l2_prefetch:
-        runs.append(("fast_no_l2_prefetch", lambda: without_l2_prefetch(run, "fast_no_l2_prefetch", None)))
     if args.triton_sampling:
         runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
     if args.fused_norms:

@@ -42,7 +42,6 @@ from tests.checkpoints import kyutai_mimi  # noqa: E402
 from tests.helpers import speech_like  # noqa: E402
 
 VARIANT_LABELS = {"fast_no_pdl": "without programmatic dependent launch",
-                  "fast_no_l2_prefetch": "without the L2 prefetch of the next weight",
                   "fast_triton_sampling": "sampling with the Triton kernel",
                   "fast_cuda_depth_step": "with the CUDA depth step",
                   "fast_fused_norms": "with every norm fused into its linear"}

@@ -46,10 +46,9 @@ int multiprocessor_count(c10::DeviceIndex device) {
 // and eps first; gated, the weight holds the gate rows then the up rows and out = silu(gate) * up. warps_per_block 0
 // takes the default split of each tile's K (skinny_gemv_default_warps); 1..16 forces one, for measuring.
 // programmatic: launch with programmatic dependent launch (the caller checks that the device supports it).
-// prefetch: a tensor whose bytes the grid requests into L2 while it runs (a later kernel's operand), or none.
 void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                at::Tensor& out, int64_t warps_per_block, const std::optional<at::Tensor>& norm_weight, double eps,
-               bool gated, bool programmatic, const std::optional<at::Tensor>& prefetch) {
+               bool gated, bool programmatic) {
   TORCH_CHECK_VALUE(x.is_cuda(), "gemv_bf16 runs on CUDA tensors; x is on ", x.device());
   check_matrix(x, "x", x);
   check_matrix(weight, "weight", x);
@@ -91,14 +90,6 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
     check_aligned(w, "norm_weight");
     TORCH_CHECK_VALUE(at::get_overlap_status(out, w) == at::MemOverlapStatus::No, "gemv_bf16: out overlaps norm_weight");
   }
-  if (prefetch.has_value()) {
-    const at::Tensor& p = *prefetch;
-    TORCH_CHECK_VALUE(p.device() == x.device(), "gemv_bf16: prefetch must be on x's device");
-    TORCH_CHECK_VALUE(p.is_contiguous(), "gemv_bf16: prefetch must be contiguous");
-    check_aligned(p, "prefetch");
-    TORCH_CHECK_VALUE(p.nbytes() % 16 == 0, "gemv_bf16: prefetch must span a multiple of 16 bytes, got ",
-                      p.nbytes());
-  }
   TORCH_CHECK_VALUE(warps_per_block >= 0 && warps_per_block <= kGemvMaxWarps,
                     "gemv_bf16: warps_per_block must be 0 (the default) or 1 to ", kGemvMaxWarps, ", got ",
                     warps_per_block);
@@ -108,15 +99,12 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
                         ? static_cast<int>(warps_per_block)
                         : skinny_gemv_default_warps(static_cast<int>(n), static_cast<int>(k), gated,
                                                     multiprocessor_count(x.device().index()));
-  const int64_t prefetch_bytes = prefetch.has_value() ? static_cast<int64_t>(prefetch->nbytes()) : 0;
   const SkinnyGemvArgs args{
       reinterpret_cast<const __nv_bfloat16*>(x.const_data_ptr()),
       reinterpret_cast<const __nv_bfloat16*>(weight.const_data_ptr()),
       residual.has_value() ? reinterpret_cast<const __nv_bfloat16*>(residual->const_data_ptr()) : nullptr,
       reinterpret_cast<__nv_bfloat16*>(out.mutable_data_ptr()),
       norm_weight.has_value() ? reinterpret_cast<const __nv_bfloat16*>(norm_weight->const_data_ptr()) : nullptr,
-      prefetch_bytes > 0 ? static_cast<const char*>(prefetch->const_data_ptr()) : nullptr,
-      prefetch_bytes,
       static_cast<float>(eps),
       gated,
       static_cast<int>(rows),

@@ -37,13 +37,6 @@
 // the previous kernel on the stream (griddepcontrol.wait) before it reads x, so that its launch and its first weight
 // round trip overlap the previous kernel's tail; it then lets the next kernel's blocks start.
 //
-// L2 prefetch of a later kernel's operand (optional, `prefetch`): the grid asks L2 for another tensor's bytes (the
-// next product's weight), each block a contiguous slice in bulk requests (cp.async.bulk.prefetch.L2, sm_90), issued
-// with its own first weight loads and never awaited. A small product is a chain of launch, one or two memory round
-// trips and a reduction, during which DRAM is mostly idle; with the next weight already on its way, the next
-// kernel reads it from L2 and DRAM streams across the boundary and across the latency-bound kernels in between
-// (the depth transformer's attention, embedding and sampling). Only a hint: no result depends on it.
-//
 // Products: mma.m16n8k16 with the weight as the 16 x 16 A operand (16 rows x 16 of K) and x as the 16 x 8 B
 // operand (16 of K x 8 rows of x; columns >= M repeat row M - 1 and are not stored). See load_weight_step for how
 // whole 16-byte loads fill both.
@@ -76,8 +69,6 @@ struct SkinnyGemvArgs {
   const __nv_bfloat16* residual;     // [rows, n] contiguous, or null; may be out itself
   __nv_bfloat16* out;                // [rows, n] contiguous; overlaps neither x nor the weight
   const __nv_bfloat16* norm_weight;  // [k] contiguous, 16-byte aligned: RMSNorm x first; or null
-  const char* prefetch;              // bytes to request into L2 for a later kernel, 16-byte aligned; or null
-  int64_t prefetch_bytes;            // a multiple of 16
   float eps;                         // the RMSNorm's epsilon
   bool gated;                        // out = silu(gate) * up of the weight's two halves
   int rows;                          // 1..kGemvMaxRows
@@ -95,27 +86,6 @@ __device__ __forceinline__ uint4 load_weight(const __nv_bfloat16* address) {
       : "=r"(value.x), "=r"(value.y), "=r"(value.z), "=r"(value.w)
       : "l"(address));
   return value;
-}
-
-// Bytes of one bulk L2 prefetch request: a block's slice of the prefetched tensor is split over its threads in
-// pieces of this size (the instruction's size operand is 32-bit; smaller pieces spread the requests over threads).
-constexpr int64_t kPrefetchPieceBytes = 16 * 1024;
-
-__device__ __forceinline__ void prefetch_to_l2(const char* address, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(address), "r"(bytes) : "memory");
-}
-
-// The block's slice of [prefetch, prefetch + prefetch_bytes): the grid's blocks take equal slices of whole
-// 16-byte units, the last one what remains.
-__device__ __forceinline__ void prefetch_block_slice(const SkinnyGemvArgs& args) {
-  const int64_t units = args.prefetch_bytes / 16;
-  const int64_t units_per_block = (units + gridDim.x - 1) / gridDim.x;
-  const int64_t begin = 16 * min(units, units_per_block * blockIdx.x);
-  const int64_t end = 16 * min(units, units_per_block * (blockIdx.x + 1));
-  for (int64_t piece = begin + kPrefetchPieceBytes * threadIdx.x; piece < end;
-       piece += kPrefetchPieceBytes * blockDim.x) {
-    prefetch_to_l2(args.prefetch + piece, static_cast<uint32_t>(min(kPrefetchPieceBytes, end - piece)));
-  }
 }
 
 __device__ __forceinline__ uint4 load_x(const __nv_bfloat16* address) {
@@ -311,11 +281,10 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   const int steps = (args.k + kGemvStepK - 1) / kGemvStepK;
   StepOperands operands;
-  // The first step's weight (and the prefetched tensor) is requested before the wait: no kernel of a step writes
-  // weights, so it can be in flight while the previous kernel finishes (with a programmatic dependent launch) and,
-  // with the norm, while the block computes the row scales.
+  // The first step's weight is requested before the wait: no kernel of a step writes weights, so it can be in flight
+  // while the previous kernel finishes (with a programmatic dependent launch) and, with the norm, while the block
+  // computes the row scales.
   if (warp < steps) load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
-  if (args.prefetch != nullptr) prefetch_block_slice(args);
   await_previous_kernel();
   float scale = 1.f;
   if constexpr (kNorm) {

@@ -116,8 +116,7 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
          out: torch.Tensor | None = None, warps_per_block: int = 0, *,
-         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
-         prefetch: torch.Tensor | None = None) -> torch.Tensor:
+         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False) -> torch.Tensor:
     """out = act(norm(x) @ weight.T) (+ residual) by the extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh); the spec is `gemv_ref`.
 
@@ -125,11 +124,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     (may be `out` itself: an in-place out += x @ weight.T), out [M, N] (allocated when None): all bf16,
     contiguous, on one CUDA device; K a multiple of 8. norm (norm_weight [K] bf16, eps): RMSNorm x first, fused
     (each block computes the row scales itself). gated: out = silu(gate) * up of the weight's two halves,
-    fused. fp32 accumulation, rounded once. prefetch: a tensor on x's device (contiguous, 16-byte aligned,
-    a multiple of 16 bytes; typically the next product's weight) whose bytes the grid requests into L2 as it
-    starts, without waiting for them: a hint for a later kernel, no result depends on it. Launched with
-    programmatic dependent launch where `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read
-    once. Graph-safe with `out` given (the launch allocates nothing and does not synchronise). `warps_per_block` (1..16) overrides how
+    fused. fp32 accumulation, rounded once. Launched with programmatic dependent launch where
+    `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read once. Graph-safe with `out`
+    given (the launch allocates nothing and does not synchronise). `warps_per_block` (1..16) overrides how
     many warps split each 16-row tile's K (0: the default).
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
@@ -140,9 +137,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
         columns = weight.shape[0] // 2 if gated else weight.shape[0]
         out = torch.empty(x.shape[0], columns, dtype=x.dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (None, 0.0)
-    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated, prefetch)
+    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated)
     torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated,
-                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()), prefetch)
+                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()))
     return out
 
 
@@ -340,7 +337,7 @@ def _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, d
             raise ValueError(f"sample_tokens: {name} must be [{batch}], got {list(tensor.shape)}")
 
 
-def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False, prefetch=None) -> None:
+def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False) -> None:
     """The op's argument checks, made here first: on an H200 (torch 2.11) one of the op's own C++ checks
     crashed the process instead of raising (a c10::ValueError thrown before any launch, in a test of bad
     arguments; cause not established), so no invalid call reaches it."""
@@ -394,13 +391,4 @@ def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gat
     if not 0 <= warps_per_block <= MAX_WARPS:
         raise ValueError(f"gemv_bf16: warps_per_block must be 0 (the default) or 1 to {MAX_WARPS}, "
                          f"got {warps_per_block}")
-    if prefetch is not None:
-        if prefetch.device != x.device:
-            raise ValueError(f"gemv_bf16: prefetch must be on x's device {x.device}, got {prefetch.device}")
-        if not prefetch.is_contiguous():
-            raise ValueError("gemv_bf16: prefetch must be contiguous")
-        if prefetch.data_ptr() % 16:
-            raise ValueError("gemv_bf16: prefetch must start 16-byte aligned")
-        if prefetch.nbytes % 16:
-            raise ValueError(f"gemv_bf16: prefetch must span a multiple of 16 bytes, got {prefetch.nbytes}")
 

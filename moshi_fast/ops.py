@@ -84,25 +84,6 @@ def cuda_sampling(enabled: bool = True):
         _cuda_sampling = saved
 
 
-L2_PREFETCH_ENV = "MOSHI_FAST_L2_PREFETCH"
-"""Environment variable: "0" makes `linear` ignore its `prefetch` operand by default (`l2_prefetch`)."""
-_l2_prefetch = os.environ.get(L2_PREFETCH_ENV, "1") == "1"
-
-
-@contextlib.contextmanager
-def l2_prefetch(enabled: bool = True):
-    """Inside the block (and in CUDA graphs captured inside it), a `linear` that runs the CUDA GEMV requests its
-    `prefetch` operand (the next product's weight) into L2 as it starts (enabled, the default), or ignores it.
-    MOSHI_FAST_L2_PREFETCH=0 turns it off for a process; bench_lm_step.py and bench_frame.py time the engine
-    without it beside the default with --without-l2-prefetch."""
-    global _l2_prefetch
-    saved, _l2_prefetch = _l2_prefetch, enabled
-    try:
-        yield
-    finally:
-        _l2_prefetch = saved
-
-
 CUDA_DEPTH_STEP_ENV = "MOSHI_FAST_CUDA_DEPTH_STEP"
 """Environment variable: "1" makes the fast LM run each depth-transformer step as the CUDA extension's persistent
 kernel where it takes the operands (`cuda_depth_step`)."""
@@ -326,17 +307,15 @@ def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
 
 
 def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, out=None,
-           workspace: SplitWorkspace | None = None, prefetch=None):
+           workspace: SplitWorkspace | None = None):
     """act(norm(x) @ weight.T + bias) + residual for few rows, weights streamed once
     (kernels/skinny_linear.py; the CUDA extension's GEMV on the CUDA_GEMV_SHAPES, when it is built); x [M, K],
     norm (weight, bias, eps) for LayerNorm or ("rms", weight, eps), activation None, "gelu" or "silu_gate"
-    (weight [2N, K]), residual may be `out`. prefetch: a tensor a later kernel reads (the next product's weight),
-    which the CUDA GEMV requests into L2 as it starts where `l2_prefetch` allows it and the tensor is contiguous,
-    16-byte aligned and a multiple of 16 bytes; ignored elsewhere (a hint: no result depends on it)."""
+    (weight [2N, K]), residual may be `out`."""
     parsed = as_norm(norm)
     if _use_cuda_gemv(x, weight, bias, parsed, activation, residual, out):
         return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps) if parsed else None,
-                             gated=activation == "silu_gate", prefetch=_prefetched(prefetch, x))
+                             gated=activation == "silu_gate")
     if not _use_kernel(x, weight):
         return skinny_linear_ref(x, weight, bias=bias, norm=parsed, activation=activation, residual=residual,
                                  out=out, workspace=workspace)
@@ -346,14 +325,6 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
         x, parsed = _norm_rows_kernel(x, parsed), None
     return _skinny_linear_kernel(x, weight, bias=bias, norm=parsed, activation=activation, residual=residual,
                                  out=out, workspace=workspace)
-
-
-def _prefetched(prefetch, x):
-    """`prefetch` where the CUDA GEMV can take it and l2_prefetch allows it, else None."""
-    if (prefetch is None or not _l2_prefetch or prefetch.device != x.device or not prefetch.is_contiguous()
-            or prefetch.data_ptr() % 16 or prefetch.nbytes % 16):
-        return None
-    return prefetch
 
 
 def norm_rows(x, norm, out=None):
@@ -390,7 +361,7 @@ __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "c
            "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_sampling",
            "delay_line_in", "delay_line_out",
            "depth_attention", "depth_step", "depth_step_scratch",
-           "embed_sum", "gemv_cuda", "l2_prefetch", "linear",
+           "embed_sum", "gemv_cuda", "linear",
            "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "programmatic_launch", "ring_attention",
            "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens",

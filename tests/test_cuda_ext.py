@@ -116,21 +116,6 @@ def test_gemv_cuda_raises_clearly_without_the_extension(without_extension):
         ops.gemv_cuda(x, weight)
 
 
-def test_linear_keeps_only_a_prefetch_the_gemv_takes():
-    """ops.linear hands the CUDA GEMV a prefetch operand only where it is contiguous, 16-byte aligned and a
-    multiple of 16 bytes, and not inside l2_prefetch(False): any other is dropped, as a hint may be."""
-    x = torch.zeros(1, 8)
-    weight = torch.zeros(64, 32)
-    assert ops._prefetched(weight, x) is weight
-    assert ops._prefetched(None, x) is None
-    assert ops._prefetched(weight.T, x) is None
-    assert ops._prefetched(weight.view(-1)[1:17], x) is None
-    assert ops._prefetched(weight.view(-1)[:3], x) is None
-    with ops.l2_prefetch(False):
-        assert ops._prefetched(weight, x) is None
-    assert ops._prefetched(weight, x) is weight
-
-
 def test_reference_rounds_once_and_updates_in_place():
     x, weight = torch.randn(3, 40).bfloat16(), torch.randn(24, 40).bfloat16()
     hidden = torch.randn(3, 24).bfloat16()
@@ -278,42 +263,6 @@ def test_forced_warps_per_block(extension, warps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch_bytes", [16, 4096 + 16, 6 * 1024 * 1024, 11 * 1024 * 1024 + 48])
-@pytest.mark.parametrize("fusion", ["plain", "rms+gated"])
-@pytest.mark.parametrize("m", [1, 5])
-def test_l2_prefetch_changes_nothing_but_the_cache(extension, m, fusion, prefetch_bytes):
-    """A prefetched tensor of one 16-byte unit, of fewer units than blocks, of several 16 KB pieces a block and
-    of more than the weight itself: the same output, bit for bit, and the prefetched tensor untouched."""
-    gated = fusion != "plain"
-    x, weight, res, out = operands(m, 2 * 200 if gated else 200, 1032, "separate")
-    norm = (1 + 0.1 * torch.randn(1032, device="cuda")).bfloat16() if gated else None
-    fused = dict(norm=(norm, 1e-5) if gated else None, gated=gated)
-    expected = cuda_ext.gemv(x, weight, res, out.clone(), **fused)
-    prefetched = torch.randint(0, 255, (prefetch_bytes,), device="cuda", dtype=torch.uint8)
-    before = prefetched.clone()
-    got = cuda_ext.gemv(x, weight, res, out, prefetch=prefetched, **fused)
-    assert torch.equal(got, expected)
-    assert torch.equal(prefetched, before)
-
-
-@pytest.mark.gpu
-def test_linear_passes_the_prefetch_to_the_gemv_where_allowed(extension, monkeypatch):
-    """ops.linear gives the CUDA GEMV its prefetch operand, and inside l2_prefetch(False) it does not; the
-    product is the same either way."""
-    seen = []
-    real_gemv = cuda_ext.gemv
-    monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: seen.append(kw["prefetch"]) or real_gemv(*a, **kw))
-    x = torch.randn(1, 1024, device="cuda").bfloat16()
-    weight = (torch.randn(1024, 1024, device="cuda") / 32).bfloat16()
-    following = torch.randn(5632, 1024, device="cuda").bfloat16()
-    with_prefetch = ops.linear(x, weight, prefetch=following)
-    with ops.l2_prefetch(False):
-        without = ops.linear(x, weight, prefetch=following)
-    assert len(seen) == 2 and seen[0] is following and seen[1] is None
-    assert torch.equal(with_prefetch, without)
-
-
-@pytest.mark.gpu
 def test_allocates_out_and_is_deterministic(extension):
     x, weight, _, _ = operands(8, 4096, 11264, None)
     first = ops.gemv_cuda(x, weight)
@@ -404,14 +353,6 @@ def _bad_calls():
                                      gated=True), ValueError, "even number of rows", id="gated-odd-rows"),
         pytest.param(lambda ok: dict(ok, gated=True), ValueError, r"out must have shape \[3, 20\]",
                      id="gated-out-width"),
-        pytest.param(lambda ok: dict(ok, prefetch=ok["weight"].cpu()), ValueError, "prefetch must be on x's device",
-                     id="prefetch-on-cpu"),
-        pytest.param(lambda ok: dict(ok, prefetch=ok["weight"].T), ValueError, "prefetch must be contiguous",
-                     id="prefetch-transposed"),
-        pytest.param(lambda ok: dict(ok, prefetch=ok["weight"].view(-1)[1:9]), ValueError,
-                     "prefetch must start 16-byte aligned", id="prefetch-misaligned"),
-        pytest.param(lambda ok: dict(ok, prefetch=ok["weight"].view(-1)[:4]), ValueError,
-                     "multiple of 16 bytes", id="prefetch-eight-bytes"),
     ]
 
 

@@ -274,31 +274,3 @@ def test_graph_replays_draw_fresh_tokens_and_repeat_with_the_seed():
     audio = torch.stack([f[0, 1:] for f in first[2:]])
     assert len({tuple(row.tolist()) for row in audio}) > 1
     assert torch.equal(first[-1][0], first[-1][1])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 4])
-def test_l2_prefetch_changes_no_token_or_logit(batch):
-    """Moshi's depth transformer (the products the CUDA GEMV runs, each prefetching the next one's weight) behind
-    a one-layer Helium, bf16, sampling on: the LM graph captured with the prefetches and the one captured without
-    them give the same tokens and logits, bit for bit, over 12 frames."""
-    from moshi_fast import cuda_ext
-
-    assert cuda_ext.available(), cuda_ext.unavailable_reason()
-    device = torch.device("cuda")
-    config = dataclasses.replace(moshiko().lm, num_layers=1, context=50)
-    lm = build(config, torch.bfloat16, device)
-    with_prefetch = FastLMRunner(lm, batch, sampling_params(batch, device), device)
-    with ops.l2_prefetch(False):
-        without = FastLMRunner(lm, batch, sampling_params(batch, device), device)
-    mask = torch.ones(batch, dtype=torch.bool, device=device)
-    generator = torch.Generator(device=device).manual_seed(2)
-    with torch.no_grad():
-        for t in range(12):
-            user = torch.randint(0, config.card, (batch, config.dep_q), device=device, generator=generator)
-            fields = ("tokens", "valid", "text_logits", "audio_logits")
-            out = with_prefetch.step(user, mask)
-            ours = {name: getattr(out, name).clone() for name in fields}
-            theirs = without.step(user, mask)
-            for name in fields:
-                assert torch.equal(ours[name], getattr(theirs, name)), (t, name)

@@ -15,7 +15,6 @@ One frame for B slots (`FastStreamingLM.step`), the launches in order, at Moshi'
                                             linear qkv (RMSNorm) -> depth_attention over steps 0..k ->
                                             linear out (+res) -> linear gate_up (RMSNorm, SiLU) ->
                                             linear down (+res); linear head[k] -> sample_tokens.
-                                            Each product requests the next one's weight into L2.
                                             Inside ops.cuda_depth_step() (bf16, B <= 8), or with
                                             prepare(fused_depth=True), the step before the sampling is one
                                             persistent ops.depth_step launch instead (the Triton one
@@ -131,20 +130,14 @@ class FastLM(LM):
             return ops.depth_step(*operands, c.norm_eps, logits_out, cache.depth_scratch, cuda=cuda)
         ops.embed_sum(previous[:, None], self.depth_embed_table, self.depth_embed_offsets[step:step + 1], out=x,
                       accumulate=True)
-        # Each product requests the next one's weight into L2 (where the CUDA GEMV runs it), so that DRAM keeps
-        # streaming through the launches, attention and sampling in between.
-        layers = d.layers
-        for i, layer in enumerate(layers):
-            following = layers[i + 1].qkv[step] if i + 1 < len(layers) else d.heads[step]
-            qkv = ops.linear(x, layer.qkv[step], norm=("rms", layer.norm1.weight, c.norm_eps), workspace=workspace,
-                             prefetch=layer.out[step])
+        for i, layer in enumerate(d.layers):
+            qkv = ops.linear(x, layer.qkv[step], norm=("rms", layer.norm1.weight, c.norm_eps), workspace=workspace)
             attended = ops.depth_attention(qkv, cache.depth_k[i], cache.depth_v[i], step)
-            ops.linear(attended, layer.out[step], residual=x, out=x, workspace=workspace, prefetch=layer.gate_up[step])
+            ops.linear(attended, layer.out[step], residual=x, out=x, workspace=workspace)
             hidden = ops.linear(x, layer.gate_up[step], norm=("rms", layer.norm2.weight, c.norm_eps),
-                                activation="silu_gate", workspace=workspace, prefetch=layer.down[step])
-            ops.linear(hidden, layer.down[step], residual=x, out=x, workspace=workspace, prefetch=following)
-        next_step = layers[0].qkv[step + 1] if step + 1 < c.dep_q else None
-        return ops.linear(x, d.heads[step], out=logits_out, workspace=workspace, prefetch=next_step)
+                                activation="silu_gate", workspace=workspace)
+            ops.linear(hidden, layer.down[step], residual=x, out=x, workspace=workspace)
+        return ops.linear(x, d.heads[step], out=logits_out, workspace=workspace)
 
 
 @dataclass

@@ -21,66 +21,84 @@ DTYPE = torch.bfloat16 if GPU else torch.float32
 EPS = _LM.norm_eps
 
 
+class DepthOperands:
+    """Random bf16 weights at SHAPES (fp32 on the CPU), the caches, and x [steps, B, D] codebook-major as the fast
+    LM lays out the steps' inputs (each step's rows contiguous)."""
+
+    def __init__(self, batch: int, device):
+        s = SHAPES
+        layers, dim, hidden, card, steps = s["layers"], s["dim"], s["hidden"], s["card"], s["steps"]
+
+        def weight(*shape):
+            return (torch.randn(*shape, device=device) / shape[-1] ** 0.5).to(DTYPE)
+
+        self.steps, self.layers = steps, layers
+        self.qkv, self.out_proj = weight(layers, steps, 3 * dim, dim), weight(layers, steps, dim, dim)
+        self.gate_up, self.down = weight(layers, steps, 2 * hidden, dim), weight(layers, steps, dim, hidden)
+        self.heads = weight(steps, card, dim)
+        self.norm1 = (1 + 0.1 * torch.randn(layers, dim, device=device)).to(DTYPE)
+        self.norm2 = (1 + 0.1 * torch.randn(layers, dim, device=device)).to(DTYPE)
+        table_rows = card + 1
+        self.table = torch.randn(steps * table_rows, dim, device=device).to(DTYPE)
+        self.offsets = torch.arange(steps, device=device) * table_rows
+        self.inputs = torch.randn(steps, batch, dim, device=device).to(DTYPE)
+        self.x = self.inputs.clone()
+        self.previous = torch.randint(0, card, (steps, batch), device=device)
+        cache_shape = (layers, batch, s["heads"], steps, dim // s["heads"])
+        self.k_cache = torch.zeros(cache_shape, device=device, dtype=DTYPE)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self.logits = torch.empty(batch, steps, card, device=device, dtype=DTYPE)
+        self.scratch = depth_step_scratch(batch, dim, hidden, s["heads"], DTYPE, device)
+        linears = [(3 * dim, dim, False), (dim, dim, False), (hidden, dim, True), (dim, hidden, False),
+                   (card, dim, False)]
+        needs = [ops.linear_workspace_size(batch, n, k, DTYPE, gated=gated) for n, k, gated in linears]
+        self.workspace = ops.SplitWorkspace(max(n[0] for n in needs), max(n[1] for n in needs), device)
+        element = DTYPE.itemsize
+        weights = steps * (layers * (4 * dim * dim + 3 * hidden * dim + 2 * dim) + card * dim) * element
+        # Per step: the embedding row, x read and written, the logits, the key and value rows, the cached rows.
+        activations = steps * batch * (4 * dim + card + layers * 2 * dim) * element
+        cached = sum(layers * batch * 2 * step * dim for step in range(steps)) * element
+        self.bytes = weights + activations + cached
+
+    def unfused(self):
+        """The 8 steps as the fast LM runs them by default (FastLM.depth_step)."""
+        self.x.copy_(self.inputs)
+        for step in range(self.steps):
+            h = self.x[step]
+            ops.embed_sum(self.previous[step][:, None], self.table, self.offsets[step:step + 1], out=h,
+                          accumulate=True)
+            for layer in range(self.layers):
+                projected = ops.linear(h, self.qkv[layer, step], norm=("rms", self.norm1[layer], EPS),
+                                       workspace=self.workspace)
+                attended = ops.depth_attention(projected, self.k_cache[layer], self.v_cache[layer], step)
+                ops.linear(attended, self.out_proj[layer, step], residual=h, out=h, workspace=self.workspace)
+                ffn = ops.linear(h, self.gate_up[layer, step], norm=("rms", self.norm2[layer], EPS),
+                                 activation="silu_gate", workspace=self.workspace)
+                ops.linear(ffn, self.down[layer, step], residual=h, out=h, workspace=self.workspace)
+            ops.linear(h, self.heads[step], out=self.logits[:, step], workspace=self.workspace)
+
+    def fused(self, step_kernel):
+        self.x.copy_(self.inputs)
+        for step in range(self.steps):
+            step_kernel(self.x[step], self.previous[step], self.table, self.offsets[step:step + 1], self.norm1,
+                        self.qkv[:, step], self.out_proj[:, step], self.norm2, self.gate_up[:, step],
+                        self.down[:, step], self.heads[step], self.k_cache, self.v_cache, step, EPS,
+                        self.logits[:, step], self.scratch)
+
+    def config(self) -> dict:
+        s = SHAPES
+        return dict(steps=s["steps"], layers=s["layers"], dim=s["dim"], hidden=s["hidden"],
+                    dtype=str(DTYPE).removeprefix("torch."))
+
+
 @pytest.mark.parametrize("kernel", ["triton", "cuda"] if GPU else ["triton"])
 @pytest.mark.parametrize("batch", [1, 8, 64] if GPU else [2])
 def test_depth_step_frame(measure, device, batch, kernel):
     """kernel: the Triton persistent kernel (kernels/depth_step.py) or the CUDA extension's
-    (csrc/depth_step_kernel.cuh, B <= 8)."""
+    (csrc/depth_step_kernel.cuh, B <= 8), against the default sequence."""
     if kernel == "cuda" and batch > cuda_ext.MAX_ROWS:
         pytest.skip("the CUDA depth step serves B <= 8")
     step_kernel = cuda_ext.depth_step if kernel == "cuda" else depth_step
-    s = SHAPES
-    layers, dim, hidden, card, steps, heads = s["layers"], s["dim"], s["hidden"], s["card"], s["steps"], s["heads"]
-
-    def weight(*shape):
-        return (torch.randn(*shape, device=device) / shape[-1] ** 0.5).to(DTYPE)
-
-    qkv, out_proj = weight(layers, steps, 3 * dim, dim), weight(layers, steps, dim, dim)
-    gate_up, down = weight(layers, steps, 2 * hidden, dim), weight(layers, steps, dim, hidden)
-    heads_w = weight(steps, card, dim)
-    norm1 = (1 + 0.1 * torch.randn(layers, dim, device=device)).to(DTYPE)
-    norm2 = (1 + 0.1 * torch.randn(layers, dim, device=device)).to(DTYPE)
-    table_rows = card + 1
-    table = torch.randn(steps * table_rows, dim, device=device).to(DTYPE)
-    offsets = torch.arange(steps, device=device) * table_rows
-    inputs = torch.randn(batch, steps, dim, device=device).to(DTYPE)
-    x = inputs.clone()
-    previous = torch.randint(0, card, (steps, batch), device=device)
-    cache_shape = (layers, batch, heads, steps, dim // heads)
-    k_cache = torch.zeros(cache_shape, device=device, dtype=DTYPE)
-    v_cache = torch.zeros_like(k_cache)
-    logits = torch.empty(batch, steps, card, device=device, dtype=DTYPE)
-    scratch = depth_step_scratch(batch, dim, hidden, heads, DTYPE, device)
-    linears = [(3 * dim, dim, False), (dim, dim, False), (hidden, dim, True), (dim, hidden, False), (card, dim, False)]
-    needs = [ops.linear_workspace_size(batch, n, k, DTYPE, gated=gated) for n, k, gated in linears]
-    workspace = ops.SplitWorkspace(max(n[0] for n in needs), max(n[1] for n in needs), device)
-
-    def fused():
-        x.copy_(inputs)
-        for step in range(steps):
-            step_kernel(x[:, step], previous[step], table, offsets[step:step + 1], norm1, qkv[:, step],
-                        out_proj[:, step], norm2, gate_up[:, step], down[:, step], heads_w[step], k_cache, v_cache,
-                        step, EPS, logits[:, step], scratch)
-
-    def unfused():
-        x.copy_(inputs)
-        for step in range(steps):
-            h = x[:, step]
-            ops.embed_sum(previous[step][:, None], table, offsets[step:step + 1], out=h, accumulate=True)
-            for layer in range(layers):
-                projected = ops.linear(h, qkv[layer, step], norm=("rms", norm1[layer], EPS), workspace=workspace)
-                attended = ops.depth_attention(projected, k_cache[layer], v_cache[layer], step)
-                ops.linear(attended, out_proj[layer, step], residual=h, out=h, workspace=workspace)
-                ffn = ops.linear(h, gate_up[layer, step], norm=("rms", norm2[layer], EPS), activation="silu_gate",
-                                 workspace=workspace)
-                ops.linear(ffn, down[layer, step], residual=h, out=h, workspace=workspace)
-            ops.linear(h, heads_w[step], out=logits[:, step], workspace=workspace)
-
-    element = DTYPE.itemsize
-    weights = steps * (layers * (4 * dim * dim + 3 * hidden * dim + 2 * dim) + card * dim) * element
-    # Per step: the embedding row, x read and written, the logits, the key and value rows, the cached rows.
-    activations = steps * batch * (4 * dim + card + layers * 2 * dim) * element
-    cached = sum(layers * batch * 2 * step * dim for step in range(steps)) * element
-    measure(fused, weights + activations + cached, unfused, op=f"depth_step_{kernel}", batch=batch, steps=steps,
-            layers=layers, dim=dim, hidden=hidden, dtype=str(DTYPE).removeprefix("torch."),
-            baseline="unfused ops sequence (32 launches a step)")
+    o = DepthOperands(batch, device)
+    measure(lambda: o.fused(step_kernel), o.bytes, o.unfused, op=f"depth_step_{kernel}", batch=batch,
+            **o.config(), baseline="unfused ops sequence (32 launches a step)")

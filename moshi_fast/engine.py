@@ -62,6 +62,71 @@ def _as_float_tensor(value, what: str) -> torch.Tensor:
     return value
 
 
+def _host_audio(value, what: str) -> np.ndarray:
+    """`value`, a float numpy array or torch tensor, as a numpy array on the host (a view where it is one already);
+    checks the type, not the values. No torch CPU kernel runs on it: over a whole batch of frames those run on
+    torch's thread pool (see _HostBuffers)."""
+    if isinstance(value, np.ndarray):
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"{what} must be floating point audio, got dtype {value.dtype}")
+        return value
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{what} must be a numpy array or a torch tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise ValueError(f"{what} must be floating point audio, got dtype {value.dtype}")
+    value = value.detach()
+    if value.device.type != "cpu" or value.dtype not in (torch.float16, torch.float32, torch.float64):
+        value = value.to("cpu", torch.float32)
+    return value.numpy()
+
+
+class _HostBuffers:
+    """The host's side of a FastMoshi step, in buffers made once: the frames and the execution mask gathered row by
+    row with numpy, then sent to the device in one copy each; the pcm and tokens received in one copy each, then
+    handed out in slot order. On a CUDA engine the buffers are pinned, so that each crossing is one asynchronous
+    copy and the step waits on the GPU once. The host's work stays on the calling thread (numpy), where torch's CPU
+    kernels over a whole batch would run on its thread pool."""
+
+    def __init__(self, max_batch: int, frame_size: int, token_columns: int, device: torch.device):
+        self.device = device
+        pinned = device.type == "cuda"
+        self.frames = torch.zeros(max_batch, 1, frame_size, pin_memory=pinned)
+        self.mask = torch.zeros(max_batch, dtype=torch.bool, pin_memory=pinned)
+        self.pcm = torch.zeros(max_batch, frame_size, pin_memory=pinned)
+        self.tokens = torch.zeros(max_batch, token_columns, dtype=torch.int64, pin_memory=pinned)
+        # Recorded after the frames leave: they must have left before the next step rewrites them.
+        self._sent = torch.cuda.Event() if pinned else None
+
+    def writable_frames(self, bucket: int) -> np.ndarray:
+        """The first `bucket` rows of the frame buffer [bucket, frame_size] as numpy, once the last step's copy
+        has read them."""
+        if self._sent is not None:
+            self._sent.synchronize()
+        return self.frames.numpy()[:bucket, 0]
+
+    def send(self, bucket: int, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frames [bucket, 1, frame_size] and the execution mask [bucket] (the given rows) on the device."""
+        mask = self.mask.numpy()[:bucket]
+        mask[:] = False
+        mask[list(rows)] = True
+        sent = (self.frames[:bucket].to(self.device, non_blocking=True),
+                self.mask[:bucket].to(self.device, non_blocking=True))
+        if self._sent is not None:
+            self._sent.record(torch.cuda.current_stream(self.device))
+        return sent
+
+    def receive(self, out: FrameOutput, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pcm [n, frame_size] float32, tokens [n, 1 + dep_q] int64) of the given rows, in their order, on the
+        host: the caller's own copies."""
+        bucket = out.pcm.shape[0]
+        self.pcm[:bucket].copy_(out.pcm[:, 0], non_blocking=True)
+        self.tokens[:bucket].copy_(out.tokens, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        rows = list(rows)
+        return torch.from_numpy(self.pcm.numpy()[rows]), torch.from_numpy(self.tokens.numpy()[rows])
+
+
 def _as_codes(value, num_codebooks: int, cardinality: int) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
@@ -399,7 +464,7 @@ class FastMoshi:
         else:
             self._runner = _ReferenceFrameRunner(mimi, lm, max_batch, self._sampling, device, eager,
                                                  buckets=batch_buckets, kv_dtype=kv_dtype)
-        self._all = torch.ones(max_batch, dtype=torch.bool, device=device)
+        self._host = _HostBuffers(max_batch, config.mimi.frame_size, 1 + config.lm.dep_q, device)
         self._open = [False] * max_batch
         # Slot ids are what callers hold; rows index the state. The n open slots hold rows 0..n-1.
         self._row_of = list(range(max_batch))
@@ -463,17 +528,29 @@ class FastMoshi:
     def sample_rate(self) -> int:
         return self.config.mimi.sample_rate
 
-    def _frames(self, pcm) -> torch.Tensor:
-        pcm = _as_float_tensor(pcm, "frame")
-        if pcm.dim() == 1 and self.max_batch == 1:
+    def _frames(self, pcm) -> None:
+        """Validates frames [max_batch, frame_size] (or [frame_size] when max_batch is 1) and writes them into
+        the host buffer, slot i's frame at its row."""
+        pcm = _host_audio(pcm, "frame")
+        if pcm.ndim == 1 and self.max_batch == 1:
             pcm = pcm[None]
-        if pcm.dim() != 2:
+        if pcm.ndim != 2:
             raise ValueError(f"frames must have shape [{self.max_batch}, {self.frame_size}]"
                              f"{' or [%d]' % self.frame_size if self.max_batch == 1 else ''}, got {list(pcm.shape)}")
         if pcm.shape != (self.max_batch, self.frame_size):
             raise ValueError(f"frames must have shape [{self.max_batch}, {self.frame_size}] "
                              f"(one {self.frame_size}-sample frame per slot), got {list(pcm.shape)}")
-        return pcm.to(self.device, torch.float32)[:, None, :]
+        buffer = self._host.writable_frames(self.max_batch)
+        # A value beyond float32 becomes Inf here and is reported below.
+        with np.errstate(over="ignore"):
+            if self._row_of == list(range(self.max_batch)):
+                buffer[:] = pcm
+            else:
+                buffer[self._row_of] = pcm
+        finite = np.isfinite(buffer).all(axis=1)
+        if not finite.all():
+            bad = [slot for slot, row in enumerate(self._row_of) if not finite[row]]
+            raise ValueError(f"the frames of slots {bad} contain NaN or Inf samples (or values beyond float32)")
 
     @property
     def open_slots(self) -> list[int]:
@@ -531,9 +608,9 @@ class FastMoshi:
     def _is_slot(self, slot) -> bool:
         return isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) and 0 <= slot < self.max_batch
 
-    def _slot_frames(self, frames: dict) -> tuple[torch.Tensor, list[int], list[int]]:
-        """Validates {slot: frame}; returns (pcm [bucket, 1, frame_size] with each frame at its slot's row,
-        the slots, their rows)."""
+    def _slot_frames(self, frames: dict) -> tuple[int, list[int], list[int]]:
+        """Validates {slot: frame} and writes each frame into the host buffer at its slot's row (zeros in the other
+        rows of the bucket); returns (the bucket, the slots, their rows)."""
         if not frames:
             raise ValueError("no frames given")
         slots = list(frames)
@@ -542,13 +619,20 @@ class FastMoshi:
                 raise ValueError(f"slot {slot!r} is not an open conversation (open: {self.open_slots})")
         rows = [self._row_of[slot] for slot in slots]
         bucket = graphs.bucket_for(max(rows) + 1, self.buckets)
-        batch = torch.zeros(bucket, self.frame_size, dtype=torch.float32, device=self.device)
-        for slot, row in zip(slots, rows):
-            frame = _as_float_tensor(frames[slot], f"frame of slot {slot}")
+        audio = []
+        for slot in slots:
+            frame = _host_audio(frames[slot], f"frame of slot {slot}")
             if frame.shape != (self.frame_size,):
                 raise ValueError(f"frame of slot {slot} must have shape [{self.frame_size}], got {list(frame.shape)}")
-            batch[row] = frame.to(self.device, torch.float32)
-        return batch[:, None, :], [int(slot) for slot in slots], rows
+            audio.append(frame)
+        buffer = self._host.writable_frames(bucket)
+        buffer[:] = 0.0
+        for slot, row, frame in zip(slots, rows, audio):
+            with np.errstate(over="ignore"):
+                buffer[row] = frame
+            if not np.isfinite(buffer[row]).all():
+                raise ValueError(f"frame of slot {slot} contains NaN or Inf samples (or values beyond float32)")
+        return bucket, [int(slot) for slot in slots], rows
 
     @torch.inference_mode()
     def step(self, frames) -> StepOutput:
@@ -557,24 +641,16 @@ class FastMoshi:
 
         Invalid input raises ValueError before any state changes."""
         if isinstance(frames, dict):
-            batch, slots, rows = self._slot_frames(frames)
-            stepping = torch.zeros(batch.shape[0], dtype=torch.bool, device=self.device)
-            stepping[rows] = True
+            bucket, slots, rows = self._slot_frames(frames)
         else:
-            slots, rows, stepping = list(range(self.max_batch)), self._row_of, self._all
-            batch = self._frames(frames)
-            if rows != slots:
-                slot_at_row = sorted(slots, key=self._row_of.__getitem__)
-                batch = batch[torch.tensor(slot_at_row, device=self.device)]
-        out = self._runner.step(batch, stepping)
-        pcm_out, tokens = out.pcm, out.tokens
-        # Rows in slot order; with every row in place (the usual whole-batch step) no gather is needed.
-        index = slice(None) if rows == list(range(batch.shape[0])) else torch.tensor(rows, device=self.device)
-        text_tokens = tokens[index, 0].cpu()
-        return StepOutput(pcm=pcm_out[index, 0].float().cpu(), text_tokens=text_tokens,
-                          audio_codes=tokens[index, 1:].cpu(),
+            self._frames(frames)
+            bucket, slots, rows = self.max_batch, list(range(self.max_batch)), self._row_of
+        batch, stepping = self._host.send(bucket, rows)
+        pcm, tokens = self._host.receive(self._runner.step(batch, stepping), rows)
+        text_tokens = tokens[:, 0]
+        return StepOutput(pcm=pcm, text_tokens=text_tokens, audio_codes=tokens[:, 1:],
                           text=self.tokenizer.pieces(text_tokens) if self.tokenizer else None, slots=slots,
-                          bucket=batch.shape[0])
+                          bucket=bucket)
 
     def reset(self, slot: int | None = None) -> None:
         """Restarts one conversation (slot index) or all of them (None)."""

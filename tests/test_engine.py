@@ -46,6 +46,7 @@ def test_first_frame_is_silence_then_tokens():
     (torch.randn(2, 1920).index_put_((torch.tensor([1]), torch.tensor([777])), torch.tensor(float("nan"))),
      "NaN or Inf"),
     (torch.full((2, 1920), float("inf")), "NaN or Inf"),
+    (np.full((2, 1920), 1e300), "NaN or Inf"),
     (torch.randint(-100, 100, (2, 1920)), "floating point"),
     (np.zeros((2, 1920), dtype=np.int16), "floating point"),
     ([0.0] * 1920, "numpy array or a torch tensor"),
@@ -63,6 +64,20 @@ def test_bad_input_raises_and_changes_no_state(bad, message):
     for frame in frames[2:]:
         ours, theirs = engine.step(frame), twin.step(frame)
         assert torch.equal(ours.pcm, theirs.pcm) and torch.equal(ours.audio_codes, theirs.audio_codes)
+
+
+def test_outputs_are_the_callers_and_inputs_of_any_float_type_agree():
+    """A step's outputs stay as they were through later steps (the engine's buffers are reused); frames given as
+    float64 numpy or as a float32 tensor view with strides step the engine alike."""
+    engine, twin = _engine(), _engine()
+    frames = _frames(2, 4)
+    outputs = [engine.step(frame.numpy().astype(np.float64)) for frame in frames]
+    kept = [(out.pcm.clone(), out.audio_codes.clone(), out.text_tokens.clone()) for out in outputs]
+    for frame, out, (pcm, codes, text) in zip(frames, outputs, kept):
+        assert torch.equal(out.pcm, pcm) and torch.equal(out.audio_codes, codes) and torch.equal(out.text_tokens, text)
+        strided = torch.stack([frame, frame], dim=-1)[..., 0]
+        theirs = twin.step(strided)
+        assert torch.equal(theirs.pcm, pcm) and torch.equal(theirs.audio_codes, codes)
 
 
 def test_single_slot_accepts_1d_numpy_frames():

@@ -5,9 +5,13 @@ gate fused as the LM step calls them: the measurement that decides which one ops
 
 Each case times one provider and records its time, GB/s and % of the copy-bandwidth floor, with the cuBLAS
 time of the same run (torch_us); the CUDA cases also record the Triton time (triton_us, speedup_vs_triton).
-Bytes moved: weight + x + out (+ residual, + norm weight). On a machine without the extension (any CPU machine) every case
-skips. BENCH_CUDA_GEMV_WARPS=1 also times the CUDA op at every split of K among a block's warps, to re-plan
+Bytes moved: weight + x + out (+ residual, + norm weight). Each call reads its own copy of the weight, in turn among
+enough copies to fill COLD_WEIGHT_BYTES, so that no call finds its weight in L2 (50 MB on an H100 or H200), as in the
+LM step, where every product reads weights no kernel of the frame read before. On a machine without the extension
+(any CPU machine) every case skips. BENCH_CUDA_GEMV_WARPS=1 also times the CUDA op at every split of K among a block's warps, to re-plan
 its default (csrc/skinny_gemv_kernel.cuh, skinny_gemv_default_warps)."""
+import itertools
+import math
 import os
 
 import pytest
@@ -45,6 +49,8 @@ SHAPES = {
     "dep gate_up+rms+silu 1024>2x2816": (_LM.depformer_dim, 2 * _LM.depformer_hidden, False, "rms+silu_gate"),
 }
 ROWS = [1, 4, 8]
+COLD_WEIGHT_BYTES = 200 * 2 ** 20
+"""The weight copies a case rotates through fill at least this (four times the L2 of an H100 or H200)."""
 WARPS_PER_BLOCK = [1, 2, 4, 8, 16]
 EPS = 1e-8
 
@@ -55,32 +61,39 @@ def _operands(device, shape: str, rows: int):
     columns = n // 2 if gated else n
     x = torch.randn(rows, k, device=device).bfloat16()
     weight = (torch.randn(n, k, device=device) / k ** 0.5).bfloat16()
+    weights = [weight] + [weight.clone() for _ in range(math.ceil(COLD_WEIGHT_BYTES / weight.nbytes) - 1)]
     norm = (1 + 0.2 * torch.randn(k, device=device)).bfloat16() if fusion else None
     res = torch.randn(rows, columns, device=device).bfloat16() if residual else None
     out = torch.empty(rows, columns, device=device, dtype=torch.bfloat16)
     moved = weight.nbytes + x.nbytes + out.nbytes + (res.nbytes if residual else 0) + (norm.nbytes if fusion else 0)
-    return x, weight, res, out, moved, norm, gated
+    return x, weights, res, out, moved, norm, gated
 
 
-def _triton(x, weight, res, out, norm, gated):
+def _in_turn(call, weights):
+    """A call of call(weight) on the next of `weights` each time (each call captured in a graph keeps its own)."""
+    turn = itertools.count()
+    return lambda: call(weights[next(turn) % len(weights)])
+
+
+def _triton(x, weights, res, out, norm, gated):
     """skinny_linear's default plan with a workspace (so that it may split K), and the plan's description."""
     (m, k), n = x.shape, out.shape[1]
-    tiles = skinny_linear_tiles(m, n, k, weight.dtype, sms=parallel_sms(x.device), split_k=True, gated=gated)
+    tiles = skinny_linear_tiles(m, n, k, weights[0].dtype, sms=parallel_sms(x.device), split_k=True, gated=gated)
     workspace = SplitWorkspace(*skinny_linear_workspace_size(m, n, tiles, gated=gated), x.device)
     norm_spec = None if norm is None else ("rms", norm, EPS)
     activation = "silu_gate" if gated else None
-    return (lambda: skinny_linear(x, weight, norm=norm_spec, activation=activation, residual=res, out=out,
-                                  workspace=workspace)), repr(tiles)
+    return _in_turn(lambda weight: skinny_linear(x, weight, norm=norm_spec, activation=activation, residual=res,
+                                                 out=out, workspace=workspace), weights), repr(tiles)
 
 
-def _cublas(x, weight, res, norm, gated):
+def _cublas(x, weights, res, norm, gated):
     """cuBLAS with the fusions in torch, as the reference LM computes them."""
     if norm is None and not gated:
         if res is None:
-            return lambda: F.linear(x, weight)
-        return lambda: torch.addmm(res, x, weight.t())
+            return _in_turn(lambda weight: F.linear(x, weight), weights)
+        return _in_turn(lambda weight: torch.addmm(res, x, weight.t()), weights)
 
-    def fused():
+    def fused(weight):
         hidden = x
         if norm is not None:
             x32 = x.float()
@@ -90,23 +103,24 @@ def _cublas(x, weight, res, norm, gated):
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up
         return y
-    return fused
+    return _in_turn(fused, weights)
 
 
-def _cuda(x, weight, res, out, norm, gated, warps=0):
-    return lambda: cuda_ext.gemv(x, weight, res, out, warps, norm=None if norm is None else (norm, EPS), gated=gated)
+def _cuda(x, weights, res, out, norm, gated, warps=0):
+    norm = None if norm is None else (norm, EPS)
+    return _in_turn(lambda weight: cuda_ext.gemv(x, weight, res, out, warps, norm=norm, gated=gated), weights)
 
 
 @pytest.mark.parametrize("provider", ["cuda", "triton", "cublas"])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_gemv(measure, device, shape, rows, provider):
-    x, weight, res, out, moved, norm, gated = _operands(device, shape, rows)
-    triton_fn, tiles = _triton(x, weight, res, out, norm, gated)
-    cublas_fn = _cublas(x, weight, res, norm, gated)
+    x, weights, res, out, moved, norm, gated = _operands(device, shape, rows)
+    triton_fn, tiles = _triton(x, weights, res, out, norm, gated)
+    cublas_fn = _cublas(x, weights, res, norm, gated)
     config = {"op": f"gemv {provider}", "shape": shape, "batch": rows, "rows": rows, "dtype": "bfloat16"}
     if provider == "cuda":
-        extra = measure(_cuda(x, weight, res, out, norm, gated), moved, cublas_fn, **config)
+        extra = measure(_cuda(x, weights, res, out, norm, gated), moved, cublas_fn, **config)
         triton_seconds = graph_time(triton_fn)
         measure.benchmark.extra_info.update(triton_us=triton_seconds * 1e6,
                                             speedup_vs_triton=triton_seconds * 1e6 / extra["us"])
@@ -122,7 +136,7 @@ def test_gemv(measure, device, shape, rows, provider):
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_gemv_warps_per_block(measure, device, shape, rows, warps):
-    x, weight, res, out, moved, norm, gated = _operands(device, shape, rows)
-    measure(_cuda(x, weight, res, out, norm, gated, warps), moved, _cublas(x, weight, res, norm, gated),
+    x, weights, res, out, moved, norm, gated = _operands(device, shape, rows)
+    measure(_cuda(x, weights, res, out, norm, gated, warps), moved, _cublas(x, weights, res, norm, gated),
             op="gemv cuda", shape=f"{shape} warps {warps}", batch=rows, rows=rows, dtype="bfloat16",
             warps_per_block=warps)

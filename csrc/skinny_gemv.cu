@@ -36,12 +36,6 @@ void check_output_shape(const at::Tensor& tensor, const char* name, int64_t rows
                     rows, ", ", n, "], got ", tensor.sizes());
 }
 
-int multiprocessor_count(c10::DeviceIndex device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 // out = act(norm(x) @ weight.T) (+ residual), see skinny_gemv_kernel.cuh: norm_weight given, x is RMSNormed with it
 // and eps first; gated, the weight holds the gate rows then the up rows and out = silu(gate) * up. warps_per_block 0
 // takes the default split of each tile's K (skinny_gemv_default_warps); 1..16 forces one, for measuring.
@@ -95,10 +89,8 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
                     warps_per_block);
 
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const int warps = warps_per_block > 0
-                        ? static_cast<int>(warps_per_block)
-                        : skinny_gemv_default_warps(static_cast<int>(n), static_cast<int>(k), gated,
-                                                    multiprocessor_count(x.device().index()));
+  const int warps =
+      warps_per_block > 0 ? static_cast<int>(warps_per_block) : skinny_gemv_default_warps(static_cast<int>(k));
   const SkinnyGemvArgs args{
       reinterpret_cast<const __nv_bfloat16*>(x.const_data_ptr()),
       reinterpret_cast<const __nv_bfloat16*>(weight.const_data_ptr()),

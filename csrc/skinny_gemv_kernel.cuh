@@ -29,9 +29,8 @@
 // Work split: a block owns 16 consecutive weight rows (a tile; gated: 8 gate rows and their 8 up rows) over all of
 // K; its warps take the tile's K steps (128 elements, 256 bytes of each row) round robin, so a block streams 16
 // rows x 256 bytes per warp at a time, and sums its warps' fp32 partials in shared memory in warp order
-// (deterministic, no workspace, no atomics). The grid is one block per tile (64 to 2816 at the model's shapes; up
-// to three run on an SM at once), started by the hardware as SMs free up; the SM count sets how many warps split a
-// tile's K (skinny_gemv_default_warps).
+// (deterministic, no workspace, no atomics). The grid is one block per tile (64 to 2816 at the model's shapes),
+// started by the hardware as SMs free up; up to 16 warps split a tile's K (skinny_gemv_default_warps).
 //
 // Programmatic dependent launch (Hopper): launched with it, a block requests its first step's weight, then waits for
 // the previous kernel on the stream (griddepcontrol.wait) before it reads x, so that its launch and its first weight
@@ -331,14 +330,14 @@ inline unsigned skinny_gemv_tiles(int n, bool gated) {
 
 }  // namespace detail
 
-// Warps a block splits its tile's K across: 8 by default (nvcc 13.0 gives the plain kernel 78 registers a thread,
-// so three such blocks fit an SM: 96 KB of weight in flight), 16 when the tiles do not outnumber the SMs (one block
-// an SM: more bytes in flight per tile), and never more warps than K steps.
-inline int skinny_gemv_default_warps(int n, int k, bool gated, int multiprocessors) {
-  const int tiles = static_cast<int>(detail::skinny_gemv_tiles(n, gated));
+// Warps a block splits its tile's K across: one a K step, up to kGemvMaxWarps. Timed with every call's weight cold
+// in L2 (H100, M = 1, bench/results/2026-12-06_H100_f32632b_gemv_warps_cold.json), this was the fastest split or
+// within 4% of it at every shape the LM runs here; at Helium's FFN output (88 steps, 256 tiles) 16 warps took 31.6
+// us against 36.6 us for 8, although 8 fit three blocks an SM in one wave and 16 take two waves of one block an SM:
+// what counts is the weight in flight per SM.
+inline int skinny_gemv_default_warps(int k) {
   const int steps = (k + kGemvStepK - 1) / kGemvStepK;
-  const int warps = tiles <= multiprocessors ? kGemvMaxWarps : 8;
-  return warps < steps ? warps : steps;
+  return steps < kGemvMaxWarps ? steps : kGemvMaxWarps;
 }
 
 namespace detail {

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,18 +85,32 @@ def bench_kyutai(mimi, lm, config: MoshiConfig, batch: int, frames: list[torch.T
     return row
 
 
-def gpu_timed(step: Callable, events: list) -> Callable:
-    """step, recording a pair of CUDA events around each call into `events`: their interval is the call's span on
-    the GPU's timeline (for the frame runner, the input copies and the graph replay), which beside the wall time of
-    `FastMoshi.step` tells a slow frame of the GPU from one of the host."""
+def gpu_timed(step: Callable, calls: list) -> Callable:
+    """step, recording into `calls`, for each call, a pair of CUDA events around it and the host's clock when it
+    was entered and when it returned: the events' interval is the call's span on the GPU's timeline (for the frame
+    runner, the copies into the graph's inputs and the graph replay), which beside the wall time of `FastMoshi.step`
+    tells a slow frame of the GPU from one of the host, and the clock how the host's time splits around it."""
     def timed(*args, **kwargs):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        entered = time.perf_counter()
         begin.record()
         result = step(*args, **kwargs)
         end.record()
-        events.append((begin, end))
+        calls.append((begin, end, entered, time.perf_counter()))
         return result
     return timed
+
+
+def _host_split(steps: list[tuple[float, float]], calls: list) -> dict:
+    """Per frame, ms: the host's time in FastMoshi.step before the runner's step (frames checked and sent),
+    launching the runner's step, and after it (waiting for the GPU, the outputs' copies); steps holds each
+    FastMoshi.step's (start, end) clock, calls gpu_timed's records of the same frames."""
+    split = {"before_runner_ms": [], "runner_launch_ms": [], "after_runner_ms": []}
+    for (start, stop), (_, _, entered, left) in zip(steps, calls):
+        split["before_runner_ms"].append(round(1000 * (entered - start), 3))
+        split["runner_launch_ms"].append(round(1000 * (left - entered), 3))
+        split["after_runner_ms"].append(round(1000 * (stop - left), 3))
+    return split
 
 
 def bench_fast(mimi: FastMimi, lm, config: MoshiConfig, batch: int, frames: list[torch.Tensor], warmup: int,
@@ -104,8 +119,15 @@ def bench_fast(mimi: FastMimi, lm, config: MoshiConfig, batch: int, frames: list
     engine = FastMoshi(config, lm, mimi, None, torch.device("cuda"), max_batch=batch, batch_buckets=[batch],
                        kv_dtype=kv_dtype, **KYUTAI_SAMPLING)
     runner = engine._runner
-    events: list = []
-    runner.step = gpu_timed(runner.step, events)
+    calls: list = []
+    runner.step = gpu_timed(runner.step, calls)
+    steps: list[tuple[float, float]] = []
+
+    def step(pcm: torch.Tensor) -> None:
+        start = time.perf_counter()
+        engine.step(pcm)
+        steps.append((start, time.perf_counter()))
+
     _set_fast_context(runner.lm_cache, context, config.lm)
     runner.mimi_cache.encoder_frame.fill_(context)
     runner.mimi_cache.decoder_frame.fill_(context)
@@ -113,9 +135,10 @@ def bench_fast(mimi: FastMimi, lm, config: MoshiConfig, batch: int, frames: list
         ring_k.normal_()
         ring_v.normal_()
     for pcm in frames[:warmup]:
-        engine.step(pcm)
-    row = _stats(timed_calls(engine.step, frames[warmup:]))
-    row["replay_ms"] = [round(begin.elapsed_time(end), 3) for begin, end in events[warmup:]]
+        step(pcm)
+    row = _stats(timed_calls(step, frames[warmup:]))
+    row["replay_ms"] = [round(begin.elapsed_time(end), 3) for begin, end, _, _ in calls[warmup:]]
+    row.update(_host_split(steps[warmup:], calls[warmup:]))
     row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
     del engine, runner
     _release()

@@ -75,10 +75,17 @@ def test_frame_stats_keep_every_frame_in_order():
 def test_gpu_timed_records_each_calls_span_and_returns_its_result():
     from bench.bench_frame import gpu_timed
 
-    events = []
+    calls = []
     x = torch.ones(1 << 20, device="cuda")
-    step = gpu_timed(lambda y, scale: y * scale, events)
+    step = gpu_timed(lambda y, scale: y * scale, calls)
     results = [step(x, scale=float(i)) for i in range(3)]
     torch.cuda.synchronize()
-    assert [float(r[0]) for r in results] == [0.0, 1.0, 2.0] and len(events) == 3
-    assert all(begin.elapsed_time(end) > 0 for begin, end in events)
+    assert [float(r[0]) for r in results] == [0.0, 1.0, 2.0] and len(calls) == 3
+    assert all(begin.elapsed_time(end) > 0 and left >= entered for begin, end, entered, left in calls)
+
+
+def test_host_split_divides_each_frame_around_the_runners_step():
+    from bench.bench_frame import _host_split
+
+    split = _host_split([(1.0, 1.010), (2.0, 2.020)], [(None, None, 1.001, 1.003), (None, None, 2.002, 2.005)])
+    assert split == {"before_runner_ms": [1.0, 2.0], "runner_launch_ms": [2.0, 3.0], "after_runner_ms": [7.0, 15.0]}

@@ -249,7 +249,10 @@ transformer's heads (2048 x 1024, bench/results/2026-12-06_H100_f64615c_attentio
 2.13 / 2.03 / 2.25 vs 4.50 / 4.71 / 4.55 us, taken at B = 1, where the step's logits row is contiguous.
 "rms" / "rms+silu_gate": the RMSNorm (and the SiLU gate) fused, at the depth transformer's qkv, 4.1 vs 6.9 us, and
 gate_up, 6.8 vs 9.0 us, at M = 1 (bench/results/2026-12-03_H200_89eec6b_cuda_gemv_fused.json; at Helium's fused
-shapes neither won clearly)."""
+shapes neither won clearly). Those runs re-read one weight from L2; with every call's weight cold, as in the frame
+(H100, M = 1, bench/results/2026-12-06_H100_f32632b_gemv_warps_cold.json and ..._481e85f_gemv_down_cold.json), the
+CUDA GEMV still wins at each of these shapes: depth qkv 3.56 vs 8.02, out 1.98 vs 3.83, gate_up 6.10 vs 10.47, down
+3.84 vs 5.63, heads 2.60 vs 4.89 us, Helium's FFN output 31.5 vs 35.0 us."""
 
 
 def _cuda_gemv_fusion(norm, activation) -> str | None:

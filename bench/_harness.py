@@ -119,11 +119,34 @@ def with_fused_norms(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+HELIUM_CUDA_GEMV_SHAPES = frozenset({
+    (12288, 4096, "rms"), (4096, 4096, "plain"), (22528, 4096, "rms+silu_gate"), (32000, 4096, "rms"),
+    (8192, 4096, "rms"),
+})
+"""(N, K, fusion) of Helium's products that run on Triton's skinny_linear (qkv, attention out, gate_up, the text
+head, the depth transformer's input projection), in ops.CUDA_GEMV_SHAPES' terms."""
+
+
+def with_helium_cuda_gemv(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with Helium's skinny_linear products on the CUDA GEMV too, their RMSNorm fused
+    (HELIUM_CUDA_GEMV_SHAPES added to ops.CUDA_GEMV_SHAPES; graphs captured inside keep it), timed beside the default
+    in the same run."""
+    saved = ops.CUDA_GEMV_SHAPES
+    ops.CUDA_GEMV_SHAPES = saved | HELIUM_CUDA_GEMV_SHAPES
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        ops.CUDA_GEMV_SHAPES = saved
+
+
 def add_variant_options(parser, subject: str) -> None:
     """The benchmarks' options that also time variants of the fast engine in the same run (see variant_runs);
     subject names what is timed in their help ("the fast step", "moshi_fast")."""
     parser.add_argument("--without-pdl", action="store_true",
                         help=f"also time {subject} with programmatic dependent launch off (fast_no_pdl), same run")
+    parser.add_argument("--helium-cuda-gemv", action="store_true",
+                        help=f"also time {subject} with Helium's products on the CUDA GEMV, their RMSNorm fused "
+                             "(fast_helium_cuda_gemv), same run")
     parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
                         help=f"also time {subject} with Helium's KV cache in this dtype (fast_kv_<name>), same run")
     parser.add_argument("--triton-sampling", action="store_true",
@@ -163,6 +186,8 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
     runs = []
     if args.without_pdl:
         runs.append(("fast_no_pdl", lambda: without_pdl(run, "fast_no_pdl", None)))
+    if args.helium_cuda_gemv:
+        runs.append(("fast_helium_cuda_gemv", lambda: with_helium_cuda_gemv(run, "fast_helium_cuda_gemv", None)))
     if args.triton_sampling:
         runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
     if args.fused_norms:

@@ -43,6 +43,7 @@ from tests.checkpoints import kyutai_mimi  # noqa: E402
 from tests.helpers import speech_like  # noqa: E402
 
 VARIANT_LABELS = {"fast_no_pdl": "without programmatic dependent launch",
+                  "fast_helium_cuda_gemv": "with Helium's products on the CUDA GEMV",
                   "fast_triton_sampling": "sampling with the Triton kernel",
                   "fast_cuda_depth_step": "with the CUDA depth step",
                   "fast_fused_norms": "with every norm fused into its linear"}

@@ -12,7 +12,8 @@ from moshi_fast.kernels import _utils
 
 def _settings(name, kv_dtype):
     return {"name": name, "kv_dtype": kv_dtype, "cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
-            "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms}
+            "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
+            "helium_cuda_gemv": (12288, 4096, "rms") in ops.CUDA_GEMV_SHAPES}
 
 
 def _runs(argv):
@@ -26,13 +27,16 @@ def test_no_flag_adds_no_run():
 
 
 def test_each_flag_runs_its_variant_under_its_setting():
-    runs = dict(_runs(["--without-pdl", "--triton-sampling", "--cuda-depth-step", "--fused-norms", "--kv-cache",
-                       "fp8"]))
-    assert list(runs) == ["fast_no_pdl", "fast_triton_sampling", "fast_fused_norms", "fast_kv_fp8",
-                          "fast_cuda_depth_step"]
+    runs = dict(_runs(["--without-pdl", "--helium-cuda-gemv", "--triton-sampling", "--cuda-depth-step",
+                       "--fused-norms", "--kv-cache", "fp8"]))
+    assert list(runs) == ["fast_no_pdl", "fast_helium_cuda_gemv", "fast_triton_sampling", "fast_fused_norms",
+                          "fast_kv_fp8", "fast_cuda_depth_step"]
     defaults = {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
-                "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms}
+                "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
+                "helium_cuda_gemv": False}
     assert runs["fast_no_pdl"]() == {"name": "fast_no_pdl", "kv_dtype": None, **defaults, "pdl": False}
+    assert runs["fast_helium_cuda_gemv"]() == {"name": "fast_helium_cuda_gemv", "kv_dtype": None, **defaults,
+                                               "helium_cuda_gemv": True}
     assert runs["fast_triton_sampling"]() == {"name": "fast_triton_sampling", "kv_dtype": None, **defaults,
                                               "cuda_sampling": False}
     assert runs["fast_cuda_depth_step"]() == {"name": "fast_cuda_depth_step", "kv_dtype": None, **defaults,
@@ -41,7 +45,8 @@ def test_each_flag_runs_its_variant_under_its_setting():
                                           "separate_norms": False}
     assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn, **defaults}
     assert {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
-            "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms} == defaults
+            "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
+            "helium_cuda_gemv": (12288, 4096, "rms") in ops.CUDA_GEMV_SHAPES} == defaults
 
 
 def _parsed(argv):

@@ -326,6 +326,8 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
         # Every program of a fused norm computes all its rows' statistics before its weight stream starts;
         # norm_rows computes each row's once.
         x, parsed = _norm_rows_kernel(x, parsed), None
+        if _use_cuda_gemv(x, weight, bias, None, activation, residual, out):
+            return cuda_ext.gemv(x, weight, residual, out, gated=activation == "silu_gate")
     return _skinny_linear_kernel(x, weight, bias=bias, norm=parsed, activation=activation, residual=residual,
                                  out=out, workspace=workspace)
 

@@ -13,7 +13,7 @@ from moshi_fast.kernels import _utils
 def _settings(name, kv_dtype):
     return {"name": name, "kv_dtype": kv_dtype, "cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
             "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
-            "helium_cuda_gemv": (12288, 4096, "rms") in ops.CUDA_GEMV_SHAPES}
+            "helium_cuda_gemv": (12288, 4096, "plain") in ops.CUDA_GEMV_SHAPES}
 
 
 def _runs(argv):
@@ -46,7 +46,7 @@ def test_each_flag_runs_its_variant_under_its_setting():
     assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn, **defaults}
     assert {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
             "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
-            "helium_cuda_gemv": (12288, 4096, "rms") in ops.CUDA_GEMV_SHAPES} == defaults
+            "helium_cuda_gemv": (12288, 4096, "plain") in ops.CUDA_GEMV_SHAPES} == defaults
 
 
 def _parsed(argv):

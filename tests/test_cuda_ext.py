@@ -253,6 +253,25 @@ def test_linear_dispatches_the_depth_heads_at_one_row(extension, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_linear_gives_the_gemv_the_normed_rows_of_a_plain_shape(extension, monkeypatch):
+    """Where a product's RMSNorm runs in a launch of its own and CUDA_GEMV_SHAPES holds the product without it,
+    ops.linear runs norm_rows and then the CUDA GEMV without a norm (plain, or with the SiLU gate)."""
+    calls = []
+    real_gemv = cuda_ext.gemv
+    monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: calls.append(kw) or real_gemv(*a, **kw))
+    k, n = 256, 96
+    monkeypatch.setattr(ops, "CUDA_GEMV_SHAPES", ops.CUDA_GEMV_SHAPES | {(n, k, "plain"), (2 * n, k, "silu_gate")})
+    x = torch.randn(3, k, device="cuda").bfloat16()
+    gamma = (1 + 0.5 * torch.randn(k, device="cuda")).bfloat16()
+    for rows, activation in ((n, None), (2 * n, "silu_gate")):
+        weight = (torch.randn(rows, k, device="cuda") / k ** 0.5).bfloat16()
+        got = ops.linear(x, weight, norm=("rms", gamma, 1e-8), activation=activation)
+        normed = ops.norm_rows(x, ("rms", gamma, 1e-8))
+        assert torch.equal(got, cuda_ext.gemv(normed, weight, gated=activation is not None))
+    assert [(c.get("norm"), c["gated"]) for c in calls] == [(None, False), (None, False), (None, True), (None, True)]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("warps", [1, 3, 8, 16])
 def test_forced_warps_per_block(extension, warps):
     """Any split of K among a block's warps, including more warps than the 9 K steps."""

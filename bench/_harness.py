@@ -119,20 +119,12 @@ def with_fused_norms(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-HELIUM_CUDA_GEMV_SHAPES = frozenset({
-    (12288, 4096, "plain"), (4096, 4096, "plain"), (22528, 4096, "silu_gate"), (32000, 4096, "plain"),
-    (8192, 4096, "plain"),
-})
-"""(N, K, fusion) of Helium's products that run on Triton's skinny_linear (qkv, attention out, gate_up, the text
-head, the depth transformer's input projection), in ops.CUDA_GEMV_SHAPES' terms, after their RMSNorm (norm_rows)."""
-
-
 def with_helium_cuda_gemv(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with Helium's skinny_linear products on the CUDA GEMV too, after their RMSNorm in a launch
-    of its own (HELIUM_CUDA_GEMV_SHAPES added to ops.CUDA_GEMV_SHAPES; graphs captured inside keep it), timed beside
-    the default in the same run."""
+    """fn(*args, **kwargs) with Helium's products on the CUDA GEMV at every batch, after their RMSNorm in a launch of
+    its own (ops.CUDA_GEMV_ONE_ROW_SHAPES, which the default gives it at one row only, added to ops.CUDA_GEMV_SHAPES;
+    graphs captured inside keep it), timed beside the default in the same run."""
     saved = ops.CUDA_GEMV_SHAPES
-    ops.CUDA_GEMV_SHAPES = saved | HELIUM_CUDA_GEMV_SHAPES
+    ops.CUDA_GEMV_SHAPES = saved | ops.CUDA_GEMV_ONE_ROW_SHAPES
     try:
         return fn(*args, **kwargs)
     finally:
@@ -145,8 +137,8 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--without-pdl", action="store_true",
                         help=f"also time {subject} with programmatic dependent launch off (fast_no_pdl), same run")
     parser.add_argument("--helium-cuda-gemv", action="store_true",
-                        help=f"also time {subject} with Helium's products on the CUDA GEMV after their RMSNorm "
-                             "(fast_helium_cuda_gemv), same run")
+                        help=f"also time {subject} with Helium's products on the CUDA GEMV after their RMSNorm at "
+                             "every batch, not only at one row (fast_helium_cuda_gemv), same run")
     parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
                         help=f"also time {subject} with Helium's KV cache in this dtype (fast_kv_<name>), same run")
     parser.add_argument("--triton-sampling", action="store_true",

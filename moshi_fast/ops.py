@@ -255,6 +255,27 @@ CUDA GEMV still wins at each of these shapes: depth qkv 3.56 vs 8.02, out 1.98 v
 3.84 vs 5.63, heads 2.60 vs 4.89 us, Helium's FFN output 31.5 vs 35.0 us."""
 
 
+CUDA_GEMV_ONE_ROW_SHAPES = frozenset({
+    (12288, 4096, "plain"), (4096, 4096, "plain"), (22528, 4096, "silu_gate"), (32000, 4096, "plain"),
+    (8192, 4096, "plain"),
+})
+"""(N, K, fusion) of Helium's products (qkv, attention out, gate_up, the text head, the depth transformer's input
+projection) that ops.linear gives the CUDA GEMV at one row only, after their RMSNorm's own launch (norm_rows). On an
+H100 (bench/results/2026-12-06_H100_0d30b54_frame_b1_b8_helium_cuda_gemv.json, one run) the frame's GPU span went
+from 7.214 to 7.062 ms at B = 1 with them on the CUDA GEMV, and from 11.556 to 11.662 ms at B = 8 (slower), so only
+one row takes it. With the RMSNorm fused into the GEMV instead both were slower (B = 1 7.82 against 7.44 ms of wall
+time, ..._8a8a391_frame_b1_b8_helium_cuda_gemv.json). Alone, with the weight cold in L2, each of these products was
+faster on the CUDA GEMV than on skinny_linear at 1, 4 and 8 rows (..._8a8a391_gemv_helium_cold.json)."""
+
+
+def cuda_gemv_serves(n: int, k: int, fusion: str | None, rows: int) -> bool:
+    """Whether `linear` gives the CUDA GEMV the product of `rows` rows with a weight [n, k] and this fusion (see
+    CUDA_GEMV_SHAPES and CUDA_GEMV_ONE_ROW_SHAPES), its operands permitting."""
+    if fusion is None or not 1 <= rows <= 8:
+        return False
+    return (n, k, fusion) in CUDA_GEMV_SHAPES or (rows == 1 and (n, k, fusion) in CUDA_GEMV_ONE_ROW_SHAPES)
+
+
 def _cuda_gemv_fusion(norm, activation) -> str | None:
     """The CUDA GEMV's name of a linear's fusion (norm an as_norm Norm or None), or None where it has none
     (LayerNorm, GELU)."""
@@ -298,10 +319,11 @@ def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
     """norm: an as_norm Norm or None."""
     if not (_kernels_enabled and x.is_cuda and bias is None):
         return False
-    fusion = _cuda_gemv_fusion(norm, activation)
-    if fusion is None or (tuple(weight.shape) + (fusion,)) not in CUDA_GEMV_SHAPES:
+    if x.dim() != 2 or weight.dim() != 2:
         return False
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[0] > 8:
+    if not cuda_gemv_serves(weight.shape[0], weight.shape[1], _cuda_gemv_fusion(norm, activation), x.shape[0]):
+        return False
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         return False
     operands = [t for t in (x, weight, residual, out, norm.weight if norm else None) if t is not None]
     if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 and t.dtype == torch.bfloat16 for t in operands):

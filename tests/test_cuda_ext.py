@@ -116,6 +116,19 @@ def test_gemv_cuda_raises_clearly_without_the_extension(without_extension):
         ops.gemv_cuda(x, weight)
 
 
+def test_gemv_serves_its_shapes_and_helium_at_one_row_only():
+    """The dispatch table: the depth transformer's products at 1 to 8 rows, Helium's (after their RMSNorm) at one."""
+    d, h = _LM.depformer_dim, _LM.depformer_hidden
+    for rows in (1, 5, 8):
+        assert ops.cuda_gemv_serves(3 * d, d, "rms", rows) and ops.cuda_gemv_serves(2 * h, d, "rms+silu_gate", rows)
+        assert ops.cuda_gemv_serves(_LM.dim, _LM.hidden, "plain", rows)
+    assert not ops.cuda_gemv_serves(3 * d, d, "rms", 9) and not ops.cuda_gemv_serves(3 * d, d, None, 1)
+    assert ops.cuda_gemv_serves(3 * _LM.dim, _LM.dim, "plain", 1) and ops.cuda_gemv_serves(
+        2 * _LM.hidden, _LM.dim, "silu_gate", 1)
+    assert not ops.cuda_gemv_serves(3 * _LM.dim, _LM.dim, "plain", 2)
+    assert not ops.cuda_gemv_serves(3 * _LM.dim, _LM.dim, "rms", 1)
+
+
 def test_reference_rounds_once_and_updates_in_place():
     x, weight = torch.randn(3, 40).bfloat16(), torch.randn(24, 40).bfloat16()
     hidden = torch.randn(3, 24).bfloat16()

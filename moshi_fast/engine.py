@@ -47,16 +47,22 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _as_float_tensor(value, what: str) -> torch.Tensor:
-    """Validates that `value` is a finite float array/tensor, without changing any state."""
+def _check_audio_type(value, what: str) -> None:
+    """Raises ValueError unless `value` is a floating-point numpy array or torch tensor."""
     if isinstance(value, np.ndarray):
         if not np.issubdtype(value.dtype, np.floating):
             raise ValueError(f"{what} must be floating point audio, got dtype {value.dtype}")
-        value = torch.from_numpy(np.ascontiguousarray(value))
     elif not isinstance(value, torch.Tensor):
         raise ValueError(f"{what} must be a numpy array or a torch tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
+    elif not value.is_floating_point():
         raise ValueError(f"{what} must be floating point audio, got dtype {value.dtype}")
+
+
+def _as_float_tensor(value, what: str) -> torch.Tensor:
+    """Validates that `value` is a finite float array/tensor, without changing any state."""
+    _check_audio_type(value, what)
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{what} contains NaN or Inf samples")
     return value
@@ -66,14 +72,9 @@ def _host_audio(value, what: str) -> np.ndarray:
     """`value`, a float numpy array or torch tensor, as a numpy array on the host (a view where it is one already);
     checks the type, not the values. No torch CPU kernel runs on it: over a whole batch of frames those run on
     torch's thread pool (see _HostBuffers)."""
+    _check_audio_type(value, what)
     if isinstance(value, np.ndarray):
-        if not np.issubdtype(value.dtype, np.floating):
-            raise ValueError(f"{what} must be floating point audio, got dtype {value.dtype}")
         return value
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{what} must be a numpy array or a torch tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise ValueError(f"{what} must be floating point audio, got dtype {value.dtype}")
     value = value.detach()
     if value.device.type != "cpu" or value.dtype not in (torch.float16, torch.float32, torch.float64):
         value = value.to("cpu", torch.float32)
@@ -543,10 +544,7 @@ class FastMoshi:
         buffer = self._host.writable_frames(self.max_batch)
         # A value beyond float32 becomes Inf here and is reported below.
         with np.errstate(over="ignore"):
-            if self._row_of == list(range(self.max_batch)):
-                buffer[:] = pcm
-            else:
-                buffer[self._row_of] = pcm
+            buffer[self._row_of] = pcm
         finite = np.isfinite(buffer).all(axis=1)
         if not finite.all():
             bad = [slot for slot, row in enumerate(self._row_of) if not finite[row]]

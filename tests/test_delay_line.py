@@ -2,6 +2,7 @@
 the same tokens, line, frame counter and valid flags, bit for bit."""
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import pytest
@@ -210,21 +211,23 @@ def test_delay_line_of_no_slots_returns_outputs():
     assert out.shape == (0, config.own) and valid.shape == (0,)
 
 
-def test_ops_delay_line_runs_the_kernel_or_the_reference():
-    config = CONFIGS["moshiko"]
+def step_operands(config: LineConfig, batch: int, start: str):
+    """(delays, initial, order, line, frame, mask, codes, generated): one step's operands of `batch` slots, the
+    line random, the frame counters from `start` (see frames), some slots masked off."""
     delays, initial, order = config.tensors()
-    batch = 3
-    line, frame, mask = random_line(config, batch), frames(config, batch, "before-delays"), mixed_mask(batch)
+    line, frame, mask = random_line(config, batch), frames(config, batch, start), mixed_mask(batch)
     codes = torch.randint(0, 2048, (batch, config.user))
     generated = torch.randint(0, 2048, (batch, config.own))
+    return delays, initial, order, line, frame, mask, codes, generated
+
+
+def test_ops_delay_line_runs_the_kernel_or_the_reference():
+    delays, initial, order, line, frame, mask, codes, generated = step_operands(CONFIGS["moshiko"], 3,
+                                                                                "before-delays")
     results = []
-    for use_reference in (False, True):
+    for dispatch in (contextlib.nullcontext, ops.reference_ops):
         state = line.clone(), frame.clone()
-        if use_reference:
-            with ops.reference_ops():
-                tokens = ops.delay_line_in(*state, mask, codes, delays, initial, order)
-                out, valid = ops.delay_line_out(*state, mask, generated, delays)
-        else:
+        with dispatch():
             tokens = ops.delay_line_in(*state, mask, codes, delays, initial, order)
             out, valid = ops.delay_line_out(*state, mask, generated, delays)
         results.append((tokens, out, valid, *state))
@@ -233,11 +236,8 @@ def test_ops_delay_line_runs_the_kernel_or_the_reference():
 
 def test_delay_line_argument_checks():
     config = CONFIGS["odd"]
-    delays, initial, order = config.tensors()
     batch = 2
-    line, frame, mask = random_line(config, batch), frames(config, batch, "wrapped"), mixed_mask(batch)
-    codes = torch.randint(0, 2048, (batch, config.user))
-    generated = torch.randint(0, 2048, (batch, config.own))
+    delays, initial, order, line, frame, mask, codes, generated = step_operands(config, batch, "wrapped")
     with pytest.raises(TypeError, match="line must be torch.int64"):
         delay_line_in(line.int(), frame, mask, codes, delays, initial, order)
     with pytest.raises(ValueError, match=r"line must be \[B, S, T\]"):

@@ -8,7 +8,10 @@ and values, the codec's rings full). The frame graph runs the same kernels in th
 so the i-th kernel of each frame is one node: its duration is the median over the frames, and so is the
 gap before it (the time the GPU ran nothing of this stream, from the previous kernel's end to its start).
 By default programmatic dependent launch is off while profiling, so that a kernel's span is its own work
-and not also the time it waited for its predecessor (`--pdl` keeps it on: spans then overlap).
+and not also the time it waited for its predecessor (`--pdl` keeps it on: spans then overlap). Either way each
+kernel also gets its end step, the median time from the previous kernel's end to its own: with PDL, what it adds
+to the chain once its launch, its weight requests and its wait overlap the kernels before it; the end steps of
+a frame sum to its span.
 Phases follow the frame's order: the codec's encode, then Helium up to its last paged-attention layer's
 last linear, the text head and its sampling, the depth transformer, and the codec's decode; a kernel is
 assigned by its position between the first and last kernels that only that phase launches.
@@ -87,6 +90,19 @@ def _phases(names: list[str]) -> list[str]:
     return phases
 
 
+def _kernel_rows(runs: list[list[tuple[str, float, float]]], names: list[str], phases: list[str]) -> list[dict]:
+    """Each kernel position of the frames: its median span, the median idle time before it, and its median end step
+    (from the previous kernel's end to its own; the first kernel's is its span)."""
+    kernels = []
+    for i, name in enumerate(names):
+        spans = [run[i][2] - run[i][1] for run in runs]
+        gaps = [max(0.0, run[i][1] - run[i - 1][2]) if i else 0.0 for run in runs]
+        end_steps = [run[i][2] - (run[i - 1][2] if i else run[i][1]) for run in runs]
+        kernels.append({"index": i, "name": name, "phase": phases[i], "us": statistics.median(spans),
+                        "gap_before_us": statistics.median(gaps), "end_step_us": statistics.median(end_steps)})
+    return kernels
+
+
 def profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda_sampling: bool = True) -> dict:
     with ops.programmatic_launch(pdl), ops.cuda_sampling(cuda_sampling):
         return _profile(batch, frames, warmup, context, pdl, cuda_sampling)
@@ -108,21 +124,18 @@ def _profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda
     runs = _split_frames(_kernel_events(profiler), frames)
     names = [_short_name(name) for name, _, _ in runs[0]]
     phases = _phases(names)
-    kernels = []
-    for i, name in enumerate(names):
-        spans = [run[i][2] - run[i][1] for run in runs]
-        gaps = [max(0.0, run[i][1] - run[i - 1][2]) if i else 0.0 for run in runs]
-        kernels.append({"index": i, "name": name, "phase": phases[i], "us": statistics.median(spans),
-                        "gap_before_us": statistics.median(gaps)})
+    kernels = _kernel_rows(runs, names, phases)
     frame_spans = [run[-1][2] - run[0][1] for run in runs]
-    by_phase = collections.defaultdict(lambda: {"kernels": 0, "us": 0.0, "gaps_us": 0.0})
-    by_name = collections.defaultdict(lambda: {"kernels": 0, "us": 0.0})
+    by_phase = collections.defaultdict(lambda: {"kernels": 0, "us": 0.0, "gaps_us": 0.0, "end_steps_us": 0.0})
+    by_name = collections.defaultdict(lambda: {"kernels": 0, "us": 0.0, "end_steps_us": 0.0})
     for k in kernels:
         by_phase[k["phase"]]["kernels"] += 1
         by_phase[k["phase"]]["us"] += k["us"]
         by_phase[k["phase"]]["gaps_us"] += k["gap_before_us"]
+        by_phase[k["phase"]]["end_steps_us"] += k["end_step_us"]
         by_name[(k["phase"], k["name"])]["kernels"] += 1
         by_name[(k["phase"], k["name"])]["us"] += k["us"]
+        by_name[(k["phase"], k["name"])]["end_steps_us"] += k["end_step_us"]
     return {"batch": batch, "context": context, "frames": frames, "pdl": pdl, "cuda_sampling": cuda_sampling,
             "gpu_span_us": statistics.median(frame_spans), "kernels_per_frame": len(kernels),
             "by_phase": dict(by_phase),
@@ -133,13 +146,13 @@ def report(result: dict) -> None:
     print(f"\nB = {result['batch']}, context {result['context']}, PDL {'on' if result['pdl'] else 'off'}, "
           f"{'CUDA' if result['cuda_sampling'] else 'Triton'} sampling: "
           f"{result['kernels_per_frame']} kernels, first start to last end {result['gpu_span_us']:.1f} µs")
-    print(f"{'phase':<28}{'kernels':>8}{'kernel µs':>11}{'gaps µs':>9}")
+    print(f"{'phase':<28}{'kernels':>8}{'kernel µs':>11}{'gaps µs':>9}{'end steps µs':>14}")
     for phase, v in result["by_phase"].items():
-        print(f"{phase:<28}{v['kernels']:>8}{v['us']:>11.1f}{v['gaps_us']:>9.1f}")
-    print(f"\n{'phase':<28}{'kernel':<44}{'count':>6}{'µs':>9}{'µs each':>9}")
+        print(f"{phase:<28}{v['kernels']:>8}{v['us']:>11.1f}{v['gaps_us']:>9.1f}{v['end_steps_us']:>14.1f}")
+    print(f"\n{'phase':<28}{'kernel':<44}{'count':>6}{'µs':>9}{'µs each':>9}{'end step each':>15}")
     for row in sorted(result["by_kernel"], key=lambda r: -r["us"]):
         print(f"{row['phase']:<28}{row['name'][:43]:<44}{row['kernels']:>6}{row['us']:>9.1f}"
-              f"{row['us'] / row['kernels']:>9.2f}")
+              f"{row['us'] / row['kernels']:>9.2f}{row['end_steps_us'] / row['kernels']:>15.2f}")
 
 
 def main(argv=None) -> int:

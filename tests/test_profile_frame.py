@@ -1,8 +1,8 @@
 """bench/profile_frame.py's bookkeeping on synthetic kernel traces (its profiling itself needs a GPU): frames cut
-from the trace, kernel names shortened, every kernel of a frame given its phase."""
+from the trace, kernel names shortened, every kernel of a frame given its phase, spans, gaps and end steps."""
 import pytest
 
-from bench.profile_frame import _phases, _short_name, _split_frames
+from bench.profile_frame import _kernel_rows, _phases, _short_name, _split_frames
 
 # One frame of a tiny LM (2 Helium layers, 2 codebooks) between a codec encode and decode, in launch order.
 HELIUM = ["embed_sum"] + ["linear", "paged_attention", "linear", "linear", "linear"] * 2
@@ -40,3 +40,16 @@ def test_phases_follow_the_frame_order():
                 + ["depth transformer"] * len(DEPTH) + ["LM outputs + mimi decode"] * 2)
     assert _phases(FRAME) == expected
     assert _phases(["conv", "linear"]) == ["frame", "frame"]
+
+
+def test_end_steps_sum_to_the_frame_span_when_kernels_overlap():
+    """Kernels that start before their predecessor ends (programmatic dependent launch): no gap, spans longer than
+    their own work, and end steps that sum to the first start to last end."""
+    names = ["a", "b", "c"]
+    frame = [("a", 0.0, 3.0), ("b", 1.0, 4.5), ("c", 2.0, 8.0)]
+    runs = [frame, [(n, s + 10.0, e + 10.0) for n, s, e in frame]]
+    rows = _kernel_rows(runs, names, ["frame"] * 3)
+    assert [r["us"] for r in rows] == [3.0, 3.5, 6.0]
+    assert [r["gap_before_us"] for r in rows] == [0.0, 0.0, 0.0]
+    assert [r["end_step_us"] for r in rows] == [3.0, 1.5, 3.5]
+    assert sum(r["end_step_us"] for r in rows) == frame[-1][2] - frame[0][1]

@@ -10,9 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from moshi_fast import cuda_ext, ops
+from moshi_fast import ops
 from moshi_fast.engine import KV_CACHE_DTYPES
-from moshi_fast.kernels import paged_attention
 
 CALLS_PER_ROUND = 50
 """pytest-benchmark's own statistics are per round of this many back-to-back calls."""
@@ -132,36 +131,6 @@ def with_helium_cuda_gemv(fn: Callable[..., object], *args, **kwargs):
         ops.CUDA_GEMV_SHAPES = saved
 
 
-def with_gemv_settings(fn: Callable[..., object], *args, staged_max_k: int, early_trigger: bool, **kwargs):
-    """fn(*args, **kwargs) with the CUDA GEMV's staging bound and early trigger set (cuda_ext.GEMV_STAGED_MAX_K,
-    GEMV_EARLY_TRIGGER; graphs captured inside keep them), timed beside the default in the same run."""
-    saved = cuda_ext.GEMV_STAGED_MAX_K, cuda_ext.GEMV_EARLY_TRIGGER
-    cuda_ext.GEMV_STAGED_MAX_K, cuda_ext.GEMV_EARLY_TRIGGER = staged_max_k, early_trigger
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        cuda_ext.GEMV_STAGED_MAX_K, cuda_ext.GEMV_EARLY_TRIGGER = saved
-
-
-def with_attention_early_reads(fn: Callable[..., object], *args, level: int, **kwargs):
-    """fn(*args, **kwargs) with Helium's paged attention reading `level` before its wait
-    (kernels.paged_attention.EARLY_READS; graphs captured inside keep it), timed beside the default in the same
-    run."""
-    saved = paged_attention.EARLY_READS
-    paged_attention.EARLY_READS = level
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        paged_attention.EARLY_READS = saved
-
-
-def _levels(text: str) -> list[int]:
-    levels = [int(level) for level in text.split(",") if level]
-    if any(level not in (0, 1, 2) for level in levels):
-        raise argparse.ArgumentTypeError(f"early-read levels are 0, 1 or 2; got {text}")
-    return levels
-
-
 def add_variant_options(parser, subject: str) -> None:
     """The benchmarks' options that also time variants of the fast engine in the same run (see variant_runs);
     subject names what is timed in their help ("the fast step", "moshi_fast")."""
@@ -181,16 +150,6 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--fused-norms", action="store_true",
                         help=f"also time {subject} with every RMSNorm fused into its linear, at every batch "
                              "(fast_fused_norms), same run")
-    parser.add_argument("--unstaged-gemv", action="store_true",
-                        help=f"also time {subject} with no CUDA GEMV weight staged in shared memory before its wait "
-                             "(fast_unstaged_gemv), same run")
-    parser.add_argument("--late-trigger", action="store_true",
-                        help=f"also time {subject} with the staged CUDA GEMVs letting the next kernel start only "
-                             "after their wait (fast_late_trigger), same run")
-    parser.add_argument("--attention-early-reads", default=[], type=_levels, metavar="LEVELS",
-                        help=f"also time {subject} with Helium's paged attention at these comma-separated levels of "
-                             "reads before its wait (kernels.paged_attention.EARLY_READS; fast_attention_reads_<level>), "
-                             "same run")
     parser.add_argument("--skip", default="", type=_skipped_runs,
                         help="comma-separated runs not to time: kyutai (Kyutai's engine, whose model is then freed "
                              "once ours is built from it), fast (the fast engine's default run); e.g. --skip "
@@ -225,15 +184,6 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
         runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
     if args.fused_norms:
         runs.append(("fast_fused_norms", lambda: with_fused_norms(run, "fast_fused_norms", None)))
-    if args.unstaged_gemv:
-        runs.append(("fast_unstaged_gemv", lambda: with_gemv_settings(run, "fast_unstaged_gemv", None,
-                                                                      staged_max_k=0, early_trigger=False)))
-    if args.late_trigger:
-        runs.append(("fast_late_trigger", lambda: with_gemv_settings(
-            run, "fast_late_trigger", None, staged_max_k=cuda_ext.STAGED_MAX_K, early_trigger=False)))
-    for level in args.attention_early_reads:
-        name = f"fast_attention_reads_{level}"
-        runs.append((name, functools.partial(with_attention_early_reads, run, name, None, level=level)))
     if args.kv_cache:
         name = f"fast_kv_{args.kv_cache}"
         runs.append((name, lambda: run(name, KV_CACHE_DTYPES[args.kv_cache])))

@@ -8,7 +8,6 @@ and the KV rows. The issue's target: <= 0.6 ms for the 8 steps at B = 1 on an H2
 import pytest
 import torch
 
-from bench._harness import with_gemv_settings
 from moshi_fast import cuda_ext, ops
 from moshi_fast.config import LMConfig
 from moshi_fast.kernels.depth_step import depth_step, depth_step_scratch
@@ -103,20 +102,3 @@ def test_depth_step_frame(measure, device, batch, kernel):
     o = DepthOperands(batch, device)
     measure(lambda: o.fused(step_kernel), o.bytes, o.unfused, op=f"depth_step_{kernel}", batch=batch,
             **o.config(), baseline="unfused ops sequence (32 launches a step)")
-
-
-@pytest.mark.skipif(not GPU or not cuda_ext.available(), reason="the CUDA GEMV runs on the GPU")
-@pytest.mark.parametrize("baseline", ["unstaged", "late_trigger"])
-@pytest.mark.parametrize("batch", [1, 4, 8])
-def test_depth_steps_staged_gemv(measure, device, batch, baseline):
-    """The default sequence with its CUDA GEMVs staging their weight tiles in shared memory and triggering the next
-    kernel early (the default), against the same sequence unstaged (the weight's first K steps in registers, the
-    previous default) or staged with the trigger after the wait."""
-    o = DepthOperands(batch, device)
-    staged_max_k = 0 if baseline == "unstaged" else cuda_ext.STAGED_MAX_K
-
-    def variant():
-        with_gemv_settings(o.unfused, staged_max_k=staged_max_k, early_trigger=False)
-
-    measure(o.unfused, o.bytes, variant, op="depth_steps_staged_gemv", batch=batch, **o.config(),
-            baseline=f"the same sequence, {baseline.replace('_', ' ')}")

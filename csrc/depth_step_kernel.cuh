@@ -195,6 +195,23 @@ struct ChunkCursor {
   }
 };
 
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+__device__ __forceinline__ void copy_async_16(void* destination, const void* source) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(shared_address(destination)),
+               "l"(source)
+               : "memory");
+}
+
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int kPending>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
 // The weight row of A-operand row r (0..15) of a tile: rows past N repeat the last (their results are not stored);
 // gated, rows 0..7 are gate rows and 8..15 the matching up rows.
 __device__ __forceinline__ const __nv_bfloat16* tile_row(const ProductPhase& phase, int tile, int r) {

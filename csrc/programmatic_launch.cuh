@@ -17,26 +17,17 @@ __device__ __forceinline__ void await_previous_kernel() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
-// Let the next kernel's blocks start now, before this block's own wait: safe because each of them waits for this
-// kernel before reading anything but weights, and this kernel completes only after the one before it. They then
-// hold SM resources while they wait, so a kernel with more blocks than fit at once should not trigger early.
-__device__ __forceinline__ void start_next_kernel() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-
-// Wait until the previous kernel has finished and its writes are visible, after start_next_kernel.
-__device__ __forceinline__ void await_previous_kernel_only() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-
-// kernel<<<grid, block, shared_bytes, stream>>>(args...), as a programmatic dependent launch when `programmatic` (the
-// caller checks that the device supports it). No allocation, no synchronisation: graph-capturable.
+// kernel<<<grid, block, 0, stream>>>(args...), as a programmatic dependent launch when `programmatic` (the caller
+// checks that the device supports it). No allocation, no synchronisation: graph-capturable.
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
-                          bool programmatic, Args&&... args) {
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool programmatic,
+                          Args&&... args) {
   cudaLaunchAttribute attribute;
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
-  config.dynamicSmemBytes = shared_bytes;
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = programmatic ? 1 : 0;

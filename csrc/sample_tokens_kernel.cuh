@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTok
 
 template <typename Logit, int kThreads, int kKeys>
 cudaError_t launch_instance(const SampleTokensArgs& args, cudaStream_t stream, bool programmatic) {
-  return launch_kernel(sample_tokens_kernel<Logit, kThreads, kKeys>, dim3(args.batch), dim3(kThreads), 0, stream,
+  return launch_kernel(sample_tokens_kernel<Logit, kThreads, kKeys>, dim3(args.batch), dim3(kThreads), stream,
                        programmatic, args);
 }
 

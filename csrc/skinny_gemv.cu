@@ -39,12 +39,10 @@ void check_output_shape(const at::Tensor& tensor, const char* name, int64_t rows
 // out = act(norm(x) @ weight.T) (+ residual), see skinny_gemv_kernel.cuh: norm_weight given, x is RMSNormed with it
 // and eps first; gated, the weight holds the gate rows then the up rows and out = silu(gate) * up. warps_per_block 0
 // takes the default split of each tile's K (skinny_gemv_default_warps); 1..16 forces one, for measuring.
-// programmatic: launch with programmatic dependent launch (the caller checks that the device supports it). staged
-// (K <= kGemvStagedMaxK): each block copies its tile of the weight to shared memory before its wait; early_trigger:
-// each block lets the next kernel start before its wait. Neither changes the result.
+// programmatic: launch with programmatic dependent launch (the caller checks that the device supports it).
 void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                at::Tensor& out, int64_t warps_per_block, const std::optional<at::Tensor>& norm_weight, double eps,
-               bool gated, bool programmatic, bool staged, bool early_trigger) {
+               bool gated, bool programmatic) {
   TORCH_CHECK_VALUE(x.is_cuda(), "gemv_bf16 runs on CUDA tensors; x is on ", x.device());
   check_matrix(x, "x", x);
   check_matrix(weight, "weight", x);
@@ -86,16 +84,13 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
     check_aligned(w, "norm_weight");
     TORCH_CHECK_VALUE(at::get_overlap_status(out, w) == at::MemOverlapStatus::No, "gemv_bf16: out overlaps norm_weight");
   }
-  TORCH_CHECK_VALUE(!staged || k <= kGemvStagedMaxK, "gemv_bf16: a staged launch serves K up to ", kGemvStagedMaxK,
-                    ", got ", k);
   TORCH_CHECK_VALUE(warps_per_block >= 0 && warps_per_block <= kGemvMaxWarps,
                     "gemv_bf16: warps_per_block must be 0 (the default) or 1 to ", kGemvMaxWarps, ", got ",
                     warps_per_block);
 
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const int warps = warps_per_block > 0 ? static_cast<int>(warps_per_block)
-                    : staged          ? skinny_gemv_staged_default_warps(static_cast<int>(k))
-                                      : skinny_gemv_default_warps(static_cast<int>(k));
+  const int warps =
+      warps_per_block > 0 ? static_cast<int>(warps_per_block) : skinny_gemv_default_warps(static_cast<int>(k));
   const SkinnyGemvArgs args{
       reinterpret_cast<const __nv_bfloat16*>(x.const_data_ptr()),
       reinterpret_cast<const __nv_bfloat16*>(weight.const_data_ptr()),
@@ -107,9 +102,8 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
       static_cast<int>(rows),
       static_cast<int>(n),
       static_cast<int>(k),
-      early_trigger,
   };
-  C10_CUDA_CHECK(launch_skinny_gemv_bf16(args, warps, staged, c10::cuda::getCurrentCUDAStream(), programmatic));
+  C10_CUDA_CHECK(launch_skinny_gemv_bf16(args, warps, c10::cuda::getCurrentCUDAStream(), programmatic));
 }
 
 }  // namespace

@@ -36,16 +36,6 @@
 // the previous kernel on the stream (griddepcontrol.wait) before it reads x, so that its launch and its first weight
 // round trip overlap the previous kernel's tail; it then lets the next kernel's blocks start.
 //
-// Staged (K <= kGemvStagedMaxK, the depth transformer's shapes): a block copies its whole tile of the weight into
-// shared memory (cp.async) before the wait, instead of its warps' first steps into registers. A tile of 16 rows x
-// K <= 3072 is at most 97 KB, and a block waiting with it holds few registers, so that more of the next product's
-// weight is in flight while the previous kernels run: at B = 1 the depth transformer's 2-12 MB products are each
-// bound by a launch's fixed latency plus their bytes, and staging moves the bytes off that chain. With
-// early_trigger the block lets the next kernel's blocks start before its own wait (once its copies are issued),
-// so that they stage their weights behind it; every launch's wait still orders it after the kernel before it,
-// which itself waited for its own predecessor, and before its wait a kernel reads only weights. The products are
-// the register path's, operand for operand and in the same order: the results are bitwise the same.
-//
 // Products: mma.m16n8k16 with the weight as the 16 x 16 A operand (16 rows x 16 of K) and x as the 16 x 8 B
 // operand (16 of K x 8 rows of x; columns >= M repeat row M - 1 and are not stored). See load_weight_step for how
 // whole 16-byte loads fill both.
@@ -83,20 +73,7 @@ struct SkinnyGemvArgs {
   int rows;                          // 1..kGemvMaxRows
   int n;                             // output columns, at most (INT_MAX - kGemvTileRows) / 2: indices stay 32-bit
   int k;                             // a positive multiple of 8: every row starts 16-byte aligned
-  bool early_trigger;                // let the next kernel's blocks start before this one's wait (see above)
 };
-
-// The widest K whose tile is staged in shared memory (16 rows at staged_row_pitch: 97 KB, within every sm_80+ GPU's
-// per-block limit).
-constexpr int kGemvStagedMaxK = 3072;
-
-// A staged weight row's pitch in shared memory, in elements: 64 bytes past the row's 2 K, so that the two rows a
-// quarter warp reads at one K (rows g and g + 1, 64 bytes each) fall in distinct banks.
-__host__ __device__ constexpr int staged_row_pitch(int k) { return k + 32; }
-
-inline size_t skinny_gemv_staged_bytes(int k) {
-  return sizeof(__nv_bfloat16) * kGemvTileRows * static_cast<size_t>(staged_row_pitch(k));
-}
 
 namespace detail {
 
@@ -112,25 +89,6 @@ __device__ __forceinline__ uint4 load_weight(const __nv_bfloat16* address) {
 
 __device__ __forceinline__ uint4 load_x(const __nv_bfloat16* address) {
   return __ldg(reinterpret_cast<const uint4*>(address));
-}
-
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-// A 16-byte copy from global to shared memory in the background (it bypasses L1; L2 fetches the whole 256-byte
-// block around it).
-__device__ __forceinline__ void copy_async_16(void* destination, const void* source) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(shared_address(destination)),
-               "l"(source)
-               : "memory");
-}
-
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int kPending>
-__device__ __forceinline__ void wait_copies() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
 // acc[16 x 8] += a[16 x 16] b[16 x 8] in fp32; the bf16 products are exact in fp32.
@@ -175,26 +133,6 @@ __device__ __forceinline__ void load_weight_step(StepOperands& operands, const _
     const bool inside = piece_inside(k0, u, lane_k, k);
     operands.weight_lo[u] = inside ? load_weight(weight_lo + k0 + 32 * u) : zero;
     operands.weight_hi[u] = inside ? load_weight(weight_hi + k0 + 32 * u) : zero;
-  }
-}
-
-// multiply_step with the weight from the tile staged in shared memory (rows g and g + 8 of it at the lane's K
-// offset), one 16-byte piece of each row at a time: shared memory answers in tens of cycles, so the kernel need not
-// hold a whole step's weight in registers (fewer registers a block, more blocks waiting an SM). Pieces past K are
-// zero, as in load_weight_step.
-__device__ __forceinline__ void multiply_staged_step(float (&acc)[4], const StepOperands& operands,
-                                                     const __nv_bfloat16* staged_lo, const __nv_bfloat16* staged_hi,
-                                                     int k0, int lane_k, int k) {
-  const bool whole = k0 + kGemvStepK <= k;
-#pragma unroll
-  for (int u = 0; u < kGemvLoadsPerRow; ++u) {
-    const bool inside = whole || piece_inside(k0, u, lane_k, k);
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    const uint4 lo = inside ? *reinterpret_cast<const uint4*>(staged_lo + k0 + 32 * u) : zero;
-    const uint4 hi = inside ? *reinterpret_cast<const uint4*>(staged_hi + k0 + 32 * u) : zero;
-    const uint4& x = operands.x[u];
-    mma_16x8x16(acc, lo.x, hi.x, lo.y, hi.y, x.x, x.y);
-    mma_16x8x16(acc, lo.z, hi.z, lo.w, hi.w, x.z, x.w);
   }
 }
 
@@ -310,21 +248,12 @@ __device__ __forceinline__ float2 tile_element_sums(const float4 (*partials)[32]
   return sums;
 }
 
-// The weight row of a tile's A-operand row r (0..15): rows past N repeat the last (their products land only in
-// accumulator rows that are never stored); gated, rows 0..7 are gate rows and 8..15 the matching up rows.
-template <bool kGated>
-__device__ __forceinline__ int64_t tile_weight_row(const SkinnyGemvArgs& args, int tile_column, int r) {
-  if constexpr (kGated) return min(tile_column + r % 8, args.n - 1) + (r >= 8 ? args.n : 0);
-  return min(tile_column + r, args.n - 1);
-}
-
-template <bool kNorm, bool kGated, bool kStaged>
+template <bool kNorm, bool kGated>
 __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
   // Output columns a block owns: its 16 weight rows, or (gated) their 8 gate-and-up pairs.
   constexpr int kTileColumns = kGated ? kGemvTileRows / 2 : kGemvTileRows;
   __shared__ float4 warp_partials[kGemvMaxWarps][32];
   __shared__ float row_scales[kGemvMaxRows];
-  extern __shared__ uint4 staged_tile[];  // kStaged: [16][staged_row_pitch(k)] bf16
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int warps = blockDim.x / 32;
@@ -332,71 +261,45 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   const int lane_k = 8 * (lane % 4);
   const int tile_column = blockIdx.x * kTileColumns;
 
-  // x rows past M read the last valid row instead: their products land only in accumulator columns that are never
-  // stored, and the loop needs no predicates.
+  // Rows past N, and x rows past M, read the last valid row instead: their products land only in accumulator
+  // rows and columns that are never stored, and the loop needs no predicates.
+  int64_t row_lo, row_hi;
+  if constexpr (kGated) {
+    row_lo = min(tile_column + group, args.n - 1);
+    row_hi = row_lo + args.n;
+  } else {
+    row_lo = min(tile_column + group, args.n - 1);
+    row_hi = min(tile_column + group + 8, args.n - 1);
+  }
   const int x_row = min(group, args.rows - 1);
-  const __nv_bfloat16* weight_lo = args.weight + tile_weight_row<kGated>(args, tile_column, group) * args.k + lane_k;
-  const __nv_bfloat16* weight_hi =
-      args.weight + tile_weight_row<kGated>(args, tile_column, group + 8) * args.k + lane_k;
-  const __nv_bfloat16* staged = reinterpret_cast<const __nv_bfloat16*>(staged_tile);
-  const int pitch = staged_row_pitch(args.k);
-  const __nv_bfloat16* staged_lo = staged + group * pitch + lane_k;
-  const __nv_bfloat16* staged_hi = staged + (group + 8) * pitch + lane_k;
+  const __nv_bfloat16* weight_lo = args.weight + row_lo * args.k + lane_k;
+  const __nv_bfloat16* weight_hi = args.weight + row_hi * args.k + lane_k;
   const __nv_bfloat16* x = args.x + static_cast<int64_t>(x_row) * args.k + lane_k;
   const __nv_bfloat16* norm_weight = kNorm ? args.norm_weight + lane_k : nullptr;
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   const int steps = (args.k + kGemvStepK - 1) / kGemvStepK;
   StepOperands operands;
-  // Weights are requested before the wait: no kernel of a step writes them, so they can be in flight while the
-  // previous kernel finishes (with a programmatic dependent launch) and, with the norm, while the block computes
-  // the row scales. Staged: the whole tile, consecutive threads copying consecutive 16 bytes of a row; else each
-  // warp's first step, into registers.
-  if constexpr (kStaged) {
-    const int pieces = args.k / 8;
-    __nv_bfloat16* tile = reinterpret_cast<__nv_bfloat16*>(staged_tile);
-    for (int i = threadIdx.x; i < kGemvTileRows * pieces; i += blockDim.x) {
-      const int r = i / pieces;
-      const int piece = i - r * pieces;
-      copy_async_16(tile + r * pitch + 8 * piece,
-                    args.weight + tile_weight_row<kGated>(args, tile_column, r) * args.k + 8 * piece);
-    }
-    commit_copies();
-  } else if (warp < steps) {
-    load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
-  }
-  if (args.early_trigger) {
-    start_next_kernel();
-    await_previous_kernel_only();
-  } else {
-    await_previous_kernel();
-  }
-  // The epilogue's first element of this thread (see below): its residual is requested now, beside x, rather than
-  // after the products.
-  const int first_m = threadIdx.x / kTileColumns;
-  const int first_column = tile_column + threadIdx.x % kTileColumns;
-  const bool first_stored = threadIdx.x < kGemvMaxRows * kTileColumns && first_m < args.rows && first_column < args.n;
-  const int64_t first_index = static_cast<int64_t>(first_m) * args.n + first_column;
-  const float first_residual =
-      first_stored && args.residual != nullptr ? __bfloat162float(args.residual[first_index]) : 0.f;
+  // The first step's weight is requested before the wait: no kernel of a step writes weights, so it can be in flight
+  // while the previous kernel finishes (with a programmatic dependent launch) and, with the norm, while the block
+  // computes the row scales.
+  if (warp < steps) load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
+  await_previous_kernel();
   float scale = 1.f;
-  if constexpr (kNorm) row_rms_scales(args, row_scales, warp, warps, lane);
-  if constexpr (kStaged) wait_copies<0>();
-  if constexpr (kNorm || kStaged) __syncthreads();
-  if constexpr (kNorm) scale = row_scales[x_row];
+  if constexpr (kNorm) {
+    row_rms_scales(args, row_scales, warp, warps, lane);
+    __syncthreads();
+    scale = row_scales[x_row];
+  }
   for (int step = warp; step < steps; step += warps) {
     const int k0 = step * kGemvStepK;
-    if (!kStaged && step != warp) load_weight_step(operands, weight_lo, weight_hi, k0, lane_k, args.k);
+    if (step != warp) load_weight_step(operands, weight_lo, weight_hi, k0, lane_k, args.k);
     if constexpr (kNorm) {
       load_normalized_x_step(operands, x, norm_weight, scale, k0, lane_k, args.k);
     } else {
       load_x_step(operands, x, k0, lane_k, args.k);
     }
-    if constexpr (kStaged) {
-      multiply_staged_step(acc, operands, staged_lo, staged_hi, k0, lane_k, args.k);
-    } else {
-      multiply_step(acc, operands);
-    }
+    multiply_step(acc, operands);
   }
 
   warp_partials[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
@@ -414,7 +317,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
     if constexpr (kGated) sum = sum / (1.f + __expf(-sum)) * sums.y;
     // One thread reads and writes each element, so the residual may be out itself.
     const int64_t index = static_cast<int64_t>(m) * args.n + column;
-    if (args.residual != nullptr) sum += e == threadIdx.x ? first_residual : __bfloat162float(args.residual[index]);
+    if (args.residual != nullptr) sum += __bfloat162float(args.residual[index]);
     args.out[index] = __float2bfloat16_rn(sum);
   }
 }
@@ -437,48 +340,26 @@ inline int skinny_gemv_default_warps(int k) {
   return steps < kGemvMaxWarps ? steps : kGemvMaxWarps;
 }
 
-// Staged: two K steps a warp (its weight is on chip by then, so the steps cost shared-memory reads, not round
-// trips), halving the threads, and so the registers, a waiting block holds.
-inline int skinny_gemv_staged_default_warps(int k) {
-  const int steps = (k + kGemvStepK - 1) / kGemvStepK;
-  const int warps = (steps + 1) / 2;
-  return warps < kGemvMaxWarps ? warps : kGemvMaxWarps;
-}
-
 namespace detail {
 
 template <bool kNorm, bool kGated>
-cudaError_t launch_instance(const SkinnyGemvArgs& args, int warps, bool staged, cudaStream_t stream,
-                            bool programmatic) {
-  const dim3 grid(skinny_gemv_tiles(args.n, args.gated));
-  if (!staged) {
-    return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated, false>, grid, dim3(warps * 32), 0, stream,
-                         programmatic, args);
-  }
-  // Above 48 KB of dynamic shared memory a kernel must opt in; not a stream operation, so allowed while capturing.
-  const size_t shared_bytes = skinny_gemv_staged_bytes(args.k);
-  const cudaError_t status = cudaFuncSetAttribute(skinny_gemv_bf16_kernel<kNorm, kGated, true>,
-                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                  static_cast<int>(shared_bytes));
-  if (status != cudaSuccess) return status;
-  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated, true>, grid, dim3(warps * 32), shared_bytes, stream,
-                       programmatic, args);
+cudaError_t launch_instance(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
+  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated>, dim3(skinny_gemv_tiles(args.n, args.gated)),
+                       dim3(warps * 32), stream, programmatic, args);
 }
 
 }  // namespace detail
 
-// Launches on `stream` (no allocation, no synchronisation: graph-capturable); warps in 1..kGemvMaxWarps; staged
-// (the whole tile copied to shared memory before the wait) needs args.k <= kGemvStagedMaxK.
-// programmatic: a programmatic dependent launch (Hopper and later), which the kernel's wait makes safe after any
-// kernel.
-inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, bool staged, cudaStream_t stream,
+// Launches on `stream` (no allocation, no synchronisation: graph-capturable); warps in 1..kGemvMaxWarps.
+// programmatic: a programmatic dependent launch (Hopper and later), which the kernel's await_previous_kernel makes
+// safe after any kernel.
+inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream,
                                            bool programmatic) {
-  if (staged && args.k > kGemvStagedMaxK) return cudaErrorInvalidValue;
   const bool norm = args.norm_weight != nullptr;
-  if (norm && args.gated) return detail::launch_instance<true, true>(args, warps, staged, stream, programmatic);
-  if (norm) return detail::launch_instance<true, false>(args, warps, staged, stream, programmatic);
-  if (args.gated) return detail::launch_instance<false, true>(args, warps, staged, stream, programmatic);
-  return detail::launch_instance<false, false>(args, warps, staged, stream, programmatic);
+  if (norm && args.gated) return detail::launch_instance<true, true>(args, warps, stream, programmatic);
+  if (norm) return detail::launch_instance<true, false>(args, warps, stream, programmatic);
+  if (args.gated) return detail::launch_instance<false, true>(args, warps, stream, programmatic);
+  return detail::launch_instance<false, false>(args, warps, stream, programmatic);
 }
 
 }  // namespace moshi_fast

@@ -52,8 +52,7 @@ def pdl(device: torch.device, kernel: str | None = None, stream_bytes: int = 0) 
     programs while the previous kernel on the stream is still running, so that its launch latency and
     its first weight requests hide behind that kernel's tail. Every kernel launched with it begins with
     `await_previous_kernel` (its PDL argument this same value), before which it reads only weights, which
-    no kernel of a step writes (the paged attention also reads its slots' cache state there, which the kernel
-    before it does not write: paged_attention.EARLY_READS). Off under the interpreter, off CUDA, on GPUs before compute capability
+    no kernel of a step writes. Off under the interpreter, off CUDA, on GPUs before compute capability
     9.0, with MOSHI_FAST_PDL=0, and inside `programmatic_launch(False)`."""
     if not _pdl_allowed or device.type != "cuda" or interpreting():
         return False

@@ -74,7 +74,7 @@ import triton.language as tl
 from moshi_fast.reference.attention import to_cache_dtype
 
 from ._utils import (SplitWorkspace, await_previous_kernel, combine_softmax_partials, interpreting, next_pow2,
-                     parallel_sms, pdl, prefetch_l2, split_buffers)
+                     parallel_sms, pdl, split_buffers)
 from .ring_attention import _rope
 from .tuned import shape_key, tuned_tiles
 
@@ -87,18 +87,6 @@ MAX_BLOCK_N = 64
 thread each at 4 warps)."""
 TILE_PER_THREAD = 64
 """Tile elements a thread holds when the launcher picks the warps."""
-EARLY_READS = 1
-"""With programmatic dependent launch, what a program reads before it waits for the previous kernel (whose blocks
-may still run): 0 nothing; 1 the slot's execution flag and position; 2 also its page-table entries and an L2
-prefetch of the first block of its run's keys and values. None of these is written by the kernels just before
-the attention (the layer's norm and qkv product): the positions advance after a step's last layer, the page
-tables and flags change between steps, and the layer's history rows were written at earlier steps (this step's
-row is written by this kernel, after its wait, and none of these reads covers it). Reads before the wait are safe
-only where the kernel just before the attention writes none of them (in the LM it is the layer's qkv product):
-what that kernel writes is visible only after the wait. What they save is a dependent chain of round trips after
-the wait (flag and position, then the page table, then the first keys)."""
-CACHE_LINE_BYTES = 128
-"""The span of one L2 prefetch."""
 DOT_ROWS: tl.constexpr = tl.constexpr(16)
 """tl.dot's fewest rows: the tensor-core path repeats the query this many times."""
 
@@ -188,39 +176,15 @@ def _paged_attention_kernel(
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CONTEXT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGES_PER_SLOT: tl.constexpr, LOG_PERIOD: tl.constexpr, QK_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr, DOT_VALUES: tl.constexpr,
-    E4M3: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, LINE_ELEMENTS: tl.constexpr,
+    E4M3: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     split = tl.program_id(0)
     pair = tl.program_id(1)
     pid_b = pair // HEADS
     pid_h = pair % HEADS
-    table = page_table_ptr + pid_b * stride_table_b
-    head_offset = pid_h * stride_pool_head
-    offs_n = tl.arange(0, BLOCK_N)
-    if EARLY >= 1:
-        # Before the wait (see EARLY_READS): the slot's state, at L2 (.cg: no line of an earlier frame's value in
-        # this SM's L1), and with EARLY 2 the first block of this run's keys and values asked of L2.
-        runs = tl.load(exec_mask_ptr + pid_b, cache_modifier=".cg").to(tl.int32)
-        position = tl.load(positions_ptr + pid_b, cache_modifier=".cg")
-        if EARLY >= 2:
-            first = tl.maximum(position - CONTEXT + 1, 0)
-            live = position - first + 1
-            chunk = ((live + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-            start = first + split * chunk
-            if (runs != 0) & (start < position):
-                key_pos = start + offs_n
-                history = key_pos < tl.minimum(start + chunk, position)
-                pages = tl.load(table + (key_pos // PAGE_SIZE) % PAGES_PER_SLOT, mask=history, other=0,
-                                cache_modifier=".cg").to(tl.int64)
-                rows = pages * stride_pool_page + head_offset + (key_pos % PAGE_SIZE) * stride_pool_row
-                lines = rows[:, None] + (tl.arange(0, HEAD_DIM // LINE_ELEMENTS) * LINE_ELEMENTS)[None, :]
-                prefetch_l2(k_pool_ptr + lines)
-                prefetch_l2(v_pool_ptr + lines)
-        await_previous_kernel(PDL)
-    else:
-        await_previous_kernel(PDL)
-        runs = tl.load(exec_mask_ptr + pid_b).to(tl.int32)
-        position = tl.load(positions_ptr + pid_b)
+    runs = tl.load(exec_mask_ptr + pid_b).to(tl.int32)
+    position = tl.load(positions_ptr + pid_b)
     first = tl.maximum(position - CONTEXT + 1, 0)
     live = position - first + 1
     # cdiv written out: each jitted helper call costs milliseconds in the interpreter.
@@ -251,6 +215,8 @@ def _paged_attention_kernel(
     key_new = _to_cache(key_new.to(qkv_ptr.dtype.element_ty), k_pool_ptr.dtype.element_ty, E4M3)
     value_new = _to_cache(tl.load(token_row + 2 * HEADS * HEAD_DIM + offs_d), v_pool_ptr.dtype.element_ty, E4M3)
 
+    table = page_table_ptr + pid_b * stride_table_b
+    head_offset = pid_h * stride_pool_head
     # int64 page offsets: one layer's pool of Helium pages passes 2^31 elements beyond ~170 slots.
     new_page = tl.load(table + (position // PAGE_SIZE) % PAGES_PER_SLOT).to(tl.int64)
     new_offset = new_page * stride_pool_page + head_offset + (position % PAGE_SIZE) * stride_pool_row + offs_d
@@ -264,6 +230,7 @@ def _paged_attention_kernel(
     l_i = tl.where(holds_new, 1.0, 0.0)
     acc = tl.where(mask_new, value_new.to(tl.float32), 0.0)
     stop = tl.minimum(start + chunk, position)
+    offs_n = tl.arange(0, BLOCK_N)
     if DOT and DOT_VALUES:
         # The one query row repeated over tl.dot's 16-row minimum: every row carries the same softmax
         # state, and row 0 is kept at the end. The tensor cores have time to spare at T = 1; what this
@@ -479,8 +446,6 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         LOG_PERIOD=math.log(max_period), QK_SCALE=head_dim ** -0.5 * math.log2(math.e),
         BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot,
         DOT_VALUES=bool(tiles.get("dot_values", True)),
-        E4M3=k_pool.dtype == torch.float8_e4m3fn, PDL=use_pdl, EARLY=EARLY_READS if use_pdl else 0,
-        LINE_ELEMENTS=min(head_dim, CACHE_LINE_BYTES // k_pool.element_size()), launch_pdl=use_pdl,
-        **launch_options,
+        E4M3=k_pool.dtype == torch.float8_e4m3fn, PDL=use_pdl, launch_pdl=use_pdl, **launch_options,
     )
     return out

@@ -114,27 +114,9 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
     return out.copy_(y)
 
 
-STAGED_MAX_K = 3072
-"""The widest K a staged GEMV launch serves (the extension's kGemvStagedMaxK)."""
-GEMV_STAGED_MAX_K = STAGED_MAX_K
-"""The GEMV copies each block's tile of the weight into shared memory before it waits for the previous kernel
-(staged) where K is at most this (the depth transformer's products; at most the extension's kGemvStagedMaxK,
-3072), and lets the next kernel start before that wait (GEMV_EARLY_TRIGGER). 0: never staged. See
-csrc/skinny_gemv_kernel.cuh; the results are the same either way."""
-GEMV_EARLY_TRIGGER = True
-"""Staged GEMV launches let the next kernel's blocks start before their own wait, so that it stages its weight
-behind them (csrc/programmatic_launch.cuh's start_next_kernel)."""
-
-
-def gemv_staged(k: int) -> bool:
-    """Whether `gemv` stages a product of this K by default (GEMV_STAGED_MAX_K)."""
-    return k <= min(GEMV_STAGED_MAX_K, STAGED_MAX_K)
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
          out: torch.Tensor | None = None, warps_per_block: int = 0, *,
-         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
-         staged: bool | None = None, early_trigger: bool | None = None) -> torch.Tensor:
+         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False) -> torch.Tensor:
     """out = act(norm(x) @ weight.T) (+ residual) by the extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh); the spec is `gemv_ref`.
 
@@ -145,10 +127,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     fused. fp32 accumulation, rounded once. Launched with programmatic dependent launch where
     `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read once. Graph-safe with `out`
     given (the launch allocates nothing and does not synchronise). `warps_per_block` (1..16) overrides how
-    many warps split each 16-row tile's K (0: the default, which differs staged and not: the split of K is the
-    only thing that changes the rounding). staged (K <= STAGED_MAX_K) and early_trigger override
-    GEMV_STAGED_MAX_K and GEMV_EARLY_TRIGGER (None: theirs); at one warps_per_block the results are bitwise the
-    same either way.
+    many warps split each 16-row tile's K (0: the default).
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
     from .kernels._utils import pdl
@@ -158,14 +137,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
         columns = weight.shape[0] // 2 if gated else weight.shape[0]
         out = torch.empty(x.shape[0], columns, dtype=x.dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (None, 0.0)
-    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated, staged)
-    if staged is None:
-        staged = gemv_staged(x.shape[1])
-    if early_trigger is None:
-        early_trigger = staged and GEMV_EARLY_TRIGGER
+    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated)
     torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated,
-                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()), staged,
-                                   early_trigger)
+                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()))
     return out
 
 
@@ -363,7 +337,7 @@ def _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, d
             raise ValueError(f"sample_tokens: {name} must be [{batch}], got {list(tensor.shape)}")
 
 
-def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False, staged=None) -> None:
+def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False) -> None:
     """The op's argument checks, made here first: on an H200 (torch 2.11) one of the op's own C++ checks
     crashed the process instead of raising (a c10::ValueError thrown before any launch, in a test of bad
     arguments; cause not established), so no invalid call reaches it."""
@@ -401,8 +375,6 @@ def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gat
         raise ValueError(f"gemv_bf16: x {list(x.shape)} and weight {list(weight.shape)} do not match along K")
     if k <= 0 or k % 8:
         raise ValueError(f"gemv_bf16: K must be a positive multiple of 8, got {k}")
-    if staged and k > STAGED_MAX_K:
-        raise ValueError(f"gemv_bf16: a staged launch serves K up to {STAGED_MAX_K}, got {k}")
     for name in ("out", "residual"):
         if name in named and tuple(named[name].shape) != (rows, n):
             raise ValueError(f"gemv_bf16: {name} must have shape [{rows}, {n}], got {list(named[name].shape)}")

@@ -294,104 +294,6 @@ def test_forced_warps_per_block(extension, warps):
     assert_rounded_once(out, exact)
 
 
-STAGED_SHAPES = [(40, 72), (17, 264), (200, 1032), (3 * _LM.depformer_dim, _LM.depformer_dim),
-                 (2 * _LM.depformer_hidden, _LM.depformer_dim), (_LM.depformer_dim, _LM.depformer_hidden),
-                 (_LM.card, _LM.depformer_dim), (24, cuda_ext.STAGED_MAX_K)]
-"""(weight rows, K) staged by default: partial tiles and K steps, the depth transformer's products (qkv, gate_up,
-down, a head) and the widest K staged."""
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("early_trigger", [False, True], ids=["late", "early"])
-@pytest.mark.parametrize("fusion", ["plain", "rms+gated", "rms", "residual-is-out"])
-@pytest.mark.parametrize("n, k", STAGED_SHAPES, ids=[_shape_id(shape) for shape in STAGED_SHAPES])
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_staged_gemv_equals_the_register_path(extension, m, n, k, fusion, early_trigger):
-    """The weight staged in shared memory gives the register path's results bitwise at the same split of K (both
-    the staged default split and the register path's), and the reference's rounding at its own default."""
-    gated = "gated" in fusion
-    n += n % 2 if gated else 0
-    x, weight, res, out = operands(m, n, k, "out" if fusion == "residual-is-out" else None)
-    norm = ((1 + 0.5 * torch.randn(k, device="cuda")).bfloat16(), 1e-8) if "rms" in fusion else None
-    if gated:
-        out = out[:, :n // 2].contiguous()
-    start = out.clone()
-    exact = exact_fused(x, weight, norm, gated, res)
-    cuda_ext.gemv(x, weight, out if res is not None else None, out, norm=norm, gated=gated, staged=True,
-                  early_trigger=early_trigger)
-    assert_rounded_once(out, exact)
-    steps = -(-k // 128)
-    for warps in sorted({-(-steps // 2), min(steps, cuda_ext.MAX_WARPS), 3}):
-        for staged in (True, False):
-            got = start.clone()
-            cuda_ext.gemv(x, weight, got if res is not None else None, got, warps_per_block=warps, norm=norm,
-                          gated=gated, staged=staged, early_trigger=early_trigger and staged)
-            if staged:
-                first = got
-            else:
-                assert torch.equal(got, first), warps
-
-
-@pytest.mark.gpu
-def test_linear_stages_the_depth_transformers_products(extension, monkeypatch):
-    """At its defaults the GEMV stages K <= GEMV_STAGED_MAX_K (the depth transformer's) and not Helium's K."""
-    launches = []
-    real_op = torch.ops.moshi_fast.gemv_bf16
-    monkeypatch.setattr(torch.ops.moshi_fast, "gemv_bf16", lambda *a: launches.append(a[-2:]) or real_op(*a))
-    for k in (_LM.depformer_dim, _LM.depformer_hidden, _LM.dim):
-        x, weight, _, out = operands(1, 64, k, None)
-        cuda_ext.gemv(x, weight, None, out)
-    assert launches == [(True, True), (True, True), (False, False)]
-
-
-@pytest.mark.gpu
-def test_early_trigger_chain_in_a_graph_equals_eager(extension):
-    """A chain of dependent products (each one's input the previous one's output, residuals in place), staged with
-    early triggers, Helium-width products and an RMSNorm launch between them, captured in a CUDA graph with
-    programmatic dependent launch and replayed: bitwise the eager chain without staging at the same splits of K,
-    on every replay (a block reading its input before the previous kernel wrote it would differ)."""
-    d, h = _LM.depformer_dim, _LM.depformer_hidden
-    gamma = (1 + 0.5 * torch.randn(d, device="cuda")).bfloat16()
-    qkv = (torch.randn(3 * d, d, device="cuda") / d ** 0.5).bfloat16()
-    out_proj = (torch.randn(d, d, device="cuda") / d ** 0.5).bfloat16()
-    gate_up = (torch.randn(2 * h, d, device="cuda") / d ** 0.5).bfloat16()
-    down = (torch.randn(d, h, device="cuda") / h ** 0.5).bfloat16()
-    wide = (torch.randn(d, 4096, device="cuda") / 64).bfloat16()
-    x = torch.randn(1, d, device="cuda").bfloat16()
-    q = torch.empty(1, 3 * d, device="cuda", dtype=torch.bfloat16)
-    hidden = torch.empty(1, h, device="cuda", dtype=torch.bfloat16)
-    widened = torch.empty(1, 4096, device="cuda", dtype=torch.bfloat16)
-
-    def chain(staged):
-        for _ in range(3):
-            cuda_ext.gemv(x, qkv, None, q, warps_per_block=4, norm=(gamma, 1e-5), staged=staged)
-            cuda_ext.gemv(q[:, :d].contiguous(), out_proj, x, x, warps_per_block=4, staged=staged)
-            cuda_ext.gemv(x, gate_up, None, hidden, warps_per_block=4, norm=(gamma, 1e-5), gated=True,
-                          staged=staged)
-            cuda_ext.gemv(hidden, down, x, x, warps_per_block=11, staged=staged)
-            widened.copy_(ops.norm_rows(x.repeat(1, 4), ("rms", gamma.repeat(4), 1e-5)))
-            cuda_ext.gemv(widened, wide, x, x)
-
-    start = x.clone()
-    chain(False)
-    expected = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        x.copy_(start)
-        chain(True)
-    torch.cuda.current_stream().wait_stream(stream)
-    assert torch.equal(x, expected)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain(True)
-    for _ in range(5):
-        x.copy_(start)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(x, expected)
-
-
 @pytest.mark.gpu
 def test_allocates_out_and_is_deterministic(extension):
     x, weight, _, _ = operands(8, 4096, 11264, None)
@@ -483,9 +385,6 @@ def _bad_calls():
                                      gated=True), ValueError, "even number of rows", id="gated-odd-rows"),
         pytest.param(lambda ok: dict(ok, gated=True), ValueError, r"out must have shape \[3, 20\]",
                      id="gated-out-width"),
-        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(3, 3080), weight=ok["weight"].new_zeros(40, 3080),
-                                     staged=True), ValueError, "staged launch serves K up to 3072",
-                     id="staged-k-too-wide"),
     ]
 
 

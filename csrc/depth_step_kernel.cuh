@@ -72,6 +72,8 @@ constexpr int kDepthRowPitch = kDepthChunkK + 32;
 constexpr int kDepthSlotElements = kGemvTileRows * kDepthRowPitch;
 constexpr int kDepthHeadDim = 64;
 constexpr int kDepthMaxSteps = 16;
+// Steps whose cached keys and values the attention requests at once.
+constexpr int kAttendBatch = 4;
 
 struct DepthStepArgs {
   __nv_bfloat16* x;                       // [rows, dim], row stride x_stride: in_proj[step](h) in, residual out
@@ -225,18 +227,27 @@ __device__ __forceinline__ const __nv_bfloat16* tile_row(const ProductPhase& pha
 }
 
 // Issues the copies of the cursor's chunk into `slot` (none past the end of the step); every thread commits one
-// group either way, so that the consumer's wait counts groups uniformly.
+// group either way, so that the consumer's wait counts groups uniformly. Thread t copies row t / 16 of the tile,
+// its 16-byte pieces t % 16, t % 16 + 16, ...: the row's address is computed once, and each copy is an add and
+// the copy itself (with one row per copy, the loop's index and row arithmetic took ~30% of the kernel's
+// instructions, Nsight Compute on an H100: bench/results/2026-12-06_H100_44b4872_ncu_depth_step_cuda.json).
+constexpr int kDepthThreadsPerRow = kDepthThreads / kGemvTileRows;
+constexpr int kDepthPiecesPerThread = kDepthChunkK / 8 / kDepthThreadsPerRow;
+static_assert(kDepthThreads % kGemvTileRows == 0 && (kDepthChunkK / 8) % kDepthThreadsPerRow == 0,
+              "a chunk's rows split evenly over the threads");
+
 __device__ __forceinline__ void issue_chunk(const DepthStepArgs& a, const ChunkCursor& cursor, __nv_bfloat16* slot) {
   if (!cursor.done(a)) {
     const int k0 = cursor.chunk * kDepthChunkK;
-    const int width = min(kDepthChunkK, cursor.current.k - k0);
-    const int pieces_per_row = width / 8;
-    for (int i = threadIdx.x; i < kGemvTileRows * (kDepthChunkK / 8); i += kDepthThreads) {
-      const int r = i / (kDepthChunkK / 8);
-      const int piece = i % (kDepthChunkK / 8);
-      if (piece < pieces_per_row) {
-        copy_async_16(slot + r * kDepthRowPitch + 8 * piece, tile_row(cursor.current, cursor.tile, r) + k0 + 8 * piece);
-      }
+    const int pieces_per_row = min(kDepthChunkK, cursor.current.k - k0) / 8;
+    const int r = static_cast<int>(threadIdx.x) / kDepthThreadsPerRow;
+    const int first_piece = static_cast<int>(threadIdx.x) % kDepthThreadsPerRow;
+    const __nv_bfloat16* source = tile_row(cursor.current, cursor.tile, r) + k0;
+    __nv_bfloat16* destination = slot + r * kDepthRowPitch;
+#pragma unroll
+    for (int j = 0; j < kDepthPiecesPerThread; ++j) {
+      const int piece = first_piece + kDepthThreadsPerRow * j;
+      if (piece < pieces_per_row) copy_async_16(destination + 8 * piece, source + 8 * piece);
     }
   }
   commit_copies();
@@ -355,33 +366,43 @@ __device__ void attend_into_shared(const DepthStepArgs& a, int layer, __nv_bfloa
     float best = -INFINITY;
     float total = 0.f;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    // The keys and values of kAttendBatch steps are requested together (a round trip a batch, not a step), then
+    // folded into the online softmax one step at a time, in step order.
+    for (int first_step = 0; first_step <= a.step; first_step += kAttendBatch) {
+      uint4 keys[kAttendBatch], values[kAttendBatch];
 #pragma unroll
-    for (int j = 0; j < kDepthMaxSteps; ++j) {
-      if (j > a.step) break;
-      const uint4 key = load_activation(a.k_cache + base + j * kDepthHeadDim);
-      const uint4 value = load_activation(a.v_cache + base + j * kDepthHeadDim);
-      const __nv_bfloat162* key_pairs = reinterpret_cast<const __nv_bfloat162*>(&key);
-      const __nv_bfloat162* value_pairs = reinterpret_cast<const __nv_bfloat162*>(&value);
-      float dot = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(key_pairs[i]);
-        dot += q[2 * i] * f.x + q[2 * i + 1] * f.y;
+      for (int b = 0; b < kAttendBatch; ++b) {
+        const bool cached = first_step + b <= a.step;
+        const int64_t offset = base + (first_step + b) * kDepthHeadDim;
+        keys[b] = cached ? load_activation(a.k_cache + offset) : make_uint4(0, 0, 0, 0);
+        values[b] = cached ? load_activation(a.v_cache + offset) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
-      for (int offset = 1; offset < 8; offset *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-      const float score = dot * scale;
-      const float new_best = fmaxf(best, score);
-      const float correction = __expf(best - new_best);
-      const float weight = __expf(score - new_best);
-      total = total * correction + weight;
+      for (int b = 0; b < kAttendBatch; ++b) {
+        if (first_step + b > a.step) break;
+        const __nv_bfloat162* key_pairs = reinterpret_cast<const __nv_bfloat162*>(&keys[b]);
+        const __nv_bfloat162* value_pairs = reinterpret_cast<const __nv_bfloat162*>(&values[b]);
+        float dot = 0.f;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(value_pairs[i]);
-        acc[2 * i] = acc[2 * i] * correction + weight * f.x;
-        acc[2 * i + 1] = acc[2 * i + 1] * correction + weight * f.y;
+        for (int i = 0; i < 4; ++i) {
+          const float2 f = __bfloat1622float2(key_pairs[i]);
+          dot += q[2 * i] * f.x + q[2 * i + 1] * f.y;
+        }
+#pragma unroll
+        for (int offset = 1; offset < 8; offset *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        const float score = dot * scale;
+        const float new_best = fmaxf(best, score);
+        const float correction = __expf(best - new_best);
+        const float weight = __expf(score - new_best);
+        total = total * correction + weight;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 f = __bfloat1622float2(value_pairs[i]);
+          acc[2 * i] = acc[2 * i] * correction + weight * f.x;
+          acc[2 * i + 1] = acc[2 * i + 1] * correction + weight * f.y;
+        }
+        best = new_best;
       }
-      best = new_best;
     }
     if (valid) {
       uint4 result;
@@ -415,7 +436,17 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
   // block's warps hold every element of the rows (each row's pieces in the 4 lanes of one group), so the RMSNorm's
   // sums of squares come from the pieces themselves: one read of the source.
   uint4 x_pieces[kDepthMaxChunks][kGemvLoadsPerRow];
+  // The norm weight's pieces of the first chunk (all of K at the model's D <= kDepthChunkK) are requested with x,
+  // not after the sums of squares: one round trip fewer before the products.
+  uint4 first_norm_pieces[kGemvLoadsPerRow];
   float square_sum = 0.f;
+#pragma unroll
+  for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+    const int column = warp * kGemvStepK + 32 * u + lane_k;
+    first_norm_pieces[u] = norm_weight != nullptr && column < phase.k
+                               ? __ldg(reinterpret_cast<const uint4*>(norm_weight + column))
+                               : make_uint4(0, 0, 0, 0);
+  }
 #pragma unroll
   for (int c = 0; c < kDepthMaxChunks; ++c) {
 #pragma unroll
@@ -441,14 +472,34 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
       for (int u = 0; u < kGemvLoadsPerRow; ++u) {
         const int column = c * kDepthChunkK + warp * kGemvStepK + 32 * u + lane_k;
         if (c < phase.chunks && column < phase.k) {
-          x_pieces[c][u] = normalize_piece(x_pieces[c][u], __ldg(reinterpret_cast<const uint4*>(norm_weight + column)),
-                                           scale);
+          const uint4 norm_piece =
+              c == 0 ? first_norm_pieces[u] : __ldg(reinterpret_cast<const uint4*>(norm_weight + column));
+          x_pieces[c][u] = normalize_piece(x_pieces[c][u], norm_piece, scale);
         }
       }
     }
   }
 
+  // Thread e finishes row m = e / columns, column tile_column + e % columns of each tile (one element at most: a
+  // tile has kGemvMaxRows x 16 elements).
+  static_assert(kGemvMaxRows * kGemvTileRows <= kDepthThreads, "a thread finishes one element of a tile");
+  const int columns = phase.gated ? kGemvTileRows / 2 : kGemvTileRows;
+  const int m = static_cast<int>(threadIdx.x) / columns;
+  const bool residual_phase = phase.kind == kOut || phase.kind == kDown;
   for (; tile < phase.tiles; tile += static_cast<int>(gridDim.x)) {
+    const int column = tile * columns + static_cast<int>(threadIdx.x) % columns;
+    const bool finishes = m < a.rows && column < phase.n;
+    // The residual is requested before the products, not after them: one round trip fewer at the phase's end. Only
+    // this block writes these columns of x during the phase. At layer 0's out phase the residual is x plus the
+    // embedding, rounded, which the epilogue's store makes x.
+    float residual = 0.f;
+    if (residual_phase && finishes) {
+      residual = __bfloat162float(__ldcg(a.x + m * a.x_stride + column));
+      if (phase.kind == kOut && p == kOut) {
+        const int64_t row = embedding_row(a.embed_row_offset, a.previous, a.dim, m);
+        residual = __bfloat162float(__float2bfloat16_rn(residual + __bfloat162float(a.embed_table[row + column])));
+      }
+    }
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int c = 0; c < kDepthMaxChunks; ++c) {
@@ -473,15 +524,9 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
     shared.partials[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     __syncthreads();
 
-    // Thread e finishes row m = e / columns, column tile_column + e % columns.
-    const int columns = phase.gated ? kGemvTileRows / 2 : kGemvTileRows;
-    const int tile_column = tile * columns;
-    for (int e = threadIdx.x; e < kGemvMaxRows * columns; e += kDepthThreads) {
-      const int m = e / columns;
-      const int column_in_tile = e % columns;
-      const int column = tile_column + column_in_tile;
-      if (m >= a.rows || column >= phase.n) continue;
-      const float2 sums = tile_element_sums(shared.partials, kDepthWarps, m, column_in_tile, phase.gated);
+    if (finishes) {
+      const float2 sums =
+          tile_element_sums(shared.partials, kDepthWarps, m, static_cast<int>(threadIdx.x) % columns, phase.gated);
       const float sum = sums.x;
       const float up = sums.y;
       switch (phase.kind) {
@@ -502,19 +547,9 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
           break;
         }
         case kOut:
-        case kDown: {
-          // One thread reads and writes each element of x. The residual at layer 0's out phase is x plus the
-          // embedding, rounded, which this store makes x.
-          __nv_bfloat16* target = a.x + m * a.x_stride + column;
-          float residual = __bfloat162float(__ldcg(target));
-          if (phase.kind == kOut && p == kOut) {
-            const int64_t row = embedding_row(a.embed_row_offset, a.previous, a.dim, m);
-            const __nv_bfloat16 embedded = a.embed_table[row + column];
-            residual = __bfloat162float(__float2bfloat16_rn(residual + __bfloat162float(embedded)));
-          }
-          *target = __float2bfloat16_rn(sum + residual);
+        case kDown:
+          a.x[m * a.x_stride + column] = __float2bfloat16_rn(sum + residual);
           break;
-        }
         case kGateUp:
           a.hidden_scratch[static_cast<int64_t>(m) * a.hidden + column] =
               __float2bfloat16_rn(sum / (1.f + __expf(-sum)) * up);

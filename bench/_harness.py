@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from moshi_fast import cuda_ext, ops
+from moshi_fast import ops
 from moshi_fast.engine import KV_CACHE_DTYPES
 
 CALLS_PER_ROUND = 50
@@ -131,17 +131,6 @@ def with_helium_cuda_gemv(fn: Callable[..., object], *args, **kwargs):
         ops.CUDA_GEMV_SHAPES = saved
 
 
-def with_whole_gemv_tiles(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with every CUDA GEMV block owning 16 weight rows (cuda_ext.GEMV_TILE_ROWS = 16, the
-    previous default; graphs captured inside keep it), timed beside the default in the same run."""
-    saved = cuda_ext.GEMV_TILE_ROWS
-    cuda_ext.GEMV_TILE_ROWS = 16
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        cuda_ext.GEMV_TILE_ROWS = saved
-
-
 def add_variant_options(parser, subject: str) -> None:
     """The benchmarks' options that also time variants of the fast engine in the same run (see variant_runs);
     subject names what is timed in their help ("the fast step", "moshi_fast")."""
@@ -161,9 +150,6 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--fused-norms", action="store_true",
                         help=f"also time {subject} with every RMSNorm fused into its linear, at every batch "
                              "(fast_fused_norms), same run")
-    parser.add_argument("--whole-gemv-tiles", action="store_true",
-                        help=f"also time {subject} with every CUDA GEMV block owning 16 weight rows, none 8 "
-                             "(fast_whole_gemv_tiles), same run")
     parser.add_argument("--skip", default="", type=_skipped_runs,
                         help="comma-separated runs not to time: kyutai (Kyutai's engine, whose model is then freed "
                              "once ours is built from it), fast (the fast engine's default run); e.g. --skip "
@@ -198,8 +184,6 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
         runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
     if args.fused_norms:
         runs.append(("fast_fused_norms", lambda: with_fused_norms(run, "fast_fused_norms", None)))
-    if args.whole_gemv_tiles:
-        runs.append(("fast_whole_gemv_tiles", lambda: with_whole_gemv_tiles(run, "fast_whole_gemv_tiles", None)))
     if args.kv_cache:
         name = f"fast_kv_{args.kv_cache}"
         runs.append((name, lambda: run(name, KV_CACHE_DTYPES[args.kv_cache])))

@@ -1,7 +1,6 @@
 // The torch op moshi_fast::gemv_bf16 (schema in bindings.cpp): argument checks, device and stream, launch of the
 // weight-streaming GEMV (with its optional RMSNorm and SiLU gate) in skinny_gemv_kernel.cuh.
 #include <ATen/MemoryOverlap.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -41,11 +40,9 @@ void check_output_shape(const at::Tensor& tensor, const char* name, int64_t rows
 // and eps first; gated, the weight holds the gate rows then the up rows and out = silu(gate) * up. warps_per_block 0
 // takes the default split of each tile's K (skinny_gemv_default_warps); 1..16 forces one, for measuring.
 // programmatic: launch with programmatic dependent launch (the caller checks that the device supports it).
-// tile_rows: 0 takes the default (tiles of 8 rows where tiles of 16 would be fewer than the SMs, not gated), 8 or 16
-// forces one (8 not with gated), for measuring; the results are the same.
 void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                at::Tensor& out, int64_t warps_per_block, const std::optional<at::Tensor>& norm_weight, double eps,
-               bool gated, bool programmatic, int64_t tile_rows) {
+               bool gated, bool programmatic) {
   TORCH_CHECK_VALUE(x.is_cuda(), "gemv_bf16 runs on CUDA tensors; x is on ", x.device());
   check_matrix(x, "x", x);
   check_matrix(weight, "weight", x);
@@ -87,8 +84,6 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
     check_aligned(w, "norm_weight");
     TORCH_CHECK_VALUE(at::get_overlap_status(out, w) == at::MemOverlapStatus::No, "gemv_bf16: out overlaps norm_weight");
   }
-  TORCH_CHECK_VALUE(tile_rows == 0 || tile_rows == kGemvTileRows || (tile_rows == kGemvTileRows / 2 && !gated),
-                    "gemv_bf16: tile_rows must be 0 (the default), 8 (not gated) or 16, got ", tile_rows);
   TORCH_CHECK_VALUE(warps_per_block >= 0 && warps_per_block <= kGemvMaxWarps,
                     "gemv_bf16: warps_per_block must be 0 (the default) or 1 to ", kGemvMaxWarps, ", got ",
                     warps_per_block);
@@ -108,10 +103,7 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
       static_cast<int>(n),
       static_cast<int>(k),
   };
-  const bool half = tile_rows == 0 ? !gated && (n + kGemvTileRows - 1) / kGemvTileRows <
-                                                    at::cuda::getCurrentDeviceProperties()->multiProcessorCount
-                                   : tile_rows == kGemvTileRows / 2;
-  C10_CUDA_CHECK(launch_skinny_gemv_bf16(args, warps, half, c10::cuda::getCurrentCUDAStream(), programmatic));
+  C10_CUDA_CHECK(launch_skinny_gemv_bf16(args, warps, c10::cuda::getCurrentCUDAStream(), programmatic));
 }
 
 }  // namespace

@@ -27,9 +27,7 @@
 // about two dozen instructions per 4 KB of weight: twelve 16-byte loads a lane, then eight mma.sync.
 //
 // Work split: a block owns 16 consecutive weight rows (a tile; gated: 8 gate rows and their 8 up rows) over all of
-// K, or 8 (a half tile, not gated: the A operand's rows 8..15 are zeros and are not loaded) where whole tiles would
-// leave SMs without a block (skinny_gemv.cu decides: at B = 1 the depth transformer's 1024-column products stream
-// 2-6 MB from 64 SMs, each SM's share then bound by the bytes its warps keep in flight); its warps take the tile's K steps (128 elements, 256 bytes of each row) round robin, so a block streams 16
+// K; its warps take the tile's K steps (128 elements, 256 bytes of each row) round robin, so a block streams 16
 // rows x 256 bytes per warp at a time, and sums its warps' fp32 partials in shared memory in warp order
 // (deterministic, no workspace, no atomics). The grid is one block per tile (64 to 2816 at the model's shapes),
 // started by the hardware as SMs free up; up to 16 warps split a tile's K (skinny_gemv_default_warps).
@@ -119,15 +117,13 @@ struct StepOperands {
 // inside K and zeroes both operands elsewhere; K being a multiple of 8, no piece straddles the end.
 __device__ __forceinline__ bool piece_inside(int k0, int u, int lane_k, int k) { return k0 + 32 * u + lane_k < k; }
 
-// kHalf: only row g (a half tile); weight_hi keeps the zeros it was given.
-template <bool kHalf>
 __device__ __forceinline__ void load_weight_step(StepOperands& operands, const __nv_bfloat16* weight_lo,
                                                  const __nv_bfloat16* weight_hi, int k0, int lane_k, int k) {
   if (k0 + kGemvStepK <= k) {
 #pragma unroll
     for (int u = 0; u < kGemvLoadsPerRow; ++u) {
       operands.weight_lo[u] = load_weight(weight_lo + k0 + 32 * u);
-      if (!kHalf) operands.weight_hi[u] = load_weight(weight_hi + k0 + 32 * u);
+      operands.weight_hi[u] = load_weight(weight_hi + k0 + 32 * u);
     }
     return;
   }
@@ -136,7 +132,7 @@ __device__ __forceinline__ void load_weight_step(StepOperands& operands, const _
   for (int u = 0; u < kGemvLoadsPerRow; ++u) {
     const bool inside = piece_inside(k0, u, lane_k, k);
     operands.weight_lo[u] = inside ? load_weight(weight_lo + k0 + 32 * u) : zero;
-    if (!kHalf) operands.weight_hi[u] = inside ? load_weight(weight_hi + k0 + 32 * u) : zero;
+    operands.weight_hi[u] = inside ? load_weight(weight_hi + k0 + 32 * u) : zero;
   }
 }
 
@@ -252,11 +248,10 @@ __device__ __forceinline__ float2 tile_element_sums(const float4 (*partials)[32]
   return sums;
 }
 
-template <bool kNorm, bool kGated, bool kHalf>
+template <bool kNorm, bool kGated>
 __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
-  static_assert(!(kGated && kHalf), "a gated tile is 8 gate rows and their 8 up rows");
-  // Output columns a block owns: its 16 weight rows, (gated) their 8 gate-and-up pairs, or (half) its 8 rows.
-  constexpr int kTileColumns = kGated || kHalf ? kGemvTileRows / 2 : kGemvTileRows;
+  // Output columns a block owns: its 16 weight rows, or (gated) their 8 gate-and-up pairs.
+  constexpr int kTileColumns = kGated ? kGemvTileRows / 2 : kGemvTileRows;
   __shared__ float4 warp_partials[kGemvMaxWarps][32];
   __shared__ float row_scales[kGemvMaxRows];
   const int lane = threadIdx.x % 32;
@@ -285,12 +280,10 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   const int steps = (args.k + kGemvStepK - 1) / kGemvStepK;
   StepOperands operands;
-#pragma unroll
-  for (int u = 0; u < kGemvLoadsPerRow; ++u) operands.weight_hi[u] = make_uint4(0, 0, 0, 0);
   // The first step's weight is requested before the wait: no kernel of a step writes weights, so it can be in flight
   // while the previous kernel finishes (with a programmatic dependent launch) and, with the norm, while the block
   // computes the row scales.
-  if (warp < steps) load_weight_step<kHalf>(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
+  if (warp < steps) load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
   await_previous_kernel();
   float scale = 1.f;
   if constexpr (kNorm) {
@@ -300,7 +293,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   }
   for (int step = warp; step < steps; step += warps) {
     const int k0 = step * kGemvStepK;
-    if (step != warp) load_weight_step<kHalf>(operands, weight_lo, weight_hi, k0, lane_k, args.k);
+    if (step != warp) load_weight_step(operands, weight_lo, weight_hi, k0, lane_k, args.k);
     if constexpr (kNorm) {
       load_normalized_x_step(operands, x, norm_weight, scale, k0, lane_k, args.k);
     } else {
@@ -330,8 +323,8 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
 }
 
 // Blocks in the grid: one per tile of output columns.
-inline unsigned skinny_gemv_tiles(int n, bool gated, bool half) {
-  const int columns = gated || half ? kGemvTileRows / 2 : kGemvTileRows;
+inline unsigned skinny_gemv_tiles(int n, bool gated) {
+  const int columns = gated ? kGemvTileRows / 2 : kGemvTileRows;
   return static_cast<unsigned>((n + columns - 1) / columns);
 }
 
@@ -349,28 +342,24 @@ inline int skinny_gemv_default_warps(int k) {
 
 namespace detail {
 
-template <bool kNorm, bool kGated, bool kHalf>
+template <bool kNorm, bool kGated>
 cudaError_t launch_instance(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
-  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated, kHalf>,
-                       dim3(skinny_gemv_tiles(args.n, args.gated, kHalf)), dim3(warps * 32), stream, programmatic,
-                       args);
+  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated>, dim3(skinny_gemv_tiles(args.n, args.gated)),
+                       dim3(warps * 32), stream, programmatic, args);
 }
 
 }  // namespace detail
 
-// Launches on `stream` (no allocation, no synchronisation: graph-capturable); warps in 1..kGemvMaxWarps; half:
-// tiles of 8 rows (not with gated). programmatic: a programmatic dependent launch (Hopper and later), which the
-// kernel's await_previous_kernel makes safe after any kernel.
-inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, bool half, cudaStream_t stream,
+// Launches on `stream` (no allocation, no synchronisation: graph-capturable); warps in 1..kGemvMaxWarps.
+// programmatic: a programmatic dependent launch (Hopper and later), which the kernel's await_previous_kernel makes
+// safe after any kernel.
+inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream,
                                            bool programmatic) {
   const bool norm = args.norm_weight != nullptr;
-  if (args.gated && half) return cudaErrorInvalidValue;
-  if (norm && args.gated) return detail::launch_instance<true, true, false>(args, warps, stream, programmatic);
-  if (args.gated) return detail::launch_instance<false, true, false>(args, warps, stream, programmatic);
-  if (norm && half) return detail::launch_instance<true, false, true>(args, warps, stream, programmatic);
-  if (norm) return detail::launch_instance<true, false, false>(args, warps, stream, programmatic);
-  if (half) return detail::launch_instance<false, false, true>(args, warps, stream, programmatic);
-  return detail::launch_instance<false, false, false>(args, warps, stream, programmatic);
+  if (norm && args.gated) return detail::launch_instance<true, true>(args, warps, stream, programmatic);
+  if (norm) return detail::launch_instance<true, false>(args, warps, stream, programmatic);
+  if (args.gated) return detail::launch_instance<false, true>(args, warps, stream, programmatic);
+  return detail::launch_instance<false, false>(args, warps, stream, programmatic);
 }
 
 }  // namespace moshi_fast

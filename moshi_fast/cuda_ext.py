@@ -114,15 +114,9 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
     return out.copy_(y)
 
 
-GEMV_TILE_ROWS = 0
-"""Weight rows a block of the CUDA GEMV owns: 0 for the extension's default (8 where tiles of 16 would leave SMs
-without a block, the product not gated; else 16), or 16 or 8 forced. The results are the same."""
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
          out: torch.Tensor | None = None, warps_per_block: int = 0, *,
-         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
-         tile_rows: int | None = None) -> torch.Tensor:
+         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False) -> torch.Tensor:
     """out = act(norm(x) @ weight.T) (+ residual) by the extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh); the spec is `gemv_ref`.
 
@@ -133,8 +127,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     fused. fp32 accumulation, rounded once. Launched with programmatic dependent launch where
     `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read once. Graph-safe with `out`
     given (the launch allocates nothing and does not synchronise). `warps_per_block` (1..16) overrides how
-    many warps split each tile's K (0: the default). `tile_rows` (0, 8 or 16; None: GEMV_TILE_ROWS) sets the
-    weight rows a block owns (8 not with gated); the results are the same for any.
+    many warps split each 16-row tile's K (0: the default).
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
     from .kernels._utils import pdl
@@ -144,11 +137,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
         columns = weight.shape[0] // 2 if gated else weight.shape[0]
         out = torch.empty(x.shape[0], columns, dtype=x.dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (None, 0.0)
-    if tile_rows is None:
-        tile_rows = GEMV_TILE_ROWS
-    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated, tile_rows)
+    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated)
     torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated,
-                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()), tile_rows)
+                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()))
     return out
 
 
@@ -346,7 +337,7 @@ def _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, d
             raise ValueError(f"sample_tokens: {name} must be [{batch}], got {list(tensor.shape)}")
 
 
-def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False, tile_rows=0) -> None:
+def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False) -> None:
     """The op's argument checks, made here first: on an H200 (torch 2.11) one of the op's own C++ checks
     crashed the process instead of raising (a c10::ValueError thrown before any launch, in a test of bad
     arguments; cause not established), so no invalid call reaches it."""
@@ -397,8 +388,6 @@ def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gat
     if residual is not None and spans_overlap(residual, out) and not (
             residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()):
         raise ValueError("gemv_bf16: residual overlaps out without being out itself")
-    if tile_rows not in (0, 8, 16) or (tile_rows == 8 and gated):
-        raise ValueError(f"gemv_bf16: tile_rows must be 0 (the default), 8 (not gated) or 16, got {tile_rows}")
     if not 0 <= warps_per_block <= MAX_WARPS:
         raise ValueError(f"gemv_bf16: warps_per_block must be 0 (the default) or 1 to {MAX_WARPS}, "
                          f"got {warps_per_block}")

@@ -294,35 +294,6 @@ def test_forced_warps_per_block(extension, warps):
     assert_rounded_once(out, exact)
 
 
-HALF_TILE_SHAPES = [(40, 72), (8, 8), (17, 264), (200, 1032), (_LM.depformer_dim, _LM.depformer_dim),
-                    (_LM.depformer_dim, _LM.depformer_hidden), (_LM.card, _LM.depformer_dim)]
-"""(N, K): partial 8- and 16-row tiles, partial K steps, and the products that take tiles of 8 rows by default at
-B = 1 (the depth transformer's out, down and heads: fewer 16-row tiles than an H100 or H200 has SMs)."""
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fusion", ["plain", "rms", "residual-is-out"])
-@pytest.mark.parametrize("n, k", HALF_TILE_SHAPES, ids=[_shape_id(shape) for shape in HALF_TILE_SHAPES])
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_half_tiles_equal_whole_tiles(extension, m, n, k, fusion):
-    """Blocks of 8 weight rows give the results of blocks of 16 bitwise (each output's sum runs over the same K
-    steps in the same order), at the default split of K and at a forced one, and the default tiles match them."""
-    x, weight, res, out = operands(m, n, k, "out" if fusion == "residual-is-out" else None)
-    norm = ((1 + 0.5 * torch.randn(k, device="cuda")).bfloat16(), 1e-8) if fusion == "rms" else None
-    start = out.clone()
-    exact = exact_fused(x, weight, norm, False, res)
-    results = {}
-    for warps in (0, 3):
-        for tile_rows in (8, 16, 0):
-            got = start.clone()
-            cuda_ext.gemv(x, weight, got if res is not None else None, got, warps_per_block=warps, norm=norm,
-                          tile_rows=tile_rows)
-            results[warps, tile_rows] = got
-        assert torch.equal(results[warps, 8], results[warps, 16]), warps
-        assert torch.equal(results[warps, 0], results[warps, 16]), warps
-    assert_rounded_once(results[0, 0], exact)
-
-
 @pytest.mark.gpu
 def test_allocates_out_and_is_deterministic(extension):
     x, weight, _, _ = operands(8, 4096, 11264, None)
@@ -414,9 +385,6 @@ def _bad_calls():
                                      gated=True), ValueError, "even number of rows", id="gated-odd-rows"),
         pytest.param(lambda ok: dict(ok, gated=True), ValueError, r"out must have shape \[3, 20\]",
                      id="gated-out-width"),
-        pytest.param(lambda ok: dict(ok, tile_rows=12), ValueError, "tile_rows", id="twelve-tile-rows"),
-        pytest.param(lambda ok: dict(ok, weight=ok["weight"][:20].repeat(2, 1), out=ok["out"][:, :20].contiguous(),
-                                     gated=True, tile_rows=8), ValueError, "tile_rows", id="gated-half-tiles"),
     ]
 
 

@@ -12,6 +12,7 @@ import torch
 
 from moshi_fast import ops
 from moshi_fast.engine import KV_CACHE_DTYPES
+from moshi_fast.kernels import depth_attention
 
 CALLS_PER_ROUND = 50
 """pytest-benchmark's own statistics are per round of this many back-to-back calls."""
@@ -131,6 +132,18 @@ def with_helium_cuda_gemv(fn: Callable[..., object], *args, **kwargs):
         ops.CUDA_GEMV_SHAPES = saved
 
 
+def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the depth attention letting the next kernel start only after its wait
+    (kernels.depth_attention.START_NEXT_EARLY False, the previous default; graphs captured inside keep it), timed
+    beside the default in the same run."""
+    saved = depth_attention.START_NEXT_EARLY
+    depth_attention.START_NEXT_EARLY = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        depth_attention.START_NEXT_EARLY = saved
+
+
 def add_variant_options(parser, subject: str) -> None:
     """The benchmarks' options that also time variants of the fast engine in the same run (see variant_runs);
     subject names what is timed in their help ("the fast step", "moshi_fast")."""
@@ -150,6 +163,9 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--fused-norms", action="store_true",
                         help=f"also time {subject} with every RMSNorm fused into its linear, at every batch "
                              "(fast_fused_norms), same run")
+    parser.add_argument("--late-depth-attention-trigger", action="store_true",
+                        help=f"also time {subject} with the depth attention starting the next kernel after its wait "
+                             "(fast_late_depth_attention_trigger), same run")
     parser.add_argument("--skip", default="", type=_skipped_runs,
                         help="comma-separated runs not to time: kyutai (Kyutai's engine, whose model is then freed "
                              "once ours is built from it), fast (the fast engine's default run); e.g. --skip "
@@ -184,6 +200,9 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
         runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
     if args.fused_norms:
         runs.append(("fast_fused_norms", lambda: with_fused_norms(run, "fast_fused_norms", None)))
+    if args.late_depth_attention_trigger:
+        runs.append(("fast_late_depth_attention_trigger",
+                     lambda: with_late_depth_attention_trigger(run, "fast_late_depth_attention_trigger", None)))
     if args.kv_cache:
         name = f"fast_kv_{args.kv_cache}"
         runs.append((name, lambda: run(name, KV_CACHE_DTYPES[args.kv_cache])))

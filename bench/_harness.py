@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import subprocess
@@ -120,28 +121,31 @@ def with_fused_norms(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def _attribute(owner, name: str, value):
+    """owner.name set to value within the block, restored after it (a module-level setting a variant changes)."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
 def with_helium_cuda_gemv(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with Helium's products on the CUDA GEMV at every batch, after their RMSNorm in a launch of
     its own (ops.CUDA_GEMV_ONE_ROW_SHAPES, which the default gives it at one row only, added to ops.CUDA_GEMV_SHAPES;
     graphs captured inside keep it), timed beside the default in the same run."""
-    saved = ops.CUDA_GEMV_SHAPES
-    ops.CUDA_GEMV_SHAPES = saved | ops.CUDA_GEMV_ONE_ROW_SHAPES
-    try:
+    with _attribute(ops, "CUDA_GEMV_SHAPES", ops.CUDA_GEMV_SHAPES | ops.CUDA_GEMV_ONE_ROW_SHAPES):
         return fn(*args, **kwargs)
-    finally:
-        ops.CUDA_GEMV_SHAPES = saved
 
 
 def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with the depth attention letting the next kernel start only after its wait
     (kernels.depth_attention.START_NEXT_EARLY False, the previous default; graphs captured inside keep it), timed
     beside the default in the same run."""
-    saved = depth_attention.START_NEXT_EARLY
-    depth_attention.START_NEXT_EARLY = False
-    try:
+    with _attribute(depth_attention, "START_NEXT_EARLY", False):
         return fn(*args, **kwargs)
-    finally:
-        depth_attention.START_NEXT_EARLY = saved
 
 
 def add_variant_options(parser, subject: str) -> None:

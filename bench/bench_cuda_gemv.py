@@ -8,8 +8,8 @@ time of the same run (torch_us); the CUDA cases also record the Triton time (tri
 Bytes moved: weight + x + out (+ residual, + norm weight). Each call reads its own copy of the weight, in turn among
 enough copies to fill COLD_WEIGHT_BYTES, so that no call finds its weight in L2 (50 MB on an H100 or H200), as in the
 LM step, where every product reads weights no kernel of the frame read before. On a machine without the extension
-(any CPU machine) every case skips. BENCH_CUDA_GEMV_WARPS=1 also times the CUDA op at every split of K among a block's warps, to re-plan
-its default (csrc/skinny_gemv_kernel.cuh, skinny_gemv_default_warps)."""
+(any CPU machine) every case skips. BENCH_CUDA_GEMV_WARPS=1 also times the CUDA op at every split of K among a
+block's warps, to re-plan its default (csrc/skinny_gemv_kernel.cuh, skinny_gemv_default_warps)."""
 import itertools
 import math
 import os

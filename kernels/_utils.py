@@ -20,6 +20,13 @@ def can_launch(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors) or (interpreting() and all(t.device.type == "cpu" for t in tensors))
 
 
+def check_launch_devices(*tensors: torch.Tensor) -> None:
+    """A launcher's device check: raises ValueError unless every operand is on one device a kernel launches on
+    (can_launch)."""
+    if not can_launch(*tensors) or len({t.device for t in tensors}) > 1:
+        raise ValueError("all tensors must be on one CUDA device (or on the CPU under TRITON_INTERPRET=1)")
+
+
 @functools.cache
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device."""
@@ -38,8 +45,8 @@ def _compute_capability(device: torch.device) -> tuple[int, int]:
 
 
 PDL_KERNELS = {"linear", "norm_rows", "gemv", "paged_attention", "depth_attention", "depth_step", "embed_sum",
-               "sample_tokens", "conv1d_stream", "conv_transpose1d_stream", "ring_attention", "rvq_encode", "rvq_decode",
-               "delay_line"}
+               "sample_tokens", "conv1d_stream", "conv_transpose1d_stream", "ring_attention", "rvq_encode",
+               "rvq_decode", "delay_line"}
 """The kernels (by launcher) that launch with programmatic dependent launch where `pdl` allows it."""
 PDL_MAX_STREAM_BYTES: int | None = None
 """Launches that stream more weight bytes than this launch without programmatic dependent launch (None:

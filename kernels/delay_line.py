@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import await_previous_kernel, can_launch, next_pow2, pdl, spans_overlap
+from ._utils import await_previous_kernel, check_launch_devices, next_pow2, pdl, spans_overlap
 
 INDEX_DTYPE = torch.int64
 NO_TOKEN = -1
@@ -237,11 +237,6 @@ def _check_output(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: tor
         raise ValueError(f"{name} must not overlap the line or the frame counter")
 
 
-def _check_devices(*operands: torch.Tensor) -> None:
-    if not can_launch(*operands) or len({t.device for t in operands}) > 1:
-        raise ValueError("all tensors must be on one CUDA device (or on the CPU under TRITON_INTERPRET=1)")
-
-
 def delay_line_in(line: torch.Tensor, frame: torch.Tensor, exec_mask: torch.Tensor, user_codes: torch.Tensor,
                   delays: torch.Tensor, initial: torch.Tensor, order: torch.Tensor,
                   out: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,7 +248,7 @@ def delay_line_in(line: torch.Tensor, frame: torch.Tensor, exec_mask: torch.Tens
     if out is None:
         out = torch.empty(batch, streams, dtype=INDEX_DTYPE, device=line.device)
     _check_output("out", out, (batch, streams), INDEX_DTYPE, (line, frame))
-    _check_devices(line, frame, exec_mask, user_codes, delays, initial, order, out)
+    check_launch_devices(line, frame, exec_mask, user_codes, delays, initial, order, out)
     if batch == 0:
         return out
     use_pdl = pdl(out.device, "delay_line")
@@ -280,7 +275,7 @@ def delay_line_out(line: torch.Tensor, frame: torch.Tensor, exec_mask: torch.Ten
         valid_out = torch.empty(batch, dtype=torch.bool, device=line.device)
     _check_output("out", out, (batch, own_streams), INDEX_DTYPE, (line, frame))
     _check_output("valid_out", valid_out, (batch,), torch.bool, (line, frame))
-    _check_devices(line, frame, exec_mask, generated, delays, out, valid_out)
+    check_launch_devices(line, frame, exec_mask, generated, delays, out, valid_out)
     if batch == 0:
         return out, valid_out
     use_pdl = pdl(out.device, "delay_line")

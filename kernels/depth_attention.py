@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import await_previous_kernel, can_launch, launch_dependents, next_pow2, pdl
+from ._utils import await_previous_kernel, check_launch_devices, launch_dependents, next_pow2, pdl
 
 DTYPES = (torch.float32, torch.bfloat16)
 START_NEXT_EARLY = True
@@ -130,8 +130,7 @@ def depth_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError(f"out must be [{batch}, {width}] {qkv.dtype} with unit stride in its last dim, got "
                          f"{list(out.shape)} {out.dtype} strides {out.stride()}")
     operands = (qkv, k_cache, v_cache, out)
-    if not can_launch(*operands) or len({t.device for t in operands}) > 1:
-        raise ValueError("all tensors must be on one CUDA device (or on the CPU under TRITON_INTERPRET=1)")
+    check_launch_devices(*operands)
     if batch == 0:
         return out
     use_pdl = pdl(qkv.device, "depth_attention")

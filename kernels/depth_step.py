@@ -80,7 +80,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import can_launch, dot_precision, interpreting, next_pow2, sm_count
+from ._utils import check_launch_devices, dot_precision, interpreting, next_pow2, sm_count
 from .depth_attention import depth_attention_ref
 from .embed_sum import embed_sum_ref
 from .skinny_linear import skinny_linear_ref
@@ -468,8 +468,7 @@ def _check(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, nor
         raise ValueError(f"step must be a Python int in [0, {steps}), got {step!r}")
     operands = (x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
                 k_cache, v_cache, logits_out, scratch.qkv, scratch.attention, scratch.hidden, scratch.counters)
-    if not can_launch(*operands) or len({t.device for t in operands}) > 1:
-        raise ValueError("all tensors must be on one CUDA device (or on the CPU under TRITON_INTERPRET=1)")
+    check_launch_devices(*operands)
 
 
 def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tensor, embed_row_offset: torch.Tensor,

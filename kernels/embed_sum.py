@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import await_previous_kernel, can_launch, next_pow2, parallel_sms, pdl
+from ._utils import await_previous_kernel, check_launch_devices, next_pow2, parallel_sms, pdl
 
 DTYPES = (torch.float32, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -132,8 +132,7 @@ def embed_sum(tokens: torch.Tensor, table: torch.Tensor, row_offset: torch.Tenso
         raise ValueError(f"out must be [{batch}, {dim}] {table.dtype} with unit stride along D, "
                          f"got {list(out.shape)} {out.dtype} strides {out.stride()}")
     operands = (tokens, table, row_offset, out)
-    if not can_launch(*operands) or len({t.device for t in operands}) > 1:
-        raise ValueError("all tensors must be on one CUDA device (or on the CPU under TRITON_INTERPRET=1)")
+    check_launch_devices(*operands)
     if block_d is None:
         block_d = _block_d(batch, dim, parallel_sms(table.device))
     if block_d < 1 or block_d & (block_d - 1):

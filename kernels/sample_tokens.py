@@ -66,7 +66,7 @@ from triton.language.extra import libdevice
 
 from moshi_fast.reference.sampling import sample
 
-from ._utils import await_previous_kernel, can_launch, interpreting, next_pow2, pdl
+from ._utils import await_previous_kernel, check_launch_devices, interpreting, next_pow2, pdl
 
 FLOAT_PASSES = 16
 """Bisection passes that split at the float midpoint before falling back to the key midpoint."""
@@ -294,8 +294,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     if out.shape != (batch,) or out.dtype != torch.int64:
         raise ValueError(f"out must be [{batch}] int64, got {list(out.shape)} {out.dtype}")
     operands = (logits, temperature, top_k, seed, counter, out)
-    if not can_launch(*operands) or len({t.device for t in operands}) > 1:
-        raise ValueError("all tensors must be on one CUDA device (or on the CPU under TRITON_INTERPRET=1)")
+    check_launch_devices(*operands)
     if batch == 0:
         return out
     top_k_cap = min(max_top_k, vocab)

@@ -117,9 +117,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import (SplitWorkspace, await_previous_kernel, can_launch, dot_precision, interpreting,
-                     launch_dependents, max_offset, next_pow2, parallel_sms, pdl, prefetch_l2, sm_count,
-                     spans_overlap)
+from ._utils import (SplitWorkspace, await_previous_kernel, check_launch_devices, dot_precision,
+                     interpreting, launch_dependents, max_offset, next_pow2, parallel_sms, pdl, prefetch_l2,
+                     sm_count, spans_overlap)
 from .tuned import shape_key, tuned_tiles
 
 DOT_MIN_ROWS = {torch.float32: 16, torch.bfloat16: 1}
@@ -705,8 +705,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor |
     for name, shape in expected.items():
         if name in given and tuple(given[name].shape) != shape:
             raise ValueError(f"{name} must have shape {list(shape)}, got {list(given[name].shape)}")
-    if not can_launch(*given.values()) or len({t.device for t in given.values()}) > 1:
-        raise ValueError("all tensors must be on one CUDA device (or on the CPU under TRITON_INTERPRET=1)")
+    check_launch_devices(*given.values())
     for name, t in given.items():
         if name != "out" and spans_overlap(t, out):
             # Other programs still read x (and the rest) while a program writes its output tile; only

@@ -263,8 +263,8 @@ CUDA_GEMV_ONE_ROW_SHAPES = frozenset({
 projection) that ops.linear gives the CUDA GEMV at one row only, those with an RMSNorm after its own launch
 (norm_rows). On an H100 (bench/results/2026-12-06_H100_0d30b54_frame_b1_b8_helium_cuda_gemv.json, one run) the
 frame's GPU span went from 7.214 to 7.062 ms at B = 1 with them on the CUDA GEMV, and from 11.556 to 11.662 ms at
-B = 8 (slower), so only one row takes it. With the RMSNorm fused into the GEMV instead both were slower (B = 1 7.82 against 7.44 ms of wall
-time, ..._8a8a391_frame_b1_b8_helium_cuda_gemv.json). Alone, with the weight cold in L2, each of these products was
+B = 8 (slower), so only one row takes it. With the RMSNorm fused into the GEMV instead both were slower (B = 1
+7.82 against 7.44 ms of wall time, ..._8a8a391_frame_b1_b8_helium_cuda_gemv.json). Alone, with the weight cold in L2, each of these products was
 faster on the CUDA GEMV than on skinny_linear at 1, 4 and 8 rows (..._8a8a391_gemv_helium_cold.json)."""
 
 
@@ -386,11 +386,8 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
            "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_gemv_serves",
-           "cuda_sampling",
-           "delay_line_in", "delay_line_out",
-           "depth_attention", "depth_step", "depth_step_scratch",
-           "embed_sum", "gemv_cuda", "linear",
-           "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight",
+           "cuda_sampling", "delay_line_in", "delay_line_out", "depth_attention", "depth_step", "depth_step_scratch",
+           "embed_sum", "gemv_cuda", "linear", "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "programmatic_launch", "ring_attention",
            "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens",
            "norm_runs_apart", "separate_norms", "settle_weights", "uses_cuda_depth_step"]

@@ -35,6 +35,7 @@ from bench._harness import device_info  # noqa: E402
 from bench.bench_buckets import _fill_context  # noqa: E402
 from bench.bench_lm_step import KYUTAI_SAMPLING  # noqa: E402
 from moshi_fast import FastMoshi, ops  # noqa: E402
+from moshi_fast.engine import KV_CACHE_DTYPES  # noqa: E402
 from tests.helpers import speech_like  # noqa: E402
 
 
@@ -103,14 +104,16 @@ def _kernel_rows(runs: list[list[tuple[str, float, float]]], names: list[str], p
     return kernels
 
 
-def profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda_sampling: bool = True) -> dict:
+def profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda_sampling: bool = True,
+            kv_cache: str | None = None) -> dict:
     with ops.programmatic_launch(pdl), ops.cuda_sampling(cuda_sampling):
-        return _profile(batch, frames, warmup, context, pdl, cuda_sampling)
+        return _profile(batch, frames, warmup, context, pdl, cuda_sampling, kv_cache)
 
 
-def _profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda_sampling: bool) -> dict:
+def _profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda_sampling: bool,
+             kv_cache: str | None) -> dict:
     engine = FastMoshi.random(device="cuda", backend="fast", max_batch=batch, batch_buckets=[batch],
-                              **KYUTAI_SAMPLING)
+                              kv_dtype=kv_cache, **KYUTAI_SAMPLING)
     _fill_context(engine, context)
     pcm = speech_like(batch, warmup + frames, seed=batch)
     chunks = list(pcm[:, 0].split(engine.frame_size, dim=-1))
@@ -137,7 +140,7 @@ def _profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda
         by_name[(k["phase"], k["name"])]["us"] += k["us"]
         by_name[(k["phase"], k["name"])]["end_steps_us"] += k["end_step_us"]
     return {"batch": batch, "context": context, "frames": frames, "pdl": pdl, "cuda_sampling": cuda_sampling,
-            "gpu_span_us": statistics.median(frame_spans), "kernels_per_frame": len(kernels),
+            "kv_cache": kv_cache or "the LM's dtype", "gpu_span_us": statistics.median(frame_spans), "kernels_per_frame": len(kernels),
             "by_phase": dict(by_phase),
             "by_kernel": [{"phase": p, "name": n, **v} for (p, n), v in by_name.items()], "kernels": kernels}
 
@@ -164,13 +167,16 @@ def main(argv=None) -> int:
     parser.add_argument("--pdl", action="store_true", help="keep programmatic dependent launch on (spans overlap)")
     parser.add_argument("--triton-sampling", action="store_true",
                         help="sample with the Triton kernel instead of the CUDA extension's (ops.cuda_sampling(False))")
+    parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
+                        help="Helium's KV cache in this dtype (e.g. fp8 where the bf16 cache does not fit the GPU)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}", flush=True)
     results = []
     for batch in (int(b) for b in args.batches.split(",")):
-        result = profile(batch, args.frames, args.warmup, args.context, args.pdl, not args.triton_sampling)
+        result = profile(batch, args.frames, args.warmup, args.context, args.pdl, not args.triton_sampling,
+                         args.kv_cache)
         report(result)
         results.append(result)
         torch.cuda.empty_cache()

@@ -110,12 +110,21 @@ def _ring_cases(model: FastMimi, batch: int, device, workspace):
     yield "ring", "ring_attention", call, candidates
 
 
-LM_LINEARS = {  # name: (N, K, RMSNorm on the input, residual add); the language model's plain decode linears
-    "qkv+rms": (12288, 4096, True, False),
-    "out+residual": (4096, 4096, False, True),
-    "down+residual": (4096, 11264, False, True),
-    "text_head+rms": (32000, 4096, True, False),
+LM_LINEARS = {  # name: (N, K, RMSNorm on the input, residual add, SiLU gate); the language model's decode linears
+    "qkv+rms": (12288, 4096, True, False, False),
+    "out+residual": (4096, 4096, False, True, False),
+    "down+residual": (4096, 11264, False, True, False),
+    "text_head+rms": (32000, 4096, True, False, False),
+    # The depth transformer's, per codebook step (N output columns; the gated input's weight has 2N rows).
+    "dep.qkv+rms": (3072, 1024, True, False, False),
+    "dep.out+residual": (1024, 1024, False, True, False),
+    "dep.gate_up+rms+silu": (2816, 1024, True, False, True),
+    "dep.down+residual": (1024, 2816, False, True, False),
+    "dep.head": (2048, 1024, False, False, False),
 }
+COLD_WEIGHT_BYTES = 256 << 20
+"""Weight copies the LM cases cycle through, in all: as in the frame, where no product reads a weight that a
+kernel of the frame read before, each call's weight is cold in L2 (50 MB on an H100 or H200)."""
 
 
 def _as_linear_runs(kwargs: dict) -> dict:
@@ -127,23 +136,28 @@ def _as_linear_runs(kwargs: dict) -> dict:
 
 
 def _lm_linear_cases(batch: int, device, workspace):
-    """Helium's decode linears in bf16, M = batch rows (the gated FFN input plans by heuristics only), each product
-    as ops.linear runs it (_as_linear_runs)."""
-    for name, (n, k, rms, residual) in LM_LINEARS.items():
+    """The language model's decode linears in bf16, M = batch rows, each product as ops.linear runs it
+    (_as_linear_runs), each call's weight one of copies filling COLD_WEIGHT_BYTES in turn."""
+    for name, (n, k, rms, residual, gated) in LM_LINEARS.items():
+        rows = 2 * n if gated else n
         x = torch.randn(batch, k, device=device, dtype=torch.bfloat16)
-        weight = (torch.randn(n, k, device=device) / k ** 0.5).to(torch.bfloat16)
+        copies = max(2, COLD_WEIGHT_BYTES // (2 * rows * k))
+        weights = (torch.randn(copies, rows, k, device=device) / k ** 0.5).to(torch.bfloat16)
         out = torch.empty(batch, n, device=device, dtype=torch.bfloat16)
-        kwargs = {}
+        kwargs = {"activation": "silu_gate"} if gated else {}
         if rms:
             kwargs["norm"] = ("rms", torch.ones(k, device=device, dtype=torch.bfloat16), 1e-8)
         if residual:
             kwargs["residual"] = torch.randn(batch, n, device=device, dtype=torch.bfloat16)
         kwargs = _as_linear_runs(kwargs)
+        calls = iter(range(1 << 62))
 
-        def call(tiles, x=x, weight=weight, out=out, kwargs=kwargs):
-            linear_module.skinny_linear(x, weight, out=out, tiles=tiles, workspace=workspace, **kwargs)
+        def call(tiles, x=x, weights=weights, out=out, kwargs=kwargs, calls=calls):
+            linear_module.skinny_linear(x, weights[next(calls) % len(weights)], out=out, tiles=tiles,
+                                        workspace=workspace, **kwargs)
 
-        candidates = linear_module.skinny_linear_candidate_tiles(batch, n, k, torch.bfloat16, split_k=True)
+        candidates = linear_module.skinny_linear_candidate_tiles(batch, n, k, torch.bfloat16, split_k=True,
+                                                                 gated=gated)
         yield "lm_linear", name, call, candidates
 
 
@@ -218,9 +232,10 @@ def _shape_and_default(model: FastMimi, op: str, name: str, batch: int) -> tuple
     c = model.config
     with tuned.heuristics_only():
         if op == "lm_linear":
-            n, k, _, _ = LM_LINEARS[name]
-            tiles = linear_module.skinny_linear_tiles(batch, n, k, torch.bfloat16, sms=H100_H200_SMS, split_k=True)
-            return tuned.shape_key(n, k, torch.bfloat16), tiles._asdict()
+            n, k, _, _, gated = LM_LINEARS[name]
+            tiles = linear_module.skinny_linear_tiles(batch, n, k, torch.bfloat16, sms=H100_H200_SMS, split_k=True,
+                                                      gated=gated)
+            return linear_module.linear_plan_key(n, k, torch.bfloat16, gated), tiles._asdict()
         if op in ("paged", "paged_fp8"):
             lm = LMConfig()
             block_n, splits, num_warps, num_stages = paged_module._resolve_tiles(

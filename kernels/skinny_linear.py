@@ -562,19 +562,24 @@ def _dot_tiles(m: int, n: int, k: int, dtype: torch.dtype, sms: int, split_k: bo
     return SkinnyTiles(block_m, block_n, block_k, dot=True, split_k=splits, num_stages=DOT_STAGES)
 
 
+def linear_plan_key(n: int, k: int, dtype: torch.dtype, gated: bool = False) -> str:
+    """The tuned table's key of a product: output width, input width, dtype, and "silu_gate" for the gated FFN
+    input (its weight has 2n rows, and its tiles hold both halves: a plan of its own)."""
+    return shape_key(n, k, dtype, *(("silu_gate",) if gated else ()))
+
+
 def skinny_linear_tiles(m: int, n: int, k: int, dtype: torch.dtype, *, sms: int | None = None,
                         split_k: bool = False, gated: bool = False) -> SkinnyTiles:
     """The default tiles for x [m, k] @ weight[n, k].T with `dtype` weights on `sms` SMs (default: the
     current CUDA device's, else an H200's); split_k: whether a workspace allows splitting K; gated: the
     SiLU gate, n then being the output width (the weight has 2n rows). The measured plan where
-    kernels/tuned.py has one for this shape and row count (plain products only; if it splits K,
-    split_k allows it), else the heuristics above."""
+    kernels/tuned.py has one for this shape and row count (linear_plan_key; if it splits K, split_k
+    allows it), else the heuristics above."""
     if dtype not in DTYPES:
         raise TypeError(f"weights must be float32 or bfloat16, got {dtype}")
-    if not gated:
-        measured = tuned_tiles("linear", shape_key(n, k, dtype), m)
-        if measured is not None and (split_k or measured.get("split_k", 1) == 1):
-            return SkinnyTiles(**measured)
+    measured = tuned_tiles("linear", linear_plan_key(n, k, dtype, gated), m)
+    if measured is not None and (split_k or measured.get("split_k", 1) == 1):
+        return SkinnyTiles(**measured)
     sms = _default_sms(sms)
     parts = 2 if gated else 1
     if m < DOT_MIN_ROWS[dtype]:

@@ -42,11 +42,14 @@ def test_conv_transpose_plans_are_valid_and_used(shape, batch, plan):
 
 @pytest.mark.parametrize("shape, rows, plan", _cases("linear"))
 def test_linear_plans_are_valid_and_used(shape, rows, plan):
-    n, k, dtype = shape.split(",")
+    n, k, dtype, *gate = shape.split(",")
+    gated = gate == ["silu_gate"]
+    assert gate in ([], ["silu_gate"])
     tiles = linear.SkinnyTiles(**plan)
     linear._check_tiles(tiles)
-    assert linear.skinny_linear_tiles(rows, int(n), int(k), getattr(torch, dtype), split_k=True) == tiles
-    without_workspace = linear.skinny_linear_tiles(rows, int(n), int(k), getattr(torch, dtype), split_k=False)
+    assert linear.skinny_linear_tiles(rows, int(n), int(k), getattr(torch, dtype), split_k=True, gated=gated) == tiles
+    without_workspace = linear.skinny_linear_tiles(rows, int(n), int(k), getattr(torch, dtype), split_k=False,
+                                                   gated=gated)
     assert without_workspace.split_k == 1
 
 
@@ -75,3 +78,18 @@ def test_nearest_batch_on_a_log_scale_and_heuristics_only():
     with tuned.heuristics_only():
         assert tuned.tuned_tiles("conv1d", shape, swept[0]) is None
     assert tuned.shape_key(512, 3, torch.float32) == "512,3,float32"
+
+
+def test_gated_products_have_plans_of_their_own(monkeypatch):
+    """A plan under the gated key serves the SiLU-gated product only; the plain product of the same shape keeps its
+    own plan (here, the heuristics')."""
+    n, k, rows = 2816, 1024, 64
+    plan = {"block_m": 64, "block_n": 32, "block_k": 64, "dot": True, "split_k": 2, "num_warps": 8, "num_stages": 2}
+    key = linear.linear_plan_key(n, k, torch.bfloat16, gated=True)
+    assert key == "2816,1024,bfloat16,silu_gate"
+    with tuned.heuristics_only():
+        plain = linear.skinny_linear_tiles(rows, n, k, torch.bfloat16, sms=132, split_k=True)
+    monkeypatch.setattr(tuned, "_table", lambda: {"linear": {key: {str(rows): plan}}})
+    assert linear.skinny_linear_tiles(rows, n, k, torch.bfloat16, sms=132, split_k=True, gated=True) == \
+        linear.SkinnyTiles(**plan)
+    assert linear.skinny_linear_tiles(rows, n, k, torch.bfloat16, sms=132, split_k=True) == plain

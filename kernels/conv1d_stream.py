@@ -26,9 +26,8 @@ slot (Mimi's 25 Hz convs have T_out = 2: 64 slots are 128 columns, two tiles of 
 tiles to fill the GPU the reduction is split into SPLIT contiguous chunks (split-K): each program
 stores its fp32 partial tile in a `SplitWorkspace`, the last of a tile's SPLIT programs to arrive
 (an acq_rel counter) sums the partials in the fixed order 0..SPLIT-1 (deterministic, no float
-atomics), adds bias and residual, stores `out` and resets the counter to 0. The next history is
-written in pieces of (slot, block of BLOCK_HC channels), piece j by the program of flat index j mod (number
-of programs): one writer per piece, and at B = 1 no program writes more than one piece.
+atomics), adds bias and residual, stores `out` and resets the counter to 0. Slot b's next history is
+written by exactly one program, the one with flat index b mod (number of programs).
 
 History-free tiles: a column tile inside one slot whose first step reads at time >= 0 of x (at long T all
 of a slot's tiles but the first) runs the reduction loop without the per-element history test, the
@@ -90,11 +89,10 @@ def _finish_tile(acc, offs_co, mask_co, slot, step, mask_n, bias_ptr, res_ptr, o
 
 
 @triton.jit
-def _write_history(x_ptr, state_ptr, frame_ptr, slot, c0, C_IN, T_IN,
+def _write_history(x_ptr, state_ptr, frame_ptr, slot, C_IN, T_IN,
                    stride_xb, stride_xc, stride_xt, stride_sp, stride_sb, stride_sc,
                    HISTORY: tl.constexpr, REPLICATE: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_H: tl.constexpr):
-    """state[1 - parity, slot, c0:c0 + BLOCK_HC] = the last HISTORY samples of concat(state[parity, slot], x[slot])
-    in those channels."""
+    """state[1 - parity, slot] = the last HISTORY samples of concat(state[parity, slot], x[slot])."""
     frame = tl.load(frame_ptr + slot)
     parity = frame % 2
     x_base = x_ptr + slot * stride_xb
@@ -107,15 +105,17 @@ def _write_history(x_ptr, state_ptr, frame_ptr, slot, c0, C_IN, T_IN,
     source = T_IN - HISTORY + offs_h
     from_x = (source >= 0)[None, :]
     from_history = (source < 0)[None, :]
-    offs_c = c0 + tl.arange(0, BLOCK_HC)
-    mask = (offs_c < C_IN)[:, None] & mask_h[None, :]
-    new_v = tl.load(x_base + offs_c[:, None] * stride_xc + source[None, :] * stride_xt, mask=mask & from_x, other=0.0)
-    old_h = tl.load(read_base + offs_c[:, None] * stride_sc + (source + HISTORY)[None, :],
-                    mask=mask & from_history, other=0.0)
-    if REPLICATE:
-        first_x = tl.load(x_base + offs_c[:, None] * stride_xc, mask=mask & from_history, other=0.0)
-        old_h = tl.where(frame == 0, first_x, old_h)
-    tl.store(write_base + offs_c[:, None] * stride_sc + offs_h[None, :], tl.where(from_x, new_v, old_h), mask=mask)
+    for c0 in range(0, C_IN, BLOCK_HC):
+        offs_c = c0 + tl.arange(0, BLOCK_HC)
+        mask = (offs_c < C_IN)[:, None] & mask_h[None, :]
+        new_v = tl.load(x_base + offs_c[:, None] * stride_xc + source[None, :] * stride_xt,
+                        mask=mask & from_x, other=0.0)
+        old_h = tl.load(read_base + offs_c[:, None] * stride_sc + (source + HISTORY)[None, :],
+                        mask=mask & from_history, other=0.0)
+        if REPLICATE:
+            first_x = tl.load(x_base + offs_c[:, None] * stride_xc, mask=mask & from_history, other=0.0)
+            old_h = tl.where(frame == 0, first_x, old_h)
+        tl.store(write_base + offs_c[:, None] * stride_sc + offs_h[None, :], tl.where(from_x, new_v, old_h), mask=mask)
 
 
 @triton.jit
@@ -239,15 +239,12 @@ def _conv1d_stream_kernel(
 
     if HISTORY > 0:
         # The history write reads x and state[parity] and writes state[1 - parity], which no program
-        # of this launch reads. Its (slot, channel block) pieces are dealt round-robin over all programs, one
-        # writer per piece: a program that wrote a slot's channels one block after another added a chain of
-        # dependent load-store rounds (16 at 1024 channels) to the end of the launch.
+        # of this launch reads: slots are dealt round-robin over all programs, one writer per slot.
         programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
         program = pid_n + tl.num_programs(0) * (pid_co + tl.num_programs(1) * pid_s)
-        channel_blocks = tl.cdiv(C_IN, BLOCK_HC)
-        for piece in range(program, BATCH * channel_blocks, programs):
-            _write_history(x_ptr, state_ptr, frame_ptr, piece // channel_blocks, (piece % channel_blocks) * BLOCK_HC,
-                           C_IN, T_IN, stride_xb, stride_xc, stride_xt, stride_sp, stride_sb, stride_sc,
+        for history_slot in range(program, BATCH, programs):
+            _write_history(x_ptr, state_ptr, frame_ptr, history_slot, C_IN, T_IN,
+                           stride_xb, stride_xc, stride_xt, stride_sp, stride_sb, stride_sc,
                            HISTORY, REPLICATE, BLOCK_HC, BLOCK_H)
 
 

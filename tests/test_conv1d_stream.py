@@ -36,10 +36,6 @@ FORCED = [  # batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate
     pytest.param(3, 5, 9, 8, 4, 128, True, False, True, ConvTiles(16, 16, 16, 1), id="strided-history-free-tiles"),
     pytest.param(2, 10, 5, 7, 1, 64, True, True, False, ConvTiles(16, 16, 16, 3), id="history-free-tiles-split3"),
     pytest.param(5, 40, 40, 3, 1, 6, True, True, False, ConvTiles(32, 32, 32, 2), id="wide-tiles-split2"),
-    # The history written in (slot, 64-channel block) pieces: 9 pieces (the last block partial) for one program,
-    # then 4 pieces over 15 programs of a first frame's replicate padding.
-    pytest.param(3, 130, 16, 3, 1, 2, True, False, False, ConvTiles(16, 16, 16, 1), id="history-pieces-one-program"),
-    pytest.param(1, 200, 40, 4, 2, 2, False, False, True, ConvTiles(16, 16, 16, 5), id="history-pieces-split5"),
 ]
 
 

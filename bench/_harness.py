@@ -140,15 +140,6 @@ def with_helium_cuda_gemv(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def with_norms_from_x(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with every RMSNorm taking its scales from x (Helium's in a launch of its own at one row,
-    the depth transformer's inside its products), not from the square sums of the product that wrote x
-    (`ops.norms_from_square_sums(False)`, the previous default; graphs captured inside it keep it), timed beside
-    the default in the same run."""
-    with ops.norms_from_square_sums(False):
-        return fn(*args, **kwargs)
-
-
 def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with the depth attention letting the next kernel start only after its wait
     (kernels.depth_attention.START_NEXT_EARLY False, the previous default; graphs captured inside keep it), timed
@@ -176,9 +167,6 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--fused-norms", action="store_true",
                         help=f"also time {subject} with every RMSNorm fused into its linear, at every batch "
                              "(fast_fused_norms), same run")
-    parser.add_argument("--norms-from-x", action="store_true",
-                        help=f"also time {subject} with every RMSNorm's scales computed from its input, not from the "
-                             "square sums of the product that wrote it (fast_norms_from_x), same run")
     parser.add_argument("--late-depth-attention-trigger", action="store_true",
                         help=f"also time {subject} with the depth attention starting the next kernel after its wait "
                              "(fast_late_depth_attention_trigger), same run")
@@ -216,8 +204,6 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
         runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
     if args.fused_norms:
         runs.append(("fast_fused_norms", lambda: with_fused_norms(run, "fast_fused_norms", None)))
-    if args.norms_from_x:
-        runs.append(("fast_norms_from_x", lambda: with_norms_from_x(run, "fast_norms_from_x", None)))
     if args.late_depth_attention_trigger:
         runs.append(("fast_late_depth_attention_trigger",
                      lambda: with_late_depth_attention_trigger(run, "fast_late_depth_attention_trigger", None)))

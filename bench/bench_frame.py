@@ -47,7 +47,6 @@ VARIANT_LABELS = {"fast_no_pdl": "without programmatic dependent launch",
                   "fast_triton_sampling": "sampling with the Triton kernel",
                   "fast_cuda_depth_step": "with the CUDA depth step",
                   "fast_fused_norms": "with every norm fused into its linear",
-                  "fast_norms_from_x": "with every RMSNorm's scales from its input",
                   "fast_late_depth_attention_trigger":
                       "with the depth attention starting the next kernel after its wait"}
 """How the summary names the variants of bench._harness.variant_runs (the KV-cache one is printed with its memory)."""

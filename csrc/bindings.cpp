@@ -6,13 +6,10 @@
 TORCH_LIBRARY(moshi_fast, m) {
   // out[M, N] = x[M, K] @ weight[N, K]^T (+ residual[M, N], which may be out itself), bf16, M <= 8, fp32
   // accumulation rounded once (skinny_gemv.cu). warps_per_block: 0 for the default split of K. norm_weight [K]:
-  // x is RMSNormed first (with eps); gated: weight is [2N, K] and out = silu(x gate^T) * (x up^T); square_sums
-  // (fp32 [M, S], with norm_weight): the norm's row scales from these sums of x's squares; square_sums_out (fp32
-  // [M, cdiv(N, 16)], not gated): out's row square sums, a value per 16 columns; programmatic: launched with
-  // programmatic dependent launch (Hopper and later).
+  // x is RMSNormed first (with eps); gated: weight is [2N, K] and out = silu(x gate^T) * (x up^T); programmatic:
+  // launched with programmatic dependent launch (Hopper and later).
   m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? residual, Tensor(a!) out, int warps_per_block=0, "
-        "Tensor? norm_weight=None, float eps=0., bool gated=False, Tensor? square_sums=None, "
-        "Tensor(b!)? square_sums_out=None, bool programmatic=False) -> ()");
+        "Tensor? norm_weight=None, float eps=0., bool gated=False, bool programmatic=False) -> ()");
   // out[b] = one token of logits[b, :V] by temperature + top-k exponential race with the counter-based noise of
   // moshi_fast.reference.sampling (sample_tokens.cu); logits bf16 or fp32 [B, V], V < 2^16, min(max_top_k, V)
   // <= 1024; temperature fp32 [B]; top_k, seed, counter, out int64 [B].

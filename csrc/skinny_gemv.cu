@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
-#include <vector>
 
 #include "skinny_gemv_kernel.cuh"
 
@@ -37,25 +36,13 @@ void check_output_shape(const at::Tensor& tensor, const char* name, int64_t rows
                     rows, ", ", n, "], got ", tensor.sizes());
 }
 
-void check_square_sums(const at::Tensor& sums, const char* name, const at::Tensor& x, int64_t rows) {
-  TORCH_CHECK_VALUE(sums.device() == x.device(), "gemv_bf16: ", name, " must be on x's device ", x.device(),
-                    ", got ", sums.device());
-  TORCH_CHECK_TYPE(sums.scalar_type() == at::kFloat, "gemv_bf16: ", name, " must be float32, got ", sums.scalar_type());
-  TORCH_CHECK_VALUE(sums.dim() == 2 && sums.size(0) == rows && sums.size(1) >= 1 && sums.is_contiguous(),
-                    "gemv_bf16: ", name, " must be [", rows, ", S >= 1] contiguous, got ", sums.sizes());
-  TORCH_CHECK_VALUE(sums.size(1) <= std::numeric_limits<int>::max(), "gemv_bf16: ", name, " is too wide");
-}
-
 // out = act(norm(x) @ weight.T) (+ residual), see skinny_gemv_kernel.cuh: norm_weight given, x is RMSNormed with it
-// and eps first (the row scales from square_sums [rows, S] when given); gated, the weight holds the gate rows then
-// the up rows and out = silu(gate) * up; square_sums_out [rows, cdiv(n, 16)] (not gated) receives out's row square
-// sums. warps_per_block 0 takes the default split of each tile's K (skinny_gemv_default_warps); 1..16 forces one,
-// for measuring. programmatic: launch with programmatic dependent launch (the caller checks that the device supports
-// it).
+// and eps first; gated, the weight holds the gate rows then the up rows and out = silu(gate) * up. warps_per_block 0
+// takes the default split of each tile's K (skinny_gemv_default_warps); 1..16 forces one, for measuring.
+// programmatic: launch with programmatic dependent launch (the caller checks that the device supports it).
 void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                at::Tensor& out, int64_t warps_per_block, const std::optional<at::Tensor>& norm_weight, double eps,
-               bool gated, const std::optional<at::Tensor>& square_sums,
-               const std::optional<at::Tensor>& square_sums_out, bool programmatic) {
+               bool gated, bool programmatic) {
   TORCH_CHECK_VALUE(x.is_cuda(), "gemv_bf16 runs on CUDA tensors; x is on ", x.device());
   check_matrix(x, "x", x);
   check_matrix(weight, "weight", x);
@@ -97,29 +84,6 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
     check_aligned(w, "norm_weight");
     TORCH_CHECK_VALUE(at::get_overlap_status(out, w) == at::MemOverlapStatus::No, "gemv_bf16: out overlaps norm_weight");
   }
-  // square_sums is read through the non-coherent cache path, square_sums_out written: neither may overlap what
-  // the launch writes or reads.
-  if (square_sums.has_value()) {
-    TORCH_CHECK_VALUE(norm_weight.has_value(), "gemv_bf16: square_sums serve the norm: pass norm_weight too");
-    check_square_sums(*square_sums, "square_sums", x, rows);
-    TORCH_CHECK_VALUE(at::get_overlap_status(*square_sums, out) == at::MemOverlapStatus::No,
-                      "gemv_bf16: out overlaps square_sums");
-  }
-  if (square_sums_out.has_value()) {
-    TORCH_CHECK_VALUE(!gated, "gemv_bf16: a gated product writes no square sums");
-    check_square_sums(*square_sums_out, "square_sums_out", x, rows);
-    TORCH_CHECK_VALUE(square_sums_out->size(1) == static_cast<int64_t>(detail::skinny_gemv_tiles(n, false)),
-                      "gemv_bf16: square_sums_out must have one column per 16 output columns, ",
-                      detail::skinny_gemv_tiles(n, false), ", got ", square_sums_out->size(1));
-    std::vector<at::Tensor> operands{x, weight, out};
-    if (residual.has_value()) operands.push_back(*residual);
-    if (norm_weight.has_value()) operands.push_back(*norm_weight);
-    if (square_sums.has_value()) operands.push_back(*square_sums);
-    for (const at::Tensor& other : operands) {
-      TORCH_CHECK_VALUE(at::get_overlap_status(*square_sums_out, other) == at::MemOverlapStatus::No,
-                        "gemv_bf16: square_sums_out overlaps another operand");
-    }
-  }
   TORCH_CHECK_VALUE(warps_per_block >= 0 && warps_per_block <= kGemvMaxWarps,
                     "gemv_bf16: warps_per_block must be 0 (the default) or 1 to ", kGemvMaxWarps, ", got ",
                     warps_per_block);
@@ -134,9 +98,6 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
       reinterpret_cast<__nv_bfloat16*>(out.mutable_data_ptr()),
       norm_weight.has_value() ? reinterpret_cast<const __nv_bfloat16*>(norm_weight->const_data_ptr()) : nullptr,
       static_cast<float>(eps),
-      square_sums.has_value() ? square_sums->const_data_ptr<float>() : nullptr,
-      square_sums.has_value() ? static_cast<int>(square_sums->size(1)) : 0,
-      square_sums_out.has_value() ? square_sums_out->mutable_data_ptr<float>() : nullptr,
       gated,
       static_cast<int>(rows),
       static_cast<int>(n),

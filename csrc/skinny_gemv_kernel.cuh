@@ -12,13 +12,6 @@
 //   gated: the weight is [2N, K], gate rows then up rows, and out = silu(x W[:N]^T) * (x W[N:]^T) (the SiLU-gated
 //          FFN input). A block's 16 A-operand rows are 8 gate rows and the 8 matching up rows, so every lane holds
 //          the gate and up sums of the same outputs and the gate is applied in the epilogue.
-// Row square sums, for the RMSNorm of the next product that reads this one's output (the residual stream):
-//   square_sums_out (a product without the gate): block b also stores, for each output row m, the sum of the
-//          squares of its 16 rounded outputs (fp32, in column order) at square_sums_out[m * tiles + b];
-//   square_sums (with the norm): the row scales come from those sums, rsqrt(eps + sum_j square_sums[m, j] / K),
-//          every warp summing a row's `sums` values itself (lanes strided, then a butterfly: no barrier, no read of
-//          x for it), instead of from x by one warp a row and a block barrier before the first product. Then no
-//          launch of its own is left to the norm, and no block waits on more than its x and these sums.
 //
 // Shapes served: the language model's decode linears at batch <= 8. Helium K = 4096 -> N = 12288 (qkv), 4096
 // (attention out), 22528 (gate_up), 32000 (text head); K = 11264 -> 4096 (down). Depth transformer K = 1024 ->
@@ -76,9 +69,6 @@ struct SkinnyGemvArgs {
   __nv_bfloat16* out;                // [rows, n] contiguous; overlaps neither x nor the weight
   const __nv_bfloat16* norm_weight;  // [k] contiguous, 16-byte aligned: RMSNorm x first; or null
   float eps;                         // the RMSNorm's epsilon
-  const float* square_sums;          // [rows, sums] contiguous: x's row square sums for the norm's scales; or null
-  int sums;                          // values per row of square_sums
-  float* square_sums_out;            // [rows, tiles] contiguous: this product's row square sums (not gated); or null
   bool gated;                        // out = silu(gate) * up of the weight's two halves
   int rows;                          // 1..kGemvMaxRows
   int n;                             // output columns, at most (INT_MAX - kGemvTileRows) / 2: indices stay 32-bit
@@ -231,18 +221,6 @@ __device__ __forceinline__ void row_rms_scales(const SkinnyGemvArgs& args, float
   }
 }
 
-// The norm's scale of x row `row` from its square sums, computed by the whole warp (every lane gets it): lanes take
-// every 32nd value, then a butterfly, in a fixed order.
-__device__ __forceinline__ float row_scale_from_sums(const SkinnyGemvArgs& args, int row, int lane) {
-  const float* row_sums = args.square_sums + static_cast<int64_t>(row) * args.sums;
-  float sum = 0.f;
-#pragma unroll 8
-  for (int j = lane; j < args.sums; j += 32) sum += __ldg(row_sums + j);
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  return rsqrtf(args.eps + sum / static_cast<float>(args.k));
-}
-
 __device__ __forceinline__ void multiply_step(float (&acc)[4], const StepOperands& operands) {
 #pragma unroll
   for (int u = 0; u < kGemvLoadsPerRow; ++u) {
@@ -276,7 +254,6 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   constexpr int kTileColumns = kGated ? kGemvTileRows / 2 : kGemvTileRows;
   __shared__ float4 warp_partials[kGemvMaxWarps][32];
   __shared__ float row_scales[kGemvMaxRows];
-  __shared__ float output_squares[kGemvMaxRows * kTileColumns];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int warps = blockDim.x / 32;
@@ -310,16 +287,9 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   await_previous_kernel();
   float scale = 1.f;
   if constexpr (kNorm) {
-    if (args.square_sums != nullptr) {
-      for (int m = 0; m < args.rows; ++m) {
-        const float row_scale = row_scale_from_sums(args, m, lane);
-        if (m == x_row) scale = row_scale;
-      }
-    } else {
-      row_rms_scales(args, row_scales, warp, warps, lane);
-      __syncthreads();
-      scale = row_scales[x_row];
-    }
+    row_rms_scales(args, row_scales, warp, warps, lane);
+    __syncthreads();
+    scale = row_scales[x_row];
   }
   for (int step = warp; step < steps; step += warps) {
     const int k0 = step * kGemvStepK;
@@ -341,29 +311,14 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
     const int m = e / kTileColumns;
     const int column_in_tile = e % kTileColumns;
     const int column = tile_column + column_in_tile;
-    float square = 0.f;
-    if (m < args.rows && column < args.n) {
-      const float2 sums = tile_element_sums(warp_partials, warps, m, column_in_tile, kGated);
-      float sum = sums.x;
-      if constexpr (kGated) sum = sum / (1.f + __expf(-sum)) * sums.y;
-      // One thread reads and writes each element, so the residual may be out itself.
-      const int64_t index = static_cast<int64_t>(m) * args.n + column;
-      if (args.residual != nullptr) sum += __bfloat162float(args.residual[index]);
-      const __nv_bfloat16 rounded = __float2bfloat16_rn(sum);
-      args.out[index] = rounded;
-      square = __bfloat162float(rounded) * __bfloat162float(rounded);
-    }
-    output_squares[e] = square;
-  }
-  if constexpr (!kGated) {
-    if (args.square_sums_out != nullptr) {
-      __syncthreads();
-      if (static_cast<int>(threadIdx.x) < args.rows) {
-        float sum = 0.f;
-        for (int c = 0; c < kTileColumns; ++c) sum += output_squares[threadIdx.x * kTileColumns + c];
-        args.square_sums_out[static_cast<int64_t>(threadIdx.x) * gridDim.x + blockIdx.x] = sum;
-      }
-    }
+    if (m >= args.rows || column >= args.n) continue;
+    const float2 sums = tile_element_sums(warp_partials, warps, m, column_in_tile, kGated);
+    float sum = sums.x;
+    if constexpr (kGated) sum = sum / (1.f + __expf(-sum)) * sums.y;
+    // One thread reads and writes each element, so the residual may be out itself.
+    const int64_t index = static_cast<int64_t>(m) * args.n + column;
+    if (args.residual != nullptr) sum += __bfloat162float(args.residual[index]);
+    args.out[index] = __float2bfloat16_rn(sum);
   }
 }
 

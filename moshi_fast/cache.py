@@ -271,9 +271,6 @@ class LMCache:
                       (ops.depth_step, with FastLM.prepare(fused_depth=True))
         workspace     one SplitWorkspace for every split linear and attention of the step, sized for
                       the largest (they run one after another on one stream)
-        square_sums, depth_square_sums
-                      ops.RowSquareSums of Helium's and of the depth transformer's residual streams, which
-                      their RMSNorms read where the CUDA GEMV runs them (ops.linear's square_sums)
     """
 
     def __init__(self, config, batch_size: int, device: torch.device, dtype: torch.dtype,
@@ -289,8 +286,6 @@ class LMCache:
         self.tokens = torch.full((batch_size, config.num_streams, config.max_delay + 2), UNGENERATED,
                                  dtype=torch.long, device=device)
         self._allocate_depth_scratch(batch_size, dtype, device)
-        self.square_sums = ops.RowSquareSums(batch_size, config.dim, device)
-        self.depth_square_sums = ops.RowSquareSums(batch_size, config.depformer_dim, device)
         needs = [need for b in {batch_size, *buckets}
                  for need in self._workspace_needs(config, b, dtype, self.kv.k_pool.dtype)]
         self.workspace = ops.SplitWorkspace(max(n[0] for n in needs), max(n[1] for n in needs), device)

@@ -90,34 +90,18 @@ def _require() -> None:
                            "with `pip install -e .` on a machine with nvcc and a CUDA build of torch.")
 
 
-GEMV_SQUARE_SUM_COLUMNS = 16
-"""Output columns per value of a product's row square sums (`gemv`'s square_sums_out): the GEMV's tile width."""
-
-
-def gemv_square_sums_width(n: int) -> int:
-    """Values per row of the square sums of a product with n output columns: one per GEMV_SQUARE_SUM_COLUMNS."""
-    return -(-n // GEMV_SQUARE_SUM_COLUMNS)
-
-
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
              out: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
-             gated: bool = False, square_sums: torch.Tensor | None = None,
-             square_sums_out: torch.Tensor | None = None) -> torch.Tensor:
+             gated: bool = False) -> torch.Tensor:
     """The spec of `gemv`: act(norm(x) @ weight.T) (+ residual) in fp32 on the given values, rounded once to
     out's dtype (x's by default). x [M, K], weight [N, K] ([2N, K] gated: the gate rows, then the up rows),
     residual [M, N] (may be `out`), out [M, N]. norm (norm_weight [K], eps): x is first replaced by
     x * (norm_weight / sqrt(eps + mean(x^2))) in fp32, rounded to x's dtype (the LM's RMSNorm, as
-    skinny_linear's); with square_sums [M, S] (fp32) mean(x^2) is their row sum / K instead (the sums of x's
-    squares a previous product wrote). gated: out = silu(gate) * up. square_sums_out [M, cdiv(N, 16)] (not gated)
-    receives the rounded output's row square sums, one per 16 columns."""
+    skinny_linear's); gated: out = silu(gate) * up."""
     hidden = x.float()
     if norm is not None:
         norm_weight, eps = norm
-        if square_sums is None:
-            mean_square = torch.mean(hidden ** 2, dim=-1, keepdim=True)
-        else:
-            mean_square = square_sums.float().sum(dim=-1, keepdim=True) / x.shape[-1]
-        scale = torch.rsqrt(eps + mean_square)
+        scale = torch.rsqrt(eps + torch.mean(hidden ** 2, dim=-1, keepdim=True))
         hidden = (hidden * (norm_weight.float() * scale)).to(x.dtype).float()
     y = hidden @ weight.float().T
     if gated:
@@ -125,19 +109,14 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
         y = torch.nn.functional.silu(gate) * up
     if residual is not None:
         y = y + residual.float()
-    result = y.to(x.dtype) if out is None else out.copy_(y)
-    if square_sums_out is not None:
-        squares = result.float() ** 2
-        padded = torch.nn.functional.pad(squares, (0, square_sums_out.shape[-1] * GEMV_SQUARE_SUM_COLUMNS
-                                                   - squares.shape[-1]))
-        square_sums_out.copy_(padded.view(squares.shape[0], -1, GEMV_SQUARE_SUM_COLUMNS).sum(dim=-1))
-    return result
+    if out is None:
+        return y.to(x.dtype)
+    return out.copy_(y)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
          out: torch.Tensor | None = None, warps_per_block: int = 0, *,
-         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
-         square_sums: torch.Tensor | None = None, square_sums_out: torch.Tensor | None = None) -> torch.Tensor:
+         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False) -> torch.Tensor:
     """out = act(norm(x) @ weight.T) (+ residual) by the extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh); the spec is `gemv_ref`.
 
@@ -145,11 +124,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     (may be `out` itself: an in-place out += x @ weight.T), out [M, N] (allocated when None): all bf16,
     contiguous, on one CUDA device; K a multiple of 8. norm (norm_weight [K] bf16, eps): RMSNorm x first, fused
     (each block computes the row scales itself). gated: out = silu(gate) * up of the weight's two halves,
-    fused. square_sums [M, S] fp32 (with norm): the norm's row scales from these sums of x's squares, written by
-    the product that wrote x (its square_sums_out), instead of from x itself. square_sums_out
-    [M, gemv_square_sums_width(N)] fp32 (not gated): receives out's row square sums, each over 16 columns of the
-    rounded output, for the norm of the next product that reads out. fp32 accumulation, rounded once. Launched
-    with programmatic dependent launch where
+    fused. fp32 accumulation, rounded once. Launched with programmatic dependent launch where
     `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read once. Graph-safe with `out`
     given (the launch allocates nothing and does not synchronise). `warps_per_block` (1..16) overrides how
     many warps split each 16-row tile's K (0: the default).
@@ -162,9 +137,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
         columns = weight.shape[0] // 2 if gated else weight.shape[0]
         out = torch.empty(x.shape[0], columns, dtype=x.dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (None, 0.0)
-    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated, square_sums, square_sums_out)
+    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated)
     torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated,
-                                   square_sums, square_sums_out,
                                    pdl(x.device, "gemv", weight.numel() * weight.element_size()))
     return out
 
@@ -363,8 +337,7 @@ def _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, d
             raise ValueError(f"sample_tokens: {name} must be [{batch}], got {list(tensor.shape)}")
 
 
-def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False, square_sums=None,
-                square_sums_out=None) -> None:
+def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False) -> None:
     """The op's argument checks, made here first: on an H200 (torch 2.11) one of the op's own C++ checks
     crashed the process instead of raising (a c10::ValueError thrown before any launch, in a test of bad
     arguments; cause not established), so no invalid call reaches it."""
@@ -418,26 +391,4 @@ def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gat
     if not 0 <= warps_per_block <= MAX_WARPS:
         raise ValueError(f"gemv_bf16: warps_per_block must be 0 (the default) or 1 to {MAX_WARPS}, "
                          f"got {warps_per_block}")
-    if square_sums is not None and norm_weight is None:
-        raise ValueError("gemv_bf16: square_sums serve the norm: pass norm_weight too")
-    if square_sums_out is not None and gated:
-        raise ValueError("gemv_bf16: a gated product writes no square sums")
-    for name, sums, width in (("square_sums", square_sums, None),
-                              ("square_sums_out", square_sums_out, gemv_square_sums_width(n))):
-        if sums is None:
-            continue
-        if sums.device != x.device or sums.dtype != torch.float32:
-            raise TypeError(f"gemv_bf16: {name} must be float32 on x's device {x.device}, got {sums.dtype} on "
-                            f"{sums.device}")
-        if sums.dim() != 2 or sums.shape[0] != rows or sums.shape[1] < 1 or not sums.is_contiguous():
-            raise ValueError(f"gemv_bf16: {name} must be [{rows}, S >= 1] contiguous, got {list(sums.shape)}")
-        if width is not None and sums.shape[1] != width:
-            raise ValueError(f"gemv_bf16: {name} must have one column per 16 output columns, {width}, got "
-                             f"{sums.shape[1]}")
-    if square_sums is not None and spans_overlap(out, square_sums):
-        raise ValueError("gemv_bf16: out overlaps square_sums")
-    if square_sums_out is not None:
-        for name, tensor in {**named, "square_sums": square_sums}.items():
-            if tensor is not None and spans_overlap(square_sums_out, tensor):
-                raise ValueError(f"gemv_bf16: square_sums_out overlaps {name}")
 

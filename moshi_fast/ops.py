@@ -239,7 +239,7 @@ def sample_tokens(logits, temperature, top_k, max_top_k: int, seed, counter, dra
 
 CUDA_GEMV_SHAPES = frozenset({
     (1024, 1024, "plain"), (1024, 2816, "plain"), (4096, 11264, "plain"), (2048, 1024, "plain"),
-    (3072, 1024, "rms"), (5632, 1024, "rms+silu_gate"), (3072, 1024, "rms_sums"), (5632, 1024, "rms_sums+silu_gate"),
+    (3072, 1024, "rms"), (5632, 1024, "rms+silu_gate"),
 })
 """(N, K, fusion) of the bf16 products (M <= 8, no bias) that ops.linear gives the CUDA extension's GEMV, where
 it beat skinny_linear. fusion "plain": no norm or activation (bench/results/2026-11-22_H200_5180938_cuda_gemv.json,
@@ -252,15 +252,12 @@ gate_up, 6.8 vs 9.0 us, at M = 1 (bench/results/2026-12-03_H200_89eec6b_cuda_gem
 shapes neither won clearly). Those runs re-read one weight from L2; with every call's weight cold, as in the frame
 (H100, M = 1, bench/results/2026-12-06_H100_f32632b_gemv_warps_cold.json and ..._481e85f_gemv_down_cold.json), the
 CUDA GEMV still wins at each of these shapes: depth qkv 3.56 vs 8.02, out 1.98 vs 3.83, gate_up 6.10 vs 10.47, down
-3.84 vs 5.63, heads 2.60 vs 4.89 us, Helium's FFN output 31.5 vs 35.0 us. "rms_sums": as in
-CUDA_GEMV_ONE_ROW_SHAPES."""
+3.84 vs 5.63, heads 2.60 vs 4.89 us, Helium's FFN output 31.5 vs 35.0 us."""
 
 
 CUDA_GEMV_ONE_ROW_SHAPES = frozenset({
     (12288, 4096, "plain"), (4096, 4096, "plain"), (22528, 4096, "silu_gate"), (32000, 4096, "plain"),
     (8192, 4096, "plain"),
-    (12288, 4096, "rms_sums"), (22528, 4096, "rms_sums+silu_gate"), (32000, 4096, "rms_sums"),
-    (8192, 4096, "rms_sums"),
 })
 """(N, K, fusion) of Helium's products (qkv, attention out, gate_up, the text head, the depth transformer's input
 projection) that ops.linear gives the CUDA GEMV at one row only, those with an RMSNorm after its own launch
@@ -268,9 +265,7 @@ projection) that ops.linear gives the CUDA GEMV at one row only, those with an R
 frame's GPU span went from 7.214 to 7.062 ms at B = 1 with them on the CUDA GEMV, and from 11.556 to 11.662 ms at
 B = 8 (slower), so only one row takes it. With the RMSNorm fused into the GEMV instead both were slower (B = 1
 7.82 against 7.44 ms of wall time, ..._8a8a391_frame_b1_b8_helium_cuda_gemv.json). Alone, with the weight cold in L2, each of these products was
-faster on the CUDA GEMV than on skinny_linear at 1, 4 and 8 rows (..._8a8a391_gemv_helium_cold.json).
-"rms_sums": the RMSNorm fused with its row scales from the RowSquareSums of the product that wrote x (see there):
-no launch of its own, and no pass over x in the product's blocks."""
+faster on the CUDA GEMV than on skinny_linear at 1, 4 and 8 rows (..._8a8a391_gemv_helium_cold.json)."""
 
 
 def cuda_gemv_serves(n: int, k: int, fusion: str | None, rows: int) -> bool:
@@ -281,67 +276,13 @@ def cuda_gemv_serves(n: int, k: int, fusion: str | None, rows: int) -> bool:
     return (n, k, fusion) in CUDA_GEMV_SHAPES or (rows == 1 and (n, k, fusion) in CUDA_GEMV_ONE_ROW_SHAPES)
 
 
-def _cuda_gemv_fusion(norm, activation, from_sums: bool = False) -> str | None:
-    """The CUDA GEMV's name of a linear's fusion (norm an as_norm Norm or None; from_sums: its scales from square
-    sums), or None where it has none (LayerNorm, GELU)."""
+def _cuda_gemv_fusion(norm, activation) -> str | None:
+    """The CUDA GEMV's name of a linear's fusion (norm an as_norm Norm or None), or None where it has none
+    (LayerNorm, GELU)."""
     if activation not in (None, "silu_gate") or (norm is not None and norm.kind != "rms"):
         return None
-    parts = (["rms_sums" if from_sums else "rms"] if norm else []) + ([activation] if activation else [])
+    parts = (["rms"] if norm else []) + ([activation] if activation else [])
     return "+".join(parts) or "plain"
-
-
-_square_sums_enabled = True
-
-
-@contextlib.contextmanager
-def norms_from_square_sums(enabled: bool = True):
-    """Inside the block (and in CUDA graphs captured inside it), `linear` passes RowSquareSums from the products that
-    write a stream to the RMSNorms that read it (the default), or ignores them (not enabled: each norm computes its
-    scales from x, and no product writes sums). bench_frame.py and bench_lm_step.py time both with --norms-from-x."""
-    global _square_sums_enabled
-    saved, _square_sums_enabled = _square_sums_enabled, enabled
-    try:
-        yield
-    finally:
-        _square_sums_enabled = saved
-
-
-class RowSquareSums:
-    """The row sums of squares of a residual stream x [M, width] (bf16), left by the product that last wrote it, so
-    that the RMSNorm of the next product reading x takes its row scales from them: no launch of its own, no pass
-    over x. Give the same object to `linear` (square_sums=) where the stream is written (a product without norm or
-    activation: it records its output's sums where the CUDA GEMV runs it, and forgets them where it does not) and
-    where it is normed (an "rms" norm: the sums serve only if the last recording was of this very x, and only
-    where the CUDA GEMV runs the product that way, CUDA_GEMV_ONE_ROW_SHAPES' "rms_sums"). Anything else that
-    writes x must call forget(). Graph-safe: the choice is made once, when the calls are captured.
-
-    sums [rows, cdiv(width, 16)] fp32, one value per 16 columns of the stream (cuda_ext.gemv's square_sums_out)."""
-
-    def __init__(self, rows: int, width: int, device: torch.device | str):
-        self.sums = torch.zeros(rows, cuda_ext.gemv_square_sums_width(width), dtype=torch.float32, device=device)
-        self._recorded: tuple | None = None
-
-    @staticmethod
-    def _key(x: torch.Tensor) -> tuple:
-        return x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype
-
-    def forget(self) -> None:
-        """The stream was written without its sums: no norm uses the old ones."""
-        self._recorded = None
-
-    def describe(self, x: torch.Tensor | None) -> None:
-        """The sums now hold x's (None: nothing's)."""
-        self._recorded = None if x is None else self._key(x)
-
-    def describes(self, x: torch.Tensor) -> bool:
-        """Whether the sums are x's rows' (the last product recorded to them wrote x, all of it)."""
-        return self._recorded == self._key(x)
-
-    def rows(self, count: int) -> torch.Tensor:
-        """The first `count` rows of the sums [count, S]."""
-        if count > self.sums.shape[0]:
-            raise ValueError(f"these square sums hold {self.sums.shape[0]} rows, not {count}")
-        return self.sums[:count]
 
 
 SEPARATE_NORM_KINDS = ("rms", "layer")
@@ -374,14 +315,13 @@ def norm_runs_apart(norm) -> bool:
     return norm is not None and _separate_norms and norm.kind in SEPARATE_NORM_KINDS
 
 
-def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out, from_sums: bool = False) -> bool:
-    """norm: an as_norm Norm or None; from_sums: its row scales from square sums."""
+def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
+    """norm: an as_norm Norm or None."""
     if not (_kernels_enabled and x.is_cuda and bias is None):
         return False
     if x.dim() != 2 or weight.dim() != 2:
         return False
-    fusion = _cuda_gemv_fusion(norm, activation, from_sums)
-    if not cuda_gemv_serves(weight.shape[0], weight.shape[1], fusion, x.shape[0]):
+    if not cuda_gemv_serves(weight.shape[0], weight.shape[1], _cuda_gemv_fusion(norm, activation), x.shape[0]):
         return False
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         return False
@@ -392,28 +332,12 @@ def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out, from_sums: 
 
 
 def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, out=None,
-           workspace: SplitWorkspace | None = None, square_sums: RowSquareSums | None = None):
+           workspace: SplitWorkspace | None = None):
     """act(norm(x) @ weight.T + bias) + residual for few rows, weights streamed once
     (kernels/skinny_linear.py; the CUDA extension's GEMV on the CUDA_GEMV_SHAPES, when it is built); x [M, K],
     norm (weight, bias, eps) for LayerNorm or ("rms", weight, eps), activation None, "gelu" or "silu_gate"
-    (weight [2N, K]), residual may be `out`. square_sums: the RowSquareSums of the residual stream that this product
-    writes (no norm, no activation) or RMSNorms (x), see there; the result is the same with or without them."""
+    (weight [2N, K]), residual may be `out`."""
     parsed = as_norm(norm)
-    if not _square_sums_enabled:
-        square_sums = None
-    if square_sums is not None and parsed is not None:
-        if (square_sums.describes(x) and parsed.kind == "rms"
-                and _use_cuda_gemv(x, weight, bias, parsed, activation, residual, out, from_sums=True)):
-            return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps),
-                                 gated=activation == "silu_gate", square_sums=square_sums.rows(x.shape[0]))
-        return linear(x, weight, bias=bias, norm=norm, activation=activation, residual=residual, out=out,
-                      workspace=workspace)
-    if square_sums is not None and activation is None:
-        recorded = _use_cuda_gemv(x, weight, bias, parsed, activation, residual, out)
-        result = (cuda_ext.gemv(x, weight, residual, out, square_sums_out=square_sums.rows(x.shape[0]))
-                  if recorded else linear(x, weight, bias=bias, residual=residual, out=out, workspace=workspace))
-        square_sums.describe(result if recorded else None)
-        return result
     if _use_cuda_gemv(x, weight, bias, parsed, activation, residual, out):
         return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps) if parsed else None,
                              gated=activation == "silu_gate")
@@ -460,11 +384,10 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
     return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated)
 
 
-__all__ = ["RowSquareSums", "SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size",
-           "conv_transpose1d_stream", "conv_transpose1d_stream_workspace_size", "cuda_depth_step",
-           "cuda_extension_available", "cuda_gemv_serves", "cuda_sampling", "delay_line_in", "delay_line_out",
-           "depth_attention", "depth_step", "depth_step_scratch", "embed_sum", "gemv_cuda", "linear",
-           "linear_workspace_size", "norm_rows", "norms_from_square_sums", "pack_conv_transpose_weight",
+__all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
+           "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_gemv_serves",
+           "cuda_sampling", "delay_line_in", "delay_line_out", "depth_attention", "depth_step", "depth_step_scratch",
+           "embed_sum", "gemv_cuda", "linear", "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight",
            "paged_attention", "paged_attention_workspace_size", "programmatic_launch", "ring_attention",
            "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens",
            "norm_runs_apart", "separate_norms", "settle_weights", "uses_cuda_depth_step"]

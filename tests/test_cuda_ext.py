@@ -151,68 +151,6 @@ def test_reference_fusions_are_skinny_linears_spec():
         assert torch.equal(got, expected), (norm is not None, gated)
 
 
-def test_reference_square_sums():
-    """gemv_ref's square_sums_out: the rounded output's squares summed over each 16 columns (the last tile
-    partial); its square_sums: the norm's mean square from their row sum, the same norm as from x itself."""
-    x, weight = torch.randn(2, 48).bfloat16(), (torch.randn(40, 48) / 7).bfloat16()
-    sums = torch.full((2, 3), float("nan"))
-    out = cuda_ext.gemv_ref(x, weight, square_sums_out=sums)
-    squares = out.double() ** 2
-    expected = torch.stack([squares[:, :16].sum(-1), squares[:, 16:32].sum(-1), squares[:, 32:].sum(-1)], -1)
-    assert torch.allclose(sums.double(), expected, rtol=1e-6)
-    gamma = (1 + 0.3 * torch.randn(48)).bfloat16()
-    x_sums = (x.double() ** 2).view(2, 3, 16).sum(-1).float()
-    from_sums = cuda_ext.gemv_ref(x, weight, norm=(gamma, 1e-8), square_sums=x_sums)
-    assert rel_err(from_sums, cuda_ext.gemv_ref(x, weight, norm=(gamma, 1e-8))) < 1e-2
-
-
-@pytest.fixture
-def cpu_gemv_calls(monkeypatch):
-    """ops.linear on the CPU as where the CUDA GEMV runs every product, with gemv_ref in its place; the list of
-    each call's keyword arguments."""
-    calls = []
-    monkeypatch.setattr(ops, "_use_cuda_gemv", lambda *args, **kwargs: True)
-    monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: calls.append(kw) or cuda_ext.gemv_ref(*a, **kw))
-    return calls
-
-
-def test_linear_passes_a_streams_square_sums_from_its_writer_to_its_norm(cpu_gemv_calls):
-    """A product that writes the stream records its row square sums; the next RMSNorm'd product of that stream
-    takes its scales from them, with the result of the norm from x; after forget(), or after a write that recorded
-    nothing, the norm reads x again."""
-    dim, rows = 48, 2
-    sums = ops.RowSquareSums(4, dim, "cpu")
-    x = torch.randn(rows, dim).bfloat16()
-    hidden = torch.randn(rows, 32).bfloat16()
-    w_out, w_qkv = (torch.randn(dim, 32) / 6).bfloat16(), (torch.randn(72, dim) / 7).bfloat16()
-    gamma = (1 + 0.3 * torch.randn(dim)).bfloat16()
-    norm = ("rms", gamma, 1e-8)
-    ops.linear(hidden, w_out, residual=x, out=x, square_sums=sums)
-    assert sums.describes(x) and not sums.describes(x[:1])
-    assert torch.allclose(sums.rows(rows).double(), (x.double() ** 2).view(rows, 3, 16).sum(-1), rtol=1e-6)
-    got = ops.linear(x, w_qkv, norm=norm, square_sums=sums)
-    assert cpu_gemv_calls[-1]["square_sums"].shape == (rows, 3)
-    assert rel_err(got, cuda_ext.gemv_ref(x, w_qkv, norm=(gamma, 1e-8))) < 1e-2
-    sums.forget()
-    ops.linear(x, w_qkv, norm=norm, square_sums=sums)
-    assert "square_sums" not in cpu_gemv_calls[-1]
-    with pytest.raises(ValueError, match="hold 4 rows, not 5"):
-        sums.rows(5)
-
-
-def test_a_write_without_square_sums_makes_the_norm_read_x(monkeypatch):
-    """Where the writing product does not run on the CUDA GEMV it records nothing, and the stream's old sums are
-    forgotten: the norm then computes its scales from x (here on the CPU reference)."""
-    sums = ops.RowSquareSums(1, 32, "cpu")
-    x = torch.randn(1, 32)
-    sums.describe(x)
-    ops.linear(torch.randn(1, 16), torch.randn(32, 16), residual=x, out=x, square_sums=sums)
-    assert not sums.describes(x)
-    weight, gamma = torch.randn(8, 32), 1 + 0.3 * torch.randn(32)
-    got = ops.linear(x, weight, norm=("rms", gamma, 1e-8), square_sums=sums)
-    assert torch.equal(got, ops.linear(x, weight, norm=("rms", gamma, 1e-8)))
-
-
 @pytest.fixture(scope="module")
 def extension():
     """The extension on the GPU machine, where its tests fail, rather than skip, when it cannot load."""
@@ -288,67 +226,6 @@ def test_fused_gemv_matches_reference(extension, m, n, k, fusion):
     got = ops.gemv_cuda(x, weight, res, out, norm=norm, gated=gated)
     assert got is out
     assert_rounded_once(out, exact)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n, k", ODD_SHAPES + [(_LM.dim, _LM.dim), (_LM.dim, _LM.hidden)],
-                         ids=[_shape_id(shape) for shape in ODD_SHAPES + [(_LM.dim, _LM.dim), (_LM.dim, _LM.hidden)]])
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_gemv_writes_its_outputs_square_sums(extension, m, n, k):
-    """square_sums_out: the squares of the rounded outputs (the residual added in place) summed per 16 columns."""
-    x, weight, res, out = operands(m, n, k, "out")
-    exact = exact_of(x, weight, res)
-    sums = torch.full((m, cuda_ext.gemv_square_sums_width(n)), float("nan"), device="cuda")
-    cuda_ext.gemv(x, weight, res, out, square_sums_out=sums)
-    assert_rounded_once(out, exact)
-    squares = torch.nn.functional.pad(out.double() ** 2, (0, 16 * sums.shape[1] - n))
-    assert torch.allclose(sums.double(), squares.view(m, -1, 16).sum(-1), rtol=1e-5, atol=1e-30)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("gated", [False, True], ids=["rms", "rms+gated"])
-@pytest.mark.parametrize("n, k", FUSED_SHAPES, ids=[_shape_id(shape) for shape in FUSED_SHAPES])
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_gemv_norm_from_square_sums(extension, m, n, k, gated):
-    """The RMSNorm's scales from a previous product's square sums of x (any number of them a row): the fused
-    product's result."""
-    x, weight, _, out = operands(m, n, k, None)
-    x = x * torch.logspace(-1, 1, m, device="cuda")[:, None].bfloat16()
-    gamma = (1 + 0.5 * torch.randn(k, device="cuda")).bfloat16()
-    if gated:
-        out = out[:, :n // 2].contiguous()
-    width = cuda_ext.gemv_square_sums_width(k)
-    squares = torch.nn.functional.pad(x.double() ** 2, (0, 16 * width - k))
-    sums = squares.view(m, width, 16).sum(-1).float()
-    exact = exact_fused(x, weight, (gamma, 1e-8), gated, None)
-    cuda_ext.gemv(x, weight, None, out, norm=(gamma, 1e-8), gated=gated, square_sums=sums)
-    assert_rounded_once(out, exact)
-    assert rel_err(out, cuda_ext.gemv_ref(x, weight, norm=(gamma, 1e-8), gated=gated, square_sums=sums)) < 1e-2
-
-
-@pytest.mark.gpu
-def test_linear_takes_helium_norms_from_the_square_sums_at_one_row(extension, monkeypatch):
-    """At one row, Helium's attention output product leaves the stream's square sums, and the next products'
-    RMSNorms (gate_up, then the text head) take their scales from them: the CUDA GEMV with square_sums, no
-    norm_rows launch, the result of norm_rows and the plain product."""
-    calls = []
-    real_gemv = cuda_ext.gemv
-    monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: calls.append(sorted(kw)) or real_gemv(*a, **kw))
-    dim = _LM.dim
-    sums = ops.RowSquareSums(1, dim, "cuda")
-    x = torch.randn(1, dim, device="cuda").bfloat16()
-    attended = torch.randn(1, dim, device="cuda").bfloat16()
-    w_out = (torch.randn(dim, dim, device="cuda") / dim ** 0.5).bfloat16()
-    gamma = (1 + 0.5 * torch.randn(dim, device="cuda")).bfloat16()
-    ops.linear(attended, w_out, residual=x, out=x, square_sums=sums)
-    assert sums.describes(x)
-    for rows, activation in ((2 * _LM.hidden, "silu_gate"), (_LM.text_card, None)):
-        weight = (torch.randn(rows, dim, device="cuda") / dim ** 0.5).bfloat16()
-        got = ops.linear(x, weight, norm=("rms", gamma, 1e-8), activation=activation, square_sums=sums)
-        expected = cuda_ext.gemv(ops.norm_rows(x, ("rms", gamma, 1e-8)), weight, gated=activation is not None)
-        assert rel_err(got, expected) < 1e-2
-    assert calls[0] == ["square_sums_out"]
-    assert all("square_sums" in kw and "norm" in kw for kw in calls[1:3])
 
 
 @pytest.mark.gpu
@@ -508,17 +385,6 @@ def _bad_calls():
                                      gated=True), ValueError, "even number of rows", id="gated-odd-rows"),
         pytest.param(lambda ok: dict(ok, gated=True), ValueError, r"out must have shape \[3, 20\]",
                      id="gated-out-width"),
-        pytest.param(lambda ok: dict(ok, square_sums=ok["x"].new_ones(3, 4).float()), ValueError,
-                     "pass norm_weight too", id="square-sums-without-norm"),
-        pytest.param(lambda ok: dict(ok, weight=ok["weight"][:20].contiguous(), out=ok["out"][:, :10].contiguous(),
-                                     gated=True, square_sums_out=ok["x"].new_zeros(3, 1).float()), ValueError,
-                     "gated product writes no square sums", id="gated-square-sums-out"),
-        pytest.param(lambda ok: dict(ok, square_sums_out=ok["x"].new_zeros(3, 2).float()), ValueError,
-                     "one column per 16 output columns, 3", id="square-sums-out-width"),
-        pytest.param(lambda ok: dict(ok, square_sums_out=ok["x"].new_zeros(3, 3)), TypeError,
-                     "square_sums_out must be float32", id="square-sums-out-bf16"),
-        pytest.param(lambda ok: dict(ok, norm=(ok["x"].new_ones(64), 1e-5), square_sums=ok["x"].new_ones(2, 4).float()),
-                     ValueError, r"square_sums must be \[3, S >= 1\]", id="square-sums-rows"),
     ]
 
 

@@ -195,21 +195,18 @@ def test_real_config_teacher_forced_fp32(batch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 2])
-def test_real_config_bf16_as_faithful_as_the_bf16_reference(batch):
+def test_real_config_bf16_as_faithful_as_the_bf16_reference():
     """In bf16 with random weights the reference itself lands ~2% from its fp32 result (rounding through
     38 layers), so two bf16 implementations cannot agree to 1e-2. The bound that means something: the
     fast bf16 step is no farther from the exact (fp32) model than the bf16 reference is, frame by frame
-    over 200 teacher-forced frames, and picks the exact model's token wherever its margin is clear. At one
-    row Helium's products run on the CUDA GEMV with their RMSNorms' scales from the square sums (ops.RowSquareSums),
-    at two the depth transformer's only."""
+    over 200 teacher-forced frames, and picks the exact model's token wherever its margin is clear."""
     device = torch.device("cuda")
     exact = build(moshiko().lm, torch.float32, device)
     lm16 = build(moshiko().lm, torch.bfloat16, device)
     lm16.load_state_dict({k: v.to(torch.bfloat16) for k, v in exact.state_dict().items()})
     lm16.prepare()
     logits = _teacher_forced_run({"exact": (exact, False), "reference": (lm16, False), "fast": (lm16, True)},
-                                 batch=batch, frames=200, device=device)
+                                 batch=2, frames=200, device=device)
     fast_errors, reference_errors, checked, equal = [], [], 0, 0
     for truth, ref, fast in zip(logits["exact"], logits["reference"], logits["fast"]):
         fast_errors.append(max(rel_err(f, e) for f, e in zip(fast, truth)))
@@ -220,7 +217,7 @@ def test_real_config_bf16_as_faithful_as_the_bf16_reference(batch):
     fast_errors, reference_errors = torch.tensor(fast_errors), torch.tensor(reference_errors)
     versus = max(rel_err(f, r) for fast, ref in zip(logits["fast"], logits["reference"])
                  for f, r in zip(fast, ref))
-    print(f"\nbf16, B={batch}, 200 frames: logits rel err to fp32, fast mean {fast_errors.mean():.2e} "
+    print(f"\nbf16, 200 frames: logits rel err to fp32, fast mean {fast_errors.mean():.2e} "
           f"max {fast_errors.max():.2e}, bf16 reference mean {reference_errors.mean():.2e} "
           f"max {reference_errors.max():.2e}; fast vs bf16 reference max {versus:.2e}; "
           f"argmax equal to fp32 at {equal}/{checked} clear-margin positions")

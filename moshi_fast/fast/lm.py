@@ -89,26 +89,23 @@ class FastLM(LM):
     def helium(self, tokens: torch.Tensor, cache: LMCache) -> torch.Tensor:
         """tokens [B, n_q + 1] (audio streams, then text) -> the residual stream after the last layer
         [B, dim]; writes each running slot's keys and values at its position (not advanced here)."""
-        c, kv, workspace, sums = self.config, cache.kv, cache.workspace, cache.square_sums
+        c, kv, workspace = self.config, cache.kv, cache.workspace
         x = ops.embed_sum(tokens, self.embed_table, self.embed_offsets)
-        # Each product that writes x leaves its row square sums for the next RMSNorm of x (ops.RowSquareSums).
-        sums.forget()
         for i, layer in enumerate(self.layers):
-            qkv = ops.linear(x, layer.qkv, norm=("rms", layer.norm1.weight, c.norm_eps), workspace=workspace,
-                             square_sums=sums)
+            qkv = ops.linear(x, layer.qkv, norm=("rms", layer.norm1.weight, c.norm_eps), workspace=workspace)
             k_pool, v_pool = kv.layer(i)
             attended = ops.paged_attention(qkv, k_pool, v_pool, kv.page_table, kv.positions, kv.exec_mask,
                                            c.context, c.max_period, workspace=workspace)
-            ops.linear(attended, layer.out, residual=x, out=x, workspace=workspace, square_sums=sums)
+            ops.linear(attended, layer.out, residual=x, out=x, workspace=workspace)
             hidden = ops.linear(x, layer.gate_up, norm=("rms", layer.norm2.weight, c.norm_eps),
-                                activation="silu_gate", workspace=workspace, square_sums=sums)
-            ops.linear(hidden, layer.down, residual=x, out=x, workspace=workspace, square_sums=sums)
+                                activation="silu_gate", workspace=workspace)
+            ops.linear(hidden, layer.down, residual=x, out=x, workspace=workspace)
         return x
 
     def text_logits(self, x: torch.Tensor, cache: LMCache) -> torch.Tensor:
-        """The residual stream [B, dim] (helium's) -> text logits [B, text_card] (out_norm fused)."""
+        """The residual stream [B, dim] -> text logits [B, text_card] (out_norm fused)."""
         return ops.linear(x, self.text_head, norm=("rms", self.out_norm.weight, self.config.norm_eps),
-                          workspace=cache.workspace, square_sums=cache.square_sums)
+                          workspace=cache.workspace)
 
     def depth_inputs(self, x: torch.Tensor, cache: LMCache) -> torch.Tensor:
         """The residual stream [B, dim] -> in_proj[k](out_norm(x)) for every codebook k, [dep_q, B, depformer_dim]:
@@ -116,7 +113,7 @@ class FastLM(LM):
         for B > 1; none at B = 1)."""
         c = self.config
         projected = ops.linear(x, self.depth_in_proj, norm=("rms", self.out_norm.weight, c.norm_eps),
-                               workspace=cache.workspace, square_sums=cache.square_sums)
+                               workspace=cache.workspace)
         return projected.view(-1, c.dep_q, c.depformer_dim).transpose(0, 1).contiguous()
 
     def depth_step(self, step: int, x: torch.Tensor, previous: torch.Tensor, cache: LMCache,
@@ -133,16 +130,13 @@ class FastLM(LM):
             return ops.depth_step(*operands, c.norm_eps, logits_out, cache.depth_scratch, cuda=cuda)
         ops.embed_sum(previous[:, None], self.depth_embed_table, self.depth_embed_offsets[step:step + 1], out=x,
                       accumulate=True)
-        sums = cache.depth_square_sums
-        sums.forget()
         for i, layer in enumerate(d.layers):
-            qkv = ops.linear(x, layer.qkv[step], norm=("rms", layer.norm1.weight, c.norm_eps), workspace=workspace,
-                             square_sums=sums)
+            qkv = ops.linear(x, layer.qkv[step], norm=("rms", layer.norm1.weight, c.norm_eps), workspace=workspace)
             attended = ops.depth_attention(qkv, cache.depth_k[i], cache.depth_v[i], step)
-            ops.linear(attended, layer.out[step], residual=x, out=x, workspace=workspace, square_sums=sums)
+            ops.linear(attended, layer.out[step], residual=x, out=x, workspace=workspace)
             hidden = ops.linear(x, layer.gate_up[step], norm=("rms", layer.norm2.weight, c.norm_eps),
-                                activation="silu_gate", workspace=workspace, square_sums=sums)
-            ops.linear(hidden, layer.down[step], residual=x, out=x, workspace=workspace, square_sums=sums)
+                                activation="silu_gate", workspace=workspace)
+            ops.linear(hidden, layer.down[step], residual=x, out=x, workspace=workspace)
         return ops.linear(x, d.heads[step], out=logits_out, workspace=workspace)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from moshi_fast import ops
 from moshi_fast.engine import KV_CACHE_DTYPES
-from moshi_fast.kernels import depth_attention
+from moshi_fast.kernels import conv1d_stream, depth_attention
 
 CALLS_PER_ROUND = 50
 """pytest-benchmark's own statistics are per round of this many back-to-back calls."""
@@ -140,6 +140,14 @@ def with_helium_cuda_gemv(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def with_conv_tensor_cores(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with every conv of the codec on the tensor-core tiles, the few-column ones too
+    (kernels.conv1d_stream.FMA_MAX_COLUMNS 0, the previous default; graphs captured inside keep it), timed beside
+    the default in the same run."""
+    with _attribute(conv1d_stream, "FMA_MAX_COLUMNS", 0):
+        return fn(*args, **kwargs)
+
+
 def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with the depth attention letting the next kernel start only after its wait
     (kernels.depth_attention.START_NEXT_EARLY False, the previous default; graphs captured inside keep it), timed
@@ -167,6 +175,9 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--fused-norms", action="store_true",
                         help=f"also time {subject} with every RMSNorm fused into its linear, at every batch "
                              "(fast_fused_norms), same run")
+    parser.add_argument("--conv-tensor-cores", action="store_true",
+                        help=f"also time {subject} with the codec's few-column convs on the tensor-core tiles "
+                             "(fast_conv_tensor_cores), same run")
     parser.add_argument("--late-depth-attention-trigger", action="store_true",
                         help=f"also time {subject} with the depth attention starting the next kernel after its wait "
                              "(fast_late_depth_attention_trigger), same run")
@@ -204,6 +215,8 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
         runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
     if args.fused_norms:
         runs.append(("fast_fused_norms", lambda: with_fused_norms(run, "fast_fused_norms", None)))
+    if args.conv_tensor_cores:
+        runs.append(("fast_conv_tensor_cores", lambda: with_conv_tensor_cores(run, "fast_conv_tensor_cores", None)))
     if args.late_depth_attention_trigger:
         runs.append(("fast_late_depth_attention_trigger",
                      lambda: with_late_depth_attention_trigger(run, "fast_late_depth_attention_trigger", None)))

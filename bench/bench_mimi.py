@@ -22,7 +22,8 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info, timed_calls, with_fused_norms, without_pdl  # noqa: E402
+from bench._harness import (device_info, timed_calls, with_conv_tensor_cores, with_fused_norms,  # noqa: E402
+                            without_pdl)
 from moshi_fast import MimiCodec  # noqa: E402
 from tests.checkpoints import kyutai_mimi  # noqa: E402
 from tests.helpers import speech_like  # noqa: E402
@@ -43,7 +44,8 @@ def _time_codec(encode, decode, chunks, warmup: int) -> tuple[float, float, list
 
 
 def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 4,
-                compare_pdl: bool = False, compare_fused_norms: bool = False) -> dict:
+                compare_pdl: bool = False, compare_fused_norms: bool = False,
+                compare_conv_tensor_cores: bool = False) -> dict:
     pcm = speech_like(batch, frames + warmup).cuda()
     chunks = list(pcm.split(1920, dim=-1))
     row = {"batch": batch, "frames": frames}
@@ -64,6 +66,10 @@ def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 
         stream = with_fused_norms(ours.stream, batch)
         row["fast_fused_norms_encode_ms"], row["fast_fused_norms_decode_ms"], _ = _time_codec(
             stream.encode, stream.decode, chunks, warmup)
+    if compare_conv_tensor_cores:
+        stream = with_conv_tensor_cores(ours.stream, batch)
+        row["fast_conv_tensor_cores_encode_ms"], row["fast_conv_tensor_cores_decode_ms"], _ = _time_codec(
+            stream.encode, stream.decode, chunks, warmup)
     row["speedup"] = ((row["kyutai_encode_ms"] + row["kyutai_decode_ms"])
                       / (row["fast_encode_ms"] + row["fast_decode_ms"]))
     return row
@@ -78,6 +84,8 @@ def main(argv=None) -> int:
                         help="also time the fast codec with programmatic dependent launch off, same run")
     parser.add_argument("--fused-norms", action="store_true",
                         help="also time the fast codec with every LayerNorm fused into its linear, same run")
+    parser.add_argument("--conv-tensor-cores", action="store_true",
+                        help="also time the fast codec with its few-column convs on the tensor-core tiles, same run")
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}")
@@ -90,7 +98,7 @@ def main(argv=None) -> int:
     print(f"{'B':>3} {'Kyutai enc':>11} {'dec':>7} {'fast enc':>9} {'dec':>7} {'enc+dec x':>10} {'codes eq':>9}")
     for batch in (int(b) for b in args.batches.split(",")):
         row = bench_batch(kyutai, ours, batch, args.frames, compare_pdl=args.without_pdl,
-                          compare_fused_norms=args.fused_norms)
+                          compare_fused_norms=args.fused_norms, compare_conv_tensor_cores=args.conv_tensor_cores)
         rows.append(row)
         print(f"{batch:>3} {row['kyutai_encode_ms']:>9.3f}ms {row['kyutai_decode_ms']:>5.3f}ms "
               f"{row['fast_encode_ms']:>7.3f}ms {row['fast_decode_ms']:>5.3f}ms {row['speedup']:>9.1f}x "
@@ -101,6 +109,9 @@ def main(argv=None) -> int:
         if args.fused_norms:
             print(f"    every LayerNorm fused into its linear: enc {row['fast_fused_norms_encode_ms']:.3f}ms "
                   f"dec {row['fast_fused_norms_decode_ms']:.3f}ms")
+        if args.conv_tensor_cores:
+            print(f"    few-column convs on the tensor cores: enc {row['fast_conv_tensor_cores_encode_ms']:.3f}ms "
+                  f"dec {row['fast_conv_tensor_cores_decode_ms']:.3f}ms")
     if args.json:
         args.json.write_text(json.dumps({"benchmark": "mimi_frame", **info,
                                          "config": "Mimi real config, random weights, fp32, TF32 convs as default",

@@ -155,6 +155,47 @@ def _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, 
 
 
 @triton.jit
+def _accumulate_fma(acc3, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
+                    x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
+                    STRIDE: tl.constexpr, KERNEL: tl.constexpr, HISTORY: tl.constexpr, ELU_INPUT: tl.constexpr,
+                    REPLICATE: tl.constexpr, BLOCK_R: tl.constexpr, READS_HISTORY: tl.constexpr,
+                    EVEN_R: tl.constexpr):
+    """acc3 [BLOCK_CO, BLOCK_R, BLOCK_N] + the elementwise products W[offs_co, r] act(V[r, columns]) of every r
+    in [r_begin, r_end), each at r's offset in its step (summed over that axis by the caller, once). EVEN_R: the
+    reduction is a multiple of BLOCK_R, so every step is whole and the weight rows load unmasked along it (16-byte
+    loads; at Mimi's shapes it always is)."""
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        ci = offs_r // KERNEL
+        k = offs_r % KERNEL
+        mask_r = offs_r < r_end
+        if EVEN_R:
+            w_mask = mask_co[:, None]
+        else:
+            w_mask = mask_co[:, None] & mask_r[None, :]
+        w = tl.load(w_ptr + offs_co[:, None] * stride_wo + offs_r[None, :], mask=w_mask, other=0.0)
+        valid = mask_n[None, :] & mask_r[:, None]
+        x_rows = ci * stride_xc + (k - HISTORY) * stride_xt
+        if READS_HISTORY:
+            j = (step * STRIDE)[None, :] + (k - HISTORY)[:, None]
+            from_x = j >= 0
+            v = tl.load(x_ptr + x_rows[:, None] + x_columns[None, :], mask=valid & from_x, other=0.0)
+            h = tl.load(state_ptr + (ci * stride_sc + k)[:, None] + history_columns[None, :],
+                        mask=valid & (j < 0), other=0.0)
+            if REPLICATE:
+                x0 = tl.load(x_ptr + (ci * stride_xc)[:, None] + (slot * stride_xb)[None, :],
+                             mask=valid & (j < 0), other=0.0)
+                h = tl.where(first[None, :], x0, h)
+            v = tl.where(from_x, v, h)
+        else:
+            v = tl.load(x_ptr + x_rows[:, None] + x_columns[None, :], mask=valid, other=0.0)
+        if ELU_INPUT:
+            v = tl.where(v > 0, v, tl.exp(v) - 1.0)
+        acc3 += w[:, :, None] * v[None, :, :]
+    return acc3
+
+
+@triton.jit
 def _conv1d_stream_kernel(
     x_ptr, state_ptr, frame_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, partials_ptr, counters_ptr,
     BATCH, C_IN, C_OUT, T_IN, T_OUT, CHUNK,
@@ -167,7 +208,7 @@ def _conv1d_stream_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ELU_INPUT: tl.constexpr, REPLICATE: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
     TILES_WITHIN_SLOTS: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+    DOT: tl.constexpr, EVEN_R: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     pid_n = tl.program_id(0)
@@ -205,7 +246,18 @@ def _conv1d_stream_kernel(
         reads_history = True
         if TILES_WITHIN_SLOTS:
             reads_history = ((pid_n * BLOCK_N) % T_OUT) * STRIDE < HISTORY
-    if reads_history:
+    if not DOT:
+        acc3 = tl.zeros((BLOCK_CO, BLOCK_R, BLOCK_N), dtype=tl.float32)
+        if reads_history:
+            acc3 = _accumulate_fma(acc3, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step,
+                                   first, x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc,
+                                   stride_wo, STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, True, EVEN_R)
+        else:
+            acc3 = _accumulate_fma(acc3, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step,
+                                   first, x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc,
+                                   stride_wo, STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, False, EVEN_R)
+        acc = tl.sum(acc3, axis=1)
+    elif reads_history:
         acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
                           x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
                           STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, True)
@@ -249,15 +301,17 @@ def _conv1d_stream_kernel(
 
 
 class ConvTiles(NamedTuple):
-    """A launch plan: [block_co x block_n] output tiles, block_r reduction rows per dot, the reduction
-    split over `split` programs per tile, and Triton's num_warps / num_stages. Block sizes are powers
-    of two >= 16 (tl.dot); `split` is rounded to what whole block_r steps allow."""
+    """A launch plan: [block_co x block_n] output tiles, block_r reduction rows per step, the reduction
+    split over `split` programs per tile, Triton's num_warps / num_stages, and whether the steps' products
+    run on the tensor cores (dot) or as fp32 FMAs. Block sizes are powers of two, >= 16 with dot (tl.dot),
+    >= 2 without; `split` is rounded to what whole block_r steps allow."""
     block_co: int
     block_n: int
     block_r: int
     split: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    dot: bool = True
 
 
 class _Grid(NamedTuple):
@@ -274,13 +328,15 @@ class _Grid(NamedTuple):
         return self.co_tiles * self.n_tiles * self.tiles.split * tile, self.co_tiles * self.n_tiles
 
 
-def _is_block(n: int) -> bool:
-    return n >= 16 and n & (n - 1) == 0
+def _is_block(n: int, smallest: int = 16) -> bool:
+    return n >= smallest and n & (n - 1) == 0
 
 
 def _grid(tiles: ConvTiles, batch: int, c_in: int, c_out: int, kernel: int, stride: int, t_in: int) -> _Grid:
-    if not (_is_block(tiles.block_co) and _is_block(tiles.block_n) and _is_block(tiles.block_r)):
-        raise ValueError(f"block sizes must be powers of two >= 16: {tiles}")
+    smallest = 16 if tiles.dot else 2
+    if not all(_is_block(size, smallest) for size in (tiles.block_co, tiles.block_n, tiles.block_r)):
+        raise ValueError(f"block sizes must be powers of two >= {smallest}{' (tl.dot)' if tiles.dot else ''}: "
+                         f"{tiles}")
     if tiles.split < 1 or tiles.num_warps < 1 or tiles.num_stages < 1:
         raise ValueError(f"split, num_warps and num_stages must be positive: {tiles}")
     steps = triton.cdiv(c_in * kernel, tiles.block_r)
@@ -294,10 +350,47 @@ def _grid(tiles: ConvTiles, batch: int, c_in: int, c_out: int, kernel: int, stri
 _TARGET_PROGRAMS = 256
 _MIN_STEPS_PER_SPLIT = 4
 _MAX_SPLIT = 16
+FMA_MAX_COLUMNS = 4
+"""Output columns (B T_out) up to which a conv takes the FMA plan (_fma_plan): the codec's 25 and 12.5 Hz convs at
+one conversation (T_out 2 and 1)."""
+_FMA_TARGET_PROGRAMS = 512
+_FMA_MIN_STEPS_PER_SPLIT = 2
+
+
+def _fma_plan(batch: int, c_in: int, c_out: int, kernel: int, stride: int, t_in: int) -> ConvTiles:
+    """The plan of a conv with at most FMA_MAX_COLUMNS output columns: a weight-streaming GEMV more than a GEMM.
+    Under Nsight Compute (H100, bench/results/2026-12-06_H100_65d15fd_ncu_convs_samplers_b1.json) the tf32x3 tile
+    plans of these shapes ran one or two warps a scheduler at 140-193 registers, issuing an instruction every 4.6
+    cycles, L1/TEX 57-70% busy and DRAM 8-30%: a 16-column tl.dot tile of which 2 columns are used, split into
+    three tf32 passes, is many instructions per weight byte. Here one column tile holds every column (2 or 4),
+    the products are fp32 FMAs (exact fp32 products, as tf32x3 approximates), and the weight streams in
+    [16 x 128] tiles (8 KB, 512-byte rows; narrower steps where they divide the reduction and 128 does not) over
+    about _FMA_TARGET_PROGRAMS programs of 4 warps: channel tiles of
+    16 and the reduction split while each split keeps _FMA_MIN_STEPS_PER_SPLIT steps, so that several small
+    programs per SM keep weight loads in flight where one program's loop waits for its own."""
+    columns = batch * (t_in // stride)
+    reduction = c_in * kernel
+    # The widest step up to 128 that divides the reduction (whole steps load unmasked), else a masked one.
+    dividing = [size for size in (128, 64, 32, 16) if reduction % size == 0]
+    block_r = dividing[0] if dividing else min(128, next_pow2(reduction, minimum=2))
+    block_co = min(16, next_pow2(c_out, minimum=2))
+    block_n = next_pow2(columns, minimum=2)
+    steps = triton.cdiv(reduction, block_r)
+    co_tiles = triton.cdiv(c_out, block_co)
+    split = max(1, min(_MAX_SPLIT, steps // _FMA_MIN_STEPS_PER_SPLIT, triton.cdiv(_FMA_TARGET_PROGRAMS, co_tiles)))
+    tiles = ConvTiles(block_co, block_n, block_r, split, num_warps=4, num_stages=3, dot=False)
+    return _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
 
 
 def _plan(batch: int, c_in: int, c_out: int, kernel: int, stride: int, t_in: int) -> ConvTiles:
-    """The default tiles for a shape: the measured plan where kernels/tuned.py has one, else these
+    """The default tiles for a shape: _fma_plan's at most FMA_MAX_COLUMNS output columns, else _dot_plan's."""
+    if batch * (t_in // stride) <= FMA_MAX_COLUMNS:
+        return _fma_plan(batch, c_in, c_out, kernel, stride, t_in)
+    return _dot_plan(batch, c_in, c_out, kernel, stride, t_in)
+
+
+def _dot_plan(batch: int, c_in: int, c_out: int, kernel: int, stride: int, t_in: int) -> ConvTiles:
+    """The tensor-core tiles for a shape: the measured plan where kernels/tuned.py has one, else these
     heuristics. Start from the widest useful tiles (64 x 64, or smaller when
     C_out or N = B T_out is), then, while the grid has fewer than _TARGET_PROGRAMS programs (about 2
     per SM on an H200's 132, so that each SM has loads in flight from two CTAs), double the program
@@ -382,11 +475,36 @@ def _wide_column_tiles(base: ConvTiles, columns: int) -> list[ConvTiles]:
             for block_n in (128, 256) for stages in (2, 3)]
 
 
+def _fma_candidates(base: ConvTiles, batch: int, c_in: int, c_out: int, kernel: int, stride: int,
+                    t_in: int) -> list[ConvTiles]:
+    """The FMA plan first, then its one-knob neighbours, then the tensor-core plan of the shape (_dot_plan)."""
+    neighbours = [
+        base._replace(split=base.split * 2), base._replace(split=max(1, base.split // 2)),
+        base._replace(block_co=base.block_co // 2), base._replace(block_co=base.block_co * 2),
+        base._replace(block_r=base.block_r // 2), base._replace(block_r=base.block_r * 2),
+        base._replace(num_warps=2), base._replace(num_warps=8), base._replace(num_stages=2),
+        base._replace(num_stages=1),
+    ]
+    candidates = [base]
+    for tiles in neighbours:
+        if (2 <= tiles.block_co <= 64 and 2 <= tiles.block_r <= 512 and 1 <= tiles.split <= 2 * _MAX_SPLIT
+                and tiles.block_co <= 2 * next_pow2(c_out, minimum=2)
+                and tiles.block_r <= 2 * next_pow2(c_in * kernel, minimum=2)):
+            tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
+            if tiles not in candidates:
+                candidates.append(tiles)
+    candidates.append(_dot_plan(batch, c_in, c_out, kernel, stride, t_in))
+    return candidates
+
+
 def conv1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int, stride: int,
                                   t_in: int) -> list[ConvTiles]:
     """The default plan first, then up to 11 neighbours of it (each changes one knob), then, from WIDE_COLUMNS
-    columns on, up to 4 wide column tiles (_wide_column_tiles), for a GPU sweep."""
+    columns on, up to 4 wide column tiles (_wide_column_tiles), for a GPU sweep. An FMA plan (few columns) has its
+    own neighbours and the tensor-core plan (_fma_candidates)."""
     base = _plan(batch, c_in, c_out, kernel, stride, t_in)
+    if not base.dot:
+        return _fma_candidates(base, batch, c_in, c_out, kernel, stride, t_in)
     columns = batch * (t_in // stride)
     widest_co = min(128, next_pow2(c_out))
     widest_n = min(128, next_pow2(columns))
@@ -465,7 +583,9 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
         BLOCK_CO=plan.block_co, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r, SPLIT=plan.split,
         TILES_WITHIN_SLOTS=t_out % plan.block_n == 0,
         BLOCK_HC=min(64, next_pow2(c_in)), BLOCK_H=next_pow2(max(history, 1)),
-        INPUT_PRECISION=dot_precision(), PDL=use_pdl, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        INPUT_PRECISION=dot_precision(), DOT=plan.dot, EVEN_R=(c_in * kernel) % plan.block_r == 0, PDL=use_pdl,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
         launch_pdl=use_pdl,
     )
     return out

@@ -7,13 +7,14 @@ import torch
 
 from bench._harness import add_variant_options, kept_runs, variant_runs
 from moshi_fast import ops
-from moshi_fast.kernels import _utils
+from moshi_fast.kernels import _utils, conv1d_stream
 
 
 def _settings(name, kv_dtype):
     return {"name": name, "kv_dtype": kv_dtype, "cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
             "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
-            "helium_cuda_gemv": (12288, 4096, "plain") in ops.CUDA_GEMV_SHAPES}
+            "helium_cuda_gemv": (12288, 4096, "plain") in ops.CUDA_GEMV_SHAPES,
+            "fma_convs": conv1d_stream.FMA_MAX_COLUMNS > 0}
 
 
 def _runs(argv):
@@ -28,12 +29,12 @@ def test_no_flag_adds_no_run():
 
 def test_each_flag_runs_its_variant_under_its_setting():
     runs = dict(_runs(["--without-pdl", "--helium-cuda-gemv", "--triton-sampling", "--cuda-depth-step",
-                       "--fused-norms", "--kv-cache", "fp8"]))
+                       "--fused-norms", "--conv-tensor-cores", "--kv-cache", "fp8"]))
     assert list(runs) == ["fast_no_pdl", "fast_helium_cuda_gemv", "fast_triton_sampling", "fast_fused_norms",
-                          "fast_kv_fp8", "fast_cuda_depth_step"]
+                          "fast_conv_tensor_cores", "fast_kv_fp8", "fast_cuda_depth_step"]
     defaults = {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
                 "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
-                "helium_cuda_gemv": False}
+                "helium_cuda_gemv": False, "fma_convs": True}
     assert runs["fast_no_pdl"]() == {"name": "fast_no_pdl", "kv_dtype": None, **defaults, "pdl": False}
     assert runs["fast_helium_cuda_gemv"]() == {"name": "fast_helium_cuda_gemv", "kv_dtype": None, **defaults,
                                                "helium_cuda_gemv": True}
@@ -43,10 +44,10 @@ def test_each_flag_runs_its_variant_under_its_setting():
                                               "cuda_depth_step": True}
     assert runs["fast_fused_norms"]() == {"name": "fast_fused_norms", "kv_dtype": None, **defaults,
                                           "separate_norms": False}
+    assert runs["fast_conv_tensor_cores"]() == {"name": "fast_conv_tensor_cores", "kv_dtype": None, **defaults,
+                                                "fma_convs": False}
     assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn, **defaults}
-    assert {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
-            "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
-            "helium_cuda_gemv": (12288, 4096, "plain") in ops.CUDA_GEMV_SHAPES} == defaults
+    assert {key: value for key, value in _settings(None, None).items() if key in defaults} == defaults
 
 
 def _parsed(argv):

@@ -36,6 +36,13 @@ FORCED = [  # batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate
     pytest.param(3, 5, 9, 8, 4, 128, True, False, True, ConvTiles(16, 16, 16, 1), id="strided-history-free-tiles"),
     pytest.param(2, 10, 5, 7, 1, 64, True, True, False, ConvTiles(16, 16, 16, 3), id="history-free-tiles-split3"),
     pytest.param(5, 40, 40, 3, 1, 6, True, True, False, ConvTiles(32, 32, 32, 2), id="wide-tiles-split2"),
+    # The FMA loop (dot=False): narrow tiles, a reduction that is and is not a multiple of block_r, split, the
+    # replicate padding at T_out = 1, tiles within a slot that read no history, a residual.
+    pytest.param(1, 12, 10, 4, 1, 2, True, False, False, ConvTiles(4, 2, 16, 3, dot=False), id="fma-even-split3"),
+    pytest.param(1, 7, 4, 4, 2, 2, False, False, True, ConvTiles(2, 2, 8, 2, dot=False), id="fma-replicate-split2"),
+    pytest.param(2, 5, 9, 3, 1, 2, True, True, False, ConvTiles(8, 4, 4, 1, num_warps=2, dot=False),
+                 id="fma-odd-reduction-residual"),
+    pytest.param(2, 5, 6, 3, 1, 16, True, False, False, ConvTiles(4, 8, 8, 2, dot=False), id="fma-history-free-tiles"),
 ]
 
 
@@ -154,6 +161,20 @@ def test_conv1d_stream_candidate_tiles_match_reference():
         _check_over_frames(*shape, True, True, False, tiles=tiles, workspace=workspace, frames=1)
 
 
+def test_few_columns_take_the_fma_plan_and_its_candidates_include_the_tensor_core_plan():
+    """At most FMA_MAX_COLUMNS output columns (one conversation's 25 Hz convs) the default plan is the FMA loop's;
+    the sweep's candidates are its neighbours and the tensor-core plan, and each matches the reference."""
+    shape = (1, 24, 20, 8, 4, 8)  # batch, c_in, c_out, kernel, stride, t_in: 2 output columns, R = 192
+    base = _plan(*shape)
+    assert not base.dot and base.block_n == 2 and (24 * 8) % base.block_r == 0
+    candidates = conv1d_stream_candidate_tiles(*shape)
+    assert candidates[0] == base and candidates[-1].dot and len(set(candidates)) == len(candidates)
+    assert _plan(3, 24, 20, 8, 4, 8).dot, "6 columns take the tensor-core plan"
+    for tiles in candidates:
+        workspace = SplitWorkspace(*conv1d_stream_workspace_size(*shape, tiles=tiles), "cpu")
+        _check_over_frames(*shape, True, False, False, tiles=tiles, workspace=workspace, frames=2)
+
+
 def test_wide_column_tiles_join_the_candidates_of_many_columns(monkeypatch):
     """From WIDE_COLUMNS columns on the sweep also tries 128- and 256-wide column tiles with 8 warps (here lowered
     to this shape's 12 columns); each runs and matches the reference."""
@@ -186,7 +207,11 @@ def test_conv1d_stream_workspace_size_covers_the_default_plan_at_mimi_shapes():
     for c_in, c_out, kernel, stride, t_in in _mimi_shapes():
         for batch in range(1, 65):
             tiles = _plan(batch, c_in, c_out, kernel, stride, t_in)
-            assert min(tiles.block_co, tiles.block_n, tiles.block_r) >= 16 and tiles.split >= 1
+            few_columns = batch * (t_in // stride) <= conv1d_module.FMA_MAX_COLUMNS
+            assert tiles.dot != few_columns and tiles.split >= 1
+            assert min(tiles.block_co, tiles.block_n, tiles.block_r) >= (16 if tiles.dot else 2)
+            # Mimi's few-column convs stream whole weight steps (16-byte loads).
+            assert tiles.dot or (c_in * kernel) % tiles.block_r == 0
             steps = triton.cdiv(c_in * kernel, tiles.block_r)
             assert (tiles.split - 1) * triton.cdiv(steps, tiles.split) < steps, "no empty split"
             size = conv1d_stream_workspace_size(batch, c_in, c_out, kernel, stride, t_in)

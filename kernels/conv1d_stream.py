@@ -123,16 +123,23 @@ def _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, 
                 x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
                 STRIDE: tl.constexpr, KERNEL: tl.constexpr, HISTORY: tl.constexpr, ELU_INPUT: tl.constexpr,
                 REPLICATE: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                READS_HISTORY: tl.constexpr):
-    """acc + W[offs_co, r_begin:r_end] @ act(V[r_begin:r_end, columns]). READS_HISTORY: some columns read
-    concat(history, x) before x (time j < 0); without it every V element comes from x."""
+                READS_HISTORY: tl.constexpr, DOT: tl.constexpr, EVEN_R: tl.constexpr):
+    """W[offs_co, r_begin:r_end] @ act(V[r_begin:r_end, columns]) added to acc. READS_HISTORY: some columns read
+    concat(history, x) before x (time j < 0); without it every V element comes from x. DOT: acc [BLOCK_CO,
+    BLOCK_N] takes each step's tl.dot (INPUT_PRECISION); else acc [BLOCK_CO, BLOCK_R, BLOCK_N] takes the fp32
+    products elementwise, each at its offset in the step, for the caller to sum over that axis once. EVEN_R (FMA
+    plans whose reduction is a multiple of BLOCK_R): every step is whole, and the weight rows load unmasked along
+    it, in 16-byte pieces."""
     for r0 in range(r_begin, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < r_end
         ci = offs_r // KERNEL
         k = offs_r % KERNEL
-        w = tl.load(w_ptr + offs_co[:, None] * stride_wo + offs_r[None, :],
-                    mask=mask_co[:, None] & mask_r[None, :], other=0.0)
+        if EVEN_R:
+            w_mask = mask_co[:, None]
+        else:
+            w_mask = mask_co[:, None] & mask_r[None, :]
+        w = tl.load(w_ptr + offs_co[:, None] * stride_wo + offs_r[None, :], mask=w_mask, other=0.0)
         valid = mask_r[:, None] & mask_n[None, :]
         x_rows = ci * stride_xc + (k - HISTORY) * stride_xt
         if READS_HISTORY:
@@ -150,49 +157,11 @@ def _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, 
             v = tl.load(x_ptr + x_rows[:, None] + x_columns[None, :], mask=valid, other=0.0)
         if ELU_INPUT:
             v = tl.where(v > 0, v, tl.exp(v) - 1.0)
-        acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
+        if DOT:
+            acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
+        else:
+            acc += w[:, :, None] * v[None, :, :]
     return acc
-
-
-@triton.jit
-def _accumulate_fma(acc3, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
-                    x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
-                    STRIDE: tl.constexpr, KERNEL: tl.constexpr, HISTORY: tl.constexpr, ELU_INPUT: tl.constexpr,
-                    REPLICATE: tl.constexpr, BLOCK_R: tl.constexpr, READS_HISTORY: tl.constexpr,
-                    EVEN_R: tl.constexpr):
-    """acc3 [BLOCK_CO, BLOCK_R, BLOCK_N] + the elementwise products W[offs_co, r] act(V[r, columns]) of every r
-    in [r_begin, r_end), each at r's offset in its step (summed over that axis by the caller, once). EVEN_R: the
-    reduction is a multiple of BLOCK_R, so every step is whole and the weight rows load unmasked along it (16-byte
-    loads; at Mimi's shapes it always is)."""
-    for r0 in range(r_begin, r_end, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        ci = offs_r // KERNEL
-        k = offs_r % KERNEL
-        mask_r = offs_r < r_end
-        if EVEN_R:
-            w_mask = mask_co[:, None]
-        else:
-            w_mask = mask_co[:, None] & mask_r[None, :]
-        w = tl.load(w_ptr + offs_co[:, None] * stride_wo + offs_r[None, :], mask=w_mask, other=0.0)
-        valid = mask_n[None, :] & mask_r[:, None]
-        x_rows = ci * stride_xc + (k - HISTORY) * stride_xt
-        if READS_HISTORY:
-            j = (step * STRIDE)[None, :] + (k - HISTORY)[:, None]
-            from_x = j >= 0
-            v = tl.load(x_ptr + x_rows[:, None] + x_columns[None, :], mask=valid & from_x, other=0.0)
-            h = tl.load(state_ptr + (ci * stride_sc + k)[:, None] + history_columns[None, :],
-                        mask=valid & (j < 0), other=0.0)
-            if REPLICATE:
-                x0 = tl.load(x_ptr + (ci * stride_xc)[:, None] + (slot * stride_xb)[None, :],
-                             mask=valid & (j < 0), other=0.0)
-                h = tl.where(first[None, :], x0, h)
-            v = tl.where(from_x, v, h)
-        else:
-            v = tl.load(x_ptr + x_rows[:, None] + x_columns[None, :], mask=valid, other=0.0)
-        if ELU_INPUT:
-            v = tl.where(v > 0, v, tl.exp(v) - 1.0)
-        acc3 += w[:, :, None] * v[None, :, :]
-    return acc3
 
 
 @triton.jit
@@ -238,7 +207,10 @@ def _conv1d_stream_kernel(
     reduction = C_IN * KERNEL
     r_begin = pid_s * CHUNK
     r_end = tl.minimum(r_begin + CHUNK, reduction)
-    acc = tl.zeros((BLOCK_CO, BLOCK_N), dtype=tl.float32)
+    if DOT:
+        acc = tl.zeros((BLOCK_CO, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_CO, BLOCK_R, BLOCK_N), dtype=tl.float32)
     # A tile inside one slot whose first step reads at time >= 0 of x reads no history: it takes the loop without
     # the per-element history test, second load and select (most tiles of the long-T convs).
     reads_history = False
@@ -246,25 +218,16 @@ def _conv1d_stream_kernel(
         reads_history = True
         if TILES_WITHIN_SLOTS:
             reads_history = ((pid_n * BLOCK_N) % T_OUT) * STRIDE < HISTORY
-    if not DOT:
-        acc3 = tl.zeros((BLOCK_CO, BLOCK_R, BLOCK_N), dtype=tl.float32)
-        if reads_history:
-            acc3 = _accumulate_fma(acc3, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step,
-                                   first, x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc,
-                                   stride_wo, STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, True, EVEN_R)
-        else:
-            acc3 = _accumulate_fma(acc3, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step,
-                                   first, x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc,
-                                   stride_wo, STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, False, EVEN_R)
-        acc = tl.sum(acc3, axis=1)
-    elif reads_history:
+    if reads_history:
         acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
                           x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
-                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, True)
+                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, True, DOT, EVEN_R)
     else:
         acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
                           x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
-                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, False)
+                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, False, DOT, EVEN_R)
+    if not DOT:
+        acc = tl.sum(acc, axis=1)
 
     if SPLIT == 1:
         _finish_tile(acc, offs_co, mask_co, slot, step, mask_n, bias_ptr, res_ptr, out_ptr,
@@ -583,7 +546,8 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
         BLOCK_CO=plan.block_co, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r, SPLIT=plan.split,
         TILES_WITHIN_SLOTS=t_out % plan.block_n == 0,
         BLOCK_HC=min(64, next_pow2(c_in)), BLOCK_H=next_pow2(max(history, 1)),
-        INPUT_PRECISION=dot_precision(), DOT=plan.dot, EVEN_R=(c_in * kernel) % plan.block_r == 0, PDL=use_pdl,
+        INPUT_PRECISION=dot_precision(), DOT=plan.dot, EVEN_R=not plan.dot and (c_in * kernel) % plan.block_r == 0,
+        PDL=use_pdl,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         launch_pdl=use_pdl,

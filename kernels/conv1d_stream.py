@@ -39,7 +39,8 @@ Floor: the bytes are weights + x + out + residual + 2 x history (+ 2 x SPLIT x t
 tiles of partials, L2-resident). Mimi's largest weights are the encoder's last down conv (1024 x 512
 x 16, 33.5 MB fp32) and the decoder's conv_in (14.7 MB); at B = 1 the floor is those weights read
 once at HBM bandwidth (~4 TB/s: 8 us and 3.7 us). The dots are fp32 operands with tf32x3
-(_utils.dot_precision).
+(_utils.dot_precision). At most FMA_MAX_COLUMNS output columns (the 25 and 12.5 Hz convs of one
+conversation) the products are fp32 FMAs instead, a weight-streaming loop (_fma_plan).
 """
 from __future__ import annotations
 

@@ -140,7 +140,8 @@ def _profile(batch: int, frames: int, warmup: int, context: int, pdl: bool, cuda
         by_name[(k["phase"], k["name"])]["us"] += k["us"]
         by_name[(k["phase"], k["name"])]["end_steps_us"] += k["end_step_us"]
     return {"batch": batch, "context": context, "frames": frames, "pdl": pdl, "cuda_sampling": cuda_sampling,
-            "kv_cache": kv_cache or "the LM's dtype", "gpu_span_us": statistics.median(frame_spans), "kernels_per_frame": len(kernels),
+            "kv_cache": kv_cache or "the LM's dtype", "gpu_span_us": statistics.median(frame_spans),
+            "kernels_per_frame": len(kernels),
             "by_phase": dict(by_phase),
             "by_kernel": [{"phase": p, "name": n, **v} for (p, n), v in by_name.items()], "kernels": kernels}
 

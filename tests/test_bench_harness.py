@@ -95,3 +95,14 @@ def test_host_split_divides_each_frame_around_the_runners_step():
 
     split = _host_split([(1.0, 1.010), (2.0, 2.020)], [(None, None, 1.001, 1.003), (None, None, 2.002, 2.005)])
     assert split == {"before_runner_ms": [1.0, 2.0], "runner_launch_ms": [2.0, 3.0], "after_runner_ms": [7.0, 15.0]}
+
+
+@pytest.mark.gpu
+def test_timed_calls_record_each_calls_gpu_span_within_its_wall_time():
+    from bench._harness import timed_calls
+
+    x = torch.ones(1 << 22, device="cuda")
+    spans = []
+    times = timed_calls(lambda scale: x.mul_(scale), [1.0, 2.0, 0.5], spans)
+    assert len(spans) == len(times) == 3
+    assert all(0 < span <= wall for span, wall in zip(spans, times))

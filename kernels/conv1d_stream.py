@@ -439,6 +439,19 @@ def _wide_column_tiles(base: ConvTiles, columns: int) -> list[ConvTiles]:
             for block_n in (128, 256) for stages in (2, 3)]
 
 
+def _with_neighbours(base: ConvTiles, neighbours: list[ConvTiles], fits, batch: int, c_in: int, c_out: int,
+                     kernel: int, stride: int, t_in: int) -> list[ConvTiles]:
+    """base, then each neighbour that `fits` (a predicate on the tiles), its split rounded by _grid, without
+    repeats."""
+    candidates = [base]
+    for tiles in neighbours:
+        if fits(tiles):
+            tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
+            if tiles not in candidates:
+                candidates.append(tiles)
+    return candidates
+
+
 def _fma_candidates(base: ConvTiles, batch: int, c_in: int, c_out: int, kernel: int, stride: int,
                     t_in: int) -> list[ConvTiles]:
     """The FMA plan first, then its one-knob neighbours, then the tensor-core plan of the shape (_dot_plan)."""
@@ -449,16 +462,13 @@ def _fma_candidates(base: ConvTiles, batch: int, c_in: int, c_out: int, kernel: 
         base._replace(num_warps=2), base._replace(num_warps=8), base._replace(num_stages=2),
         base._replace(num_stages=1),
     ]
-    candidates = [base]
-    for tiles in neighbours:
-        if (2 <= tiles.block_co <= 64 and 2 <= tiles.block_r <= 512 and 1 <= tiles.split <= 2 * _MAX_SPLIT
-                and tiles.block_co <= 2 * next_pow2(c_out, minimum=2)
-                and tiles.block_r <= 2 * next_pow2(c_in * kernel, minimum=2)):
-            tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
-            if tiles not in candidates:
-                candidates.append(tiles)
-    candidates.append(_dot_plan(batch, c_in, c_out, kernel, stride, t_in))
-    return candidates
+    def fits(tiles: ConvTiles) -> bool:
+        return (2 <= tiles.block_co <= min(64, 2 * next_pow2(c_out, minimum=2))
+                and 2 <= tiles.block_r <= min(512, 2 * next_pow2(c_in * kernel, minimum=2))
+                and 1 <= tiles.split <= 2 * _MAX_SPLIT)
+
+    candidates = _with_neighbours(base, neighbours, fits, batch, c_in, c_out, kernel, stride, t_in)
+    return candidates + [_dot_plan(batch, c_in, c_out, kernel, stride, t_in)]
 
 
 def conv1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int, stride: int,
@@ -481,14 +491,11 @@ def conv1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int
         base._replace(num_warps=2), base._replace(num_stages=2), base._replace(num_warps=8),
         base._replace(num_stages=4),
     ]
-    candidates = [base]
-    for tiles in neighbours:
-        if (16 <= tiles.block_co <= widest_co and 16 <= tiles.block_n <= widest_n and 16 <= tiles.block_r <= widest_r
-                and 1 <= tiles.split <= 2 * _MAX_SPLIT):
-            tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
-            if tiles not in candidates:
-                candidates.append(tiles)
-    candidates = candidates[:12]
+    def fits(tiles: ConvTiles) -> bool:
+        return (16 <= tiles.block_co <= widest_co and 16 <= tiles.block_n <= widest_n
+                and 16 <= tiles.block_r <= widest_r and 1 <= tiles.split <= 2 * _MAX_SPLIT)
+
+    candidates = _with_neighbours(base, neighbours, fits, batch, c_in, c_out, kernel, stride, t_in)[:12]
     for tiles in _wide_column_tiles(base, columns):
         tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
         if tiles not in candidates:

@@ -13,7 +13,7 @@ import torch
 
 from moshi_fast import ops
 from moshi_fast.engine import KV_CACHE_DTYPES
-from moshi_fast.kernels import conv1d_stream, depth_attention
+from moshi_fast.kernels import conv1d_stream, conv_transpose1d_stream, depth_attention
 
 CALLS_PER_ROUND = 50
 """pytest-benchmark's own statistics are per round of this many back-to-back calls."""
@@ -142,9 +142,9 @@ def with_helium_cuda_gemv(fn: Callable[..., object], *args, **kwargs):
 
 def with_conv_tensor_cores(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with every conv of the codec on the tensor-core tiles, the few-column ones too
-    (kernels.conv1d_stream.FMA_MAX_COLUMNS 0, the previous default; graphs captured inside keep it), timed beside
-    the default in the same run."""
-    with _attribute(conv1d_stream, "FMA_MAX_COLUMNS", 0):
+    (FMA_MAX_COLUMNS 0 in kernels.conv1d_stream and kernels.conv_transpose1d_stream, the previous default; graphs
+    captured inside keep it), timed beside the default in the same run."""
+    with _attribute(conv1d_stream, "FMA_MAX_COLUMNS", 0), _attribute(conv_transpose1d_stream, "FMA_MAX_COLUMNS", 0):
         return fn(*args, **kwargs)
 
 

@@ -73,14 +73,16 @@ MAX_SPLIT = 16
 
 class ConvTransposeTiles(NamedTuple):
     """One launch configuration. block_m: rows ((channel, phase) pairs), block_n: columns ((slot, step)
-    pairs), block_ci: input channels per reduction step (dense only); all powers of two >= 16 (tl.dot).
-    split: programs sharing one output tile's reduction (1 = no split-K; depthwise always 1)."""
+    pairs), block_ci: input channels per reduction step (dense only); all powers of two, >= 16 with dot (tl.dot),
+    >= 2 without. split: programs sharing one output tile's reduction (1 = no split-K; depthwise always 1).
+    dot: the dense products on the tensor cores; else fp32 FMAs (few columns, _fma_plan)."""
     block_m: int
     block_n: int
     block_ci: int
     split: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    dot: bool = True
 
 
 def conv_transpose1d_stream_ref(x, partial, frame, weight, bias, stride, groups=1, elu_input=False, out=None):
@@ -175,7 +177,37 @@ def _plan(g: _Geometry, block_m: int | None = None, block_n: int | None = None) 
     return ConvTransposeTiles(block_m, block_n, block_ci, split, num_warps, num_stages)
 
 
+FMA_MAX_COLUMNS = 4
+"""Columns (B (T + TAPS - 1)) up to which a dense transposed conv takes the FMA plan (_fma_plan): the decoder's
+first upsampling conv at one conversation (3 columns)."""
+_FMA_TARGET_PROGRAMS = 512
+_FMA_MIN_CHUNKS_PER_SPLIT = 2
+
+
+def _fma_plan(g: _Geometry) -> ConvTransposeTiles:
+    """The plan of a dense transposed conv with at most FMA_MAX_COLUMNS columns, a weight-streaming GEMV more than a
+    GEMM, as conv1d_stream's _fma_plan: the weight in [16 rows x up to 128 channels] fp32 tiles with 16-byte loads,
+    fp32 FMAs over the few columns, about _FMA_TARGET_PROGRAMS programs of 4 warps (the split while each keeps
+    _FMA_MIN_CHUNKS_PER_SPLIT chunks)."""
+    block_m = min(16, next_pow2(g.rows, minimum=2))
+    block_n = next_pow2(g.cols, minimum=2)
+    dividing = [size for size in (128, 64, 32, 16) if g.c_in % size == 0]
+    block_ci = dividing[0] if dividing else min(128, next_pow2(g.c_in, minimum=2))
+    tiles = _tile_count(g, block_m, block_n)
+    chunks = _chunks(g, block_ci)
+    wanted = min(MAX_SPLIT, triton.cdiv(_FMA_TARGET_PROGRAMS, tiles), max(1, chunks // _FMA_MIN_CHUNKS_PER_SPLIT))
+    return ConvTransposeTiles(block_m, block_n, block_ci, _balanced_split(chunks, wanted), dot=False)
+
+
 def _default_plan(batch, c_in, c_out, kernel, stride, t_in, groups) -> ConvTransposeTiles:
+    """_fma_plan's for a dense transposed conv with at most FMA_MAX_COLUMNS columns, else _dot_default_plan's."""
+    g = _geometry(batch, c_in, c_out, kernel, stride, t_in, groups)
+    if not g.depthwise and g.cols <= FMA_MAX_COLUMNS:
+        return _fma_plan(g)
+    return _dot_default_plan(batch, c_in, c_out, kernel, stride, t_in, groups)
+
+
+def _dot_default_plan(batch, c_in, c_out, kernel, stride, t_in, groups) -> ConvTransposeTiles:
     """The measured plan where kernels/tuned.py has one for this shape and batch, else _plan's."""
     measured = tuned_tiles("convtr", shape_key(c_in, c_out, kernel, stride, t_in, groups), batch)
     if measured is not None:
@@ -204,6 +236,8 @@ def conv_transpose1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, k
     reduction step halved and doubled, half and twice the warps, one pipeline stage less and more."""
     g = _geometry(batch, c_in, c_out, kernel, stride, t_in, groups)
     base = _default_plan(batch, c_in, c_out, kernel, stride, t_in, groups)
+    if not base.dot:
+        return _fma_candidates(g, base, _dot_default_plan(batch, c_in, c_out, kernel, stride, t_in, groups))
     variants = [
         _plan(g, block_m=base.block_m // 2, block_n=base.block_n),
         _plan(g, block_m=base.block_m * 2, block_n=base.block_n),
@@ -233,12 +267,36 @@ def conv_transpose1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, k
     return candidates
 
 
+def _fma_candidates(g: _Geometry, base: ConvTransposeTiles, dot_plan: ConvTransposeTiles) -> list[ConvTransposeTiles]:
+    """Up to 12 tilings around an FMA plan (which is not among them): its one-knob neighbours, then the tensor-core
+    plan of the shape."""
+    chunks = _chunks(g, base.block_ci)
+    variants = [
+        base._replace(block_m=base.block_m // 2), base._replace(block_m=base.block_m * 2),
+        base._replace(split=_balanced_split(chunks, 2 * base.split)),
+        base._replace(split=_balanced_split(chunks, max(1, base.split // 2))),
+        base._replace(block_ci=base.block_ci // 2, split=_balanced_split(_chunks(g, base.block_ci // 2), base.split)),
+        base._replace(block_ci=base.block_ci * 2, split=_balanced_split(_chunks(g, base.block_ci * 2), base.split)),
+        base._replace(num_warps=2), base._replace(num_warps=8), base._replace(num_stages=2), dot_plan,
+    ]
+    candidates = []
+    for tiles in variants:
+        fits = (tiles.block_m <= 2 * next_pow2(g.rows, minimum=2)
+                and tiles.block_ci <= 2 * next_pow2(g.c_in, minimum=2))
+        if tiles != base and tiles not in candidates and fits and _tiles_error(g, tiles) is None:
+            candidates.append(tiles)
+    return candidates
+
+
 def _tiles_error(g: _Geometry, tiles: ConvTransposeTiles) -> str | None:
     """Why `tiles` cannot run at this geometry, or None."""
+    smallest = 16 if tiles.dot else 2
     for name in ("block_m", "block_n", "block_ci"):
         size = getattr(tiles, name)
-        if size < 16 or size & (size - 1):
-            return f"{name} must be a power of two >= 16, got {size}"
+        if size < smallest or size & (size - 1):
+            return f"{name} must be a power of two >= {smallest}, got {size}"
+    if not tiles.dot and g.depthwise:
+        return "depthwise transposed convs have no reduction to run on FMAs: dot must stay True"
     if tiles.split < 1 or (g.depthwise and tiles.split != 1):
         return f"split must be >= 1, and 1 for depthwise convs; got {tiles.split}"
     if tiles.num_warps < 1 or tiles.num_warps & (tiles.num_warps - 1) or tiles.num_stages < 1:
@@ -284,7 +342,7 @@ def _conv_transpose1d_stream_kernel(
     STRIDE: tl.constexpr, TAPS: tl.constexpr, DEPTHWISE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ELU_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CI: tl.constexpr, SPLIT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT: tl.constexpr, EVEN_CI: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     # Column tiles vary fastest, so the programs that share a weight tile run together and the weight
@@ -316,18 +374,31 @@ def _conv_transpose1d_stream_kernel(
         # time step (cache hits), and a split program's x reads stay within its own channel range.
         chunks = tl.cdiv(C_IN, BLOCK_CI) * TAPS
         per_split = tl.cdiv(chunks, SPLIT)
+        if not DOT:
+            # The FMA loop's products accumulate per channel offset, summed over that axis once after the loop.
+            acc = tl.zeros((BLOCK_M, BLOCK_CI, BLOCK_N), dtype=tl.float32)
         for chunk in range(pid_k * per_split, tl.minimum(chunks, (pid_k + 1) * per_split)):
             tap = chunk % TAPS
             offs_ci = (chunk // TAPS) * BLOCK_CI + tl.arange(0, BLOCK_CI)
             mask_ci = offs_ci < C_IN
             valid = mask_n & (step >= tap) & (step - tap < T_IN)
-            w = tl.load(w_ptr + tap * stride_wtap + offs_m[:, None] * stride_wrow + offs_ci[None, :],
-                        mask=mask_m[:, None] & mask_ci[None, :], other=0.0)
+            # EVEN_CI (FMA plans with C_in a multiple of BLOCK_CI): whole chunks, rows loaded in 16-byte pieces.
+            if EVEN_CI:
+                w_mask = mask_m[:, None]
+            else:
+                w_mask = mask_m[:, None] & mask_ci[None, :]
+            w = tl.load(w_ptr + tap * stride_wtap + offs_m[:, None] * stride_wrow + offs_ci[None, :], mask=w_mask,
+                        other=0.0)
             v = tl.load(x_column[None, :] + offs_ci[:, None] * stride_xc - tap * stride_xt,
                         mask=mask_ci[:, None] & valid[None, :], other=0.0)
             if ELU_INPUT:
                 v = tl.where(v > 0, v, tl.exp(v) - 1.0)
-            acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
+            if DOT:
+                acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
+            else:
+                acc += w[:, :, None] * v[None, :, :]
+        if not DOT:
+            acc = tl.sum(acc, axis=1)
 
     if SPLIT == 1:
         _finish_tile(acc, offs_m, offs_n, mask_m, mask_n, partial_ptr, frame_ptr, bias_ptr, out_ptr, T_IN,
@@ -409,7 +480,7 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
         out.stride(0), out.stride(1), out.stride(2),
         STRIDE=stride, TAPS=g.taps, DEPTHWISE=g.depthwise, HAS_BIAS=bias is not None, ELU_INPUT=elu_input,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_CI=plan.block_ci, SPLIT=plan.split,
-        INPUT_PRECISION=dot_precision(), PDL=use_pdl, num_warps=plan.num_warps, num_stages=plan.num_stages,
-        launch_pdl=use_pdl,
+        INPUT_PRECISION=dot_precision(), DOT=plan.dot, EVEN_CI=not plan.dot and c_in % plan.block_ci == 0,
+        PDL=use_pdl, num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=use_pdl,
     )
     return out

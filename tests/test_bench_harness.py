@@ -7,14 +7,14 @@ import torch
 
 from bench._harness import add_variant_options, kept_runs, variant_runs
 from moshi_fast import ops
-from moshi_fast.kernels import _utils, conv1d_stream
+from moshi_fast.kernels import _utils, conv1d_stream, conv_transpose1d_stream
 
 
 def _settings(name, kv_dtype):
     return {"name": name, "kv_dtype": kv_dtype, "cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
             "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
             "helium_cuda_gemv": (12288, 4096, "plain") in ops.CUDA_GEMV_SHAPES,
-            "fma_convs": conv1d_stream.FMA_MAX_COLUMNS > 0}
+            "fma_convs": conv1d_stream.FMA_MAX_COLUMNS > 0 and conv_transpose1d_stream.FMA_MAX_COLUMNS > 0}
 
 
 def _runs(argv):

@@ -111,6 +111,11 @@ FORCED = [  # (batch, c_in, c_out, kernel, stride, t_in), tiles
     pytest.param((2, 40, 3, 8, 4, 20), ConvTransposeTiles(16, 16, 32, split=4), id="one-chunk-per-split"),
     # 6 chunks over 4 programs: 2 + 2 + 2 + 0, the last program arrives with an empty sum.
     pytest.param((3, 40, 6, 6, 2, 3), ConvTransposeTiles(32, 16, 16, split=4), id="uneven-split"),
+    # The FMA loop (dot=False): narrow tiles, channels that are and are not a multiple of block_ci, split.
+    pytest.param((1, 40, 5, 10, 5, 2), ConvTransposeTiles(8, 4, 8, split=3, dot=False), id="fma-even-split3"),
+    pytest.param((2, 40, 3, 8, 4, 2), ConvTransposeTiles(4, 8, 16, split=2, dot=False), id="fma-partial-chunks"),
+    pytest.param((3, 12, 6, 6, 2, 3), ConvTransposeTiles(16, 2, 4, num_warps=2, dot=False),
+                 id="fma-columns-span-slots"),
 ]
 
 
@@ -233,3 +238,25 @@ def test_plans_at_mimi_shapes(name):
         assert all(_tiles_error(g, tiles) is None for tiles in candidates)
     if groups == 1:
         assert _plan(_geometry(1, c_in, c_out, kernel, stride, t_in, groups)).split > 1
+
+
+def test_few_columns_take_the_fma_plan_and_its_candidates_include_the_tensor_core_plan():
+    """A dense transposed conv with at most FMA_MAX_COLUMNS columns (the decoder's first upsampling at one
+    conversation) takes the FMA loop by default; the sweep's candidates are its neighbours and the tensor-core plan,
+    and each runs and matches the reference."""
+    batch, c_in, c_out, kernel, stride, t_in = 1, 64, 6, 8, 4, 2
+    base = _default_plan(batch, c_in, c_out, kernel, stride, t_in, 1)
+    assert not base.dot and base.block_n == 4 and c_in % base.block_ci == 0
+    assert _default_plan(2, c_in, c_out, kernel, stride, t_in, 1).dot, "6 columns take the tensor-core plan"
+    assert _default_plan(1, 6, 6, 4, 2, 1, 6).dot, "depthwise convs keep their loop"
+    candidates = conv_transpose1d_stream_candidate_tiles(batch, c_in, c_out, kernel, stride, t_in)
+    assert candidates[-1].dot and base not in candidates and len(set(candidates)) == len(candidates)
+    weight, bias = torch.randn(c_in, c_out, kernel), torch.randn(c_out)
+    partial = torch.randn(2, batch, c_out, kernel - stride)
+    x, frame = _frame_inputs(batch, c_in, t_in, 1)
+    expected_state = partial.clone()
+    expected = conv_transpose1d_stream_ref(x, expected_state, frame, weight, bias, stride, elu_input=True)
+    for tiles in [base, *candidates]:
+        state = partial.clone()
+        out = conv_transpose1d_stream(x, state, frame, weight, bias, stride, elu_input=True, tiles=tiles)
+        _assert_frame_matches(out, expected, state, expected_state, frame)

@@ -42,7 +42,11 @@ def test_conv_transpose_plans_are_valid_and_used(shape, batch, plan):
     tiles = convtr.ConvTransposeTiles(**plan)
     geometry = convtr._geometry(batch, c_in, c_out, kernel, stride, t_in, groups)
     assert convtr._tiles_error(geometry, tiles) is None
-    assert convtr._default_plan(batch, c_in, c_out, kernel, stride, t_in, groups) == tiles
+    assert convtr._dot_default_plan(batch, c_in, c_out, kernel, stride, t_in, groups) == tiles
+    if groups > 1 or geometry.cols > convtr.FMA_MAX_COLUMNS:
+        assert convtr._default_plan(batch, c_in, c_out, kernel, stride, t_in, groups) == tiles
+    else:
+        assert not convtr._default_plan(batch, c_in, c_out, kernel, stride, t_in, groups).dot
 
 
 @pytest.mark.parametrize("shape, rows, plan", _cases("linear"))

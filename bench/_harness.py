@@ -148,6 +148,14 @@ def with_conv_tensor_cores(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def with_depth_triton_linears(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the depth transformer's products past 8 rows on skinny_linear, their RMSNorm in a
+    launch of its own (ops.CUDA_GEMV_MANY_ROWS_SHAPES empty, the previous default; graphs captured inside keep it),
+    timed beside the default in the same run."""
+    with _attribute(ops, "CUDA_GEMV_MANY_ROWS_SHAPES", frozenset()):
+        return fn(*args, **kwargs)
+
+
 def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with the depth attention letting the next kernel start only after its wait
     (kernels.depth_attention.START_NEXT_EARLY False, the previous default; graphs captured inside keep it), timed
@@ -178,6 +186,9 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--conv-tensor-cores", action="store_true",
                         help=f"also time {subject} with the codec's few-column convs on the tensor-core tiles "
                              "(fast_conv_tensor_cores), same run")
+    parser.add_argument("--depth-triton-linears", action="store_true",
+                        help=f"also time {subject} with the depth transformer's products past 8 rows on skinny_linear "
+                             "instead of the CUDA GEMV's column groups (fast_depth_triton_linears), same run")
     parser.add_argument("--late-depth-attention-trigger", action="store_true",
                         help=f"also time {subject} with the depth attention starting the next kernel after its wait "
                              "(fast_late_depth_attention_trigger), same run")
@@ -217,6 +228,9 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
         runs.append(("fast_fused_norms", lambda: with_fused_norms(run, "fast_fused_norms", None)))
     if args.conv_tensor_cores:
         runs.append(("fast_conv_tensor_cores", lambda: with_conv_tensor_cores(run, "fast_conv_tensor_cores", None)))
+    if args.depth_triton_linears:
+        runs.append(("fast_depth_triton_linears",
+                     lambda: with_depth_triton_linears(run, "fast_depth_triton_linears", None)))
     if args.late_depth_attention_trigger:
         runs.append(("fast_late_depth_attention_trigger",
                      lambda: with_late_depth_attention_trigger(run, "fast_late_depth_attention_trigger", None)))

@@ -1,7 +1,8 @@
 """The CUDA extension's weight-streaming GEMV (csrc/skinny_gemv_kernel.cuh) beside the Triton skinny_linear
 (default tiles, with a SplitWorkspace, as bench_skinny_linear.py runs it) and cuBLAS (F.linear, or addmm with
-the residual), at the language model's decode linears in bf16 with M = 1, 4 and 8 rows, plain and with the RMSNorm and SiLU
-gate fused as the LM step calls them: the measurement that decides which one ops.linear dispatches to.
+the residual), at the language model's decode linears in bf16 with M = 1, 4 and 8 rows (the depth transformer's also
+at 16, 32 and 64), plain and with the RMSNorm and SiLU gate fused as the LM step calls them: the measurement that
+decides which one ops.linear dispatches to.
 
 Each case times one provider and records its time, GB/s and % of the copy-bandwidth floor, with the cuBLAS
 time of the same run (torch_us); the CUDA cases also record the Triton time (triton_us, speedup_vs_triton).
@@ -49,6 +50,11 @@ SHAPES = {
     "dep gate_up+rms+silu 1024>2x2816": (_LM.depformer_dim, 2 * _LM.depformer_hidden, False, "rms+silu_gate"),
 }
 ROWS = [1, 4, 8]
+MANY_ROWS = [16, 32, 64]
+"""Rows at which the depth transformer's products (the "dep" shapes) are also timed: the CUDA GEMV's column groups
+against skinny_linear, which ops.linear gave them before (ops.CUDA_GEMV_MANY_ROWS_SHAPES)."""
+CASES = [(shape, rows) for shape in SHAPES for rows in ROWS] + [
+    (shape, rows) for shape in SHAPES if shape.startswith("dep") for rows in MANY_ROWS]
 COLD_WEIGHT_BYTES = 200 * 2 ** 20
 """The weight copies a case rotates through fill at least this (four times the L2 of an H100 or H200)."""
 WARPS_PER_BLOCK = [1, 2, 4, 8, 16]
@@ -112,8 +118,7 @@ def _cuda(x, weights, res, out, norm, gated, warps=0):
 
 
 @pytest.mark.parametrize("provider", ["cuda", "triton", "cublas"])
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape, rows", CASES)
 def test_gemv(measure, device, shape, rows, provider):
     x, weights, res, out, moved, norm, gated = _operands(device, shape, rows)
     triton_fn, tiles = _triton(x, weights, res, out, norm, gated)
@@ -133,9 +138,10 @@ def test_gemv(measure, device, shape, rows, provider):
 @pytest.mark.skipif(not os.environ.get("BENCH_CUDA_GEMV_WARPS"),
                     reason="set BENCH_CUDA_GEMV_WARPS=1 to sweep")
 @pytest.mark.parametrize("warps", WARPS_PER_BLOCK)
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape, rows", CASES)
 def test_gemv_warps_per_block(measure, device, shape, rows, warps):
+    if warps > cuda_ext.gemv_max_warps(rows):
+        pytest.skip(f"a block of {rows} rows' column groups takes at most {cuda_ext.gemv_max_warps(rows)} warps")
     x, weights, res, out, moved, norm, gated = _operands(device, shape, rows)
     measure(_cuda(x, weights, res, out, norm, gated, warps), moved, _cublas(x, weights, res, norm, gated),
             op="gemv cuda", shape=f"{shape} warps {warps}", batch=rows, rows=rows, dtype="bfloat16",

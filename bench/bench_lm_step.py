@@ -28,7 +28,8 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._harness import (GPU_FAULTS, add_variant_options, device_info, graph_time, kept_runs,  # noqa: E402
-                            recorded_fault, timed_calls, variant_runs, with_cuda_depth_step, with_triton_sampling)
+                            recorded_fault, timed_calls, variant_runs, with_cuda_depth_step,
+                            with_depth_triton_linears, with_triton_sampling)
 from moshi_fast import ops  # noqa: E402
 from moshi_fast.cache import LMCache  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
@@ -230,6 +231,9 @@ def main(argv=None) -> int:
                     breakdowns.append(("triton_sampling_", lambda *a: with_triton_sampling(fast_breakdown, *a)))
                 if args.cuda_depth_step:
                     breakdowns.append(("cuda_depth_step_", lambda *a: with_cuda_depth_step(fast_breakdown, *a)))
+                if args.depth_triton_linears:
+                    breakdowns.append(("depth_triton_linears_",
+                                       lambda *a: with_depth_triton_linears(fast_breakdown, *a)))
                 for prefix, breakdown in breakdowns:
                     try:
                         parts = breakdown(lm, config, batch, context)

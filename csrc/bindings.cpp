@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(moshi_fast, m) {
-  // out[M, N] = x[M, K] @ weight[N, K]^T (+ residual[M, N], which may be out itself), bf16, M <= 8, fp32
+  // out[M, N] = x[M, K] @ weight[N, K]^T (+ residual[M, N], which may be out itself), bf16, M <= 64, fp32
   // accumulation rounded once (skinny_gemv.cu). warps_per_block: 0 for the default split of K. norm_weight [K]:
   // x is RMSNormed first (with eps); gated: weight is [2N, K] and out = silu(x gate^T) * (x up^T); programmatic:
   // launched with programmatic dependent launch (Hopper and later).

@@ -73,7 +73,7 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
   check_aligned(x, "x");
   const int64_t rows = x.size(0);
   const int64_t dim = x.size(1);
-  TORCH_CHECK_VALUE(rows >= 1 && rows <= kGemvMaxRows, "depth_step_bf16: x must have 1 to ", kGemvMaxRows,
+  TORCH_CHECK_VALUE(rows >= 1 && rows <= kGemvGroupRows, "depth_step_bf16: x must have 1 to ", kGemvGroupRows,
                     " rows, got ", rows);
   TORCH_CHECK_VALUE(dim % kDepthHeadDim == 0 && dim <= kDepthMaxDim, "depth_step_bf16: D must be a multiple of ",
                     kDepthHeadDim, " and at most ", kDepthMaxDim, ", got ", dim);

@@ -337,8 +337,8 @@ __device__ __forceinline__ float sum_of_squares(uint4 piece) {
 // Shared memory besides the slots.
 struct DepthShared {
   float4 partials[kDepthWarps][32];
-  float square_sums[kDepthWarps][kGemvMaxRows];
-  __align__(16) __nv_bfloat16 attention[kGemvMaxRows * kDepthMaxDim];
+  float square_sums[kDepthWarps][kGemvGroupRows];
+  __align__(16) __nv_bfloat16 attention[kGemvGroupRows * kDepthMaxDim];
 };
 
 // The attention of layer `layer` for every (row, head) into out [rows, dim] (shared memory), rounded: 8 threads a
@@ -481,8 +481,8 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
   }
 
   // Thread e finishes row m = e / columns, column tile_column + e % columns of each tile (one element at most: a
-  // tile has kGemvMaxRows x 16 elements).
-  static_assert(kGemvMaxRows * kGemvTileRows <= kDepthThreads, "a thread finishes one element of a tile");
+  // tile has kGemvGroupRows x 16 elements).
+  static_assert(kGemvGroupRows * kGemvTileRows <= kDepthThreads, "a thread finishes one element of a tile");
   const int columns = phase.gated ? kGemvTileRows / 2 : kGemvTileRows;
   const int m = static_cast<int>(threadIdx.x) / columns;
   const bool residual_phase = phase.kind == kOut || phase.kind == kDown;

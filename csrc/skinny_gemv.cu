@@ -84,13 +84,15 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
     check_aligned(w, "norm_weight");
     TORCH_CHECK_VALUE(at::get_overlap_status(out, w) == at::MemOverlapStatus::No, "gemv_bf16: out overlaps norm_weight");
   }
-  TORCH_CHECK_VALUE(warps_per_block >= 0 && warps_per_block <= kGemvMaxWarps,
-                    "gemv_bf16: warps_per_block must be 0 (the default) or 1 to ", kGemvMaxWarps, ", got ",
-                    warps_per_block);
+  const int most_warps = gemv_max_warps(gemv_groups(static_cast<int>(rows)));
+  TORCH_CHECK_VALUE(warps_per_block >= 0 && warps_per_block <= most_warps,
+                    "gemv_bf16: warps_per_block must be 0 (the default) or 1 to ", most_warps, " at ", rows,
+                    " rows, got ", warps_per_block);
 
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const int warps =
-      warps_per_block > 0 ? static_cast<int>(warps_per_block) : skinny_gemv_default_warps(static_cast<int>(k));
+  const int warps = warps_per_block > 0
+                        ? static_cast<int>(warps_per_block)
+                        : skinny_gemv_default_warps(static_cast<int>(k), static_cast<int>(rows));
   const SkinnyGemvArgs args{
       reinterpret_cast<const __nv_bfloat16*>(x.const_data_ptr()),
       reinterpret_cast<const __nv_bfloat16*>(weight.const_data_ptr()),

@@ -1,4 +1,4 @@
-// Weight-streaming GEMV for decode: out[M, N] = x[M, K] @ weight[N, K]^T (+ residual[M, N]), M = 1..8, bf16 in
+// Weight-streaming GEMV for decode: out[M, N] = x[M, K] @ weight[N, K]^T (+ residual[M, N]), M = 1..64, bf16 in
 // and out, fp32 accumulation, rounded once; optionally with the language model's RMSNorm of x fused before the
 // product and its SiLU gate after it. Device code and a launcher on raw pointers and a stream, free of torch (the
 // torch op, with its argument checks, is skinny_gemv.cu).
@@ -15,7 +15,7 @@
 //
 // Shapes served: the language model's decode linears at batch <= 8. Helium K = 4096 -> N = 12288 (qkv), 4096
 // (attention out), 22528 (gate_up), 32000 (text head); K = 11264 -> 4096 (down). Depth transformer K = 1024 ->
-// 3072, 1024, 5632; K = 2816 -> 1024.
+// 3072, 1024, 5632; K = 2816 -> 1024, also at batch 9..64 (column groups, below).
 //
 // Floor: the weight, 2 N K bytes, is read once; x (2 M K), out (2 M N) and the residual (2 M N) are noise beside
 // it at M <= 8. Helium's qkv 100.7 MB, attention out 33.6 MB, gate_up 184.5 MB, down 92.3 MB, text head 262 MB:
@@ -39,6 +39,12 @@
 // Products: mma.m16n8k16 with the weight as the 16 x 16 A operand (16 rows x 16 of K) and x as the 16 x 8 B
 // operand (16 of K x 8 rows of x; columns >= M repeat row M - 1 and are not stored). See load_weight_step for how
 // whole 16-byte loads fill both.
+//
+// Column groups (M > 8): x's rows go in groups of 8, group j being the B operand of rows 8 j .. 8 j + 7, and a
+// warp multiplies each K step's weight, loaded into registers once, with every group in turn (one accumulator a
+// group), so the weight is still streamed once. Each block then reads all of x (M K bf16) through L1: at the depth
+// transformer's K (1024, 2816) and M = 64 that is 128 and 360 KB, shared by the blocks of an SM, against 32 and 90
+// KB of weight a block. Helium's K = 4096 and 11264 would make x's traffic dwarf the weight's: not served.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -52,8 +58,11 @@ namespace moshi_fast {
 
 // Weight rows a block owns: the A operand's 16 rows.
 constexpr int kGemvTileRows = 16;
-// Rows of x at most: the B operand's 8 columns.
-constexpr int kGemvMaxRows = 8;
+// Rows of x in a column group: the B operand's 8 columns.
+constexpr int kGemvGroupRows = 8;
+// Column groups at most, and so rows of x at most.
+constexpr int kGemvMaxGroups = 8;
+constexpr int kGemvMaxRows = kGemvGroupRows * kGemvMaxGroups;
 // 16-byte loads a lane issues per weight row (and of x) before its first product of a step: with 16 rows a warp,
 // 4 KB of weight in flight per warp.
 constexpr int kGemvLoadsPerRow = 4;
@@ -61,6 +70,18 @@ constexpr int kGemvLoadsPerRow = 4;
 constexpr int kGemvStepK = 4 * 8 * kGemvLoadsPerRow;
 // Warps a block may split its tile's K across (the shared-memory partials are sized for it).
 constexpr int kGemvMaxWarps = 16;
+
+// Warps a block of this many column groups may split K across: 16 up to 2 groups, else 8, whose 256 threads may
+// take the up to 178 registers the 4- and 8-group instances use without spilling (512 threads cap a thread at 128),
+// and whose partials [groups][warps][32] float4 stay within 32 KB of static shared memory.
+__host__ __device__ constexpr int gemv_max_warps(int groups) { return groups <= 2 ? kGemvMaxWarps : kGemvMaxWarps / 2; }
+
+// Column groups of a launch: the fewest powers of two covering `rows` (each a template instance).
+inline int gemv_groups(int rows) {
+  int groups = 1;
+  while (groups * kGemvGroupRows < rows) groups *= 2;
+  return groups;
+}
 
 struct SkinnyGemvArgs {
   const __nv_bfloat16* x;            // [rows, k] contiguous, 16-byte aligned
@@ -166,7 +187,7 @@ __device__ __forceinline__ uint4 normalize_piece(uint4 x, uint4 norm_weight, flo
 }
 
 // The step's x pieces and the norm weight's at the same K, loaded together, then x normalised in registers;
-// pieces past K are zero in both.
+// pieces past K are zero in both (one column group).
 __device__ __forceinline__ void load_normalized_x_step(StepOperands& operands, const __nv_bfloat16* x,
                                                        const __nv_bfloat16* norm_weight, float scale, int k0,
                                                        int lane_k, int k) {
@@ -188,6 +209,28 @@ __device__ __forceinline__ void load_normalized_x_step(StepOperands& operands, c
   }
 #pragma unroll
   for (int u = 0; u < kGemvLoadsPerRow; ++u) operands.x[u] = normalize_piece(operands.x[u], weights[u], scale);
+}
+
+// The step's norm weight pieces (at the same K as x's), loaded once for every column group; pieces past K are
+// zero.
+__device__ __forceinline__ void load_norm_weight_step(uint4 (&pieces)[kGemvLoadsPerRow],
+                                                      const __nv_bfloat16* norm_weight, int k0, int lane_k, int k) {
+  if (k0 + kGemvStepK <= k) {
+#pragma unroll
+    for (int u = 0; u < kGemvLoadsPerRow; ++u) pieces[u] = load_x(norm_weight + k0 + 32 * u);
+    return;
+  }
+#pragma unroll
+  for (int u = 0; u < kGemvLoadsPerRow; ++u)
+    pieces[u] = piece_inside(k0, u, lane_k, k) ? load_x(norm_weight + k0 + 32 * u) : make_uint4(0, 0, 0, 0);
+}
+
+// The step's x pieces normalised in registers with the norm weight's pieces at the same K and the row's scale;
+// pieces past K are zero in both, and stay zero.
+__device__ __forceinline__ void normalize_x_step(StepOperands& operands,
+                                                 const uint4 (&norm_pieces)[kGemvLoadsPerRow], float scale) {
+#pragma unroll
+  for (int u = 0; u < kGemvLoadsPerRow; ++u) operands.x[u] = normalize_piece(operands.x[u], norm_pieces[u], scale);
 }
 
 // rsqrt(eps + mean(x^2)) of each x row into scales[rows], a warp a row (rows round robin over the warps), fp32.
@@ -248,12 +291,15 @@ __device__ __forceinline__ float2 tile_element_sums(const float4 (*partials)[32]
   return sums;
 }
 
-template <bool kNorm, bool kGated>
-__global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
+template <bool kNorm, bool kGated, int kGroups>
+__global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
+  static_assert(kGroups >= 1 && kGroups <= kGemvMaxGroups && (kGroups & (kGroups - 1)) == 0,
+                "column groups: a power of two up to kGemvMaxGroups");
   // Output columns a block owns: its 16 weight rows, or (gated) their 8 gate-and-up pairs.
   constexpr int kTileColumns = kGated ? kGemvTileRows / 2 : kGemvTileRows;
-  __shared__ float4 warp_partials[kGemvMaxWarps][32];
-  __shared__ float row_scales[kGemvMaxRows];
+  constexpr int kWarpsMax = gemv_max_warps(kGroups);
+  __shared__ float4 warp_partials[kGroups][kWarpsMax][32];
+  __shared__ float row_scales[kGroups * kGemvGroupRows];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int warps = blockDim.x / 32;
@@ -271,13 +317,21 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
     row_lo = min(tile_column + group, args.n - 1);
     row_hi = min(tile_column + group + 8, args.n - 1);
   }
-  const int x_row = min(group, args.rows - 1);
+  // The lane's x row in column group j is row 8 j + group of x, x_row[j]; its pieces start at x_lane[j].
+  int x_row[kGroups];
+  const __nv_bfloat16* x_lane[kGroups];
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    x_row[j] = min(kGemvGroupRows * j + group, args.rows - 1);
+    x_lane[j] = args.x + static_cast<int64_t>(x_row[j]) * args.k + lane_k;
+  }
   const __nv_bfloat16* weight_lo = args.weight + row_lo * args.k + lane_k;
   const __nv_bfloat16* weight_hi = args.weight + row_hi * args.k + lane_k;
-  const __nv_bfloat16* x = args.x + static_cast<int64_t>(x_row) * args.k + lane_k;
   const __nv_bfloat16* norm_weight = kNorm ? args.norm_weight + lane_k : nullptr;
 
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[kGroups][4];
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   const int steps = (args.k + kGemvStepK - 1) / kGemvStepK;
   StepOperands operands;
   // The first step's weight is requested before the wait: no kernel of a step writes weights, so it can be in flight
@@ -285,34 +339,47 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32) skinny_gemv_bf16_kernel(Sk
   // computes the row scales.
   if (warp < steps) load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
   await_previous_kernel();
-  float scale = 1.f;
+  float scales[kGroups];
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) scales[j] = 1.f;
   if constexpr (kNorm) {
     row_rms_scales(args, row_scales, warp, warps, lane);
     __syncthreads();
-    scale = row_scales[x_row];
+#pragma unroll
+    for (int j = 0; j < kGroups; ++j) scales[j] = row_scales[x_row[j]];
   }
   for (int step = warp; step < steps; step += warps) {
     const int k0 = step * kGemvStepK;
     if (step != warp) load_weight_step(operands, weight_lo, weight_hi, k0, lane_k, args.k);
-    if constexpr (kNorm) {
-      load_normalized_x_step(operands, x, norm_weight, scale, k0, lane_k, args.k);
+    if constexpr (kNorm && kGroups == 1) {
+      load_normalized_x_step(operands, x_lane[0], norm_weight, scales[0], k0, lane_k, args.k);
+      multiply_step(acc[0], operands);
     } else {
-      load_x_step(operands, x, k0, lane_k, args.k);
+      uint4 norm_pieces[kGemvLoadsPerRow];
+      if constexpr (kNorm) load_norm_weight_step(norm_pieces, norm_weight, k0, lane_k, args.k);
+#pragma unroll
+      for (int j = 0; j < kGroups; ++j) {
+        load_x_step(operands, x_lane[j], k0, lane_k, args.k);
+        if constexpr (kNorm) normalize_x_step(operands, norm_pieces, scales[j]);
+        multiply_step(acc[j], operands);
+      }
     }
-    multiply_step(acc, operands);
   }
 
-  warp_partials[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) warp_partials[j][warp][lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
   __syncthreads();
 
   // Thread e finishes out[m = e / kTileColumns, tile_column + e % kTileColumns]: consecutive threads write
   // consecutive columns.
-  for (int e = threadIdx.x; e < kGemvMaxRows * kTileColumns; e += blockDim.x) {
+  for (int e = threadIdx.x; e < kGroups * kGemvGroupRows * kTileColumns; e += blockDim.x) {
     const int m = e / kTileColumns;
     const int column_in_tile = e % kTileColumns;
     const int column = tile_column + column_in_tile;
     if (m >= args.rows || column >= args.n) continue;
-    const float2 sums = tile_element_sums(warp_partials, warps, m, column_in_tile, kGated);
+    const int column_group = kGroups == 1 ? 0 : m / kGemvGroupRows;
+    const float2 sums =
+        tile_element_sums(warp_partials[column_group], warps, m % kGemvGroupRows, column_in_tile, kGated);
     float sum = sums.x;
     if constexpr (kGated) sum = sum / (1.f + __expf(-sum)) * sums.y;
     // One thread reads and writes each element, so the residual may be out itself.
@@ -335,31 +402,47 @@ inline unsigned skinny_gemv_tiles(int n, bool gated) {
 // within 4% of it at every shape the LM runs here; at Helium's FFN output (88 steps, 256 tiles) 16 warps took 31.6
 // us against 36.6 us for 8, although 8 fit three blocks an SM in one wave and 16 take two waves of one block an SM:
 // what counts is the weight in flight per SM.
-inline int skinny_gemv_default_warps(int k) {
+inline int skinny_gemv_default_warps(int k, int rows = 1) {
   const int steps = (k + kGemvStepK - 1) / kGemvStepK;
-  return steps < kGemvMaxWarps ? steps : kGemvMaxWarps;
+  const int most = gemv_max_warps(gemv_groups(rows));
+  return steps < most ? steps : most;
 }
 
 namespace detail {
 
-template <bool kNorm, bool kGated>
+template <bool kNorm, bool kGated, int kGroups>
 cudaError_t launch_instance(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
-  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated>, dim3(skinny_gemv_tiles(args.n, args.gated)),
+  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated, kGroups>, dim3(skinny_gemv_tiles(args.n, args.gated)),
                        dim3(warps * 32), stream, programmatic, args);
+}
+
+template <bool kNorm, bool kGated>
+cudaError_t launch_groups(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
+  switch (gemv_groups(args.rows)) {
+    case 1:
+      return launch_instance<kNorm, kGated, 1>(args, warps, stream, programmatic);
+    case 2:
+      return launch_instance<kNorm, kGated, 2>(args, warps, stream, programmatic);
+    case 4:
+      return launch_instance<kNorm, kGated, 4>(args, warps, stream, programmatic);
+    default:
+      return launch_instance<kNorm, kGated, 8>(args, warps, stream, programmatic);
+  }
 }
 
 }  // namespace detail
 
-// Launches on `stream` (no allocation, no synchronisation: graph-capturable); warps in 1..kGemvMaxWarps.
+// Launches on `stream` (no allocation, no synchronisation: graph-capturable); rows in 1..kGemvMaxRows, warps in
+// 1..gemv_max_warps(gemv_groups(rows)).
 // programmatic: a programmatic dependent launch (Hopper and later), which the kernel's await_previous_kernel makes
 // safe after any kernel.
 inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream,
                                            bool programmatic) {
   const bool norm = args.norm_weight != nullptr;
-  if (norm && args.gated) return detail::launch_instance<true, true>(args, warps, stream, programmatic);
-  if (norm) return detail::launch_instance<true, false>(args, warps, stream, programmatic);
-  if (args.gated) return detail::launch_instance<false, true>(args, warps, stream, programmatic);
-  return detail::launch_instance<false, false>(args, warps, stream, programmatic);
+  if (norm && args.gated) return detail::launch_groups<true, true>(args, warps, stream, programmatic);
+  if (norm) return detail::launch_groups<true, false>(args, warps, stream, programmatic);
+  if (args.gated) return detail::launch_groups<false, true>(args, warps, stream, programmatic);
+  return detail::launch_groups<false, false>(args, warps, stream, programmatic);
 }
 
 }  // namespace moshi_fast

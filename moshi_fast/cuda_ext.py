@@ -120,14 +120,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     """out = act(norm(x) @ weight.T) (+ residual) by the extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh); the spec is `gemv_ref`.
 
-    x [M, K] with M = 1..8, weight [N, K] (nn.Linear's layout; [2N, K] when gated), residual [M, N] or None
+    x [M, K] with M = 1..GEMV_MAX_ROWS (64; past 8 rows, in column groups of 8: see the kernel's doc), weight [N, K] (nn.Linear's layout; [2N, K] when gated), residual [M, N] or None
     (may be `out` itself: an in-place out += x @ weight.T), out [M, N] (allocated when None): all bf16,
     contiguous, on one CUDA device; K a multiple of 8. norm (norm_weight [K] bf16, eps): RMSNorm x first, fused
     (each block computes the row scales itself). gated: out = silu(gate) * up of the weight's two halves,
     fused. fp32 accumulation, rounded once. Launched with programmatic dependent launch where
     `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read once. Graph-safe with `out`
-    given (the launch allocates nothing and does not synchronise). `warps_per_block` (1..16) overrides how
-    many warps split each 16-row tile's K (0: the default).
+    given (the launch allocates nothing and does not synchronise). `warps_per_block` (1..gemv_max_warps(M))
+    overrides how many warps split each 16-row tile's K (0: the default).
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
     from .kernels._utils import pdl
@@ -144,7 +144,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
 
 
 MAX_ROWS = 8
+"""The depth step's batch at most (one column group of the GEMV's mma)."""
+GEMV_GROUP_ROWS = 8
+GEMV_MAX_ROWS = 64
 MAX_WARPS = 16
+
+
+def gemv_max_warps(rows: int) -> int:
+    """The most warps a GEMV block may split K across at this many rows: 16 up to two column groups (16 rows), else
+    8 (whose blocks may take the registers of 4 and 8 column groups), as csrc/skinny_gemv_kernel.cuh's."""
+    return MAX_WARPS if rows <= 2 * GEMV_GROUP_ROWS else MAX_WARPS // 2
+
 SAMPLE_MAX_CANDIDATES = 1024
 """The largest min(max_top_k, V) the extension's sampling kernel serves (its candidate list is in shared memory)."""
 SAMPLE_MAX_VOCAB = 1 << 16
@@ -369,8 +379,8 @@ def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gat
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     if norm_weight is not None and tuple(norm_weight.shape) != (k,):
         raise ValueError(f"gemv_bf16: norm_weight must have shape [{k}], got {list(norm_weight.shape)}")
-    if not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"gemv_bf16: x must have 1 to {MAX_ROWS} rows, got {rows}")
+    if not 1 <= rows <= GEMV_MAX_ROWS:
+        raise ValueError(f"gemv_bf16: x must have 1 to {GEMV_MAX_ROWS} rows, got {rows}")
     if weight.shape[1] != k:
         raise ValueError(f"gemv_bf16: x {list(x.shape)} and weight {list(weight.shape)} do not match along K")
     if k <= 0 or k % 8:
@@ -388,7 +398,7 @@ def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gat
     if residual is not None and spans_overlap(residual, out) and not (
             residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()):
         raise ValueError("gemv_bf16: residual overlaps out without being out itself")
-    if not 0 <= warps_per_block <= MAX_WARPS:
-        raise ValueError(f"gemv_bf16: warps_per_block must be 0 (the default) or 1 to {MAX_WARPS}, "
-                         f"got {warps_per_block}")
+    if not 0 <= warps_per_block <= gemv_max_warps(rows):
+        raise ValueError(f"gemv_bf16: warps_per_block must be 0 (the default) or 1 to {gemv_max_warps(rows)} at "
+                         f"{rows} rows, got {warps_per_block}")
 

@@ -268,11 +268,23 @@ B = 8 (slower), so only one row takes it. With the RMSNorm fused into the GEMV i
 faster on the CUDA GEMV than on skinny_linear at 1, 4 and 8 rows (..._8a8a391_gemv_helium_cold.json)."""
 
 
+CUDA_GEMV_MANY_ROWS_SHAPES = frozenset({
+    (3072, 1024, "rms"), (5632, 1024, "rms+silu_gate"), (1024, 1024, "plain"), (1024, 2816, "plain"),
+    (2048, 1024, "plain"),
+})
+"""(N, K, fusion) of the depth transformer's products that ops.linear gives the CUDA GEMV from 9 to
+cuda_ext.GEMV_MAX_ROWS rows too (its column groups; csrc/skinny_gemv_kernel.cuh), the RMSNorm fused. Up to 8 rows
+CUDA_GEMV_SHAPES decide. The heads take it only where the logits rows are contiguous, which they are not past one
+row (each step writes a column of the audio logits)."""
+
+
 def cuda_gemv_serves(n: int, k: int, fusion: str | None, rows: int) -> bool:
     """Whether `linear` gives the CUDA GEMV the product of `rows` rows with a weight [n, k] and this fusion (see
-    CUDA_GEMV_SHAPES and CUDA_GEMV_ONE_ROW_SHAPES), its operands permitting."""
-    if fusion is None or not 1 <= rows <= 8:
+    CUDA_GEMV_SHAPES, CUDA_GEMV_ONE_ROW_SHAPES and CUDA_GEMV_MANY_ROWS_SHAPES), its operands permitting."""
+    if fusion is None or not 1 <= rows <= cuda_ext.GEMV_MAX_ROWS:
         return False
+    if rows > cuda_ext.GEMV_GROUP_ROWS:
+        return (n, k, fusion) in CUDA_GEMV_MANY_ROWS_SHAPES
     return (n, k, fusion) in CUDA_GEMV_SHAPES or (rows == 1 and (n, k, fusion) in CUDA_GEMV_ONE_ROW_SHAPES)
 
 
@@ -376,7 +388,7 @@ def cuda_extension_available() -> bool:
 
 
 def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
-    """act(norm(x) @ weight.T) + residual for 1..8 bf16 rows by the CUDA extension's weight-streaming GEMV
+    """act(norm(x) @ weight.T) + residual for 1..64 bf16 rows by the CUDA extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh; reference cuda_ext.gemv_ref); x [M, K], weight [N, K] ([2N, K] gated),
     residual may be `out`, norm (norm_weight [K], eps) for a fused RMSNorm, gated for the SiLU gate. Raises
     RuntimeError when the extension is unavailable. `linear` calls it on CUDA_GEMV_SHAPES only;

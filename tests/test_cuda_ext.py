@@ -117,12 +117,16 @@ def test_gemv_cuda_raises_clearly_without_the_extension(without_extension):
 
 
 def test_gemv_serves_its_shapes_and_helium_at_one_row_only():
-    """The dispatch table: the depth transformer's products at 1 to 8 rows, Helium's (after their RMSNorm) at one."""
+    """The dispatch table: the depth transformer's products at 1 to 64 rows, Helium's FFN output at 1 to 8,
+    Helium's others (after their RMSNorm) at one."""
     d, h = _LM.depformer_dim, _LM.depformer_hidden
-    for rows in (1, 5, 8):
+    for rows in (1, 5, 8, 9, 40, 64):
         assert ops.cuda_gemv_serves(3 * d, d, "rms", rows) and ops.cuda_gemv_serves(2 * h, d, "rms+silu_gate", rows)
+        assert ops.cuda_gemv_serves(d, d, "plain", rows) and ops.cuda_gemv_serves(d, h, "plain", rows)
+    for rows in (1, 5, 8):
         assert ops.cuda_gemv_serves(_LM.dim, _LM.hidden, "plain", rows)
-    assert not ops.cuda_gemv_serves(3 * d, d, "rms", 9) and not ops.cuda_gemv_serves(3 * d, d, None, 1)
+    assert not ops.cuda_gemv_serves(_LM.dim, _LM.hidden, "plain", 9)
+    assert not ops.cuda_gemv_serves(3 * d, d, "rms", 65) and not ops.cuda_gemv_serves(3 * d, d, None, 1)
     assert ops.cuda_gemv_serves(3 * _LM.dim, _LM.dim, "plain", 1) and ops.cuda_gemv_serves(
         2 * _LM.hidden, _LM.dim, "silu_gate", 1)
     assert not ops.cuda_gemv_serves(3 * _LM.dim, _LM.dim, "plain", 2)
@@ -177,7 +181,7 @@ def _shape_id(shape):
 @pytest.mark.parametrize("residual", [None, "separate", "out"], ids=["plain", "residual", "residual-is-out"])
 @pytest.mark.parametrize("n, k", ODD_SHAPES + MODEL_SHAPES,
                          ids=[_shape_id(shape) for shape in ODD_SHAPES + MODEL_SHAPES])
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 27, 64])
 def test_gemv_matches_reference(extension, m, n, k, residual):
     x, weight, res, out = operands(m, n, k, residual)
     exact = exact_of(x, weight, res)
@@ -212,7 +216,7 @@ LM's products that carry an RMSNorm (qkv, the text head) or an RMSNorm and the g
 @pytest.mark.gpu
 @pytest.mark.parametrize("fusion", ["rms", "gated", "rms+gated"])
 @pytest.mark.parametrize("n, k", FUSED_SHAPES, ids=[_shape_id(shape) for shape in FUSED_SHAPES])
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 64])
 def test_fused_gemv_matches_reference(extension, m, n, k, fusion):
     x, weight, res, out = operands(m, n, k, "separate" if m == 3 else None)
     # Rows of very different sizes, so that a wrong row's scale shows.
@@ -230,22 +234,23 @@ def test_fused_gemv_matches_reference(extension, m, n, k, fusion):
 
 @pytest.mark.gpu
 def test_linear_dispatches_the_depth_transformers_fused_products(extension, monkeypatch):
-    """ops.linear gives the CUDA GEMV the RMSNorm'd qkv and gated FFN input of the depth transformer, with
-    the results of skinny_linear's spec, and keeps skinny_linear for a LayerNorm."""
+    """ops.linear gives the CUDA GEMV the RMSNorm'd qkv and gated FFN input of the depth transformer, at 2 rows and
+    at 40 (column groups), with the results of skinny_linear's spec, and keeps skinny_linear for a LayerNorm."""
     calls = []
     real_gemv = cuda_ext.gemv
     monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: calls.append(kw) or real_gemv(*a, **kw))
     d, h = _LM.depformer_dim, _LM.depformer_hidden
-    x = torch.randn(2, d, device="cuda").bfloat16()
     gamma = (1 + 0.5 * torch.randn(d, device="cuda")).bfloat16()
-    for rows, activation in ((3 * d, None), (2 * h, "silu_gate")):
-        weight = (torch.randn(rows, d, device="cuda") / d ** 0.5).bfloat16()
-        got = ops.linear(x, weight, norm=("rms", gamma, 1e-8), activation=activation)
-        expected = cuda_ext.gemv_ref(x, weight, norm=(gamma, 1e-8), gated=activation is not None)
-        assert rel_err(got, expected) < 1e-2
-    assert [c["gated"] for c in calls] == [False, True]
+    for batch in (2, 40):
+        x = torch.randn(batch, d, device="cuda").bfloat16()
+        for rows, activation in ((3 * d, None), (2 * h, "silu_gate")):
+            weight = (torch.randn(rows, d, device="cuda") / d ** 0.5).bfloat16()
+            got = ops.linear(x, weight, norm=("rms", gamma, 1e-8), activation=activation)
+            expected = cuda_ext.gemv_ref(x, weight, norm=(gamma, 1e-8), gated=activation is not None)
+            assert rel_err(got, expected) < 1e-2
+    assert [c["gated"] for c in calls] == [False, True, False, True]
     ops.linear(x, weight[:d], norm=(gamma, None, 1e-5))
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 @pytest.mark.gpu
@@ -285,13 +290,18 @@ def test_linear_gives_the_gemv_the_normed_rows_of_a_plain_shape(extension, monke
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", [1, 3, 8, 16])
-def test_forced_warps_per_block(extension, warps):
-    """Any split of K among a block's warps, including more warps than the 9 K steps."""
-    x, weight, res, out = operands(5, 200, 1032, "separate")
+@pytest.mark.parametrize("rows, warps", [(5, 1), (5, 3), (5, 8), (5, 16), (16, 16), (30, 8), (40, 3)])
+def test_forced_warps_per_block(extension, rows, warps):
+    """Any split of K among a block's warps, including more warps than the 9 K steps, up to the most a block of
+    that many column groups takes (16, 8 past 16 rows)."""
+    x, weight, res, out = operands(rows, 200, 1032, "separate")
     exact = exact_of(x, weight, res)
     cuda_ext.gemv(x, weight, res, out, warps_per_block=warps)
     assert_rounded_once(out, exact)
+
+
+def test_gemv_max_warps_follows_the_column_groups():
+    assert [cuda_ext.gemv_max_warps(rows) for rows in (1, 8, 9, 16, 17, 64)] == [16, 16, 16, 16, 8, 8]
 
 
 @pytest.mark.gpu
@@ -348,8 +358,11 @@ def _bad_calls():
         pytest.param(lambda ok: dict(ok, x=ok["x"].float()), TypeError, "x must be bfloat16", id="x-fp32"),
         pytest.param(lambda ok: dict(ok, weight=ok["weight"].half()), TypeError, "weight must be bfloat16",
                      id="weight-fp16"),
-        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(9, 64), out=ok["out"].new_zeros(9, 40)),
-                     ValueError, "1 to 8 rows", id="nine-rows"),
+        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(65, 64), out=ok["out"].new_zeros(65, 40)),
+                     ValueError, "1 to 64 rows", id="65-rows"),
+        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(33, 64), out=ok["out"].new_zeros(33, 40),
+                                     warps_per_block=16),
+                     ValueError, "1 to 8 at 33 rows", id="16-warps-at-33-rows"),
         pytest.param(lambda ok: dict(ok, weight=ok["weight"].new_zeros(40, 72)), ValueError,
                      "do not match along K", id="k-mismatch"),
         pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(3, 60), weight=ok["weight"].new_zeros(40, 60)),

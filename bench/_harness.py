@@ -156,6 +156,16 @@ def with_depth_triton_linears(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def with_depth_gemv_fused_norms(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the depth transformer's RMSNorms past 8 rows fused into the CUDA GEMV's qkv and
+    gate_up products instead of a launch of their own (ops.CUDA_GEMV_MANY_ROWS_SHAPES with the "rms" fusions; graphs
+    captured inside keep it), timed beside the default in the same run."""
+    fused = {(3072, 1024, "plain"): (3072, 1024, "rms"), (5632, 1024, "silu_gate"): (5632, 1024, "rms+silu_gate")}
+    with _attribute(ops, "CUDA_GEMV_MANY_ROWS_SHAPES",
+                    frozenset(fused.get(shape, shape) for shape in ops.CUDA_GEMV_MANY_ROWS_SHAPES)):
+        return fn(*args, **kwargs)
+
+
 def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with the depth attention letting the next kernel start only after its wait
     (kernels.depth_attention.START_NEXT_EARLY False, the previous default; graphs captured inside keep it), timed
@@ -189,6 +199,9 @@ def add_variant_options(parser, subject: str) -> None:
     parser.add_argument("--depth-triton-linears", action="store_true",
                         help=f"also time {subject} with the depth transformer's products past 8 rows on skinny_linear "
                              "instead of the CUDA GEMV's column groups (fast_depth_triton_linears), same run")
+    parser.add_argument("--depth-gemv-fused-norms", action="store_true",
+                        help=f"also time {subject} with the depth transformer's RMSNorms past 8 rows fused into the "
+                             "CUDA GEMV (fast_depth_gemv_fused_norms), same run")
     parser.add_argument("--late-depth-attention-trigger", action="store_true",
                         help=f"also time {subject} with the depth attention starting the next kernel after its wait "
                              "(fast_late_depth_attention_trigger), same run")
@@ -231,6 +244,9 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
     if args.depth_triton_linears:
         runs.append(("fast_depth_triton_linears",
                      lambda: with_depth_triton_linears(run, "fast_depth_triton_linears", None)))
+    if args.depth_gemv_fused_norms:
+        runs.append(("fast_depth_gemv_fused_norms",
+                     lambda: with_depth_gemv_fused_norms(run, "fast_depth_gemv_fused_norms", None)))
     if args.late_depth_attention_trigger:
         runs.append(("fast_late_depth_attention_trigger",
                      lambda: with_late_depth_attention_trigger(run, "fast_late_depth_attention_trigger", None)))

@@ -49,6 +49,7 @@ VARIANT_LABELS = {"fast_no_pdl": "without programmatic dependent launch",
                   "fast_fused_norms": "with every norm fused into its linear",
                   "fast_conv_tensor_cores": "with the codec's few-column convs on the tensor cores",
                   "fast_depth_triton_linears": "with the depth transformer's products past 8 rows on skinny_linear",
+                  "fast_depth_gemv_fused_norms": "with the depth transformer's RMSNorms past 8 rows fused",
                   "fast_late_depth_attention_trigger":
                       "with the depth attention starting the next kernel after its wait"}
 """How the summary names the variants of bench._harness.variant_runs (the KV-cache one is printed with its memory)."""

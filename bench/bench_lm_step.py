@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._harness import (GPU_FAULTS, add_variant_options, device_info, graph_time, kept_runs,  # noqa: E402
                             recorded_fault, timed_calls, variant_runs, with_cuda_depth_step,
-                            with_depth_triton_linears, with_triton_sampling)
+                            with_depth_gemv_fused_norms, with_depth_triton_linears, with_triton_sampling)
 from moshi_fast import ops  # noqa: E402
 from moshi_fast.cache import LMCache  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
@@ -234,6 +234,9 @@ def main(argv=None) -> int:
                 if args.depth_triton_linears:
                     breakdowns.append(("depth_triton_linears_",
                                        lambda *a: with_depth_triton_linears(fast_breakdown, *a)))
+                if args.depth_gemv_fused_norms:
+                    breakdowns.append(("depth_gemv_fused_norms_",
+                                       lambda *a: with_depth_gemv_fused_norms(fast_breakdown, *a)))
                 for prefix, breakdown in breakdowns:
                     try:
                         parts = breakdown(lm, config, batch, context)

@@ -269,13 +269,14 @@ faster on the CUDA GEMV than on skinny_linear at 1, 4 and 8 rows (..._8a8a391_ge
 
 
 CUDA_GEMV_MANY_ROWS_SHAPES = frozenset({
-    (3072, 1024, "rms"), (5632, 1024, "rms+silu_gate"), (1024, 1024, "plain"), (1024, 2816, "plain"),
+    (3072, 1024, "plain"), (5632, 1024, "silu_gate"), (1024, 1024, "plain"), (1024, 2816, "plain"),
     (2048, 1024, "plain"),
 })
 """(N, K, fusion) of the depth transformer's products that ops.linear gives the CUDA GEMV from 9 to
-cuda_ext.GEMV_MAX_ROWS rows too (its column groups; csrc/skinny_gemv_kernel.cuh), the RMSNorm fused. Up to 8 rows
-CUDA_GEMV_SHAPES decide. The heads take it only where the logits rows are contiguous, which they are not past one
-row (each step writes a column of the audio logits)."""
+cuda_ext.GEMV_MAX_ROWS rows too (its column groups; csrc/skinny_gemv_kernel.cuh); up to 8 rows CUDA_GEMV_SHAPES
+decide. The RMSNorms run apart (norm_rows, then the plain or gated product): fused, every block would first read all
+of x's rows for their scales, up to 128 KB a block at 64 rows. The heads take it only where the logits rows are
+contiguous, which they are not past one row (each step writes a column of the audio logits)."""
 
 
 def cuda_gemv_serves(n: int, k: int, fusion: str | None, rows: int) -> bool:

@@ -117,11 +117,15 @@ def test_gemv_cuda_raises_clearly_without_the_extension(without_extension):
 
 
 def test_gemv_serves_its_shapes_and_helium_at_one_row_only():
-    """The dispatch table: the depth transformer's products at 1 to 64 rows, Helium's FFN output at 1 to 8,
-    Helium's others (after their RMSNorm) at one."""
+    """The dispatch table: the depth transformer's products at 1 to 64 rows (past 8 after their RMSNorm), Helium's
+    FFN output at 1 to 8, Helium's others (after their RMSNorm) at one."""
     d, h = _LM.depformer_dim, _LM.depformer_hidden
-    for rows in (1, 5, 8, 9, 40, 64):
+    for rows in (1, 5, 8):
         assert ops.cuda_gemv_serves(3 * d, d, "rms", rows) and ops.cuda_gemv_serves(2 * h, d, "rms+silu_gate", rows)
+    for rows in (9, 40, 64):
+        assert ops.cuda_gemv_serves(3 * d, d, "plain", rows) and ops.cuda_gemv_serves(2 * h, d, "silu_gate", rows)
+        assert not ops.cuda_gemv_serves(3 * d, d, "rms", rows)
+    for rows in (1, 5, 8, 9, 40, 64):
         assert ops.cuda_gemv_serves(d, d, "plain", rows) and ops.cuda_gemv_serves(d, h, "plain", rows)
     for rows in (1, 5, 8):
         assert ops.cuda_gemv_serves(_LM.dim, _LM.hidden, "plain", rows)
@@ -234,8 +238,9 @@ def test_fused_gemv_matches_reference(extension, m, n, k, fusion):
 
 @pytest.mark.gpu
 def test_linear_dispatches_the_depth_transformers_fused_products(extension, monkeypatch):
-    """ops.linear gives the CUDA GEMV the RMSNorm'd qkv and gated FFN input of the depth transformer, at 2 rows and
-    at 40 (column groups), with the results of skinny_linear's spec, and keeps skinny_linear for a LayerNorm."""
+    """ops.linear gives the CUDA GEMV the RMSNorm'd qkv and gated FFN input of the depth transformer, at 2 rows (the
+    norm fused) and at 40 (column groups, after norm_rows), with the results of skinny_linear's spec, and keeps
+    skinny_linear for a LayerNorm."""
     calls = []
     real_gemv = cuda_ext.gemv
     monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: calls.append(kw) or real_gemv(*a, **kw))
@@ -248,7 +253,9 @@ def test_linear_dispatches_the_depth_transformers_fused_products(extension, monk
             got = ops.linear(x, weight, norm=("rms", gamma, 1e-8), activation=activation)
             expected = cuda_ext.gemv_ref(x, weight, norm=(gamma, 1e-8), gated=activation is not None)
             assert rel_err(got, expected) < 1e-2
-    assert [c["gated"] for c in calls] == [False, True, False, True]
+    # Past 8 rows the RMSNorm runs apart (norm_rows), then the plain or gated product.
+    assert [(c.get("norm") is not None, c["gated"]) for c in calls] == [(True, False), (True, True), (False, False),
+                                                                          (False, True)]
     ops.linear(x, weight[:d], norm=(gamma, None, 1e-5))
     assert len(calls) == 4
 

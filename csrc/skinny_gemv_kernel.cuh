@@ -367,7 +367,9 @@ __global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16
   }
 
 #pragma unroll
-  for (int j = 0; j < kGroups; ++j) warp_partials[j][warp][lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+  for (int j = 0; j < kGroups; ++j) {
+    warp_partials[j][warp][lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+  }
   __syncthreads();
 
   // Thread e finishes out[m = e / kTileColumns, tile_column + e % kTileColumns]: consecutive threads write

@@ -120,14 +120,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     """out = act(norm(x) @ weight.T) (+ residual) by the extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh); the spec is `gemv_ref`.
 
-    x [M, K] with M = 1..GEMV_MAX_ROWS (64; past 8 rows, in column groups of 8: see the kernel's doc), weight [N, K] (nn.Linear's layout; [2N, K] when gated), residual [M, N] or None
-    (may be `out` itself: an in-place out += x @ weight.T), out [M, N] (allocated when None): all bf16,
-    contiguous, on one CUDA device; K a multiple of 8. norm (norm_weight [K] bf16, eps): RMSNorm x first, fused
-    (each block computes the row scales itself). gated: out = silu(gate) * up of the weight's two halves,
-    fused. fp32 accumulation, rounded once. Launched with programmatic dependent launch where
-    `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read once. Graph-safe with `out`
-    given (the launch allocates nothing and does not synchronise). `warps_per_block` (1..gemv_max_warps(M))
-    overrides how many warps split each 16-row tile's K (0: the default).
+    x [M, K] with M = 1..GEMV_MAX_ROWS (64; past 8 rows in column groups of 8, see the kernel's doc), weight [N, K]
+    (nn.Linear's layout; [2N, K] when gated), residual [M, N] or None (may be `out` itself: an in-place out += x @
+    weight.T), out [M, N] (allocated when None): all bf16, contiguous, on one CUDA device; K a multiple of 8. norm
+    (norm_weight [K] bf16, eps): RMSNorm x first, fused (each block computes the row scales itself). gated: out =
+    silu(gate) * up of the weight's two halves, fused. fp32 accumulation, rounded once. Launched with programmatic
+    dependent launch where `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read once. Graph-safe
+    with `out` given (the launch allocates nothing and does not synchronise). `warps_per_block`
+    (1..gemv_max_warps(M)) overrides how many warps split each 16-row tile's K (0: the default).
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
     from .kernels._utils import pdl

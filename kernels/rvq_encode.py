@@ -37,22 +37,26 @@ the launch. All G programs must be resident at once (they spin on each other): G
 and one program fits an SM, so run it where no other persistent kernel holds SMs. Triton's interpreter
 runs programs one after another, so there G = 1 and every barrier passes at once.
 
-Products, exact fp32 either way (two paths, a constexpr flag):
-  B < DOT_ROWS   a program keeps its codeword chunk [BLOCK_N, DC] (or projection slice) in registers
-                 and takes its MAX_ROWS rows one at a time, unrolled, the products summed across the
-                 threads (tl.sum). tl.dot would pad the rows to 16, and its exact fp32 mode runs on
-                 CUDA cores through shared memory: at B = 1 on an H200 that took about 7 us a level
-                 instead of about 2, and 80 us a launch instead of 20.
-  B >= DOT_ROWS  16-row tiles through tl.dot (input_precision "ieee"): from there it beat the
-                 row-at-a-time path (B = 64: 145 us against 270 on an H200).
+Products (two paths, a constexpr flag):
+  B < DOT_ROWS   exact fp32 products: a program keeps its codeword chunk [BLOCK_N, DC] (or projection
+                 slice) in registers and takes its MAX_ROWS rows one at a time, unrolled, the products
+                 summed across the threads (tl.sum). tl.dot would pad the rows to 16, and its exact
+                 fp32 mode runs on CUDA cores through shared memory: at B = 1 on an H200 that took
+                 about 7 us a level instead of about 2, and 80 us a launch instead of 20.
+  B >= DOT_ROWS  16-row tiles through tl.dot in _utils.dot_precision ("tf32x3": close to fp32, not
+                 exact; a near tie between two codewords may then resolve differently). Measured with the
+                 exact "ieee" dot (2026-11-22), it already beat the row-at-a-time path from there (B = 64:
+                 145 us against 270 on an H200); with tf32x3 the B = 64 frame's profile on an H100
+                 (2026-12-06) has it at 114 us of end step.
 
 Scratch rows 1.. hold per row: keys [NQ] int64, then x0 of both RVQs [2 * DC] fp32 (DC int64 words);
 row 0 holds the two barrier words. The scratch is zero-initialised once and reused for every launch.
 
 Floor: the codebooks, norms, input projections and latents are read once: 16.1 MB + 1 MB for Mimi,
 about 5 us at H100 bandwidth, plus max(n_semantic, NQ - n_semantic) + 1 grid barriers (about 1 us
-each). The search is B x N x DC fp32 FMAs per level (34 M at B = 64, on CUDA cores): compute-bound
-from B ~ 8. Measured on an H200: 20 / 52 / 145 us at B = 1 / 8 / 64 (torch: 234 / 350 / 347 us).
+each). The search is B x N x DC multiply-adds per level (34 M at B = 64): compute-bound from B ~ 8 on
+the CUDA cores. Measured on an H200 with the exact dot at B = 64 (2026-11-22): 20 / 52 / 145 us at B = 1
+/ 8 / 64 (torch: 234 / 350 / 347 us).
 """
 from __future__ import annotations
 

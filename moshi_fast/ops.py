@@ -273,10 +273,15 @@ CUDA_GEMV_MANY_ROWS_SHAPES = frozenset({
     (2048, 1024, "plain"),
 })
 """(N, K, fusion) of the depth transformer's products that ops.linear gives the CUDA GEMV from 9 to
-cuda_ext.GEMV_MAX_ROWS rows too (its column groups; csrc/skinny_gemv_kernel.cuh); up to 8 rows CUDA_GEMV_SHAPES
+CUDA_GEMV_MANY_ROWS rows too (its column groups; csrc/skinny_gemv_kernel.cuh); up to 8 rows CUDA_GEMV_SHAPES
 decide. The RMSNorms run apart (norm_rows, then the plain or gated product): fused, every block would first read all
 of x's rows for their scales, up to 128 KB a block at 64 rows. The heads take it only where the logits rows are
-contiguous, which they are not past one row (each step writes a column of the audio logits)."""
+contiguous, which they are not past one row (each step writes a column of the audio logits). The depth
+transformer's 8 codebook steps in a CUDA graph on an H100 (bench/results/2026-12-06_H100_ed2db73_depth_many_rows.json),
+µs with these products on the CUDA GEMV against skinny_linear: B = 16 1167 against 1553, B = 32 1567 against 1851,
+B = 64 2230 against 2206 (slower: 64 rows stay on skinny_linear)."""
+CUDA_GEMV_MANY_ROWS = 32
+"""The most rows at which ops.linear gives CUDA_GEMV_MANY_ROWS_SHAPES the CUDA GEMV (see there)."""
 
 
 def cuda_gemv_serves(n: int, k: int, fusion: str | None, rows: int) -> bool:
@@ -285,7 +290,7 @@ def cuda_gemv_serves(n: int, k: int, fusion: str | None, rows: int) -> bool:
     if fusion is None or not 1 <= rows <= cuda_ext.GEMV_MAX_ROWS:
         return False
     if rows > cuda_ext.GEMV_GROUP_ROWS:
-        return (n, k, fusion) in CUDA_GEMV_MANY_ROWS_SHAPES
+        return rows <= CUDA_GEMV_MANY_ROWS and (n, k, fusion) in CUDA_GEMV_MANY_ROWS_SHAPES
     return (n, k, fusion) in CUDA_GEMV_SHAPES or (rows == 1 and (n, k, fusion) in CUDA_GEMV_ONE_ROW_SHAPES)
 
 

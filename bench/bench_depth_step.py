@@ -12,6 +12,8 @@ from moshi_fast import cuda_ext, ops
 from moshi_fast.config import LMConfig
 from moshi_fast.kernels.depth_step import depth_step, depth_step_scratch
 
+from ._harness import with_depth_triton_linears
+
 GPU = torch.cuda.is_available()
 _LM = LMConfig()
 SHAPES = (dict(layers=_LM.depformer_num_layers, dim=_LM.depformer_dim, heads=_LM.depformer_num_heads,
@@ -102,3 +104,13 @@ def test_depth_step_frame(measure, device, batch, kernel):
     o = DepthOperands(batch, device)
     measure(lambda: o.fused(step_kernel), o.bytes, o.unfused, op=f"depth_step_{kernel}", batch=batch,
             **o.config(), baseline="unfused ops sequence (32 launches a step)")
+
+
+@pytest.mark.parametrize("batch", [8, 16, 32, 64] if GPU else [2])
+def test_depth_sequence_products_past_8_rows(measure, device, batch):
+    """The default sequence (its products past 8 rows on the CUDA GEMV's column groups up to ops.CUDA_GEMV_MANY_ROWS
+    rows) against the same sequence with every product past 8 rows on skinny_linear, the previous default (recorded
+    as the baseline): the measurement behind ops.CUDA_GEMV_MANY_ROWS."""
+    o = DepthOperands(batch, device)
+    measure(o.unfused, o.bytes, lambda: with_depth_triton_linears(o.unfused), op="depth_sequence", batch=batch,
+            **o.config(), baseline="the sequence with its products past 8 rows on skinny_linear")

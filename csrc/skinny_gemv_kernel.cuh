@@ -15,7 +15,8 @@
 //
 // Shapes served: the language model's decode linears at batch <= 8. Helium K = 4096 -> N = 12288 (qkv), 4096
 // (attention out), 22528 (gate_up), 32000 (text head); K = 11264 -> 4096 (down). Depth transformer K = 1024 ->
-// 3072, 1024, 5632; K = 2816 -> 1024, also at batch 9..64 (column groups, below).
+// 3072, 1024, 5632; K = 2816 -> 1024, also at batch 9..32 (column groups, below; the kernel takes up to 64 rows,
+// and ops.CUDA_GEMV_MANY_ROWS keeps 64 on the Triton product, which was faster there in the frame's graph).
 //
 // Floor: the weight, 2 N K bytes, is read once; x (2 M K), out (2 M N) and the residual (2 M N) are noise beside
 // it at M <= 8. Helium's qkv 100.7 MB, attention out 33.6 MB, gate_up 184.5 MB, down 92.3 MB, text head 262 MB:
@@ -399,11 +400,12 @@ inline unsigned skinny_gemv_tiles(int n, bool gated) {
 
 }  // namespace detail
 
-// Warps a block splits its tile's K across: one a K step, up to kGemvMaxWarps. Timed with every call's weight cold
-// in L2 (H100, M = 1, bench/results/2026-12-06_H100_f32632b_gemv_warps_cold.json), this was the fastest split or
-// within 4% of it at every shape the LM runs here; at Helium's FFN output (88 steps, 256 tiles) 16 warps took 31.6
-// us against 36.6 us for 8, although 8 fit three blocks an SM in one wave and 16 take two waves of one block an SM:
-// what counts is the weight in flight per SM.
+// Warps a block splits its tile's K across: one a K step, up to gemv_max_warps of its column groups. Timed with every
+// call's weight cold in L2 (H100, M = 1, bench/results/2026-12-06_H100_f32632b_gemv_warps_cold.json), this was the
+// fastest split or within 4% of it at every shape the LM runs here; at Helium's FFN output (88 steps, 256 tiles) 16
+// warps took 31.6 us against 36.6 us for 8, although 8 fit three blocks an SM in one wave and 16 take two waves of one
+// block an SM: what counts is the weight in flight per SM. Past 16 rows (4 and 8 column groups) the cap is 8 warps,
+// untimed against other splits.
 inline int skinny_gemv_default_warps(int k, int rows = 1) {
   const int steps = (k + kGemvStepK - 1) / kGemvStepK;
   const int most = gemv_max_warps(gemv_groups(rows));

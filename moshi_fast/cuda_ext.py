@@ -155,6 +155,7 @@ def gemv_max_warps(rows: int) -> int:
     8 (whose blocks may take the registers of 4 and 8 column groups), as csrc/skinny_gemv_kernel.cuh's."""
     return MAX_WARPS if rows <= 2 * GEMV_GROUP_ROWS else MAX_WARPS // 2
 
+
 SAMPLE_MAX_CANDIDATES = 1024
 """The largest min(max_top_k, V) the extension's sampling kernel serves (its candidate list is in shared memory)."""
 SAMPLE_MAX_VOCAB = 1 << 16

@@ -270,16 +270,15 @@ faster on the CUDA GEMV than on skinny_linear at 1, 4 and 8 rows (..._8a8a391_ge
 
 CUDA_GEMV_MANY_ROWS_SHAPES = frozenset({
     (3072, 1024, "plain"), (5632, 1024, "silu_gate"), (1024, 1024, "plain"), (1024, 2816, "plain"),
-    (2048, 1024, "plain"),
 })
 """(N, K, fusion) of the depth transformer's products that ops.linear gives the CUDA GEMV from 9 to
-CUDA_GEMV_MANY_ROWS rows too (its column groups; csrc/skinny_gemv_kernel.cuh); up to 8 rows CUDA_GEMV_SHAPES
-decide. The RMSNorms run apart (norm_rows, then the plain or gated product): fused, every block would first read all
-of x's rows for their scales, up to 128 KB a block at 64 rows. The heads take it only where the logits rows are
-contiguous, which they are not past one row (each step writes a column of the audio logits). The depth
-transformer's 8 codebook steps in a CUDA graph on an H100 (bench/results/2026-12-06_H100_ed2db73_depth_many_rows.json),
-µs with these products on the CUDA GEMV against skinny_linear: B = 16 1167 against 1553, B = 32 1567 against 1851,
-B = 64 2230 against 2206 (slower: 64 rows stay on skinny_linear)."""
+CUDA_GEMV_MANY_ROWS rows too (its column groups; csrc/skinny_gemv_kernel.cuh); up to 8 rows CUDA_GEMV_SHAPES decide.
+The RMSNorms run apart (norm_rows, then the plain or gated product): fused, every block would first read all of x's
+rows for their scales, up to 128 KB a block at 64 rows. The heads are not here: past one row each step writes a
+strided column of the audio logits, which the CUDA GEMV does not take. The depth transformer's 8 codebook steps in a
+CUDA graph on an H100 (bench/results/2026-12-06_H100_ed2db73_depth_many_rows.json), µs with these products on the
+CUDA GEMV against skinny_linear: B = 16 1167 against 1553, B = 32 1567 against 1851, B = 64 2230 against 2206
+(slower: 64 rows stay on skinny_linear)."""
 CUDA_GEMV_MANY_ROWS = 32
 """The most rows at which ops.linear gives CUDA_GEMV_MANY_ROWS_SHAPES the CUDA GEMV (see there)."""
 
@@ -397,7 +396,7 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
     """act(norm(x) @ weight.T) + residual for 1..64 bf16 rows by the CUDA extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh; reference cuda_ext.gemv_ref); x [M, K], weight [N, K] ([2N, K] gated),
     residual may be `out`, norm (norm_weight [K], eps) for a fused RMSNorm, gated for the SiLU gate. Raises
-    RuntimeError when the extension is unavailable. `linear` calls it on CUDA_GEMV_SHAPES only;
+    RuntimeError when the extension is unavailable. `linear` calls it on the CUDA_GEMV_*SHAPES only;
     bench/bench_cuda_gemv.py times it beside skinny_linear and cuBLAS."""
     return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated)
 

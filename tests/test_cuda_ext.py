@@ -241,14 +241,14 @@ def test_fused_gemv_matches_reference(extension, m, n, k, fusion):
 @pytest.mark.gpu
 def test_linear_dispatches_the_depth_transformers_fused_products(extension, monkeypatch):
     """ops.linear gives the CUDA GEMV the RMSNorm'd qkv and gated FFN input of the depth transformer, at 2 rows (the
-    norm fused) and at 40 (column groups, after norm_rows), with the results of skinny_linear's spec, and keeps
+    norm fused) and at 20 (column groups, after norm_rows), with the results of skinny_linear's spec, and keeps
     skinny_linear for a LayerNorm."""
     calls = []
     real_gemv = cuda_ext.gemv
     monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: calls.append(kw) or real_gemv(*a, **kw))
     d, h = _LM.depformer_dim, _LM.depformer_hidden
     gamma = (1 + 0.5 * torch.randn(d, device="cuda")).bfloat16()
-    for batch in (2, 40):
+    for batch in (2, 20):
         x = torch.randn(batch, d, device="cuda").bfloat16()
         for rows, activation in ((3 * d, None), (2 * h, "silu_gate")):
             weight = (torch.randn(rows, d, device="cuda") / d ** 0.5).bfloat16()

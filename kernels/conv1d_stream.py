@@ -439,6 +439,25 @@ def _wide_column_tiles(base: ConvTiles, columns: int) -> list[ConvTiles]:
             for block_n in (128, 256) for stages in (2, 3)]
 
 
+LIGHT_TILE_COLUMNS = 128
+"""Columns (B T_out) from which the sweep also tries lighter tensor-core plans (_light_tiles): the 12.5 Hz convs at
+64 slots and everything wider."""
+
+
+def _light_tiles(base: ConvTiles, columns: int) -> list[ConvTiles]:
+    """Two knobs moved at once toward more warps resident an SM: one pipeline stage less with 8 warps, a halved
+    channel tile or reduction step with one stage less. Under Nsight Compute at B = 64 on an H100
+    (bench/results/2026-12-06_H100_ed2db73_ncu_codec_b64.json) the tuned plans of enc.stages.1.down and dec.conv_in
+    held 8 warps an SM (182-253 registers, 57-90 KB of shared memory a block) and left 72-76% of the cycles without a
+    warp ready to issue; cuDNN ran those shapes faster."""
+    if columns < LIGHT_TILE_COLUMNS:
+        return []
+    stages = max(1, base.num_stages - 1)
+    return [base._replace(num_warps=8, num_stages=stages),
+            base._replace(block_co=max(16, base.block_co // 2), num_stages=stages),
+            base._replace(block_r=max(16, base.block_r // 2), num_stages=stages)]
+
+
 def _with_neighbours(base: ConvTiles, neighbours: list[ConvTiles], fits, batch: int, c_in: int, c_out: int,
                      kernel: int, stride: int, t_in: int) -> list[ConvTiles]:
     """base, then each neighbour that `fits` (a predicate on the tiles), its split rounded by _grid, without
@@ -473,9 +492,10 @@ def _fma_candidates(base: ConvTiles, batch: int, c_in: int, c_out: int, kernel: 
 
 def conv1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int, stride: int,
                                   t_in: int) -> list[ConvTiles]:
-    """The default plan first, then up to 11 neighbours of it (each changes one knob), then, from WIDE_COLUMNS
-    columns on, up to 4 wide column tiles (_wide_column_tiles), for a GPU sweep. An FMA plan (few columns) has its
-    own neighbours and the tensor-core plan (_fma_candidates)."""
+    """The default plan first, then up to 11 neighbours of it (each changes one knob), then, from LIGHT_TILE_COLUMNS
+    columns on, up to 3 lighter plans (_light_tiles) and from WIDE_COLUMNS columns on up to 4 wide column tiles
+    (_wide_column_tiles), for a GPU sweep. An FMA plan (few columns) has its own neighbours and the tensor-core plan
+    (_fma_candidates)."""
     base = _plan(batch, c_in, c_out, kernel, stride, t_in)
     if not base.dot:
         return _fma_candidates(base, batch, c_in, c_out, kernel, stride, t_in)
@@ -496,6 +516,10 @@ def conv1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int
                 and 16 <= tiles.block_r <= widest_r and 1 <= tiles.split <= 2 * _MAX_SPLIT)
 
     candidates = _with_neighbours(base, neighbours, fits, batch, c_in, c_out, kernel, stride, t_in)[:12]
+    for tiles in _light_tiles(base, columns):
+        tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
+        if fits(tiles) and tiles not in candidates:
+            candidates.append(tiles)
     for tiles in _wide_column_tiles(base, columns):
         tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
         if tiles not in candidates:

@@ -229,11 +229,18 @@ def conv_transpose1d_stream_workspace_size(batch: int, c_in: int, c_out: int, ke
     return _workspace_need(g, _default_plan(batch, c_in, c_out, kernel, stride, t_in, groups))
 
 
+LIGHT_TILE_COLUMNS = 128
+"""Columns (B (T + TAPS - 1)) from which the sweep also tries lighter dense plans: one pipeline stage less together
+with 8 warps, a halved row tile or a halved reduction step (conv1d_stream._light_tiles says why: at B = 64 on an H100
+cuDNN ran the decoder's upsampling convs 2-3x faster than their tuned plans)."""
+
+
 def conv_transpose1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int, stride: int, t_in: int,
                                             groups: int = 1) -> list[ConvTransposeTiles]:
-    """Up to 12 tilings around the default plan (which is not among them), for tuning sweeps: row and
+    """Up to 15 tilings around the default plan (which is not among them), for tuning sweeps: row and
     column tiles halved and doubled (split re-planned for each), no split / twice the split, the
-    reduction step halved and doubled, half and twice the warps, one pipeline stage less and more."""
+    reduction step halved and doubled, half and twice the warps, one pipeline stage less and more; from
+    LIGHT_TILE_COLUMNS columns on, three lighter plans that move two of those knobs at once."""
     g = _geometry(batch, c_in, c_out, kernel, stride, t_in, groups)
     base = _default_plan(batch, c_in, c_out, kernel, stride, t_in, groups)
     if not base.dot:
@@ -258,6 +265,14 @@ def conv_transpose1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, k
             base._replace(num_stages=base.num_stages - 1),
             base._replace(num_stages=base.num_stages + 1),
         ]
+        if g.cols >= LIGHT_TILE_COLUMNS:
+            lighter = max(1, base.num_stages - 1)
+            variants += [
+                base._replace(num_warps=8, num_stages=lighter),
+                _plan(g, block_m=max(16, base.block_m // 2), block_n=base.block_n)._replace(num_stages=lighter),
+                base._replace(block_ci=max(16, base.block_ci // 2), num_stages=lighter,
+                              split=_balanced_split(_chunks(g, max(16, base.block_ci // 2)), base.split)),
+            ]
     candidates = []
     for tiles in variants:
         only_pads = (tiles.block_m > next_pow2(g.rows) or tiles.block_n > next_pow2(g.cols)

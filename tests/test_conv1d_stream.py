@@ -189,6 +189,23 @@ def test_wide_column_tiles_join_the_candidates_of_many_columns(monkeypatch):
         _check_over_frames(*shape, True, True, False, tiles=tiles, frames=1)
 
 
+def test_light_tiles_join_the_candidates_of_many_columns(monkeypatch):
+    """From LIGHT_TILE_COLUMNS columns on the sweep also tries plans with one pipeline stage less and 8 warps, or a
+    halved channel tile or reduction step (here lowered to this shape's 12 columns); each runs and matches the
+    reference."""
+    shape = (3, 48, 40, 3, 1, 4)
+    before = conv1d_stream_candidate_tiles(*shape)
+    monkeypatch.setattr(conv1d_module, "LIGHT_TILE_COLUMNS", 12)
+    candidates = conv1d_stream_candidate_tiles(*shape)
+    light = [tiles for tiles in candidates if tiles not in before]
+    base = candidates[0]
+    assert light and all(tiles.num_stages == max(1, base.num_stages - 1) for tiles in light)
+    assert len(set(candidates)) == len(candidates) <= 19
+    for tiles in light:
+        workspace = SplitWorkspace(*conv1d_stream_workspace_size(*shape, tiles=tiles), "cpu")
+        _check_over_frames(*shape, True, True, False, tiles=tiles, workspace=workspace, frames=1)
+
+
 def _mimi_shapes():
     """(c_in, c_out, kernel, stride, t_in) of Mimi's streaming convs, per frame."""
     shapes = [(1, 64, 7, 1, 1920)]

@@ -217,6 +217,29 @@ def test_candidate_tiles_run_and_match():
         _assert_frame_matches(out, expected, state, expected_state, frame)
 
 
+def test_light_candidates_join_from_many_columns_and_match(monkeypatch):
+    """From LIGHT_TILE_COLUMNS columns on the sweep also tries three lighter plans (one pipeline stage less with 8
+    warps, a halved row tile or reduction step); here the threshold is lowered to this shape's 6 columns, and each
+    new candidate runs and matches the reference."""
+    from moshi_fast.kernels import conv_transpose1d_stream as module
+
+    batch, c_in, c_out, kernel, stride, t_in = 2, 40, 6, 8, 4, 2
+    before = conv_transpose1d_stream_candidate_tiles(batch, c_in, c_out, kernel, stride, t_in)
+    monkeypatch.setattr(module, "LIGHT_TILE_COLUMNS", 6)
+    candidates = conv_transpose1d_stream_candidate_tiles(batch, c_in, c_out, kernel, stride, t_in)
+    light = [tiles for tiles in candidates if tiles not in before]
+    assert light and len(set(candidates)) == len(candidates) <= 15
+    weight, bias = torch.randn(c_in, c_out, kernel), torch.randn(c_out)
+    partial = torch.randn(2, batch, c_out, kernel - stride)
+    x, frame = _frame_inputs(batch, c_in, t_in, 1)
+    expected_state = partial.clone()
+    expected = conv_transpose1d_stream_ref(x, expected_state, frame, weight, bias, stride, elu_input=True)
+    for tiles in light:
+        state = partial.clone()
+        out = conv_transpose1d_stream(x, state, frame, weight, bias, stride, elu_input=True, tiles=tiles)
+        _assert_frame_matches(out, expected, state, expected_state, frame)
+
+
 @pytest.mark.parametrize("name", list(MIMI_SHAPES))
 def test_plans_at_mimi_shapes(name):
     """Plan arithmetic only: the workspace size covers the default plan (measured or heuristic) at every
@@ -234,7 +257,7 @@ def test_plans_at_mimi_shapes(name):
         if groups > 1:
             assert plan.split == 1
         candidates = conv_transpose1d_stream_candidate_tiles(batch, c_in, c_out, kernel, stride, t_in, groups)
-        assert 0 < len(candidates) <= 12 and plan not in candidates and len(set(candidates)) == len(candidates)
+        assert 0 < len(candidates) <= 15 and plan not in candidates and len(set(candidates)) == len(candidates)
         assert all(_tiles_error(g, tiles) is None for tiles in candidates)
     if groups == 1:
         assert _plan(_geometry(1, c_in, c_out, kernel, stride, t_in, groups)).split > 1

@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -174,37 +175,52 @@ def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs
         return fn(*args, **kwargs)
 
 
+class Variant(NamedTuple):
+    """A same-run variant of the fast engine: its command-line flag, its run's name and the wrapper that runs a
+    timing call under its setting; what_it_times completes "also time <subject> ..." in the flag's help."""
+    flag: str
+    name: str
+    wrapper: Callable[..., object]
+    what_it_times: str
+
+
+VARIANTS = (
+    Variant("--without-pdl", "fast_no_pdl", without_pdl, "with programmatic dependent launch off"),
+    Variant("--helium-cuda-gemv", "fast_helium_cuda_gemv", with_helium_cuda_gemv,
+            "with Helium's products on the CUDA GEMV after their RMSNorm at every batch, not only at one row"),
+    Variant("--triton-sampling", "fast_triton_sampling", with_triton_sampling,
+            "sampling with the Triton kernel instead of the CUDA extension's"),
+    Variant("--fused-norms", "fast_fused_norms", with_fused_norms,
+            "with every RMSNorm fused into its linear, at every batch"),
+    Variant("--conv-tensor-cores", "fast_conv_tensor_cores", with_conv_tensor_cores,
+            "with the codec's few-column convs on the tensor-core tiles"),
+    Variant("--depth-triton-linears", "fast_depth_triton_linears", with_depth_triton_linears,
+            "with the depth transformer's products past 8 rows on skinny_linear instead of the CUDA GEMV's column "
+            "groups"),
+    Variant("--depth-gemv-fused-norms", "fast_depth_gemv_fused_norms", with_depth_gemv_fused_norms,
+            "with the depth transformer's RMSNorms past 8 rows fused into the CUDA GEMV"),
+    Variant("--late-depth-attention-trigger", "fast_late_depth_attention_trigger", with_late_depth_attention_trigger,
+            "with the depth attention starting the next kernel after its wait"),
+    # Last (variant_runs times it after the KV-cache run): a kernel not yet proven on a GPU, whose fault would fail
+    # every run after it in this process.
+    Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
+            "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),
+)
+"""The flag variants, in the order variant_runs times them."""
+
+
+def _dest(variant: Variant) -> str:
+    return variant.flag.removeprefix("--").replace("-", "_")
+
+
 def add_variant_options(parser, subject: str) -> None:
     """The benchmarks' options that also time variants of the fast engine in the same run (see variant_runs);
     subject names what is timed in their help ("the fast step", "moshi_fast")."""
-    parser.add_argument("--without-pdl", action="store_true",
-                        help=f"also time {subject} with programmatic dependent launch off (fast_no_pdl), same run")
-    parser.add_argument("--helium-cuda-gemv", action="store_true",
-                        help=f"also time {subject} with Helium's products on the CUDA GEMV after their RMSNorm at "
-                             "every batch, not only at one row (fast_helium_cuda_gemv), same run")
+    for variant in VARIANTS:
+        parser.add_argument(variant.flag, action="store_true",
+                            help=f"also time {subject} {variant.what_it_times} ({variant.name}), same run")
     parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
                         help=f"also time {subject} with Helium's KV cache in this dtype (fast_kv_<name>), same run")
-    parser.add_argument("--triton-sampling", action="store_true",
-                        help=f"also time {subject} sampling with the Triton kernel instead of the CUDA extension's "
-                             "(fast_triton_sampling), same run")
-    parser.add_argument("--cuda-depth-step", action="store_true",
-                        help=f"also time {subject} with each depth-transformer step as the CUDA extension's "
-                             "persistent kernel, B <= 8 (fast_cuda_depth_step), same run")
-    parser.add_argument("--fused-norms", action="store_true",
-                        help=f"also time {subject} with every RMSNorm fused into its linear, at every batch "
-                             "(fast_fused_norms), same run")
-    parser.add_argument("--conv-tensor-cores", action="store_true",
-                        help=f"also time {subject} with the codec's few-column convs on the tensor-core tiles "
-                             "(fast_conv_tensor_cores), same run")
-    parser.add_argument("--depth-triton-linears", action="store_true",
-                        help=f"also time {subject} with the depth transformer's products past 8 rows on skinny_linear "
-                             "instead of the CUDA GEMV's column groups (fast_depth_triton_linears), same run")
-    parser.add_argument("--depth-gemv-fused-norms", action="store_true",
-                        help=f"also time {subject} with the depth transformer's RMSNorms past 8 rows fused into the "
-                             "CUDA GEMV (fast_depth_gemv_fused_norms), same run")
-    parser.add_argument("--late-depth-attention-trigger", action="store_true",
-                        help=f"also time {subject} with the depth attention starting the next kernel after its wait "
-                             "(fast_late_depth_attention_trigger), same run")
     parser.add_argument("--skip", default="", type=_skipped_runs,
                         help="comma-separated runs not to time: kyutai (Kyutai's engine, whose model is then freed "
                              "once ours is built from it), fast (the fast engine's default run); e.g. --skip "
@@ -227,35 +243,25 @@ def kept_runs(args, runs: list[tuple[str, Callable[[], dict]]]) -> list[tuple[st
     return [(name, run) for name, run in runs if name not in args.skip]
 
 
+def selected_variants(args) -> list[Variant]:
+    """The VARIANTS whose flags add_variant_options parsed into args, in VARIANTS' order."""
+    return [variant for variant in VARIANTS if getattr(args, _dest(variant))]
+
+
 def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Callable[[], dict]]]:
     """(name, timing call) of each variant asked for by add_variant_options' flags; run(name, kv_dtype) times
-    the fast engine with that KV cache dtype (None: the LM's) under the variant's settings."""
-    runs = []
-    if args.without_pdl:
-        runs.append(("fast_no_pdl", lambda: without_pdl(run, "fast_no_pdl", None)))
-    if args.helium_cuda_gemv:
-        runs.append(("fast_helium_cuda_gemv", lambda: with_helium_cuda_gemv(run, "fast_helium_cuda_gemv", None)))
-    if args.triton_sampling:
-        runs.append(("fast_triton_sampling", lambda: with_triton_sampling(run, "fast_triton_sampling", None)))
-    if args.fused_norms:
-        runs.append(("fast_fused_norms", lambda: with_fused_norms(run, "fast_fused_norms", None)))
-    if args.conv_tensor_cores:
-        runs.append(("fast_conv_tensor_cores", lambda: with_conv_tensor_cores(run, "fast_conv_tensor_cores", None)))
-    if args.depth_triton_linears:
-        runs.append(("fast_depth_triton_linears",
-                     lambda: with_depth_triton_linears(run, "fast_depth_triton_linears", None)))
-    if args.depth_gemv_fused_norms:
-        runs.append(("fast_depth_gemv_fused_norms",
-                     lambda: with_depth_gemv_fused_norms(run, "fast_depth_gemv_fused_norms", None)))
-    if args.late_depth_attention_trigger:
-        runs.append(("fast_late_depth_attention_trigger",
-                     lambda: with_late_depth_attention_trigger(run, "fast_late_depth_attention_trigger", None)))
+    the fast engine with that KV cache dtype (None: the LM's) under the variant's settings. The KV-cache run comes
+    before the last of VARIANTS (the CUDA depth step)."""
+    def timed(variant: Variant) -> tuple[str, Callable[[], dict]]:
+        return variant.name, lambda: variant.wrapper(run, variant.name, None)
+
+    *first, last = VARIANTS
+    runs = [timed(variant) for variant in selected_variants(args) if variant in first]
     if args.kv_cache:
         name = f"fast_kv_{args.kv_cache}"
         runs.append((name, lambda: run(name, KV_CACHE_DTYPES[args.kv_cache])))
-    # Last: a kernel not yet proven on a GPU, whose fault would fail every run after it in this process.
-    if args.cuda_depth_step:
-        runs.append(("fast_cuda_depth_step", lambda: with_cuda_depth_step(run, "fast_cuda_depth_step", None)))
+    if last in selected_variants(args):
+        runs.append(timed(last))
     return runs
 
 

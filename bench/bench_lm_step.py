@@ -16,6 +16,7 @@ KV caches would not fit together at B = 64), so the memory column is each one's 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -28,8 +29,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._harness import (GPU_FAULTS, add_variant_options, device_info, graph_time, kept_runs,  # noqa: E402
-                            recorded_fault, timed_calls, variant_runs, with_cuda_depth_step,
-                            with_depth_gemv_fused_norms, with_depth_triton_linears, with_triton_sampling)
+                            recorded_fault, selected_variants, timed_calls, variant_runs)
 from moshi_fast import ops  # noqa: E402
 from moshi_fast.cache import LMCache  # noqa: E402
 from moshi_fast.config import moshiko  # noqa: E402
@@ -158,6 +158,12 @@ def bench_fast(lm: FastLM, config, batch: int, contexts: list[int], frames: int,
     return row
 
 
+LM_PART_VARIANTS = ("fast_triton_sampling", "fast_depth_triton_linears", "fast_depth_gemv_fused_norms",
+                    "fast_cuda_depth_step")
+"""The variants whose parts --breakdown also times (they change the text head's sampling or the depth transformer;
+Helium is the default's)."""
+
+
 def fast_breakdown(lm: FastLM, config, batch: int, context: int) -> dict:
     """GPU time of the fast step's parts, each captured alone in a CUDA graph (ms): Helium's 32 layers
     (embedding included), the text head and its sampling, the depth transformer's 8 steps with theirs."""
@@ -226,17 +232,9 @@ def main(argv=None) -> int:
         if args.breakdown:
             for context in contexts:
                 # The default's parts, then each variant's that differ (its Helium is the default's).
-                breakdowns = [("", fast_breakdown)]
-                if args.triton_sampling:
-                    breakdowns.append(("triton_sampling_", lambda *a: with_triton_sampling(fast_breakdown, *a)))
-                if args.cuda_depth_step:
-                    breakdowns.append(("cuda_depth_step_", lambda *a: with_cuda_depth_step(fast_breakdown, *a)))
-                if args.depth_triton_linears:
-                    breakdowns.append(("depth_triton_linears_",
-                                       lambda *a: with_depth_triton_linears(fast_breakdown, *a)))
-                if args.depth_gemv_fused_norms:
-                    breakdowns.append(("depth_gemv_fused_norms_",
-                                       lambda *a: with_depth_gemv_fused_norms(fast_breakdown, *a)))
+                breakdowns = [("", fast_breakdown)] + [
+                    (variant.name.removeprefix("fast_") + "_", functools.partial(variant.wrapper, fast_breakdown))
+                    for variant in selected_variants(args) if variant.name in LM_PART_VARIANTS]
                 for prefix, breakdown in breakdowns:
                     try:
                         parts = breakdown(lm, config, batch, context)

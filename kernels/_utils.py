@@ -123,6 +123,15 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
+def fma_reduction_step(extent: int) -> int:
+    """Elements of a reduction an FMA-loop step takes: the widest of 128, 64, 32, 16 that divides `extent` (whole
+    steps load unmasked, in 16-byte pieces), else a masked step of min(128, next power of two)."""
+    for size in (128, 64, 32, 16):
+        if extent % size == 0:
+            return size
+    return min(128, next_pow2(extent, minimum=2))
+
+
 def dot_precision() -> str:
     """fp32 tl.dot precision. "tf32x3" splits each fp32 operand into two tf32 parts on the tensor
     cores: close to fp32 (the codec tracks its float32 reference to ~1e-6), far faster than "ieee",

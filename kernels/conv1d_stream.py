@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, await_previous_kernel, dot_precision, next_pow2, pdl
+from ._utils import SplitWorkspace, await_previous_kernel, dot_precision, fma_reduction_step, next_pow2, pdl
 from .tuned import shape_key, tuned_tiles
 
 
@@ -334,9 +334,7 @@ def _fma_plan(batch: int, c_in: int, c_out: int, kernel: int, stride: int, t_in:
     programs per SM keep weight loads in flight where one program's loop waits for its own."""
     columns = batch * (t_in // stride)
     reduction = c_in * kernel
-    # The widest step up to 128 that divides the reduction (whole steps load unmasked), else a masked one.
-    dividing = [size for size in (128, 64, 32, 16) if reduction % size == 0]
-    block_r = dividing[0] if dividing else min(128, next_pow2(reduction, minimum=2))
+    block_r = fma_reduction_step(reduction)
     block_co = min(16, next_pow2(c_out, minimum=2))
     block_n = next_pow2(columns, minimum=2)
     steps = triton.cdiv(reduction, block_r)

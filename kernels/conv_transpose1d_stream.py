@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, await_previous_kernel, dot_precision, next_pow2, pdl
+from ._utils import SplitWorkspace, await_previous_kernel, dot_precision, fma_reduction_step, next_pow2, pdl
 from .tuned import shape_key, tuned_tiles
 
 SMS = 132
@@ -191,8 +191,7 @@ def _fma_plan(g: _Geometry) -> ConvTransposeTiles:
     _FMA_MIN_CHUNKS_PER_SPLIT chunks)."""
     block_m = min(16, next_pow2(g.rows, minimum=2))
     block_n = next_pow2(g.cols, minimum=2)
-    dividing = [size for size in (128, 64, 32, 16) if g.c_in % size == 0]
-    block_ci = dividing[0] if dividing else min(128, next_pow2(g.c_in, minimum=2))
+    block_ci = fma_reduction_step(g.c_in)
     tiles = _tile_count(g, block_m, block_n)
     chunks = _chunks(g, block_ci)
     wanted = min(MAX_SPLIT, triton.cdiv(_FMA_TARGET_PROGRAMS, tiles), max(1, chunks // _FMA_MIN_CHUNKS_PER_SPLIT))

@@ -143,10 +143,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     return out
 
 
-MAX_ROWS = 8
-"""The depth step's batch at most (one column group of the GEMV's mma)."""
 GEMV_GROUP_ROWS = 8
-GEMV_MAX_ROWS = 64
+"""Rows of x in one column group of the GEMV's mma (its B operand's 8 columns)."""
+GEMV_MAX_ROWS = 8 * GEMV_GROUP_ROWS
+MAX_ROWS = GEMV_GROUP_ROWS
+"""The depth step's batch at most: one column group."""
 MAX_WARPS = 16
 
 

@@ -301,6 +301,19 @@ def timed_calls(call: Callable[[object], object], inputs, gpu_spans: list | None
     return times
 
 
+@contextlib.contextmanager
+def strict_fp32():
+    """torch's fp32 convolutions and matrix products without TF32 inside the block (graphs captured there keep
+    it). cuDNN's convolutions may run one TF32 pass by default, while the codec's kernels run three
+    ("tf32x3", close to fp32): the strict timing is the torch path at our kernels' precision."""
+    convs, products = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = convs, products
+
+
 class Measure:
     """Times one op and its torch path in the same run and records both in the benchmark's extra_info."""
 
@@ -309,7 +322,9 @@ class Measure:
         self.info = info
 
     def __call__(self, fn: Callable[[], object], bytes_moved: int, torch_fn: Callable[[], object] | None = None,
-                 **config) -> dict:
+                 strict_fp32_torch: bool = False, **config) -> dict:
+        """strict_fp32_torch: also time torch_fn under strict_fp32 (torch_strict_fp32_us), for fp32 paths that
+        torch's defaults may run in TF32."""
         seconds = graph_time(fn)
         calls = CALLS_PER_ROUND if torch.cuda.is_available() else 1
         self.benchmark.pedantic(capture(fn, calls), rounds=5 if torch.cuda.is_available() else 1)
@@ -323,5 +338,8 @@ class Measure:
             torch_seconds = graph_time(torch_fn)
             extra["torch_us"] = torch_seconds * 1e6
             extra["speedup_vs_torch"] = torch_seconds / seconds
+            if strict_fp32_torch:
+                with strict_fp32():
+                    extra["torch_strict_fp32_us"] = graph_time(torch_fn) * 1e6
         self.benchmark.extra_info.update(extra)
         return extra

@@ -51,4 +51,5 @@ def test_conv1d_stream(measure, device, name, batch):
 
     moved = 4 * (weight.numel() + bias.numel() + x.numel() + out.numel() + 2 * state[0].numel()
                  + (res.numel() if res is not None else 0))
-    measure(fast, moved, torch_path, op="conv1d_stream", shape=name, batch=batch, tiles=plan._asdict())
+    measure(fast, moved, torch_path, strict_fp32_torch=True, op="conv1d_stream", shape=name, batch=batch,
+            tiles=plan._asdict())

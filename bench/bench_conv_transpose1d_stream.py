@@ -53,4 +53,4 @@ def test_conv_transpose1d_stream(measure, device, name, batch):
         return full[..., :full.shape[-1] - overlap]
 
     moved = 4 * (weight.numel() + x.numel() + out.numel() + 2 * partial[0].numel() + (c_out if bias is not None else 0))
-    measure(fast, moved, torch_path, op="conv_transpose1d_stream", shape=name, batch=batch)
+    measure(fast, moved, torch_path, strict_fp32_torch=True, op="conv_transpose1d_stream", shape=name, batch=batch)

@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from bench._harness import add_variant_options, kept_runs, variant_runs
+from bench._harness import add_variant_options, kept_runs, strict_fp32, variant_runs
 from moshi_fast import ops
 from moshi_fast.kernels import _utils, conv1d_stream, conv_transpose1d_stream
 
@@ -115,3 +115,15 @@ def test_timed_calls_record_each_calls_gpu_span_within_its_wall_time():
     times = timed_calls(lambda scale: x.mul_(scale), [1.0, 2.0, 0.5], spans)
     assert len(spans) == len(times) == 3
     assert all(0 < span <= wall for span, wall in zip(spans, times))
+
+
+def test_strict_fp32_turns_tf32_off_inside_and_restores_the_settings():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        with pytest.raises(RuntimeError), strict_fp32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            raise RuntimeError("the block fails")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -1,7 +1,7 @@
 """Launch plans measured faster than the kernels' heuristics, at the shapes Mimi runs them at.
 
 `tuned_tiles.json` beside this file maps op -> shape key -> batch -> tiles (the keyword arguments of
-the op's tiles type). It is written by `bench/sweep_tiles.py --table` from a sweep on an H200: for
+the op's tiles type). It is written by `bench/sweep_tiles.py --table` from sweeps on an H200 or an H100: for
 every op, shape and batch size swept, the fastest of the heuristic's plan and its neighbours (a
 neighbour is kept only if it beat the heuristic by more than the timing noise). Shapes not in the
 table, and every shape on the CPU interpreter's tiny test sizes, use the heuristics. A batch between

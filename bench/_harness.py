@@ -4,17 +4,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from moshi_fast import ops
 from moshi_fast.engine import KV_CACHE_DTYPES
-from moshi_fast.kernels import conv1d_stream, conv_transpose1d_stream, depth_attention
+from moshi_fast.kernels import conv1d_stream, conv_transpose1d_stream, depth_attention, tuned
 
 CALLS_PER_ROUND = 50
 """pytest-benchmark's own statistics are per round of this many back-to-back calls."""
@@ -221,10 +223,38 @@ def add_variant_options(parser, subject: str) -> None:
                             help=f"also time {subject} {variant.what_it_times} ({variant.name}), same run")
     parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
                         help=f"also time {subject} with Helium's KV cache in this dtype (fast_kv_<name>), same run")
+    parser.add_argument("--compare-table", type=plan_table, metavar="PATH",
+                        help=f"also time {subject} with the launch plans of this tuned-tiles JSON instead of "
+                             f"kernels/tuned_tiles.json's, e.g. the table before a sweep (fast_compare_table; with "
+                             f"--kv-cache's dtype when one is given), same run")
     parser.add_argument("--skip", default="", type=_skipped_runs,
                         help="comma-separated runs not to time: kyutai (Kyutai's engine, whose model is then freed "
                              "once ours is built from it), fast (the fast engine's default run); e.g. --skip "
                              "kyutai,fast --kv-cache fp8 at a batch whose bf16 cache does not fit the GPU")
+
+
+class PlanTable(NamedTuple):
+    """A tuned-tiles JSON read for --compare-table: where it came from (recorded with the results) and its plans."""
+    path: str
+    plans: dict
+
+
+def plan_table(path: str) -> PlanTable:
+    """The plan table at `path` (kernels/tuned_tiles.json's layout: op -> shape -> batch -> plan)."""
+    try:
+        plans = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read a plan table from {path}: {error}") from None
+    if not isinstance(plans, dict) or not all(isinstance(shapes, dict) for shapes in plans.values()):
+        raise argparse.ArgumentTypeError(f"{path} is not a plan table (op -> shape -> batch -> plan)")
+    return PlanTable(path, plans)
+
+
+def with_plans(table: dict, fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) planned from `table` instead of kernels/tuned_tiles.json (graphs captured inside keep its
+    plans), timed beside the current plans in the same run."""
+    with tuned.plans_from(table):
+        return fn(*args, **kwargs)
 
 
 SKIPPABLE_RUNS = ("kyutai", "fast")
@@ -250,16 +280,20 @@ def selected_variants(args) -> list[Variant]:
 
 def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Callable[[], dict]]]:
     """(name, timing call) of each variant asked for by add_variant_options' flags; run(name, kv_dtype) times
-    the fast engine with that KV cache dtype (None: the LM's) under the variant's settings. The KV-cache run comes
-    before the last of VARIANTS (the CUDA depth step)."""
+    the fast engine with that KV cache dtype (None: the LM's) under the variant's settings. The KV-cache run and the
+    other plan table's come before the last of VARIANTS (the CUDA depth step)."""
     def timed(variant: Variant) -> tuple[str, Callable[[], dict]]:
         return variant.name, lambda: variant.wrapper(run, variant.name, None)
 
     *first, last = VARIANTS
     runs = [timed(variant) for variant in selected_variants(args) if variant in first]
+    kv_dtype = KV_CACHE_DTYPES[args.kv_cache] if args.kv_cache else None
     if args.kv_cache:
         name = f"fast_kv_{args.kv_cache}"
-        runs.append((name, lambda: run(name, KV_CACHE_DTYPES[args.kv_cache])))
+        runs.append((name, lambda: run(name, kv_dtype)))
+    if args.compare_table is not None:
+        runs.append(("fast_compare_table",
+                     lambda: with_plans(args.compare_table.plans, run, "fast_compare_table", kv_dtype)))
     if last in selected_variants(args):
         runs.append(timed(last))
     return runs

@@ -51,7 +51,8 @@ VARIANT_LABELS = {"fast_no_pdl": "without programmatic dependent launch",
                   "fast_depth_triton_linears": "with the depth transformer's products past 8 rows on skinny_linear",
                   "fast_depth_gemv_fused_norms": "with the depth transformer's RMSNorms past 8 rows fused",
                   "fast_late_depth_attention_trigger":
-                      "with the depth attention starting the next kernel after its wait"}
+                      "with the depth attention starting the next kernel after its wait",
+                  "fast_compare_table": "with the --compare-table launch plans"}
 """How the summary names the variants of bench._harness.variant_runs (the KV-cache one is printed with its memory)."""
 BUDGET_MS = 80.0
 """One frame of audio: an engine keeps up in real time while a frame takes less."""
@@ -244,6 +245,7 @@ def main(argv=None) -> int:
             "benchmark": "moshi_frame", **info,
             "config": "moshiko real config, random weights (Kyutai's LM init, Mimi with random codebooks), "
                       f"bf16 LM, fp32 Mimi, Kyutai's default sampling, every slot at frame {args.context}",
+            "compare_table": args.compare_table.path if args.compare_table else None,
             "real_time_conversations": real_time, "rows": rows}, indent=1))
     if args.plot:
         plot(rows, info, args.plot)

@@ -264,7 +264,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({
             "benchmark": "lm_step", **info,
             "config": "Moshi LM real config (moshiko), Kyutai's random init, bf16, Kyutai's default sampling",
-            "rows": rows}, indent=1))
+            "compare_table": args.compare_table.path if args.compare_table else None, "rows": rows}, indent=1))
     return 0
 
 

@@ -14,7 +14,8 @@
 #   the same engine without programmatic dependent launch, timed in the same run; --triton-sampling: with the Triton
 #   sampler instead of the CUDA one; MIMI_ARGS=--fused-norms: the codec with every LayerNorm fused, same run;
 #   FRAME_ARGS='--batches 64 --skip kyutai,fast --kv-cache fp8': only the e4m3-cache engine, where the others do
-#   not fit the GPU, e.g. B = 64 on 80 GB)
+#   not fit the GPU, e.g. B = 64 on 80 GB; --compare-table PATH, in any of the three: the same engine planned from
+#   another tuned-tiles JSON, e.g. the table before a sweep)
 #   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
 #   (leaves out the sampling kernel's tile sweep)
 #   ISOLATED_TESTS, ISOLATED_BENCH: test and benchmark files run first, each in a process of its own (default: the
@@ -86,6 +87,8 @@ fi
 if [[ $steps == *,sweep,* ]]; then
     python3 bench/sweep_tiles.py --ops "${SWEEP_OPS:-paged_fp8}" --batches "${SWEEP_BATCHES:-1,8,64}" \
         --names "${SWEEP_NAMES:-}" --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" || status=1
+    # The table before the sweep stays beside it, for bench_mimi.py / bench_frame.py --compare-table.
+    cp kernels/tuned_tiles.json "$OUT/tuned_tiles_before.json"
     python3 bench/sweep_tiles.py --table "$OUT/sweep.json" --update && cp kernels/tuned_tiles.json "$OUT/" || status=1
 fi
 if [[ $steps == *,load,* ]]; then

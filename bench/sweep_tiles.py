@@ -8,6 +8,9 @@ kernel's `*_candidate_tiles`); each time is one call in a CUDA graph of back-to-
 (bench/_harness.graph_time), real config, random weights. The second writes kernels/tuned_tiles.json
 from such sweeps: per op, shape and batch the fastest plan, where it beat the heuristics' own plan by
 more than NOISE (else the heuristics' plan), which the kernels then use by default (kernels/tuned.py).
+A kernel alone is not the kernel in the codec's graph (the one before it, programmatic dependent launch, what L2
+holds): keep a copy of the table before writing the new one and time both in one process with
+`bench_mimi.py --compare-table OLD.json` (bench_frame.py takes the same option).
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 TABLE_PATH = Path(__file__).with_name("tuned_tiles.json")
 _enabled = True
+_substitute: dict | None = None
 
 
 @functools.cache
@@ -36,7 +37,8 @@ def tuned_tiles(op: str, shape: str, batch: int) -> dict | None:
     """The measured plan of `op` at `shape` (a shape_key) for the nearest swept batch, or None."""
     if not _enabled:
         return None
-    entries = _table().get(op, {}).get(shape)
+    table = _substitute if _substitute is not None else _table()
+    entries = table.get(op, {}).get(shape)
     if not entries:
         return None
     nearest = min(entries, key=lambda swept: (abs(math.log2(int(swept)) - math.log2(max(batch, 1))), -int(swept)))
@@ -52,3 +54,16 @@ def heuristics_only():
         yield
     finally:
         _enabled = saved
+
+
+@contextlib.contextmanager
+def plans_from(table: dict):
+    """Takes the plans of `table` (the layout of tuned_tiles.json) instead of the file's inside the block; what is
+    planned there keeps them (a CUDA graph captured there, a cache's split workspace sized there). Benchmarks time
+    another table's plans, e.g. the one before a sweep, beside the current ones in the same process."""
+    global _substitute
+    saved, _substitute = _substitute, table
+    try:
+        yield
+    finally:
+        _substitute = saved

@@ -1,13 +1,14 @@
 """bench/_harness's variant options (the benchmarks' same-run comparisons): which runs each flag adds, and that each
 run happens under its setting (the timing itself needs a GPU); bench_frame's per-frame records."""
 import argparse
+import json
 
 import pytest
 import torch
 
 from bench._harness import add_variant_options, kept_runs, strict_fp32, variant_runs
 from moshi_fast import ops
-from moshi_fast.kernels import _utils, conv1d_stream, conv_transpose1d_stream
+from moshi_fast.kernels import _utils, conv1d_stream, conv_transpose1d_stream, tuned
 
 
 def _settings(name, kv_dtype):
@@ -63,6 +64,36 @@ def _parsed(argv):
     parser = argparse.ArgumentParser()
     add_variant_options(parser, "the fast step")
     return parser.parse_args(argv)
+
+
+def test_compare_table_runs_the_engine_planned_from_that_table_with_the_kv_cache_asked_for(tmp_path):
+    conv = tuned.shape_key(256, 512, 12, 6, 96)
+    plans = {"conv1d": {conv: {"64": {"block_co": 32, "block_n": 16, "block_r": 16, "split": 4, "num_warps": 2,
+                                      "num_stages": 2}}}}
+    path = tmp_path / "before.json"
+    path.write_text(json.dumps(plans))
+
+    def run(name, kv_dtype):
+        return name, kv_dtype, tuned.tuned_tiles("conv1d", conv, 64)
+
+    runs = variant_runs(_parsed(["--kv-cache", "fp8", "--compare-table", str(path)]), run)
+    assert [name for name, _ in runs] == ["fast_kv_fp8", "fast_compare_table"]
+    file_plan = tuned.tuned_tiles("conv1d", conv, 64)
+    assert file_plan != plans["conv1d"][conv]["64"]
+    assert runs[0][1]() == ("fast_kv_fp8", torch.float8_e4m3fn, file_plan)
+    assert runs[1][1]() == ("fast_compare_table", torch.float8_e4m3fn, plans["conv1d"][conv]["64"])
+    assert tuned.tuned_tiles("conv1d", conv, 64) == file_plan
+    assert _parsed(["--compare-table", str(path)]).compare_table.path == str(path)
+
+
+@pytest.mark.parametrize("text, message", [("{", "cannot read a plan table"), ("[1, 2]", "is not a plan table"),
+                                           ('{"conv1d": 3}', "is not a plan table")])
+def test_compare_table_rejects_what_is_not_a_plan_table(tmp_path, capsys, text, message):
+    path = tmp_path / "table.json"
+    path.write_text(text)
+    with pytest.raises(SystemExit):
+        _parsed(["--compare-table", str(path)])
+    assert message in capsys.readouterr().err
 
 
 def test_skip_leaves_out_the_named_runs_and_keeps_the_variants():

@@ -102,3 +102,23 @@ def test_gated_products_have_plans_of_their_own(monkeypatch):
     assert linear.skinny_linear_tiles(rows, n, k, torch.bfloat16, sms=132, split_k=True, gated=True) == \
         linear.SkinnyTiles(**plan)
     assert linear.skinny_linear_tiles(rows, n, k, torch.bfloat16, sms=132, split_k=True) == plain
+
+
+def test_plans_from_substitutes_another_table_inside_the_block_only():
+    """A benchmark times a previous table's plans beside the current ones: inside the block the convs plan (and
+    size their split workspace) from the given table, and the file's plans come back after it, even on an error."""
+    batch, c_in, c_out, kernel, stride, t_in = 64, 256, 512, 12, 6, 96
+    key = tuned.shape_key(c_in, c_out, kernel, stride, t_in)
+    file_plan = conv1d._plan(batch, c_in, c_out, kernel, stride, t_in)
+    other = conv1d.ConvTiles(block_co=32, block_n=16, block_r=16, split=4, num_warps=2, num_stages=2)
+    assert other != file_plan
+    with pytest.raises(RuntimeError), tuned.plans_from({"conv1d": {key: {str(batch): other._asdict()}}}):
+        assert conv1d._plan(batch, c_in, c_out, kernel, stride, t_in) == other
+        grid = conv1d._grid(other, batch, c_in, c_out, kernel, stride, t_in)
+        assert conv1d.conv1d_stream_workspace_size(batch, c_in, c_out, kernel, stride, t_in) == grid.workspace_size()
+        # A shape the substitute table lacks takes the heuristics' plan, not the file's.
+        with tuned.heuristics_only():
+            heuristic = conv1d._plan(batch, 512, 256, 3, 1, 16)
+        assert conv1d._plan(batch, 512, 256, 3, 1, 16) == heuristic
+        raise RuntimeError("the block fails")
+    assert conv1d._plan(batch, c_in, c_out, kernel, stride, t_in) == file_plan

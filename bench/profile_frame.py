@@ -15,11 +15,14 @@ a frame sum to its span.
 Phases follow the frame's order: the codec's encode, then Helium up to its last paged-attention layer's
 last linear, the text head and its sampling, the depth transformer, and the codec's decode; a kernel is
 assigned by its position between the first and last kernels that only that phase launches.
+`--table OLD.json` plans the frame from another tuned-tiles JSON: with a profile of the current table in the same
+call, two tables compare kernel by kernel as the frame runs them (kernels alone are not kernels in the chain).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import statistics
@@ -31,7 +34,7 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info  # noqa: E402
+from bench._harness import device_info, plan_table, with_plans  # noqa: E402
 from bench.bench_buckets import _fill_context  # noqa: E402
 from bench.bench_lm_step import KYUTAI_SAMPLING  # noqa: E402
 from moshi_fast import FastMoshi, ops  # noqa: E402
@@ -170,14 +173,19 @@ def main(argv=None) -> int:
                         help="sample with the Triton kernel instead of the CUDA extension's (ops.cuda_sampling(False))")
     parser.add_argument("--kv-cache", choices=sorted(KV_CACHE_DTYPES),
                         help="Helium's KV cache in this dtype (e.g. fp8 where the bf16 cache does not fit the GPU)")
+    parser.add_argument("--table", type=plan_table, metavar="PATH",
+                        help="plan the frame from this tuned-tiles JSON instead of kernels/tuned_tiles.json (two "
+                             "profiles, with and without it, compare two tables kernel by kernel in the frame)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}", flush=True)
     results = []
     for batch in (int(b) for b in args.batches.split(",")):
-        result = profile(batch, args.frames, args.warmup, args.context, args.pdl, not args.triton_sampling,
-                         args.kv_cache)
+        run = functools.partial(profile, batch, args.frames, args.warmup, args.context, args.pdl,
+                                not args.triton_sampling, args.kv_cache)
+        result = with_plans(args.table.plans, run) if args.table else run()
+        result["table"] = args.table.path if args.table else "kernels/tuned_tiles.json"
         report(result)
         results.append(result)
         torch.cuda.empty_cache()

@@ -16,6 +16,7 @@ import torch
 
 from moshi_fast import ops
 from moshi_fast.engine import KV_CACHE_DTYPES
+from moshi_fast.fast.lm import overlap_text_sampling
 from moshi_fast.kernels import conv1d_stream, conv_transpose1d_stream, depth_attention, tuned
 
 CALLS_PER_ROUND = 50
@@ -177,6 +178,14 @@ def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs
         return fn(*args, **kwargs)
 
 
+def with_overlapped_text_sampling(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the text token drawn on a second stream while the depth transformer's input
+    projection runs (moshi_fast.fast.lm.overlap_text_sampling; steps and graphs built inside keep it), timed beside
+    the default in the same run."""
+    with overlap_text_sampling():
+        return fn(*args, **kwargs)
+
+
 class Variant(NamedTuple):
     """A same-run variant of the fast engine: its command-line flag, its run's name and the wrapper that runs a
     timing call under its setting; what_it_times completes "also time <subject> ..." in the flag's help."""
@@ -203,6 +212,8 @@ VARIANTS = (
             "with the depth transformer's RMSNorms past 8 rows fused into the CUDA GEMV"),
     Variant("--late-depth-attention-trigger", "fast_late_depth_attention_trigger", with_late_depth_attention_trigger,
             "with the depth attention starting the next kernel after its wait"),
+    Variant("--overlap-text-sampling", "fast_overlap_text_sampling", with_overlapped_text_sampling,
+            "with the text token drawn on a second stream while the depth transformer's input projection runs"),
     # Last (variant_runs times it after the KV-cache run): a kernel not yet proven on a GPU, whose fault would fail
     # every run after it in this process.
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,

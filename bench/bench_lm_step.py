@@ -176,12 +176,12 @@ def fast_breakdown(lm: FastLM, config, batch: int, context: int) -> dict:
     token = torch.empty(batch, dtype=torch.long, device="cuda")
 
     def text():
-        logits = lm.text_logits(x, cache)
+        logits = lm.text_logits(*lm.head_inputs(x), cache)
         ops.sample_tokens(logits, params.text_temperature, params.text_top_k, params.max_text_top_k, params.seed,
                           cache.frame, 0, out=token)
 
     def depth():
-        inputs = lm.depth_inputs(x, cache)
+        inputs = lm.depth_inputs(*lm.head_inputs(x), cache)
         logits = torch.empty(batch, config.card, dtype=x.dtype, device="cuda")
         for step in range(config.dep_q):
             lm.depth_step(step, inputs[step], token, cache, logits)

@@ -13,6 +13,7 @@ next replay.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -71,3 +72,27 @@ class CapturedStep:
             static.copy_(value, non_blocking=True)
         self.graph.replay()
         return self.output
+
+
+class SideStream:
+    """A second CUDA stream for work that does not depend on what the current stream issues next, so that the two
+    run at once: `fork()` starts a branch (the side stream first waits for everything issued so far), `join()` makes
+    the current stream wait for the branch. Captured in a CUDA graph, the branch becomes a parallel branch of the
+    graph, its memory from the graph's pool (the branch is joined before the capture ends). On the CPU both are
+    no-ops: the work runs in order on the one stream."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def fork(self):
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)

@@ -2,6 +2,7 @@
 frame, with slots that skip frames or restart, teacher forcing, the window wrap, and on the GPU the
 real config in bf16 (teacher-forced logits over 200 frames) and graph replays."""
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import torch
 from moshi_fast import ops
 from moshi_fast.config import moshiko, tiny
 from moshi_fast.engine import _random_module
-from moshi_fast.fast.lm import FastLM, FastLMRunner
+from moshi_fast.fast.lm import FastLM, FastLMRunner, overlap_text_sampling
+from moshi_fast.graphs import SideStream
 from moshi_fast.reference.lm import SamplingParams, StreamingLM
 
 from .helpers import rel_err
@@ -274,3 +276,54 @@ def test_graph_replays_draw_fresh_tokens_and_repeat_with_the_seed():
     audio = torch.stack([f[0, 1:] for f in first[2:]])
     assert len({tuple(row.tolist()) for row in audio}) > 1
     assert torch.equal(first[-1][0], first[-1][1])
+
+
+def test_head_inputs_norm_once_for_both_heads_and_change_nothing():
+    """out_norm runs once for the text head and the depth transformer's input projection, giving each the rows its
+    own norm launch gave it; where norms are fused into the products, each product still gets the norm."""
+    config = tiny().lm
+    lm = build(config)
+    cache = types.SimpleNamespace(workspace=None)
+    x = torch.randn(3, config.dim)
+    norm = ("rms", lm.out_norm.weight, config.norm_eps)
+    rows, shared = lm.head_inputs(x)
+    assert shared is None
+    assert torch.equal(lm.text_logits(rows, shared, cache), ops.linear(x, lm.text_head, norm=norm))
+    projected = ops.linear(x, lm.depth_in_proj, norm=norm).view(3, config.dep_q, -1).transpose(0, 1)
+    assert torch.equal(lm.depth_inputs(rows, shared, cache), projected)
+    with ops.separate_norms(False):
+        rows, fused = lm.head_inputs(x)
+    assert rows is x and fused[0] == "rms" and fused[1] is lm.out_norm.weight
+
+
+def test_overlapped_text_sampling_draws_the_reference_tokens():
+    """With the text token drawn on a second stream (a no-op on the CPU, where the work stays in order), the step
+    is unchanged: the reference's tokens and logits with slots skipping frames and restarting."""
+    with overlap_text_sampling():
+        runner = FastLMRunner(build(tiny().lm), 2, sampling_params(2), torch.device("cpu"))
+        assert isinstance(runner.generator.side, SideStream)
+        compare_streams(tiny().lm, frames=6, batch=3, kernels=False, greedy=False)
+    assert FastLMRunner(build(tiny().lm), 2, sampling_params(2), torch.device("cpu")).generator.side is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_overlapped_text_sampling_is_bitwise_the_same_step_in_a_graph(batch):
+    """Moshi's real shapes (two Helium layers), bf16, sampling on: the graph whose text sampling is a parallel branch
+    gives the tokens and logits of the default graph, bit for bit, frame after frame."""
+    config = dataclasses.replace(moshiko().lm, num_layers=2)
+    device = torch.device("cuda")
+    lm = build(config, torch.bfloat16, device)
+    params = sampling_params(batch, device, top_k_text=25, top_k=250)
+    default = FastLMRunner(lm, batch, params, device)
+    with overlap_text_sampling():
+        overlapped = FastLMRunner(lm, batch, params, device)
+    assert overlapped.generator.side is not None and default.generator.side is None
+    mask = torch.ones(batch, dtype=torch.bool, device=device)
+    codes = torch.randint(0, config.card, (16, batch, config.dep_q), device=device)
+    with torch.no_grad():
+        for t in range(16):
+            theirs = default.step(codes[t], mask)
+            ours = overlapped.step(codes[t], mask)
+            for name in ("tokens", "valid", "text_logits", "audio_logits"):
+                assert torch.equal(getattr(ours, name), getattr(theirs, name)), (t, name)

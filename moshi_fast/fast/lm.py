@@ -9,8 +9,11 @@ One frame for B slots (`FastStreamingLM.step`), the launches in order, at Moshi'
     32 x Helium layer                       linear qkv (RMSNorm fused) -> paged_attention (RoPE, KV
                                             write, window) -> linear out (+ residual, in place) ->
                                             linear gate_up (RMSNorm, SiLU gate) -> linear down (+ residual)
-    linear text head (out_norm fused)       text logits [B, 32000] -> sample_tokens -> text token
-    linear depth in_proj, all 8 codebooks   h = out_norm(x) projected once for every codebook step
+    norm_rows out_norm                      once for both heads below (where the RMSNorm runs apart)
+    linear text head                        text logits [B, 32000] -> sample_tokens -> text token
+    linear depth in_proj, all 8 codebooks   h = out_norm(x) projected once for every codebook step;
+                                            inside overlap_text_sampling() the text token is drawn on a
+                                            second stream meanwhile (a parallel branch of the graph)
     8 x depth step k                        embed_sum adds the previous token's embedding; 6 layers of
                                             linear qkv (RMSNorm) -> depth_attention over steps 0..k ->
                                             linear out (+res) -> linear gate_up (RMSNorm, SiLU) ->
@@ -28,14 +31,31 @@ for them, and the delay line and frame counter are committed through the mask.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .. import ops
 from ..cache import LMCache
-from ..graphs import CapturedStep
+from ..graphs import CapturedStep, SideStream
 from ..reference.lm import LM, SamplingParams
+
+_overlap_text_sampling = False
+
+
+@contextlib.contextmanager
+def overlap_text_sampling(enabled: bool = True):
+    """Inside the block (and in the steps and graphs built inside it), FastStreamingLM draws the text token on a
+    second stream while the depth transformer's input projection runs, instead of before it: the two do not depend
+    on each other, and at one conversation each is a few tens of microseconds of the frame's chain (the sampler on
+    one SM, the projection streaming 67 MB). The same tokens either way. Off by default until measured on a GPU."""
+    global _overlap_text_sampling
+    saved, _overlap_text_sampling = _overlap_text_sampling, enabled
+    try:
+        yield
+    finally:
+        _overlap_text_sampling = saved
 
 
 class FastLM(LM):
@@ -102,18 +122,26 @@ class FastLM(LM):
             ops.linear(hidden, layer.down, residual=x, out=x, workspace=workspace)
         return x
 
-    def text_logits(self, x: torch.Tensor, cache: LMCache) -> torch.Tensor:
-        """The residual stream [B, dim] -> text logits [B, text_card] (out_norm fused)."""
-        return ops.linear(x, self.text_head, norm=("rms", self.out_norm.weight, self.config.norm_eps),
-                          workspace=cache.workspace)
+    def head_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """The residual stream [B, dim] -> (rows, norm) for text_logits and depth_inputs, which both take
+        out_norm(x): where `ops.linear` would run that RMSNorm in a launch of its own, it runs here once for both
+        (rows = out_norm(x), norm None; the same rows each product would get); otherwise (rows = x, the norm) for
+        each product to fuse."""
+        norm = ("rms", self.out_norm.weight, self.config.norm_eps)
+        if ops.norm_runs_apart(ops.as_norm(norm)):
+            return ops.norm_rows(x, norm), None
+        return x, norm
 
-    def depth_inputs(self, x: torch.Tensor, cache: LMCache) -> torch.Tensor:
-        """The residual stream [B, dim] -> in_proj[k](out_norm(x)) for every codebook k, [dep_q, B, depformer_dim]:
+    def text_logits(self, rows: torch.Tensor, norm: tuple | None, cache: LMCache) -> torch.Tensor:
+        """head_inputs' (rows, norm) -> text logits [B, text_card]."""
+        return ops.linear(rows, self.text_head, norm=norm, workspace=cache.workspace)
+
+    def depth_inputs(self, rows: torch.Tensor, norm: tuple | None, cache: LMCache) -> torch.Tensor:
+        """head_inputs' (rows, norm) -> in_proj[k](out_norm(x)) for every codebook k, [dep_q, B, depformer_dim]:
         codebook-major, so that each step's rows are contiguous, as the CUDA GEMV reads them (one small copy
         for B > 1; none at B = 1)."""
         c = self.config
-        projected = ops.linear(x, self.depth_in_proj, norm=("rms", self.out_norm.weight, c.norm_eps),
-                               workspace=cache.workspace)
+        projected = ops.linear(rows, self.depth_in_proj, norm=norm, workspace=cache.workspace)
         return projected.view(-1, c.dep_q, c.depformer_dim).transpose(0, 1).contiguous()
 
     def depth_step(self, step: int, x: torch.Tensor, previous: torch.Tensor, cache: LMCache,
@@ -165,6 +193,12 @@ class FastStreamingLM:
                                     device=device)
         # Helium's embedding order: the audio streams, then text.
         self.embed_order = torch.tensor([*range(1, c.num_streams), 0], dtype=torch.long, device=device)
+        self.side = SideStream(device) if _overlap_text_sampling else None
+
+    def _sample_text(self, text_logits: torch.Tensor, out: torch.Tensor) -> None:
+        params = self.params
+        ops.sample_tokens(text_logits, params.text_temperature, params.text_top_k, params.max_text_top_k,
+                          params.seed, self.cache.frame, 0, out=out)
 
     def step(self, user_codes: torch.Tensor, exec_mask: torch.Tensor,
              forced: torch.Tensor | None = None) -> FastLMOutput:
@@ -180,13 +214,19 @@ class FastStreamingLM:
                                    self.embed_order)
         x = lm.helium(tokens, cache)
         cache.kv.advance()
-        text_logits = lm.text_logits(x, cache)
+        rows, norm = lm.head_inputs(x)
+        text_logits = lm.text_logits(rows, norm, cache)
         generated = torch.empty(1 + c.dep_q, x.shape[0], dtype=torch.long, device=x.device)
-        ops.sample_tokens(text_logits, params.text_temperature, params.text_top_k, params.max_text_top_k,
-                          params.seed, frame, 0, out=generated[0])
+        if self.side is not None:
+            with self.side.fork():
+                self._sample_text(text_logits, generated[0])
+            depth = lm.depth_inputs(rows, norm, cache)
+            self.side.join()
+        else:
+            self._sample_text(text_logits, generated[0])
+            depth = lm.depth_inputs(rows, norm, cache)
         if forced is not None:
             generated.copy_(forced.t())
-        depth = lm.depth_inputs(x, cache)
         audio_logits = torch.empty(x.shape[0], c.dep_q, c.card, dtype=x.dtype, device=x.device)
         for step in range(c.dep_q):
             logits = lm.depth_step(step, depth[step], generated[step], cache, audio_logits[:, step])

@@ -456,11 +456,11 @@ def _light_tiles(base: ConvTiles, columns: int) -> list[ConvTiles]:
             base._replace(block_r=max(16, base.block_r // 2), num_stages=stages)]
 
 
-def _with_neighbours(base: ConvTiles, neighbours: list[ConvTiles], fits, batch: int, c_in: int, c_out: int,
-                     kernel: int, stride: int, t_in: int) -> list[ConvTiles]:
-    """base, then each neighbour that `fits` (a predicate on the tiles), its split rounded by _grid, without
-    repeats."""
-    candidates = [base]
+def _with_neighbours(candidates: list[ConvTiles], neighbours: list[ConvTiles], fits, batch: int, c_in: int,
+                     c_out: int, kernel: int, stride: int, t_in: int) -> list[ConvTiles]:
+    """The candidates so far, then each neighbour that `fits` (a predicate on the tiles), its split rounded by _grid,
+    without repeats."""
+    candidates = list(candidates)
     for tiles in neighbours:
         if fits(tiles):
             tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
@@ -484,7 +484,7 @@ def _fma_candidates(base: ConvTiles, batch: int, c_in: int, c_out: int, kernel: 
                 and 2 <= tiles.block_r <= min(512, 2 * next_pow2(c_in * kernel, minimum=2))
                 and 1 <= tiles.split <= 2 * _MAX_SPLIT)
 
-    candidates = _with_neighbours(base, neighbours, fits, batch, c_in, c_out, kernel, stride, t_in)
+    candidates = _with_neighbours([base], neighbours, fits, batch, c_in, c_out, kernel, stride, t_in)
     return candidates + [_dot_plan(batch, c_in, c_out, kernel, stride, t_in)]
 
 
@@ -513,16 +513,11 @@ def conv1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int
         return (16 <= tiles.block_co <= widest_co and 16 <= tiles.block_n <= widest_n
                 and 16 <= tiles.block_r <= widest_r and 1 <= tiles.split <= 2 * _MAX_SPLIT)
 
-    candidates = _with_neighbours(base, neighbours, fits, batch, c_in, c_out, kernel, stride, t_in)[:12]
-    for tiles in _light_tiles(base, columns):
-        tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
-        if fits(tiles) and tiles not in candidates:
-            candidates.append(tiles)
-    for tiles in _wide_column_tiles(base, columns):
-        tiles = _grid(tiles, batch, c_in, c_out, kernel, stride, t_in).tiles
-        if tiles not in candidates:
-            candidates.append(tiles)
-    return candidates
+    shape = (batch, c_in, c_out, kernel, stride, t_in)
+    candidates = _with_neighbours([base], neighbours, fits, *shape)[:12]
+    candidates = _with_neighbours(candidates, _light_tiles(base, columns), fits, *shape)
+    # The wide column tiles are past widest_n on purpose.
+    return _with_neighbours(candidates, _wide_column_tiles(base, columns), lambda tiles: True, *shape)
 
 
 def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, weight: torch.Tensor,

@@ -272,13 +272,11 @@ def conv_transpose1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, k
                 base._replace(block_ci=max(16, base.block_ci // 2), num_stages=lighter,
                               split=_balanced_split(_chunks(g, max(16, base.block_ci // 2)), base.split)),
             ]
-    candidates = []
-    for tiles in variants:
-        only_pads = (tiles.block_m > next_pow2(g.rows) or tiles.block_n > next_pow2(g.cols)
-                     or (not g.depthwise and tiles.block_ci > next_pow2(g.c_in)))
-        if tiles != base and tiles not in candidates and not only_pads and _tiles_error(g, tiles) is None:
-            candidates.append(tiles)
-    return candidates
+    def pads_only(tiles: ConvTransposeTiles) -> bool:
+        return (tiles.block_m > next_pow2(g.rows) or tiles.block_n > next_pow2(g.cols)
+                or (not g.depthwise and tiles.block_ci > next_pow2(g.c_in)))
+
+    return _distinct_valid(g, base, variants, lambda tiles: not pads_only(tiles))
 
 
 def _fma_candidates(g: _Geometry, base: ConvTransposeTiles, dot_plan: ConvTransposeTiles) -> list[ConvTransposeTiles]:
@@ -293,11 +291,20 @@ def _fma_candidates(g: _Geometry, base: ConvTransposeTiles, dot_plan: ConvTransp
         base._replace(block_ci=base.block_ci * 2, split=_balanced_split(_chunks(g, base.block_ci * 2), base.split)),
         base._replace(num_warps=2), base._replace(num_warps=8), base._replace(num_stages=2), dot_plan,
     ]
+    def fits(tiles: ConvTransposeTiles) -> bool:
+        return (tiles.block_m <= 2 * next_pow2(g.rows, minimum=2)
+                and tiles.block_ci <= 2 * next_pow2(g.c_in, minimum=2))
+
+    return _distinct_valid(g, base, variants, fits)
+
+
+def _distinct_valid(g: _Geometry, base: ConvTransposeTiles, variants: list[ConvTransposeTiles],
+                    keep) -> list[ConvTransposeTiles]:
+    """The variants other than base that `keep` (a predicate on the tiles) and that can run (_tiles_error), in
+    order, without repeats."""
     candidates = []
     for tiles in variants:
-        fits = (tiles.block_m <= 2 * next_pow2(g.rows, minimum=2)
-                and tiles.block_ci <= 2 * next_pow2(g.c_in, minimum=2))
-        if tiles != base and tiles not in candidates and fits and _tiles_error(g, tiles) is None:
+        if tiles != base and tiles not in candidates and keep(tiles) and _tiles_error(g, tiles) is None:
             candidates.append(tiles)
     return candidates
 

@@ -217,14 +217,12 @@ class FastStreamingLM:
         rows, norm = lm.head_inputs(x)
         text_logits = lm.text_logits(rows, norm, cache)
         generated = torch.empty(1 + c.dep_q, x.shape[0], dtype=torch.long, device=x.device)
-        if self.side is not None:
-            with self.side.fork():
-                self._sample_text(text_logits, generated[0])
-            depth = lm.depth_inputs(rows, norm, cache)
-            self.side.join()
-        else:
+        # With a side stream the text token is drawn while the input projection runs; without, before it.
+        with self.side.fork() if self.side is not None else contextlib.nullcontext():
             self._sample_text(text_logits, generated[0])
-            depth = lm.depth_inputs(rows, norm, cache)
+        depth = lm.depth_inputs(rows, norm, cache)
+        if self.side is not None:
+            self.side.join()
         if forced is not None:
             generated.copy_(forced.t())
         audio_logits = torch.empty(x.shape[0], c.dep_q, c.card, dtype=x.dtype, device=x.device)

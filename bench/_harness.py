@@ -178,11 +178,11 @@ def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs
         return fn(*args, **kwargs)
 
 
-def with_overlapped_text_sampling(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the text token drawn on a second stream while the depth transformer's input
-    projection runs (moshi_fast.fast.lm.overlap_text_sampling; steps and graphs built inside keep it), timed beside
-    the default in the same run."""
-    with overlap_text_sampling():
+def with_serial_text_sampling(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the text token drawn before the depth transformer's input projection, on the step's
+    own stream (moshi_fast.fast.lm.overlap_text_sampling(False), the previous default; steps and graphs built inside
+    keep it), timed beside the default in the same run."""
+    with overlap_text_sampling(False):
         return fn(*args, **kwargs)
 
 
@@ -212,8 +212,8 @@ VARIANTS = (
             "with the depth transformer's RMSNorms past 8 rows fused into the CUDA GEMV"),
     Variant("--late-depth-attention-trigger", "fast_late_depth_attention_trigger", with_late_depth_attention_trigger,
             "with the depth attention starting the next kernel after its wait"),
-    Variant("--overlap-text-sampling", "fast_overlap_text_sampling", with_overlapped_text_sampling,
-            "with the text token drawn on a second stream while the depth transformer's input projection runs"),
+    Variant("--serial-text-sampling", "fast_serial_text_sampling", with_serial_text_sampling,
+            "with the text token drawn before the depth transformer's input projection, not beside it"),
     # Last (variant_runs times it after the KV-cache run): a kernel not yet proven on a GPU, whose fault would fail
     # every run after it in this process.
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,

@@ -52,7 +52,7 @@ VARIANT_LABELS = {"fast_no_pdl": "without programmatic dependent launch",
                   "fast_depth_gemv_fused_norms": "with the depth transformer's RMSNorms past 8 rows fused",
                   "fast_late_depth_attention_trigger":
                       "with the depth attention starting the next kernel after its wait",
-                  "fast_overlap_text_sampling": "with the text token drawn beside the depth input projection",
+                  "fast_serial_text_sampling": "with the text token drawn before the depth input projection",
                   "fast_compare_table": "with the --compare-table launch plans"}
 """How the summary names the variants of bench._harness.variant_runs (the KV-cache one is printed with its memory)."""
 BUDGET_MS = 80.0

@@ -35,14 +35,14 @@ def test_no_flag_adds_no_run():
 def test_each_flag_runs_its_variant_under_its_setting():
     runs = dict(_runs(["--without-pdl", "--helium-cuda-gemv", "--triton-sampling", "--cuda-depth-step",
                        "--fused-norms", "--conv-tensor-cores", "--depth-triton-linears", "--depth-gemv-fused-norms",
-                       "--overlap-text-sampling", "--kv-cache", "fp8"]))
+                       "--serial-text-sampling", "--kv-cache", "fp8"]))
     assert list(runs) == ["fast_no_pdl", "fast_helium_cuda_gemv", "fast_triton_sampling", "fast_fused_norms",
                           "fast_conv_tensor_cores", "fast_depth_triton_linears", "fast_depth_gemv_fused_norms",
-                          "fast_overlap_text_sampling", "fast_kv_fp8", "fast_cuda_depth_step"]
+                          "fast_serial_text_sampling", "fast_kv_fp8", "fast_cuda_depth_step"]
     defaults = {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
                 "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
                 "helium_cuda_gemv": False, "fma_convs": True, "depth_gemv_many_rows": True,
-                "depth_gemv_fused_norms": False, "overlap_text_sampling": False}
+                "depth_gemv_fused_norms": False, "overlap_text_sampling": True}
     assert runs["fast_no_pdl"]() == {"name": "fast_no_pdl", "kv_dtype": None, **defaults, "pdl": False}
     assert runs["fast_helium_cuda_gemv"]() == {"name": "fast_helium_cuda_gemv", "kv_dtype": None, **defaults,
                                                "helium_cuda_gemv": True}
@@ -58,8 +58,8 @@ def test_each_flag_runs_its_variant_under_its_setting():
                                                    "depth_gemv_many_rows": False}
     assert runs["fast_depth_gemv_fused_norms"]() == {"name": "fast_depth_gemv_fused_norms", "kv_dtype": None,
                                                      **defaults, "depth_gemv_fused_norms": True}
-    assert runs["fast_overlap_text_sampling"]() == {"name": "fast_overlap_text_sampling", "kv_dtype": None,
-                                                    **defaults, "overlap_text_sampling": True}
+    assert runs["fast_serial_text_sampling"]() == {"name": "fast_serial_text_sampling", "kv_dtype": None,
+                                                   **defaults, "overlap_text_sampling": False}
     assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn, **defaults}
     assert {key: value for key, value in _settings(None, None).items() if key in defaults} == defaults
 

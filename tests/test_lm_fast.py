@@ -297,33 +297,36 @@ def test_head_inputs_norm_once_for_both_heads_and_change_nothing():
 
 
 def test_overlapped_text_sampling_draws_the_reference_tokens():
-    """With the text token drawn on a second stream (a no-op on the CPU, where the work stays in order), the step
-    is unchanged: the reference's tokens and logits with slots skipping frames and restarting."""
-    with overlap_text_sampling():
-        runner = FastLMRunner(build(tiny().lm), 2, sampling_params(2), torch.device("cpu"))
-        assert isinstance(runner.generator.side, SideStream)
+    """With the text token drawn on a second stream (the default; a no-op on the CPU, where the work stays in order)
+    or before the projection, the step is unchanged: the reference's tokens and logits with slots skipping frames and
+    restarting."""
+    runner = FastLMRunner(build(tiny().lm), 2, sampling_params(2), torch.device("cpu"))
+    assert isinstance(runner.generator.side, SideStream)
+    compare_streams(tiny().lm, frames=6, batch=3, kernels=False, greedy=False)
+    with overlap_text_sampling(False):
+        assert FastLMRunner(build(tiny().lm), 2, sampling_params(2), torch.device("cpu")).generator.side is None
         compare_streams(tiny().lm, frames=6, batch=3, kernels=False, greedy=False)
-    assert FastLMRunner(build(tiny().lm), 2, sampling_params(2), torch.device("cpu")).generator.side is None
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 4])
 def test_overlapped_text_sampling_is_bitwise_the_same_step_in_a_graph(batch):
     """Moshi's real shapes (two Helium layers), bf16, sampling on: the graph whose text sampling is a parallel branch
-    gives the tokens and logits of the default graph, bit for bit, frame after frame."""
+    (the default) gives the tokens and logits of the graph that samples before the projection, bit for bit, frame
+    after frame."""
     config = dataclasses.replace(moshiko().lm, num_layers=2)
     device = torch.device("cuda")
     lm = build(config, torch.bfloat16, device)
     params = sampling_params(batch, device, top_k_text=25, top_k=250)
-    default = FastLMRunner(lm, batch, params, device)
-    with overlap_text_sampling():
-        overlapped = FastLMRunner(lm, batch, params, device)
-    assert overlapped.generator.side is not None and default.generator.side is None
+    overlapped = FastLMRunner(lm, batch, params, device)
+    with overlap_text_sampling(False):
+        serial = FastLMRunner(lm, batch, params, device)
+    assert overlapped.generator.side is not None and serial.generator.side is None
     mask = torch.ones(batch, dtype=torch.bool, device=device)
     codes = torch.randint(0, config.card, (16, batch, config.dep_q), device=device)
     with torch.no_grad():
         for t in range(16):
-            theirs = default.step(codes[t], mask)
+            theirs = serial.step(codes[t], mask)
             ours = overlapped.step(codes[t], mask)
             for name in ("tokens", "valid", "text_logits", "audio_logits"):
                 assert torch.equal(getattr(ours, name), getattr(theirs, name)), (t, name)

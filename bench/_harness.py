@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from moshi_fast import cuda_ext, ops
+from moshi_fast import ops
 from moshi_fast.engine import KV_CACHE_DTYPES
 from moshi_fast.fast.lm import overlap_text_sampling
 from moshi_fast.kernels import conv1d_stream, conv_transpose1d_stream, depth_attention, tuned
@@ -186,14 +186,6 @@ def with_serial_text_sampling(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def with_dense_gemv_blocks(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the CUDA GEMV's dense instance (registers capped for three 8-warp blocks an SM)
-    wherever a call fits it (cuda_ext.GEMV_BLOCKS_PER_SM 0; graphs captured inside keep it), timed beside the
-    default in the same run."""
-    with _attribute(cuda_ext, "GEMV_BLOCKS_PER_SM", 0):
-        return fn(*args, **kwargs)
-
-
 class Variant(NamedTuple):
     """A same-run variant of the fast engine: its command-line flag, its run's name and the wrapper that runs a
     timing call under its setting; what_it_times completes "also time <subject> ..." in the flag's help."""
@@ -222,8 +214,6 @@ VARIANTS = (
             "with the depth attention starting the next kernel after its wait"),
     Variant("--serial-text-sampling", "fast_serial_text_sampling", with_serial_text_sampling,
             "with the text token drawn before the depth transformer's input projection, not beside it"),
-    Variant("--dense-gemv-blocks", "fast_dense_gemv_blocks", with_dense_gemv_blocks,
-            "with the CUDA GEMV's register-capped instance of three blocks an SM wherever a call fits it"),
     # Last (variant_runs times it after the KV-cache run): a kernel not yet proven on a GPU, whose fault would fail
     # every run after it in this process.
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,

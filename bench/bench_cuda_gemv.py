@@ -112,10 +112,9 @@ def _cublas(x, weights, res, norm, gated):
     return _in_turn(fused, weights)
 
 
-def _cuda(x, weights, res, out, norm, gated, warps=0, blocks_per_sm=None):
+def _cuda(x, weights, res, out, norm, gated, warps=0):
     norm = None if norm is None else (norm, EPS)
-    return _in_turn(lambda weight: cuda_ext.gemv(x, weight, res, out, warps, norm=norm, gated=gated,
-                                                 blocks_per_sm=blocks_per_sm), weights)
+    return _in_turn(lambda weight: cuda_ext.gemv(x, weight, res, out, warps, norm=norm, gated=gated), weights)
 
 
 @pytest.mark.parametrize("provider", ["cuda", "triton", "cublas"])
@@ -147,19 +146,3 @@ def test_gemv_warps_per_block(measure, device, shape, rows, warps):
     measure(_cuda(x, weights, res, out, norm, gated, warps), moved, _cublas(x, weights, res, norm, gated),
             op="gemv cuda", shape=f"{shape} warps {warps}", batch=rows, rows=rows, dtype="bfloat16",
             warps_per_block=warps)
-
-
-@pytest.mark.parametrize("shape, rows", [(shape, rows) for shape in SHAPES if shape.startswith("dep") for rows in ROWS])
-def test_gemv_dense_instance(measure, device, shape, rows):
-    """The dense instance (registers capped for cuda_ext.GEMV_DENSE_BLOCKS_PER_SM blocks an SM) at the depth
-    transformer's shapes, with the instance of one 16-warp block an SM timed beside it (one_block_us)."""
-    k = SHAPES[shape][0]
-    if cuda_ext.gemv_default_warps(k, rows) > cuda_ext.GEMV_DENSE_MAX_WARPS:
-        pytest.skip(f"K = {k} takes more warps a block than the dense instance holds")
-    x, weights, res, out, moved, norm, gated = _operands(device, shape, rows)
-    dense = _cuda(x, weights, res, out, norm, gated, blocks_per_sm=cuda_ext.GEMV_DENSE_BLOCKS_PER_SM)
-    extra = measure(dense, moved, _cublas(x, weights, res, norm, gated), op="gemv cuda dense", shape=shape,
-                    batch=rows, rows=rows, dtype="bfloat16")
-    one_block_seconds = graph_time(_cuda(x, weights, res, out, norm, gated, blocks_per_sm=1))
-    measure.benchmark.extra_info.update(one_block_us=one_block_seconds * 1e6,
-                                        speedup_vs_one_block=one_block_seconds * 1e6 / extra["us"])

@@ -40,11 +40,9 @@ void check_output_shape(const at::Tensor& tensor, const char* name, int64_t rows
 // and eps first; gated, the weight holds the gate rows then the up rows and out = silu(gate) * up. warps_per_block 0
 // takes the default split of each tile's K (skinny_gemv_default_warps); 1..16 forces one, for measuring.
 // programmatic: launch with programmatic dependent launch (the caller checks that the device supports it).
-// blocks_per_sm: 0 takes the dense instance (kGemvDenseBlocksPerSm blocks an SM) wherever the launch fits it
-// (gemv_dense_fits), 1 the instance of one block an SM, kGemvDenseBlocksPerSm the dense one (the launch must fit it).
 void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                at::Tensor& out, int64_t warps_per_block, const std::optional<at::Tensor>& norm_weight, double eps,
-               bool gated, bool programmatic, int64_t blocks_per_sm) {
+               bool gated, bool programmatic) {
   TORCH_CHECK_VALUE(x.is_cuda(), "gemv_bf16 runs on CUDA tensors; x is on ", x.device());
   check_matrix(x, "x", x);
   check_matrix(weight, "weight", x);
@@ -95,11 +93,6 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
   const int warps = warps_per_block > 0
                         ? static_cast<int>(warps_per_block)
                         : skinny_gemv_default_warps(static_cast<int>(k), static_cast<int>(rows));
-  const bool dense_fits = gemv_dense_fits(static_cast<int>(rows), warps);
-  TORCH_CHECK_VALUE(blocks_per_sm == 0 || blocks_per_sm == 1 || (blocks_per_sm == kGemvDenseBlocksPerSm && dense_fits),
-                    "gemv_bf16: blocks_per_sm must be 0 (dense where it fits), 1, or ", kGemvDenseBlocksPerSm,
-                    " at most ", kGemvGroupRows, " rows and ", kGemvDenseMaxWarps, " warps a block, got ",
-                    blocks_per_sm, " at ", rows, " rows and ", warps, " warps");
   const SkinnyGemvArgs args{
       reinterpret_cast<const __nv_bfloat16*>(x.const_data_ptr()),
       reinterpret_cast<const __nv_bfloat16*>(weight.const_data_ptr()),
@@ -112,8 +105,7 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
       static_cast<int>(n),
       static_cast<int>(k),
   };
-  const bool dense = blocks_per_sm == kGemvDenseBlocksPerSm || (blocks_per_sm == 0 && dense_fits);
-  C10_CUDA_CHECK(launch_skinny_gemv_bf16(args, warps, c10::cuda::getCurrentCUDAStream(), programmatic, dense));
+  C10_CUDA_CHECK(launch_skinny_gemv_bf16(args, warps, c10::cuda::getCurrentCUDAStream(), programmatic));
 }
 
 }  // namespace

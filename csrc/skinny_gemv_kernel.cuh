@@ -77,21 +77,6 @@ constexpr int kGemvMaxWarps = 16;
 // and whose partials [groups][warps][32] float4 stay within 32 KB of static shared memory.
 __host__ __device__ constexpr int gemv_max_warps(int groups) { return groups <= 2 ? kGemvMaxWarps : kGemvMaxWarps / 2; }
 
-// Blocks an SM the dense instances are built to hold (one column group, at most kGemvDenseMaxWarps warps): their
-// registers are capped (80 a thread) so that three blocks of 8 warps share an SM where the default instances, at
-// 86-94 registers, fit two. The depth transformer's gate_up at one to 8 rows (352 tiles) then runs in one wave on
-// 132 SMs instead of 264 blocks and a second wave of 88. Same arithmetic, the same results bit for bit.
-constexpr int kGemvDenseBlocksPerSm = 3;
-constexpr int kGemvDenseMaxWarps = 8;
-
-// Warps a block of an instance holds at most: the dense instances' cap, else gemv_max_warps.
-__host__ __device__ constexpr int gemv_instance_warps(int groups, int blocks_per_sm) {
-  return blocks_per_sm == kGemvDenseBlocksPerSm ? kGemvDenseMaxWarps : gemv_max_warps(groups);
-}
-
-// Whether a launch of this many rows and warps a block can take a dense instance.
-inline bool gemv_dense_fits(int rows, int warps) { return rows <= kGemvGroupRows && warps <= kGemvDenseMaxWarps; }
-
 // Column groups of a launch: the fewest powers of two covering `rows` (each a template instance).
 inline int gemv_groups(int rows) {
   int groups = 1;
@@ -307,16 +292,13 @@ __device__ __forceinline__ float2 tile_element_sums(const float4 (*partials)[32]
   return sums;
 }
 
-template <bool kNorm, bool kGated, int kGroups, int kBlocksPerSm>
-__global__ void __launch_bounds__(gemv_instance_warps(kGroups, kBlocksPerSm) * 32, kBlocksPerSm)
-    skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
+template <bool kNorm, bool kGated, int kGroups>
+__global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
   static_assert(kGroups >= 1 && kGroups <= kGemvMaxGroups && (kGroups & (kGroups - 1)) == 0,
                 "column groups: a power of two up to kGemvMaxGroups");
-  static_assert(kBlocksPerSm == 1 || (kBlocksPerSm == kGemvDenseBlocksPerSm && kGroups == 1),
-                "one block an SM, or the dense instance of one column group");
   // Output columns a block owns: its 16 weight rows, or (gated) their 8 gate-and-up pairs.
   constexpr int kTileColumns = kGated ? kGemvTileRows / 2 : kGemvTileRows;
-  constexpr int kWarpsMax = gemv_instance_warps(kGroups, kBlocksPerSm);
+  constexpr int kWarpsMax = gemv_max_warps(kGroups);
   __shared__ float4 warp_partials[kGroups][kWarpsMax][32];
   __shared__ float row_scales[kGroups * kGemvGroupRows];
   const int lane = threadIdx.x % 32;
@@ -432,15 +414,14 @@ inline int skinny_gemv_default_warps(int k, int rows = 1) {
 
 namespace detail {
 
-template <bool kNorm, bool kGated, int kGroups, int kBlocksPerSm = 1>
+template <bool kNorm, bool kGated, int kGroups>
 cudaError_t launch_instance(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
-  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated, kGroups, kBlocksPerSm>,
-                       dim3(skinny_gemv_tiles(args.n, args.gated)), dim3(warps * 32), stream, programmatic, args);
+  return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated, kGroups>, dim3(skinny_gemv_tiles(args.n, args.gated)),
+                       dim3(warps * 32), stream, programmatic, args);
 }
 
 template <bool kNorm, bool kGated>
-cudaError_t launch_groups(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic, bool dense) {
-  if (dense) return launch_instance<kNorm, kGated, 1, kGemvDenseBlocksPerSm>(args, warps, stream, programmatic);
+cudaError_t launch_groups(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
   switch (gemv_groups(args.rows)) {
     case 1:
       return launch_instance<kNorm, kGated, 1>(args, warps, stream, programmatic);
@@ -458,15 +439,14 @@ cudaError_t launch_groups(const SkinnyGemvArgs& args, int warps, cudaStream_t st
 // Launches on `stream` (no allocation, no synchronisation: graph-capturable); rows in 1..kGemvMaxRows, warps in
 // 1..gemv_max_warps(gemv_groups(rows)).
 // programmatic: a programmatic dependent launch (Hopper and later), which the kernel's await_previous_kernel makes
-// safe after any kernel. dense: the instance built for kGemvDenseBlocksPerSm blocks an SM, which only launches that
-// gemv_dense_fits (the caller checks).
+// safe after any kernel.
 inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream,
-                                           bool programmatic, bool dense = false) {
+                                           bool programmatic) {
   const bool norm = args.norm_weight != nullptr;
-  if (norm && args.gated) return detail::launch_groups<true, true>(args, warps, stream, programmatic, dense);
-  if (norm) return detail::launch_groups<true, false>(args, warps, stream, programmatic, dense);
-  if (args.gated) return detail::launch_groups<false, true>(args, warps, stream, programmatic, dense);
-  return detail::launch_groups<false, false>(args, warps, stream, programmatic, dense);
+  if (norm && args.gated) return detail::launch_groups<true, true>(args, warps, stream, programmatic);
+  if (norm) return detail::launch_groups<true, false>(args, warps, stream, programmatic);
+  if (args.gated) return detail::launch_groups<false, true>(args, warps, stream, programmatic);
+  return detail::launch_groups<false, false>(args, warps, stream, programmatic);
 }
 
 }  // namespace moshi_fast

@@ -116,8 +116,7 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
          out: torch.Tensor | None = None, warps_per_block: int = 0, *,
-         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
-         blocks_per_sm: int | None = None) -> torch.Tensor:
+         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False) -> torch.Tensor:
     """out = act(norm(x) @ weight.T) (+ residual) by the extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh); the spec is `gemv_ref`.
 
@@ -128,12 +127,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     silu(gate) * up of the weight's two halves, fused. fp32 accumulation, rounded once. Launched with programmatic
     dependent launch where `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read once. Graph-safe
     with `out` given (the launch allocates nothing and does not synchronise). `warps_per_block`
-    (1..gemv_max_warps(M)) overrides how many warps split each 16-row tile's K (0: the default). `blocks_per_sm`
-    (None: GEMV_BLOCKS_PER_SM) picks the kernel's instance: GEMV_DENSE_BLOCKS_PER_SM for the one whose registers are
-    capped so that that many blocks share an SM (at most GEMV_GROUP_ROWS rows and GEMV_DENSE_MAX_WARPS warps a
-    block), 1 for the one of one 16-warp block an SM, 0 for the dense one wherever the call fits it. The same
-    results, bit for bit. Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad
-    arguments."""
+    (1..gemv_max_warps(M)) overrides how many warps split each 16-row tile's K (0: the default).
+    Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
     from .kernels._utils import pdl
 
@@ -142,11 +137,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
         columns = weight.shape[0] // 2 if gated else weight.shape[0]
         out = torch.empty(x.shape[0], columns, dtype=x.dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (None, 0.0)
-    if blocks_per_sm is None:
-        blocks_per_sm = GEMV_BLOCKS_PER_SM
-    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated, blocks_per_sm)
+    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated)
     torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated,
-                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()), blocks_per_sm)
+                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()))
     return out
 
 
@@ -156,28 +149,12 @@ GEMV_MAX_ROWS = 8 * GEMV_GROUP_ROWS
 MAX_ROWS = GEMV_GROUP_ROWS
 """The depth step's batch at most: one column group."""
 MAX_WARPS = 16
-GEMV_DENSE_BLOCKS_PER_SM = 3
-"""Blocks an SM the GEMV's dense instances are built for (csrc/skinny_gemv_kernel.cuh's kGemvDenseBlocksPerSm)."""
-GEMV_DENSE_MAX_WARPS = 8
-"""Warps a block of the dense instances at most."""
-GEMV_BLOCKS_PER_SM = 1
-"""`gemv`'s default instance choice (its blocks_per_sm): 1, the instance of one 16-warp block an SM."""
 
 
 def gemv_max_warps(rows: int) -> int:
     """The most warps a GEMV block may split K across at this many rows: 16 up to two column groups (16 rows), else
     8 (whose blocks may take the registers of 4 and 8 column groups), as csrc/skinny_gemv_kernel.cuh's."""
     return MAX_WARPS if rows <= 2 * GEMV_GROUP_ROWS else MAX_WARPS // 2
-
-
-GEMV_STEP_K = 128
-"""K elements a GEMV warp multiplies a step (csrc/skinny_gemv_kernel.cuh's kGemvStepK)."""
-
-
-def gemv_default_warps(k: int, rows: int) -> int:
-    """The warps a GEMV block splits its tile's K across by default: one a K step, up to gemv_max_warps(rows), as
-    csrc/skinny_gemv_kernel.cuh's skinny_gemv_default_warps."""
-    return min(-(-k // GEMV_STEP_K), gemv_max_warps(rows))
 
 
 SAMPLE_MAX_CANDIDATES = 1024
@@ -372,7 +349,7 @@ def _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, d
             raise ValueError(f"sample_tokens: {name} must be [{batch}], got {list(tensor.shape)}")
 
 
-def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False, blocks_per_sm=0) -> None:
+def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False) -> None:
     """The op's argument checks, made here first: on an H200 (torch 2.11) one of the op's own C++ checks
     crashed the process instead of raising (a c10::ValueError thrown before any launch, in a test of bad
     arguments; cause not established), so no invalid call reaches it."""
@@ -426,10 +403,4 @@ def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gat
     if not 0 <= warps_per_block <= gemv_max_warps(rows):
         raise ValueError(f"gemv_bf16: warps_per_block must be 0 (the default) or 1 to {gemv_max_warps(rows)} at "
                          f"{rows} rows, got {warps_per_block}")
-    warps = warps_per_block or gemv_default_warps(k, rows)
-    dense_fits = rows <= GEMV_GROUP_ROWS and warps <= GEMV_DENSE_MAX_WARPS
-    if blocks_per_sm not in (0, 1) and not (blocks_per_sm == GEMV_DENSE_BLOCKS_PER_SM and dense_fits):
-        raise ValueError(f"gemv_bf16: blocks_per_sm must be 0 (dense where it fits), 1, or {GEMV_DENSE_BLOCKS_PER_SM} "
-                         f"at most {GEMV_GROUP_ROWS} rows and {GEMV_DENSE_MAX_WARPS} warps a block, got "
-                         f"{blocks_per_sm} at {rows} rows and {warps} warps")
 

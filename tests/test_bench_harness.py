@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench._harness import add_variant_options, kept_runs, strict_fp32, variant_runs
-from moshi_fast import cuda_ext, ops
+from moshi_fast import ops
 from moshi_fast.fast import lm as fast_lm
 from moshi_fast.kernels import _utils, conv1d_stream, conv_transpose1d_stream, tuned
 
@@ -19,8 +19,7 @@ def _settings(name, kv_dtype):
             "fma_convs": conv1d_stream.FMA_MAX_COLUMNS > 0 and conv_transpose1d_stream.FMA_MAX_COLUMNS > 0,
             "depth_gemv_many_rows": bool(ops.CUDA_GEMV_MANY_ROWS_SHAPES),
             "depth_gemv_fused_norms": (3072, 1024, "rms") in ops.CUDA_GEMV_MANY_ROWS_SHAPES,
-            "overlap_text_sampling": fast_lm._overlap_text_sampling,
-            "gemv_blocks_per_sm": cuda_ext.GEMV_BLOCKS_PER_SM}
+            "overlap_text_sampling": fast_lm._overlap_text_sampling}
 
 
 def _runs(argv):
@@ -36,16 +35,14 @@ def test_no_flag_adds_no_run():
 def test_each_flag_runs_its_variant_under_its_setting():
     runs = dict(_runs(["--without-pdl", "--helium-cuda-gemv", "--triton-sampling", "--cuda-depth-step",
                        "--fused-norms", "--conv-tensor-cores", "--depth-triton-linears", "--depth-gemv-fused-norms",
-                       "--serial-text-sampling", "--dense-gemv-blocks", "--kv-cache", "fp8"]))
+                       "--serial-text-sampling", "--kv-cache", "fp8"]))
     assert list(runs) == ["fast_no_pdl", "fast_helium_cuda_gemv", "fast_triton_sampling", "fast_fused_norms",
                           "fast_conv_tensor_cores", "fast_depth_triton_linears", "fast_depth_gemv_fused_norms",
-                          "fast_serial_text_sampling", "fast_dense_gemv_blocks", "fast_kv_fp8",
-                          "fast_cuda_depth_step"]
+                          "fast_serial_text_sampling", "fast_kv_fp8", "fast_cuda_depth_step"]
     defaults = {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
                 "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
                 "helium_cuda_gemv": False, "fma_convs": True, "depth_gemv_many_rows": True,
-                "depth_gemv_fused_norms": False, "overlap_text_sampling": True,
-                "gemv_blocks_per_sm": 1}
+                "depth_gemv_fused_norms": False, "overlap_text_sampling": True}
     assert runs["fast_no_pdl"]() == {"name": "fast_no_pdl", "kv_dtype": None, **defaults, "pdl": False}
     assert runs["fast_helium_cuda_gemv"]() == {"name": "fast_helium_cuda_gemv", "kv_dtype": None, **defaults,
                                                "helium_cuda_gemv": True}
@@ -63,8 +60,6 @@ def test_each_flag_runs_its_variant_under_its_setting():
                                                      **defaults, "depth_gemv_fused_norms": True}
     assert runs["fast_serial_text_sampling"]() == {"name": "fast_serial_text_sampling", "kv_dtype": None,
                                                    **defaults, "overlap_text_sampling": False}
-    assert runs["fast_dense_gemv_blocks"]() == {"name": "fast_dense_gemv_blocks", "kv_dtype": None, **defaults,
-                                                "gemv_blocks_per_sm": 0}
     assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn, **defaults}
     assert {key: value for key, value in _settings(None, None).items() if key in defaults} == defaults
 

@@ -313,11 +313,6 @@ def test_gemv_max_warps_follows_the_column_groups():
     assert [cuda_ext.gemv_max_warps(rows) for rows in (1, 8, 9, 16, 17, 64)] == [16, 16, 16, 16, 8, 8]
 
 
-def test_gemv_default_warps_take_a_k_step_each_up_to_the_most():
-    assert [cuda_ext.gemv_default_warps(k, 1) for k in (64, 128, 129, 1024, 2816, 4096)] == [1, 1, 2, 8, 16, 16]
-    assert cuda_ext.gemv_default_warps(4096, 17) == 8
-
-
 @pytest.mark.gpu
 def test_allocates_out_and_is_deterministic(extension):
     x, weight, _, _ = operands(8, 4096, 11264, None)
@@ -354,34 +349,6 @@ def test_cuda_graph_replay_equals_eager(extension):
     assert torch.equal(hidden, expected)
 
 
-DENSE_SHAPES = [(40, 72, 0), (200, 1032, 4), (3 * _LM.depformer_dim, _LM.depformer_dim, 0),
-                (2 * _LM.depformer_hidden, _LM.depformer_dim, 0), (_LM.depformer_dim, _LM.depformer_dim, 0),
-                (_LM.card, _LM.depformer_dim, 0)]
-"""(weight rows, K, warps a block): partial tiles and K steps (4 warps: 9 K steps take 9 by default, more than the
-dense instance holds), and the depth transformer's qkv, gate_up, out and head."""
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fusion", ["plain", "residual", "rms", "rms+gated"])
-@pytest.mark.parametrize("n, k, warps", DENSE_SHAPES, ids=[_shape_id(shape) for shape in DENSE_SHAPES])
-@pytest.mark.parametrize("m", [1, 5, 8])
-def test_dense_instance_is_bitwise_the_one_block_instance(extension, m, n, k, warps, fusion):
-    """The register-capped instance of three blocks an SM, chosen or taken where it fits (blocks_per_sm 3 and 0),
-    gives the one-block instance's results bit for bit, each rounded once from the exact product."""
-    x, weight, res, _ = operands(m, n, k, "separate" if fusion == "residual" else None)
-    gated = "gated" in fusion
-    norm = ((1 + 0.5 * torch.randn(k, device="cuda")).bfloat16(), 1e-8) if "rms" in fusion else None
-    columns = n // 2 if gated else n
-    results = {}
-    for blocks_per_sm in (1, cuda_ext.GEMV_DENSE_BLOCKS_PER_SM, 0):
-        out = torch.full((m, columns), float("nan"), device="cuda", dtype=torch.bfloat16)
-        results[blocks_per_sm] = cuda_ext.gemv(x, weight, res, out, warps, norm=norm, gated=gated,
-                                               blocks_per_sm=blocks_per_sm)
-    assert_rounded_once(results[1], exact_fused(x, weight, norm, gated, res))
-    assert torch.equal(results[cuda_ext.GEMV_DENSE_BLOCKS_PER_SM], results[1])
-    assert torch.equal(results[0], results[1])
-
-
 def _bad_calls():
     """(changes to the good arguments, error, message); good: x [3, 64], weight [40, 64], out [3, 40]."""
     def misaligned(ok):
@@ -405,11 +372,6 @@ def _bad_calls():
         pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(33, 64), out=ok["out"].new_zeros(33, 40),
                                      warps_per_block=16),
                      ValueError, "1 to 8 at 33 rows", id="16-warps-at-33-rows"),
-        pytest.param(lambda ok: dict(ok, blocks_per_sm=2), ValueError, "blocks_per_sm must be", id="two-blocks-an-sm"),
-        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(9, 64), out=ok["out"].new_zeros(9, 40), blocks_per_sm=3),
-                     ValueError, "blocks_per_sm .* at 9 rows", id="dense-at-9-rows"),
-        pytest.param(lambda ok: dict(ok, warps_per_block=9, blocks_per_sm=3), ValueError,
-                     "blocks_per_sm .* and 9 warps", id="dense-with-9-warps"),
         pytest.param(lambda ok: dict(ok, weight=ok["weight"].new_zeros(40, 72)), ValueError,
                      "do not match along K", id="k-mismatch"),
         pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(3, 60), weight=ok["weight"].new_zeros(40, 60)),

@@ -10,10 +10,11 @@ One frame for B slots (`FastStreamingLM.step`), the launches in order, at Moshi'
                                             write, window) -> linear out (+ residual, in place) ->
                                             linear gate_up (RMSNorm, SiLU gate) -> linear down (+ residual)
     norm_rows out_norm                      once for both heads below (where the RMSNorm runs apart)
-    linear text head                        text logits [B, 32000] -> sample_tokens -> text token
+    linear text head                        text logits [B, 32000]
     linear depth in_proj, all 8 codebooks   h = out_norm(x) projected once for every codebook step;
-                                            inside overlap_text_sampling() the text token is drawn on a
-                                            second stream meanwhile (a parallel branch of the graph)
+                                            sample_tokens draws the text token on a second stream meanwhile
+                                            (a parallel branch of the graph; before the projection, on the
+                                            step's stream, inside overlap_text_sampling(False))
     8 x depth step k                        embed_sum adds the previous token's embedding; 6 layers of
                                             linear qkv (RMSNorm) -> depth_attention over steps 0..k ->
                                             linear out (+res) -> linear gate_up (RMSNorm, SiLU) ->

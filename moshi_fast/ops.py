@@ -164,11 +164,12 @@ _attention_l2_request = False
 @contextlib.contextmanager
 def attention_l2_request(enabled: bool = True):
     """Inside the block (and in CUDA graphs captured inside it), `paged_attention` asks L2 for the weight its caller
-    names as next_weight while the attention's keys and values stream (evict-first), so that the next product
-    (Helium's attention output, 33.6 MB, which fits the H100's and H200's 50 MB L2) may read it from L2: the
-    attention streams at about 68% of its byte floor at one conversation (bench/RESULTS.md), and its launch, its
-    combine and its last programs leave DRAM idle that the request can fill. Off by default until measured;
-    bench_frame.py and bench_lm_step.py time it beside the default with --attention-l2-request."""
+    names as next_weight, each program its share once it has read its keys and values (which then load
+    evict-first), so that the next product (Helium's attention output, 33.6 MB, which fits the H100's and H200's 50
+    MB L2) may read it from L2: the attention streams at about 68% of its byte floor at one conversation
+    (bench/RESULTS.md), and its launch, its combine and its last programs leave DRAM idle that the request can fill.
+    Off by default until measured; bench_frame.py and bench_lm_step.py time it beside the default with
+    --attention-l2-request."""
     global _attention_l2_request
     saved, _attention_l2_request = _attention_l2_request, enabled
     try:

@@ -351,3 +351,24 @@ def test_overlapped_text_sampling_is_bitwise_the_same_step_in_a_graph(batch):
             ours = overlapped.step(codes[t], mask)
             for name in ("tokens", "valid", "text_logits", "audio_logits"):
                 assert torch.equal(getattr(ours, name), getattr(theirs, name)), (t, name)
+
+
+@pytest.mark.gpu
+def test_overlapped_text_sampling_runs_eagerly_as_in_its_graph():
+    """The eager switch (no graph; the side stream's fork and join as real stream waits) gives the captured graph's
+    tokens and logits bit for bit, Moshi's real shapes with two Helium layers, B = 3, sampling on."""
+    config = dataclasses.replace(moshiko().lm, num_layers=2)
+    device = torch.device("cuda")
+    lm = build(config, torch.bfloat16, device)
+    params = sampling_params(3, device, top_k_text=25, top_k=250)
+    graphed = FastLMRunner(lm, 3, params, device)
+    eager = FastLMRunner(lm, 3, params, device, eager=True)
+    assert graphed.generator.side is not None and eager.generator.side is not None
+    mask = torch.ones(3, dtype=torch.bool, device=device)
+    codes = torch.randint(0, config.card, (8, 3, config.dep_q), device=device)
+    with torch.no_grad():
+        for t in range(8):
+            theirs = graphed.step(codes[t], mask)
+            ours = eager.step(codes[t], mask)
+            for name in ("tokens", "valid", "text_logits", "audio_logits"):
+                assert torch.equal(getattr(ours, name), getattr(theirs, name)), (t, name)

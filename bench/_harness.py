@@ -307,7 +307,8 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
         return variant.name, lambda: variant.wrapper(run, variant.name, None)
 
     *first, last = VARIANTS
-    runs = [timed(variant) for variant in selected_variants(args) if variant in first]
+    selected = selected_variants(args)
+    runs = [timed(variant) for variant in selected if variant in first]
     kv_dtype = KV_CACHE_DTYPES[args.kv_cache] if args.kv_cache else None
     if args.kv_cache:
         name = f"fast_kv_{args.kv_cache}"
@@ -315,7 +316,7 @@ def variant_runs(args, run: Callable[[str, object], dict]) -> list[tuple[str, Ca
     if args.compare_table is not None:
         runs.append(("fast_compare_table",
                      lambda: with_plans(args.compare_table.plans, run, "fast_compare_table", kv_dtype)))
-    if last in selected_variants(args):
+    if last in selected:
         runs.append(timed(last))
     return runs
 

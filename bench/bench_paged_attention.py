@@ -23,22 +23,31 @@ DTYPE = torch.bfloat16 if GPU else torch.float32
 LAYERS = 4 if GPU else 1
 
 
-@pytest.mark.parametrize("kv_dtype", [DTYPE, torch.float8_e4m3fn], ids=["kv-activation-dtype", "kv-fp8"])
-@pytest.mark.parametrize("filled", [100, CONTEXT] if GPU else [5, CONTEXT])
-@pytest.mark.parametrize("batch", [1, 8, 32, 64] if GPU else [2])
-def test_paged_attention(measure, device, batch, filled, kv_dtype):
-    """kv-fp8: the pools in e4m3 (half the bytes; the torch path beside it keeps its bf16 ring)."""
-    width = HEADS * HEAD_DIM
+FULL_WINDOW_POSITION = 2 * CONTEXT + 17
+"""A full window past the ring's first laps, as in a long conversation."""
+
+
+def filled_cache(batch: int, kv_dtype: torch.dtype, position: int, device) -> PagedKVCache:
+    """LAYERS layers of `batch` admitted, running slots at `position`, every page random."""
     cache = PagedKVCache(LAYERS, HEADS, HEAD_DIM, CONTEXT, batch, page_size=PAGE_SIZE, dtype=kv_dtype,
                          device=device)
     for slot in range(batch):
         cache.admit(slot)
     cache.k_pool.copy_(torch.randn(cache.k_pool.shape, device=device).to(kv_dtype))
     cache.v_pool.copy_(torch.randn(cache.v_pool.shape, device=device).to(kv_dtype))
-    # A full window sits past the ring's first laps, as in a long conversation.
-    position = filled - 1 if filled < CONTEXT else 2 * CONTEXT + 17
     cache.positions.fill_(position)
     cache.set_exec_mask(torch.ones(batch, dtype=torch.bool, device=device))
+    return cache
+
+
+@pytest.mark.parametrize("kv_dtype", [DTYPE, torch.float8_e4m3fn], ids=["kv-activation-dtype", "kv-fp8"])
+@pytest.mark.parametrize("filled", [100, CONTEXT] if GPU else [5, CONTEXT])
+@pytest.mark.parametrize("batch", [1, 8, 32, 64] if GPU else [2])
+def test_paged_attention(measure, device, batch, filled, kv_dtype):
+    """kv-fp8: the pools in e4m3 (half the bytes; the torch path beside it keeps its bf16 ring)."""
+    width = HEADS * HEAD_DIM
+    position = filled - 1 if filled < CONTEXT else FULL_WINDOW_POSITION
+    cache = filled_cache(batch, kv_dtype, position, device)
     qkv = torch.randn(batch, 3 * width, device=device, dtype=DTYPE)
     out = torch.empty(batch, width, device=device, dtype=DTYPE)
     workspace = SplitWorkspace(*paged_attention_workspace_size(batch, HEADS, HEAD_DIM, CONTEXT), device)
@@ -75,13 +84,7 @@ def test_attention_then_output_projection_with_l2_request(measure, device, batch
     them (ops.linear: the CUDA GEMV at one row), each layer's own weight among LAYERS: with the attention asking L2
     for the projection's weight as its programs finish (l2_request), and without it (without_request_us)."""
     width = HEADS * HEAD_DIM
-    cache = PagedKVCache(LAYERS, HEADS, HEAD_DIM, CONTEXT, batch, page_size=PAGE_SIZE, dtype=DTYPE, device=device)
-    for slot in range(batch):
-        cache.admit(slot)
-    cache.k_pool.copy_(torch.randn(cache.k_pool.shape, device=device).to(DTYPE))
-    cache.v_pool.copy_(torch.randn(cache.v_pool.shape, device=device).to(DTYPE))
-    cache.positions.fill_(2 * CONTEXT + 17)
-    cache.set_exec_mask(torch.ones(batch, dtype=torch.bool, device=device))
+    cache = filled_cache(batch, DTYPE, FULL_WINDOW_POSITION, device)
     qkv = torch.randn(batch, 3 * width, device=device, dtype=DTYPE)
     attended = torch.empty(batch, width, device=device, dtype=DTYPE)
     hidden = torch.randn(batch, width, device=device, dtype=DTYPE)

@@ -177,12 +177,13 @@ def _request_bounds(lines, program, programs):
 
 
 @triton.jit
-def _request_share(ptr, lines, program, programs, LINE_ELEMENTS: tl.constexpr, BLOCK: tl.constexpr,
+def _request_share(ptr, lines, SPLITS: tl.constexpr, LINE_ELEMENTS: tl.constexpr, BLOCK: tl.constexpr,
                    PTX: tl.constexpr):
-    """Program `program` of `programs` asks L2 for its share of the `lines` 128-byte lines from ptr (LINE_ELEMENTS
-    elements each, the last line's start inside the tensor), with evict-last priority, without waiting for them.
-    Under the interpreter (not PTX) it loads them instead."""
-    first, last = _request_bounds(lines, program, programs)
+    """This program (of the (SPLITS, pairs) grid, in split-minor order) asks L2 for its share of the `lines`
+    128-byte lines from ptr (LINE_ELEMENTS elements each, the last line's start inside the tensor), with evict-last
+    priority, without waiting for them. Under the interpreter (not PTX) it loads them instead."""
+    program = tl.program_id(1) * SPLITS + tl.program_id(0)
+    first, last = _request_bounds(lines, program, tl.num_programs(1) * SPLITS)
     for start in range(first, last, BLOCK):
         pointers = ptr + tl.minimum(start + tl.arange(0, BLOCK), last - 1).to(tl.int64) * LINE_ELEMENTS
         if PTX:
@@ -220,10 +221,6 @@ def _paged_attention_kernel(
     pair = tl.program_id(1)
     pid_b = pair // HEADS
     pid_h = pair % HEADS
-    # With REQUEST every program asks L2 for its share of the request's lines: after its own window's loads (or
-    # at once, where it has none), when the stream of keys and values it started no longer needs DRAM.
-    program = pair * SPLITS + split
-    programs = tl.num_programs(1) * SPLITS
     runs = tl.load(exec_mask_ptr + pid_b).to(tl.int32)
     position = tl.load(positions_ptr + pid_b)
     first = tl.maximum(position - CONTEXT + 1, 0)
@@ -232,8 +229,9 @@ def _paged_attention_kernel(
     chunk = ((live + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     active_splits = (live + chunk - 1) // chunk
     if (runs == 0) | (split >= active_splits):
+        # A program without keys asks L2 for its share of the request at once, the others once they have read theirs.
         if REQUEST:
-            _request_share(request_ptr, request_lines, program, programs, REQUEST_LINE_ELEMENTS, REQUEST_BLOCK, PTX)
+            _request_share(request_ptr, request_lines, SPLITS, REQUEST_LINE_ELEMENTS, REQUEST_BLOCK, PTX)
         return
     start = first + split * chunk
     holds_new = start + chunk > position
@@ -324,7 +322,7 @@ def _paged_attention_kernel(
             m_i = m_new
 
     if REQUEST:
-        _request_share(request_ptr, request_lines, program, programs, REQUEST_LINE_ELEMENTS, REQUEST_BLOCK, PTX)
+        _request_share(request_ptr, request_lines, SPLITS, REQUEST_LINE_ELEMENTS, REQUEST_BLOCK, PTX)
     out_row = out_ptr + pid_b * stride_out_b + pid_h * HEAD_DIM + offs_d
     if SPLITS == 1:
         tl.store(out_row, (acc / l_i).to(out_ptr.dtype.element_ty))

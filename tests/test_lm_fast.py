@@ -329,6 +329,17 @@ def test_attention_l2_request_names_each_layers_output_weight_and_changes_nothin
         assert torch.equal(getattr(hinted, name), getattr(plain, name)), name
 
 
+def assert_same_steps(ours: FastLMRunner, theirs: FastLMRunner, codes: torch.Tensor, mask: torch.Tensor) -> None:
+    """Steps both runners through codes [T, B, dep_q] under mask, theirs first each frame: every frame's tokens
+    and logits equal bit for bit."""
+    with torch.no_grad():
+        for t, frame_codes in enumerate(codes):
+            expected = theirs.step(frame_codes, mask)
+            got = ours.step(frame_codes, mask)
+            for name in ("tokens", "valid", "text_logits", "audio_logits"):
+                assert torch.equal(getattr(got, name), getattr(expected, name)), (t, name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 4])
 def test_overlapped_text_sampling_is_bitwise_the_same_step_in_a_graph(batch):
@@ -345,12 +356,7 @@ def test_overlapped_text_sampling_is_bitwise_the_same_step_in_a_graph(batch):
     assert overlapped.generator.side is not None and serial.generator.side is None
     mask = torch.ones(batch, dtype=torch.bool, device=device)
     codes = torch.randint(0, config.card, (16, batch, config.dep_q), device=device)
-    with torch.no_grad():
-        for t in range(16):
-            theirs = serial.step(codes[t], mask)
-            ours = overlapped.step(codes[t], mask)
-            for name in ("tokens", "valid", "text_logits", "audio_logits"):
-                assert torch.equal(getattr(ours, name), getattr(theirs, name)), (t, name)
+    assert_same_steps(overlapped, serial, codes, mask)
 
 
 @pytest.mark.gpu
@@ -366,9 +372,4 @@ def test_overlapped_text_sampling_runs_eagerly_as_in_its_graph():
     assert graphed.generator.side is not None and eager.generator.side is not None
     mask = torch.ones(3, dtype=torch.bool, device=device)
     codes = torch.randint(0, config.card, (8, 3, config.dep_q), device=device)
-    with torch.no_grad():
-        for t in range(8):
-            theirs = graphed.step(codes[t], mask)
-            ours = eager.step(codes[t], mask)
-            for name in ("tokens", "valid", "text_logits", "audio_logits"):
-                assert torch.equal(getattr(ours, name), getattr(theirs, name)), (t, name)
+    assert_same_steps(eager, graphed, codes, mask)

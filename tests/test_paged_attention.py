@@ -530,10 +530,8 @@ def test_l2_request_of_the_attention_output_weight_changes_nothing_on_the_gpu(ba
     positions = [2 * HELIUM["context"] + 17, 99, 4000, 3000, 12, 2999, 8000, 1][:batch]
     results = []
     for request in (None, torch.randn(width, width, device="cuda").bfloat16()):
-        cache = helium_cache(positions, dtype=kv_dtype)
         torch.manual_seed(0)
-        cache.k_pool.copy_(torch.randn(cache.k_pool.shape, device="cuda").to(kv_dtype))
-        cache.v_pool.copy_(torch.randn(cache.v_pool.shape, device="cuda").to(kv_dtype))
+        cache = helium_cache(positions, dtype=kv_dtype)
         cache.set_exec_mask(torch.ones(batch, dtype=torch.bool, device="cuda"))
         qkv = torch.randn(batch, 3 * width, device="cuda").bfloat16()
         out = paged_attention(qkv, *cache.layer(0), cache.page_table, cache.positions, cache.exec_mask,

@@ -54,10 +54,11 @@ Design, for Helium's regime (H = 32, D = 128, context 3000, bf16, B = 1..64):
   * An L2 request (`l2_request`, a hint, off unless given): the weight the step reads after the attention (its
     output projection, 33.6 MB in Helium, within the 50 MB L2 of an H100 or H200) is shared out among the
     programs, each asking L2 for its 128-byte lines with evict-last priority once it has read its own window (at
-    once where it has none), while the keys and values load evict-first. At one conversation the attention
+    once where it has none), or with `l2_request_at_launch` as soon as it starts, before its wait (a weight, which
+    no kernel of a step writes), while the keys and values load evict-first. At one conversation the attention
     streams at about 68% of its byte floor (launch, the chain of position, page table and keys, the combine, the
     last programs), and the DRAM time it leaves idle could then fill the next product's L2. Untimed until
-    measured (ops.attention_l2_request, bench_frame.py --attention-l2-request).
+    measured (ops.attention_l2_request, bench_frame.py --attention-l2-request[-at-launch]).
 Graph-safe: positions, page tables and the execution mask are read from device memory; nothing is
 allocated when `out` and `workspace` are given. The position advance is not done here: every layer of a
 step reads the same positions, and the cache adds the execution mask once after the last layer
@@ -214,8 +215,10 @@ def _paged_attention_kernel(
     PAGES_PER_SLOT: tl.constexpr, LOG_PERIOD: tl.constexpr, QK_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr, DOT_VALUES: tl.constexpr,
     E4M3: tl.constexpr, PDL: tl.constexpr, REQUEST: tl.constexpr, REQUEST_LINE_ELEMENTS: tl.constexpr,
-    REQUEST_BLOCK: tl.constexpr, EVICTION: tl.constexpr, PTX: tl.constexpr,
+    REQUEST_BLOCK: tl.constexpr, REQUEST_AT_LAUNCH: tl.constexpr, EVICTION: tl.constexpr, PTX: tl.constexpr,
 ):
+    if REQUEST and REQUEST_AT_LAUNCH:
+        _request_share(request_ptr, request_lines, SPLITS, REQUEST_LINE_ELEMENTS, REQUEST_BLOCK, PTX)
     await_previous_kernel(PDL)
     split = tl.program_id(0)
     pair = tl.program_id(1)
@@ -230,7 +233,7 @@ def _paged_attention_kernel(
     active_splits = (live + chunk - 1) // chunk
     if (runs == 0) | (split >= active_splits):
         # A program without keys asks L2 for its share of the request at once, the others once they have read theirs.
-        if REQUEST:
+        if REQUEST and not REQUEST_AT_LAUNCH:
             _request_share(request_ptr, request_lines, SPLITS, REQUEST_LINE_ELEMENTS, REQUEST_BLOCK, PTX)
         return
     start = first + split * chunk
@@ -321,7 +324,7 @@ def _paged_attention_kernel(
             l_i = l_i * rescale + tl.sum(weights, axis=0)
             m_i = m_new
 
-    if REQUEST:
+    if REQUEST and not REQUEST_AT_LAUNCH:
         _request_share(request_ptr, request_lines, SPLITS, REQUEST_LINE_ELEMENTS, REQUEST_BLOCK, PTX)
     out_row = out_ptr + pid_b * stride_out_b + pid_h * HEAD_DIM + offs_d
     if SPLITS == 1:
@@ -442,7 +445,8 @@ def paged_attention_candidate_tiles(batch: int, heads: int, head_dim: int, conte
 def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_table: torch.Tensor,
                     positions: torch.Tensor, exec_mask: torch.Tensor, context: int, max_period: float,
                     out: torch.Tensor | None = None, workspace: SplitWorkspace | None = None,
-                    tiles: dict | None = None, l2_request: torch.Tensor | None = None) -> torch.Tensor:
+                    tiles: dict | None = None, l2_request: torch.Tensor | None = None,
+                    l2_request_at_launch: bool = False) -> torch.Tensor:
     """Launcher. Shapes in the module docstring; k_pool/v_pool are one layer's pools (e.g.
     PagedKVCache.layer(i)). `workspace` (from paged_attention_workspace_size) is used when the window is
     split; a fresh one is allocated if it is None. `tiles` ({"block_n", "splits", "num_warps",
@@ -450,8 +454,9 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     the defaults. `l2_request` (a contiguous tensor on qkv's device, e.g. the weight of the product after the
     attention): the programs share out its 128-byte lines and ask L2 for them with evict-last priority as their
     own loads finish, while their keys and values stream through L2 marked evict-first, so that the next kernel
-    may find it there: a hint, the results are the same. Untimed in the frame until measured (bench_frame.py
-    --attention-l2-request)."""
+    may find it there: a hint, the results are the same. `l2_request_at_launch`: each program asks for its share
+    as it starts instead, before its wait. Untimed in the frame until measured (bench_frame.py
+    --attention-l2-request[-at-launch])."""
     batch, width = qkv.shape
     _, heads, page_size, head_dim = k_pool.shape
     slots, pages_per_slot = page_table.shape
@@ -500,7 +505,7 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot,
         DOT_VALUES=bool(tiles.get("dot_values", True)),
         E4M3=k_pool.dtype == torch.float8_e4m3fn, PDL=use_pdl, REQUEST=request is not None,
-        REQUEST_LINE_ELEMENTS=line_elements, REQUEST_BLOCK=32 * num_warps,
+        REQUEST_LINE_ELEMENTS=line_elements, REQUEST_BLOCK=32 * num_warps, REQUEST_AT_LAUNCH=request is not None and l2_request_at_launch,
         EVICTION="evict_first" if request is not None else "", PTX=not interpreting(), launch_pdl=use_pdl,
         **launch_options,
     )

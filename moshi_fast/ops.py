@@ -149,33 +149,36 @@ def paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, conte
                     workspace: SplitWorkspace | None = None, next_weight: torch.Tensor | None = None):
     """RoPE + KV write into the page pool + attention over each slot's live window of one new token
     (kernels/paged_attention.py; the pools, page table, positions and mask come from PagedKVCache). next_weight:
-    the weight the step reads next (the attention output's projection), which the kernel asks L2 to hold as its own
-    loads finish inside attention_l2_request() (its l2_request); otherwise unused."""
+    the weight the step reads next (the attention output's projection), which the kernel asks L2 to hold inside
+    attention_l2_request() (its l2_request); otherwise unused."""
     if _use_kernel(qkv, k_pool):
         request = next_weight if _attention_l2_request else None
         return _paged_attention_kernel(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period,
-                                       out=out, workspace=workspace, l2_request=request)
+                                       out=out, workspace=workspace, l2_request=request,
+                                       l2_request_at_launch=_attention_l2_request_at_launch)
     return paged_attention_ref(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period, out=out)
 
 
 _attention_l2_request = False
+_attention_l2_request_at_launch = False
 
 
 @contextlib.contextmanager
-def attention_l2_request(enabled: bool = True):
+def attention_l2_request(enabled: bool = True, at_launch: bool = False):
     """Inside the block (and in CUDA graphs captured inside it), `paged_attention` asks L2 for the weight its caller
-    names as next_weight, each program its share once it has read its keys and values (which then load
-    evict-first), so that the next product (Helium's attention output, 33.6 MB, which fits the H100's and H200's 50
-    MB L2) may read it from L2: the attention streams at about 68% of its byte floor at one conversation
-    (bench/RESULTS.md), and its launch, its combine and its last programs leave DRAM idle that the request can fill.
-    Off by default until measured; bench_frame.py and bench_lm_step.py time it beside the default with
-    --attention-l2-request."""
-    global _attention_l2_request
-    saved, _attention_l2_request = _attention_l2_request, enabled
+    names as next_weight while the attention's keys and values stream (evict-first), so that the next product
+    (Helium's attention output, 33.6 MB, which fits the H100's and H200's 50 MB L2) may read it from L2: the
+    attention streams at about 68% of its byte floor at one conversation (bench/RESULTS.md), and its launch, its
+    combine and its last programs leave DRAM idle that the request can fill. Each program asks for its share once it
+    has read its window, or with at_launch as it starts. Off by default until measured; bench_frame.py and
+    bench_lm_step.py time it beside the default with --attention-l2-request and --attention-l2-request-at-launch."""
+    global _attention_l2_request, _attention_l2_request_at_launch
+    saved = _attention_l2_request, _attention_l2_request_at_launch
+    _attention_l2_request, _attention_l2_request_at_launch = enabled, at_launch
     try:
         yield
     finally:
-        _attention_l2_request = saved
+        _attention_l2_request, _attention_l2_request_at_launch = saved
 
 
 def depth_attention(qkv, k_cache, v_cache, step: int, out=None):

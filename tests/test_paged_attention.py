@@ -325,10 +325,12 @@ def test_l2_request_shares_cover_every_line_once(lines, programs):
     assert all(a <= b for a, b in zip(first, last)) and first[1:] == last[:-1]
 
 
-def test_l2_request_changes_nothing():
-    """Asking L2 for another tensor's lines (under the interpreter: loading them) leaves the outputs bit for bit as
-    without, split or not, with windows shorter than a block, programs past the window and a slot that does not
-    run; requests of fewer lines than programs, and of other dtypes, included."""
+@pytest.mark.parametrize("at_launch", [False, True], ids=["after-window", "at-launch"])
+def test_l2_request_changes_nothing(at_launch):
+    """Asking L2 for another tensor's lines (under the interpreter: loading them), as each program starts or once
+    it has read its window, leaves the outputs bit for bit as without, split or not, with windows shorter than a
+    block, programs past the window and a slot that does not run; requests of fewer lines than programs, and of
+    other dtypes, included."""
     cache, qkv = ragged_batch(RAGGED)
     running = torch.ones(len(RAGGED), dtype=torch.bool)
     running[2] = False
@@ -339,7 +341,8 @@ def test_l2_request_changes_nothing():
         workspace = SplitWorkspace(*sizes, "cpu")
         plain = call(cache, qkv, tiles=tiles, workspace=workspace)
         for request in requests:
-            got = call(cache, qkv, tiles=tiles, workspace=workspace, l2_request=request)
+            got = call(cache, qkv, tiles=tiles, workspace=workspace, l2_request=request,
+                       l2_request_at_launch=at_launch)
             torch.testing.assert_close(got, plain, rtol=0, atol=0, equal_nan=True, msg=str((tiles, request.shape)))
         assert plain[2].isnan().all() and not plain[running].isnan().any()
     with pytest.raises(ValueError, match="l2_request must be a contiguous tensor"):
@@ -522,10 +525,12 @@ def helium_cache(positions: list[int], layers: int = 1, dtype: torch.dtype = tor
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "e4m3"])
+@pytest.mark.parametrize("at_launch", [False, True], ids=["after-window", "at-launch"])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_l2_request_of_the_attention_output_weight_changes_nothing_on_the_gpu(batch, kv_dtype):
+def test_l2_request_of_the_attention_output_weight_changes_nothing_on_the_gpu(batch, kv_dtype, at_launch):
     """Helium's shapes, full windows and a short one: asking L2 for a 33.6 MB weight (the attention output's) as the
-    programs finish, the keys and values marked evict-first, gives the same output and pools bit for bit."""
+    programs finish (or, at_launch, as they start), the keys and values marked evict-first, gives the same output
+    and pools bit for bit."""
     width = HELIUM["heads"] * HELIUM["head_dim"]
     positions = [2 * HELIUM["context"] + 17, 99, 4000, 3000, 12, 2999, 8000, 1][:batch]
     results = []
@@ -535,7 +540,7 @@ def test_l2_request_of_the_attention_output_weight_changes_nothing_on_the_gpu(ba
         cache.set_exec_mask(torch.ones(batch, dtype=torch.bool, device="cuda"))
         qkv = torch.randn(batch, 3 * width, device="cuda").bfloat16()
         out = paged_attention(qkv, *cache.layer(0), cache.page_table, cache.positions, cache.exec_mask,
-                              HELIUM["context"], 10000.0, l2_request=request)
+                              HELIUM["context"], 10000.0, l2_request=request, l2_request_at_launch=at_launch)
         results.append((out, cache.k_pool.clone(), cache.v_pool.clone()))
     for got, expected in zip(results[1], results[0]):
         assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))

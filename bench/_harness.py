@@ -186,21 +186,6 @@ def with_serial_text_sampling(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def with_attention_l2_request(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with Helium's paged attention asking L2 for the attention output's weight as its own loads
-    finish, its keys and values marked evict-first (ops.attention_l2_request; graphs captured inside keep it), timed
-    beside the default in the same run."""
-    with ops.attention_l2_request():
-        return fn(*args, **kwargs)
-
-
-def with_attention_l2_request_at_launch(fn: Callable[..., object], *args, **kwargs):
-    """with_attention_l2_request with each attention program asking for its share of the weight as it starts, before
-    its wait, instead of once it has read its window."""
-    with ops.attention_l2_request(at_launch=True):
-        return fn(*args, **kwargs)
-
-
 class Variant(NamedTuple):
     """A same-run variant of the fast engine: its command-line flag, its run's name and the wrapper that runs a
     timing call under its setting; what_it_times completes "also time <subject> ..." in the flag's help."""
@@ -229,11 +214,6 @@ VARIANTS = (
             "with the depth attention starting the next kernel after its wait"),
     Variant("--serial-text-sampling", "fast_serial_text_sampling", with_serial_text_sampling,
             "with the text token drawn before the depth transformer's input projection, not beside it"),
-    Variant("--attention-l2-request", "fast_attention_l2_request", with_attention_l2_request,
-            "with Helium's attention asking L2 for the attention output's weight as its own loads finish"),
-    Variant("--attention-l2-request-at-launch", "fast_attention_l2_request_at_launch",
-            with_attention_l2_request_at_launch,
-            "with Helium's attention asking L2 for the attention output's weight as its programs start"),
     # Last (variant_runs times it after the KV-cache run): a kernel not yet proven on a GPU, whose fault would fail
     # every run after it in this process.
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,

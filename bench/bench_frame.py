@@ -53,9 +53,6 @@ VARIANT_LABELS = {"fast_no_pdl": "without programmatic dependent launch",
                   "fast_late_depth_attention_trigger":
                       "with the depth attention starting the next kernel after its wait",
                   "fast_serial_text_sampling": "with the text token drawn before the depth input projection",
-                  "fast_attention_l2_request": "with the attention asking L2 for the attention output's weight",
-                  "fast_attention_l2_request_at_launch":
-                      "with the attention asking L2 for the attention output's weight at launch",
                   "fast_compare_table": "with the --compare-table launch plans"}
 """How the summary names the variants of bench._harness.variant_runs (the KV-cache one is printed with its memory)."""
 BUDGET_MS = 80.0

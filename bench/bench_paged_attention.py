@@ -10,12 +10,9 @@ import itertools
 import pytest
 import torch
 
-from moshi_fast import ops
 from moshi_fast.cache import PagedKVCache
 from moshi_fast.kernels._utils import SplitWorkspace
 from moshi_fast.kernels.paged_attention import paged_attention, paged_attention_workspace_size
-
-from ._harness import graph_time
 
 GPU = torch.cuda.is_available()
 HEADS, HEAD_DIM, CONTEXT, PAGE_SIZE = (32, 128, 3000, 16) if GPU else (2, 16, 24, 4)
@@ -75,39 +72,3 @@ def test_paged_attention(measure, device, batch, filled, kv_dtype):
     moved = kv_dtype.itemsize * 2 * batch * live_keys * width + DTYPE.itemsize * (qkv.numel() + out.numel())
     measure(fast, moved, torch_path, op="paged_attention", batch=batch, filled=live_keys, heads=HEADS,
             head_dim=HEAD_DIM, context=CONTEXT, page_size=PAGE_SIZE, kv_dtype=str(kv_dtype).removeprefix("torch."))
-
-
-@pytest.mark.skipif(not GPU, reason="the L2 request is a GPU hint: nothing to time on the CPU")
-@pytest.mark.parametrize("at_launch", [False, True], ids=["after-window", "at-launch"])
-@pytest.mark.parametrize("batch", [1, 8])
-def test_attention_then_output_projection_with_l2_request(measure, device, batch, at_launch):
-    """Helium's attention (full windows, bf16 cache) then its output projection with the residual, as a layer runs
-    them (ops.linear: the CUDA GEMV at one row), each layer's own weight among LAYERS: with the attention asking L2
-    for the projection's weight as its programs finish (at_launch: as they start; l2_request), and without it
-    (without_request_us)."""
-    width = HEADS * HEAD_DIM
-    cache = filled_cache(batch, DTYPE, FULL_WINDOW_POSITION, device)
-    qkv = torch.randn(batch, 3 * width, device=device, dtype=DTYPE)
-    attended = torch.empty(batch, width, device=device, dtype=DTYPE)
-    hidden = torch.randn(batch, width, device=device, dtype=DTYPE)
-    weights = [(torch.randn(width, width, device=device) / width ** 0.5).to(DTYPE) for _ in range(LAYERS)]
-    workspace = SplitWorkspace(*paged_attention_workspace_size(batch, HEADS, HEAD_DIM, CONTEXT), device)
-
-    def layer_pair(request: bool):
-        layers = itertools.cycle(range(LAYERS))
-
-        def run():
-            layer = next(layers)
-            paged_attention(qkv, *cache.layer(layer), cache.page_table, cache.positions, cache.exec_mask, CONTEXT,
-                            10000.0, out=attended, workspace=workspace,
-                            l2_request=weights[layer] if request else None, l2_request_at_launch=at_launch)
-            ops.linear(attended, weights[layer], residual=hidden, out=hidden)
-        return run
-
-    moved = DTYPE.itemsize * (2 * batch * CONTEXT * width + width * width)
-    extra = measure(layer_pair(True), moved, op="paged_attention + out", batch=batch, filled=CONTEXT, heads=HEADS,
-                    head_dim=HEAD_DIM, context=CONTEXT, page_size=PAGE_SIZE, l2_request=True,
-                    l2_request_at_launch=at_launch)
-    without = graph_time(layer_pair(False))
-    measure.benchmark.extra_info.update(without_request_us=without * 1e6,
-                                        speedup_vs_without=without * 1e6 / extra["us"])

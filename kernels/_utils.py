@@ -110,14 +110,6 @@ def prefetch_l2(pointers):
                               is_pure=False, pack=1)
 
 
-@triton.jit
-def prefetch_l2_evict_last(pointers):
-    """prefetch_l2 with L2's evict-last priority: the lines stay while loads marked evict-first stream through
-    L2 (tl.load's eviction_policy), for data a later kernel reads. GPU only (PTX)."""
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [pointers],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
 def parallel_sms(device: torch.device | None = None) -> int:
     """SMs a launch on `device` (default: the current CUDA device, if any) runs programs on at once, for
     sizing grids: 1 under the interpreter, which runs programs one after another, and off CUDA."""

@@ -51,14 +51,6 @@ Design, for Helium's regime (H = 32, D = 128, context 3000, bf16, B = 1..64):
     (deterministic), writes `out` and resets the counter to 0. The number of arrivals waited for is the
     number of splits that hold live keys, which every program of the pair computes alike. A window that
     fits one split skips the workspace.
-  * An L2 request (`l2_request`, a hint, off unless given): the weight the step reads after the attention (its
-    output projection, 33.6 MB in Helium, within the 50 MB L2 of an H100 or H200) is shared out among the
-    programs, each asking L2 for its 128-byte lines with evict-last priority once it has read its own window (at
-    once where it has none), or with `l2_request_at_launch` as soon as it starts, before its wait (a weight, which
-    no kernel of a step writes), while the keys and values load evict-first. At one conversation the attention
-    streams at about 68% of its byte floor (launch, the chain of position, page table and keys, the combine, the
-    last programs), and the DRAM time it leaves idle could then fill the next product's L2. Untimed until
-    measured (ops.attention_l2_request, bench_frame.py --attention-l2-request[-at-launch]).
 Graph-safe: positions, page tables and the execution mask are read from device memory; nothing is
 allocated when `out` and `workspace` are given. The position advance is not done here: every layer of a
 step reads the same positions, and the cache adds the execution mask once after the last layer
@@ -82,7 +74,7 @@ import triton.language as tl
 from moshi_fast.reference.attention import to_cache_dtype
 
 from ._utils import (SplitWorkspace, await_previous_kernel, combine_softmax_partials, interpreting, next_pow2,
-                     parallel_sms, pdl, prefetch_l2_evict_last, split_buffers)
+                     parallel_sms, pdl, split_buffers)
 from .ring_attention import _rope
 from .tuned import shape_key, tuned_tiles
 
@@ -95,8 +87,6 @@ MAX_BLOCK_N = 64
 thread each at 4 warps)."""
 TILE_PER_THREAD = 64
 """Tile elements a thread holds when the launcher picks the warps."""
-CACHE_LINE_BYTES = 128
-"""The span of one L2 request (l2_request's unit)."""
 DOT_ROWS: tl.constexpr = tl.constexpr(16)
 """tl.dot's fewest rows: the tensor-core path repeats the query this many times."""
 
@@ -154,43 +144,15 @@ def _to_cache(x, cache_dtype: tl.constexpr, E4M3: tl.constexpr):
 
 @triton.jit
 def _window_block(k_pool_ptr, v_pool_ptr, table, key_pos, stop, head_offset, stride_pool_page, stride_pool_row,
-                  offs_d, PAGE_SIZE: tl.constexpr, PAGES_PER_SLOT: tl.constexpr, EVICTION: tl.constexpr):
+                  offs_d, PAGE_SIZE: tl.constexpr, PAGES_PER_SLOT: tl.constexpr):
     """Keys and values [BLOCK_N, D] of window positions key_pos (those < stop; the others read as 0), each
-    row found through the slot's page table, and the mask of the positions read. EVICTION: L2's policy for
-    them (tl.load's eviction_policy)."""
+    row found through the slot's page table, and the mask of the positions read."""
     mask_n = key_pos < stop
     pages = tl.load(table + (key_pos // PAGE_SIZE) % PAGES_PER_SLOT, mask=mask_n, other=0).to(tl.int64)
     rows = pages * stride_pool_page + head_offset + (key_pos % PAGE_SIZE) * stride_pool_row
-    keys = tl.load(k_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0,
-                   eviction_policy=EVICTION)
-    values = tl.load(v_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0,
-                     eviction_policy=EVICTION)
+    keys = tl.load(k_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    values = tl.load(v_pool_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
     return keys, values, mask_n
-
-
-@triton.jit
-def _request_bounds(lines, program, programs):
-    """The lines [first, last) of `lines` that program `program` of `programs` requests: contiguous shares, the
-    last ones short or empty."""
-    share = (lines + programs - 1) // programs
-    first = tl.minimum(program * share, lines)
-    return first, tl.minimum(first + share, lines)
-
-
-@triton.jit
-def _request_share(ptr, lines, SPLITS: tl.constexpr, LINE_ELEMENTS: tl.constexpr, BLOCK: tl.constexpr,
-                   PTX: tl.constexpr):
-    """This program (of the (SPLITS, pairs) grid, in split-minor order) asks L2 for its share of the `lines`
-    128-byte lines from ptr (LINE_ELEMENTS elements each, the last line's start inside the tensor), with evict-last
-    priority, without waiting for them. Under the interpreter (not PTX) it loads them instead."""
-    program = tl.program_id(1) * SPLITS + tl.program_id(0)
-    first, last = _request_bounds(lines, program, tl.num_programs(1) * SPLITS)
-    for start in range(first, last, BLOCK):
-        pointers = ptr + tl.minimum(start + tl.arange(0, BLOCK), last - 1).to(tl.int64) * LINE_ELEMENTS
-        if PTX:
-            prefetch_l2_evict_last(pointers)
-        else:
-            tl.load(pointers)
 
 
 @triton.jit
@@ -208,17 +170,14 @@ def _dot_queries(query_rounded, HEAD_DIM: tl.constexpr, E4M3: tl.constexpr):
 @triton.jit
 def _paged_attention_kernel(
     qkv_ptr, k_pool_ptr, v_pool_ptr, page_table_ptr, positions_ptr, exec_mask_ptr, out_ptr,
-    partials_ptr, counters_ptr, request_ptr, request_lines,
+    partials_ptr, counters_ptr,
     stride_qkv_b, stride_out_b, stride_table_b,
     stride_pool_page, stride_pool_head, stride_pool_row,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CONTEXT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGES_PER_SLOT: tl.constexpr, LOG_PERIOD: tl.constexpr, QK_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr, DOT_VALUES: tl.constexpr,
-    E4M3: tl.constexpr, PDL: tl.constexpr, REQUEST: tl.constexpr, REQUEST_LINE_ELEMENTS: tl.constexpr,
-    REQUEST_BLOCK: tl.constexpr, REQUEST_AT_LAUNCH: tl.constexpr, EVICTION: tl.constexpr, PTX: tl.constexpr,
+    E4M3: tl.constexpr, PDL: tl.constexpr,
 ):
-    if REQUEST and REQUEST_AT_LAUNCH:
-        _request_share(request_ptr, request_lines, SPLITS, REQUEST_LINE_ELEMENTS, REQUEST_BLOCK, PTX)
     await_previous_kernel(PDL)
     split = tl.program_id(0)
     pair = tl.program_id(1)
@@ -232,9 +191,6 @@ def _paged_attention_kernel(
     chunk = ((live + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     active_splits = (live + chunk - 1) // chunk
     if (runs == 0) | (split >= active_splits):
-        # A program without keys asks L2 for its share of the request at once, the others once they have read theirs.
-        if REQUEST and not REQUEST_AT_LAUNCH:
-            _request_share(request_ptr, request_lines, SPLITS, REQUEST_LINE_ELEMENTS, REQUEST_BLOCK, PTX)
         return
     start = first + split * chunk
     holds_new = start + chunk > position
@@ -288,7 +244,7 @@ def _paged_attention_kernel(
         for block_start in range(start, stop, BLOCK_N):
             keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
                                                  head_offset, stride_pool_page, stride_pool_row, offs_d,
-                                                 PAGE_SIZE, PAGES_PER_SLOT, EVICTION)
+                                                 PAGE_SIZE, PAGES_PER_SLOT)
             # An 8-bit cache's tiles widen (exactly) to the operands' dtype for the tensor cores.
             keys = keys.to(queries.dtype)
             values = values.to(queries.dtype)
@@ -309,7 +265,7 @@ def _paged_attention_kernel(
         for block_start in range(start, stop, BLOCK_N):
             keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
                                                  head_offset, stride_pool_page, stride_pool_row, offs_d,
-                                                 PAGE_SIZE, PAGES_PER_SLOT, EVICTION)
+                                                 PAGE_SIZE, PAGES_PER_SLOT)
             if DOT:
                 # Scores on the tensor cores (the keys' rows are the K-contiguous operand they want, and their
                 # loads pipeline); every row of the product is the one query's, so the max over rows is row 0.
@@ -324,8 +280,6 @@ def _paged_attention_kernel(
             l_i = l_i * rescale + tl.sum(weights, axis=0)
             m_i = m_new
 
-    if REQUEST and not REQUEST_AT_LAUNCH:
-        _request_share(request_ptr, request_lines, SPLITS, REQUEST_LINE_ELEMENTS, REQUEST_BLOCK, PTX)
     out_row = out_ptr + pid_b * stride_out_b + pid_h * HEAD_DIM + offs_d
     if SPLITS == 1:
         tl.store(out_row, (acc / l_i).to(out_ptr.dtype.element_ty))
@@ -445,18 +399,12 @@ def paged_attention_candidate_tiles(batch: int, heads: int, head_dim: int, conte
 def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_table: torch.Tensor,
                     positions: torch.Tensor, exec_mask: torch.Tensor, context: int, max_period: float,
                     out: torch.Tensor | None = None, workspace: SplitWorkspace | None = None,
-                    tiles: dict | None = None, l2_request: torch.Tensor | None = None,
-                    l2_request_at_launch: bool = False) -> torch.Tensor:
+                    tiles: dict | None = None) -> torch.Tensor:
     """Launcher. Shapes in the module docstring; k_pool/v_pool are one layer's pools (e.g.
     PagedKVCache.layer(i)). `workspace` (from paged_attention_workspace_size) is used when the window is
     split; a fresh one is allocated if it is None. `tiles` ({"block_n", "splits", "num_warps",
     "num_stages", "dot", "dot_values"}, see paged_attention_candidate_tiles and the module docstring) overrides
-    the defaults. `l2_request` (a contiguous tensor on qkv's device, e.g. the weight of the product after the
-    attention): the programs share out its 128-byte lines and ask L2 for them with evict-last priority as their
-    own loads finish, while their keys and values stream through L2 marked evict-first, so that the next kernel
-    may find it there: a hint, the results are the same. `l2_request_at_launch`: each program asks for its share
-    as it starts instead, before its wait. Untimed in the frame until measured (bench_frame.py
-    --attention-l2-request[-at-launch])."""
+    the defaults."""
     batch, width = qkv.shape
     _, heads, page_size, head_dim = k_pool.shape
     slots, pages_per_slot = page_table.shape
@@ -480,11 +428,6 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         out = torch.empty(batch, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     if out.shape != (batch, heads * head_dim) or out.stride(-1) != 1:
         raise ValueError(f"out must be [{batch}, {heads * head_dim}] with unit stride in its last dim")
-    if l2_request is not None and (l2_request.device != qkv.device or not l2_request.is_contiguous()):
-        raise ValueError("l2_request must be a contiguous tensor on qkv's device")
-    request = l2_request if l2_request is not None and l2_request.numel() > 0 else None
-    line_elements = CACHE_LINE_BYTES // request.element_size() if request is not None else 1
-    request_lines = triton.cdiv(request.numel(), line_elements) if request is not None else 0
     if tiles is None:
         tiles = tuned_plan(batch, heads, head_dim, context, k_pool.dtype)
     block_n, splits, num_warps, num_stages = _resolve_tiles(batch, heads, head_dim, context, tiles,
@@ -497,16 +440,12 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     use_pdl = pdl(qkv.device, "paged_attention")
     _paged_attention_kernel[(splits, batch * heads)](
         qkv, k_pool, v_pool, page_table, positions, exec_mask, out, partials, arrivals,
-        request if request is not None else qkv, request_lines,
         qkv.stride(0), out.stride(0), page_table.stride(0),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         HEADS=heads, HEAD_DIM=head_dim, CONTEXT=context, PAGE_SIZE=page_size, PAGES_PER_SLOT=pages_per_slot,
         LOG_PERIOD=math.log(max_period), QK_SCALE=head_dim ** -0.5 * math.log2(math.e),
         BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot,
         DOT_VALUES=bool(tiles.get("dot_values", True)),
-        E4M3=k_pool.dtype == torch.float8_e4m3fn, PDL=use_pdl, REQUEST=request is not None,
-        REQUEST_LINE_ELEMENTS=line_elements, REQUEST_BLOCK=32 * num_warps, REQUEST_AT_LAUNCH=request is not None and l2_request_at_launch,
-        EVICTION="evict_first" if request is not None else "", PTX=not interpreting(), launch_pdl=use_pdl,
-        **launch_options,
+        E4M3=k_pool.dtype == torch.float8_e4m3fn, PDL=use_pdl, launch_pdl=use_pdl, **launch_options,
     )
     return out

@@ -146,39 +146,13 @@ def ring_attention(qkv, ring_k, ring_v, frame, max_period, out=None, workspace: 
 
 
 def paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period, out=None,
-                    workspace: SplitWorkspace | None = None, next_weight: torch.Tensor | None = None):
+                    workspace: SplitWorkspace | None = None):
     """RoPE + KV write into the page pool + attention over each slot's live window of one new token
-    (kernels/paged_attention.py; the pools, page table, positions and mask come from PagedKVCache). next_weight:
-    the weight the step reads next (the attention output's projection), which the kernel asks L2 to hold inside
-    attention_l2_request() (its l2_request); otherwise unused."""
+    (kernels/paged_attention.py; the pools, page table, positions and mask come from PagedKVCache)."""
     if _use_kernel(qkv, k_pool):
-        request = next_weight if _attention_l2_request else None
         return _paged_attention_kernel(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period,
-                                       out=out, workspace=workspace, l2_request=request,
-                                       l2_request_at_launch=_attention_l2_request_at_launch)
+                                       out=out, workspace=workspace)
     return paged_attention_ref(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period, out=out)
-
-
-_attention_l2_request = False
-_attention_l2_request_at_launch = False
-
-
-@contextlib.contextmanager
-def attention_l2_request(enabled: bool = True, at_launch: bool = False):
-    """Inside the block (and in CUDA graphs captured inside it), `paged_attention` asks L2 for the weight its caller
-    names as next_weight while the attention's keys and values stream (evict-first), so that the next product
-    (Helium's attention output, 33.6 MB, which fits the H100's and H200's 50 MB L2) may read it from L2: the
-    attention streams at about 68% of its byte floor at one conversation (bench/RESULTS.md), and its launch, its
-    combine and its last programs leave DRAM idle that the request can fill. Each program asks for its share once it
-    has read its window, or with at_launch as it starts. Off by default until measured; bench_frame.py and
-    bench_lm_step.py time it beside the default with --attention-l2-request and --attention-l2-request-at-launch."""
-    global _attention_l2_request, _attention_l2_request_at_launch
-    saved = _attention_l2_request, _attention_l2_request_at_launch
-    _attention_l2_request, _attention_l2_request_at_launch = enabled, at_launch
-    try:
-        yield
-    finally:
-        _attention_l2_request, _attention_l2_request_at_launch = saved
 
 
 def depth_attention(qkv, k_cache, v_cache, step: int, out=None):
@@ -427,11 +401,10 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
     return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated)
 
 
-__all__ = ["SplitWorkspace", "attention_l2_request", "conv1d_stream", "conv1d_stream_workspace_size",
-           "conv_transpose1d_stream", "conv_transpose1d_stream_workspace_size", "cuda_depth_step",
-           "cuda_extension_available", "cuda_gemv_serves", "cuda_sampling", "delay_line_in", "delay_line_out",
-           "depth_attention", "depth_step", "depth_step_scratch", "embed_sum", "gemv_cuda", "linear",
-           "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight", "paged_attention",
-           "paged_attention_workspace_size", "programmatic_launch", "ring_attention", "ring_attention_workspace_size",
-           "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens", "norm_runs_apart", "separate_norms",
-           "settle_weights", "uses_cuda_depth_step"]
+__all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
+           "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_gemv_serves",
+           "cuda_sampling", "delay_line_in", "delay_line_out", "depth_attention", "depth_step", "depth_step_scratch",
+           "embed_sum", "gemv_cuda", "linear", "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight",
+           "paged_attention", "paged_attention_workspace_size", "programmatic_launch", "ring_attention",
+           "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens",
+           "norm_runs_apart", "separate_norms", "settle_weights", "uses_cuda_depth_step"]

@@ -19,8 +19,7 @@ def _settings(name, kv_dtype):
             "fma_convs": conv1d_stream.FMA_MAX_COLUMNS > 0 and conv_transpose1d_stream.FMA_MAX_COLUMNS > 0,
             "depth_gemv_many_rows": bool(ops.CUDA_GEMV_MANY_ROWS_SHAPES),
             "depth_gemv_fused_norms": (3072, 1024, "rms") in ops.CUDA_GEMV_MANY_ROWS_SHAPES,
-            "overlap_text_sampling": fast_lm._overlap_text_sampling, "attention_l2_request": ops._attention_l2_request,
-            "attention_l2_request_at_launch": ops._attention_l2_request_at_launch}
+            "overlap_text_sampling": fast_lm._overlap_text_sampling}
 
 
 def _runs(argv):
@@ -36,17 +35,14 @@ def test_no_flag_adds_no_run():
 def test_each_flag_runs_its_variant_under_its_setting():
     runs = dict(_runs(["--without-pdl", "--helium-cuda-gemv", "--triton-sampling", "--cuda-depth-step",
                        "--fused-norms", "--conv-tensor-cores", "--depth-triton-linears", "--depth-gemv-fused-norms",
-                       "--serial-text-sampling", "--attention-l2-request", "--attention-l2-request-at-launch",
-                       "--kv-cache", "fp8"]))
+                       "--serial-text-sampling", "--kv-cache", "fp8"]))
     assert list(runs) == ["fast_no_pdl", "fast_helium_cuda_gemv", "fast_triton_sampling", "fast_fused_norms",
                           "fast_conv_tensor_cores", "fast_depth_triton_linears", "fast_depth_gemv_fused_norms",
-                          "fast_serial_text_sampling", "fast_attention_l2_request",
-                          "fast_attention_l2_request_at_launch", "fast_kv_fp8", "fast_cuda_depth_step"]
+                          "fast_serial_text_sampling", "fast_kv_fp8", "fast_cuda_depth_step"]
     defaults = {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
                 "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
                 "helium_cuda_gemv": False, "fma_convs": True, "depth_gemv_many_rows": True,
-                "depth_gemv_fused_norms": False, "overlap_text_sampling": True,
-                "attention_l2_request": False, "attention_l2_request_at_launch": False}
+                "depth_gemv_fused_norms": False, "overlap_text_sampling": True}
     assert runs["fast_no_pdl"]() == {"name": "fast_no_pdl", "kv_dtype": None, **defaults, "pdl": False}
     assert runs["fast_helium_cuda_gemv"]() == {"name": "fast_helium_cuda_gemv", "kv_dtype": None, **defaults,
                                                "helium_cuda_gemv": True}
@@ -64,11 +60,6 @@ def test_each_flag_runs_its_variant_under_its_setting():
                                                      **defaults, "depth_gemv_fused_norms": True}
     assert runs["fast_serial_text_sampling"]() == {"name": "fast_serial_text_sampling", "kv_dtype": None,
                                                    **defaults, "overlap_text_sampling": False}
-    assert runs["fast_attention_l2_request"]() == {"name": "fast_attention_l2_request", "kv_dtype": None, **defaults,
-                                                   "attention_l2_request": True}
-    assert runs["fast_attention_l2_request_at_launch"]() == {"name": "fast_attention_l2_request_at_launch",
-                                                             "kv_dtype": None, **defaults, "attention_l2_request": True,
-                                                             "attention_l2_request_at_launch": True}
     assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn, **defaults}
     assert {key: value for key, value in _settings(None, None).items() if key in defaults} == defaults
 

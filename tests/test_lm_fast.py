@@ -308,29 +308,6 @@ def test_overlapped_text_sampling_draws_the_reference_tokens():
         compare_streams(tiny().lm, frames=6, batch=3, kernels=False, greedy=False)
 
 
-def test_attention_l2_request_names_each_layers_output_weight_and_changes_nothing(monkeypatch):
-    """Inside ops.attention_l2_request() each Helium layer's paged attention (its kernel, under the interpreter here)
-    asks L2 for that layer's attention output weight, at launch inside attention_l2_request(at_launch=True);
-    outside it, for nothing. The steps' tokens and logits are the same bit for bit."""
-    requested = []
-    real = ops._paged_attention_kernel
-    monkeypatch.setattr(ops, "_paged_attention_kernel", lambda *args, **kwargs: requested.append(
-        (kwargs["l2_request"], kwargs["l2_request_at_launch"])) or real(*args, **kwargs))
-    lm = build(tiny().lm)
-    mask = torch.ones(2, dtype=torch.bool)
-    codes = torch.randint(0, tiny().lm.card, (2, tiny().lm.dep_q))
-    plain = FastLMRunner(lm, 2, sampling_params(2), torch.device("cpu")).step(codes, mask)
-    assert requested == [(None, False)] * len(lm.layers)
-    for at_launch in (False, True):
-        requested.clear()
-        with ops.attention_l2_request(at_launch=at_launch):
-            hinted = FastLMRunner(lm, 2, sampling_params(2), torch.device("cpu")).step(codes, mask)
-        assert [(weight is layer.out, when) for (weight, when), layer in zip(requested, lm.layers, strict=True)] \
-            == [(True, at_launch)] * len(lm.layers)
-        for name in ("tokens", "valid", "text_logits", "audio_logits"):
-            assert torch.equal(getattr(hinted, name), getattr(plain, name)), name
-
-
 def assert_same_steps(ours: FastLMRunner, theirs: FastLMRunner, codes: torch.Tensor, mask: torch.Tensor) -> None:
     """Steps both runners through codes [T, B, dep_q] under mask, theirs first each frame: every frame's tokens
     and logits equal bit for bit."""

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from moshi_fast.cache import KVPoolExhausted, PagedKVCache
 from moshi_fast.kernels._utils import SplitWorkspace
-from moshi_fast.kernels.paged_attention import (_request_bounds, _resolve_tiles, _to_cache, paged_attention,
+from moshi_fast.kernels.paged_attention import (_resolve_tiles, _to_cache, paged_attention,
                                                 paged_attention_candidate_tiles, paged_attention_ref,
                                                 paged_attention_workspace_size)
 from moshi_fast.reference.attention import attend, rope_interleaved, split_heads, to_cache_dtype
@@ -306,49 +306,6 @@ def test_split_matches_unsplit_and_is_deterministic():
         assert not workspace.counters.any(), "the combining program resets its counter"
 
 
-@triton.jit
-def _bounds_kernel(out_ptr, lines, programs):
-    program = tl.program_id(0)
-    first, last = _request_bounds(lines, program, programs)
-    tl.store(out_ptr + 2 * program, first)
-    tl.store(out_ptr + 2 * program + 1, last)
-
-
-@pytest.mark.parametrize("lines, programs", [(1, 1), (1, 5), (7, 3), (512, 512), (1000, 96), (262144, 512)])
-def test_l2_request_shares_cover_every_line_once(lines, programs):
-    """The programs' shares of an L2 request tile [0, lines) in program order: no line twice, none missed, none
-    past the end (where there are more programs than lines, the last shares are empty)."""
-    bounds = torch.zeros(programs, 2, dtype=torch.int32)
-    _bounds_kernel[(programs,)](bounds, lines, programs)
-    first, last = bounds[:, 0].tolist(), bounds[:, 1].tolist()
-    assert first[0] == 0 and last[-1] == lines
-    assert all(a <= b for a, b in zip(first, last)) and first[1:] == last[:-1]
-
-
-@pytest.mark.parametrize("at_launch", [False, True], ids=["after-window", "at-launch"])
-def test_l2_request_changes_nothing(at_launch):
-    """Asking L2 for another tensor's lines (under the interpreter: loading them), as each program starts or once
-    it has read its window, leaves the outputs bit for bit as without, split or not, with windows shorter than a
-    block, programs past the window and a slot that does not run; requests of fewer lines than programs, and of
-    other dtypes, included."""
-    cache, qkv = ragged_batch(RAGGED)
-    running = torch.ones(len(RAGGED), dtype=torch.bool)
-    running[2] = False
-    cache.set_exec_mask(running)
-    requests = [torch.randn(1000), torch.randn(7), torch.randn(3, 65).half(), torch.empty(0)]
-    for tiles in ({"splits": 1, "block_n": 4}, {"splits": 3, "block_n": 4}):
-        sizes = paged_attention_workspace_size(len(RAGGED), HEADS, HEAD_DIM, CONTEXT, tiles)
-        workspace = SplitWorkspace(*sizes, "cpu")
-        plain = call(cache, qkv, tiles=tiles, workspace=workspace)
-        for request in requests:
-            got = call(cache, qkv, tiles=tiles, workspace=workspace, l2_request=request,
-                       l2_request_at_launch=at_launch)
-            torch.testing.assert_close(got, plain, rtol=0, atol=0, equal_nan=True, msg=str((tiles, request.shape)))
-        assert plain[2].isnan().all() and not plain[running].isnan().any()
-    with pytest.raises(ValueError, match="l2_request must be a contiguous tensor"):
-        call(cache, qkv, l2_request=torch.randn(4, 6).t())
-
-
 @pytest.mark.parametrize("tiles", [{"splits": 1, "block_n": 16}, {"splits": 3, "block_n": 16}],
                          ids=["unsplit", "3-splits"])
 def test_tensor_core_loop_matches_reference_fp16(tiles):
@@ -521,29 +478,6 @@ def helium_cache(positions: list[int], layers: int = 1, dtype: torch.dtype = tor
     cache.v_pool.copy_(torch.randn(cache.v_pool.shape, device="cuda").to(dtype))
     cache.positions.copy_(torch.tensor(positions))
     return cache
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "e4m3"])
-@pytest.mark.parametrize("at_launch", [False, True], ids=["after-window", "at-launch"])
-@pytest.mark.parametrize("batch", [1, 8])
-def test_l2_request_of_the_attention_output_weight_changes_nothing_on_the_gpu(batch, kv_dtype, at_launch):
-    """Helium's shapes, full windows and a short one: asking L2 for a 33.6 MB weight (the attention output's) as the
-    programs finish (or, at_launch, as they start), the keys and values marked evict-first, gives the same output
-    and pools bit for bit."""
-    width = HELIUM["heads"] * HELIUM["head_dim"]
-    positions = [2 * HELIUM["context"] + 17, 99, 4000, 3000, 12, 2999, 8000, 1][:batch]
-    results = []
-    for request in (None, torch.randn(width, width, device="cuda").bfloat16()):
-        torch.manual_seed(0)
-        cache = helium_cache(positions, dtype=kv_dtype)
-        cache.set_exec_mask(torch.ones(batch, dtype=torch.bool, device="cuda"))
-        qkv = torch.randn(batch, 3 * width, device="cuda").bfloat16()
-        out = paged_attention(qkv, *cache.layer(0), cache.page_table, cache.positions, cache.exec_mask,
-                              HELIUM["context"], 10000.0, l2_request=request, l2_request_at_launch=at_launch)
-        results.append((out, cache.k_pool.clone(), cache.v_pool.clone()))
-    for got, expected in zip(results[1], results[0]):
-        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
 
 
 @pytest.mark.gpu

@@ -43,6 +43,11 @@ Design, for Helium's regime (H = 32, D = 128, context 3000, bf16, B = 1..64):
     False keeps the scores on the tensor cores and the weighted values on the FMA path: an 8-bit value
     tile as tl.dot's right operand runs along K across rows, which Triton reads from shared memory a
     byte at a time, while the broadcast multiply loads it in 16-byte vectors (the sweep decides).
+    Triton's pipeline of these gathered loads keeps one block of keys and values in shared memory below 5
+    stages: a program waits for its block, multiplies, then requests the next (Nsight Compute at B = 1:
+    55% of DRAM bandwidth, bench/RESULTS.md). tiles' "prefetch": True requests the next block's keys and
+    values into registers before this block's products instead, in either loop (more registers, no
+    shared-memory copies).
   * The new token does not go through memory on its way to its own query: the program whose run holds
     position q starts its softmax state from the new key and value in registers and stores them into
     their row. No other program reads that row this step, so the store races with nothing.
@@ -176,7 +181,7 @@ def _paged_attention_kernel(
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CONTEXT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGES_PER_SLOT: tl.constexpr, LOG_PERIOD: tl.constexpr, QK_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr, DOT_VALUES: tl.constexpr,
-    E4M3: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, E4M3: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     split = tl.program_id(0)
@@ -241,10 +246,22 @@ def _paged_attention_kernel(
         m_rows = tl.broadcast_to(m_i, (DOT_ROWS,))
         l_rows = tl.broadcast_to(l_i, (DOT_ROWS,))
         acc_rows = tl.broadcast_to(acc[None, :], (DOT_ROWS, HEAD_DIM))
+        if PREFETCH:
+            keys_next, values_next, mask_next = _window_block(k_pool_ptr, v_pool_ptr, table, start + offs_n, stop,
+                                                              head_offset, stride_pool_page, stride_pool_row, offs_d,
+                                                              PAGE_SIZE, PAGES_PER_SLOT)
         for block_start in range(start, stop, BLOCK_N):
-            keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
-                                                 head_offset, stride_pool_page, stride_pool_row, offs_d,
-                                                 PAGE_SIZE, PAGES_PER_SLOT)
+            if PREFETCH:
+                # The next block's loads go out before this block's products (past the run they are all masked
+                # off): a DRAM round trip a block is hidden behind the math instead of waited out after it.
+                keys, values, mask_n = keys_next, values_next, mask_next
+                keys_next, values_next, mask_next = _window_block(
+                    k_pool_ptr, v_pool_ptr, table, block_start + BLOCK_N + offs_n, stop, head_offset,
+                    stride_pool_page, stride_pool_row, offs_d, PAGE_SIZE, PAGES_PER_SLOT)
+            else:
+                keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
+                                                     head_offset, stride_pool_page, stride_pool_row, offs_d,
+                                                     PAGE_SIZE, PAGES_PER_SLOT)
             # An 8-bit cache's tiles widen (exactly) to the operands' dtype for the tensor cores.
             keys = keys.to(queries.dtype)
             values = values.to(queries.dtype)
@@ -262,10 +279,20 @@ def _paged_attention_kernel(
     else:
         if DOT:
             queries = _dot_queries(query_rounded, HEAD_DIM, E4M3)
+        if PREFETCH:
+            keys_next, values_next, mask_next = _window_block(k_pool_ptr, v_pool_ptr, table, start + offs_n, stop,
+                                                              head_offset, stride_pool_page, stride_pool_row, offs_d,
+                                                              PAGE_SIZE, PAGES_PER_SLOT)
         for block_start in range(start, stop, BLOCK_N):
-            keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
-                                                 head_offset, stride_pool_page, stride_pool_row, offs_d,
-                                                 PAGE_SIZE, PAGES_PER_SLOT)
+            if PREFETCH:
+                keys, values, mask_n = keys_next, values_next, mask_next
+                keys_next, values_next, mask_next = _window_block(
+                    k_pool_ptr, v_pool_ptr, table, block_start + BLOCK_N + offs_n, stop, head_offset,
+                    stride_pool_page, stride_pool_row, offs_d, PAGE_SIZE, PAGES_PER_SLOT)
+            else:
+                keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
+                                                     head_offset, stride_pool_page, stride_pool_row, offs_d,
+                                                     PAGE_SIZE, PAGES_PER_SLOT)
             if DOT:
                 # Scores on the tensor cores (the keys' rows are the K-contiguous operand they want, and their
                 # loads pipeline); every row of the product is the one query's, so the max over rows is row 0.
@@ -403,8 +430,8 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     """Launcher. Shapes in the module docstring; k_pool/v_pool are one layer's pools (e.g.
     PagedKVCache.layer(i)). `workspace` (from paged_attention_workspace_size) is used when the window is
     split; a fresh one is allocated if it is None. `tiles` ({"block_n", "splits", "num_warps",
-    "num_stages", "dot", "dot_values"}, see paged_attention_candidate_tiles and the module docstring) overrides
-    the defaults."""
+    "num_stages", "dot", "dot_values", "prefetch"}, see paged_attention_candidate_tiles and the module docstring)
+    overrides the defaults."""
     batch, width = qkv.shape
     _, heads, page_size, head_dim = k_pool.shape
     slots, pages_per_slot = page_table.shape
@@ -445,7 +472,7 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         HEADS=heads, HEAD_DIM=head_dim, CONTEXT=context, PAGE_SIZE=page_size, PAGES_PER_SLOT=pages_per_slot,
         LOG_PERIOD=math.log(max_period), QK_SCALE=head_dim ** -0.5 * math.log2(math.e),
         BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot,
-        DOT_VALUES=bool(tiles.get("dot_values", True)),
+        DOT_VALUES=bool(tiles.get("dot_values", True)), PREFETCH=bool(tiles.get("prefetch", False)),
         E4M3=k_pool.dtype == torch.float8_e4m3fn, PDL=use_pdl, launch_pdl=use_pdl, **launch_options,
     )
     return out

@@ -161,6 +161,38 @@ def _window_block(k_pool_ptr, v_pool_ptr, table, key_pos, stop, head_offset, str
 
 
 @triton.jit
+def _first_carried(k_pool_ptr, v_pool_ptr, table, start, offs_n, stop, head_offset, stride_pool_page,
+                   stride_pool_row, offs_d, PAGE_SIZE: tl.constexpr, PAGES_PER_SLOT: tl.constexpr,
+                   PREFETCH: tl.constexpr):
+    """What the window loop carries into its first iteration: with PREFETCH the run's first block, requested
+    before the loop; without, nothing (placeholders)."""
+    if PREFETCH:
+        return _window_block(k_pool_ptr, v_pool_ptr, table, start + offs_n, stop, head_offset, stride_pool_page,
+                             stride_pool_row, offs_d, PAGE_SIZE, PAGES_PER_SLOT)
+    else:
+        return 0, 0, 0
+
+
+@triton.jit
+def _loop_block(k_pool_ptr, v_pool_ptr, table, block_start, offs_n, stop, head_offset, stride_pool_page,
+                stride_pool_row, offs_d, carried_keys, carried_values, carried_mask, PAGE_SIZE: tl.constexpr,
+                PAGES_PER_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr):
+    """(keys, values, mask) of the window block at block_start, then what the next iteration carries. With
+    PREFETCH the block is the one carried in, and the next block's loads go out now, before this block's math (past
+    the run they are all masked off): a DRAM round trip a block hidden behind the products instead of waited out
+    after them. Without, the block is loaded here and the carry passes through."""
+    if PREFETCH:
+        keys_next, values_next, mask_next = _window_block(
+            k_pool_ptr, v_pool_ptr, table, block_start + BLOCK_N + offs_n, stop, head_offset, stride_pool_page,
+            stride_pool_row, offs_d, PAGE_SIZE, PAGES_PER_SLOT)
+        return carried_keys, carried_values, carried_mask, keys_next, values_next, mask_next
+    else:
+        keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop, head_offset,
+                                             stride_pool_page, stride_pool_row, offs_d, PAGE_SIZE, PAGES_PER_SLOT)
+        return keys, values, mask_n, carried_keys, carried_values, carried_mask
+
+
+@triton.jit
 def _dot_queries(query_rounded, HEAD_DIM: tl.constexpr, E4M3: tl.constexpr):
     """The query row repeated over tl.dot's DOT_ROWS rows, in the dtype of the tensor-core operands: the activation
     dtype, or fp16 with an e4m3 cache. e4m3 widens to fp16 in one packed conversion a pair of values (to bf16 it
@@ -246,22 +278,14 @@ def _paged_attention_kernel(
         m_rows = tl.broadcast_to(m_i, (DOT_ROWS,))
         l_rows = tl.broadcast_to(l_i, (DOT_ROWS,))
         acc_rows = tl.broadcast_to(acc[None, :], (DOT_ROWS, HEAD_DIM))
-        if PREFETCH:
-            keys_next, values_next, mask_next = _window_block(k_pool_ptr, v_pool_ptr, table, start + offs_n, stop,
-                                                              head_offset, stride_pool_page, stride_pool_row, offs_d,
-                                                              PAGE_SIZE, PAGES_PER_SLOT)
+        next_keys, next_values, next_mask = _first_carried(k_pool_ptr, v_pool_ptr, table, start, offs_n, stop,
+                                                           head_offset, stride_pool_page, stride_pool_row, offs_d,
+                                                           PAGE_SIZE, PAGES_PER_SLOT, PREFETCH)
         for block_start in range(start, stop, BLOCK_N):
-            if PREFETCH:
-                # The next block's loads go out before this block's products (past the run they are all masked
-                # off): a DRAM round trip a block is hidden behind the math instead of waited out after it.
-                keys, values, mask_n = keys_next, values_next, mask_next
-                keys_next, values_next, mask_next = _window_block(
-                    k_pool_ptr, v_pool_ptr, table, block_start + BLOCK_N + offs_n, stop, head_offset,
-                    stride_pool_page, stride_pool_row, offs_d, PAGE_SIZE, PAGES_PER_SLOT)
-            else:
-                keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
-                                                     head_offset, stride_pool_page, stride_pool_row, offs_d,
-                                                     PAGE_SIZE, PAGES_PER_SLOT)
+            keys, values, mask_n, next_keys, next_values, next_mask = _loop_block(
+                k_pool_ptr, v_pool_ptr, table, block_start, offs_n, stop, head_offset, stride_pool_page,
+                stride_pool_row, offs_d, next_keys, next_values, next_mask, PAGE_SIZE, PAGES_PER_SLOT, BLOCK_N,
+                PREFETCH)
             # An 8-bit cache's tiles widen (exactly) to the operands' dtype for the tensor cores.
             keys = keys.to(queries.dtype)
             values = values.to(queries.dtype)
@@ -279,20 +303,14 @@ def _paged_attention_kernel(
     else:
         if DOT:
             queries = _dot_queries(query_rounded, HEAD_DIM, E4M3)
-        if PREFETCH:
-            keys_next, values_next, mask_next = _window_block(k_pool_ptr, v_pool_ptr, table, start + offs_n, stop,
-                                                              head_offset, stride_pool_page, stride_pool_row, offs_d,
-                                                              PAGE_SIZE, PAGES_PER_SLOT)
+        next_keys, next_values, next_mask = _first_carried(k_pool_ptr, v_pool_ptr, table, start, offs_n, stop,
+                                                           head_offset, stride_pool_page, stride_pool_row, offs_d,
+                                                           PAGE_SIZE, PAGES_PER_SLOT, PREFETCH)
         for block_start in range(start, stop, BLOCK_N):
-            if PREFETCH:
-                keys, values, mask_n = keys_next, values_next, mask_next
-                keys_next, values_next, mask_next = _window_block(
-                    k_pool_ptr, v_pool_ptr, table, block_start + BLOCK_N + offs_n, stop, head_offset,
-                    stride_pool_page, stride_pool_row, offs_d, PAGE_SIZE, PAGES_PER_SLOT)
-            else:
-                keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
-                                                     head_offset, stride_pool_page, stride_pool_row, offs_d,
-                                                     PAGE_SIZE, PAGES_PER_SLOT)
+            keys, values, mask_n, next_keys, next_values, next_mask = _loop_block(
+                k_pool_ptr, v_pool_ptr, table, block_start, offs_n, stop, head_offset, stride_pool_page,
+                stride_pool_row, offs_d, next_keys, next_values, next_mask, PAGE_SIZE, PAGES_PER_SLOT, BLOCK_N,
+                PREFETCH)
             if DOT:
                 # Scores on the tensor cores (the keys' rows are the K-contiguous operand they want, and their
                 # loads pipeline); every row of the product is the one query's, so the max over rows is row 0.

@@ -37,17 +37,16 @@ Design, for Helium's regime (H = 32, D = 128, context 3000, bf16, B = 1..64):
     through the page table (one int32 per position, cached), so blocks need not align with pages. For
     T = 1 there is one query row per head. With 16-bit pools (the default there) scores and weighted
     values go through tl.dot on the query repeated to 16 rows: the wasted tensor-core work is free, and
-    Triton then pipelines the gathered K and V loads num_stages deep. Otherwise (fp32 pools, or
+    Triton then copies the gathered K and V tiles into shared memory asynchronously (cp.async); below 5
+    stages its pipeline holds one block of them, requesting a program's next block after the current
+    block's products (Nsight Compute at B = 1: 55% of DRAM bandwidth; deeper pipelines, and the next block
+    loaded into registers ahead of the products, were faster alone at B = 8 but no faster or slower in the
+    frame: bench/RESULTS.md, 2026-12-06 eleventh session). Otherwise (fp32 pools, or
     tiles' "dot": False) scores are a broadcast multiply and a row sum over D, and the weighted values
     a broadcast multiply and a column sum, each block's loads waited for in turn. tiles' "dot_values":
     False keeps the scores on the tensor cores and the weighted values on the FMA path: an 8-bit value
     tile as tl.dot's right operand runs along K across rows, which Triton reads from shared memory a
     byte at a time, while the broadcast multiply loads it in 16-byte vectors (the sweep decides).
-    Triton's pipeline of these gathered loads keeps one block of keys and values in shared memory below 5
-    stages: a program waits for its block, multiplies, then requests the next (Nsight Compute at B = 1:
-    55% of DRAM bandwidth, bench/RESULTS.md). tiles' "prefetch": True requests the next block's keys and
-    values into registers before this block's products instead, in either loop (more registers, no
-    shared-memory copies).
   * The new token does not go through memory on its way to its own query: the program whose run holds
     position q starts its softmax state from the new key and value in registers and stores them into
     their row. No other program reads that row this step, so the store races with nothing.
@@ -161,38 +160,6 @@ def _window_block(k_pool_ptr, v_pool_ptr, table, key_pos, stop, head_offset, str
 
 
 @triton.jit
-def _first_carried(k_pool_ptr, v_pool_ptr, table, start, offs_n, stop, head_offset, stride_pool_page,
-                   stride_pool_row, offs_d, PAGE_SIZE: tl.constexpr, PAGES_PER_SLOT: tl.constexpr,
-                   PREFETCH: tl.constexpr):
-    """What the window loop carries into its first iteration: with PREFETCH the run's first block, requested
-    before the loop; without, nothing (placeholders)."""
-    if PREFETCH:
-        return _window_block(k_pool_ptr, v_pool_ptr, table, start + offs_n, stop, head_offset, stride_pool_page,
-                             stride_pool_row, offs_d, PAGE_SIZE, PAGES_PER_SLOT)
-    else:
-        return 0, 0, 0
-
-
-@triton.jit
-def _loop_block(k_pool_ptr, v_pool_ptr, table, block_start, offs_n, stop, head_offset, stride_pool_page,
-                stride_pool_row, offs_d, carried_keys, carried_values, carried_mask, PAGE_SIZE: tl.constexpr,
-                PAGES_PER_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr):
-    """(keys, values, mask) of the window block at block_start, then what the next iteration carries. With
-    PREFETCH the block is the one carried in, and the next block's loads go out now, before this block's math (past
-    the run they are all masked off): a DRAM round trip a block hidden behind the products instead of waited out
-    after them. Without, the block is loaded here and the carry passes through."""
-    if PREFETCH:
-        keys_next, values_next, mask_next = _window_block(
-            k_pool_ptr, v_pool_ptr, table, block_start + BLOCK_N + offs_n, stop, head_offset, stride_pool_page,
-            stride_pool_row, offs_d, PAGE_SIZE, PAGES_PER_SLOT)
-        return carried_keys, carried_values, carried_mask, keys_next, values_next, mask_next
-    else:
-        keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop, head_offset,
-                                             stride_pool_page, stride_pool_row, offs_d, PAGE_SIZE, PAGES_PER_SLOT)
-        return keys, values, mask_n, carried_keys, carried_values, carried_mask
-
-
-@triton.jit
 def _dot_queries(query_rounded, HEAD_DIM: tl.constexpr, E4M3: tl.constexpr):
     """The query row repeated over tl.dot's DOT_ROWS rows, in the dtype of the tensor-core operands: the activation
     dtype, or fp16 with an e4m3 cache. e4m3 widens to fp16 in one packed conversion a pair of values (to bf16 it
@@ -213,7 +180,7 @@ def _paged_attention_kernel(
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CONTEXT: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGES_PER_SLOT: tl.constexpr, LOG_PERIOD: tl.constexpr, QK_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DOT: tl.constexpr, DOT_VALUES: tl.constexpr,
-    PREFETCH: tl.constexpr, E4M3: tl.constexpr, PDL: tl.constexpr,
+    E4M3: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     split = tl.program_id(0)
@@ -271,21 +238,18 @@ def _paged_attention_kernel(
     if DOT and DOT_VALUES:
         # The one query row repeated over tl.dot's 16-row minimum: every row carries the same softmax
         # state, and row 0 is kept at the end. The tensor cores have time to spare at T = 1; what this
-        # buys is that Triton software-pipelines the K and V loads that feed tl.dot (cp.async, num_stages
-        # deep), where the FMA loop below waits for each block's loads.
+        # buys is that Triton copies the K and V loads that feed tl.dot asynchronously through shared memory
+        # (cp.async; one block in flight below 5 stages), where the FMA loop below waits for each block's
+        # loads in registers.
         is_row0 = tl.arange(0, DOT_ROWS) == 0
         queries = _dot_queries(query_rounded, HEAD_DIM, E4M3)
         m_rows = tl.broadcast_to(m_i, (DOT_ROWS,))
         l_rows = tl.broadcast_to(l_i, (DOT_ROWS,))
         acc_rows = tl.broadcast_to(acc[None, :], (DOT_ROWS, HEAD_DIM))
-        next_keys, next_values, next_mask = _first_carried(k_pool_ptr, v_pool_ptr, table, start, offs_n, stop,
-                                                           head_offset, stride_pool_page, stride_pool_row, offs_d,
-                                                           PAGE_SIZE, PAGES_PER_SLOT, PREFETCH)
         for block_start in range(start, stop, BLOCK_N):
-            keys, values, mask_n, next_keys, next_values, next_mask = _loop_block(
-                k_pool_ptr, v_pool_ptr, table, block_start, offs_n, stop, head_offset, stride_pool_page,
-                stride_pool_row, offs_d, next_keys, next_values, next_mask, PAGE_SIZE, PAGES_PER_SLOT, BLOCK_N,
-                PREFETCH)
+            keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
+                                                 head_offset, stride_pool_page, stride_pool_row, offs_d,
+                                                 PAGE_SIZE, PAGES_PER_SLOT)
             # An 8-bit cache's tiles widen (exactly) to the operands' dtype for the tensor cores.
             keys = keys.to(queries.dtype)
             values = values.to(queries.dtype)
@@ -303,14 +267,10 @@ def _paged_attention_kernel(
     else:
         if DOT:
             queries = _dot_queries(query_rounded, HEAD_DIM, E4M3)
-        next_keys, next_values, next_mask = _first_carried(k_pool_ptr, v_pool_ptr, table, start, offs_n, stop,
-                                                           head_offset, stride_pool_page, stride_pool_row, offs_d,
-                                                           PAGE_SIZE, PAGES_PER_SLOT, PREFETCH)
         for block_start in range(start, stop, BLOCK_N):
-            keys, values, mask_n, next_keys, next_values, next_mask = _loop_block(
-                k_pool_ptr, v_pool_ptr, table, block_start, offs_n, stop, head_offset, stride_pool_page,
-                stride_pool_row, offs_d, next_keys, next_values, next_mask, PAGE_SIZE, PAGES_PER_SLOT, BLOCK_N,
-                PREFETCH)
+            keys, values, mask_n = _window_block(k_pool_ptr, v_pool_ptr, table, block_start + offs_n, stop,
+                                                 head_offset, stride_pool_page, stride_pool_row, offs_d,
+                                                 PAGE_SIZE, PAGES_PER_SLOT)
             if DOT:
                 # Scores on the tensor cores (the keys' rows are the K-contiguous operand they want, and their
                 # loads pipeline); every row of the product is the one query's, so the max over rows is row 0.
@@ -448,8 +408,8 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     """Launcher. Shapes in the module docstring; k_pool/v_pool are one layer's pools (e.g.
     PagedKVCache.layer(i)). `workspace` (from paged_attention_workspace_size) is used when the window is
     split; a fresh one is allocated if it is None. `tiles` ({"block_n", "splits", "num_warps",
-    "num_stages", "dot", "dot_values", "prefetch"}, see paged_attention_candidate_tiles and the module docstring)
-    overrides the defaults."""
+    "num_stages", "dot", "dot_values"}, see paged_attention_candidate_tiles and the module docstring) overrides
+    the defaults."""
     batch, width = qkv.shape
     _, heads, page_size, head_dim = k_pool.shape
     slots, pages_per_slot = page_table.shape
@@ -490,7 +450,7 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         HEADS=heads, HEAD_DIM=head_dim, CONTEXT=context, PAGE_SIZE=page_size, PAGES_PER_SLOT=pages_per_slot,
         LOG_PERIOD=math.log(max_period), QK_SCALE=head_dim ** -0.5 * math.log2(math.e),
         BLOCK_N=block_n, SPLITS=splits, BLOCK_S=next_pow2(splits, minimum=2), DOT=dot,
-        DOT_VALUES=bool(tiles.get("dot_values", True)), PREFETCH=bool(tiles.get("prefetch", False)),
+        DOT_VALUES=bool(tiles.get("dot_values", True)),
         E4M3=k_pool.dtype == torch.float8_e4m3fn, PDL=use_pdl, launch_pdl=use_pdl, **launch_options,
     )
     return out

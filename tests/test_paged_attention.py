@@ -12,7 +12,7 @@ from moshi_fast.cache import KVPoolExhausted, PagedKVCache
 from moshi_fast.kernels._utils import SplitWorkspace
 from moshi_fast.kernels.paged_attention import (_resolve_tiles, _to_cache, paged_attention,
                                                 paged_attention_candidate_tiles, paged_attention_ref,
-                                                paged_attention_workspace_size, tuned_plan)
+                                                paged_attention_workspace_size)
 from moshi_fast.reference.attention import attend, rope_interleaved, split_heads, to_cache_dtype
 
 from .helpers import rel_err
@@ -306,23 +306,6 @@ def test_split_matches_unsplit_and_is_deterministic():
         assert not workspace.counters.any(), "the combining program resets its counter"
 
 
-@pytest.mark.parametrize("tiles", [{"splits": 1, "block_n": 4}, {"splits": 3, "block_n": 4},
-                                   {"splits": 5, "block_n": 2}], ids=["unsplit", "3-splits", "5-splits"])
-def test_prefetching_the_next_block_changes_nothing(tiles):
-    """tiles' "prefetch": each block's keys and values requested before the previous block's math (the FMA loop
-    here): the outputs bit for bit as without, split or not, with windows shorter than a block, programs past the
-    window and a slot that does not run."""
-    cache, qkv = ragged_batch(RAGGED)
-    running = torch.ones(len(RAGGED), dtype=torch.bool)
-    running[2] = False
-    cache.set_exec_mask(running)
-    sizes = paged_attention_workspace_size(len(RAGGED), HEADS, HEAD_DIM, CONTEXT, tiles)
-    plain = call(cache, qkv, tiles=tiles, workspace=SplitWorkspace(*sizes, "cpu"))
-    prefetched = call(cache, qkv, tiles={**tiles, "prefetch": True}, workspace=SplitWorkspace(*sizes, "cpu"))
-    torch.testing.assert_close(prefetched, plain, rtol=0, atol=0, equal_nan=True)
-    assert plain[2].isnan().all() and not plain[running].isnan().any()
-
-
 @pytest.mark.parametrize("tiles", [{"splits": 1, "block_n": 16}, {"splits": 3, "block_n": 16}],
                          ids=["unsplit", "3-splits"])
 def test_tensor_core_loop_matches_reference_fp16(tiles):
@@ -354,10 +337,6 @@ def test_tensor_core_loop_matches_reference_fp16(tiles):
     assert rel_err(dot, expected) < 2e-3
     assert rel_err(dot, fma) < 2e-3
     assert rel_err(scores_only, expected) < 2e-3
-    # Each block's loads issued before the previous block's products: the same results bit for bit, both loops.
-    for plain, plan in ((dot, tiles), (scores_only, {**tiles, "dot_values": False})):
-        prefetched = run(tiles={**plan, "prefetch": True}, workspace=SplitWorkspace(*sizes, "cpu"))
-        assert torch.equal(prefetched, plain), plan
     with pytest.raises(ValueError, match="tensor-core loop"):
         run(tiles={**tiles, "block_n": 8, "dot": True})
 
@@ -555,30 +534,6 @@ def test_paged_attention_fp8_cache_at_helium_shapes(batch, tiles):
     # Keys: RoPE in fp32 may round one new key element differently before the 8-bit rounding.
     differ = cache.k_pool.view(torch.uint8) != twin_k.view(torch.uint8)
     assert differ.float().mean() < 1e-3
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "e4m3"])
-@pytest.mark.parametrize("batch", [1, 8, 64])
-def test_prefetching_the_next_block_changes_nothing_on_the_gpu(batch, kv_dtype):
-    """Helium's shapes, full windows and short ones, the plan of this batch and pool dtype with and without
-    "prefetch" (the next block's keys and values requested before this block's products), and a 32-key block: the
-    same output and pools bit for bit."""
-    width = HELIUM["heads"] * HELIUM["head_dim"]
-    positions = ([2 * HELIUM["context"] + 17, 99, 4000, 3000, 12, 2999, 8000, 1] * 8)[:batch]
-    plan = tuned_plan(batch, HELIUM["heads"], HELIUM["head_dim"], HELIUM["context"], kv_dtype)
-    for tiles in (plan, {**plan, "block_n": 32}):
-        results = []
-        for prefetch in (False, True):
-            torch.manual_seed(0)
-            cache = helium_cache(positions, dtype=kv_dtype)
-            cache.set_exec_mask(torch.ones(batch, dtype=torch.bool, device="cuda"))
-            qkv = torch.randn(batch, 3 * width, device="cuda").bfloat16()
-            out = paged_attention(qkv, *cache.layer(0), cache.page_table, cache.positions, cache.exec_mask,
-                                  HELIUM["context"], 10000.0, tiles={**tiles, "prefetch": prefetch})
-            results.append((out, cache.k_pool.clone(), cache.v_pool.clone()))
-        for got, expected in zip(results[1], results[0]):
-            assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), tiles
 
 
 @pytest.mark.gpu

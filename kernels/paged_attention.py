@@ -39,9 +39,9 @@ Design, for Helium's regime (H = 32, D = 128, context 3000, bf16, B = 1..64):
     values go through tl.dot on the query repeated to 16 rows: the wasted tensor-core work is free, and
     Triton then copies the gathered K and V tiles into shared memory asynchronously (cp.async); below 5
     stages its pipeline holds one block of them, requesting a program's next block after the current
-    block's products (Nsight Compute at B = 1: 55% of DRAM bandwidth; deeper pipelines, and the next block
-    loaded into registers ahead of the products, were faster alone at B = 8 but no faster or slower in the
-    frame: bench/RESULTS.md, 2026-12-06 eleventh session). Otherwise (fp32 pools, or
+    block's products (Nsight Compute at B = 1: 55% of DRAM bandwidth). Deeper pipelines (faster alone at
+    B = 8) and the next block loaded into registers ahead of the products were each slower in the frame, or
+    no faster (bench/RESULTS.md, 2026-12-06 eleventh session). Otherwise (fp32 pools, or
     tiles' "dot": False) scores are a broadcast multiply and a row sum over D, and the weighted values
     a broadcast multiply and a column sum, each block's loads waited for in turn. tiles' "dot_values":
     False keeps the scores on the tensor cores and the weighted values on the FMA path: an 8-bit value

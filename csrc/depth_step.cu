@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 
 #include "depth_step_kernel.cuh"
 
@@ -63,7 +64,7 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
                      const at::Tensor& out_proj, const at::Tensor& norm2, const at::Tensor& gate_up,
                      const at::Tensor& down, const at::Tensor& head, at::Tensor& k_cache, at::Tensor& v_cache,
                      int64_t step, double eps, at::Tensor& logits_out, at::Tensor& qkv_scratch,
-                     at::Tensor& hidden_scratch, at::Tensor& counters,
+                     at::Tensor& hidden_scratch, at::Tensor& arrivals, const std::optional<at::Tensor>& trace,
                      bool programmatic) {
   TORCH_CHECK_VALUE(x.is_cuda(), "depth_step_bf16 runs on CUDA tensors; x is on ", x.device());
   check_on(x, "x", x, at::kBFloat16);
@@ -135,12 +136,18 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
                       scratch->sizes());
     check_aligned(*scratch, "scratch");
   }
-  check_on(counters, "counters", x, at::kInt);
-  TORCH_CHECK_VALUE(counters.numel() >= 2 && counters.is_contiguous(),
-                    "depth_step_bf16: counters must hold at least 2 int32, contiguous");
+  check_on(arrivals, "arrivals", x, at::kLong);
+  TORCH_CHECK_VALUE(arrivals.numel() == 1, "depth_step_bf16: arrivals must hold one int64");
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int blocks = launch_blocks(x.device().index());
+  if (trace.has_value()) {
+    check_on(*trace, "trace", x, at::kLong);
+    TORCH_CHECK_VALUE(trace->dim() == 2 && trace->size(0) == blocks &&
+                          trace->size(1) == depth_step_trace_slots(static_cast<int>(layers)) && trace->is_contiguous(),
+                      "depth_step_bf16: trace must be [", blocks, ", ", depth_step_trace_slots(static_cast<int>(layers)),
+                      "] contiguous (blocks of the launch, entries of a block), got ", trace->sizes());
+  }
   DepthStepArgs args{};
   args.x = reinterpret_cast<__nv_bfloat16*>(x.mutable_data_ptr());
   args.previous = previous.const_data_ptr<int64_t>();
@@ -158,7 +165,8 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
   args.logits = reinterpret_cast<__nv_bfloat16*>(logits_out.mutable_data_ptr());
   args.qkv_scratch = reinterpret_cast<__nv_bfloat16*>(qkv_scratch.mutable_data_ptr());
   args.hidden_scratch = reinterpret_cast<__nv_bfloat16*>(hidden_scratch.mutable_data_ptr());
-  args.barrier = reinterpret_cast<unsigned*>(counters.mutable_data_ptr<int32_t>());
+  args.arrivals = reinterpret_cast<unsigned long long*>(arrivals.mutable_data_ptr<int64_t>());
+  args.trace = trace.has_value() ? reinterpret_cast<long long*>(trace->mutable_data_ptr<int64_t>()) : nullptr;
   args.x_stride = x.stride(0);
   args.norm_stride = norm1.stride(0);
   args.qkv_stride = qkv.stride(0);

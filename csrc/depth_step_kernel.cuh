@@ -38,8 +38,19 @@
 // are summed from those pieces.
 //
 // Memory ordering. Activations written during the launch are read with ld.global.cg (at L2: the L1 of an SM is not
-// coherent with other SMs' writes). The barrier (grid_barrier) releases every write of the block before its arrival
+// coherent with other SMs' writes). The barrier (GridBarrier) releases every write of the block with its arrival
 // and acquires the others' before anyone passes it.
+//
+// The barrier is one 64-bit arrival count that only grows: each block adds 1 (a release reduction, which does not
+// wait for an answer) and polls until the count reaches its target, a multiple of the grid; between launches the
+// count is a multiple of the grid, so a block learns the launch's base from one read at its start. An arrival
+// waits for the block's writes to be acknowledged, then for the poll that sees the last arrival (the
+// sense-reversal barrier this replaced also read a generation word, fenced and waited for a returned atomic
+// before it, and the last block stored the new generation after its atomic).
+//
+// Timeline (DepthStepArgs::trace, for bench/trace_depth_step.py): when given, thread 0 of each block writes the
+// GPU's global timer (ns) at its start, after the wait for the previous kernel, and in each phase at its start,
+// once its input rows are ready and at its end (before the barrier).
 //
 // Floor at Moshi's config (D = 1024, Hd = 2816, H = 16 x 64, L = 6, card = 2048): 158,359,552 bytes of weights a
 // step (kernels/depth_step.py), 37.4 us at the H200's measured 4.23 TB/s copy bandwidth.
@@ -72,8 +83,11 @@ constexpr int kDepthRowPitch = kDepthChunkK + 32;
 constexpr int kDepthSlotElements = kGemvTileRows * kDepthRowPitch;
 constexpr int kDepthHeadDim = 64;
 constexpr int kDepthMaxSteps = 16;
-// Steps whose cached keys and values the attention requests at once.
-constexpr int kAttendBatch = 4;
+// Steps whose cached keys and values the attention requests at once: Moshi's 8 steps in one round trip.
+constexpr int kAttendBatch = 8;
+// Timeline entries of a block: its start, after the wait, then 3 a phase (see depth_step_trace_slots).
+constexpr int kTraceHead = 2;
+constexpr int kTracePerPhase = 3;
 
 struct DepthStepArgs {
   __nv_bfloat16* x;                       // [rows, dim], row stride x_stride: in_proj[step](h) in, residual out
@@ -92,13 +106,30 @@ struct DepthStepArgs {
   __nv_bfloat16* logits;                  // [rows, card], row stride logits_stride
   __nv_bfloat16* qkv_scratch;             // [rows, 3 dim] contiguous
   __nv_bfloat16* hidden_scratch;          // [rows, hidden] contiguous
-  unsigned* barrier;                      // [2]: arrivals (0 between barriers), generation (any value)
+  unsigned long long* arrivals;           // [1]: the grid barrier's count, a multiple of the grid between launches
+  long long* trace;                       // null, or [grid, depth_step_trace_slots(layers)]: global timer, ns
   int64_t x_stride, norm_stride, qkv_stride, out_stride, gate_up_stride, down_stride, logits_stride;
   float eps;
   int rows, dim, hidden, heads, steps, step, layers, card;
 };
 
+// Timeline entries a block writes in a step of `layers` layers: 4 L + 1 product phases.
+__host__ __device__ constexpr int depth_step_trace_slots(int layers) {
+  return kTraceHead + kTracePerPhase * (4 * layers + 1);
+}
+
 namespace detail {
+
+// Thread 0 of the block writes the global timer into its timeline's entry `slot` (nothing without a timeline).
+__device__ __forceinline__ void trace_time(const DepthStepArgs& a, int slot) {
+  if (a.trace != nullptr && threadIdx.x == 0) {
+    long long now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    a.trace[static_cast<int64_t>(blockIdx.x) * depth_step_trace_slots(a.layers) + slot] = now;
+  }
+}
+
+__device__ __forceinline__ int phase_trace_slot(int p, int event) { return kTraceHead + kTracePerPhase * p + event; }
 
 enum DepthPhase { kQkv = 0, kOut = 1, kGateUp = 2, kDown = 3, kHead = 4 };
 
@@ -420,13 +451,43 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
                                   ActivationSource source, const __nv_bfloat16* norm_weight,
                                   DepthShared& shared) {
   const ProductPhase phase = product_phase(a, p);
+  trace_time(a, phase_trace_slot(p, 0));
   int tile = first_tile(first_block);
-  if (tile >= phase.tiles) return next_first_block(first_block, phase);
+  if (tile >= phase.tiles) {
+    trace_time(a, phase_trace_slot(p, 1));
+    trace_time(a, phase_trace_slot(p, 2));
+    return next_first_block(first_block, phase);
+  }
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int group = lane / 4;
   const int lane_k = 8 * (lane % 4);
   const int x_row = min(group, a.rows - 1);
+
+  // Thread e finishes row m = e / columns, column tile_column + e % columns of each tile (one element at most: a
+  // tile has kGemvGroupRows x 16 elements).
+  static_assert(kGemvGroupRows * kGemvTileRows <= kDepthThreads, "a thread finishes one element of a tile");
+  const int columns = phase.gated ? kGemvTileRows / 2 : kGemvTileRows;
+  const int m = static_cast<int>(threadIdx.x) / columns;
+  const bool residual_phase = phase.kind == kOut || phase.kind == kDown;
+  // The residual of the element this thread finishes in `t`, requested before the products, and for the first
+  // tile before the phase's inputs (the attention, the FFN activations): its round trip overlaps theirs. Only this
+  // block writes these columns of x during the phase. At layer 0's out phase the residual is x plus the
+  // embedding, rounded, which the epilogue's store makes x.
+  const auto residual_of = [&](int t) {
+    const int column = t * columns + static_cast<int>(threadIdx.x) % columns;
+    float residual = 0.f;
+    if (residual_phase && m < a.rows && column < phase.n) {
+      residual = __bfloat162float(__ldcg(a.x + m * a.x_stride + column));
+      if (phase.kind == kOut && p == kOut) {
+        const int64_t row = embedding_row(a.embed_row_offset, a.previous, a.dim, m);
+        residual = __bfloat162float(__float2bfloat16_rn(residual + __bfloat162float(a.embed_table[row + column])));
+      }
+    }
+    return residual;
+  };
+  const int first_owned = tile;
+  float residual = residual_of(tile);
 
   if (phase.kind == kOut) {
     attend_into_shared(a, p / 4, shared.attention);
@@ -480,26 +541,12 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
     }
   }
 
-  // Thread e finishes row m = e / columns, column tile_column + e % columns of each tile (one element at most: a
-  // tile has kGemvGroupRows x 16 elements).
-  static_assert(kGemvGroupRows * kGemvTileRows <= kDepthThreads, "a thread finishes one element of a tile");
-  const int columns = phase.gated ? kGemvTileRows / 2 : kGemvTileRows;
-  const int m = static_cast<int>(threadIdx.x) / columns;
-  const bool residual_phase = phase.kind == kOut || phase.kind == kDown;
+  trace_time(a, phase_trace_slot(p, 1));
+
   for (; tile < phase.tiles; tile += static_cast<int>(gridDim.x)) {
     const int column = tile * columns + static_cast<int>(threadIdx.x) % columns;
     const bool finishes = m < a.rows && column < phase.n;
-    // The residual is requested before the products, not after them: one round trip fewer at the phase's end. Only
-    // this block writes these columns of x during the phase. At layer 0's out phase the residual is x plus the
-    // embedding, rounded, which the epilogue's store makes x.
-    float residual = 0.f;
-    if (residual_phase && finishes) {
-      residual = __bfloat162float(__ldcg(a.x + m * a.x_stride + column));
-      if (phase.kind == kOut && p == kOut) {
-        const int64_t row = embedding_row(a.embed_row_offset, a.previous, a.dim, m);
-        residual = __bfloat162float(__float2bfloat16_rn(residual + __bfloat162float(a.embed_table[row + column])));
-      }
-    }
+    if (tile != first_owned) residual = residual_of(tile);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int c = 0; c < kDepthMaxChunks; ++c) {
@@ -561,32 +608,42 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
     }
     __syncthreads();
   }
+  trace_time(a, phase_trace_slot(p, 2));
   return next_first_block(first_block, phase);
 }
 
-// Every block waits until all have arrived, their writes released to the whole GPU; graph-safe: the arrival count
-// returns to 0 and the generation only ever increments (its starting value does not matter).
-__device__ __forceinline__ void grid_barrier(unsigned* barrier) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned* arrived = barrier;
-    unsigned* generation = barrier + 1;
-    unsigned seen;
-    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(generation) : "memory");
-    __threadfence();
-    const unsigned before = atomicAdd(arrived, 1u);
-    if (before == gridDim.x - 1) {
-      *reinterpret_cast<volatile unsigned*>(arrived) = 0u;
-      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(generation), "r"(seen + 1u) : "memory");
-    } else {
-      unsigned now;
-      do {
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(now) : "l"(generation) : "memory");
-      } while (now == seen);
+// Every block waits until all have arrived, their writes released to the whole GPU (the protocol is in the file's
+// doc). Graph-safe: the count's value is never baked in. Thread 0's state.
+struct GridBarrier {
+  unsigned long long* arrivals;
+  unsigned long long target;
+
+  // After the wait for the previous kernel, whose launches of this kernel have all left the count at a multiple of
+  // the grid; blocks of this launch may have arrived already, at most gridDim.x - 1 of them.
+  __device__ __forceinline__ void start(unsigned long long* count) {
+    arrivals = count;
+    if (threadIdx.x == 0) {
+      unsigned long long now;
+      asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(count) : "memory");
+      target = now - now % gridDim.x;
     }
   }
-  __syncthreads();
-}
+
+  __device__ __forceinline__ void sync() {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      target += gridDim.x;
+      // The release orders the block's writes (made visible to thread 0 by the block barrier above) before the
+      // arrival; the acquiring poll orders the other blocks' writes before everything after the barrier.
+      asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(arrivals) : "memory");
+      unsigned long long now;
+      do {
+        asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(arrivals) : "memory");
+      } while (now < target);
+    }
+    __syncthreads();
+  }
+};
 
 __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(DepthStepArgs a) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -595,9 +652,13 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
       *reinterpret_cast<DepthShared*>(shared_bytes + kDepthStages * kDepthSlotElements * sizeof(__nv_bfloat16));
 
   // The weights are constant during a step: their first chunks stream in while the previous kernel finishes.
+  trace_time(a, 0);
   WeightPipeline pipeline;
   pipeline.start(a, slots);
   await_previous_kernel();
+  trace_time(a, 1);
+  GridBarrier barrier;
+  barrier.start(a.arrivals);
 
   int first_block = 0;
   for (int layer = 0; layer < a.layers; ++layer) {
@@ -609,7 +670,7 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
       const __nv_bfloat16* norm = kind == kQkv ? a.norm1 : kind == kGateUp ? a.norm2 : nullptr;
       first_block = product_phase_run(a, 4 * layer + kind, first_block, pipeline, source,
                                       norm != nullptr ? norm + layer * a.norm_stride : nullptr, shared);
-      grid_barrier(a.barrier);
+      barrier.sync();
     }
   }
   product_phase_run(a, 4 * a.layers, first_block, pipeline, kFromX, nullptr, shared);

@@ -116,7 +116,8 @@ COUNTERS = 2
 class DepthStepScratch:
     """Device buffers of `depth_step`, allocated once (`depth_step_scratch`) and reused by every step and
     frame: the activations that pass between phases and the int32 counters (the grid barrier's arrival
-    count and flag, then one arrival counter per head), which every launch leaves as it found them."""
+    count and flag, then one arrival counter per head), which every launch leaves as it found them; and the
+    CUDA kernel's barrier count (moshi_fast.cuda_ext.depth_step), which only grows."""
     qkv: torch.Tensor
     """[B, 3D] the layer's projections."""
     attention: torch.Tensor
@@ -125,6 +126,8 @@ class DepthStepScratch:
     """[B, Hd] the layer's gated FFN activations."""
     counters: torch.Tensor
     """[2 + H] int32."""
+    arrivals: torch.Tensor
+    """[1] int64: the CUDA kernel's grid-barrier arrivals, a multiple of its grid between launches."""
 
 
 def depth_step_scratch(batch: int, dim: int, hidden: int, heads: int, dtype: torch.dtype,
@@ -133,7 +136,8 @@ def depth_step_scratch(batch: int, dim: int, hidden: int, heads: int, dtype: tor
     return DepthStepScratch(qkv=torch.empty(batch, 3 * dim, dtype=dtype, device=device),
                             attention=torch.empty(batch, dim, dtype=dtype, device=device),
                             hidden=torch.empty(batch, hidden, dtype=dtype, device=device),
-                            counters=torch.zeros(COUNTERS + heads, dtype=torch.int32, device=device))
+                            counters=torch.zeros(COUNTERS + heads, dtype=torch.int32, device=device),
+                            arrivals=torch.zeros(1, dtype=torch.int64, device=device))
 
 
 def depth_step_phases(layers: int) -> int:

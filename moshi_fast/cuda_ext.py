@@ -198,23 +198,38 @@ DEPTH_MAX_STEPS = 16
 def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tensor, embed_row_offset: torch.Tensor,
                norm1: torch.Tensor, qkv: torch.Tensor, out_proj: torch.Tensor, norm2: torch.Tensor,
                gate_up: torch.Tensor, down: torch.Tensor, head: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, step: int, eps: float, logits_out: torch.Tensor, scratch) -> torch.Tensor:
+               v_cache: torch.Tensor, step: int, eps: float, logits_out: torch.Tensor, scratch,
+               trace: torch.Tensor | None = None) -> torch.Tensor:
     """One codebook step of the depth transformer in one persistent launch by the extension's kernel
     (csrc/depth_step_kernel.cuh): the operands and semantics of kernels/depth_step.py's `depth_step` (its
     `depth_step_ref` is the spec), bf16 only, B <= 8, heads of 64, D <= DEPTH_MAX_DIM, Hd <= DEPTH_MAX_HIDDEN, at most
     DEPTH_MAX_STEPS steps, `previous` and `embed_row_offset` int64. scratch: kernels.depth_step.DepthStepScratch
-    (its qkv and hidden buffers and its counters' first two words, the grid barrier's; not its attention buffer).
-    Launched with programmatic dependent launch where `kernels._utils.pdl` allows it. Graph-safe. Returns
-    logits_out. Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
+    (its qkv and hidden buffers and its grid barrier's `arrivals`; not its attention buffer or counters). trace:
+    None, or int64 [depth_step_blocks(device), depth_step_trace_slots(L)], which receives the launch's timeline
+    (global timer, ns: each block's start, its start after the wait for the previous kernel, then per product
+    phase its start, its input rows ready, its end; bench/trace_depth_step.py reads it). Launched with
+    programmatic dependent launch where `kernels._utils.pdl` allows it. Graph-safe. Returns logits_out. Raises
+    RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     _require()
     _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
                       k_cache, v_cache, step, logits_out, scratch)
     return launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down,
-                             head, k_cache, v_cache, step, eps, logits_out, scratch)
+                             head, k_cache, v_cache, step, eps, logits_out, scratch, trace)
+
+
+def depth_step_blocks(device: torch.device | str | int) -> int:
+    """Blocks of a `depth_step` launch on `device`: one per SM (the kernel's barriers need every block resident)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def depth_step_trace_slots(layers: int) -> int:
+    """Timeline entries of a block in a `depth_step` of `layers` layers: 2, then 3 for each of its 4 L + 1 product
+    phases (csrc/depth_step_kernel.cuh)."""
+    return 2 + 3 * (4 * layers + 1)
 
 
 def launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
-                      k_cache, v_cache, step, eps, logits_out, scratch) -> torch.Tensor:
+                      k_cache, v_cache, step, eps, logits_out, scratch, trace=None) -> torch.Tensor:
     """`depth_step` for operands that `depth_step_supported` has passed, with the extension loaded: the launch
     without the Python-side checks (the op's own still run)."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
@@ -222,7 +237,7 @@ def launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, ou
 
     torch.ops.moshi_fast.depth_step_bf16(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2,
                                          gate_up, down, head, k_cache, v_cache, step, float(eps), logits_out,
-                                         scratch.qkv, scratch.hidden, scratch.counters,
+                                         scratch.qkv, scratch.hidden, scratch.arrivals, trace,
                                          pdl(x.device, "depth_step"))
     return logits_out
 
@@ -270,7 +285,7 @@ def _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, ou
         "logits_out": (logits_out, torch.bfloat16, (rows, head.shape[0])),
         "scratch.qkv": (scratch.qkv, torch.bfloat16, (rows, 3 * dim)),
         "scratch.hidden": (scratch.hidden, torch.bfloat16, (rows, hidden)),
-        "scratch.counters": (scratch.counters, torch.int32, tuple(scratch.counters.shape)),
+        "scratch.arrivals": (scratch.arrivals, torch.int64, (1,)),
     }
     for name, (tensor, dtype, shape) in expected.items():
         if tensor.device != x.device:
@@ -279,9 +294,8 @@ def _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, ou
             raise TypeError(f"depth_step_bf16: {name} must be {dtype}, got {tensor.dtype}")
         if tuple(tensor.shape) != shape:
             raise ValueError(f"depth_step_bf16: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
-    if embed_row_offset.numel() != 1 or scratch.counters.numel() < 2 or not scratch.counters.is_contiguous():
-        raise ValueError("depth_step_bf16: embed_row_offset must hold one value and scratch.counters at least two, "
-                         "contiguous")
+    if embed_row_offset.numel() != 1:
+        raise ValueError("depth_step_bf16: embed_row_offset must hold one value")
     if layers < 1 or head.shape[0] < 1:
         raise ValueError("depth_step_bf16: need at least one layer and one head row")
     if not (steps <= DEPTH_MAX_STEPS and 0 <= step < steps):

@@ -98,8 +98,31 @@ def test_bitwise_repeatable_and_graph_replays(extension):
     run()
     assert torch.equal(frame.x, first[0]) and torch.equal(frame.logits, first[1])
     assert torch.equal(frame.k_cache, first[2])
+    arrivals = frame.scratch.arrivals.item()
     assert_graph_replays_a_frame(weights, frame, cuda_ext.depth_step, inputs)
-    assert frame.scratch.counters[0].item() == 0, "the arrival count ends at zero"
+    blocks = cuda_ext.depth_step_blocks(frame.x.device)
+    assert arrivals % blocks == 0 and frame.scratch.arrivals.item() % blocks == 0, "a multiple of the grid"
+    assert arrivals == 2 * MOSHI["steps"] * 4 * MOSHI["layers"] * blocks, "every block arrives at every barrier"
+
+
+@pytest.mark.gpu
+def test_timeline_orders_the_phases(extension):
+    """The launch's timeline: each block's entries in order, and no block starts a phase before every block has
+    ended the previous one (the grid barrier between them); without a timeline, the same results."""
+    weights = cuda_weights(MOSHI)
+    frame = Frame(weights, 1, 3, "cuda", torch.bfloat16)
+    expected = frame.clone()
+    blocks, layers = cuda_ext.depth_step_blocks(frame.x.device), MOSHI["layers"]
+    trace = torch.zeros(blocks, cuda_ext.depth_step_trace_slots(layers), dtype=torch.int64, device="cuda")
+    cuda_ext.depth_step(**frame.args(weights, 3), trace=trace)
+    run_cuda(expected, weights, 3)
+    torch.cuda.synchronize()
+    assert torch.equal(frame.x, expected.x) and torch.equal(frame.logits, expected.logits)
+    assert (trace > 0).all(), "every block writes every entry"
+    assert (trace[:, 1:] >= trace[:, :-1]).all(), "a block's entries follow its order"
+    phases = trace[:, 2:].reshape(blocks, 4 * layers + 1, 3)
+    ends, starts = phases[:, :-1, 2].amax(0), phases[:, 1:, 0].amin(0)
+    assert (starts >= ends).all(), "the barrier lets no block into a phase before the last one has ended the last"
 
 
 @pytest.mark.gpu

@@ -258,21 +258,26 @@ __device__ __forceinline__ const __nv_bfloat16* tile_row(const ProductPhase& pha
 }
 
 // Issues the copies of the cursor's chunk into `slot` (none past the end of the step); every thread commits one
-// group either way, so that the consumer's wait counts groups uniformly. Thread t copies row t / 16 of the tile,
-// its 16-byte pieces t % 16, t % 16 + 16, ...: the row's address is computed once, and each copy is an add and
+// group either way, so that the consumer's wait counts groups uniformly. The copies are the upper warps' alone:
+// thread 0, which arrives at the grid barrier, then has none in flight when its release fences the block's
+// writes (whether a fence also waits for the thread's outstanding asynchronous copies, which would hold the
+// barrier for the next chunks' DRAM reads, is not documented either way). Copy thread t copies row t / 8 of the
+// tile, its 16-byte pieces t % 8, t % 8 + 8, ...: the row's address is computed once, and each copy is an add and
 // the copy itself (with one row per copy, the loop's index and row arithmetic took ~30% of the kernel's
 // instructions, Nsight Compute on an H100: bench/results/2026-12-06_H100_44b4872_ncu_depth_step_cuda.json).
-constexpr int kDepthThreadsPerRow = kDepthThreads / kGemvTileRows;
+constexpr int kDepthCopyThreads = kDepthThreads / 2;
+constexpr int kDepthThreadsPerRow = kDepthCopyThreads / kGemvTileRows;
 constexpr int kDepthPiecesPerThread = kDepthChunkK / 8 / kDepthThreadsPerRow;
-static_assert(kDepthThreads % kGemvTileRows == 0 && (kDepthChunkK / 8) % kDepthThreadsPerRow == 0,
-              "a chunk's rows split evenly over the threads");
+static_assert(kDepthCopyThreads % kGemvTileRows == 0 && (kDepthChunkK / 8) % kDepthThreadsPerRow == 0,
+              "a chunk's rows split evenly over the copy threads");
 
 __device__ __forceinline__ void issue_chunk(const DepthStepArgs& a, const ChunkCursor& cursor, __nv_bfloat16* slot) {
-  if (!cursor.done(a)) {
+  const int copier = static_cast<int>(threadIdx.x) - (kDepthThreads - kDepthCopyThreads);
+  if (!cursor.done(a) && copier >= 0) {
     const int k0 = cursor.chunk * kDepthChunkK;
     const int pieces_per_row = min(kDepthChunkK, cursor.current.k - k0) / 8;
-    const int r = static_cast<int>(threadIdx.x) / kDepthThreadsPerRow;
-    const int first_piece = static_cast<int>(threadIdx.x) % kDepthThreadsPerRow;
+    const int r = copier / kDepthThreadsPerRow;
+    const int first_piece = copier % kDepthThreadsPerRow;
     const __nv_bfloat16* source = tile_row(cursor.current, cursor.tile, r) + k0;
     __nv_bfloat16* destination = slot + r * kDepthRowPitch;
 #pragma unroll

@@ -1,9 +1,11 @@
 """Where the CUDA persistent depth step's time goes: the timeline each block writes (csrc/depth_step_kernel.cuh,
 `cuda_ext.depth_step(..., trace=...)`), at Moshi's shapes with random weights, summed up per phase kind.
 
-    python bench/trace_depth_step.py --batch 1 --frames 6 --json trace.json
+    python bench/trace_depth_step.py --batch 1 --frames 6 --stages 6,3,2 --json trace.json
 
-Each of the 8 codebook steps of a frame is one launch; launches run eagerly one after another (no graph, so
+For each pipeline depth in --stages (weight chunks in flight per block), the 8 steps of a frame are first timed
+in a CUDA graph (20 frames a replay, median of 9 replays), beside the default sequence of launches the fast LM runs
+(bench_depth_step's `unfused`), then traced. Each of the 8 codebook steps of a frame is one launch; launches run eagerly one after another (no graph, so
 that each has its own timeline), the first frames as warm-up. A block writes the GPU's global timer (ns) at its
 start, after its wait for the previous kernel, and in each of the 4 L + 1 product phases at its start (after the
 grid barrier), once its input rows are ready (x read, RMSNorm'd, or the attention computed) and at its end. Per
@@ -28,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info  # noqa: E402
+from bench._harness import device_info, graph_time  # noqa: E402
 from bench.bench_depth_step import EPS, SHAPES, DepthOperands  # noqa: E402
 from moshi_fast import cuda_ext  # noqa: E402
 
@@ -90,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=6, help="frames traced, the first two as warm-up")
+    parser.add_argument("--stages", default="6,3,2", help="pipeline depths, each timed and traced")
     parser.add_argument("--json", help="write the summary here")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not cuda_ext.available():
@@ -101,29 +104,42 @@ def main() -> None:
     slots = cuda_ext.depth_step_trace_slots(s["layers"])
     tiles = phase_tiles(s["layers"], s["dim"], s["hidden"], s["card"])
     owned = owners(tiles, blocks)
-    traces = torch.zeros(args.frames, o.steps, blocks, slots, dtype=torch.int64, device=device)
-    for frame in range(args.frames):
-        o.x.copy_(o.inputs)
-        for step in range(o.steps):
-            cuda_ext.depth_step(o.x[step], o.previous[step], o.table, o.offsets[step:step + 1], o.norm1,
-                                o.qkv[:, step], o.out_proj[:, step], o.norm2, o.gate_up[:, step], o.down[:, step],
-                                o.heads[step], o.k_cache, o.v_cache, step, EPS, o.logits[:, step], o.scratch,
-                                trace=traces[frame, step])
-    torch.cuda.synchronize()
-    warmup = min(2, args.frames - 1)
-    launches = [summarize_launch(traces[f, step].cpu(), tiles, owned)
-                for f in range(warmup, args.frames) for step in range(o.steps)]
-    result = dict(info=device_info(), batch=args.batch, blocks=blocks, frames=args.frames - warmup, **o.config(),
-                  span_us_per_step=round(statistics.fmean(launch["span"] for launch in launches), 2),
-                  first_phase_start_us=round(statistics.fmean(launch["first_phase_start"] for launch in launches), 2),
-                  per_kind_us=by_kind(launches),
-                  per_phase_us_step7=[{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
-                                      for r in launches[o.steps - 1]["phases"]])
-    print(f"B = {args.batch}, {blocks} blocks: {result['span_us_per_step']} us a step (launch span)")
-    print(f"{'kind':8} {'critical':>9} {'barrier':>9} {'barrier max':>12} {'inputs':>8} {'tiles':>8}")
-    for kind, row in result["per_kind_us"].items():
-        print(f"{kind:8} {row['critical']:9.2f} {row['barrier_median']:9.2f} {row['barrier_max']:12.2f} "
-              f"{row['inputs_median']:8.2f} {row['tiles_last']:8.2f}")
+    unfused_us = graph_time(o.unfused, iters=20, reps=9) * 1e6
+    runs = []
+    for stages in (int(v) for v in args.stages.split(",")):
+        def frame(trace=None):
+            o.x.copy_(o.inputs)
+            for step in range(o.steps):
+                cuda_ext.depth_step(o.x[step], o.previous[step], o.table, o.offsets[step:step + 1], o.norm1,
+                                    o.qkv[:, step], o.out_proj[:, step], o.norm2, o.gate_up[:, step],
+                                    o.down[:, step], o.heads[step], o.k_cache, o.v_cache, step, EPS,
+                                    o.logits[:, step], o.scratch, stages=stages,
+                                    trace=None if trace is None else trace[step])
+
+        graph_us = graph_time(frame, iters=20, reps=9) * 1e6
+        traces = torch.zeros(args.frames, o.steps, blocks, slots, dtype=torch.int64, device=device)
+        for f in range(args.frames):
+            frame(traces[f])
+        torch.cuda.synchronize()
+        warmup = min(2, args.frames - 1)
+        launches = [summarize_launch(traces[f, step].cpu(), tiles, owned)
+                    for f in range(warmup, args.frames) for step in range(o.steps)]
+        run = dict(stages=stages, frame_us_graph=round(graph_us, 1), traced_frames=args.frames - warmup,
+                   span_us_per_step=round(statistics.fmean(launch["span"] for launch in launches), 2),
+                   first_phase_start_us=round(statistics.fmean(launch["first_phase_start"] for launch in launches),
+                                              2),
+                   per_kind_us=by_kind(launches),
+                   per_phase_us_last_step=[{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                                           for r in launches[o.steps - 1]["phases"]])
+        runs.append(run)
+        print(f"B = {args.batch}, {blocks} blocks, {stages} stages: frame {graph_us:.1f} us in a graph (default "
+              f"sequence {unfused_us:.1f} us); traced, {run['span_us_per_step']} us a step (launch span)")
+        print(f"{'kind':8} {'critical':>9} {'barrier':>9} {'barrier max':>12} {'inputs':>8} {'tiles':>8}")
+        for kind, row in run["per_kind_us"].items():
+            print(f"{kind:8} {row['critical']:9.2f} {row['barrier_median']:9.2f} {row['barrier_max']:12.2f} "
+                  f"{row['inputs_median']:8.2f} {row['tiles_last']:8.2f}")
+    result = dict(info=device_info(), batch=args.batch, blocks=blocks, **o.config(),
+                  default_sequence_frame_us_graph=round(unfused_us, 1), runs=runs)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

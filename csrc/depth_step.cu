@@ -65,7 +65,7 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
                      const at::Tensor& down, const at::Tensor& head, at::Tensor& k_cache, at::Tensor& v_cache,
                      int64_t step, double eps, at::Tensor& logits_out, at::Tensor& qkv_scratch,
                      at::Tensor& hidden_scratch, at::Tensor& arrivals, const std::optional<at::Tensor>& trace,
-                     bool programmatic) {
+                     int64_t stages, bool programmatic) {
   TORCH_CHECK_VALUE(x.is_cuda(), "depth_step_bf16 runs on CUDA tensors; x is on ", x.device());
   check_on(x, "x", x, at::kBFloat16);
   TORCH_CHECK_VALUE(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0,
@@ -136,6 +136,9 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
                       scratch->sizes());
     check_aligned(*scratch, "scratch");
   }
+  TORCH_CHECK_VALUE(stages == 0 || (stages >= kDepthMinStages && stages <= kDepthMaxStages),
+                    "depth_step_bf16: stages must be 0 (the default, ", kDepthDefaultStages, ") or ", kDepthMinStages,
+                    " to ", kDepthMaxStages, ", got ", stages);
   check_on(arrivals, "arrivals", x, at::kLong);
   TORCH_CHECK_VALUE(arrivals.numel() == 1, "depth_step_bf16: arrivals must hold one int64");
 
@@ -183,6 +186,7 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
   args.step = static_cast<int>(step);
   args.layers = static_cast<int>(layers);
   args.card = static_cast<int>(card);
+  args.stages = stages == 0 ? kDepthDefaultStages : static_cast<int>(stages);
   C10_CUDA_CHECK(launch_depth_step_bf16(args, blocks, c10::cuda::getCurrentCUDAStream(), programmatic));
 }
 

@@ -18,7 +18,7 @@
 // and their 8 up rows) over all of K, and each tile into chunks of up to kDepthChunkK elements of K. Tiles go
 // round robin to the blocks, each phase starting at the block after the previous phase's last tile, so that the
 // blocks' byte counts over a step even out. A block's sequence of chunks over the whole step is fixed by the
-// shapes alone: a producer cursor walks it kDepthStages chunks ahead of the consumer, issuing each chunk's
+// shapes alone: a producer cursor walks it `stages` chunks ahead of the consumer, issuing each chunk's
 // cp.async copies into a ring of shared-memory slots. The consumer takes each chunk in turn: warp w multiplies the
 // chunk's K-step w (128 elements) with mma.m16n8k16, the weight as the A operand (from shared memory) and the
 // activation rows as the B operand (from registers, loaded once per phase); a tile's warps' fp32 partials are
@@ -75,8 +75,11 @@ constexpr int kDepthMaxChunks = 3;
 constexpr int kDepthMaxK = kDepthMaxChunks * kDepthChunkK;
 // The widest D served: the attention output of every row is kept in shared memory (16 KB at 8 rows).
 constexpr int kDepthMaxDim = 1024;
-// Chunks in flight per block: 6 x 33 KB of shared memory.
-constexpr int kDepthStages = 6;
+// Chunks in flight per block (DepthStepArgs::stages, 2..kDepthMaxStages): the shared memory holds the most, 6 x
+// 33 KB; fewer leave less of the weight stream queued ahead of the phases' activation reads and barrier arrivals.
+constexpr int kDepthMaxStages = 6;
+constexpr int kDepthMinStages = 2;
+constexpr int kDepthDefaultStages = 6;
 // A chunk row's pitch in shared memory, in elements: 64 bytes past the row's 2 KB, so that the 16-byte reads of one
 // quarter warp (the 4 lanes of row g and the 4 of row g + 1) fall in distinct banks.
 constexpr int kDepthRowPitch = kDepthChunkK + 32;
@@ -111,6 +114,7 @@ struct DepthStepArgs {
   int64_t x_stride, norm_stride, qkv_stride, out_stride, gate_up_stride, down_stride, logits_stride;
   float eps;
   int rows, dim, hidden, heads, steps, step, layers, card;
+  int stages;                             // chunks in flight per block, kDepthMinStages..kDepthMaxStages
 };
 
 // Timeline entries a block writes in a step of `layers` layers: 4 L + 1 product phases.
@@ -294,30 +298,39 @@ struct WeightPipeline {
   __nv_bfloat16* slots;
   ChunkCursor producer;
   int slot;  // the consumer's next slot
+  int stages;
 
   __device__ __forceinline__ void start(const DepthStepArgs& a, __nv_bfloat16* shared_slots) {
     slots = shared_slots;
     slot = 0;
+    stages = a.stages;
     producer.start(a);
-    for (int s = 0; s < kDepthStages; ++s) {
+    for (int s = 0; s < stages; ++s) {
       issue_chunk(a, producer, slots + s * kDepthSlotElements);
       if (!producer.done(a)) producer.advance(a);
     }
   }
 
-  // The next chunk's slot, once its copies (every thread's) have landed.
+  // The next chunk's slot, once its copies (every thread's) have landed: all but the stages - 1 newest groups.
   __device__ __forceinline__ const __nv_bfloat16* acquire() {
-    wait_copies<kDepthStages - 1>();
+    static_assert(kDepthMinStages == 2 && kDepthMaxStages == 6, "a wait for each pipeline depth");
+    switch (stages) {
+      case 2: wait_copies<1>(); break;
+      case 3: wait_copies<2>(); break;
+      case 4: wait_copies<3>(); break;
+      case 5: wait_copies<4>(); break;
+      default: wait_copies<5>(); break;
+    }
     __syncthreads();
     return slots + slot * kDepthSlotElements;
   }
 
-  // After every warp is done with the acquired slot: refill it with the chunk kDepthStages ahead.
+  // After every warp is done with the acquired slot: refill it with the chunk `stages` ahead.
   __device__ __forceinline__ void release(const DepthStepArgs& a) {
     __syncthreads();
     issue_chunk(a, producer, slots + slot * kDepthSlotElements);
     if (!producer.done(a)) producer.advance(a);
-    slot = (slot + 1) % kDepthStages;
+    slot = slot + 1 == stages ? 0 : slot + 1;
   }
 };
 
@@ -654,7 +667,7 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   __nv_bfloat16* slots = reinterpret_cast<__nv_bfloat16*>(shared_bytes);
   DepthShared& shared =
-      *reinterpret_cast<DepthShared*>(shared_bytes + kDepthStages * kDepthSlotElements * sizeof(__nv_bfloat16));
+      *reinterpret_cast<DepthShared*>(shared_bytes + kDepthMaxStages * kDepthSlotElements * sizeof(__nv_bfloat16));
 
   // The weights are constant during a step: their first chunks stream in while the previous kernel finishes.
   trace_time(a, 0);
@@ -685,7 +698,7 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
 }  // namespace detail
 
 inline size_t depth_step_shared_bytes() {
-  return kDepthStages * kDepthSlotElements * sizeof(__nv_bfloat16) + sizeof(detail::DepthShared);
+  return kDepthMaxStages * kDepthSlotElements * sizeof(__nv_bfloat16) + sizeof(detail::DepthShared);
 }
 
 // Blocks of the launch: one per SM, the most that are surely resident at once (the barriers spin), or 0 when the

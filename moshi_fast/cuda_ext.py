@@ -193,13 +193,15 @@ DEPTH_MAX_HIDDEN = 3072
 """The widest Hd it serves (a tile's activation pieces are held in registers)."""
 DEPTH_HEAD_DIM = 64
 DEPTH_MAX_STEPS = 16
+DEPTH_MIN_STAGES, DEPTH_MAX_STAGES, DEPTH_DEFAULT_STAGES = 2, 6, 6
+"""Weight chunks in flight per block of the depth step: the range it takes and its default."""
 
 
 def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tensor, embed_row_offset: torch.Tensor,
                norm1: torch.Tensor, qkv: torch.Tensor, out_proj: torch.Tensor, norm2: torch.Tensor,
                gate_up: torch.Tensor, down: torch.Tensor, head: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, step: int, eps: float, logits_out: torch.Tensor, scratch,
-               trace: torch.Tensor | None = None) -> torch.Tensor:
+               trace: torch.Tensor | None = None, stages: int = 0) -> torch.Tensor:
     """One codebook step of the depth transformer in one persistent launch by the extension's kernel
     (csrc/depth_step_kernel.cuh): the operands and semantics of kernels/depth_step.py's `depth_step` (its
     `depth_step_ref` is the spec), bf16 only, B <= 8, heads of 64, D <= DEPTH_MAX_DIM, Hd <= DEPTH_MAX_HIDDEN, at most
@@ -207,14 +209,19 @@ def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tenso
     (its qkv and hidden buffers and its grid barrier's `arrivals`; not its attention buffer or counters). trace:
     None, or int64 [depth_step_blocks(device), depth_step_trace_slots(L)], which receives the launch's timeline
     (global timer, ns: each block's start, its start after the wait for the previous kernel, then per product
-    phase its start, its input rows ready, its end; bench/trace_depth_step.py reads it). Launched with
+    phase its start, its input rows ready, its end; bench/trace_depth_step.py reads it). stages: weight chunks
+    (16 rows x 1024 columns) in flight per block, DEPTH_MIN_STAGES..DEPTH_MAX_STAGES, or 0 for
+    DEPTH_DEFAULT_STAGES. Launched with
     programmatic dependent launch where `kernels._utils.pdl` allows it. Graph-safe. Returns logits_out. Raises
     RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     _require()
     _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
                       k_cache, v_cache, step, logits_out, scratch)
+    if stages != 0 and not DEPTH_MIN_STAGES <= stages <= DEPTH_MAX_STAGES:
+        raise ValueError(f"depth_step_bf16: stages must be 0 or {DEPTH_MIN_STAGES} to {DEPTH_MAX_STAGES}, "
+                         f"got {stages}")
     return launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down,
-                             head, k_cache, v_cache, step, eps, logits_out, scratch, trace)
+                             head, k_cache, v_cache, step, eps, logits_out, scratch, trace, stages)
 
 
 def depth_step_blocks(device: torch.device | str | int) -> int:
@@ -229,7 +236,7 @@ def depth_step_trace_slots(layers: int) -> int:
 
 
 def launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
-                      k_cache, v_cache, step, eps, logits_out, scratch, trace=None) -> torch.Tensor:
+                      k_cache, v_cache, step, eps, logits_out, scratch, trace=None, stages=0) -> torch.Tensor:
     """`depth_step` for operands that `depth_step_supported` has passed, with the extension loaded: the launch
     without the Python-side checks (the op's own still run)."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
@@ -237,7 +244,7 @@ def launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, ou
 
     torch.ops.moshi_fast.depth_step_bf16(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2,
                                          gate_up, down, head, k_cache, v_cache, step, float(eps), logits_out,
-                                         scratch.qkv, scratch.hidden, scratch.arrivals, trace,
+                                         scratch.qkv, scratch.hidden, scratch.arrivals, trace, stages,
                                          pdl(x.device, "depth_step"))
     return logits_out
 

@@ -106,6 +106,23 @@ def test_bitwise_repeatable_and_graph_replays(extension):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("stages", [cuda_ext.DEPTH_MIN_STAGES, 3, cuda_ext.DEPTH_MAX_STAGES - 1])
+def test_pipeline_depths_give_the_same_bits(extension, stages):
+    """The pipeline's depth changes when the weights arrive, not the math."""
+    weights = cuda_weights(MOSHI)
+    frame = Frame(weights, 3, 2, "cuda", torch.bfloat16)
+    expected = frame.clone()
+    cuda_ext.depth_step(**frame.args(weights, 2), stages=stages)
+    run_cuda(expected, weights, 2)
+    torch.cuda.synchronize()
+    assert torch.equal(frame.x, expected.x) and torch.equal(frame.logits, expected.logits)
+    assert torch.equal(frame.k_cache, expected.k_cache) and torch.equal(frame.v_cache, expected.v_cache)
+    for bad in (1, cuda_ext.DEPTH_MAX_STAGES + 1):
+        with pytest.raises(ValueError):
+            cuda_ext.depth_step(**frame.args(weights, 2), stages=bad)
+
+
+@pytest.mark.gpu
 def test_timeline_orders_the_phases(extension):
     """The launch's timeline: each block's entries in order, and no block starts a phase before every block has
     ended the previous one (the grid barrier between them); without a timeline, the same results."""

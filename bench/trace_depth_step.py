@@ -5,11 +5,11 @@
 
 For each pipeline depth in --stages (weight chunks in flight per block), the 8 steps of a frame are first timed
 in a CUDA graph (20 frames a replay, median of 9 replays), beside the default sequence of launches the fast LM runs
-(bench_depth_step's `unfused`), then traced. Each of the 8 codebook steps of a frame is one launch; launches run eagerly one after another (no graph, so
-that each has its own timeline), the first frames as warm-up. A block writes the GPU's global timer (ns) at its
-start, after its wait for the previous kernel, and in each of the 4 L + 1 product phases at its start (after the
-grid barrier), once its input rows are ready (x read, RMSNorm'd, or the attention computed) and at its end. Per
-phase kind (qkv, out, gate_up, down of every layer, the head), averaged over layers, steps and frames:
+(bench_depth_step's `unfused`), then traced. Each of the 8 codebook steps of a frame is one launch; launches run
+eagerly one after another (no graph, so that each has its own timeline), the first frames as warm-up. A block
+writes the GPU's global timer (ns) at its start, after its wait for the previous kernel, and in each of the 4 L + 1
+product phases at its start (after the grid barrier), once its input rows are ready (x read, RMSNorm'd, or the
+attention computed) and at its end. Per phase kind (qkv, out, gate_up, down of every layer, the head), averaged over layers, steps and frames:
 
 - critical: from the last block's end of the previous phase to the last block's end of this one (the phases'
   critical values sum to the launch's span past its first phase);

@@ -145,10 +145,11 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int blocks = launch_blocks(x.device().index());
   if (trace.has_value()) {
+    const int entries = depth_step_trace_slots(static_cast<int>(layers));
     check_on(*trace, "trace", x, at::kLong);
-    TORCH_CHECK_VALUE(trace->dim() == 2 && trace->size(0) == blocks &&
-                          trace->size(1) == depth_step_trace_slots(static_cast<int>(layers)) && trace->is_contiguous(),
-                      "depth_step_bf16: trace must be [", blocks, ", ", depth_step_trace_slots(static_cast<int>(layers)),
+    TORCH_CHECK_VALUE(trace->dim() == 2 && trace->size(0) == blocks && trace->size(1) == entries &&
+                          trace->is_contiguous(),
+                      "depth_step_bf16: trace must be [", blocks, ", ", entries,
                       "] contiguous (blocks of the launch, entries of a block), got ", trace->sizes());
   }
   DepthStepArgs args{};

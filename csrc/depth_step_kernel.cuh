@@ -11,19 +11,21 @@
 // barriers (about 10 us a phase). Here the weights, which no phase writes, stream into shared memory ahead of the
 // math, across the barriers: a block's loads of the next phases' weights are in flight while it computes, waits
 // at a barrier, or has no tile in a phase, so that each block streams its share of the step's weights without
-// pause, and the critical path is the barriers plus small computations on data already on chip.
+// pause, and the critical path is the barriers plus small computations on data already on chip. Measured (H100,
+// bench/trace_depth_step.py, B = 1), it is not that yet: 175 us a step against 114 us for the default launches, the
+// barrier about 1 us from its last arrival, but a phase's read of its input rows 1.5-3 us (0.5 us in the head phase,
+// when no weights stream) and a one-chunk tile 1.7 us, with 2 to 6 chunks in flight alike (bench/RESULTS.md).
 //
 // Work split. The grid is one block per SM (all resident at once: the barriers spin). Every product phase
 // (qkv, out, gate_up, down of each layer, then the head) cuts its weight into tiles of 16 rows (gated: 8 gate rows
 // and their 8 up rows) over all of K, and each tile into chunks of up to kDepthChunkK elements of K. Tiles go
 // round robin to the blocks, each phase starting at the block after the previous phase's last tile, so that the
 // blocks' byte counts over a step even out. A block's sequence of chunks over the whole step is fixed by the
-// shapes alone: a producer cursor walks it `stages` chunks ahead of the consumer, issuing each chunk's bulk copies
-// (one thread, through the Tensor Memory Accelerator) into a ring of shared-memory slots. The consumer takes each
-// chunk in turn: warp w multiplies the chunk's K-step w (128 elements) with mma.m16n8k16, the weight as the A
-// operand (from shared memory) and the activation rows as the B operand (from registers, loaded once per phase); a
-// tile's warps' fp32 partials are summed in shared memory in warp order (deterministic) and rounded once in the
-// epilogue.
+// shapes alone: a producer cursor walks it `stages` chunks ahead of the consumer, issuing each chunk's
+// cp.async copies into a ring of shared-memory slots. The consumer takes each chunk in turn: warp w multiplies the
+// chunk's K-step w (128 elements) with mma.m16n8k16, the weight as the A operand (from shared memory) and the
+// activation rows as the B operand (from registers, loaded once per phase); a tile's warps' fp32 partials are
+// summed in shared memory in warp order (deterministic) and rounded once in the epilogue.
 //
 // Phases of a layer, separated by grid barriers:
 //   qkv      RMSNorm(x) (layer 0 first adds the embedding, every block for itself, without storing it) -> queries
@@ -237,39 +239,22 @@ __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
 }
 
-// The weight chunks travel by the Tensor Memory Accelerator's bulk copies (cp.async.bulk), each slot's completing
-// on the slot's mbarrier, outside the threads' load path. With per-thread cp.async copies instead (16 bytes a copy,
-// 2048 a chunk), a phase's read of its input rows took 1.5-3 us while the weights streamed, against 0.5 us in the
-// last phase, when none did, and the weights came at 0.9 TB/s on average, at every pipeline depth from 2 to 6 (H100,
-// bench/trace_depth_step.py at 5d3298f); copies queued ahead of the reads in the SM's load path would do that.
-__device__ __forceinline__ void init_arrival_barrier(uint64_t* barrier) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(barrier)) : "memory");
-}
-
-// The producer's arrival, announcing `bytes` of bulk copies that complete the barrier's phase.
-__device__ __forceinline__ void expect_bytes(uint64_t* barrier, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)), "r"(bytes)
+// The weight chunks travel as 16-byte cp.async copies from the threads. Bulk copies through the Tensor Memory
+// Accelerator instead (one thread issuing a chunk's 16 rows, each slot completing on an mbarrier; 444b015) were no
+// faster: on an H100 the 8 steps of a frame took 1480 us against the default sequence's 913 us, where these copies
+// took 1402 against 909 on another H100, and a phase's input rows took as long to read (2.7-3.6 us with an RMSNorm,
+// 1.6 us without, against 0.7 us in the head phase; bench/results/2026-12-06_H100_444b015_trace_depth_step_b1.json).
+__device__ __forceinline__ void copy_async_16(void* destination, const void* source) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(shared_address(destination)),
+               "l"(source)
                : "memory");
 }
 
-__device__ __forceinline__ void bulk_copy(void* destination, const void* source, unsigned bytes, uint64_t* barrier) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   shared_address(destination)),
-               "l"(source), "r"(bytes), "r"(shared_address(barrier))
-               : "memory");
-}
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
-// Waits until the barrier's phase of parity `parity` has completed (its copies' bytes are visible to the thread).
-__device__ __forceinline__ void wait_arrival(uint64_t* barrier, unsigned parity) {
-  unsigned done;
-  do {
-    asm volatile(
-        "{\n .reg .pred complete;\n mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, complete;\n}"
-        : "=r"(done)
-        : "r"(shared_address(barrier)), "r"(parity)
-        : "memory");
-  } while (!done);
+template <int kPending>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
 // The weight row of A-operand row r (0..15) of a tile: rows past N repeat the last (their results are not stored);
@@ -284,62 +269,74 @@ __device__ __forceinline__ const __nv_bfloat16* tile_row(const ProductPhase& pha
   return phase.weight + row * phase.k;
 }
 
-// The thread that issues the bulk copies: not thread 0, which arrives at the grid barrier.
-constexpr int kDepthProducerThread = 32;
+// Issues the copies of the cursor's chunk into `slot` (none past the end of the step); every thread commits one
+// group either way, so that the consumer's wait counts groups uniformly. The copies are the upper warps' alone:
+// thread 0, which arrives at the grid barrier, then has none in flight when its release fences the block's
+// writes (whether a fence also waits for the thread's outstanding asynchronous copies, which would hold the
+// barrier for the next chunks' DRAM reads, is not documented either way). Copy thread t copies row t / 8 of the
+// tile, its 16-byte pieces t % 8, t % 8 + 8, ...: the row's address is computed once, and each copy is an add and
+// the copy itself (with one row per copy, the loop's index and row arithmetic took ~30% of the kernel's
+// instructions, Nsight Compute on an H100: bench/results/2026-12-06_H100_44b4872_ncu_depth_step_cuda.json).
+constexpr int kDepthCopyThreads = kDepthThreads / 2;
+constexpr int kDepthThreadsPerRow = kDepthCopyThreads / kGemvTileRows;
+constexpr int kDepthPiecesPerThread = kDepthChunkK / 8 / kDepthThreadsPerRow;
+static_assert(kDepthCopyThreads % kGemvTileRows == 0 && (kDepthChunkK / 8) % kDepthThreadsPerRow == 0,
+              "a chunk's rows split evenly over the copy threads");
 
-// Issues the bulk copies of the cursor's chunk into `slot`, one a weight row, completing on `arrival` (nothing past
-// the end of the step, where no consumer waits).
-__device__ __forceinline__ void issue_chunk(const DepthStepArgs& a, const ChunkCursor& cursor, __nv_bfloat16* slot,
-                                            uint64_t* arrival) {
-  if (threadIdx.x != kDepthProducerThread || cursor.done(a)) return;
-  const int k0 = cursor.chunk * kDepthChunkK;
-  const unsigned row_bytes = static_cast<unsigned>(min(kDepthChunkK, cursor.current.k - k0)) * sizeof(__nv_bfloat16);
-  expect_bytes(arrival, kGemvTileRows * row_bytes);
+__device__ __forceinline__ void issue_chunk(const DepthStepArgs& a, const ChunkCursor& cursor, __nv_bfloat16* slot) {
+  const int copier = static_cast<int>(threadIdx.x) - (kDepthThreads - kDepthCopyThreads);
+  if (!cursor.done(a) && copier >= 0) {
+    const int k0 = cursor.chunk * kDepthChunkK;
+    const int pieces_per_row = min(kDepthChunkK, cursor.current.k - k0) / 8;
+    const int r = copier / kDepthThreadsPerRow;
+    const int first_piece = copier % kDepthThreadsPerRow;
+    const __nv_bfloat16* source = tile_row(cursor.current, cursor.tile, r) + k0;
+    __nv_bfloat16* destination = slot + r * kDepthRowPitch;
 #pragma unroll
-  for (int r = 0; r < kGemvTileRows; ++r) {
-    bulk_copy(slot + r * kDepthRowPitch, tile_row(cursor.current, cursor.tile, r) + k0, row_bytes, arrival);
+    for (int j = 0; j < kDepthPiecesPerThread; ++j) {
+      const int piece = first_piece + kDepthThreadsPerRow * j;
+      if (piece < pieces_per_row) copy_async_16(destination + 8 * piece, source + 8 * piece);
+    }
   }
+  commit_copies();
 }
 
-// The ring of shared-memory slots, their arrival barriers, and the producer cursor ahead of the consumer.
+// The ring of shared-memory slots and the producer cursor ahead of the consumer.
 struct WeightPipeline {
   __nv_bfloat16* slots;
-  uint64_t* arrivals;
   ChunkCursor producer;
-  int slot;          // the consumer's next slot
+  int slot;  // the consumer's next slot
   int stages;
-  unsigned parities;  // bit s: the parity of slot s's next phase
 
-  // Every thread; the block's barrier inside orders the barriers' initialisation before any use.
-  __device__ __forceinline__ void start(const DepthStepArgs& a, __nv_bfloat16* shared_slots, uint64_t* barriers) {
+  __device__ __forceinline__ void start(const DepthStepArgs& a, __nv_bfloat16* shared_slots) {
     slots = shared_slots;
-    arrivals = barriers;
     slot = 0;
     stages = a.stages;
-    parities = 0;
-    if (threadIdx.x == kDepthProducerThread) {
-      for (int s = 0; s < stages; ++s) init_arrival_barrier(arrivals + s);
-      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
     producer.start(a);
     for (int s = 0; s < stages; ++s) {
-      issue_chunk(a, producer, slots + s * kDepthSlotElements, arrivals + s);
+      issue_chunk(a, producer, slots + s * kDepthSlotElements);
       if (!producer.done(a)) producer.advance(a);
     }
   }
 
-  // The next chunk's slot, once its bytes have landed.
+  // The next chunk's slot, once its copies (every thread's) have landed: all but the stages - 1 newest groups.
   __device__ __forceinline__ const __nv_bfloat16* acquire() {
-    wait_arrival(arrivals + slot, (parities >> slot) & 1u);
-    parities ^= 1u << slot;
+    static_assert(kDepthMinStages == 2 && kDepthMaxStages == 6, "a wait for each pipeline depth");
+    switch (stages) {
+      case 2: wait_copies<1>(); break;
+      case 3: wait_copies<2>(); break;
+      case 4: wait_copies<3>(); break;
+      case 5: wait_copies<4>(); break;
+      default: wait_copies<5>(); break;
+    }
+    __syncthreads();
     return slots + slot * kDepthSlotElements;
   }
 
   // After every warp is done with the acquired slot: refill it with the chunk `stages` ahead.
   __device__ __forceinline__ void release(const DepthStepArgs& a) {
     __syncthreads();
-    issue_chunk(a, producer, slots + slot * kDepthSlotElements, arrivals + slot);
+    issue_chunk(a, producer, slots + slot * kDepthSlotElements);
     if (!producer.done(a)) producer.advance(a);
     slot = slot + 1 == stages ? 0 : slot + 1;
   }
@@ -396,7 +393,6 @@ __device__ __forceinline__ float sum_of_squares(uint4 piece) {
 
 // Shared memory besides the slots.
 struct DepthShared {
-  uint64_t slot_arrivals[kDepthMaxStages];
   float4 partials[kDepthWarps][32];
   float square_sums[kDepthWarps][kGemvGroupRows];
   __align__(16) __nv_bfloat16 attention[kGemvGroupRows * kDepthMaxDim];
@@ -684,7 +680,7 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
   // The weights are constant during a step: their first chunks stream in while the previous kernel finishes.
   trace_time(a, 0);
   WeightPipeline pipeline;
-  pipeline.start(a, slots, shared.slot_arrivals);
+  pipeline.start(a, slots);
   await_previous_kernel();
   trace_time(a, 1);
   GridBarrier barrier;
@@ -703,8 +699,8 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
       barrier.sync();
     }
   }
-  // Every chunk issued has been consumed: no copy is in flight when the block exits.
   product_phase_run(a, 4 * a.layers, first_block, pipeline, kFromX, nullptr, shared);
+  wait_copies<0>();
 }
 
 }  // namespace detail

@@ -79,7 +79,8 @@ constexpr int kDepthMaxK = kDepthMaxChunks * kDepthChunkK;
 // The widest D served: the attention output of every row is kept in shared memory (16 KB at 8 rows).
 constexpr int kDepthMaxDim = 1024;
 // Chunks in flight per block (DepthStepArgs::stages, 2..kDepthMaxStages): the shared memory holds the most, 6 x
-// 33 KB; fewer leave less of the weight stream queued ahead of the phases' activation reads and barrier arrivals.
+// 33 KB. Fewer leave less of the weight stream queued ahead of the phases' activation reads and barrier arrivals;
+// on an H100 2, 3 and 6 took the same time (bench/RESULTS.md, twelfth session).
 constexpr int kDepthMaxStages = 6;
 constexpr int kDepthMinStages = 2;
 constexpr int kDepthDefaultStages = 6;

@@ -367,18 +367,53 @@ __device__ __forceinline__ uint4 add_rounded(uint4 a, uint4 b) {
 // into loads of the argument block itself at the struct's offsets (garbage pointers, an illegal address).
 enum ActivationSource { kFromX, kFromEmbeddedX, kFromAttention, kFromHidden };
 
-// The product's input row m, 8 elements at column c: x (plus, for kFromEmbeddedX at layer 0, row m's embedding),
-// the FFN scratch, or the attention output in shared memory.
-__device__ __forceinline__ uint4 load_activation_piece(const DepthStepArgs& a, ActivationSource source,
-                                                       const __nv_bfloat16* attention, int m, int c) {
-  if (source == kFromAttention) return *reinterpret_cast<const uint4*>(attention + m * a.dim + c);
-  if (source == kFromHidden) return load_activation(a.hidden_scratch + static_cast<int64_t>(m) * a.hidden + c);
-  uint4 value = load_activation(a.x + m * a.x_stride + c);
-  if (source == kFromEmbeddedX) {
-    const int64_t row = embedding_row(a.embed_row_offset, a.previous, a.dim, m);
-    value = add_rounded(value, __ldg(reinterpret_cast<const uint4*>(a.embed_table + row + c)));
+// The product's input row m into the thread's pieces: 8 elements at column c * kDepthChunkK + first_column + 32 u
+// for chunk c and load u, zero past K; from x (plus, for kFromEmbeddedX at layer 0, row m's embedding, rounded), the
+// FFN scratch, or the attention output in shared memory. One instance a source, so that every piece's load is issued
+// before any is used: with the source chosen per piece, the compiled loads (and the embedding row's two loads) came
+// one after another, each waiting for the last (SASS for sm_90, nvcc 13.0).
+template <ActivationSource kSource>
+__device__ __forceinline__ void load_input_rows(const DepthStepArgs& a, const __nv_bfloat16* attention, int m,
+                                                int first_column, int k, int chunks,
+                                                uint4 (&pieces)[kDepthMaxChunks][kGemvLoadsPerRow]) {
+  const __nv_bfloat16* row = kSource == kFromAttention ? attention + m * a.dim
+                             : kSource == kFromHidden  ? a.hidden_scratch + static_cast<int64_t>(m) * a.hidden
+                                                       : a.x + m * a.x_stride;
+  const __nv_bfloat16* embedding =
+      kSource == kFromEmbeddedX ? a.embed_table + embedding_row(a.embed_row_offset, a.previous, a.dim, m) : nullptr;
+#pragma unroll
+  for (int c = 0; c < kDepthMaxChunks; ++c) {
+#pragma unroll
+    for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+      const int column = c * kDepthChunkK + first_column + 32 * u;
+      uint4 piece = make_uint4(0, 0, 0, 0);
+      if (c < chunks && column < k) {
+        piece = kSource == kFromAttention ? *reinterpret_cast<const uint4*>(row + column)
+                                          : load_activation(row + column);
+      }
+      pieces[c][u] = piece;
+    }
   }
-  return value;
+  if (kSource == kFromEmbeddedX) {
+    uint4 embedded[kDepthMaxChunks][kGemvLoadsPerRow];
+#pragma unroll
+    for (int c = 0; c < kDepthMaxChunks; ++c) {
+#pragma unroll
+      for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+        const int column = c * kDepthChunkK + first_column + 32 * u;
+        embedded[c][u] = c < chunks && column < k ? __ldg(reinterpret_cast<const uint4*>(embedding + column))
+                                                  : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kDepthMaxChunks; ++c) {
+#pragma unroll
+      for (int u = 0; u < kGemvLoadsPerRow; ++u) {
+        const int column = c * kDepthChunkK + first_column + 32 * u;
+        if (c < chunks && column < k) pieces[c][u] = add_rounded(pieces[c][u], embedded[c][u]);
+      }
+    }
+  }
 }
 
 __device__ __forceinline__ float sum_of_squares(uint4 piece) {
@@ -535,18 +570,27 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
                                ? __ldg(reinterpret_cast<const uint4*>(norm_weight + column))
                                : make_uint4(0, 0, 0, 0);
   }
-#pragma unroll
-  for (int c = 0; c < kDepthMaxChunks; ++c) {
-#pragma unroll
-    for (int u = 0; u < kGemvLoadsPerRow; ++u) {
-      const int column = c * kDepthChunkK + warp * kGemvStepK + 32 * u + lane_k;
-      uint4 piece = make_uint4(0, 0, 0, 0);
-      if (c < phase.chunks && column < phase.k) piece = load_activation_piece(a, source, shared.attention, x_row, column);
-      x_pieces[c][u] = piece;
-      if (norm_weight != nullptr) square_sum += sum_of_squares(piece);
-    }
+  const int first_column = warp * kGemvStepK + lane_k;
+  switch (source) {
+    case kFromX:
+      load_input_rows<kFromX>(a, shared.attention, x_row, first_column, phase.k, phase.chunks, x_pieces);
+      break;
+    case kFromEmbeddedX:
+      load_input_rows<kFromEmbeddedX>(a, shared.attention, x_row, first_column, phase.k, phase.chunks, x_pieces);
+      break;
+    case kFromAttention:
+      load_input_rows<kFromAttention>(a, shared.attention, x_row, first_column, phase.k, phase.chunks, x_pieces);
+      break;
+    default:
+      load_input_rows<kFromHidden>(a, shared.attention, x_row, first_column, phase.k, phase.chunks, x_pieces);
+      break;
   }
   if (norm_weight != nullptr) {
+#pragma unroll
+    for (int c = 0; c < kDepthMaxChunks; ++c) {
+#pragma unroll
+      for (int u = 0; u < kGemvLoadsPerRow; ++u) square_sum += sum_of_squares(x_pieces[c][u]);
+    }
     square_sum += __shfl_xor_sync(0xffffffffu, square_sum, 1);
     square_sum += __shfl_xor_sync(0xffffffffu, square_sum, 2);
     if (lane % 4 == 0) shared.square_sums[warp][group] = square_sum;

@@ -531,13 +531,13 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
   static_assert(kGemvGroupRows * kGemvTileRows <= kDepthThreads, "a thread finishes one element of a tile");
   const int columns = phase.gated ? kGemvTileRows / 2 : kGemvTileRows;
   const int m = static_cast<int>(threadIdx.x) / columns;
+  const int column_in_tile = static_cast<int>(threadIdx.x) % columns;
   const bool residual_phase = phase.kind == kOut || phase.kind == kDown;
-  // The residual of the element this thread finishes in `t`, requested before the products, and for the first
+  // The residual of the element this thread finishes at `column`, requested before the products, and for the first
   // tile before the phase's inputs (the attention, the FFN activations): its round trip overlaps theirs. Only this
   // block writes these columns of x during the phase. At layer 0's out phase the residual is x plus the
   // embedding, rounded, which the epilogue's store makes x.
-  const auto residual_of = [&](int t) {
-    const int column = t * columns + static_cast<int>(threadIdx.x) % columns;
+  const auto residual_at = [&](int column) {
     float residual = 0.f;
     if (residual_phase && m < a.rows && column < phase.n) {
       residual = __bfloat162float(__ldcg(a.x + m * a.x_stride + column));
@@ -549,7 +549,7 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
     return residual;
   };
   const int first_owned = tile;
-  float residual = residual_of(tile);
+  float residual = residual_at(tile * columns + column_in_tile);
 
   if (phase.kind == kOut) {
     attend_into_shared(a, p / 4, shared.attention);
@@ -615,9 +615,9 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
   trace_time(a, phase_trace_slot(p, 1));
 
   for (; tile < phase.tiles; tile += static_cast<int>(gridDim.x)) {
-    const int column = tile * columns + static_cast<int>(threadIdx.x) % columns;
+    const int column = tile * columns + column_in_tile;
     const bool finishes = m < a.rows && column < phase.n;
-    if (tile != first_owned) residual = residual_of(tile);
+    if (tile != first_owned) residual = residual_at(column);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int c = 0; c < kDepthMaxChunks; ++c) {
@@ -644,7 +644,7 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
 
     if (finishes) {
       const float2 sums =
-          tile_element_sums(shared.partials, kDepthWarps, m, static_cast<int>(threadIdx.x) % columns, phase.gated);
+          tile_element_sums(shared.partials, kDepthWarps, m, column_in_tile, phase.gated);
       const float sum = sums.x;
       const float up = sums.y;
       switch (phase.kind) {

@@ -188,6 +188,9 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
   args.layers = static_cast<int>(layers);
   args.card = static_cast<int>(card);
   args.stages = stages == 0 ? kDepthDefaultStages : static_cast<int>(stages);
+  const int block_chunks = depth_step_max_block_chunks(args, blocks);
+  TORCH_CHECK_VALUE(block_chunks <= kDepthMaxBlockChunks, "depth_step_bf16: these shapes give a block ", block_chunks,
+                    " weight chunks a step on ", blocks, " blocks; the kernel holds at most ", kDepthMaxBlockChunks);
   C10_CUDA_CHECK(launch_depth_step_bf16(args, blocks, c10::cuda::getCurrentCUDAStream(), programmatic));
 }
 

@@ -21,11 +21,13 @@
 // and their 8 up rows) over all of K, and each tile into chunks of up to kDepthChunkK elements of K. Tiles go
 // round robin to the blocks, each phase starting at the block after the previous phase's last tile, so that the
 // blocks' byte counts over a step even out. A block's sequence of chunks over the whole step is fixed by the
-// shapes alone: a producer cursor walks it `stages` chunks ahead of the consumer, issuing each chunk's
-// cp.async copies into a ring of shared-memory slots. The consumer takes each chunk in turn: warp w multiplies the
-// chunk's K-step w (128 elements) with mma.m16n8k16, the weight as the A operand (from shared memory) and the
-// activation rows as the B operand (from registers, loaded once per phase); a tile's warps' fp32 partials are
-// summed in shared memory in warp order (deterministic) and rounded once in the epilogue.
+// shapes alone: warp 0 writes it into a table in shared memory at the start (one record a chunk: where its rows
+// start), and the copies run `stages` chunks ahead of the products through a ring of shared-memory slots. Warp w
+// owns K-step w (128 elements) of every chunk: it copies that part (cp.async), waits for its own copies, and
+// multiplies it with mma.m16n8k16, the weight as the A operand (from shared memory) and the activation rows as the
+// B operand (from registers, loaded once per phase), then refills the part with the chunk `stages` ahead; a
+// chunk needs no block barrier. A tile's warps' fp32 partials are summed in shared memory in warp order
+// (deterministic) and rounded once in the epilogue.
 //
 // Phases of a layer, separated by grid barriers:
 //   qkv      RMSNorm(x) (layer 0 first adds the embedding, every block for itself, without storing it) -> queries
@@ -84,6 +86,9 @@ constexpr int kDepthMaxDim = 1024;
 constexpr int kDepthMaxStages = 6;
 constexpr int kDepthMinStages = 2;
 constexpr int kDepthDefaultStages = 6;
+// Chunks a block streams over a step at most (its table of them is in shared memory): Moshi's step gives a block
+// 44 at most on 132 SMs (31 at least).
+constexpr int kDepthMaxBlockChunks = 64;
 // A chunk row's pitch in shared memory, in elements: 64 bytes past the row's 2 KB, so that the 16-byte reads of one
 // quarter warp (the 4 lanes of row g and the 4 of row g + 1) fall in distinct banks.
 constexpr int kDepthRowPitch = kDepthChunkK + 32;
@@ -153,7 +158,7 @@ struct ProductPhase {
   int chunks;  // per tile
 };
 
-__device__ __forceinline__ ProductPhase product_phase(const DepthStepArgs& a, int p) {
+__host__ __device__ __forceinline__ ProductPhase product_phase(const DepthStepArgs& a, int p) {
   const int layer = p / 4;
   const int kind = p >= 4 * a.layers ? kHead : p % 4;
   ProductPhase phase;
@@ -182,15 +187,28 @@ __device__ __forceinline__ ProductPhase product_phase(const DepthStepArgs& a, in
   return phase;
 }
 
-// The block's first tile of a phase whose tiles start at block `first_block`.
+// Block `block`'s first tile of a phase whose tiles start at block `first_block`, of `blocks`.
+__host__ __device__ __forceinline__ int first_tile(int block, int first_block, int blocks) {
+  return (block - first_block + blocks) % blocks;
+}
+
 __device__ __forceinline__ int first_tile(int first_block) {
-  const int blocks = static_cast<int>(gridDim.x);
-  return (static_cast<int>(blockIdx.x) - first_block + blocks) % blocks;
+  return first_tile(static_cast<int>(blockIdx.x), first_block, static_cast<int>(gridDim.x));
 }
 
 // The block that owns tile 0 of the phase after `phase`, whose tile 0 went to `first_block`.
+__host__ __device__ __forceinline__ int next_first_block(int first_block, const ProductPhase& phase, int blocks) {
+  return (first_block + phase.tiles) % blocks;
+}
+
 __device__ __forceinline__ int next_first_block(int first_block, const ProductPhase& phase) {
-  return (first_block + phase.tiles) % static_cast<int>(gridDim.x);
+  return next_first_block(first_block, phase, static_cast<int>(gridDim.x));
+}
+
+// Tiles block `block` owns in a phase of `tiles` tiles whose tile 0 went to `first_block`.
+__host__ __device__ __forceinline__ int owned_tiles(int block, int first_block, int blocks, int tiles) {
+  const int first = first_tile(block, first_block, blocks);
+  return first < tiles ? (tiles - first + blocks - 1) / blocks : 0;
 }
 
 // Element offset in the embedding table of the row that row m adds at layer 0: token previous[m] of the table
@@ -199,42 +217,76 @@ __device__ __forceinline__ int64_t embedding_row(const int64_t* offset, const in
   return (offset[0] + previous[m]) * dim;
 }
 
-// Walks the block's chunks over the step, phase by phase: (phase, tile, chunk), in the consumer's order.
-struct ChunkCursor {
-  int phase;        // product phase index; 4 L + 1 past the end
-  int first_block;  // the block that owns the phase's tile 0
-  int tile;
-  int chunk;
-  ProductPhase current;
+// One chunk of a block's weight stream: 16 rows of a tile over kDepthChunkK elements of K at most. Row r of the
+// A operand (0..15; gated, 0..7 are gate rows and 8..15 their up rows) starts at
+// first_row + min(r', last_row) * k (+ up_offset for a gated up row), r' = r (r % 8 gated): rows past N repeat the
+// last, whose results are not stored.
+struct ChunkRecord {
+  const __nv_bfloat16* first_row;  // the tile's row 0 at the chunk's first K element
+  int64_t up_offset;               // elements from a gate row to its up row; 0 ungated
+  int k;                           // the weight's row length (elements)
+  int valid_k;                     // elements of K in the chunk
+  int last_row;                    // the last row of the tile (gated: of its gate half) inside N
+  int gated;
+};
 
-  __device__ __forceinline__ void start(const DepthStepArgs& a) {
-    phase = 0;
-    first_block = 0;
-    current = product_phase(a, 0);
-    tile = first_tile(0);
-    chunk = 0;
-    skip_empty_phases(a);
-  }
-
-  __device__ __forceinline__ bool done(const DepthStepArgs& a) const { return phase > 4 * a.layers; }
-
-  __device__ __forceinline__ void skip_empty_phases(const DepthStepArgs& a) {
-    while (!done(a) && tile >= current.tiles) {
-      first_block = next_first_block(first_block, current);
-      ++phase;
-      if (done(a)) return;
-      current = product_phase(a, phase);
-      tile = first_tile(first_block);
+// The records of block `block`'s chunks in phase p (of `owned` tiles from `tile`) into table[start...].
+__device__ __forceinline__ void write_phase_records(const ProductPhase& phase, int tile, int owned, int start,
+                                                    ChunkRecord* table) {
+  const int blocks = static_cast<int>(gridDim.x);
+  const int columns = phase.gated ? kGemvTileRows / 2 : kGemvTileRows;
+  for (int i = 0; i < owned; ++i, tile += blocks) {
+    for (int c = 0; c < phase.chunks; ++c) {
+      ChunkRecord record;
+      const int k0 = c * kDepthChunkK;
+      record.first_row = phase.weight + static_cast<int64_t>(tile) * columns * phase.k + k0;
+      record.up_offset = phase.gated ? static_cast<int64_t>(phase.n) * phase.k : 0;
+      record.k = phase.k;
+      record.valid_k = min(kDepthChunkK, phase.k - k0);
+      record.last_row = min(columns - 1, phase.n - 1 - tile * columns);
+      record.gated = phase.gated;
+      table[start + i * phase.chunks + c] = record;
     }
   }
+}
 
-  __device__ __forceinline__ void advance(const DepthStepArgs& a) {
-    if (++chunk < current.chunks) return;
-    chunk = 0;
-    tile += static_cast<int>(gridDim.x);
-    skip_empty_phases(a);
+// The block's chunks over the whole step, in the consumer's order (phase by phase, its tiles in order, each tile's
+// chunks in order), into `table`, by warp 0: a lane a phase, 32 phases a round, the phases' first blocks and the
+// block's record offsets from warp scans. The sequence depends on the shapes alone; the launcher checks that it
+// fits kDepthMaxBlockChunks (depth_step_max_block_chunks). Returns the count, in every lane of warp 0.
+__device__ int build_chunk_table(const DepthStepArgs& a, ChunkRecord* table) {
+  const int lane = threadIdx.x % 32;
+  const int blocks = static_cast<int>(gridDim.x);
+  const int phases = 4 * a.layers + 1;
+  int first_block = 0;
+  int count = 0;
+  for (int round = 0; round < phases; round += 32) {
+    const int p = round + lane;
+    ProductPhase phase{};
+    if (p < phases) phase = product_phase(a, p);
+    int tiles_through = phase.tiles;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int before = __shfl_up_sync(0xffffffffu, tiles_through, offset);
+      if (lane >= offset) tiles_through += before;
+    }
+    const int phase_first_block = (first_block + (tiles_through - phase.tiles) % blocks) % blocks;
+    const int owned = p < phases ? owned_tiles(static_cast<int>(blockIdx.x), phase_first_block, blocks, phase.tiles) : 0;
+    const int chunks = owned * phase.chunks;
+    int chunks_through = chunks;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int before = __shfl_up_sync(0xffffffffu, chunks_through, offset);
+      if (lane >= offset) chunks_through += before;
+    }
+    if (owned > 0) {
+      write_phase_records(phase, first_tile(phase_first_block), owned, count + chunks_through - chunks, table);
+    }
+    first_block = (first_block + __shfl_sync(0xffffffffu, tiles_through, 31) % blocks) % blocks;
+    count += __shfl_sync(0xffffffffu, chunks_through, 31);
   }
-};
+  return count;
+}
 
 __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
@@ -258,69 +310,53 @@ __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
-// The weight row of A-operand row r (0..15) of a tile: rows past N repeat the last (their results are not stored);
-// gated, rows 0..7 are gate rows and 8..15 the matching up rows.
-__device__ __forceinline__ const __nv_bfloat16* tile_row(const ProductPhase& phase, int tile, int r) {
-  int64_t row;
-  if (phase.gated) {
-    row = min(tile * (kGemvTileRows / 2) + r % 8, phase.n - 1) + (r >= 8 ? phase.n : 0);
-  } else {
-    row = min(tile * kGemvTileRows + r, phase.n - 1);
-  }
-  return phase.weight + row * phase.k;
-}
-
-// Issues the copies of the cursor's chunk into `slot` (none past the end of the step); every thread commits one
-// group either way, so that the consumer's wait counts groups uniformly. The copies are the upper warps' alone:
-// thread 0, which arrives at the grid barrier, then has none in flight when its release fences the block's
-// writes (whether a fence also waits for the thread's outstanding asynchronous copies, which would hold the
-// barrier for the next chunks' DRAM reads, is not documented either way). Copy thread t copies row t / 8 of the
-// tile, its 16-byte pieces t % 8, t % 8 + 8, ...: the row's address is computed once, and each copy is an add and
-// the copy itself (with one row per copy, the loop's index and row arithmetic took ~30% of the kernel's
-// instructions, Nsight Compute on an H100: bench/results/2026-12-06_H100_44b4872_ncu_depth_step_cuda.json).
-constexpr int kDepthCopyThreads = kDepthThreads / 2;
-constexpr int kDepthThreadsPerRow = kDepthCopyThreads / kGemvTileRows;
-constexpr int kDepthPiecesPerThread = kDepthChunkK / 8 / kDepthThreadsPerRow;
-static_assert(kDepthCopyThreads % kGemvTileRows == 0 && (kDepthChunkK / 8) % kDepthThreadsPerRow == 0,
-              "a chunk's rows split evenly over the copy threads");
-
-__device__ __forceinline__ void issue_chunk(const DepthStepArgs& a, const ChunkCursor& cursor, __nv_bfloat16* slot) {
-  const int copier = static_cast<int>(threadIdx.x) - (kDepthThreads - kDepthCopyThreads);
-  if (!cursor.done(a) && copier >= 0) {
-    const int k0 = cursor.chunk * kDepthChunkK;
-    const int pieces_per_row = min(kDepthChunkK, cursor.current.k - k0) / 8;
-    const int r = copier / kDepthThreadsPerRow;
-    const int first_piece = copier % kDepthThreadsPerRow;
-    const __nv_bfloat16* source = tile_row(cursor.current, cursor.tile, r) + k0;
-    __nv_bfloat16* destination = slot + r * kDepthRowPitch;
-#pragma unroll
-    for (int j = 0; j < kDepthPiecesPerThread; ++j) {
-      const int piece = first_piece + kDepthThreadsPerRow * j;
-      if (piece < pieces_per_row) copy_async_16(destination + 8 * piece, source + 8 * piece);
-    }
-  }
-  commit_copies();
-}
-
-// The ring of shared-memory slots and the producer cursor ahead of the consumer.
+// Each warp copies, waits for and multiplies its own K-step of every chunk (16 rows x kGemvStepK elements), so a
+// chunk needs no block barrier: a lane's wait for its copies and a warp barrier make the slot's part visible to the
+// warp, and a second warp barrier lets it refill the part once every lane has read it. (With a block-wide ring,
+// two block barriers a chunk and the refill's copies and bookkeeping by four warps stood between every chunk's
+// products and the next, on the critical path of every phase.) Lane l copies 16-byte piece l % 16 of the K-step in
+// rows 2 j + l / 16, j = 0..7: each half warp reads one row's 256 contiguous bytes.
 struct WeightPipeline {
   __nv_bfloat16* slots;
-  ChunkCursor producer;
-  int slot;  // the consumer's next slot
+  const ChunkRecord* table;
+  int count;     // chunks of the block over the step
+  int issued;    // the next chunk to copy
+  int slot;      // the consumer's next slot
   int stages;
 
-  __device__ __forceinline__ void start(const DepthStepArgs& a, __nv_bfloat16* shared_slots) {
-    slots = shared_slots;
-    slot = 0;
-    stages = a.stages;
-    producer.start(a);
-    for (int s = 0; s < stages; ++s) {
-      issue_chunk(a, producer, slots + s * kDepthSlotElements);
-      if (!producer.done(a)) producer.advance(a);
+  __device__ __forceinline__ void issue(__nv_bfloat16* slot_base) {
+    if (issued < count) {
+      const ChunkRecord record = table[issued];
+      const int lane = threadIdx.x % 32;
+      const int column = (threadIdx.x / 32) * kGemvStepK + 8 * (lane % 16);
+      if (column < record.valid_k) {
+        const int half = lane / 16;
+#pragma unroll
+        for (int j = 0; j < kGemvTileRows / 2; ++j) {
+          const int r = 2 * j + half;
+          const int within = record.gated ? r % 8 : r;
+          const __nv_bfloat16* row = record.first_row + min(within, record.last_row) * record.k +
+                                     (record.gated && r >= 8 ? record.up_offset : 0);
+          copy_async_16(slot_base + r * kDepthRowPitch + column, row + column);
+        }
+      }
     }
+    ++issued;
+    commit_copies();
   }
 
-  // The next chunk's slot, once its copies (every thread's) have landed: all but the stages - 1 newest groups.
+  __device__ __forceinline__ void start(const DepthStepArgs& a, __nv_bfloat16* shared_slots,
+                                        const ChunkRecord* chunk_table, int chunk_count) {
+    slots = shared_slots;
+    table = chunk_table;
+    count = chunk_count;
+    issued = 0;
+    slot = 0;
+    stages = a.stages;
+    for (int s = 0; s < stages; ++s) issue(slots + s * kDepthSlotElements);
+  }
+
+  // The next chunk's slot, once the warp's copies into it have landed: all but the lane's stages - 1 newest groups.
   __device__ __forceinline__ const __nv_bfloat16* acquire() {
     static_assert(kDepthMinStages == 2 && kDepthMaxStages == 6, "a wait for each pipeline depth");
     switch (stages) {
@@ -330,15 +366,14 @@ struct WeightPipeline {
       case 5: wait_copies<4>(); break;
       default: wait_copies<5>(); break;
     }
-    __syncthreads();
+    __syncwarp();
     return slots + slot * kDepthSlotElements;
   }
 
-  // After every warp is done with the acquired slot: refill it with the chunk `stages` ahead.
-  __device__ __forceinline__ void release(const DepthStepArgs& a) {
-    __syncthreads();
-    issue_chunk(a, producer, slots + slot * kDepthSlotElements);
-    if (!producer.done(a)) producer.advance(a);
+  // After every lane of the warp is done with the acquired slot: refill its part with the chunk `stages` ahead.
+  __device__ __forceinline__ void release() {
+    __syncwarp();
+    issue(slots + slot * kDepthSlotElements);
     slot = slot + 1 == stages ? 0 : slot + 1;
   }
 };
@@ -427,9 +462,13 @@ __device__ __forceinline__ float sum_of_squares(uint4 piece) {
   return sum;
 }
 
-// Shared memory besides the slots.
+// Shared memory besides the slots. A tile's partials alternate between two buffers: the next tile's products may
+// be stored while this tile's epilogue still reads them (a chunk has no block barrier; the next tile's barrier
+// after its stores orders the one after).
 struct DepthShared {
-  float4 partials[kDepthWarps][32];
+  float4 partials[2][kDepthWarps][32];
+  ChunkRecord chunks[kDepthMaxBlockChunks];
+  int chunk_count;
   float square_sums[kDepthWarps][kGemvGroupRows];
   __align__(16) __nv_bfloat16 attention[kGemvGroupRows * kDepthMaxDim];
 };
@@ -614,6 +653,7 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
 
   trace_time(a, phase_trace_slot(p, 1));
 
+  int parity = 0;
   for (; tile < phase.tiles; tile += static_cast<int>(gridDim.x)) {
     const int column = tile * columns + column_in_tile;
     const bool finishes = m < a.rows && column < phase.n;
@@ -637,14 +677,16 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
         }
         multiply_step(acc, operands);
       }
-      pipeline.release(a);
+      pipeline.release();
     }
-    shared.partials[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    const float4(*partials)[32] = shared.partials[parity];
+    shared.partials[parity][warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    parity ^= 1;
     __syncthreads();
 
     if (finishes) {
       const float2 sums =
-          tile_element_sums(shared.partials, kDepthWarps, m, column_in_tile, phase.gated);
+          tile_element_sums(partials, kDepthWarps, m, column_in_tile, phase.gated);
       const float sum = sums.x;
       const float up = sums.y;
       switch (phase.kind) {
@@ -677,7 +719,6 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
           break;
       }
     }
-    __syncthreads();
   }
   trace_time(a, phase_trace_slot(p, 2));
   return next_first_block(first_block, phase);
@@ -724,8 +765,13 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
 
   // The weights are constant during a step: their first chunks stream in while the previous kernel finishes.
   trace_time(a, 0);
+  if (threadIdx.x < 32) {
+    const int count = build_chunk_table(a, shared.chunks);
+    if (threadIdx.x == 0) shared.chunk_count = count;
+  }
+  __syncthreads();
   WeightPipeline pipeline;
-  pipeline.start(a, slots);
+  pipeline.start(a, slots, shared.chunks, shared.chunk_count);
   await_previous_kernel();
   trace_time(a, 1);
   GridBarrier barrier;
@@ -750,9 +796,28 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
 
 }  // namespace detail
 
-inline size_t depth_step_shared_bytes() {
-  return kDepthMaxStages * kDepthSlotElements * sizeof(__nv_bfloat16) + sizeof(detail::DepthShared);
+// The most chunks any block of a `blocks`-block launch streams over a step of these shapes (serially, as the
+// kernel's table builder does per phase): the launch needs it to be at most kDepthMaxBlockChunks.
+inline int depth_step_max_block_chunks(const DepthStepArgs& a, int blocks) {
+  int most = 0;
+  for (int block = 0; block < blocks; ++block) {
+    int first_block = 0;
+    int chunks = 0;
+    for (int p = 0; p <= 4 * a.layers; ++p) {
+      const detail::ProductPhase phase = detail::product_phase(a, p);
+      chunks += detail::owned_tiles(block, first_block, blocks, phase.tiles) * phase.chunks;
+      first_block = detail::next_first_block(first_block, phase, blocks);
+    }
+    most = chunks > most ? chunks : most;
+  }
+  return most;
 }
+
+constexpr size_t kDepthSharedBytes =
+    kDepthMaxStages * kDepthSlotElements * sizeof(__nv_bfloat16) + sizeof(detail::DepthShared);
+static_assert(kDepthSharedBytes <= 227 * 1024, "the slots and the rest fit the 227 KB an sm_90 block may have");
+
+inline size_t depth_step_shared_bytes() { return kDepthSharedBytes; }
 
 // Blocks of the launch: one per SM, the most that are surely resident at once (the barriers spin), or 0 when the
 // kernel cannot run here (its shared memory does not fit an SM).

@@ -124,6 +124,7 @@ struct DepthStepArgs {
   float eps;
   int rows, dim, hidden, heads, steps, step, layers, card;
   int stages;                             // chunks in flight per block, kDepthMinStages..kDepthMaxStages
+  int barrier_refills;                    // 1: warp 0 refills its slots after each grid-barrier arrival
 };
 
 // Timeline entries a block writes in a step of `layers` layers: 4 L + 1 product phases.
@@ -323,6 +324,12 @@ struct WeightPipeline {
   int issued;    // the next chunk to copy
   int slot;      // the consumer's next slot
   int stages;
+  // Warp 0's lane 0 arrives at the grid barriers, and an arrival's release fence may wait for the warp's copies
+  // in flight (PTX leaves it open; the SASS is a MEMBAR.ALL.GPU). With barrier_refills, warp 0 holds its refills
+  // (at most stages - 1, in slot order from held_slot) until its thread 0 has arrived (flush_held).
+  bool holds;
+  int held;
+  int held_slot;
 
   __device__ __forceinline__ void issue(__nv_bfloat16* slot_base) {
     if (issued < count) {
@@ -353,27 +360,47 @@ struct WeightPipeline {
     issued = 0;
     slot = 0;
     stages = a.stages;
+    holds = a.barrier_refills != 0 && threadIdx.x < 32;
+    held = 0;
+    held_slot = 0;
     for (int s = 0; s < stages; ++s) issue(slots + s * kDepthSlotElements);
   }
 
-  // The next chunk's slot, once the warp's copies into it have landed: all but the lane's stages - 1 newest groups.
+  // The next chunk's slot, once the warp's copies into it have landed: all but the lane's newest groups past it
+  // (stages - 1, less the refills held).
   __device__ __forceinline__ const __nv_bfloat16* acquire() {
     static_assert(kDepthMinStages == 2 && kDepthMaxStages == 6, "a wait for each pipeline depth");
-    switch (stages) {
-      case 2: wait_copies<1>(); break;
-      case 3: wait_copies<2>(); break;
-      case 4: wait_copies<3>(); break;
-      case 5: wait_copies<4>(); break;
+    switch (stages - 1 - held) {
+      case 0: wait_copies<0>(); break;
+      case 1: wait_copies<1>(); break;
+      case 2: wait_copies<2>(); break;
+      case 3: wait_copies<3>(); break;
+      case 4: wait_copies<4>(); break;
       default: wait_copies<5>(); break;
     }
     __syncwarp();
     return slots + slot * kDepthSlotElements;
   }
 
-  // After every lane of the warp is done with the acquired slot: refill its part with the chunk `stages` ahead.
+  __device__ __forceinline__ void flush_held() {
+    for (int j = 0; j < held; ++j) {
+      const int s = held_slot + j < stages ? held_slot + j : held_slot + j - stages;
+      issue(slots + s * kDepthSlotElements);
+    }
+    held = 0;
+  }
+
+  // After every lane of the warp is done with the acquired slot: refill its part with the chunk `stages` ahead
+  // (or hold the refill, see holds).
   __device__ __forceinline__ void release() {
     __syncwarp();
-    issue(slots + slot * kDepthSlotElements);
+    if (holds && held + 1 < stages) {
+      if (held == 0) held_slot = slot;
+      ++held;
+    } else {
+      flush_held();
+      issue(slots + slot * kDepthSlotElements);
+    }
     slot = slot + 1 == stages ? 0 : slot + 1;
   }
 };
@@ -741,17 +768,24 @@ struct GridBarrier {
     }
   }
 
-  __device__ __forceinline__ void sync() {
+  // Warp 0 issues the refills it held (WeightPipeline::holds) once its thread 0 has arrived, while it polls.
+  __device__ __forceinline__ void sync(WeightPipeline& pipeline) {
     __syncthreads();
-    if (threadIdx.x == 0) {
-      target += gridDim.x;
-      // The release orders the block's writes (made visible to thread 0 by the block barrier above) before the
-      // arrival; the acquiring poll orders the other blocks' writes before everything after the barrier.
-      asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(arrivals) : "memory");
-      unsigned long long now;
-      do {
-        asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(arrivals) : "memory");
-      } while (now < target);
+    if (threadIdx.x < 32) {
+      if (threadIdx.x == 0) {
+        target += gridDim.x;
+        // The release orders the block's writes (made visible to thread 0 by the block barrier above) before the
+        // arrival; the acquiring poll orders the other blocks' writes before everything after the barrier.
+        asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(arrivals) : "memory");
+      }
+      __syncwarp();
+      pipeline.flush_held();
+      if (threadIdx.x == 0) {
+        unsigned long long now;
+        do {
+          asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(arrivals) : "memory");
+        } while (now < target);
+      }
     }
     __syncthreads();
   }
@@ -787,7 +821,7 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_step_bf16_kernel(Depth
       const __nv_bfloat16* norm = kind == kQkv ? a.norm1 : kind == kGateUp ? a.norm2 : nullptr;
       first_block = product_phase_run(a, 4 * layer + kind, first_block, pipeline, source,
                                       norm != nullptr ? norm + layer * a.norm_stride : nullptr, shared);
-      barrier.sync();
+      barrier.sync(pipeline);
     }
   }
   product_phase_run(a, 4 * a.layers, first_block, pipeline, kFromX, nullptr, shared);

@@ -201,7 +201,7 @@ def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tenso
                norm1: torch.Tensor, qkv: torch.Tensor, out_proj: torch.Tensor, norm2: torch.Tensor,
                gate_up: torch.Tensor, down: torch.Tensor, head: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, step: int, eps: float, logits_out: torch.Tensor, scratch,
-               trace: torch.Tensor | None = None, stages: int = 0) -> torch.Tensor:
+               trace: torch.Tensor | None = None, stages: int = 0, barrier_refills: bool = False) -> torch.Tensor:
     """One codebook step of the depth transformer in one persistent launch by the extension's kernel
     (csrc/depth_step_kernel.cuh): the operands and semantics of kernels/depth_step.py's `depth_step` (its
     `depth_step_ref` is the spec), bf16 only, B <= 8, heads of 64, D <= DEPTH_MAX_DIM, Hd <= DEPTH_MAX_HIDDEN, at most
@@ -211,7 +211,9 @@ def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tenso
     (global timer, ns: each block's start, its start after the wait for the previous kernel, then per product
     phase its start, its input rows ready, its end; bench/trace_depth_step.py reads it). stages: weight chunks
     (16 rows x 1024 columns) in flight per block, DEPTH_MIN_STAGES..DEPTH_MAX_STAGES, or 0 for
-    DEPTH_DEFAULT_STAGES. Launched with
+    DEPTH_DEFAULT_STAGES. barrier_refills: warp 0 (whose thread 0 arrives at the kernel's grid barriers)
+    refills its part of the weight slots right after each arrival instead of after each chunk, so that no copy of
+    its is in flight when the arrival's release fence runs. Launched with
     programmatic dependent launch where `kernels._utils.pdl` allows it. Graph-safe. Returns logits_out. Raises
     RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     _require()
@@ -221,7 +223,7 @@ def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tenso
         raise ValueError(f"depth_step_bf16: stages must be 0 or {DEPTH_MIN_STAGES} to {DEPTH_MAX_STAGES}, "
                          f"got {stages}")
     return launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down,
-                             head, k_cache, v_cache, step, eps, logits_out, scratch, trace, stages)
+                             head, k_cache, v_cache, step, eps, logits_out, scratch, trace, stages, barrier_refills)
 
 
 def depth_step_blocks(device: torch.device | str | int) -> int:
@@ -236,7 +238,8 @@ def depth_step_trace_slots(layers: int) -> int:
 
 
 def launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
-                      k_cache, v_cache, step, eps, logits_out, scratch, trace=None, stages=0) -> torch.Tensor:
+                      k_cache, v_cache, step, eps, logits_out, scratch, trace=None, stages=0,
+                      barrier_refills=False) -> torch.Tensor:
     """`depth_step` for operands that `depth_step_supported` has passed, with the extension loaded: the launch
     without the Python-side checks (the op's own still run)."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
@@ -244,7 +247,7 @@ def launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, ou
 
     torch.ops.moshi_fast.depth_step_bf16(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2,
                                          gate_up, down, head, k_cache, v_cache, step, float(eps), logits_out,
-                                         scratch.qkv, scratch.hidden, scratch.arrivals, trace, stages,
+                                         scratch.qkv, scratch.hidden, scratch.arrivals, trace, stages, barrier_refills,
                                          pdl(x.device, "depth_step"))
     return logits_out
 

@@ -59,6 +59,27 @@ def test_sample_tokens(measure, device, op, shape, dtype, batch):
             shape=f"{shape}-{str(dtype).removeprefix('torch.')}", batch=batch)
 
 
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_sample_tokens_cuda_scalar_loads(measure, device, shape, batch):
+    """The CUDA kernel on logits whose rows start one element into a wider buffer (not 16-byte aligned): its
+    element-by-element loads, beside the 16-byte pieces it reads from aligned contiguous rows (sample_tokens_cuda
+    above), same values."""
+    if not (GPU and cuda_ext.available()):
+        pytest.skip("needs the CUDA extension on a GPU")
+    args, out, moved = sampling_call(device, batch, shape)
+    logits = args[0]
+    wider = torch.empty(batch, logits.shape[1] + 8, dtype=logits.dtype, device=device)
+    shifted = wider[:, 1:logits.shape[1] + 1]
+    shifted.copy_(logits)
+    args = (shifted, *args[1:])
+
+    def fast():
+        cuda_ext.sample_tokens(*args, out=out)
+
+    measure(fast, moved, op="sample_tokens_cuda_scalar_loads", shape=f"{shape}-bfloat16", batch=batch)
+
+
 @pytest.mark.skipif(not GPU, reason="launch options only mean something on a GPU")
 @pytest.mark.parametrize("chunk_per_thread", [8, 16, 32])
 @pytest.mark.parametrize("num_warps", [4, 8, 16, 32])

@@ -66,6 +66,8 @@ void sample_tokens(const at::Tensor& logits, const at::Tensor& temperature, cons
       static_cast<int>(top_k_cap),
       static_cast<int>(draw),
       logits.scalar_type() == at::kBFloat16,
+      logits.stride(1) == 1 && (logits.stride(0) * static_cast<int64_t>(logits.element_size())) % 16 == 0 &&
+          reinterpret_cast<std::uintptr_t>(logits.const_data_ptr()) % 16 == 0,
   };
   C10_CUDA_CHECK(launch_sample_tokens(args, c10::cuda::getCurrentCUDAStream(), programmatic));
 }

@@ -69,6 +69,7 @@ struct SampleTokensArgs {
   int top_k_cap;               // min(max_top_k, vocab), 1 .. kSampleMaxCandidates
   int draw;                    // 0 text, 1 + k audio codebook k
   bool logits_bf16;
+  bool vector_loads;           // rows contiguous and 16-byte aligned: a thread's keys load as 16-byte pieces
 };
 
 namespace sampling_detail {
@@ -185,6 +186,32 @@ __device__ __forceinline__ uint32_t block_exclusive_scan(uint32_t value, uint32_
 __device__ __forceinline__ float logit_to_float(float logit) { return logit; }
 __device__ __forceinline__ float logit_to_float(__nv_bfloat16 logit) { return __bfloat162float(logit); }
 
+// The keys of the row's entries first .. first + kKeys - 1 (INT_MIN past the vocabulary). With vector_loads, a
+// thread whose entries are all inside the row reads them as 16-byte pieces: one entry a load made the text row's
+// 32 loads a thread touch 32 sectors each (a warp's threads 64 bytes apart).
+template <typename Logit, int kShift, int kKeys>
+__device__ __forceinline__ void load_keys(const SampleTokensArgs& args, const Logit* logits, int first,
+                                          int (&keys)[kKeys]) {
+  constexpr int kPerPiece = 16 / static_cast<int>(sizeof(Logit));
+  static_assert(kKeys % kPerPiece == 0, "a thread's keys are whole 16-byte pieces");
+  if (args.vector_loads && first + kKeys <= args.vocab) {
+#pragma unroll
+    for (int p = 0; p < kKeys / kPerPiece; ++p) {
+      const uint4 piece = *reinterpret_cast<const uint4*>(logits + first + p * kPerPiece);
+      const Logit* values = reinterpret_cast<const Logit*>(&piece);
+#pragma unroll
+      for (int j = 0; j < kPerPiece; ++j) keys[p * kPerPiece + j] = float_key<kShift>(logit_to_float(values[j]));
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) {
+    const int id = first + j;
+    // Padding sits below every real key (-inf's included), so no threshold counts it.
+    keys[j] = id < args.vocab ? float_key<kShift>(logit_to_float(logits[id * args.stride_logits_v])) : INT_MIN;
+  }
+}
+
 // One block per row; thread t holds the row's entries t * kKeys .. t * kKeys + kKeys - 1 (vocabulary order along
 // the block, which the compaction's scan relies on).
 template <typename Logit, int kThreads, int kKeys>
@@ -201,12 +228,7 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTok
   const Logit* logits = static_cast<const Logit*>(args.logits) + row * args.stride_logits_b;
   const int first = threadIdx.x * kKeys;
   int keys[kKeys];
-#pragma unroll
-  for (int j = 0; j < kKeys; ++j) {
-    const int id = first + j;
-    // Padding sits below every real key (-inf's included), so no threshold counts it.
-    keys[j] = id < args.vocab ? float_key<kShift>(logit_to_float(logits[id * args.stride_logits_v])) : INT_MIN;
-  }
+  load_keys<Logit, kShift>(args, logits, first, keys);
   int local_max = INT_MIN;
   int local_min = INT_MAX;
 #pragma unroll

@@ -23,7 +23,9 @@
 // reduction instruction (redux.sync) per warp and one barrier, the keys a thread holds sit in registers in
 // vocabulary order (so the compaction's prefix sum is a warp scan plus one barrier), and the candidate list, their
 // ranks and the race stay in shared memory. At the audio row (V = 2048, k = 250, 256 threads of 8 keys) the bulk
-// is ~16 bisection passes of ~100 cycles and the rank count (250 shared-memory compares a candidate).
+// is ~16 bisection passes of ~100 cycles and the rank count (250 shared-memory compares a candidate). The text row
+// (bf16, k <= 32) runs sample_tokens_small_k_kernel instead: the same tokens, selected per warp with no block-wide
+// reduction (see there).
 //
 // Floor: the logits (B V x 2 or 4 bytes) plus 40 bytes a slot, a few hundredths of a microsecond; the kernel is
 // latency-bound (a chain of block-wide reductions), one block per slot, so flat in B up to the SM count.
@@ -337,6 +339,204 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTok
   if (threadIdx.x == 0) args.out[row * args.stride_out] = best & 0xFFFF;
 }
 
+// Text-sized rows with a small k (bf16, V in (kSmallKMinVocab, 32768], min(max_top_k, V) <= kSmallKMax): the same
+// candidates, ranks, race and greedy token as sample_tokens_kernel, selected with warp reductions instead of
+// block-wide ones. Packed entries (Entry<16>: rank order, all distinct) make the k-th largest entry a threshold that
+// keeps exactly k, so each warp takes its 1024 entries' top k by bisecting on the packed value (one redux.sync a
+// pass, no barrier), then warp 0 takes the row's top k from the warps' and races them: two block barriers in all.
+// The block-wide kernel runs a bisection of ~20 block reductions over 32 warps at the text row (33 us on one SM
+// under Nsight Compute, 26 us of the frame's chain on an H100: bench/RESULTS.md, seventh session).
+constexpr int kSmallKMax = 32;
+constexpr int kSmallKMinVocab = 8192;
+constexpr int kSmallKThreads = 1024;
+constexpr int kSmallKKeys = 32;
+
+// The largest t with count(entries >= t) >= k over the warp's entries (kPer a lane; at least k of them): a
+// bisection on the packed value, one redux.sync a pass. The entries being distinct (but for the padding 0), exactly
+// k are >= t unless t is 0.
+template <int kPer>
+__device__ __forceinline__ uint32_t warp_threshold(const uint32_t (&entries)[kPer], int k) {
+  uint32_t local_min = 0xFFFFFFFFu;
+  uint32_t local_max = 0;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    local_min = min(local_min, entries[j]);
+    local_max = max(local_max, entries[j]);
+  }
+  // count(>= lo) >= k > count(>= hi); 64-bit bounds: hi may be 2^32.
+  uint64_t lo = __reduce_min_sync(0xFFFFFFFFu, local_min);
+  uint64_t hi = static_cast<uint64_t>(__reduce_max_sync(0xFFFFFFFFu, local_max)) + 1;
+  while (hi - lo > 1) {
+    const uint64_t mid = lo + (hi - lo) / 2;
+    int local = 0;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) local += entries[j] >= static_cast<uint32_t>(mid);
+    const int count = __reduce_add_sync(0xFFFFFFFFu, local);
+    if (count >= k) {
+      lo = mid;
+      if (count == k) break;
+    } else {
+      hi = mid;
+    }
+  }
+  return static_cast<uint32_t>(lo);
+}
+
+// Writes the entries >= threshold among entries[j] of every lane, in the order (j, lane), into out[0..k) (the first
+// k of them: only the padding 0 can tie past k).
+template <int kPer>
+__device__ __forceinline__ void warp_compact_by_rounds(const uint32_t (&entries)[kPer], uint32_t threshold, int k,
+                                                       uint32_t* out) {
+  const int lane = threadIdx.x & 31;
+  int place = 0;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const bool selected = entries[j] >= threshold;
+    const uint32_t mask = __ballot_sync(0xFFFFFFFFu, selected);
+    const int mine = place + __popc(mask & ((1u << lane) - 1));
+    if (selected && mine < k) out[mine] = entries[j];
+    place += __popc(mask);
+  }
+}
+
+// Survivors of the lane-maxima bound a warp keeps in shared memory at most: 4 a lane.
+constexpr int kSurvivorRounds = 4;
+constexpr int kSurvivorsMax = 32 * kSurvivorRounds;
+
+// The warp's top k entries (1 <= k <= 32; kPer a lane, lane l's entries before lane l + 1's in vocabulary order),
+// in vocabulary order, into out[0..k). The k-th largest of the 32 lanes' maxima, m, bounds the answer from below
+// (k lanes hold an entry >= m), so only the entries >= m (usually a few dozen of the 1024) are bisected, from
+// `survivors` (kSurvivorsMax entries of shared memory); with more of them (ties, padding) all the entries are.
+// Padding entries (0, below every real one) fill the places after the real ones when the warp has fewer than k.
+template <int kPer>
+__device__ __forceinline__ void warp_top_k(const uint32_t (&entries)[kPer], int k, uint32_t* out,
+                                           uint32_t* survivors) {
+  const int lane = threadIdx.x & 31;
+  uint32_t lane_max[1] = {0};
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) lane_max[0] = max(lane_max[0], entries[j]);
+  const uint32_t bound = warp_threshold(lane_max, k);
+  int kept = 0;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) kept += entries[j] >= bound;
+  const int total = __reduce_add_sync(0xFFFFFFFFu, kept);
+  int before = kept;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int other = __shfl_up_sync(0xFFFFFFFFu, before, offset);
+    if (lane >= offset) before += other;
+  }
+  before -= kept;
+  if (total > kSurvivorsMax) {
+    const uint32_t threshold = warp_threshold(entries, k);
+    int selected = 0;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) selected += entries[j] >= threshold;
+    int place = selected;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const int other = __shfl_up_sync(0xFFFFFFFFu, place, offset);
+      if (lane >= offset) place += other;
+    }
+    place -= selected;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      if (entries[j] >= threshold) {
+        if (place < k) out[place] = entries[j];
+        ++place;
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    if (entries[j] >= bound) survivors[before++] = entries[j];
+  }
+  __syncwarp();
+  uint32_t kept_entries[kSurvivorRounds];
+#pragma unroll
+  for (int r = 0; r < kSurvivorRounds; ++r) {
+    kept_entries[r] = 32 * r + lane < total ? survivors[32 * r + lane] : 0u;
+  }
+  warp_compact_by_rounds(kept_entries, warp_threshold(kept_entries, k), k, out);
+}
+
+template <int kThreads, int kKeys>
+__global__ void __launch_bounds__(kThreads) sample_tokens_small_k_kernel(const SampleTokensArgs args) {
+  constexpr int kWarps = kThreads / 32;
+  static_assert(kWarps <= 32 && kKeys * 32 >= kSmallKMax, "warp 0 gathers one warp's list a lane");
+  using E = Entry<16>;
+  __shared__ uint32_t warp_lists[kWarps * kSmallKMax];
+  __shared__ uint32_t row_list[kSmallKMax];
+  __shared__ uint32_t survivors[kWarps][kSurvivorsMax];
+
+  await_previous_kernel();
+  const int row = blockIdx.x;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const __nv_bfloat16* logits = static_cast<const __nv_bfloat16*>(args.logits) + row * args.stride_logits_b;
+  const int first = threadIdx.x * kKeys;
+  int keys[kKeys];
+  load_keys<__nv_bfloat16, 16>(args, logits, first, keys);
+  uint32_t entries[kKeys];
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) entries[j] = first + j < args.vocab ? E::pack(keys[j], first + j) : 0u;
+  const float temperature = args.temperature[row * args.stride_temperature];
+  const int64_t requested = args.top_k[row * args.stride_top_k];
+  const int top_k = static_cast<int>(min(max(requested, int64_t{1}), static_cast<int64_t>(args.top_k_cap)));
+
+  if (temperature <= 0.f || top_k == 1) {
+    // The largest entry: the maximum's first vocabulary id.
+    uint32_t local = 0;
+#pragma unroll
+    for (int j = 0; j < kKeys; ++j) local = max(local, entries[j]);
+    local = __reduce_max_sync(0xFFFFFFFFu, local);
+    if (lane == 0) warp_lists[warp] = local;
+    __syncthreads();
+    if (warp == 0) {
+      const uint32_t best = __reduce_max_sync(0xFFFFFFFFu, lane < kWarps ? warp_lists[lane] : 0u);
+      if (lane == 0) args.out[row * args.stride_out] = E::id(best);
+    }
+    return;
+  }
+
+  warp_top_k(entries, top_k, warp_lists + warp * top_k, survivors[warp]);
+  __syncthreads();
+  if (warp != 0) return;
+  uint32_t gathered[kSmallKMax];
+#pragma unroll
+  for (int j = 0; j < kSmallKMax; ++j) gathered[j] = lane < kWarps && j < top_k ? warp_lists[lane * top_k + j] : 0u;
+  // Warp 0's survivors of its own list are consumed: the buffer is free again (a warp barrier ended their reads).
+  warp_top_k(gathered, top_k, row_list, survivors[0]);
+  __syncwarp();
+
+  // Rank, then race, as sample_tokens_kernel: candidate `lane`.
+  const uint64_t seed = static_cast<uint64_t>(args.seed[row * args.stride_seed]);
+  const uint32_t hash_prefix = combine(combine(mix32((static_cast<uint32_t>(seed) ^ static_cast<uint32_t>(seed >> 32))
+                                                     + 0x9E3779B9u),
+                                               static_cast<uint32_t>(args.counter[row * args.stride_counter])),
+                                       static_cast<uint32_t>(args.draw));
+  const uint32_t entry = lane < top_k ? row_list[lane] : 0u;
+  const uint32_t top_entry = __reduce_max_sync(0xFFFFFFFFu, entry);
+  const float max_scaled = __fdiv_rn(key_float<16>(E::key(top_entry)), temperature);
+  int64_t best = INT64_MIN;
+  if (lane < top_k) {
+    int rank = 0;
+    for (int j = 0; j < top_k; ++j) rank += row_list[j] > entry;
+    const uint32_t bits = combine(hash_prefix, static_cast<uint32_t>(rank));
+    const float uniform = (static_cast<float>(bits >> 8) + 0.5f) * (1.f / (1 << 24));
+    const float noise = -__nv_logf(uniform);
+    const float weight = __nv_expf(__fdiv_rn(key_float<16>(E::key(entry)), temperature) - max_scaled);
+    const float race = __fdiv_rn(weight, noise);
+    const int race_key = race < 0.f ? -1 : (__float_as_int(race) & 0x7FFFFFFF);
+    best = static_cast<int64_t>(static_cast<uint64_t>(static_cast<int64_t>(race_key)) << 32) |
+           (static_cast<int64_t>(0xFFFF - rank) << 16) | E::id(entry);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) best = max(best, __shfl_xor_sync(0xFFFFFFFFu, best, offset));
+  if (lane == 0) args.out[row * args.stride_out] = best & 0xFFFF;
+}
+
 template <typename Logit, int kThreads, int kKeys>
 cudaError_t launch_instance(const SampleTokensArgs& args, cudaStream_t stream, bool programmatic) {
   return launch_kernel(sample_tokens_kernel<Logit, kThreads, kKeys>, dim3(args.batch), dim3(kThreads), stream,
@@ -347,6 +547,12 @@ template <typename Logit>
 cudaError_t launch_for_vocab(const SampleTokensArgs& args, cudaStream_t stream, bool programmatic) {
   // Keys a thread holds in registers: up to 32 without spills (ptxas -v, sm_90); 64 at the largest vocabularies,
   // where 1024 threads have 64 registers each and some spill.
+  if constexpr (sizeof(Logit) == 2) {
+    if (args.vocab > kSmallKMinVocab && args.vocab <= kSmallKThreads * kSmallKKeys && args.top_k_cap <= kSmallKMax) {
+      return launch_kernel(sample_tokens_small_k_kernel<kSmallKThreads, kSmallKKeys>, dim3(args.batch),
+                           dim3(kSmallKThreads), stream, programmatic, args);
+    }
+  }
   if (args.vocab <= 2048) return launch_instance<Logit, 256, 8>(args, stream, programmatic);
   if (args.vocab <= 4096) return launch_instance<Logit, 256, 16>(args, stream, programmatic);
   if (args.vocab <= 8192) return launch_instance<Logit, 256, 32>(args, stream, programmatic);

@@ -188,6 +188,33 @@ __device__ __forceinline__ uint32_t block_exclusive_scan(uint32_t value, uint32_
 __device__ __forceinline__ float logit_to_float(float logit) { return logit; }
 __device__ __forceinline__ float logit_to_float(__nv_bfloat16 logit) { return __bfloat162float(logit); }
 
+// The noise hash's prefix for a row: its seed, counter and the draw.
+__device__ __forceinline__ uint32_t row_hash_prefix(const SampleTokensArgs& args, int row) {
+  const uint64_t seed = static_cast<uint64_t>(args.seed[row * args.stride_seed]);
+  return combine(combine(mix32((static_cast<uint32_t>(seed) ^ static_cast<uint32_t>(seed >> 32)) + 0x9E3779B9u),
+                         static_cast<uint32_t>(args.counter[row * args.stride_counter])),
+                 static_cast<uint32_t>(args.draw));
+}
+
+// A candidate's race, packed to order as the winner is picked: race, then the lower rank, with the id in the low
+// 16 bits. max_scaled: the row's largest logit / temperature, correctly rounded (the reference's logits / T and
+// softmax's x - max(x); max(x) = max(logits) / T since rounding is monotonic).
+template <int kShift>
+__device__ __forceinline__ int64_t packed_race(uint32_t hash_prefix, int key, int id, int rank, float temperature,
+                                               float max_scaled) {
+  const uint32_t bits = combine(hash_prefix, static_cast<uint32_t>(rank));
+  const float uniform = (static_cast<float>(bits >> 8) + 0.5f) * (1.f / (1 << 24));
+  // Negation, not 0 - x: the top uniform rounds to 1.0, its noise is -0.0 and that race is -inf, as in the
+  // reference.
+  const float noise = -__nv_logf(uniform);
+  const float weight = __nv_expf(__fdiv_rn(key_float<kShift>(key), temperature) - max_scaled);
+  const float race = __fdiv_rn(weight, noise);
+  // Non-negative races order by their bits, NaN above +inf (torch.argmax picks NaN); -inf below them.
+  const int race_key = race < 0.f ? -1 : (__float_as_int(race) & 0x7FFFFFFF);
+  return static_cast<int64_t>(static_cast<uint64_t>(static_cast<int64_t>(race_key)) << 32) |
+         (static_cast<int64_t>(0xFFFF - rank) << 16) | id;
+}
+
 // The keys of the row's entries first .. first + kKeys - 1 (INT_MIN past the vocabulary). With vector_loads, a
 // thread whose entries are all inside the row reads them as 16-byte pieces: one entry a load made the text row's
 // 32 loads a thread touch 32 sectors each (a warp's threads 64 bytes apart).
@@ -309,30 +336,15 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTok
   __syncthreads();
 
   // Rank, then race: one candidate a thread (k <= kSampleMaxCandidates; threads take k / kThreads each).
-  const uint64_t seed = static_cast<uint64_t>(args.seed[row * args.stride_seed]);
-  const uint32_t hash_prefix = combine(combine(mix32((static_cast<uint32_t>(seed) ^ static_cast<uint32_t>(seed >> 32))
-                                                     + 0x9E3779B9u),
-                                               static_cast<uint32_t>(args.counter[row * args.stride_counter])),
-                                       static_cast<uint32_t>(args.draw));
-  // The reference's logits / T and softmax's x - max(x), both correctly rounded (max(x) = max(logits) / T, since
-  // rounding is monotonic).
+  const uint32_t hash_prefix = row_hash_prefix(args, row);
   const float max_scaled = __fdiv_rn(key_float<kShift>(max_key), temperature);
   int64_t best = INT64_MIN;
   for (int i = threadIdx.x; i < top_k; i += kThreads) {
     const typename E::Type entry = candidates[i];
     int rank = 0;
     for (int j = 0; j < top_k; ++j) rank += candidates[j] > entry;
-    const uint32_t bits = combine(hash_prefix, static_cast<uint32_t>(rank));
-    const float uniform = (static_cast<float>(bits >> 8) + 0.5f) * (1.f / (1 << 24));
-    // Negation, not 0 - x: the top uniform rounds to 1.0, its noise is -0.0 and that race is -inf, as in the
-    // reference.
-    const float noise = -__nv_logf(uniform);
-    const float weight = __nv_expf(__fdiv_rn(key_float<kShift>(E::key(entry)), temperature) - max_scaled);
-    const float race = __fdiv_rn(weight, noise);
-    // Non-negative races order by their bits, NaN above +inf (torch.argmax picks NaN); -inf below them.
-    const int race_key = race < 0.f ? -1 : (__float_as_int(race) & 0x7FFFFFFF);
-    const int64_t packed = static_cast<int64_t>(static_cast<uint64_t>(static_cast<int64_t>(race_key)) << 32) |
-                           (static_cast<int64_t>(0xFFFF - rank) << 16) | E::id(entry);
+    const int64_t packed = packed_race<kShift>(hash_prefix, E::key(entry), E::id(entry), rank, temperature,
+                                               max_scaled);
     best = max(best, packed);
   }
   best = block_max64<kWarps>(best, best_slots);
@@ -511,11 +523,6 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_small_k_kernel(const S
   __syncwarp();
 
   // Rank, then race, as sample_tokens_kernel: candidate `lane`.
-  const uint64_t seed = static_cast<uint64_t>(args.seed[row * args.stride_seed]);
-  const uint32_t hash_prefix = combine(combine(mix32((static_cast<uint32_t>(seed) ^ static_cast<uint32_t>(seed >> 32))
-                                                     + 0x9E3779B9u),
-                                               static_cast<uint32_t>(args.counter[row * args.stride_counter])),
-                                       static_cast<uint32_t>(args.draw));
   const uint32_t entry = lane < top_k ? row_list[lane] : 0u;
   const uint32_t top_entry = __reduce_max_sync(0xFFFFFFFFu, entry);
   const float max_scaled = __fdiv_rn(key_float<16>(E::key(top_entry)), temperature);
@@ -523,14 +530,7 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_small_k_kernel(const S
   if (lane < top_k) {
     int rank = 0;
     for (int j = 0; j < top_k; ++j) rank += row_list[j] > entry;
-    const uint32_t bits = combine(hash_prefix, static_cast<uint32_t>(rank));
-    const float uniform = (static_cast<float>(bits >> 8) + 0.5f) * (1.f / (1 << 24));
-    const float noise = -__nv_logf(uniform);
-    const float weight = __nv_expf(__fdiv_rn(key_float<16>(E::key(entry)), temperature) - max_scaled);
-    const float race = __fdiv_rn(weight, noise);
-    const int race_key = race < 0.f ? -1 : (__float_as_int(race) & 0x7FFFFFFF);
-    best = static_cast<int64_t>(static_cast<uint64_t>(static_cast<int64_t>(race_key)) << 32) |
-           (static_cast<int64_t>(0xFFFF - rank) << 16) | E::id(entry);
+    best = packed_race<16>(row_hash_prefix(args, row), E::key(entry), E::id(entry), rank, temperature, max_scaled);
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) best = max(best, __shfl_xor_sync(0xFFFFFFFFu, best, offset));

@@ -1,10 +1,10 @@
 """Where the CUDA persistent depth step's time goes: the timeline each block writes (csrc/depth_step_kernel.cuh,
 `cuda_ext.depth_step(..., trace=...)`), at Moshi's shapes with random weights, summed up per phase kind.
 
-    python bench/trace_depth_step.py --batch 1 --frames 6 --stages 6,3,2 [--barrier-refills] --json trace.json
+    python bench/trace_depth_step.py --batch 1 --frames 6 --stages 6,3,2 --refills chunk,inputs --json trace.json
 
-For each pipeline depth in --stages (weight chunks in flight per block), and with --barrier-refills each depth again
-with warp 0's refills held until its grid-barrier arrivals (`barrier_refills`), the 8 steps of a frame are first timed
+For each pipeline depth in --stages (weight chunks in flight per block) and each refill point in --refills (when
+the warps refill their weight slots: `cuda_ext.depth_step`'s refills), the 8 steps of a frame are first timed
 in a CUDA graph (20 frames a replay, median of 9 replays), beside the default sequence of launches the fast LM runs
 (bench_depth_step's `unfused`), then traced. Each of the 8 codebook steps of a frame is one launch; launches run
 eagerly one after another (no graph, so that each has its own timeline), the first frames as warm-up. A block
@@ -94,8 +94,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=6, help="frames traced, the first two as warm-up")
     parser.add_argument("--stages", default="6,3,2", help="pipeline depths, each timed and traced")
-    parser.add_argument("--barrier-refills", action="store_true",
-                        help="also time and trace each depth with warp 0 refilling its slots after its barrier arrivals")
+    parser.add_argument("--refills", default="chunk",
+                        help=f"refill points, each timed and traced at every depth: {', '.join(cuda_ext.DEPTH_REFILLS)}")
     parser.add_argument("--json", help="write the summary here")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not cuda_ext.available():
@@ -109,16 +109,15 @@ def main() -> None:
     owned = owners(tiles, blocks)
     unfused_us = graph_time(o.unfused, iters=20, reps=9) * 1e6
     runs = []
-    configs = [(int(v), held) for held in ((False, True) if args.barrier_refills else (False,))
-               for v in args.stages.split(",")]
-    for stages, barrier_refills in configs:
+    configs = [(int(v), refills) for refills in args.refills.split(",") for v in args.stages.split(",")]
+    for stages, refills in configs:
         def frame(trace=None):
             o.x.copy_(o.inputs)
             for step in range(o.steps):
                 cuda_ext.depth_step(o.x[step], o.previous[step], o.table, o.offsets[step:step + 1], o.norm1,
                                     o.qkv[:, step], o.out_proj[:, step], o.norm2, o.gate_up[:, step],
                                     o.down[:, step], o.heads[step], o.k_cache, o.v_cache, step, EPS,
-                                    o.logits[:, step], o.scratch, stages=stages, barrier_refills=barrier_refills,
+                                    o.logits[:, step], o.scratch, stages=stages, refills=refills,
                                     trace=None if trace is None else trace[step])
 
         graph_us = graph_time(frame, iters=20, reps=9) * 1e6
@@ -129,7 +128,7 @@ def main() -> None:
         warmup = min(2, args.frames - 1)
         launches = [summarize_launch(traces[f, step].cpu(), tiles, owned)
                     for f in range(warmup, args.frames) for step in range(o.steps)]
-        run = dict(stages=stages, barrier_refills=barrier_refills, frame_us_graph=round(graph_us, 1), traced_frames=args.frames - warmup,
+        run = dict(stages=stages, refills=refills, frame_us_graph=round(graph_us, 1), traced_frames=args.frames - warmup,
                    span_us_per_step=round(statistics.fmean(launch["span"] for launch in launches), 2),
                    first_phase_start_us=round(statistics.fmean(launch["first_phase_start"] for launch in launches),
                                               2),
@@ -137,8 +136,7 @@ def main() -> None:
                    per_phase_us_last_step=[{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
                                            for r in launches[o.steps - 1]["phases"]])
         runs.append(run)
-        held = ", barrier refills" if barrier_refills else ""
-        print(f"B = {args.batch}, {blocks} blocks, {stages} stages{held}: frame {graph_us:.1f} us in a graph (default "
+        print(f"B = {args.batch}, {blocks} blocks, {stages} stages, refills after {refills}: frame {graph_us:.1f} us in a graph (default "
               f"sequence {unfused_us:.1f} us); traced, {run['span_us_per_step']} us a step (launch span)")
         print(f"{'kind':8} {'critical':>9} {'barrier':>9} {'barrier max':>12} {'inputs':>8} {'tiles':>8}")
         for kind, row in run["per_kind_us"].items():

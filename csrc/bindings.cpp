@@ -21,13 +21,13 @@ TORCH_LIBRARY(moshi_fast, m) {
   // kernels/depth_step.py's depth_step_ref. The scratches carry the queries and the FFN activations between the
   // phases; arrivals [1] int64 is the grid barrier's count (a multiple of the grid between launches); trace, when
   // given, int64 [blocks, entries] receives the launch's timeline; stages: weight chunks in flight per block (0: the
-  // default); barrier_refills: warp 0 refills its weight slots after the block's grid-barrier arrivals, not after
-  // each chunk (depth_step_kernel.cuh).
+  // default); refills: when the warps refill their weight slots, 0 after each chunk, 1 warp 0 after the grid-barrier
+  // arrivals, 2 every warp once the phase's input rows are read (depth_step_kernel.cuh).
   m.def("depth_step_bf16(Tensor(a!) x, Tensor previous, Tensor embed_table, Tensor embed_row_offset, Tensor norm1, "
         "Tensor qkv, Tensor out_proj, Tensor norm2, Tensor gate_up, Tensor down, Tensor head, Tensor(b!) k_cache, "
         "Tensor(c!) v_cache, int step, float eps, Tensor(d!) logits_out, Tensor(e!) qkv_scratch, "
         "Tensor(f!) hidden_scratch, Tensor(g!) arrivals, Tensor(h!)? trace=None, int stages=0, "
-        "bool barrier_refills=False, bool programmatic=False) -> ()");
+        "int refills=0, bool programmatic=False) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -65,7 +65,7 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
                      const at::Tensor& down, const at::Tensor& head, at::Tensor& k_cache, at::Tensor& v_cache,
                      int64_t step, double eps, at::Tensor& logits_out, at::Tensor& qkv_scratch,
                      at::Tensor& hidden_scratch, at::Tensor& arrivals, const std::optional<at::Tensor>& trace,
-                     int64_t stages, bool barrier_refills, bool programmatic) {
+                     int64_t stages, int64_t refills, bool programmatic) {
   TORCH_CHECK_VALUE(x.is_cuda(), "depth_step_bf16 runs on CUDA tensors; x is on ", x.device());
   check_on(x, "x", x, at::kBFloat16);
   TORCH_CHECK_VALUE(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0,
@@ -188,7 +188,9 @@ void depth_step_bf16(at::Tensor& x, const at::Tensor& previous, const at::Tensor
   args.layers = static_cast<int>(layers);
   args.card = static_cast<int>(card);
   args.stages = stages == 0 ? kDepthDefaultStages : static_cast<int>(stages);
-  args.barrier_refills = barrier_refills ? 1 : 0;
+  TORCH_CHECK_VALUE(refills >= kRefillAfterChunk && refills <= kRefillAfterInputs, "depth_step_bf16: refills must be ",
+                    kRefillAfterChunk, " to ", kRefillAfterInputs, ", got ", refills);
+  args.refills = static_cast<int>(refills);
   const int block_chunks = depth_step_max_block_chunks(args, blocks);
   TORCH_CHECK_VALUE(block_chunks <= kDepthMaxBlockChunks, "depth_step_bf16: these shapes give a block ", block_chunks,
                     " weight chunks a step on ", blocks, " blocks; the kernel holds at most ", kDepthMaxBlockChunks);

@@ -86,6 +86,14 @@ constexpr int kDepthMaxDim = 1024;
 constexpr int kDepthMaxStages = 6;
 constexpr int kDepthMinStages = 2;
 constexpr int kDepthDefaultStages = 6;
+// When a warp refills the slots it has consumed (DepthStepArgs::refills): right after each chunk; warp 0 only
+// after its thread 0's grid-barrier arrivals (an arrival's release fence, a MEMBAR.ALL.GPU in the SASS, may wait for
+// the warp's copies in flight: PTX leaves it open); or every warp once the phase's input rows are read, so that no
+// refill is queued at DRAM ahead of those reads (a phase's input rows took 1.5-3 us to read with the weights
+// streaming, 0.5 us without: bench/RESULTS.md, twelfth session).
+constexpr int kRefillAfterChunk = 0;
+constexpr int kRefillAtArrivals = 1;
+constexpr int kRefillAfterInputs = 2;
 // Chunks a block streams over a step at most (its table of them is in shared memory): Moshi's step gives a block
 // 44 at most on 132 SMs (31 at least).
 constexpr int kDepthMaxBlockChunks = 64;
@@ -124,7 +132,7 @@ struct DepthStepArgs {
   float eps;
   int rows, dim, hidden, heads, steps, step, layers, card;
   int stages;                             // chunks in flight per block, kDepthMinStages..kDepthMaxStages
-  int barrier_refills;                    // 1: warp 0 refills its slots after each grid-barrier arrival
+  int refills;                            // kRefillAfterChunk, kRefillAtArrivals or kRefillAfterInputs
 };
 
 // Timeline entries a block writes in a step of `layers` layers: 4 L + 1 product phases.
@@ -324,9 +332,9 @@ struct WeightPipeline {
   int issued;    // the next chunk to copy
   int slot;      // the consumer's next slot
   int stages;
-  // Warp 0's lane 0 arrives at the grid barriers, and an arrival's release fence may wait for the warp's copies
-  // in flight (PTX leaves it open; the SASS is a MEMBAR.ALL.GPU). With barrier_refills, warp 0 holds its refills
-  // (at most stages - 1, in slot order from held_slot) until its thread 0 has arrived (flush_held).
+  // Refills held (at most stages - 1, in slot order from held_slot) until flush_held, see kRefillAtArrivals and
+  // kRefillAfterInputs.
+  int refills;
   bool holds;
   int held;
   int held_slot;
@@ -360,7 +368,8 @@ struct WeightPipeline {
     issued = 0;
     slot = 0;
     stages = a.stages;
-    holds = a.barrier_refills != 0 && threadIdx.x < 32;
+    refills = a.refills;
+    holds = a.refills == kRefillAfterInputs || (a.refills == kRefillAtArrivals && threadIdx.x < 32);
     held = 0;
     held_slot = 0;
     for (int s = 0; s < stages; ++s) issue(slots + s * kDepthSlotElements);
@@ -679,6 +688,7 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
   }
 
   trace_time(a, phase_trace_slot(p, 1));
+  if (pipeline.refills == kRefillAfterInputs) pipeline.flush_held();
 
   int parity = 0;
   for (; tile < phase.tiles; tile += static_cast<int>(gridDim.x)) {
@@ -768,7 +778,7 @@ struct GridBarrier {
     }
   }
 
-  // Warp 0 issues the refills it held (WeightPipeline::holds) once its thread 0 has arrived, while it polls.
+  // Warp 0 issues the refills it held for kRefillAtArrivals once its thread 0 has arrived, while it polls.
   __device__ __forceinline__ void sync(WeightPipeline& pipeline) {
     __syncthreads();
     if (threadIdx.x < 32) {
@@ -779,7 +789,7 @@ struct GridBarrier {
         asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(arrivals) : "memory");
       }
       __syncwarp();
-      pipeline.flush_held();
+      if (pipeline.refills == kRefillAtArrivals) pipeline.flush_held();
       if (threadIdx.x == 0) {
         unsigned long long now;
         do {

@@ -195,13 +195,15 @@ DEPTH_HEAD_DIM = 64
 DEPTH_MAX_STEPS = 16
 DEPTH_MIN_STAGES, DEPTH_MAX_STAGES, DEPTH_DEFAULT_STAGES = 2, 6, 6
 """Weight chunks in flight per block of the depth step: the range it takes and its default."""
+DEPTH_REFILLS = {"chunk": 0, "arrivals": 1, "inputs": 2}
+"""When the depth step's warps refill their weight slots (`depth_step`'s refills) -> the kernel's code."""
 
 
 def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tensor, embed_row_offset: torch.Tensor,
                norm1: torch.Tensor, qkv: torch.Tensor, out_proj: torch.Tensor, norm2: torch.Tensor,
                gate_up: torch.Tensor, down: torch.Tensor, head: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, step: int, eps: float, logits_out: torch.Tensor, scratch,
-               trace: torch.Tensor | None = None, stages: int = 0, barrier_refills: bool = False) -> torch.Tensor:
+               trace: torch.Tensor | None = None, stages: int = 0, refills: str = "chunk") -> torch.Tensor:
     """One codebook step of the depth transformer in one persistent launch by the extension's kernel
     (csrc/depth_step_kernel.cuh): the operands and semantics of kernels/depth_step.py's `depth_step` (its
     `depth_step_ref` is the spec), bf16 only, B <= 8, heads of 64, D <= DEPTH_MAX_DIM, Hd <= DEPTH_MAX_HIDDEN, at most
@@ -211,19 +213,24 @@ def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tenso
     (global timer, ns: each block's start, its start after the wait for the previous kernel, then per product
     phase its start, its input rows ready, its end; bench/trace_depth_step.py reads it). stages: weight chunks
     (16 rows x 1024 columns) in flight per block, DEPTH_MIN_STAGES..DEPTH_MAX_STAGES, or 0 for
-    DEPTH_DEFAULT_STAGES. barrier_refills: warp 0 (whose thread 0 arrives at the kernel's grid barriers)
-    refills its part of the weight slots right after each arrival instead of after each chunk, so that no copy of
-    its is in flight when the arrival's release fence runs. Launched with
+    DEPTH_DEFAULT_STAGES. refills (a key of DEPTH_REFILLS): when the warps refill the weight slots they have
+    consumed: "chunk" right after each chunk; "arrivals" warp 0 (whose thread 0 arrives at the kernel's grid
+    barriers) only after each arrival, so that none of its copies is in flight at the arrival's release fence;
+    "inputs" every warp once the phase's input rows are read, so that no refill is queued ahead of those reads.
+    Launched with
     programmatic dependent launch where `kernels._utils.pdl` allows it. Graph-safe. Returns logits_out. Raises
     RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     _require()
     _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
                       k_cache, v_cache, step, logits_out, scratch)
+    if refills not in DEPTH_REFILLS:
+        raise ValueError(f"depth_step_bf16: refills must be one of {sorted(DEPTH_REFILLS)}, got {refills!r}")
     if stages != 0 and not DEPTH_MIN_STAGES <= stages <= DEPTH_MAX_STAGES:
         raise ValueError(f"depth_step_bf16: stages must be 0 or {DEPTH_MIN_STAGES} to {DEPTH_MAX_STAGES}, "
                          f"got {stages}")
     return launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down,
-                             head, k_cache, v_cache, step, eps, logits_out, scratch, trace, stages, barrier_refills)
+                             head, k_cache, v_cache, step, eps, logits_out, scratch, trace, stages,
+                             DEPTH_REFILLS[refills])
 
 
 def depth_step_blocks(device: torch.device | str | int) -> int:
@@ -239,15 +246,15 @@ def depth_step_trace_slots(layers: int) -> int:
 
 def launch_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
                       k_cache, v_cache, step, eps, logits_out, scratch, trace=None, stages=0,
-                      barrier_refills=False) -> torch.Tensor:
+                      refills=0) -> torch.Tensor:
     """`depth_step` for operands that `depth_step_supported` has passed, with the extension loaded: the launch
-    without the Python-side checks (the op's own still run)."""
+    without the Python-side checks (the op's own still run); refills is a DEPTH_REFILLS value."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
     from .kernels._utils import pdl
 
     torch.ops.moshi_fast.depth_step_bf16(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2,
                                          gate_up, down, head, k_cache, v_cache, step, float(eps), logits_out,
-                                         scratch.qkv, scratch.hidden, scratch.arrivals, trace, stages, barrier_refills,
+                                         scratch.qkv, scratch.hidden, scratch.arrivals, trace, stages, refills,
                                          pdl(x.device, "depth_step"))
     return logits_out
 

@@ -115,19 +115,21 @@ def test_bitwise_repeatable_and_graph_replays(extension):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("stages", [cuda_ext.DEPTH_MIN_STAGES, 3, cuda_ext.DEPTH_MAX_STAGES - 1])
-@pytest.mark.parametrize("barrier_refills", [False, True], ids=["refills-after-chunks", "barrier-refills"])
-def test_pipeline_depths_give_the_same_bits(extension, stages, barrier_refills):
-    """The pipeline's depth and when warp 0 refills its slots change when the weights arrive, not the math."""
+@pytest.mark.parametrize("refills", list(cuda_ext.DEPTH_REFILLS))
+def test_pipeline_depths_give_the_same_bits(extension, stages, refills):
+    """The pipeline's depth and when the warps refill their slots change when the weights arrive, not the math."""
     weights = cuda_weights(MOSHI)
     frame = Frame(weights, 3, 2, "cuda", torch.bfloat16)
     expected = frame.clone()
-    cuda_ext.depth_step(**frame.args(weights, 2), stages=stages, barrier_refills=barrier_refills)
+    cuda_ext.depth_step(**frame.args(weights, 2), stages=stages, refills=refills)
     run_cuda(expected, weights, 2)
     torch.cuda.synchronize()
     assert_same_step_bits(frame, expected, 2)
     for bad in (1, cuda_ext.DEPTH_MAX_STAGES + 1):
         with pytest.raises(ValueError):
             cuda_ext.depth_step(**frame.args(weights, 2), stages=bad)
+    with pytest.raises(ValueError):
+        cuda_ext.depth_step(**frame.args(weights, 2), refills="barrier")
 
 
 @pytest.mark.gpu

@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=6, help="frames traced, the first two as warm-up")
     parser.add_argument("--stages", default="6,3,2", help="pipeline depths, each timed and traced")
     parser.add_argument("--refills", default="chunk",
-                        help=f"refill points, each timed and traced at every depth: {', '.join(cuda_ext.DEPTH_REFILLS)}")
+                        help="refill points, each timed and traced at every depth: "
+                             + ", ".join(cuda_ext.DEPTH_REFILLS))
     parser.add_argument("--json", help="write the summary here")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not cuda_ext.available():
@@ -128,7 +129,8 @@ def main() -> None:
         warmup = min(2, args.frames - 1)
         launches = [summarize_launch(traces[f, step].cpu(), tiles, owned)
                     for f in range(warmup, args.frames) for step in range(o.steps)]
-        run = dict(stages=stages, refills=refills, frame_us_graph=round(graph_us, 1), traced_frames=args.frames - warmup,
+        run = dict(stages=stages, refills=refills, frame_us_graph=round(graph_us, 1),
+                   traced_frames=args.frames - warmup,
                    span_us_per_step=round(statistics.fmean(launch["span"] for launch in launches), 2),
                    first_phase_start_us=round(statistics.fmean(launch["first_phase_start"] for launch in launches),
                                               2),
@@ -136,7 +138,8 @@ def main() -> None:
                    per_phase_us_last_step=[{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
                                            for r in launches[o.steps - 1]["phases"]])
         runs.append(run)
-        print(f"B = {args.batch}, {blocks} blocks, {stages} stages, refills after {refills}: frame {graph_us:.1f} us in a graph (default "
+        print(f"B = {args.batch}, {blocks} blocks, {stages} stages, refills after {refills}: frame {graph_us:.1f} us "
+              f"in a graph (default "
               f"sequence {unfused_us:.1f} us); traced, {run['span_us_per_step']} us a step (launch span)")
         print(f"{'kind':8} {'critical':>9} {'barrier':>9} {'barrier max':>12} {'inputs':>8} {'tiles':>8}")
         for kind, row in run["per_kind_us"].items():

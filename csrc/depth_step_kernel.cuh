@@ -280,7 +280,8 @@ __device__ int build_chunk_table(const DepthStepArgs& a, ChunkRecord* table) {
       if (lane >= offset) tiles_through += before;
     }
     const int phase_first_block = (first_block + (tiles_through - phase.tiles) % blocks) % blocks;
-    const int owned = p < phases ? owned_tiles(static_cast<int>(blockIdx.x), phase_first_block, blocks, phase.tiles) : 0;
+    const int owned =
+        p < phases ? owned_tiles(static_cast<int>(blockIdx.x), phase_first_block, blocks, phase.tiles) : 0;
     const int chunks = owned * phase.chunks;
     int chunks_through = chunks;
 #pragma unroll

@@ -80,6 +80,22 @@ def test_sample_tokens_cuda_scalar_loads(measure, device, shape, batch):
     measure(fast, moved, op="sample_tokens_cuda_scalar_loads", shape=f"{shape}-bfloat16", batch=batch)
 
 
+@pytest.mark.parametrize("batch", BATCHES)
+def test_sample_tokens_cuda_block_kernel(measure, device, batch):
+    """The text row on the CUDA extension's block-wide kernel, which it runs when max_top_k exceeds the warp kernel's
+    32: the same slots' top_k of 25 under a max_top_k of 33 (the same tokens), beside sample_tokens_cuda's text
+    rows, which take the warp kernel."""
+    if not (GPU and cuda_ext.available()):
+        pytest.skip("needs the CUDA extension on a GPU")
+    args, out, moved = sampling_call(device, batch, "text")
+    args = (*args[:3], 33, *args[4:])
+
+    def fast():
+        cuda_ext.sample_tokens(*args, out=out)
+
+    measure(fast, moved, op="sample_tokens_cuda_block_kernel", shape="text-bfloat16", batch=batch)
+
+
 @pytest.mark.skipif(not GPU, reason="launch options only mean something on a GPU")
 @pytest.mark.parametrize("chunk_per_thread", [8, 16, 32])
 @pytest.mark.parametrize("num_warps", [4, 8, 16, 32])

@@ -592,6 +592,8 @@ __device__ int product_phase_run(const DepthStepArgs& a, int p, int first_block,
   trace_time(a, phase_trace_slot(p, 0));
   int tile = first_tile(first_block);
   if (tile >= phase.tiles) {
+    // No input rows to read here: refills held for after them go now.
+    if (pipeline.refills == kRefillAfterInputs) pipeline.flush_held();
     trace_time(a, phase_trace_slot(p, 1));
     trace_time(a, phase_trace_slot(p, 2));
     return next_first_block(first_block, phase);

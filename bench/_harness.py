@@ -17,7 +17,8 @@ import torch
 from moshi_fast import ops
 from moshi_fast.engine import KV_CACHE_DTYPES
 from moshi_fast.fast.lm import overlap_text_sampling
-from moshi_fast.kernels import conv1d_stream, conv_transpose1d_stream, depth_attention, ring_attention, tuned
+from moshi_fast.kernels import (conv1d_stream, conv_transpose1d_stream, depth_attention, ring_attention, rvq_encode,
+                                tuned)
 
 CALLS_PER_ROUND = 50
 """pytest-benchmark's own statistics are per round of this many back-to-back calls."""
@@ -186,6 +187,14 @@ def with_ring_reads_after_wait(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def without_codebook_prefetch(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the codec's RVQ encode reading its codebooks only in its searches, not prefetched
+    into L2 before its wait (kernels.rvq_encode.PREFETCH_CODEBOOKS False, the previous default; graphs captured inside
+    keep it), timed beside the default in the same run."""
+    with _attribute(rvq_encode, "PREFETCH_CODEBOOKS", False):
+        return fn(*args, **kwargs)
+
+
 def with_serial_text_sampling(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with the text token drawn before the depth transformer's input projection, on the step's
     own stream (moshi_fast.fast.lm.overlap_text_sampling(False), the previous default; steps and graphs built inside
@@ -222,6 +231,8 @@ VARIANTS = (
             "with the depth attention starting the next kernel after its wait"),
     Variant("--ring-reads-after-wait", "fast_ring_reads_after_wait", with_ring_reads_after_wait,
             "with the codec's ring attention requesting its ring after its wait for the previous kernel"),
+    Variant("--without-codebook-prefetch", "fast_without_codebook_prefetch", without_codebook_prefetch,
+            "with the codec's RVQ encode not prefetching its codebooks into L2 before its wait"),
     Variant("--serial-text-sampling", "fast_serial_text_sampling", with_serial_text_sampling,
             "with the text token drawn before the depth transformer's input projection, not beside it"),
     # Last (variant_runs times it after the KV-cache run): a kernel not yet proven on a GPU, whose fault would fail

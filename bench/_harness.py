@@ -179,19 +179,26 @@ def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs
         return fn(*args, **kwargs)
 
 
-def with_ring_reads_after_wait(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the codec's ring attention requesting its ring only after its wait for the previous
-    kernel (kernels.ring_attention.READ_RING_BEFORE_WAIT False, the previous default; graphs captured inside keep
-    it), timed beside the default in the same run."""
-    with _attribute(ring_attention, "READ_RING_BEFORE_WAIT", False):
+def with_ring_reads_before_wait(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the codec's ring attention requesting its ring before its wait for the previous
+    kernel (kernels.ring_attention.READ_RING_BEFORE_WAIT; graphs captured inside keep it), timed beside the default
+    in the same run."""
+    with _attribute(ring_attention, "READ_RING_BEFORE_WAIT", True):
         return fn(*args, **kwargs)
 
 
-def without_codebook_prefetch(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the codec's RVQ encode reading its codebooks only in its searches, not prefetched
-    into L2 before its wait (kernels.rvq_encode.PREFETCH_CODEBOOKS False, the previous default; graphs captured inside
-    keep it), timed beside the default in the same run."""
-    with _attribute(rvq_encode, "PREFETCH_CODEBOOKS", False):
+def with_codebook_prefetch(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the codec's RVQ encode prefetching its codebooks into L2 before its wait
+    (kernels.rvq_encode.PREFETCH_CODEBOOKS; graphs captured inside keep it), timed beside the default in the same
+    run."""
+    with _attribute(rvq_encode, "PREFETCH_CODEBOOKS", True):
+        return fn(*args, **kwargs)
+
+
+def with_text_sampler_warp_kernel(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the text token drawn by the CUDA extension's warp-reduction kernel
+    (ops.TEXT_SAMPLER_WARP_KERNEL; graphs captured inside keep it), timed beside the default in the same run."""
+    with _attribute(ops, "TEXT_SAMPLER_WARP_KERNEL", True):
         return fn(*args, **kwargs)
 
 
@@ -229,10 +236,12 @@ VARIANTS = (
             "with the depth transformer's RMSNorms past 8 rows fused into the CUDA GEMV"),
     Variant("--late-depth-attention-trigger", "fast_late_depth_attention_trigger", with_late_depth_attention_trigger,
             "with the depth attention starting the next kernel after its wait"),
-    Variant("--ring-reads-after-wait", "fast_ring_reads_after_wait", with_ring_reads_after_wait,
-            "with the codec's ring attention requesting its ring after its wait for the previous kernel"),
-    Variant("--without-codebook-prefetch", "fast_without_codebook_prefetch", without_codebook_prefetch,
-            "with the codec's RVQ encode not prefetching its codebooks into L2 before its wait"),
+    Variant("--ring-reads-before-wait", "fast_ring_reads_before_wait", with_ring_reads_before_wait,
+            "with the codec's ring attention requesting its ring before its wait for the previous kernel"),
+    Variant("--codebook-prefetch", "fast_codebook_prefetch", with_codebook_prefetch,
+            "with the codec's RVQ encode prefetching its codebooks into L2 before its wait"),
+    Variant("--text-sampler-warp-kernel", "fast_text_sampler_warp_kernel", with_text_sampler_warp_kernel,
+            "with the text token drawn by the CUDA sampler's warp-reduction kernel"),
     Variant("--serial-text-sampling", "fast_serial_text_sampling", with_serial_text_sampling,
             "with the text token drawn before the depth transformer's input projection, not beside it"),
     # Last (variant_runs times it after the KV-cache run): a kernel not yet proven on a GPU, whose fault would fail

@@ -81,19 +81,17 @@ def test_sample_tokens_cuda_scalar_loads(measure, device, shape, batch):
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-def test_sample_tokens_cuda_block_kernel(measure, device, batch):
-    """The text row on the CUDA extension's block-wide kernel, which it runs when max_top_k exceeds the warp kernel's
-    32: the same slots' top_k of 25 under a max_top_k of 33 (the same tokens), beside sample_tokens_cuda's text
-    rows, which take the warp kernel."""
+def test_sample_tokens_cuda_warp_kernel(measure, device, batch):
+    """The text row (bf16) on the CUDA extension's warp-reduction kernel (warp_kernel), beside sample_tokens_cuda's
+    block-wide kernel: the same tokens."""
     if not (GPU and cuda_ext.available()):
         pytest.skip("needs the CUDA extension on a GPU")
     args, out, moved = sampling_call(device, batch, "text")
-    args = (*args[:3], 33, *args[4:])
 
     def fast():
-        cuda_ext.sample_tokens(*args, out=out)
+        cuda_ext.sample_tokens(*args, out=out, warp_kernel=True)
 
-    measure(fast, moved, op="sample_tokens_cuda_block_kernel", shape="text-bfloat16", batch=batch)
+    measure(fast, moved, op="sample_tokens_cuda_warp_kernel", shape="text-bfloat16", batch=batch)
 
 
 @pytest.mark.skipif(not GPU, reason="launch options only mean something on a GPU")

@@ -24,8 +24,8 @@
 // vocabulary order (so the compaction's prefix sum is a warp scan plus one barrier), and the candidate list, their
 // ranks and the race stay in shared memory. At the audio row (V = 2048, k = 250, 256 threads of 8 keys) the bulk
 // is ~16 bisection passes of ~100 cycles and the rank count (250 shared-memory compares a candidate). The text row
-// (bf16, k <= 32) runs sample_tokens_small_k_kernel instead: the same tokens, selected per warp with no block-wide
-// reduction (see there).
+// (bf16, k <= 32) may run sample_tokens_small_k_kernel instead (SampleTokensArgs::warp_kernel, opt-in until it has
+// run on a GPU): the same tokens, selected per warp with no block-wide reduction (see there).
 //
 // Floor: the logits (B V x 2 or 4 bytes) plus 40 bytes a slot, a few hundredths of a microsecond; the kernel is
 // latency-bound (a chain of block-wide reductions), one block per slot, so flat in B up to the SM count.
@@ -72,6 +72,7 @@ struct SampleTokensArgs {
   int draw;                    // 0 text, 1 + k audio codebook k
   bool logits_bf16;
   bool vector_loads;           // rows contiguous and 16-byte aligned: a thread's keys load as 16-byte pieces
+  bool warp_kernel;            // sample_tokens_small_k_kernel where it applies (opt-in until run on a GPU)
 };
 
 namespace sampling_detail {
@@ -548,7 +549,8 @@ cudaError_t launch_for_vocab(const SampleTokensArgs& args, cudaStream_t stream, 
   // Keys a thread holds in registers: up to 32 without spills (ptxas -v, sm_90); 64 at the largest vocabularies,
   // where 1024 threads have 64 registers each and some spill.
   if constexpr (sizeof(Logit) == 2) {
-    if (args.vocab > kSmallKMinVocab && args.vocab <= kSmallKThreads * kSmallKKeys && args.top_k_cap <= kSmallKMax) {
+    if (args.warp_kernel && args.vocab > kSmallKMinVocab && args.vocab <= kSmallKThreads * kSmallKKeys &&
+        args.top_k_cap <= kSmallKMax) {
       return launch_kernel(sample_tokens_small_k_kernel<kSmallKThreads, kSmallKKeys>, dim3(args.batch),
                            dim3(kSmallKThreads), stream, programmatic, args);
     }

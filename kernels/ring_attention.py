@@ -65,9 +65,10 @@ from ._utils import (SplitWorkspace, await_previous_kernel, combine_softmax_part
                      split_buffers)
 from .tuned import shape_key, tuned_tiles
 
-READ_RING_BEFORE_WAIT = True
-"""Request the ring's old rows and the frame counter before the wait for the previous kernel (see the
-kernel); False waits first (the previous default), for a same-run comparison."""
+READ_RING_BEFORE_WAIT = False
+"""Request the ring's old rows and the frame counter before the wait for the previous kernel (see the kernel),
+rather than after it. Off by default until it has run on a GPU: its GPU tests and the benchmarks'
+--ring-reads-before-wait are there for that."""
 MAX_STEPS = 4
 """New steps per call: the query rows are unrolled, one copy of the attention code each."""
 MIN_BLOCK_R = 16

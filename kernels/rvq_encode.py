@@ -78,10 +78,11 @@ TILE_PER_THREAD = 64
 """fp32 registers a thread gives to the tile a program keeps (codeword chunk, projection slice): the
 launcher adds warps (4 to 16) rather than spill."""
 INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
-PREFETCH_CODEBOOKS = True
+PREFETCH_CODEBOOKS = False
 """Each program asks L2 for its codeword chunks of every level before its wait for the previous kernel (they are
-constant), so that the levels' searches, one per grid barrier, read them from L2 rather than DRAM; False leaves
-them to the searches (the previous default), for a same-run comparison. Never under the interpreter (PTX)."""
+constant), so that the levels' searches, one per grid barrier, read them from L2 rather than DRAM. Off by default
+until it has run on a GPU (its GPU tests and the benchmarks' --codebook-prefetch are there for that). Never under
+the interpreter (PTX)."""
 """The empty argmin key (no distance yet)."""
 
 

@@ -84,6 +84,12 @@ def cuda_sampling(enabled: bool = True):
         _cuda_sampling = saved
 
 
+TEXT_SAMPLER_WARP_KERNEL = False
+"""Whether `sample_tokens` gives the CUDA extension's warp-reduction kernel the text rows it takes (bf16, 8192 < V
+<= 32768, max_top_k <= 32; `cuda_ext.sample_tokens`'s warp_kernel): the same tokens as the block-wide kernel. Off
+until it has run on a GPU; the benchmarks' --text-sampler-warp-kernel times it beside the default."""
+
+
 CUDA_DEPTH_STEP_ENV = "MOSHI_FAST_CUDA_DEPTH_STEP"
 """Environment variable: "1" makes the fast LM run each depth-transformer step as the CUDA extension's persistent
 kernel where it takes the operands (`cuda_depth_step`)."""
@@ -232,7 +238,8 @@ def sample_tokens(logits, temperature, top_k, max_top_k: int, seed, counter, dra
     if (_kernels_enabled and _cuda_sampling and logits.dtype == torch.bfloat16
             and cuda_ext.sample_tokens_supported(logits, temperature, top_k, max_top_k, seed, counter, out)
             and cuda_ext.available()):
-        return cuda_ext.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out)
+        return cuda_ext.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out,
+                                      warp_kernel=TEXT_SAMPLER_WARP_KERNEL)
     fn = _sample_tokens_kernel if _use_kernel(logits, seed) else sample_tokens_ref
     return fn(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out)
 

@@ -33,11 +33,12 @@ TRITON_MAX_TOP_K = 256
 """Beyond this the Triton kernel's [k, k] rank comparison is too large to be worth compiling for a test."""
 
 
-def three_ways(logits, temperature, top_k, max_top_k, seed, counter, draw):
+def three_ways(logits, temperature, top_k, max_top_k, seed, counter, draw, warp_kernel=False):
     """(CUDA tokens into a poisoned out, Triton tokens (the reference's past TRITON_MAX_TOP_K), reference
     tokens)."""
     out = torch.full((logits.shape[0],), -1, dtype=torch.int64, device=logits.device)
-    got = cuda_ext.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out)
+    got = cuda_ext.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out,
+                                 warp_kernel=warp_kernel)
     assert got is out
     args = (logits, temperature, top_k, max_top_k, seed, counter, draw)
     expected = sample_tokens_ref(*args)
@@ -59,22 +60,24 @@ def three_ways(logits, temperature, top_k, max_top_k, seed, counter, draw):
     pytest.param(17, 5, 9, 7, id="tiny"),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_matches_triton_kernel_and_reference(extension, vocab, max_top_k, batch, draw, dtype):
+@pytest.mark.parametrize("warp_kernel", [False, True], ids=["block-kernel", "warp-kernel-where-it-applies"])
+def test_matches_triton_kernel_and_reference(extension, vocab, max_top_k, batch, draw, dtype, warp_kernel):
     temperature, top_k, seed, counter = slot_settings(batch, max_top_k)
     logits = tie_free_logits(temperature, vocab, max_top_k, dtype)
     got, triton_tokens, expected = three_ways(*cuda_operands(logits, temperature, top_k), max_top_k,
-                                              *cuda_operands(seed, counter), draw)
+                                              *cuda_operands(seed, counter), draw, warp_kernel)
     assert torch.equal(got, triton_tokens), (got != triton_tokens).nonzero().flatten().tolist()
     assert torch.equal(got, expected), (got != expected).nonzero().flatten().tolist()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("vocab, max_top_k", [(2048, 250), (32000, 25)], ids=["audio", "text"])
-def test_ties_and_masked_rows_match_the_triton_kernel(extension, dtype, vocab, max_top_k):
+@pytest.mark.parametrize("vocab, max_top_k, warp_kernel", [(2048, 250, False), (32000, 25, False), (32000, 25, True)],
+                         ids=["audio", "text", "text-warp-kernel"])
+def test_ties_and_masked_rows_match_the_triton_kernel(extension, dtype, vocab, max_top_k, warp_kernel):
     """Integer logits tie everywhere (the k-th value's ties are taken in vocabulary order by both kernels);
-    -inf logits, down to fewer finite ones than top_k; all-equal rows; a spike behind a run of ties. At the text
-    shape in bf16 these run the warp-reduction kernel for small k."""
+    -inf logits, down to fewer finite ones than top_k; all-equal rows; a spike behind a run of ties. With
+    warp_kernel, the text shape in bf16 runs the warp-reduction kernel."""
     batch = 48
     temperature, top_k, seed, counter = slot_settings(batch, max_top_k)
     tied = torch.randint(0, 6, (batch, vocab)).float()
@@ -85,9 +88,9 @@ def test_ties_and_masked_rows_match_the_triton_kernel(extension, dtype, vocab, m
     spike[:, -1] = 100.0
     for logits in (tied, masked, flat, spike):
         args = (*cuda_operands(logits.to(dtype), temperature, top_k), max_top_k, *cuda_operands(seed, counter), 4)
-        got = cuda_ext.sample_tokens(*args)
+        got = cuda_ext.sample_tokens(*args, warp_kernel=warp_kernel)
         assert torch.equal(got, triton_sample_tokens(*args))
-    assert (cuda_ext.sample_tokens(*args) == vocab - 1).all()
+    assert (cuda_ext.sample_tokens(*args, warp_kernel=warp_kernel) == vocab - 1).all()
 
 
 @pytest.mark.gpu

@@ -236,16 +236,16 @@ VARIANTS = (
             "with the depth transformer's RMSNorms past 8 rows fused into the CUDA GEMV"),
     Variant("--late-depth-attention-trigger", "fast_late_depth_attention_trigger", with_late_depth_attention_trigger,
             "with the depth attention starting the next kernel after its wait"),
+    Variant("--serial-text-sampling", "fast_serial_text_sampling", with_serial_text_sampling,
+            "with the text token drawn before the depth transformer's input projection, not beside it"),
+    # Last (variant_runs times them after the KV-cache run): kernels not yet proven on a GPU, whose fault would fail
+    # every run after it in this process.
     Variant("--ring-reads-before-wait", "fast_ring_reads_before_wait", with_ring_reads_before_wait,
             "with the codec's ring attention requesting its ring before its wait for the previous kernel"),
     Variant("--codebook-prefetch", "fast_codebook_prefetch", with_codebook_prefetch,
             "with the codec's RVQ encode prefetching its codebooks into L2 before its wait"),
     Variant("--text-sampler-warp-kernel", "fast_text_sampler_warp_kernel", with_text_sampler_warp_kernel,
             "with the text token drawn by the CUDA sampler's warp-reduction kernel"),
-    Variant("--serial-text-sampling", "fast_serial_text_sampling", with_serial_text_sampling,
-            "with the text token drawn before the depth transformer's input projection, not beside it"),
-    # Last (variant_runs times it after the KV-cache run): a kernel not yet proven on a GPU, whose fault would fail
-    # every run after it in this process.
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
             "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),
 )

@@ -18,8 +18,10 @@
 #   another tuned-tiles JSON, e.g. the table before a sweep)
 #   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
 #   (leaves out the sampling kernel's tile sweep)
-#   ISOLATED_TESTS, ISOLATED_BENCH: test and benchmark files run first, each in a process of its own (default: the
-#   CUDA depth step's), ISOLATED_TIMEOUT seconds at most each (default 300); empty to run everything together
+#   ISOLATED_TESTS, ISOLATED_BENCH: test and benchmark files run first, each in a process of its own (default: those
+#   of the kernels and opt-in paths not yet run on a GPU: the CUDA depth step, the CUDA sampler's warp kernel, the
+#   RVQ's codebook prefetch and the ring attention's early reads), ISOLATED_TIMEOUT seconds at most each (default
+#   300); empty to run everything together
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
@@ -39,8 +41,9 @@ steps=",${1:-tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo},"
 status=0
 # Kernels not yet proven on a GPU run in processes of their own: a bad memory access poisons the CUDA context of
 # the process it happens in, and every later test or benchmark there fails with it.
-isolated_tests=${ISOLATED_TESTS-tests/test_depth_step_cuda.py}
-isolated_bench=${ISOLATED_BENCH-bench/bench_depth_step.py}
+unproven_tests="tests/test_depth_step_cuda.py tests/test_sample_tokens_cuda.py tests/test_rvq_encode.py tests/test_mimi_fast.py"
+isolated_tests=${ISOLATED_TESTS-$unproven_tests}
+isolated_bench=${ISOLATED_BENCH-bench/bench_depth_step.py bench/bench_sample_tokens.py}
 ignored_tests=$(for f in $isolated_tests; do printf -- ' --ignore=%s' "$f"; done)
 ignored_bench=$(for f in $isolated_bench; do printf -- ' --ignore=%s' "$f"; done)
 if [[ $steps == *,tests,* ]]; then

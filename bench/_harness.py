@@ -202,6 +202,13 @@ def with_text_sampler_warp_kernel(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def with_sampler_vector_loads(fn: Callable[..., object], *args, **kwargs):
+    """fn(*args, **kwargs) with the CUDA sampler reading aligned logit rows in 16-byte pieces
+    (ops.SAMPLER_VECTOR_LOADS; graphs captured inside keep it), timed beside the default in the same run."""
+    with _attribute(ops, "SAMPLER_VECTOR_LOADS", True):
+        return fn(*args, **kwargs)
+
+
 def with_serial_text_sampling(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with the text token drawn before the depth transformer's input projection, on the step's
     own stream (moshi_fast.fast.lm.overlap_text_sampling(False), the previous default; steps and graphs built inside
@@ -246,6 +253,8 @@ VARIANTS = (
             "with the codec's RVQ encode prefetching its codebooks into L2 before its wait"),
     Variant("--text-sampler-warp-kernel", "fast_text_sampler_warp_kernel", with_text_sampler_warp_kernel,
             "with the text token drawn by the CUDA sampler's warp-reduction kernel"),
+    Variant("--sampler-vector-loads", "fast_sampler_vector_loads", with_sampler_vector_loads,
+            "with the CUDA sampler reading aligned logit rows in 16-byte pieces"),
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
             "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),
 )

@@ -61,35 +61,29 @@ def test_sample_tokens(measure, device, op, shape, dtype, batch):
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_sample_tokens_cuda_scalar_loads(measure, device, shape, batch):
-    """The CUDA kernel on logits whose rows start one element into a wider buffer (not 16-byte aligned): its
-    element-by-element loads, beside the 16-byte pieces it reads from aligned contiguous rows (sample_tokens_cuda
-    above), same values."""
+def test_sample_tokens_cuda_vector_loads(measure, device, shape, batch):
+    """The CUDA kernel reading the (aligned, contiguous) rows in 16-byte pieces (vector_loads), beside its
+    entry-by-entry loads (sample_tokens_cuda above): the same keys."""
     if not (GPU and cuda_ext.available()):
         pytest.skip("needs the CUDA extension on a GPU")
     args, out, moved = sampling_call(device, batch, shape)
-    logits = args[0]
-    wider = torch.empty(batch, logits.shape[1] + 8, dtype=logits.dtype, device=device)
-    shifted = wider[:, 1:logits.shape[1] + 1]
-    shifted.copy_(logits)
-    args = (shifted, *args[1:])
 
     def fast():
-        cuda_ext.sample_tokens(*args, out=out)
+        cuda_ext.sample_tokens(*args, out=out, vector_loads=True)
 
-    measure(fast, moved, op="sample_tokens_cuda_scalar_loads", shape=f"{shape}-bfloat16", batch=batch)
+    measure(fast, moved, op="sample_tokens_cuda_vector_loads", shape=f"{shape}-bfloat16", batch=batch)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_sample_tokens_cuda_warp_kernel(measure, device, batch):
-    """The text row (bf16) on the CUDA extension's warp-reduction kernel (warp_kernel), beside sample_tokens_cuda's
-    block-wide kernel: the same tokens."""
+    """The text row (bf16) on the CUDA extension's warp-reduction kernel (warp_kernel) with 16-byte loads, beside
+    sample_tokens_cuda's block-wide kernel and sample_tokens_cuda_vector_loads: the same tokens."""
     if not (GPU and cuda_ext.available()):
         pytest.skip("needs the CUDA extension on a GPU")
     args, out, moved = sampling_call(device, batch, "text")
 
     def fast():
-        cuda_ext.sample_tokens(*args, out=out, warp_kernel=True)
+        cuda_ext.sample_tokens(*args, out=out, warp_kernel=True, vector_loads=True)
 
     measure(fast, moved, op="sample_tokens_cuda_warp_kernel", shape="text-bfloat16", batch=batch)
 

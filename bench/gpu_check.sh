@@ -19,9 +19,9 @@
 #   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
 #   (leaves out the sampling kernel's tile sweep)
 #   ISOLATED_TESTS, ISOLATED_BENCH: test and benchmark files run first, each in a process of its own (default: those
-#   of the kernels and opt-in paths not yet run on a GPU: the CUDA depth step, the CUDA sampler's warp kernel, the
-#   RVQ's codebook prefetch and the ring attention's early reads), ISOLATED_TIMEOUT seconds at most each (default
-#   300); empty to run everything together
+#   of the kernels and opt-in paths not yet run on a GPU: the CUDA depth step, the CUDA sampler's warp kernel and
+#   16-byte loads, the RVQ's codebook prefetch and the ring attention's early reads), ISOLATED_TIMEOUT seconds at
+#   most each (default 300); empty to run everything together
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1

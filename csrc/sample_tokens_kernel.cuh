@@ -71,7 +71,8 @@ struct SampleTokensArgs {
   int top_k_cap;               // min(max_top_k, vocab), 1 .. kSampleMaxCandidates
   int draw;                    // 0 text, 1 + k audio codebook k
   bool logits_bf16;
-  bool vector_loads;           // rows contiguous and 16-byte aligned: a thread's keys load as 16-byte pieces
+  bool vector_loads;           // asked for, rows contiguous and 16-byte aligned: a thread's keys load as 16-byte
+                               // pieces (opt-in until run on a GPU)
   bool warp_kernel;            // sample_tokens_small_k_kernel where it applies (opt-in until run on a GPU)
 };
 

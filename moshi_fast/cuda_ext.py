@@ -164,7 +164,7 @@ SAMPLE_MAX_VOCAB = 1 << 16
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, max_top_k: int,
                   seed: torch.Tensor, counter: torch.Tensor, draw: int, out: torch.Tensor | None = None,
-                  warp_kernel: bool = False) -> torch.Tensor:
+                  warp_kernel: bool = False, vector_loads: bool = False) -> torch.Tensor:
     """One token per row of logits [B, V] by the extension's sampling kernel (csrc/sample_tokens_kernel.cuh): the
     temperature + top-k exponential race of `moshi_fast.reference.sampling.sample` (the spec; its reference
     implementation is kernels.sample_tokens.sample_tokens_ref), the Triton kernel's tokens, one block per row.
@@ -173,7 +173,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     clamped to [1, min(max_top_k, V)]; min(max_top_k, V) <= SAMPLE_MAX_CANDIDATES; seed, counter [B] int64 (read
     on the device: a graph replay after the counter advances draws fresh noise); draw in [0, 2^31); out [B] int64
     (allocated when None). warp_kernel: bf16 rows of 8192 < V <= 32768 with min(max_top_k, V) <= 32 (the text row)
-    take the kernel that selects with warp reductions only (the same tokens; opt-in until it has run on a GPU).
+    take the kernel that selects with warp reductions only (the same tokens); vector_loads: rows that are
+    contiguous and 16-byte aligned are read in 16-byte pieces, not an entry at a time (the same keys). Both opt-in
+    until they have run on a GPU.
     Launched with programmatic dependent launch where `kernels._utils.pdl` allows it. Graph-safe with `out` given.
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
@@ -185,7 +187,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out)
     if logits.shape[0]:
         torch.ops.moshi_fast.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out,
-                                           pdl(logits.device, "sample_tokens"), warp_kernel)
+                                           pdl(logits.device, "sample_tokens"), warp_kernel, vector_loads)
     return out
 
 

@@ -88,6 +88,10 @@ TEXT_SAMPLER_WARP_KERNEL = False
 """Whether `sample_tokens` gives the CUDA extension's warp-reduction kernel the text rows it takes (bf16, 8192 < V
 <= 32768, max_top_k <= 32; `cuda_ext.sample_tokens`'s warp_kernel): the same tokens as the block-wide kernel. Off
 until it has run on a GPU; the benchmarks' --text-sampler-warp-kernel times it beside the default."""
+SAMPLER_VECTOR_LOADS = False
+"""Whether the CUDA extension's sampler reads contiguous, 16-byte aligned logit rows in 16-byte pieces
+(`cuda_ext.sample_tokens`'s vector_loads; the same keys). Off until it has run on a GPU; the benchmarks'
+--sampler-vector-loads times it beside the default."""
 
 
 CUDA_DEPTH_STEP_ENV = "MOSHI_FAST_CUDA_DEPTH_STEP"
@@ -239,7 +243,7 @@ def sample_tokens(logits, temperature, top_k, max_top_k: int, seed, counter, dra
             and cuda_ext.sample_tokens_supported(logits, temperature, top_k, max_top_k, seed, counter, out)
             and cuda_ext.available()):
         return cuda_ext.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out,
-                                      warp_kernel=TEXT_SAMPLER_WARP_KERNEL)
+                                      warp_kernel=TEXT_SAMPLER_WARP_KERNEL, vector_loads=SAMPLER_VECTOR_LOADS)
     fn = _sample_tokens_kernel if _use_kernel(logits, seed) else sample_tokens_ref
     return fn(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out)
 

@@ -33,12 +33,21 @@ TRITON_MAX_TOP_K = 256
 """Beyond this the Triton kernel's [k, k] rank comparison is too large to be worth compiling for a test."""
 
 
-def three_ways(logits, temperature, top_k, max_top_k, seed, counter, draw, warp_kernel=False):
+OPT_IN_PATHS = {
+    "default": {},
+    "vector-loads": {"vector_loads": True},
+    "warp-kernel": {"warp_kernel": True},
+    "warp-kernel-vector-loads": {"warp_kernel": True, "vector_loads": True},
+}
+"""cuda_ext.sample_tokens's opt-in paths (the warp kernel only where it applies: bf16 text-sized rows), each tested
+against the Triton kernel and the reference."""
+
+
+def three_ways(logits, temperature, top_k, max_top_k, seed, counter, draw, **paths):
     """(CUDA tokens into a poisoned out, Triton tokens (the reference's past TRITON_MAX_TOP_K), reference
-    tokens)."""
+    tokens); paths: cuda_ext.sample_tokens's opt-in switches."""
     out = torch.full((logits.shape[0],), -1, dtype=torch.int64, device=logits.device)
-    got = cuda_ext.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out,
-                                 warp_kernel=warp_kernel)
+    got = cuda_ext.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out, **paths)
     assert got is out
     args = (logits, temperature, top_k, max_top_k, seed, counter, draw)
     expected = sample_tokens_ref(*args)
@@ -60,24 +69,24 @@ def three_ways(logits, temperature, top_k, max_top_k, seed, counter, draw, warp_
     pytest.param(17, 5, 9, 7, id="tiny"),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("warp_kernel", [False, True], ids=["block-kernel", "warp-kernel-where-it-applies"])
-def test_matches_triton_kernel_and_reference(extension, vocab, max_top_k, batch, draw, dtype, warp_kernel):
+@pytest.mark.parametrize("paths", list(OPT_IN_PATHS))
+def test_matches_triton_kernel_and_reference(extension, vocab, max_top_k, batch, draw, dtype, paths):
     temperature, top_k, seed, counter = slot_settings(batch, max_top_k)
     logits = tie_free_logits(temperature, vocab, max_top_k, dtype)
     got, triton_tokens, expected = three_ways(*cuda_operands(logits, temperature, top_k), max_top_k,
-                                              *cuda_operands(seed, counter), draw, warp_kernel)
+                                              *cuda_operands(seed, counter), draw, **OPT_IN_PATHS[paths])
     assert torch.equal(got, triton_tokens), (got != triton_tokens).nonzero().flatten().tolist()
     assert torch.equal(got, expected), (got != expected).nonzero().flatten().tolist()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("vocab, max_top_k, warp_kernel", [(2048, 250, False), (32000, 25, False), (32000, 25, True)],
-                         ids=["audio", "text", "text-warp-kernel"])
-def test_ties_and_masked_rows_match_the_triton_kernel(extension, dtype, vocab, max_top_k, warp_kernel):
+@pytest.mark.parametrize("vocab, max_top_k", [(2048, 250), (32000, 25)], ids=["audio", "text"])
+@pytest.mark.parametrize("paths", list(OPT_IN_PATHS))
+def test_ties_and_masked_rows_match_the_triton_kernel(extension, dtype, vocab, max_top_k, paths):
     """Integer logits tie everywhere (the k-th value's ties are taken in vocabulary order by both kernels);
-    -inf logits, down to fewer finite ones than top_k; all-equal rows; a spike behind a run of ties. With
-    warp_kernel, the text shape in bf16 runs the warp-reduction kernel."""
+    -inf logits, down to fewer finite ones than top_k; all-equal rows; a spike behind a run of ties. With the warp
+    kernel, the text shape in bf16 runs the warp-reduction kernel."""
     batch = 48
     temperature, top_k, seed, counter = slot_settings(batch, max_top_k)
     tied = torch.randint(0, 6, (batch, vocab)).float()
@@ -88,9 +97,9 @@ def test_ties_and_masked_rows_match_the_triton_kernel(extension, dtype, vocab, m
     spike[:, -1] = 100.0
     for logits in (tied, masked, flat, spike):
         args = (*cuda_operands(logits.to(dtype), temperature, top_k), max_top_k, *cuda_operands(seed, counter), 4)
-        got = cuda_ext.sample_tokens(*args, warp_kernel=warp_kernel)
+        got = cuda_ext.sample_tokens(*args, **OPT_IN_PATHS[paths])
         assert torch.equal(got, triton_sample_tokens(*args))
-    assert (cuda_ext.sample_tokens(*args, warp_kernel=warp_kernel) == vocab - 1).all()
+    assert (cuda_ext.sample_tokens(*args, **OPT_IN_PATHS[paths]) == vocab - 1).all()
 
 
 @pytest.mark.gpu
@@ -118,7 +127,9 @@ def test_negative_zero_noise_loses_the_race_as_in_the_reference(extension):
 
 
 @pytest.mark.gpu
-def test_strided_logits_and_slot_vectors(extension):
+@pytest.mark.parametrize("vector_loads", [False, True], ids=["default", "vector-loads-fall-back"])
+def test_strided_logits_and_slot_vectors(extension, vector_loads):
+    """Rows that start off 16-byte alignment and columns that are not contiguous: element loads either way."""
     batch, vocab, max_top_k = 8, 2048, 250
     temperature, top_k, seed, counter = cuda_operands(*slot_settings(batch, max_top_k))
     logits = tie_free_logits(temperature.cpu(), vocab, max_top_k, torch.bfloat16).cuda()
@@ -130,7 +141,8 @@ def test_strided_logits_and_slot_vectors(extension):
     expected = sample_tokens_ref(logits, temperature, top_k, max_top_k, seed, counter, 5)
     out = torch.zeros(2 * batch, dtype=torch.int64, device="cuda")
     for view in (wide[:, 5:5 + vocab], columns):
-        cuda_ext.sample_tokens(view, *strided[:2], max_top_k, *strided[2:], 5, out=out[::2])
+        cuda_ext.sample_tokens(view, *strided[:2], max_top_k, *strided[2:], 5, out=out[::2],
+                               vector_loads=vector_loads)
         assert torch.equal(out[::2], expected)
         assert (out[1::2] == 0).all()
 

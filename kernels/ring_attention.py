@@ -134,7 +134,7 @@ def _ring_attention_kernel(
     stride_ob, stride_ot,
     STEPS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, LOG_PERIOD: tl.constexpr,
     SCALE: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
-    READ_BEFORE_WAIT: tl.constexpr,
+    READ_BEFORE_WAIT: tl.constexpr, EARLY_CACHE: tl.constexpr,
 ):
     split = tl.program_id(0)
     pair = tl.program_id(1)
@@ -151,12 +151,13 @@ def _ring_attention_kernel(
     # (the qkv product), whose run then hides that latency: the ring's old rows and the counter were
     # last written frames ago (this kernel's previous call, the frame's end), by kernels that are
     # complete once the previous kernel has started (it starts its dependents only after its own
-    # wait). They are read at L2 (.cg): an SM's L1 may still hold lines another SM has since written.
+    # wait). Then they are read at L2 (.cg, EARLY_CACHE): an SM's L1 may still hold lines another SM has since
+    # written.
     if not READ_BEFORE_WAIT:
         await_previous_kernel(PDL)
-    keys = tl.load(ring_k + ring_offsets, mask=(slots < CAPACITY)[:, None], other=0.0, cache_modifier=".cg")
-    values = tl.load(ring_v + ring_offsets, mask=(slots < CAPACITY)[:, None], other=0.0, cache_modifier=".cg")
-    frame = tl.load(frame_ptr + pid_b, cache_modifier=".cg").to(tl.int64)
+    keys = tl.load(ring_k + ring_offsets, mask=(slots < CAPACITY)[:, None], other=0.0, cache_modifier=EARLY_CACHE)
+    values = tl.load(ring_v + ring_offsets, mask=(slots < CAPACITY)[:, None], other=0.0, cache_modifier=EARLY_CACHE)
+    frame = tl.load(frame_ptr + pid_b, cache_modifier=EARLY_CACHE).to(tl.int64)
     if READ_BEFORE_WAIT:
         await_previous_kernel(PDL)
     # The new rows are stored into this block below: every thread's loads of it come first. No other
@@ -320,6 +321,7 @@ def ring_attention(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
         STEPS=steps, HEADS=heads, HEAD_DIM=head_dim, LOG_PERIOD=math.log(max_period), SCALE=head_dim ** -0.5,
         BLOCK_R=block_r, SPLITS=splits,
         BLOCK_S=next_pow2(splits, minimum=2), PDL=use_pdl, READ_BEFORE_WAIT=READ_RING_BEFORE_WAIT,
+        EARLY_CACHE=".cg" if READ_RING_BEFORE_WAIT else "",
         num_warps=num_warps, launch_pdl=use_pdl,
     )
     return out

@@ -14,7 +14,8 @@
 // pause, and the critical path is the barriers plus small computations on data already on chip. Measured (H100,
 // bench/trace_depth_step.py, B = 1), it is not that yet: 175 us a step against 114 us for the default launches, the
 // barrier about 1 us from its last arrival, but a phase's read of its input rows 1.5-3 us (0.5 us in the head phase,
-// when no weights stream) and a one-chunk tile 1.7 us, with 2 to 6 chunks in flight alike (bench/RESULTS.md).
+// when no weights stream) and a one-chunk tile 1.7 us, with 2 to 6 chunks in flight alike (bench/RESULTS.md). That
+// was a block-wide ring with a cursor; the per-warp pipeline and the refill points below have not run on a GPU yet.
 //
 // Work split. The grid is one block per SM (all resident at once: the barriers spin). Every product phase
 // (qkv, out, gate_up, down of each layer, then the head) cuts its weight into tiles of 16 rows (gated: 8 gate rows

@@ -240,7 +240,8 @@ struct ChunkRecord {
   int gated;
 };
 
-// The records of block `block`'s chunks in phase p (of `owned` tiles from `tile`) into table[start...].
+// The records of this block's chunks in a phase (its `owned` tiles from `tile`, one a grid apart) into
+// table[start...].
 __device__ __forceinline__ void write_phase_records(const ProductPhase& phase, int tile, int owned, int start,
                                                     ChunkRecord* table) {
   const int blocks = static_cast<int>(gridDim.x);
@@ -334,9 +335,9 @@ struct WeightPipeline {
   int issued;    // the next chunk to copy
   int slot;      // the consumer's next slot
   int stages;
+  int refills;  // DepthStepArgs::refills
   // Refills held (at most stages - 1, in slot order from held_slot) until flush_held, see kRefillAtArrivals and
   // kRefillAfterInputs.
-  int refills;
   bool holds;
   int held;
   int held_slot;

@@ -7,7 +7,10 @@
 #   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo (default: all),
 #   or sweep (not in the default): time launch-plan candidates (SWEEP_OPS, default paged_fp8; SWEEP_BATCHES,
 #   default 1,8,64; SWEEP_NAMES, case-name prefixes, default all) and write the updated kernels/tuned_tiles.json
-#   beside the sweep under $OUT
+#   beside the sweep under $OUT; or pending (not in the default): what has not run on a GPU yet, in a few minutes:
+#   its GPU tests (each file in a process of its own), the CUDA depth step's timeline at every refill point
+#   (trace_depth_step.py), the sampler's kernels, and the frame at 1 and 8 conversations with each opt-in path
+#   beside the default (bench_frame.py, same run)
 #   TEST_ARGS: extra pytest arguments for the GPU tests, e.g. TEST_ARGS='tests/test_lm_fast.py'
 #   MIMI_ARGS, LM_ARGS, FRAME_ARGS, PROFILE_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_mimi.py,
 #   bench_lm_step.py, bench_frame.py, profile_frame.py, bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl:
@@ -87,6 +90,22 @@ fi
 if [[ $steps == *,pdl,* ]]; then
     eval "python3 bench/pdl_sweep.py --json \"\$OUT/pdl_sweep.json\" ${PDL_ARGS:-}" 2>&1 | tee "$OUT/pdl_sweep.log" \
         || status=1
+fi
+if [[ $steps == *,pending,* ]]; then
+    for f in $unproven_tests; do
+        timeout "${ISOLATED_TIMEOUT:-300}" python3 -m pytest -q -m gpu "$f" 2>&1 | tee -a "$OUT/pytest_pending.log" \
+            | tail -3 || status=1
+    done
+    for batch in 1 8; do
+        python3 bench/trace_depth_step.py --batch "$batch" --stages 6,2 --refills chunk,arrivals,inputs \
+            --json "$OUT/trace_depth_step_b$batch.json" 2>&1 | tee "$OUT/trace_depth_step_b$batch.log" || status=1
+    done
+    python3 -m pytest -q bench/bench_sample_tokens.py -o python_files='bench_*.py' -k "cuda and bf16" \
+        --benchmark-json="$OUT/sampler.json" > "$OUT/sampler.log" 2>&1 || status=1
+    python3 bench/summarize.py "$OUT/sampler.json" | tee "$OUT/sampler.txt"
+    python3 bench/bench_frame.py --batches 1,8 --frames 20 --warmup 4 --skip kyutai --ring-reads-before-wait \
+        --codebook-prefetch --text-sampler-warp-kernel --sampler-vector-loads --cuda-depth-step \
+        --json "$OUT/frame_pending.json" 2>&1 | tee "$OUT/frame_pending.log" || status=1
 fi
 if [[ $steps == *,sweep,* ]]; then
     python3 bench/sweep_tiles.py --ops "${SWEEP_OPS:-paged_fp8}" --batches "${SWEEP_BATCHES:-1,8,64}" \

@@ -9,8 +9,8 @@
 #   default 1,8,64; SWEEP_NAMES, case-name prefixes, default all) and write the updated kernels/tuned_tiles.json
 #   beside the sweep under $OUT; or pending (not in the default): what has not run on a GPU yet, in a few minutes:
 #   its GPU tests (each file in a process of its own), the CUDA depth step's timeline at every refill point
-#   (trace_depth_step.py), the sampler's kernels, and the frame at 1 and 8 conversations with each opt-in path
-#   beside the default (bench_frame.py, same run)
+#   (trace_depth_step.py), the sampler's kernels, the codec with its opt-in paths (bench_mimi.py), and the frame at
+#   1 and 8 conversations with each opt-in path beside the default (bench_frame.py, same run)
 #   TEST_ARGS: extra pytest arguments for the GPU tests, e.g. TEST_ARGS='tests/test_lm_fast.py'
 #   MIMI_ARGS, LM_ARGS, FRAME_ARGS, PROFILE_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_mimi.py,
 #   bench_lm_step.py, bench_frame.py, profile_frame.py, bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl:
@@ -103,6 +103,8 @@ if [[ $steps == *,pending,* ]]; then
     python3 -m pytest -q bench/bench_sample_tokens.py -o python_files='bench_*.py' -k "cuda and bf16" \
         --benchmark-json="$OUT/sampler.json" > "$OUT/sampler.log" 2>&1 || status=1
     python3 bench/summarize.py "$OUT/sampler.json" | tee "$OUT/sampler.txt"
+    python3 bench/bench_mimi.py --batches 1,8 --ring-reads-before-wait --codebook-prefetch \
+        --json "$OUT/mimi_pending.json" 2>&1 | tee "$OUT/mimi_pending.log" || status=1
     python3 bench/bench_frame.py --batches 1,8 --frames 20 --warmup 4 --skip kyutai --ring-reads-before-wait \
         --codebook-prefetch --text-sampler-warp-kernel --sampler-vector-loads --cuda-depth-step \
         --json "$OUT/frame_pending.json" 2>&1 | tee "$OUT/frame_pending.log" || status=1

@@ -179,34 +179,22 @@ def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs
         return fn(*args, **kwargs)
 
 
-def with_ring_reads_before_wait(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the codec's ring attention requesting its ring before its wait for the previous
-    kernel (kernels.ring_attention.READ_RING_BEFORE_WAIT; graphs captured inside keep it), timed beside the default
-    in the same run."""
-    with _attribute(ring_attention, "READ_RING_BEFORE_WAIT", True):
-        return fn(*args, **kwargs)
+def with_setting(owner, name: str, value) -> Callable[..., object]:
+    """A variant's wrapper: fn(*args, **kwargs) with owner.name set to value (graphs captured inside keep it), timed
+    beside the default in the same run."""
+    def wrapper(fn: Callable[..., object], *args, **kwargs):
+        with _attribute(owner, name, value):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
-def with_codebook_prefetch(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the codec's RVQ encode prefetching its codebooks into L2 before its wait
-    (kernels.rvq_encode.PREFETCH_CODEBOOKS; graphs captured inside keep it), timed beside the default in the same
-    run."""
-    with _attribute(rvq_encode, "PREFETCH_CODEBOOKS", True):
-        return fn(*args, **kwargs)
-
-
-def with_text_sampler_warp_kernel(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the text token drawn by the CUDA extension's warp-reduction kernel
-    (ops.TEXT_SAMPLER_WARP_KERNEL; graphs captured inside keep it), timed beside the default in the same run."""
-    with _attribute(ops, "TEXT_SAMPLER_WARP_KERNEL", True):
-        return fn(*args, **kwargs)
-
-
-def with_sampler_vector_loads(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the CUDA sampler reading aligned logit rows in 16-byte pieces
-    (ops.SAMPLER_VECTOR_LOADS; graphs captured inside keep it), timed beside the default in the same run."""
-    with _attribute(ops, "SAMPLER_VECTOR_LOADS", True):
-        return fn(*args, **kwargs)
+# The opt-in paths not yet run on a GPU: the codec's ring attention requesting its ring before its wait for the
+# previous kernel, its RVQ encode prefetching its codebooks into L2 before its wait, the CUDA sampler's
+# warp-reduction kernel for the text token and its 16-byte loads of aligned logit rows.
+with_ring_reads_before_wait = with_setting(ring_attention, "READ_RING_BEFORE_WAIT", True)
+with_codebook_prefetch = with_setting(rvq_encode, "PREFETCH_CODEBOOKS", True)
+with_text_sampler_warp_kernel = with_setting(ops, "TEXT_SAMPLER_WARP_KERNEL", True)
+with_sampler_vector_loads = with_setting(ops, "SAMPLER_VECTOR_LOADS", True)
 
 
 def with_serial_text_sampling(fn: Callable[..., object], *args, **kwargs):

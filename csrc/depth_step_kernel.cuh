@@ -69,6 +69,7 @@
 
 #include "programmatic_launch.cuh"
 #include "skinny_gemv_kernel.cuh"
+#include "warp_scan.cuh"
 
 namespace moshi_fast {
 
@@ -275,22 +276,12 @@ __device__ int build_chunk_table(const DepthStepArgs& a, ChunkRecord* table) {
     const int p = round + lane;
     ProductPhase phase{};
     if (p < phases) phase = product_phase(a, p);
-    int tiles_through = phase.tiles;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset *= 2) {
-      const int before = __shfl_up_sync(0xffffffffu, tiles_through, offset);
-      if (lane >= offset) tiles_through += before;
-    }
+    const int tiles_through = warp_inclusive_sum(phase.tiles);
     const int phase_first_block = (first_block + (tiles_through - phase.tiles) % blocks) % blocks;
     const int owned =
         p < phases ? owned_tiles(static_cast<int>(blockIdx.x), phase_first_block, blocks, phase.tiles) : 0;
     const int chunks = owned * phase.chunks;
-    int chunks_through = chunks;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset *= 2) {
-      const int before = __shfl_up_sync(0xffffffffu, chunks_through, offset);
-      if (lane >= offset) chunks_through += before;
-    }
+    const int chunks_through = warp_inclusive_sum(chunks);
     if (owned > 0) {
       write_phase_records(phase, first_tile(phase_first_block), owned, count + chunks_through - chunks, table);
     }

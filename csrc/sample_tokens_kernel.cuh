@@ -38,6 +38,7 @@
 #include <cstdint>
 
 #include "programmatic_launch.cuh"
+#include "warp_scan.cuh"
 
 // libdevice's correctly specified exp and log (see above).
 extern "C" __device__ float __nv_expf(float);
@@ -171,12 +172,7 @@ __device__ __forceinline__ int64_t block_max64(int64_t value, int64_t* slots) {
 template <int kWarps>
 __device__ __forceinline__ uint32_t block_exclusive_scan(uint32_t value, uint32_t* slots) {
   const int lane = threadIdx.x & 31;
-  uint32_t inclusive = value;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    const uint32_t other = __shfl_up_sync(0xFFFFFFFFu, inclusive, offset);
-    if (lane >= offset) inclusive += other;
-  }
+  const uint32_t inclusive = warp_inclusive_sum(value);
   if (lane == 31) slots[threadIdx.x >> 5] = inclusive;
   __syncthreads();
   uint32_t before = inclusive - value;
@@ -434,25 +430,12 @@ __device__ __forceinline__ void warp_top_k(const uint32_t (&entries)[kPer], int 
 #pragma unroll
   for (int j = 0; j < kPer; ++j) kept += entries[j] >= bound;
   const int total = __reduce_add_sync(0xFFFFFFFFu, kept);
-  int before = kept;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    const int other = __shfl_up_sync(0xFFFFFFFFu, before, offset);
-    if (lane >= offset) before += other;
-  }
-  before -= kept;
   if (total > kSurvivorsMax) {
     const uint32_t threshold = warp_threshold(entries, k);
     int selected = 0;
 #pragma unroll
     for (int j = 0; j < kPer; ++j) selected += entries[j] >= threshold;
-    int place = selected;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const int other = __shfl_up_sync(0xFFFFFFFFu, place, offset);
-      if (lane >= offset) place += other;
-    }
-    place -= selected;
+    int place = warp_inclusive_sum(selected) - selected;
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       if (entries[j] >= threshold) {
@@ -462,6 +445,7 @@ __device__ __forceinline__ void warp_top_k(const uint32_t (&entries)[kPer], int 
     }
     return;
   }
+  int before = warp_inclusive_sum(kept) - kept;
 #pragma unroll
   for (int j = 0; j < kPer; ++j) {
     if (entries[j] >= bound) survivors[before++] = entries[j];

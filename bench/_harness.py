@@ -17,8 +17,7 @@ import torch
 from moshi_fast import ops
 from moshi_fast.engine import KV_CACHE_DTYPES
 from moshi_fast.fast.lm import overlap_text_sampling
-from moshi_fast.kernels import (conv1d_stream, conv_transpose1d_stream, depth_attention, ring_attention, rvq_encode,
-                                tuned)
+from moshi_fast.kernels import conv1d_stream, conv_transpose1d_stream, depth_attention, tuned
 
 CALLS_PER_ROUND = 50
 """pytest-benchmark's own statistics are per round of this many back-to-back calls."""
@@ -188,13 +187,10 @@ def with_setting(owner, name: str, value) -> Callable[..., object]:
     return wrapper
 
 
-# The opt-in paths not yet run on a GPU: the codec's ring attention requesting its ring before its wait for the
-# previous kernel, its RVQ encode prefetching its codebooks into L2 before its wait, the CUDA sampler's
-# warp-reduction kernel for the text token and its 16-byte loads of aligned logit rows.
-with_ring_reads_before_wait = with_setting(ring_attention, "READ_RING_BEFORE_WAIT", True)
-with_codebook_prefetch = with_setting(rvq_encode, "PREFETCH_CODEBOOKS", True)
-with_text_sampler_warp_kernel = with_setting(ops, "TEXT_SAMPLER_WARP_KERNEL", True)
-with_sampler_vector_loads = with_setting(ops, "SAMPLER_VECTOR_LOADS", True)
+# The CUDA sampler as it was before its GPU run of 2026-12-07 (bench/RESULTS.md): the text token on the block-wide
+# kernel, and every row's keys loaded two or four bytes at a time.
+with_text_sampler_block_kernel = with_setting(ops, "TEXT_SAMPLER_WARP_KERNEL", False)
+with_sampler_scalar_loads = with_setting(ops, "SAMPLER_VECTOR_LOADS", False)
 
 
 def with_serial_text_sampling(fn: Callable[..., object], *args, **kwargs):
@@ -233,16 +229,11 @@ VARIANTS = (
             "with the depth attention starting the next kernel after its wait"),
     Variant("--serial-text-sampling", "fast_serial_text_sampling", with_serial_text_sampling,
             "with the text token drawn before the depth transformer's input projection, not beside it"),
-    # Last (variant_runs times them after the KV-cache run): kernels not yet proven on a GPU, whose fault would fail
-    # every run after it in this process.
-    Variant("--ring-reads-before-wait", "fast_ring_reads_before_wait", with_ring_reads_before_wait,
-            "with the codec's ring attention requesting its ring before its wait for the previous kernel"),
-    Variant("--codebook-prefetch", "fast_codebook_prefetch", with_codebook_prefetch,
-            "with the codec's RVQ encode prefetching its codebooks into L2 before its wait"),
-    Variant("--text-sampler-warp-kernel", "fast_text_sampler_warp_kernel", with_text_sampler_warp_kernel,
-            "with the text token drawn by the CUDA sampler's warp-reduction kernel"),
-    Variant("--sampler-vector-loads", "fast_sampler_vector_loads", with_sampler_vector_loads,
-            "with the CUDA sampler reading aligned logit rows in 16-byte pieces"),
+    Variant("--text-sampler-block-kernel", "fast_text_sampler_block_kernel", with_text_sampler_block_kernel,
+            "with the text token drawn by the CUDA sampler's block-wide kernel, not its warp-reduction kernel"),
+    Variant("--sampler-scalar-loads", "fast_sampler_scalar_loads", with_sampler_scalar_loads,
+            "with the CUDA sampler reading logit rows one key at a time, not in 16-byte pieces"),
+    # Last (variant_runs times it after the KV-cache run).
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
             "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),
 )

@@ -31,10 +31,10 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info, timed_calls  # noqa: E402
 from bench.bench_lm_step import (KYUTAI_SAMPLING, _release, _set_fast_context, _set_kyutai_context,  # noqa: E402
                                  kyutai_lm, ours_from_kyutai)
-from bench._harness import GPU_FAULTS, add_variant_options, kept_runs, recorded_fault, variant_runs  # noqa: E402
+from bench._harness import (GPU_FAULTS, VARIANTS, add_variant_options, device_info, kept_runs,  # noqa: E402
+                            recorded_fault, timed_calls, variant_runs)
 from moshi_fast import FastMoshi  # noqa: E402
 from moshi_fast.config import MoshiConfig, moshiko  # noqa: E402
 from moshi_fast.fast.mimi import FastMimi  # noqa: E402
@@ -42,19 +42,9 @@ from moshi_fast.weights import load_mimi  # noqa: E402
 from tests.checkpoints import kyutai_mimi  # noqa: E402
 from tests.helpers import speech_like  # noqa: E402
 
-VARIANT_LABELS = {"fast_no_pdl": "without programmatic dependent launch",
-                  "fast_helium_cuda_gemv": "with Helium's products on the CUDA GEMV",
-                  "fast_triton_sampling": "sampling with the Triton kernel",
-                  "fast_cuda_depth_step": "with the CUDA depth step",
-                  "fast_fused_norms": "with every norm fused into its linear",
-                  "fast_conv_tensor_cores": "with the codec's few-column convs on the tensor cores",
-                  "fast_depth_triton_linears": "with the depth transformer's products past 8 rows on skinny_linear",
-                  "fast_depth_gemv_fused_norms": "with the depth transformer's RMSNorms past 8 rows fused",
-                  "fast_late_depth_attention_trigger":
-                      "with the depth attention starting the next kernel after its wait",
-                  "fast_serial_text_sampling": "with the text token drawn before the depth input projection",
-                  "fast_compare_table": "with the --compare-table launch plans"}
-"""How the summary names the variants of bench._harness.variant_runs (the KV-cache one is printed with its memory)."""
+VARIANT_LABELS = [(variant.name, variant.what_it_times) for variant in VARIANTS] + [
+    ("fast_compare_table", "with the --compare-table launch plans")]
+"""(run name, how the summary names it) of the same-run variants (the KV-cache one is printed with its memory)."""
 BUDGET_MS = 80.0
 """One frame of audio: an engine keeps up in real time while a frame takes less."""
 
@@ -231,7 +221,7 @@ def main(argv=None) -> int:
         print(f"{row['batch']:>3} {cell(k, 'p50_ms', 9)}ms {cell(k, 'p99_ms', 6)}ms {cell(k, 'peak_GB', 6)} "
               f"{cell(f, 'p50_ms', 7)}ms {cell(f, 'p99_ms', 6)}ms {cell(f, 'peak_GB', 6)} {ratio}")
     for row in rows:
-        for name, label in VARIANT_LABELS.items():
+        for name, label in VARIANT_LABELS:
             if "p50_ms" in row.get(name, {}):
                 print(f"B = {row['batch']}: moshi_fast {label} p50 {row[name]['p50_ms']:.2f} ms, "
                       f"p99 {row[name]['p99_ms']:.2f} ms")

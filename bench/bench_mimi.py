@@ -24,9 +24,8 @@ import torch
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import (device_info, plan_table, timed_calls, with_codebook_prefetch,  # noqa: E402
-                            with_conv_tensor_cores, with_fused_norms, with_plans, with_ring_reads_before_wait,
-                            without_pdl)
+from bench._harness import (device_info, plan_table, timed_calls, with_conv_tensor_cores,  # noqa: E402
+                            with_fused_norms, with_plans, without_pdl)
 from moshi_fast import MimiCodec  # noqa: E402
 from tests.checkpoints import kyutai_mimi  # noqa: E402
 from tests.helpers import speech_like  # noqa: E402
@@ -35,9 +34,7 @@ from tests.helpers import speech_like  # noqa: E402
 VARIANT_LABELS = {"fast_no_pdl": "without programmatic dependent launch",
                   "fast_fused_norms": "every LayerNorm fused into its linear",
                   "fast_conv_tensor_cores": "few-column convs on the tensor cores",
-                  "fast_compare_table": "the --compare-table launch plans",
-                  "fast_ring_reads_before_wait": "the ring attention's reads before its wait",
-                  "fast_codebook_prefetch": "the RVQ's codebooks prefetched"}
+                  "fast_compare_table": "the --compare-table launch plans"}
 """How the summary names the variants bench_batch times (the rows' key prefixes)."""
 
 
@@ -65,11 +62,9 @@ def _record(row: dict, name: str, medians: dict) -> None:
 
 def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 4,
                 compare_pdl: bool = False, compare_fused_norms: bool = False,
-                compare_conv_tensor_cores: bool = False, compare_plans: dict | None = None,
-                compare_ring_reads: bool = False, compare_codebook_prefetch: bool = False) -> dict:
+                compare_conv_tensor_cores: bool = False, compare_plans: dict | None = None) -> dict:
     """One batch's row: Kyutai's codec, ours, and the variants asked for, in that order on the same frames;
-    compare_plans: also ours planned from this plan table (kernels/tuned_tiles.json's layout). The opt-in paths not
-    yet run on a GPU (compare_ring_reads, compare_codebook_prefetch) time last: a fault fails what follows it."""
+    compare_plans: also ours planned from this plan table (kernels/tuned_tiles.json's layout)."""
     pcm = speech_like(batch, frames + warmup).cuda()
     chunks = list(pcm.split(1920, dim=-1))
     row = {"batch": batch, "frames": frames}
@@ -85,8 +80,6 @@ def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 
                 ("fast_conv_tensor_cores", with_conv_tensor_cores, compare_conv_tensor_cores)]
     if compare_plans is not None:
         variants.append(("fast_compare_table", functools.partial(with_plans, compare_plans), True))
-    variants += [("fast_ring_reads_before_wait", with_ring_reads_before_wait, compare_ring_reads),
-                 ("fast_codebook_prefetch", with_codebook_prefetch, compare_codebook_prefetch)]
     for name, variant, wanted in variants:
         if wanted:
             stream = variant(ours.stream, batch)
@@ -110,12 +103,6 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-table", type=plan_table, metavar="PATH",
                         help="also time the fast codec with the launch plans of this tuned-tiles JSON instead of "
                              "kernels/tuned_tiles.json's, e.g. the table before a sweep, same run")
-    parser.add_argument("--ring-reads-before-wait", action="store_true",
-                        help="also time the fast codec with its ring attention requesting its ring before its wait, "
-                             "same run")
-    parser.add_argument("--codebook-prefetch", action="store_true",
-                        help="also time the fast codec with its RVQ encode prefetching its codebooks into L2 before "
-                             "its wait, same run")
     args = parser.parse_args(argv)
     info = device_info()
     print(f"# {info}")
@@ -129,9 +116,7 @@ def main(argv=None) -> int:
     for batch in (int(b) for b in args.batches.split(",")):
         row = bench_batch(kyutai, ours, batch, args.frames, compare_pdl=args.without_pdl,
                           compare_fused_norms=args.fused_norms, compare_conv_tensor_cores=args.conv_tensor_cores,
-                          compare_plans=args.compare_table.plans if args.compare_table else None,
-                          compare_ring_reads=args.ring_reads_before_wait,
-                          compare_codebook_prefetch=args.codebook_prefetch)
+                          compare_plans=args.compare_table.plans if args.compare_table else None)
         rows.append(row)
         print(f"{batch:>3} {row['kyutai_encode_ms']:>9.3f}ms {row['kyutai_decode_ms']:>5.3f}ms "
               f"{row['fast_encode_ms']:>7.3f}ms {row['fast_decode_ms']:>5.3f}ms {row['speedup']:>9.1f}x "

@@ -1,8 +1,10 @@
 """On-GPU token sampling (temperature + top-k exponential race) at the language model's two shapes,
 text (V = 32000, k = 25, bf16 logits) and audio (V = 2048, k = 250), beside the torch path
 (`moshi_fast.reference.sampling.sample`: softmax, torch.topk, the hashed noise, the race): the Triton kernel
-(op sample_tokens) and, where it is built, the CUDA extension's kernel (op sample_tokens_cuda, which ops uses
-then); and, on a GPU, the Triton kernel's launch options (warps, compaction chunk) around the default."""
+(op sample_tokens) and, where it is built, the CUDA extension's kernel: its plain form (op sample_tokens_cuda), with
+16-byte loads (sample_tokens_cuda_vector_loads) and, for the text row, its warp-reduction kernel
+(sample_tokens_cuda_warp_kernel), the last two what ops uses; and, on a GPU, the Triton kernel's launch options
+(warps, compaction chunk) around the default."""
 import pytest
 import torch
 import triton

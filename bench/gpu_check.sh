@@ -7,11 +7,7 @@
 #   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo (default: all),
 #   or sweep (not in the default): time launch-plan candidates (SWEEP_OPS, default paged_fp8; SWEEP_BATCHES,
 #   default 1,8,64; SWEEP_NAMES, case-name prefixes, default all) and write the updated kernels/tuned_tiles.json
-#   beside the sweep under $OUT; or pending (not in the default): what has not run on a GPU yet, within
-#   PENDING_SECONDS (default 560): its GPU tests (each file in a process of its own), then the frame at one
-#   conversation with each opt-in path whose tests passed beside the default (bench_frame.py, same run), then as time
-#   allows the CUDA depth step's timeline at every refill point (trace_depth_step.py), the sampler's kernels and the
-#   codec with its opt-in paths (bench_mimi.py)
+#   beside the sweep under $OUT
 #   TEST_ARGS: extra pytest arguments for the GPU tests, e.g. TEST_ARGS='tests/test_lm_fast.py'
 #   MIMI_ARGS, LM_ARGS, FRAME_ARGS, PROFILE_ARGS, BUCKET_ARGS, PDL_ARGS: extra arguments of bench_mimi.py,
 #   bench_lm_step.py, bench_frame.py, profile_frame.py, bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl:
@@ -22,10 +18,9 @@
 #   another tuned-tiles JSON, e.g. the table before a sweep)
 #   BENCH_ARGS: extra pytest arguments for the kernel benchmarks, e.g. BENCH_ARGS='-k "not tiles"'
 #   (leaves out the sampling kernel's tile sweep)
-#   ISOLATED_TESTS, ISOLATED_BENCH: test and benchmark files run first, each in a process of its own (default: those
-#   of the kernels and opt-in paths not yet run on a GPU: the CUDA depth step, the CUDA sampler's warp kernel and
-#   16-byte loads, the RVQ's codebook prefetch and the ring attention's early reads), ISOLATED_TIMEOUT seconds at
-#   most each (default 300); empty to run everything together
+#   ISOLATED_TESTS, ISOLATED_BENCH: test and benchmark files run first, each in a process of its own (for kernels
+#   not yet run on a GPU: a bad memory access poisons the CUDA context of the process it happens in, and every later
+#   test or benchmark there fails with it), ISOLATED_TIMEOUT seconds at most each (default 300); default none
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
@@ -43,12 +38,8 @@ print("git:", os.environ["GIT_SHA"])
 PY
 steps=",${1:-tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo},"
 status=0
-# Kernels not yet proven on a GPU run in processes of their own: a bad memory access poisons the CUDA context of
-# the process it happens in, and every later test or benchmark there fails with it.
-unproven_tests="tests/test_depth_step_cuda.py tests/test_sample_tokens_cuda.py tests/test_rvq_encode.py"
-unproven_tests+=" tests/test_mimi_fast.py"
-isolated_tests=${ISOLATED_TESTS-$unproven_tests}
-isolated_bench=${ISOLATED_BENCH-bench/bench_depth_step.py bench/bench_sample_tokens.py}
+isolated_tests=${ISOLATED_TESTS-}
+isolated_bench=${ISOLATED_BENCH-}
 ignored_tests=$(for f in $isolated_tests; do printf -- ' --ignore=%s' "$f"; done)
 ignored_bench=$(for f in $isolated_bench; do printf -- ' --ignore=%s' "$f"; done)
 if [[ $steps == *,tests,* ]]; then
@@ -91,38 +82,6 @@ fi
 if [[ $steps == *,pdl,* ]]; then
     eval "python3 bench/pdl_sweep.py --json \"\$OUT/pdl_sweep.json\" ${PDL_ARGS:-}" 2>&1 | tee "$OUT/pdl_sweep.log" \
         || status=1
-fi
-if [[ $steps == *,pending,* ]]; then
-    # Each opt-in path is timed in the frame only once its own GPU tests passed (a path that faults would take the
-    # whole timing process down); the frame's same-run comparison, the one that decides a default, comes first,
-    # then what explains it, as PENDING_SECONDS (default 560, counted from here) allow.
-    pending_start=$SECONDS
-    pending_left() { echo $(( ${PENDING_SECONDS:-560} - (SECONDS - pending_start) )); }
-    passed_flags=""
-    pending_test() {  # test file, its frame flags, seconds at most, pytest -k expression (optional)
-        timeout "$3" python3 -m pytest -q -m gpu "$1" ${4:+-k "$4"} 2>&1 | tee -a "$OUT/pytest_pending.log" | tail -2
-        if [[ ${PIPESTATUS[0]} == 0 ]]; then passed_flags+=" $2"; else status=1; fi
-    }
-    pending_test tests/test_sample_tokens_cuda.py "--text-sampler-warp-kernel --sampler-vector-loads" 50
-    pending_test tests/test_rvq_encode.py --codebook-prefetch 35
-    pending_test tests/test_mimi_fast.py --ring-reads-before-wait 75 matches_reference_on_gpu
-    pending_test tests/test_depth_step_cuda.py --cuda-depth-step 45 "moshi_shapes or bitwise or pipeline_depths"
-    echo "pending: frame variants whose GPU tests passed:${passed_flags:- none}" | tee "$OUT/pending_flags.txt"
-    timeout $(( $(pending_left) - 15 )) python3 bench/bench_frame.py --batches 1 --frames 20 --warmup 4 --skip kyutai \
-        $passed_flags --json "$OUT/frame_pending.json" 2>&1 | tee "$OUT/frame_pending.log" || status=1
-    if [[ $passed_flags == *--cuda-depth-step* && $(pending_left) -gt 60 ]]; then
-        timeout 45 python3 bench/trace_depth_step.py --batch 1 --frames 4 --stages 6,2 --refills chunk,arrivals,inputs \
-            --json "$OUT/trace_depth_step_b1.json" 2>&1 | tee "$OUT/trace_depth_step_b1.log" || status=1
-    fi
-    if [[ $(pending_left) -gt 50 ]]; then
-        timeout 40 python3 -m pytest -q bench/bench_sample_tokens.py -o python_files='bench_*.py' \
-            -k "cuda and bf16 and not 64" --benchmark-json="$OUT/sampler.json" > "$OUT/sampler.log" 2>&1 || status=1
-        python3 bench/summarize.py "$OUT/sampler.json" | tee "$OUT/sampler.txt"
-    fi
-    if [[ $(pending_left) -gt 60 ]]; then
-        timeout "$(pending_left)" python3 bench/bench_mimi.py --batches 1,8 --ring-reads-before-wait --codebook-prefetch \
-            --json "$OUT/mimi_pending.json" 2>&1 | tee "$OUT/mimi_pending.log" || status=1
-    fi
 fi
 if [[ $steps == *,sweep,* ]]; then
     python3 bench/sweep_tiles.py --ops "${SWEEP_OPS:-paged_fp8}" --batches "${SWEEP_BATCHES:-1,8,64}" \

@@ -14,7 +14,7 @@ TORCH_LIBRARY(moshi_fast, m) {
   // moshi_fast.reference.sampling (sample_tokens.cu); logits bf16 or fp32 [B, V], V < 2^16, min(max_top_k, V)
   // <= 1024; temperature fp32 [B]; top_k, seed, counter, out int64 [B]. warp_kernel: bf16 rows of 8192 < V <=
   // 32768 with min(max_top_k, V) <= 32 take the warp-reduction kernel; vector_loads: contiguous 16-byte aligned rows
-  // are read in 16-byte pieces (both opt-in until they have run on a GPU).
+  // are read in 16-byte pieces (both off here; moshi_fast.ops turns both on).
   m.def("sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, int max_top_k, Tensor seed, "
         "Tensor counter, int draw, Tensor(a!) out, bool programmatic=False, bool warp_kernel=False, "
         "bool vector_loads=False) -> ()");

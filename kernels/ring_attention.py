@@ -65,10 +65,6 @@ from ._utils import (SplitWorkspace, await_previous_kernel, combine_softmax_part
                      split_buffers)
 from .tuned import shape_key, tuned_tiles
 
-READ_RING_BEFORE_WAIT = False
-"""Request the ring's old rows and the frame counter before the wait for the previous kernel (see the kernel),
-rather than after it. Off by default until it has run on a GPU: its GPU tests and the benchmarks'
---ring-reads-before-wait are there for that."""
 MAX_STEPS = 4
 """New steps per call: the query rows are unrolled, one copy of the attention code each."""
 MIN_BLOCK_R = 16
@@ -134,8 +130,8 @@ def _ring_attention_kernel(
     stride_ob, stride_ot,
     STEPS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, LOG_PERIOD: tl.constexpr,
     SCALE: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
-    READ_BEFORE_WAIT: tl.constexpr, EARLY_CACHE: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     split = tl.program_id(0)
     pair = tl.program_id(1)
     pid_b = pair // HEADS
@@ -147,19 +143,10 @@ def _ring_attention_kernel(
     ring_offsets = slots[:, None] * stride_rs + offs_d[None, :]
     # The whole block is requested first, together with the frame counter rather than after it: which
     # rows count depends on the counter and is applied to the scores and values instead (the program
-    # pays one memory latency, not two). Both are requested before the wait for the previous kernel
-    # (the qkv product), whose run then hides that latency: the ring's old rows and the counter were
-    # last written frames ago (this kernel's previous call, the frame's end), by kernels that are
-    # complete once the previous kernel has started (it starts its dependents only after its own
-    # wait). Then they are read at L2 (.cg, EARLY_CACHE): an SM's L1 may still hold lines another SM has since
-    # written.
-    if not READ_BEFORE_WAIT:
-        await_previous_kernel(PDL)
-    keys = tl.load(ring_k + ring_offsets, mask=(slots < CAPACITY)[:, None], other=0.0, cache_modifier=EARLY_CACHE)
-    values = tl.load(ring_v + ring_offsets, mask=(slots < CAPACITY)[:, None], other=0.0, cache_modifier=EARLY_CACHE)
-    frame = tl.load(frame_ptr + pid_b, cache_modifier=EARLY_CACHE).to(tl.int64)
-    if READ_BEFORE_WAIT:
-        await_previous_kernel(PDL)
+    # pays one memory latency, not two).
+    keys = tl.load(ring_k + ring_offsets, mask=(slots < CAPACITY)[:, None], other=0.0)
+    values = tl.load(ring_v + ring_offsets, mask=(slots < CAPACITY)[:, None], other=0.0)
+    frame = tl.load(frame_ptr + pid_b).to(tl.int64)
     # The new rows are stored into this block below: every thread's loads of it come first. No other
     # program reads this block, so the ring write races with nothing.
     tl.debug_barrier()
@@ -320,8 +307,6 @@ def ring_attention(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
         out.stride(0), out.stride(1),
         STEPS=steps, HEADS=heads, HEAD_DIM=head_dim, LOG_PERIOD=math.log(max_period), SCALE=head_dim ** -0.5,
         BLOCK_R=block_r, SPLITS=splits,
-        BLOCK_S=next_pow2(splits, minimum=2), PDL=use_pdl, READ_BEFORE_WAIT=READ_RING_BEFORE_WAIT,
-        EARLY_CACHE=".cg" if READ_RING_BEFORE_WAIT else "",
-        num_warps=num_warps, launch_pdl=use_pdl,
+        BLOCK_S=next_pow2(splits, minimum=2), PDL=use_pdl, num_warps=num_warps, launch_pdl=use_pdl,
     )
     return out

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import await_previous_kernel, dot_precision, interpreting, next_pow2, parallel_sms, pdl, prefetch_l2
+from ._utils import await_previous_kernel, dot_precision, next_pow2, parallel_sms, pdl
 
 DOT_ROWS = 16
 """From this batch size on, row tiles of 16 rows (tl.dot's smallest M) go through tl.dot."""
@@ -78,11 +78,6 @@ TILE_PER_THREAD = 64
 """fp32 registers a thread gives to the tile a program keeps (codeword chunk, projection slice): the
 launcher adds warps (4 to 16) rather than spill."""
 INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
-PREFETCH_CODEBOOKS = False
-"""Each program asks L2 for its codeword chunks of every level before its wait for the previous kernel (they are
-constant), so that the levels' searches, one per grid barrier, read them from L2 rather than DRAM. Off by default
-until it has run on a GPU (its GPU tests and the benchmarks' --codebook-prefetch are there for that). Never under
-the interpreter (PTX)."""
 """The empty argmin key (no distance yet)."""
 
 
@@ -228,18 +223,8 @@ def _rvq_encode_kernel(
     ROW_GROUPS: tl.constexpr, NUM_SLICES: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PREFETCH:
-        # The codebooks (16 MB in Mimi) stream into L2 while the previous kernel runs: one prefetch a 128-byte line
-        # of this program's chunks (codebooks contiguous in their last dim, checked by the launcher).
-        lines = tl.arange(0, PREFETCH_LINES) * 32
-        for level in range(NUM_LEVELS):
-            for chunk in range(tl.program_id(0) % NUM_SLICES, tl.cdiv(NUM_CODES, BLOCK_N), NUM_SLICES):
-                codes = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-                inside = (codes < NUM_CODES)[:, None] & (lines < CODE_DIM)[None, :]
-                prefetch_l2(codebooks_ptr + level * stride_codebooks_q
-                            + tl.where(inside, codes[:, None] * stride_codebooks_n + lines[None, :], 0))
     await_previous_kernel(PDL)
     NUM_PROGRAMS: tl.constexpr = ROW_GROUPS * NUM_SLICES
     STEPS: tl.constexpr = max(N_SEMANTIC, NUM_LEVELS - N_SEMANTIC)
@@ -385,8 +370,6 @@ def rvq_encode(latent: torch.Tensor, input_proj: torch.Tensor, codebooks: torch.
         NUM_LEVELS=nq, N_SEMANTIC=n_semantic, ROW_GROUPS=row_groups, NUM_SLICES=num_slices, USE_DOT=use_dot,
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=min(128, block_dc), BLOCK_DC=block_dc, BLOCK_C=block_c,
         BLOCK_D=min(64, block_dim), BLOCK_DIM=block_dim, BLOCK_L=next_pow2(nq, minimum=2),
-        INPUT_PRECISION=dot_precision(), PDL=use_pdl,
-        PREFETCH=PREFETCH_CODEBOOKS and not interpreting() and codebooks.stride(2) == 1,
-        PREFETCH_LINES=max(1, block_dc // 32), num_warps=num_warps, launch_pdl=use_pdl,
+        INPUT_PRECISION=dot_precision(), PDL=use_pdl, num_warps=num_warps, launch_pdl=use_pdl,
     )
     return out

@@ -174,8 +174,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     on the device: a graph replay after the counter advances draws fresh noise); draw in [0, 2^31); out [B] int64
     (allocated when None). warp_kernel: bf16 rows of 8192 < V <= 32768 with min(max_top_k, V) <= 32 (the text row)
     take the kernel that selects with warp reductions only (the same tokens); vector_loads: rows that are
-    contiguous and 16-byte aligned are read in 16-byte pieces, not an entry at a time (the same keys). Both opt-in
-    until they have run on a GPU.
+    contiguous and 16-byte aligned are read in 16-byte pieces, not an entry at a time (the same keys). Both off
+    here; `ops.sample_tokens` turns both on (ops.TEXT_SAMPLER_WARP_KERNEL, ops.SAMPLER_VECTOR_LOADS: faster on an
+    H100).
     Launched with programmatic dependent launch where `kernels._utils.pdl` allows it. Graph-safe with `out` given.
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.

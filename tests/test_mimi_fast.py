@@ -4,7 +4,6 @@ import torch
 
 from moshi_fast import FastMoshi, MimiCodec, moshiko, ops, tiny
 from moshi_fast.fast.mimi import FastMimi
-from moshi_fast.kernels import ring_attention, rvq_encode
 
 from .helpers import calibrate_codebooks, rel_err, speech_like
 
@@ -58,12 +57,8 @@ def test_fast_stream_reset_of_one_slot_leaves_the_others_alone():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("early_reads", [False, True], ids=["default", "ring-reads-before-wait+codebook-prefetch"])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_fast_mimi_matches_reference_on_gpu(batch, early_reads, monkeypatch):
-    """Also with the opt-in early reads: the ring attention's ring before its wait, the RVQ's codebooks prefetched."""
-    monkeypatch.setattr(ring_attention, "READ_RING_BEFORE_WAIT", early_reads)
-    monkeypatch.setattr(rvq_encode, "PREFETCH_CODEBOOKS", early_reads)
+def test_fast_mimi_matches_reference_on_gpu(batch):
     torch.backends.cudnn.allow_tf32 = False
     reference, fast = _pair(moshiko().mimi, "cuda")
     agreement, error, distinct = _compare(reference, fast, batch=batch, frames=50, seed=batch)

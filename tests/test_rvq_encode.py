@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from moshi_fast.config import MimiConfig
-from moshi_fast.kernels import rvq_encode as rvq_encode_module
 from moshi_fast.kernels.rvq_encode import _layout, rvq_encode, rvq_encode_ref, rvq_encode_scratch
 from moshi_fast.reference.mimi import SplitRVQ
 
@@ -118,11 +117,9 @@ def test_rvq_encode_matches_the_model_quantizer():
     pytest.param((1, 8, 64, 3), None, id="all-sms"),
     pytest.param((3, 1), 2, id="g2"),
 ])
-@pytest.mark.parametrize("prefetch", [False, True], ids=["default", "codebook-prefetch"])
-def test_rvq_encode_real_shapes_on_gpu(no_tf32, batches, max_programs, prefetch, monkeypatch):
+def test_rvq_encode_real_shapes_on_gpu(no_tf32, batches, max_programs):
     """Mimi's shapes, G > 1 programs through the grid barrier, batch sizes sharing one scratch (so the
-    grid changes between launches), 4 launches each; also with the opt-in codebook prefetch."""
-    monkeypatch.setattr(rvq_encode_module, "PREFETCH_CODEBOOKS", prefetch)
+    grid changes between launches), 4 launches each."""
     config = MimiConfig()
     quantizer = random_quantizer(config, "cuda")
     scratch = rvq_encode_scratch(max(batches), config.num_codebooks, config.codebook_dim, "cuda")

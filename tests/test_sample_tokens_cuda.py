@@ -33,19 +33,19 @@ TRITON_MAX_TOP_K = 256
 """Beyond this the Triton kernel's [k, k] rank comparison is too large to be worth compiling for a test."""
 
 
-OPT_IN_PATHS = {
-    "default": {},
+KERNEL_PATHS = {
+    "plain": {},
     "vector-loads": {"vector_loads": True},
     "warp-kernel": {"warp_kernel": True},
     "warp-kernel-vector-loads": {"warp_kernel": True, "vector_loads": True},
 }
-"""cuda_ext.sample_tokens's opt-in paths (the warp kernel only where it applies: bf16 text-sized rows), each tested
-against the Triton kernel and the reference."""
+"""cuda_ext.sample_tokens's paths, by its switches (the warp kernel only where it applies: bf16 text-sized rows; ops
+runs the last two), each tested against the Triton kernel and the reference."""
 
 
 def three_ways(logits, temperature, top_k, max_top_k, seed, counter, draw, **paths):
     """(CUDA tokens into a poisoned out, Triton tokens (the reference's past TRITON_MAX_TOP_K), reference
-    tokens); paths: cuda_ext.sample_tokens's opt-in switches."""
+    tokens); paths: cuda_ext.sample_tokens's switches."""
     out = torch.full((logits.shape[0],), -1, dtype=torch.int64, device=logits.device)
     got = cuda_ext.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out, **paths)
     assert got is out
@@ -69,12 +69,12 @@ def three_ways(logits, temperature, top_k, max_top_k, seed, counter, draw, **pat
     pytest.param(17, 5, 9, 7, id="tiny"),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("paths", list(OPT_IN_PATHS))
+@pytest.mark.parametrize("paths", list(KERNEL_PATHS))
 def test_matches_triton_kernel_and_reference(extension, vocab, max_top_k, batch, draw, dtype, paths):
     temperature, top_k, seed, counter = slot_settings(batch, max_top_k)
     logits = tie_free_logits(temperature, vocab, max_top_k, dtype)
     got, triton_tokens, expected = three_ways(*cuda_operands(logits, temperature, top_k), max_top_k,
-                                              *cuda_operands(seed, counter), draw, **OPT_IN_PATHS[paths])
+                                              *cuda_operands(seed, counter), draw, **KERNEL_PATHS[paths])
     assert torch.equal(got, triton_tokens), (got != triton_tokens).nonzero().flatten().tolist()
     assert torch.equal(got, expected), (got != expected).nonzero().flatten().tolist()
 
@@ -82,7 +82,7 @@ def test_matches_triton_kernel_and_reference(extension, vocab, max_top_k, batch,
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("vocab, max_top_k", [(2048, 250), (32000, 25)], ids=["audio", "text"])
-@pytest.mark.parametrize("paths", list(OPT_IN_PATHS))
+@pytest.mark.parametrize("paths", list(KERNEL_PATHS))
 def test_ties_and_masked_rows_match_the_triton_kernel(extension, dtype, vocab, max_top_k, paths):
     """Integer logits tie everywhere (the k-th value's ties are taken in vocabulary order by both kernels);
     -inf logits, down to fewer finite ones than top_k; all-equal rows; a spike behind a run of ties. With the warp
@@ -97,9 +97,9 @@ def test_ties_and_masked_rows_match_the_triton_kernel(extension, dtype, vocab, m
     spike[:, -1] = 100.0
     for logits in (tied, masked, flat, spike):
         args = (*cuda_operands(logits.to(dtype), temperature, top_k), max_top_k, *cuda_operands(seed, counter), 4)
-        got = cuda_ext.sample_tokens(*args, **OPT_IN_PATHS[paths])
+        got = cuda_ext.sample_tokens(*args, **KERNEL_PATHS[paths])
         assert torch.equal(got, triton_sample_tokens(*args))
-    assert (cuda_ext.sample_tokens(*args, **OPT_IN_PATHS[paths]) == vocab - 1).all()
+    assert (cuda_ext.sample_tokens(*args, **KERNEL_PATHS[paths]) == vocab - 1).all()
 
 
 @pytest.mark.gpu
@@ -180,7 +180,8 @@ def test_bad_arguments_raise(extension, change, error):
 def test_ops_dispatches_bf16_logits_to_the_extension_by_default(extension, monkeypatch):
     calls = []
     original = cuda_ext.sample_tokens
-    monkeypatch.setattr(cuda_ext, "sample_tokens", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    monkeypatch.setattr(cuda_ext, "sample_tokens", lambda *a, **k: calls.append(
+        (a[0].shape, k["warp_kernel"], k["vector_loads"])) or original(*a, **k))
     temperature, top_k, seed, counter = cuda_operands(*slot_settings(4, 250))
     logits = torch.randn(4, 2048, device="cuda").bfloat16()
     expected = sample_tokens_ref(logits, temperature, top_k, 250, seed, counter, 1)
@@ -189,7 +190,7 @@ def test_ops_dispatches_bf16_logits_to_the_extension_by_default(extension, monke
     assert calls == []
     assert ops._cuda_sampling
     assert torch.equal(ops.sample_tokens(logits, temperature, top_k, 250, seed, counter, 1), expected)
-    assert calls == [logits.shape]
+    assert calls == [(logits.shape, True, True)]  # the warp kernel where it applies, 16-byte loads
     # int32 top_k, and fp32 logits (where the Triton kernel measured as fast), are the Triton kernel's.
     assert torch.equal(ops.sample_tokens(logits, temperature, top_k.int(), 250, seed, counter, 1), expected)
     assert torch.equal(ops.sample_tokens(logits.float(), temperature, top_k, 250, seed, counter, 1), expected)

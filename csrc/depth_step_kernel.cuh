@@ -15,7 +15,10 @@
 // bench/trace_depth_step.py, B = 1), it is not that yet: 175 us a step against 114 us for the default launches, the
 // barrier about 1 us from its last arrival, but a phase's read of its input rows 1.5-3 us (0.5 us in the head phase,
 // when no weights stream) and a one-chunk tile 1.7 us, with 2 to 6 chunks in flight alike (bench/RESULTS.md). That
-// was a block-wide ring with a cursor; the per-warp pipeline and the refill points below have not run on a GPU yet.
+// was a block-wide ring with a cursor. With the per-warp pipeline below (H100, 2026-12-07): 139-149 us a step
+// against 114 us, at every refill point and pipeline depth; a phase's barrier 1.4-2.4 us, its input rows 1.9-2.1 us
+// where an RMSNorm or the attention works on them (1.0 us at down, 0.5 us at the head) whether or not refills are
+// queued ahead of them, its last tile 1.2-2.9 us.
 //
 // Work split. The grid is one block per SM (all resident at once: the barriers spin). Every product phase
 // (qkv, out, gate_up, down of each layer, then the head) cuts its weight into tiles of 16 rows (gated: 8 gate rows
@@ -91,8 +94,8 @@ constexpr int kDepthDefaultStages = 6;
 // When a warp refills the slots it has consumed (DepthStepArgs::refills): right after each chunk; warp 0 only
 // after its thread 0's grid-barrier arrivals (an arrival's release fence, a MEMBAR.ALL.GPU in the SASS, may wait for
 // the warp's copies in flight: PTX leaves it open); or every warp once the phase's input rows are read, so that no
-// refill is queued at DRAM ahead of those reads (a phase's input rows took 1.5-3 us to read with the weights
-// streaming, 0.5 us without: bench/RESULTS.md, twelfth session).
+// refill is queued at DRAM ahead of those reads. On an H100 the three took 1109-1189 us for a frame's 8 steps, the
+// input rows as long either way (bench/RESULTS.md, fourteenth session).
 constexpr int kRefillAfterChunk = 0;
 constexpr int kRefillAtArrivals = 1;
 constexpr int kRefillAfterInputs = 2;

@@ -136,6 +136,15 @@ def _attribute(owner, name: str, value):
         setattr(owner, name, saved)
 
 
+def with_setting(owner, name: str, value) -> Callable[..., object]:
+    """A variant's wrapper: fn(*args, **kwargs) with owner.name set to value (graphs captured inside keep it), timed
+    beside the default in the same run."""
+    def wrapper(fn: Callable[..., object], *args, **kwargs):
+        with _attribute(owner, name, value):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def with_helium_cuda_gemv(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with Helium's products on the CUDA GEMV at every batch, after their RMSNorm in a launch of
     its own (ops.CUDA_GEMV_ONE_ROW_SHAPES, which the default gives it at one row only, added to ops.CUDA_GEMV_SHAPES;
@@ -152,12 +161,9 @@ def with_conv_tensor_cores(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def with_depth_triton_linears(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the depth transformer's products past 8 rows on skinny_linear, their RMSNorm in a
-    launch of its own (ops.CUDA_GEMV_MANY_ROWS_SHAPES empty, the previous default; graphs captured inside keep it),
-    timed beside the default in the same run."""
-    with _attribute(ops, "CUDA_GEMV_MANY_ROWS_SHAPES", frozenset()):
-        return fn(*args, **kwargs)
+# The depth transformer's products past 8 rows on skinny_linear, their RMSNorm in a launch of its own (the previous
+# default).
+with_depth_triton_linears = with_setting(ops, "CUDA_GEMV_MANY_ROWS_SHAPES", frozenset())
 
 
 def with_depth_gemv_fused_norms(fn: Callable[..., object], *args, **kwargs):
@@ -170,21 +176,8 @@ def with_depth_gemv_fused_norms(fn: Callable[..., object], *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def with_late_depth_attention_trigger(fn: Callable[..., object], *args, **kwargs):
-    """fn(*args, **kwargs) with the depth attention letting the next kernel start only after its wait
-    (kernels.depth_attention.START_NEXT_EARLY False, the previous default; graphs captured inside keep it), timed
-    beside the default in the same run."""
-    with _attribute(depth_attention, "START_NEXT_EARLY", False):
-        return fn(*args, **kwargs)
-
-
-def with_setting(owner, name: str, value) -> Callable[..., object]:
-    """A variant's wrapper: fn(*args, **kwargs) with owner.name set to value (graphs captured inside keep it), timed
-    beside the default in the same run."""
-    def wrapper(fn: Callable[..., object], *args, **kwargs):
-        with _attribute(owner, name, value):
-            return fn(*args, **kwargs)
-    return wrapper
+# The depth attention letting the next kernel start only after its wait (the previous default).
+with_late_depth_attention_trigger = with_setting(depth_attention, "START_NEXT_EARLY", False)
 
 
 # The CUDA sampler as it was before its GPU run of 2026-12-07 (bench/RESULTS.md): the text token on the block-wide

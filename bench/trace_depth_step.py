@@ -139,8 +139,8 @@ def main() -> None:
                                            for r in launches[o.steps - 1]["phases"]])
         runs.append(run)
         print(f"B = {args.batch}, {blocks} blocks, {stages} stages, refills after {refills}: frame {graph_us:.1f} us "
-              f"in a graph (default "
-              f"sequence {unfused_us:.1f} us); traced, {run['span_us_per_step']} us a step (launch span)")
+              f"in a graph (default sequence {unfused_us:.1f} us); traced, {run['span_us_per_step']} us a step "
+              f"(launch span)")
         print(f"{'kind':8} {'critical':>9} {'barrier':>9} {'barrier max':>12} {'inputs':>8} {'tiles':>8}")
         for kind, row in run["per_kind_us"].items():
             print(f"{kind:8} {row['critical']:9.2f} {row['barrier_median']:9.2f} {row['barrier_max']:12.2f} "

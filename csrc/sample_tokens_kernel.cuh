@@ -156,10 +156,16 @@ __device__ __forceinline__ int block_reduce(int value, int* slots) {
   return result;
 }
 
-template <int kWarps>
-__device__ __forceinline__ int64_t block_max64(int64_t value, int64_t* slots) {
+// The largest value over the warp's lanes, in every lane.
+__device__ __forceinline__ int64_t warp_max64(int64_t value) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) value = max(value, __shfl_xor_sync(0xFFFFFFFFu, value, offset));
+  return value;
+}
+
+template <int kWarps>
+__device__ __forceinline__ int64_t block_max64(int64_t value, int64_t* slots) {
+  value = warp_max64(value);
   if ((threadIdx.x & 31) == 0) slots[threadIdx.x >> 5] = value;
   __syncthreads();
   int64_t best = slots[0];
@@ -519,8 +525,7 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_small_k_kernel(const S
     for (int j = 0; j < top_k; ++j) rank += row_list[j] > entry;
     best = packed_race<16>(row_hash_prefix(args, row), E::key(entry), E::id(entry), rank, temperature, max_scaled);
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) best = max(best, __shfl_xor_sync(0xFFFFFFFFu, best, offset));
+  best = warp_max64(best);
   if (lane == 0) args.out[row * args.stride_out] = best & 0xFFFF;
 }
 

@@ -222,9 +222,8 @@ def depth_step(x: torch.Tensor, previous: torch.Tensor, embed_table: torch.Tenso
     consumed: "chunk" right after each chunk; "arrivals" warp 0 (whose thread 0 arrives at the kernel's grid
     barriers) only after each arrival, so that none of its copies is in flight at the arrival's release fence;
     "inputs" every warp once the phase's input rows are read, so that no refill is queued ahead of those reads.
-    Launched with
-    programmatic dependent launch where `kernels._utils.pdl` allows it. Graph-safe. Returns logits_out. Raises
-    RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
+    Launched with programmatic dependent launch where `kernels._utils.pdl` allows it. Graph-safe. Returns
+    logits_out. Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     _require()
     _check_depth_step(x, previous, embed_table, embed_row_offset, norm1, qkv, out_proj, norm2, gate_up, down, head,
                       k_cache, v_cache, step, logits_out, scratch)

@@ -186,6 +186,11 @@ with_text_sampler_block_kernel = with_setting(ops, "TEXT_SAMPLER_WARP_KERNEL", F
 with_sampler_scalar_loads = with_setting(ops, "SAMPLER_VECTOR_LOADS", False)
 
 
+# Helium's attention on the CUDA extension's kernel instead of the Triton one (off by default until timed in the
+# frame).
+with_cuda_paged_attention = with_setting(ops, "CUDA_PAGED_ATTENTION", True)
+
+
 def with_serial_text_sampling(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with the text token drawn before the depth transformer's input projection, on the step's
     own stream (moshi_fast.fast.lm.overlap_text_sampling(False), the previous default; steps and graphs built inside
@@ -226,6 +231,8 @@ VARIANTS = (
             "with the text token drawn by the CUDA sampler's block-wide kernel, not its warp-reduction kernel"),
     Variant("--sampler-scalar-loads", "fast_sampler_scalar_loads", with_sampler_scalar_loads,
             "with the CUDA sampler reading logit rows one key at a time, not in 16-byte pieces"),
+    Variant("--cuda-paged-attention", "fast_cuda_paged_attention", with_cuda_paged_attention,
+            "with Helium's attention on the CUDA extension's kernel instead of the Triton one"),
     # Last (variant_runs times it after the KV-cache run).
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
             "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),

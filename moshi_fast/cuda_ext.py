@@ -192,6 +192,152 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return out
 
 
+PAGED_HEAD_DIM = 128
+"""The head dim the extension's paged attention serves (Helium's)."""
+PAGED_GROUP_ROWS = 16
+"""Window positions a warp of the paged attention reads per step; runs are whole groups."""
+PAGED_MAX_RUN_PAGES = 512
+"""Page-table entries a block of the paged attention keeps in shared memory (its run spans chunk / PAGE + 2 at
+most)."""
+PAGED_MAX_SPLITS = 256
+PAGED_BLOCKS_PER_SM = 4
+"""Blocks of the paged attention an SM holds at once (4 warps and at most 128 registers a thread each)."""
+PAGED_MIN_SPLIT_KEYS = 128
+"""Fewest window positions per run at a full window that the default split count allows."""
+
+
+def paged_attention_chunk(live: int, splits: int) -> int:
+    """Window positions a run of the paged attention takes when the window is `live` long: cdiv(live, splits)
+    rounded up to whole groups (csrc/paged_attention_kernel.cuh's paged_attention_chunk)."""
+    return -(-(-(-live // splits)) // PAGED_GROUP_ROWS) * PAGED_GROUP_ROWS
+
+
+def paged_attention_run_pages(context: int, splits: int, page_size: int) -> int:
+    """Page-table entries a run spans at most."""
+    return paged_attention_chunk(context, splits) // page_size + 2
+
+
+def paged_attention_splits(batch: int, heads: int, context: int, device: torch.device | None = None) -> int:
+    """The default number of runs the paged attention splits each (slot, head)'s window into on `device` (default:
+    the current CUDA device): as many as keep the B H splits blocks within PAGED_BLOCKS_PER_SM an SM, none shorter
+    than PAGED_MIN_SPLIT_KEYS at a full window; 1 off CUDA. B = 1, H = 32, context 3000 on 132 SMs: 16."""
+    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
+    from .kernels._utils import parallel_sms
+
+    wanted = PAGED_BLOCKS_PER_SM * parallel_sms(device) // max(1, batch * heads)
+    return max(1, min(wanted, -(-context // PAGED_MIN_SPLIT_KEYS), PAGED_MAX_SPLITS))
+
+
+def paged_attention_workspace_size(batch: int, heads: int, context: int, splits: int = 0,
+                                   device: torch.device | None = None) -> tuple[int, int]:
+    """(partial floats, counters) of the SplitWorkspace that `paged_attention` needs with `splits` runs (0: the
+    default on `device`); (0, 0) unsplit. The layout is kernels/paged_attention.py's."""
+    splits = splits or paged_attention_splits(batch, heads, context, device)
+    if splits == 1:
+        return 0, 0
+    return batch * heads * splits * (PAGED_HEAD_DIM + 2), batch * heads
+
+
+def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_table: torch.Tensor,
+                    positions: torch.Tensor, exec_mask: torch.Tensor, context: int, max_period: float,
+                    out: torch.Tensor | None = None, workspace=None, splits: int = 0) -> torch.Tensor:
+    """Helium's decode attention over the paged KV cache by the extension's kernel
+    (csrc/paged_attention_kernel.cuh): for each running slot's new token, RoPE, the write of its key and value into
+    their page, and attention over its live window, in one launch; the operands, semantics and split workspace of
+    kernels.paged_attention.paged_attention, whose paged_attention_ref is the spec (the results agree with the Triton
+    kernel's to fp32 rounding, not bit for bit: the sums run in another order).
+
+    qkv [B, 3 H 128] bf16 (rows 16-byte aligned); k_pool, v_pool [P, H, PAGE, 128] bf16, one layout, PAGE a power of
+    two; page_table [S, N] int32 with N PAGE >= context; positions [S] int32 or int64 and exec_mask [S] bool,
+    contiguous, S >= B; out [B, H 128] bf16 (allocated when None). workspace: a kernels._utils.SplitWorkspace of at
+    least `paged_attention_workspace_size` (allocated when None and the window is split). splits: runs per (slot,
+    head) (0: `paged_attention_splits`). Floor: the live keys and values, read once (49 MB a slot and layer at
+    Helium's full window of 3000). Launched with programmatic dependent launch where `kernels._utils.pdl` allows it.
+    Graph-safe with `out` and `workspace` given. Raises RuntimeError when the extension is unavailable, ValueError /
+    TypeError on bad arguments."""
+    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
+    from .kernels._utils import pdl, split_buffers
+
+    _require()
+    if out is None and qkv.dim() == 2 and k_pool.dim() == 4:
+        out = torch.empty(qkv.shape[0], k_pool.shape[1] * PAGED_HEAD_DIM, dtype=qkv.dtype, device=qkv.device)
+    splits = splits or paged_attention_splits(qkv.shape[0], k_pool.shape[1], context, qkv.device)
+    _check_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out, splits)
+    partials, counters = split_buffers(workspace, *paged_attention_workspace_size(qkv.shape[0], k_pool.shape[1],
+                                                                                  context, splits), splits, out)
+    torch.ops.moshi_fast.paged_attention_bf16(qkv, k_pool, v_pool, page_table, positions, exec_mask, context,
+                                              float(max_period), out, partials, counters, splits,
+                                              pdl(qkv.device, "paged_attention"))
+    return out
+
+
+def paged_attention_supported(qkv, k_pool, v_pool, page_table, positions, exec_mask, context: int,
+                              out: torch.Tensor | None) -> bool:
+    """Whether `paged_attention` takes these operands with its default split count (its argument checks pass);
+    whether the extension is available is not checked here."""
+    try:
+        splits = paged_attention_splits(qkv.shape[0], k_pool.shape[1], context, qkv.device) if qkv.is_cuda else 1
+        _check_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out, splits)
+    except (ValueError, TypeError, IndexError):
+        return False
+    return True
+
+
+def _check_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out, splits) -> None:
+    """The op's argument checks, made here first (see _check_gemv); out may be None (allocated later)."""
+    if not qkv.is_cuda:
+        raise ValueError(f"paged_attention runs on CUDA tensors; qkv is on {qkv.device}")
+    if qkv.dtype != torch.bfloat16:
+        raise TypeError(f"paged_attention: qkv must be bfloat16, got {qkv.dtype}")
+    if k_pool.dim() != 4 or k_pool.shape[3] != PAGED_HEAD_DIM:
+        raise ValueError(f"paged_attention: k_pool must be [P, H, PAGE, {PAGED_HEAD_DIM}], got {list(k_pool.shape)}")
+    _, heads, page_size, _ = k_pool.shape
+    width = 3 * heads * PAGED_HEAD_DIM
+    if qkv.dim() != 2 or qkv.shape[1] != width or qkv.stride(1) != 1:
+        raise ValueError(f"paged_attention: qkv must be [B, {width}] with unit stride in its last dim, got "
+                         f"{list(qkv.shape)}")
+    if qkv.data_ptr() % 16 or qkv.stride(0) % 8:
+        raise ValueError("paged_attention: qkv's rows must be 16-byte aligned")
+    batch = qkv.shape[0]
+    named = {"k_pool": (k_pool, torch.bfloat16), "v_pool": (v_pool, torch.bfloat16),
+             "page_table": (page_table, torch.int32), "exec_mask": (exec_mask, torch.bool)}
+    if out is not None:
+        named["out"] = (out, torch.bfloat16)
+    for name, (tensor, dtype) in named.items():
+        if tensor.device != qkv.device:
+            raise ValueError(f"paged_attention: {name} must be on qkv's device {qkv.device}, got {tensor.device}")
+        if tensor.dtype != dtype:
+            raise TypeError(f"paged_attention: {name} must be {dtype}, got {tensor.dtype}")
+    if v_pool.shape != k_pool.shape or v_pool.stride() != k_pool.stride():
+        raise ValueError("paged_attention: k_pool and v_pool must share a shape and layout")
+    if (k_pool.stride(3) != 1 or any(stride % 8 for stride in k_pool.stride()[:3])
+            or k_pool.data_ptr() % 16 or v_pool.data_ptr() % 16):
+        raise ValueError("paged_attention: the pools' rows must be 16-byte aligned with unit stride in the head dim")
+    if page_size & (page_size - 1):
+        raise ValueError(f"paged_attention: the page size must be a power of two, got {page_size}")
+    if page_table.dim() != 2 or page_table.stride(1) != 1:
+        raise ValueError("paged_attention: page_table must be [S, N] with unit stride in its last dim")
+    if not 0 < context < 2 ** 30 or page_table.shape[1] * page_size < context:
+        raise ValueError(f"paged_attention: a ring of {page_table.shape[1]} pages of {page_size} cannot hold a "
+                         f"window of {context}")
+    if positions.device != qkv.device or positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError("paged_attention: positions must be int32 or int64 on qkv's device")
+    if positions.dim() != 1 or positions.stride(0) != 1 or exec_mask.dim() != 1 or exec_mask.stride(0) != 1:
+        raise ValueError("paged_attention: positions and exec_mask must be contiguous vectors")
+    if min(page_table.shape[0], positions.shape[0], exec_mask.shape[0]) < batch:
+        raise ValueError(f"paged_attention: page_table, positions and exec_mask must cover the {batch} slots of qkv")
+    if out is not None and (tuple(out.shape) != (batch, heads * PAGED_HEAD_DIM) or out.stride(1) != 1):
+        raise ValueError(f"paged_attention: out must be [{batch}, {heads * PAGED_HEAD_DIM}] with unit stride in its "
+                         f"last dim, got {list(out.shape)}")
+    if not 1 <= splits <= PAGED_MAX_SPLITS:
+        raise ValueError(f"paged_attention: splits must be in 1..{PAGED_MAX_SPLITS}, got {splits}")
+    if batch * heads >= 2 ** 16:
+        raise ValueError(f"paged_attention: at most 65535 (slot, head) pairs, got {batch * heads}")
+    if paged_attention_run_pages(context, splits, page_size) > PAGED_MAX_RUN_PAGES:
+        raise ValueError(f"paged_attention: a run of the window spans more than {PAGED_MAX_RUN_PAGES} pages; use "
+                         "more splits or larger pages")
+
+
 DEPTH_MAX_DIM = 1024
 """The widest D the extension's depth step serves (every row's attention output is kept in shared memory)."""
 DEPTH_MAX_HIDDEN = 3072

@@ -35,7 +35,8 @@ from .kernels.embed_sum import embed_sum_ref
 from .kernels.norm_rows import norm_rows as _norm_rows_kernel
 from .kernels.norm_rows import norm_rows_ref
 from .kernels.paged_attention import paged_attention as _paged_attention_kernel
-from .kernels.paged_attention import paged_attention_ref, paged_attention_workspace_size
+from .kernels.paged_attention import paged_attention_ref
+from .kernels.paged_attention import paged_attention_workspace_size as _paged_attention_workspace_size
 from .kernels.ring_attention import ring_attention as _ring_attention_kernel
 from .kernels.ring_attention import ring_attention_ref, ring_attention_workspace_size
 from .kernels.rvq_decode import rvq_decode as _rvq_decode_kernel
@@ -158,10 +159,40 @@ def ring_attention(qkv, ring_k, ring_v, frame, max_period, out=None, workspace: 
     return ring_attention_ref(qkv, ring_k, ring_v, frame, max_period, out=out)
 
 
+CUDA_PAGED_ATTENTION = False
+"""Whether `paged_attention` gives the CUDA extension's kernel (csrc/paged_attention_kernel.cuh: bf16, head dim 128,
+power-of-two pages) the calls it takes, instead of the Triton kernel. Off until timed on a GPU in the frame;
+bench_paged_attention.py times both kernels and bench_frame.py the frame with --cuda-paged-attention."""
+
+
+def uses_cuda_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out) -> bool:
+    """Whether `paged_attention` on these operands runs the CUDA extension's kernel (CUDA_PAGED_ATTENTION on, the
+    extension built and taking them)."""
+    return (_kernels_enabled and CUDA_PAGED_ATTENTION and qkv.is_cuda
+            and cuda_ext.paged_attention_supported(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out)
+            and cuda_ext.available())
+
+
+def paged_attention_workspace_size(batch: int, heads: int, head_dim: int, context: int, tiles: dict | None = None,
+                                   kv_dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """(partial floats, counters) of a SplitWorkspace that serves `paged_attention` on pools of kv_dtype (None: a
+    16-bit cache) whichever kernel runs it: the Triton launcher's plan (or `tiles`) and, where the CUDA extension's
+    kernel could take the shape, its default split count too."""
+    need = _paged_attention_workspace_size(batch, heads, head_dim, context, tiles, kv_dtype)
+    if head_dim != cuda_ext.PAGED_HEAD_DIM or kv_dtype not in (None, torch.bfloat16):
+        return need
+    cuda_need = cuda_ext.paged_attention_workspace_size(batch, heads, context)
+    return max(need[0], cuda_need[0]), max(need[1], cuda_need[1])
+
+
 def paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period, out=None,
                     workspace: SplitWorkspace | None = None):
     """RoPE + KV write into the page pool + attention over each slot's live window of one new token
-    (kernels/paged_attention.py; the pools, page table, positions and mask come from PagedKVCache)."""
+    (kernels/paged_attention.py, or the CUDA extension's kernel where `uses_cuda_paged_attention`; the pools, page
+    table, positions and mask come from PagedKVCache)."""
+    if uses_cuda_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out):
+        return cuda_ext.paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period,
+                                        out=out, workspace=workspace)
     if _use_kernel(qkv, k_pool):
         return _paged_attention_kernel(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period,
                                        out=out, workspace=workspace)
@@ -418,7 +449,7 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
            "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_gemv_serves",
            "cuda_sampling", "delay_line_in", "delay_line_out", "depth_attention", "depth_step", "depth_step_scratch",
-           "embed_sum", "gemv_cuda", "linear", "linear_workspace_size", "norm_rows", "pack_conv_transpose_weight",
-           "paged_attention", "paged_attention_workspace_size", "programmatic_launch", "ring_attention",
-           "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch", "sample_tokens",
-           "norm_runs_apart", "separate_norms", "settle_weights", "uses_cuda_depth_step"]
+           "embed_sum", "gemv_cuda", "linear", "linear_workspace_size", "norm_rows", "norm_runs_apart",
+           "pack_conv_transpose_weight", "paged_attention", "paged_attention_workspace_size", "programmatic_launch",
+           "ring_attention", "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch",
+           "sample_tokens", "separate_norms", "settle_weights", "uses_cuda_depth_step", "uses_cuda_paged_attention"]

@@ -40,3 +40,20 @@ def calibrate_codebooks(model, seed: int = 0) -> None:
             noise = torch.randn(rvq.codebooks.shape, generator=generator).to(run.device) * deviation
             noise[0] += mean
             rvq.codebooks.copy_(noise)
+
+
+def graph_after_warmup(step, *restored: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of step(): one eager warm-up call on a side stream (compilation), then the capture; the
+    `restored` tensors are set back to their values from before the warm-up, which thereby changes nothing."""
+    initial = [tensor.clone() for tensor in restored]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for tensor, value in zip(restored, initial):
+        tensor.copy_(value)
+    return graph

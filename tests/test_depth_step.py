@@ -8,7 +8,7 @@ import torch
 
 from moshi_fast.kernels.depth_step import (depth_step, depth_step_phases, depth_step_ref, depth_step_scratch)
 
-from .helpers import rel_err
+from .helpers import graph_after_warmup, rel_err
 
 TINY = dict(layers=2, dim=48, heads=3, hidden=40, card=37, steps=5, tables=5, table_rows=20)
 MOSHI = dict(layers=6, dim=1024, heads=16, hidden=2816, card=2048, steps=8, tables=8, table_rows=2049)
@@ -191,14 +191,7 @@ def assert_graph_replays_a_frame(weights, frame, step_kernel, inputs=None):
         for step in range(weights.config["steps"]):
             step_kernel(**frame.args(weights, step))
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    graph = graph_after_warmup(run)
     for replay in range(2):
         inputs.copy_(torch.randn(inputs.shape, device="cuda"))
         frame.previous.copy_(torch.randint(0, weights.table_rows, frame.previous.shape, device="cuda"))

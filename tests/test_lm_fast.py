@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from moshi_fast import ops
+from moshi_fast import cuda_ext, ops
 from moshi_fast.config import moshiko, tiny
 from moshi_fast.engine import _random_module
 from moshi_fast.fast.lm import FastLM, FastLMRunner, overlap_text_sampling
@@ -197,11 +197,16 @@ def test_real_config_teacher_forced_fp32(batch):
 
 
 @pytest.mark.gpu
-def test_real_config_bf16_as_faithful_as_the_bf16_reference():
+@pytest.mark.parametrize("cuda_attention", [False, True], ids=["triton-attention", "cuda-attention"])
+def test_real_config_bf16_as_faithful_as_the_bf16_reference(cuda_attention, monkeypatch):
     """In bf16 with random weights the reference itself lands ~2% from its fp32 result (rounding through
     38 layers), so two bf16 implementations cannot agree to 1e-2. The bound that means something: the
     fast bf16 step is no farther from the exact (fp32) model than the bf16 reference is, frame by frame
-    over 200 teacher-forced frames, and picks the exact model's token wherever its margin is clear."""
+    over 200 teacher-forced frames, and picks the exact model's token wherever its margin is clear.
+    cuda_attention: Helium's attention on the CUDA extension's kernel (ops.CUDA_PAGED_ATTENTION)."""
+    monkeypatch.setattr(ops, "CUDA_PAGED_ATTENTION", cuda_attention)
+    if cuda_attention:
+        assert cuda_ext.available(), cuda_ext.unavailable_reason()
     device = torch.device("cuda")
     exact = build(moshiko().lm, torch.float32, device)
     lm16 = build(moshiko().lm, torch.bfloat16, device)

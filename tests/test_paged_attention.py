@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moshi_fast import cuda_ext, ops
 from moshi_fast.cache import KVPoolExhausted, PagedKVCache
 from moshi_fast.kernels._utils import SplitWorkspace
 from moshi_fast.kernels.paged_attention import (_resolve_tiles, _to_cache, paged_attention,
@@ -15,7 +16,7 @@ from moshi_fast.kernels.paged_attention import (_resolve_tiles, _to_cache, paged
                                                 paged_attention_workspace_size)
 from moshi_fast.reference.attention import attend, rope_interleaved, split_heads, to_cache_dtype
 
-from .helpers import rel_err
+from .helpers import graph_after_warmup, rel_err
 
 HEADS, HEAD_DIM, CONTEXT, PAGE_SIZE, MAX_PERIOD = 2, 16, 10, 4, 10000.0
 WIDTH = HEADS * HEAD_DIM
@@ -537,9 +538,14 @@ def test_paged_attention_fp8_cache_at_helium_shapes(batch, tiles):
 
 
 @pytest.mark.gpu
-def test_paged_attention_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("kernel", ["triton", "cuda"])
+def test_paged_attention_replays_in_a_cuda_graph(kernel):
     """set_exec_mask, two layers and advance captured once, replayed for 5 steps with new qkv, match
-    the same steps run eagerly by the reference on a twin cache."""
+    the same steps run eagerly by the reference on a twin cache; the Triton kernel, or the CUDA extension's
+    (cuda_ext.paged_attention, with its own default split count and workspace)."""
+    if kernel == "cuda":
+        assert cuda_ext.available(), cuda_ext.unavailable_reason()
+    attention = paged_attention if kernel == "triton" else cuda_ext.paged_attention
     batch, layers = 4, 2
     width = HELIUM["heads"] * HELIUM["head_dim"]
     cache = helium_cache([0, 2998, 5000, 17], layers)
@@ -549,29 +555,18 @@ def test_paged_attention_replays_in_a_cuda_graph():
     exec_mask = torch.tensor([True, True, False, True], device="cuda")
     qkv = torch.empty(layers, batch, 3 * width, device="cuda", dtype=torch.bfloat16)
     outs = torch.empty(layers, batch, width, device="cuda", dtype=torch.bfloat16)
-    workspace = SplitWorkspace(*paged_attention_workspace_size(batch, HELIUM["heads"], HELIUM["head_dim"],
-                                                               HELIUM["context"]), "cuda")
+    workspace = SplitWorkspace(*ops.paged_attention_workspace_size(batch, HELIUM["heads"], HELIUM["head_dim"],
+                                                                   HELIUM["context"]), "cuda")
 
     def step():
         cache.set_exec_mask(exec_mask)
         for layer in range(layers):
-            paged_attention(qkv[layer], *cache.layer(layer), cache.page_table, cache.positions,
-                            cache.exec_mask, HELIUM["context"], 10000.0, out=outs[layer], workspace=workspace)
+            attention(qkv[layer], *cache.layer(layer), cache.page_table, cache.positions, cache.exec_mask,
+                      HELIUM["context"], 10000.0, out=outs[layer], workspace=workspace)
         cache.advance()
 
-    # The warm-up (compilation) runs one real step: it is undone before the replays.
-    initial = cache.positions.clone(), cache.k_pool.clone(), cache.v_pool.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        qkv.normal_()
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for tensor, value in zip((cache.positions, cache.k_pool, cache.v_pool), initial):
-        tensor.copy_(value)
+    qkv.normal_()
+    graph = graph_after_warmup(step, cache.positions, cache.k_pool, cache.v_pool)
     for _ in range(5):
         qkv.normal_()
         graph.replay()

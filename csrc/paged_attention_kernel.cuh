@@ -173,9 +173,15 @@ __global__ void __launch_bounds__(kPagedThreads, 4) paged_attention_bf16_kernel(
   const int pair = blockIdx.y;
   const int slot = pair / args.heads;
   const int head = pair % args.heads;
-  if (!args.exec_mask[slot]) return;
+  const int lane = threadIdx.x % 32;
+  const int sub = lane % 16;
+  // The slot's flag, its position and the query are requested together (one round trip), before any branch.
+  const bool runs = args.exec_mask[slot];
   const int64_t position = args.positions_int64 ? static_cast<const int64_t*>(args.positions)[slot]
                                                 : static_cast<const int32_t*>(args.positions)[slot];
+  const __nv_bfloat16* token = args.qkv + slot * args.qkv_row_stride + head * kPagedHeadDim + 8 * sub;
+  const uint4 query_bits = __ldg(reinterpret_cast<const uint4*>(token));
+  if (!runs) return;
   const int64_t first = position - args.context + 1 > 0 ? position - args.context + 1 : 0;
   const int live = static_cast<int>(position - first + 1);
   const int chunk = paged_attention_chunk(live, args.splits);
@@ -185,10 +191,8 @@ __global__ void __launch_bounds__(kPagedThreads, 4) paged_attention_bf16_kernel(
   const bool holds_new = start + chunk > position;
   const int old_rows = static_cast<int>((start + chunk < position ? start + chunk : position) - start);
 
-  const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int half = lane / 16;
-  const int sub = lane % 16;
   const int page_mask = (1 << args.page_shift) - 1;
   const int32_t* table = args.page_table + slot * args.table_row_stride;
   const int64_t first_page = start >> args.page_shift;
@@ -205,8 +209,6 @@ __global__ void __launch_bounds__(kPagedThreads, 4) paged_attention_bf16_kernel(
     sincos(static_cast<double>(angle), &sine, &cosine);
     rope[threadIdx.x] = make_float2(static_cast<float>(cosine), static_cast<float>(sine));
   }
-  const __nv_bfloat16* token = args.qkv + slot * args.qkv_row_stride + head * kPagedHeadDim + 8 * sub;
-  const uint4 query_bits = __ldg(reinterpret_cast<const uint4*>(token));
   __syncthreads();
 
   float query[8];

@@ -20,7 +20,9 @@
 #   (leaves out the sampling kernel's tile sweep)
 #   ISOLATED_TESTS, ISOLATED_BENCH: test and benchmark files run first, each in a process of its own (for kernels
 #   not yet run on a GPU: a bad memory access poisons the CUDA context of the process it happens in, and every later
-#   test or benchmark there fails with it), ISOLATED_TIMEOUT seconds at most each (default 300); default none
+#   test or benchmark there fails with it), ISOLATED_TIMEOUT seconds at most each (default 300); by default those of
+#   the CUDA paged attention (tests/test_paged_attention_cuda.py, tests/test_paged_attention.py,
+#   bench/bench_paged_attention.py); empty to run everything together
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
@@ -38,8 +40,8 @@ print("git:", os.environ["GIT_SHA"])
 PY
 steps=",${1:-tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo},"
 status=0
-isolated_tests=${ISOLATED_TESTS-}
-isolated_bench=${ISOLATED_BENCH-}
+isolated_tests=${ISOLATED_TESTS-tests/test_paged_attention_cuda.py tests/test_paged_attention.py}
+isolated_bench=${ISOLATED_BENCH-bench/bench_paged_attention.py}
 ignored_tests=$(for f in $isolated_tests; do printf -- ' --ignore=%s' "$f"; done)
 ignored_bench=$(for f in $isolated_bench; do printf -- ' --ignore=%s' "$f"; done)
 if [[ $steps == *,tests,* ]]; then

@@ -200,6 +200,7 @@ PAGED_MAX_RUN_PAGES = 512
 """Page-table entries a block of the paged attention keeps in shared memory (its run spans chunk / PAGE + 2 at
 most)."""
 PAGED_MAX_SPLITS = 256
+"""The most runs a (slot, head)'s window may be split into."""
 PAGED_BLOCKS_PER_SM = 4
 """Blocks of the paged attention an SM holds at once (4 warps and at most 128 registers a thread each)."""
 PAGED_MIN_SPLIT_KEYS = 128

@@ -245,11 +245,14 @@ __global__ void __launch_bounds__(kPagedThreads, 4) paged_attention_bf16_kernel(
   const int64_t head_offset = head * args.pool_head_stride + 8 * sub;
   const int groups = (old_rows + kPagedGroupRows - 1) / kPagedGroupRows;
   for (int group = warp; group < groups; group += kPagedWarps) {
+    // The lane's rows are group * 16 + 2 i + half; those with 2 i >= rows_left lie past the run (the same for every
+    // lane of a half-warp, so the branches on it below are too).
+    const int rows_left = old_rows - group * kPagedGroupRows - half;
     uint4 keys[8], values[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int row = group * kPagedGroupRows + 2 * i + half;
-      if (row < old_rows) {
+      if (2 * i < rows_left) {
         const int run_row = start_in_page + row;
         const int64_t offset = static_cast<int64_t>(run_pages[run_row >> args.page_shift]) * args.pool_page_stride +
                                head_offset + (run_row & page_mask) * args.pool_row_stride;
@@ -262,11 +265,10 @@ __global__ void __launch_bounds__(kPagedThreads, 4) paged_attention_bf16_kernel(
     float scores[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) scores[i] = half_warp_sum(dot8(query, keys[i]));
-    // Rows past the run are the same for every lane of a half-warp, so the branches below are too.
     float group_max = row_max;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      if (group * kPagedGroupRows + 2 * i + half < old_rows) group_max = fmaxf(group_max, scores[i]);
+      if (2 * i < rows_left) group_max = fmaxf(group_max, scores[i]);
     }
     if (group_max == -INFINITY) continue;
     const float rescale = exp2f(row_max - group_max);
@@ -275,7 +277,7 @@ __global__ void __launch_bounds__(kPagedThreads, 4) paged_attention_bf16_kernel(
     for (int d = 0; d < 8; ++d) weighted[d] *= rescale;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      if (group * kPagedGroupRows + 2 * i + half >= old_rows) continue;
+      if (2 * i >= rows_left) continue;
       const float weight = exp2f(scores[i] - group_max);
       row_sum += weight;
       float value[8];

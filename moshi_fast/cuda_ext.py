@@ -256,16 +256,26 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     Helium's full window of 3000). Launched with programmatic dependent launch where `kernels._utils.pdl` allows it.
     Graph-safe with `out` and `workspace` given. Raises RuntimeError when the extension is unavailable, ValueError /
     TypeError on bad arguments."""
+    _require()
+    splits = splits or paged_attention_splits(qkv.shape[0], k_pool.shape[1], context, qkv.device)
+    _check_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out, splits)
+    return launch_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period, out,
+                                  workspace, splits)
+
+
+def launch_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context: int, max_period: float,
+                           out: torch.Tensor | None = None, workspace=None, splits: int = 0) -> torch.Tensor:
+    """`paged_attention` for operands that its checks (or `paged_attention_supported`) have passed, with the extension
+    loaded: the launch without the Python-side checks (the workspace's size and the op's own still run)."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
     from .kernels._utils import pdl, split_buffers
 
-    _require()
-    if out is None and qkv.dim() == 2 and k_pool.dim() == 4:
-        out = torch.empty(qkv.shape[0], k_pool.shape[1] * PAGED_HEAD_DIM, dtype=qkv.dtype, device=qkv.device)
-    splits = splits or paged_attention_splits(qkv.shape[0], k_pool.shape[1], context, qkv.device)
-    _check_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out, splits)
-    partials, counters = split_buffers(workspace, *paged_attention_workspace_size(qkv.shape[0], k_pool.shape[1],
-                                                                                  context, splits), splits, out)
+    batch, heads = qkv.shape[0], k_pool.shape[1]
+    if out is None:
+        out = torch.empty(batch, heads * PAGED_HEAD_DIM, dtype=qkv.dtype, device=qkv.device)
+    splits = splits or paged_attention_splits(batch, heads, context, qkv.device)
+    partials, counters = split_buffers(workspace, *paged_attention_workspace_size(batch, heads, context, splits),
+                                       splits, out)
     torch.ops.moshi_fast.paged_attention_bf16(qkv, k_pool, v_pool, page_table, positions, exec_mask, context,
                                               float(max_period), out, partials, counters, splits,
                                               pdl(qkv.device, "paged_attention"))
@@ -304,11 +314,7 @@ def _check_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask
              "page_table": (page_table, torch.int32), "exec_mask": (exec_mask, torch.bool)}
     if out is not None:
         named["out"] = (out, torch.bfloat16)
-    for name, (tensor, dtype) in named.items():
-        if tensor.device != qkv.device:
-            raise ValueError(f"paged_attention: {name} must be on qkv's device {qkv.device}, got {tensor.device}")
-        if tensor.dtype != dtype:
-            raise TypeError(f"paged_attention: {name} must be {dtype}, got {tensor.dtype}")
+    _check_devices_and_dtypes("paged_attention", "qkv's", qkv.device, named)
     if v_pool.shape != k_pool.shape or v_pool.stride() != k_pool.stride():
         raise ValueError("paged_attention: k_pool and v_pool must share a shape and layout")
     if (k_pool.stride(3) != 1 or any(stride % 8 for stride in k_pool.stride()[:3])
@@ -521,14 +527,21 @@ def _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, d
                "seed": (seed, torch.int64), "counter": (counter, torch.int64)}
     if out is not None:
         vectors["out"] = (out, torch.int64)
-    for name, (tensor, dtype) in vectors.items():
-        if tensor.device != logits.device:
-            raise ValueError(f"sample_tokens: {name} must be on the logits' device {logits.device}, "
-                             f"got {tensor.device}")
-        if tensor.dtype != dtype:
-            raise TypeError(f"sample_tokens: {name} must be {dtype}, got {tensor.dtype}")
+    _check_devices_and_dtypes("sample_tokens", "the logits'", logits.device, vectors)
+    for name, (tensor, _) in vectors.items():
         if tuple(tensor.shape) != (batch,):
             raise ValueError(f"sample_tokens: {name} must be [{batch}], got {list(tensor.shape)}")
+
+
+def _check_devices_and_dtypes(op: str, owner: str, device: torch.device,
+                              named: dict[str, tuple[torch.Tensor, torch.dtype]]) -> None:
+    """ValueError unless every named tensor is on `device` (the `owner` operand's), TypeError unless it has its
+    dtype."""
+    for name, (tensor, dtype) in named.items():
+        if tensor.device != device:
+            raise ValueError(f"{op}: {name} must be on {owner} device {device}, got {tensor.device}")
+        if tensor.dtype != dtype:
+            raise TypeError(f"{op}: {name} must be {dtype}, got {tensor.dtype}")
 
 
 def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False) -> None:

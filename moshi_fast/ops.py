@@ -191,8 +191,8 @@ def paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, conte
     (kernels/paged_attention.py, or the CUDA extension's kernel where `uses_cuda_paged_attention`; the pools, page
     table, positions and mask come from PagedKVCache)."""
     if uses_cuda_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out):
-        return cuda_ext.paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period,
-                                        out=out, workspace=workspace)
+        return cuda_ext.launch_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context,
+                                               max_period, out, workspace)
     if _use_kernel(qkv, k_pool):
         return _paged_attention_kernel(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period,
                                        out=out, workspace=workspace)

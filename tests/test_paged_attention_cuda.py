@@ -167,13 +167,13 @@ def test_bad_arguments_raise(extension, change, error):
 @pytest.mark.gpu
 def test_ops_dispatches_to_the_extension_only_when_switched_on(extension, monkeypatch):
     calls = []
-    original = cuda_ext.paged_attention
+    original = cuda_ext.launch_paged_attention
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cuda_ext, "paged_attention", spy)
+    monkeypatch.setattr(cuda_ext, "launch_paged_attention", spy)
     operands = _helium_operands()
     triton_args = {**operands, "k_pool": operands["k_pool"].clone(), "v_pool": operands["v_pool"].clone()}
     workspace = SplitWorkspace(*ops.paged_attention_workspace_size(2, HEADS, HEAD_DIM, CONTEXT), "cuda")
@@ -207,7 +207,7 @@ def test_default_splits_and_chunks(monkeypatch):
 
 def test_ops_never_reaches_the_extension_on_the_cpu(monkeypatch):
     monkeypatch.setattr(ops, "CUDA_PAGED_ATTENTION", True)
-    monkeypatch.setattr(cuda_ext, "paged_attention", lambda *a, **k: pytest.fail("reached the extension"))
+    monkeypatch.setattr(cuda_ext, "launch_paged_attention", lambda *a, **k: pytest.fail("reached the extension"))
     cache = PagedKVCache(1, 2, HEAD_DIM, 37, 1, page_size=4, dtype=torch.float32)
     cache.admit(0)
     cache.set_exec_mask(torch.ones(1, dtype=torch.bool))

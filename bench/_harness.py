@@ -190,6 +190,10 @@ with_sampler_scalar_loads = with_setting(ops, "SAMPLER_VECTOR_LOADS", False)
 # frame).
 with_cuda_paged_attention = with_setting(ops, "CUDA_PAGED_ATTENTION", True)
 
+# The RMSNorm'd products on the CUDA GEMV with the norm's row scale applied after the product (off by default until
+# timed in the frame).
+with_cuda_gemv_norm_after = with_setting(ops, "CUDA_GEMV_NORM_AFTER", True)
+
 
 def with_serial_text_sampling(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with the text token drawn before the depth transformer's input projection, on the step's
@@ -233,6 +237,9 @@ VARIANTS = (
             "with the CUDA sampler reading logit rows one key at a time, not in 16-byte pieces"),
     Variant("--cuda-paged-attention", "fast_cuda_paged_attention", with_cuda_paged_attention,
             "with Helium's attention on the CUDA extension's kernel instead of the Triton one"),
+    Variant("--cuda-gemv-norm-after", "fast_cuda_gemv_norm_after", with_cuda_gemv_norm_after,
+            "with the RMSNorm'd products that the CUDA GEMV takes applying the norm's row scale after the product "
+            "(no norm launch before Helium's products at one conversation)"),
     # Last (variant_runs times it after the KV-cache run).
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
             "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),

@@ -112,20 +112,26 @@ def _cublas(x, weights, res, norm, gated):
     return _in_turn(fused, weights)
 
 
-def _cuda(x, weights, res, out, norm, gated, warps=0):
+def _cuda(x, weights, res, out, norm, gated, warps=0, norm_after=False):
     norm = None if norm is None else (norm, EPS)
-    return _in_turn(lambda weight: cuda_ext.gemv(x, weight, res, out, warps, norm=norm, gated=gated), weights)
+    return _in_turn(lambda weight: cuda_ext.gemv(x, weight, res, out, warps, norm=norm, gated=gated,
+                                                 norm_after=norm_after), weights)
 
 
-@pytest.mark.parametrize("provider", ["cuda", "triton", "cublas"])
+@pytest.mark.parametrize("provider", ["cuda", "cuda_norm_after", "triton", "cublas"])
 @pytest.mark.parametrize("shape, rows", CASES)
 def test_gemv(measure, device, shape, rows, provider):
+    """provider cuda_norm_after: the CUDA GEMV with the RMSNorm's row scale applied after the product (the shapes
+    with a norm only)."""
+    if provider == "cuda_norm_after" and SHAPES[shape][3] is None:
+        pytest.skip("no norm to apply after the product")
     x, weights, res, out, moved, norm, gated = _operands(device, shape, rows)
     triton_fn, tiles = _triton(x, weights, res, out, norm, gated)
     cublas_fn = _cublas(x, weights, res, norm, gated)
     config = {"op": f"gemv {provider}", "shape": shape, "batch": rows, "rows": rows, "dtype": "bfloat16"}
-    if provider == "cuda":
-        extra = measure(_cuda(x, weights, res, out, norm, gated), moved, cublas_fn, **config)
+    if provider.startswith("cuda"):
+        extra = measure(_cuda(x, weights, res, out, norm, gated, norm_after=provider == "cuda_norm_after"), moved,
+                        cublas_fn, **config)
         triton_seconds = graph_time(triton_fn)
         measure.benchmark.extra_info.update(triton_us=triton_seconds * 1e6,
                                             speedup_vs_triton=triton_seconds * 1e6 / extra["us"])

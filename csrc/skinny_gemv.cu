@@ -37,12 +37,12 @@ void check_output_shape(const at::Tensor& tensor, const char* name, int64_t rows
 }
 
 // out = act(norm(x) @ weight.T) (+ residual), see skinny_gemv_kernel.cuh: norm_weight given, x is RMSNormed with it
-// and eps first; gated, the weight holds the gate rows then the up rows and out = silu(gate) * up. warps_per_block 0
+// and eps first (norm_after: its row scale applied after the product); gated, the weight holds the gate rows then the up rows and out = silu(gate) * up. warps_per_block 0
 // takes the default split of each tile's K (skinny_gemv_default_warps); 1..16 forces one, for measuring.
 // programmatic: launch with programmatic dependent launch (the caller checks that the device supports it).
 void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                at::Tensor& out, int64_t warps_per_block, const std::optional<at::Tensor>& norm_weight, double eps,
-               bool gated, bool programmatic) {
+               bool gated, bool programmatic, bool norm_after) {
   TORCH_CHECK_VALUE(x.is_cuda(), "gemv_bf16 runs on CUDA tensors; x is on ", x.device());
   check_matrix(x, "x", x);
   check_matrix(weight, "weight", x);
@@ -84,6 +84,7 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
     check_aligned(w, "norm_weight");
     TORCH_CHECK_VALUE(at::get_overlap_status(out, w) == at::MemOverlapStatus::No, "gemv_bf16: out overlaps norm_weight");
   }
+  TORCH_CHECK_VALUE(!norm_after || norm_weight.has_value(), "gemv_bf16: norm_after needs norm_weight");
   const int most_warps = gemv_max_warps(gemv_groups(static_cast<int>(rows)));
   TORCH_CHECK_VALUE(warps_per_block >= 0 && warps_per_block <= most_warps,
                     "gemv_bf16: warps_per_block must be 0 (the default) or 1 to ", most_warps, " at ", rows,
@@ -100,6 +101,7 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
       reinterpret_cast<__nv_bfloat16*>(out.mutable_data_ptr()),
       norm_weight.has_value() ? reinterpret_cast<const __nv_bfloat16*>(norm_weight->const_data_ptr()) : nullptr,
       static_cast<float>(eps),
+      norm_after,
       gated,
       static_cast<int>(rows),
       static_cast<int>(n),

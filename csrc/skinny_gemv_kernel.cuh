@@ -9,6 +9,13 @@
 //          the M row scales itself from x (M K bf16, read from L2: 2 KB a block at the depth transformer's K = 1024
 //          and M = 1), while its first weight loads are in flight; the normalised x is made in registers as it is
 //          loaded, never stored.
+//   norm, scaled after the product (norm_after): the same RMSNorm with its row scale moved past the sum,
+//          out = rsqrt(eps + mean(x^2)) * (bf16(x * norm_weight) @ W^T), the scale applied in fp32 before the gate
+//          and the residual. The warps sum x's squares from the pieces they load for the product anyway, and the
+//          block adds those partials up with its product partials: nothing runs before the first product (no pass
+//          over x, no block barrier), which is what a fused norm costs every wave of blocks. The same function as
+//          the norm above with another rounding: x * norm_weight is rounded to bf16 instead of x * norm_weight *
+//          scale (one rounding either way).
 //   gated: the weight is [2N, K], gate rows then up rows, and out = silu(x W[:N]^T) * (x W[N:]^T) (the SiLU-gated
 //          FFN input). A block's 16 A-operand rows are 8 gate rows and the 8 matching up rows, so every lane holds
 //          the gate and up sums of the same outputs and the gate is applied in the epilogue.
@@ -77,6 +84,10 @@ constexpr int kGemvMaxWarps = 16;
 // and whose partials [groups][warps][32] float4 stay within 32 KB of static shared memory.
 __host__ __device__ constexpr int gemv_max_warps(int groups) { return groups <= 2 ? kGemvMaxWarps : kGemvMaxWarps / 2; }
 
+// How an instance applies the RMSNorm of x (a template argument): not at all, before the product (x normalised as
+// the reference rounds it) or after it (norm_after: x * norm_weight multiplied, the row scale applied to the sums).
+enum GemvNorm : int { kGemvNoNorm, kGemvNormBefore, kGemvNormAfter };
+
 // Column groups of a launch: the fewest powers of two covering `rows` (each a template instance).
 inline int gemv_groups(int rows) {
   int groups = 1;
@@ -91,6 +102,7 @@ struct SkinnyGemvArgs {
   __nv_bfloat16* out;                // [rows, n] contiguous; overlaps neither x nor the weight
   const __nv_bfloat16* norm_weight;  // [k] contiguous, 16-byte aligned: RMSNorm x first; or null
   float eps;                         // the RMSNorm's epsilon
+  bool norm_after;                   // with norm_weight: the row scale applied after the product (see above)
   bool gated;                        // out = silu(gate) * up of the weight's two halves
   int rows;                          // 1..kGemvMaxRows
   int n;                             // output columns, at most (INT_MAX - kGemvTileRows) / 2: indices stay 32-bit
@@ -172,8 +184,10 @@ __device__ __forceinline__ void load_x_step(StepOperands& operands, const __nv_b
 }
 
 // bf16(x * (norm_weight * scale)) for 8 elements: the reference's RMSNorm, in its order of fp32 products (no
-// sum is involved, so fast-math contraction cannot change it).
-__device__ __forceinline__ uint4 normalize_piece(uint4 x, uint4 norm_weight, float scale) {
+// sum is involved, so fast-math contraction cannot change it). kScaleAfter (the norm scaled after the product):
+// bf16(x * norm_weight) instead, x's squares added to *square_sum in fp32 (pieces past K are zero and add nothing).
+template <bool kScaleAfter = false>
+__device__ __forceinline__ uint4 normalize_piece(uint4 x, uint4 norm_weight, float scale, float* square_sum = nullptr) {
   uint4 result;
   const __nv_bfloat162* xs = reinterpret_cast<const __nv_bfloat162*>(&x);
   const __nv_bfloat162* ws = reinterpret_cast<const __nv_bfloat162*>(&norm_weight);
@@ -182,7 +196,12 @@ __device__ __forceinline__ uint4 normalize_piece(uint4 x, uint4 norm_weight, flo
   for (int j = 0; j < 4; ++j) {
     const float2 xf = __bfloat1622float2(xs[j]);
     const float2 wf = __bfloat1622float2(ws[j]);
-    rs[j] = __floats2bfloat162_rn(xf.x * (wf.x * scale), xf.y * (wf.y * scale));
+    if constexpr (kScaleAfter) {
+      *square_sum += xf.x * xf.x + xf.y * xf.y;
+      rs[j] = __floats2bfloat162_rn(xf.x * wf.x, xf.y * wf.y);
+    } else {
+      rs[j] = __floats2bfloat162_rn(xf.x * (wf.x * scale), xf.y * (wf.y * scale));
+    }
   }
   return result;
 }
@@ -232,6 +251,24 @@ __device__ __forceinline__ void normalize_x_step(StepOperands& operands,
                                                  const uint4 (&norm_pieces)[kGemvLoadsPerRow], float scale) {
 #pragma unroll
   for (int u = 0; u < kGemvLoadsPerRow; ++u) operands.x[u] = normalize_piece(operands.x[u], norm_pieces[u], scale);
+}
+
+// The step's x pieces weighed by the norm weight's pieces at the same K, their squares added to square_sum (the
+// norm scaled after the product).
+__device__ __forceinline__ void weigh_x_step(StepOperands& operands, const uint4 (&norm_pieces)[kGemvLoadsPerRow],
+                                             float& square_sum) {
+#pragma unroll
+  for (int u = 0; u < kGemvLoadsPerRow; ++u)
+    operands.x[u] = normalize_piece<true>(operands.x[u], norm_pieces[u], 1.f, &square_sum);
+}
+
+// rsqrt(eps + mean(x^2)) of x row `row` of a column group from the warps' partial sums of its squares
+// [warps][kGemvGroupRows], added in warp order (deterministic).
+__device__ __forceinline__ float row_scale_from_partials(const float (*square_partials)[kGemvGroupRows], int warps,
+                                                        int row, int k, float eps) {
+  float sum = 0.f;
+  for (int w = 0; w < warps; ++w) sum += square_partials[w][row];
+  return rsqrtf(eps + sum / static_cast<float>(k));
 }
 
 // rsqrt(eps + mean(x^2)) of each x row into scales[rows], a warp a row (rows round robin over the warps), fp32.
@@ -292,7 +329,7 @@ __device__ __forceinline__ float2 tile_element_sums(const float4 (*partials)[32]
   return sums;
 }
 
-template <bool kNorm, bool kGated, int kGroups>
+template <int kNorm, bool kGated, int kGroups>
 __global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16_kernel(SkinnyGemvArgs args) {
   static_assert(kGroups >= 1 && kGroups <= kGemvMaxGroups && (kGroups & (kGroups - 1)) == 0,
                 "column groups: a power of two up to kGemvMaxGroups");
@@ -301,6 +338,8 @@ __global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16
   constexpr int kWarpsMax = gemv_max_warps(kGroups);
   __shared__ float4 warp_partials[kGroups][kWarpsMax][32];
   __shared__ float row_scales[kGroups * kGemvGroupRows];
+  // Norm after the product: each warp's sums of its x pieces' squares, a row of each column group at a time.
+  __shared__ float square_partials[kGroups][kNorm == kGemvNormAfter ? kWarpsMax : 1][kGemvGroupRows];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int warps = blockDim.x / 32;
@@ -328,11 +367,15 @@ __global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16
   }
   const __nv_bfloat16* weight_lo = args.weight + row_lo * args.k + lane_k;
   const __nv_bfloat16* weight_hi = args.weight + row_hi * args.k + lane_k;
-  const __nv_bfloat16* norm_weight = kNorm ? args.norm_weight + lane_k : nullptr;
+  const __nv_bfloat16* norm_weight = kNorm != kGemvNoNorm ? args.norm_weight + lane_k : nullptr;
 
   float acc[kGroups][4];
+  float square_sums[kGroups];
 #pragma unroll
-  for (int j = 0; j < kGroups; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int j = 0; j < kGroups; ++j) {
+    acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    square_sums[j] = 0.f;
+  }
   const int steps = (args.k + kGemvStepK - 1) / kGemvStepK;
   StepOperands operands;
   // The first step's weight is requested before the wait: no kernel of a step writes weights, so it can be in flight
@@ -343,7 +386,7 @@ __global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16
   float scales[kGroups];
 #pragma unroll
   for (int j = 0; j < kGroups; ++j) scales[j] = 1.f;
-  if constexpr (kNorm) {
+  if constexpr (kNorm == kGemvNormBefore) {
     row_rms_scales(args, row_scales, warp, warps, lane);
     __syncthreads();
 #pragma unroll
@@ -352,16 +395,17 @@ __global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16
   for (int step = warp; step < steps; step += warps) {
     const int k0 = step * kGemvStepK;
     if (step != warp) load_weight_step(operands, weight_lo, weight_hi, k0, lane_k, args.k);
-    if constexpr (kNorm && kGroups == 1) {
+    if constexpr (kNorm == kGemvNormBefore && kGroups == 1) {
       load_normalized_x_step(operands, x_lane[0], norm_weight, scales[0], k0, lane_k, args.k);
       multiply_step(acc[0], operands);
     } else {
       uint4 norm_pieces[kGemvLoadsPerRow];
-      if constexpr (kNorm) load_norm_weight_step(norm_pieces, norm_weight, k0, lane_k, args.k);
+      if constexpr (kNorm != kGemvNoNorm) load_norm_weight_step(norm_pieces, norm_weight, k0, lane_k, args.k);
 #pragma unroll
       for (int j = 0; j < kGroups; ++j) {
         load_x_step(operands, x_lane[j], k0, lane_k, args.k);
-        if constexpr (kNorm) normalize_x_step(operands, norm_pieces, scales[j]);
+        if constexpr (kNorm == kGemvNormBefore) normalize_x_step(operands, norm_pieces, scales[j]);
+        if constexpr (kNorm == kGemvNormAfter) weigh_x_step(operands, norm_pieces, square_sums[j]);
         multiply_step(acc[j], operands);
       }
     }
@@ -370,6 +414,13 @@ __global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16
 #pragma unroll
   for (int j = 0; j < kGroups; ++j) {
     warp_partials[j][warp][lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+    if constexpr (kNorm == kGemvNormAfter) {
+      // The four lanes of a group hold the same x row at the step's four K offsets.
+      float sum = square_sums[j];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (lane % 4 == 0) square_partials[j][warp][group] = sum;
+    }
   }
   __syncthreads();
 
@@ -381,8 +432,13 @@ __global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16
     const int column = tile_column + column_in_tile;
     if (m >= args.rows || column >= args.n) continue;
     const int column_group = kGroups == 1 ? 0 : m / kGemvGroupRows;
-    const float2 sums =
-        tile_element_sums(warp_partials[column_group], warps, m % kGemvGroupRows, column_in_tile, kGated);
+    float2 sums = tile_element_sums(warp_partials[column_group], warps, m % kGemvGroupRows, column_in_tile, kGated);
+    if constexpr (kNorm == kGemvNormAfter) {
+      const float scale =
+          row_scale_from_partials(square_partials[column_group], warps, m % kGemvGroupRows, args.k, args.eps);
+      sums.x *= scale;
+      sums.y *= scale;
+    }
     float sum = sums.x;
     if constexpr (kGated) sum = sum / (1.f + __expf(-sum)) * sums.y;
     // One thread reads and writes each element, so the residual may be out itself.
@@ -414,13 +470,13 @@ inline int skinny_gemv_default_warps(int k, int rows = 1) {
 
 namespace detail {
 
-template <bool kNorm, bool kGated, int kGroups>
+template <int kNorm, bool kGated, int kGroups>
 cudaError_t launch_instance(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
   return launch_kernel(skinny_gemv_bf16_kernel<kNorm, kGated, kGroups>, dim3(skinny_gemv_tiles(args.n, args.gated)),
                        dim3(warps * 32), stream, programmatic, args);
 }
 
-template <bool kNorm, bool kGated>
+template <int kNorm, bool kGated>
 cudaError_t launch_groups(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
   switch (gemv_groups(args.rows)) {
     case 1:
@@ -442,11 +498,16 @@ cudaError_t launch_groups(const SkinnyGemvArgs& args, int warps, cudaStream_t st
 // safe after any kernel.
 inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream,
                                            bool programmatic) {
-  const bool norm = args.norm_weight != nullptr;
-  if (norm && args.gated) return detail::launch_groups<true, true>(args, warps, stream, programmatic);
-  if (norm) return detail::launch_groups<true, false>(args, warps, stream, programmatic);
-  if (args.gated) return detail::launch_groups<false, true>(args, warps, stream, programmatic);
-  return detail::launch_groups<false, false>(args, warps, stream, programmatic);
+  if (args.norm_weight != nullptr && args.norm_after) {
+    if (args.gated) return detail::launch_groups<kGemvNormAfter, true>(args, warps, stream, programmatic);
+    return detail::launch_groups<kGemvNormAfter, false>(args, warps, stream, programmatic);
+  }
+  if (args.norm_weight != nullptr) {
+    if (args.gated) return detail::launch_groups<kGemvNormBefore, true>(args, warps, stream, programmatic);
+    return detail::launch_groups<kGemvNormBefore, false>(args, warps, stream, programmatic);
+  }
+  if (args.gated) return detail::launch_groups<kGemvNoNorm, true>(args, warps, stream, programmatic);
+  return detail::launch_groups<kGemvNoNorm, false>(args, warps, stream, programmatic);
 }
 
 }  // namespace moshi_fast

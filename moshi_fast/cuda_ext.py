@@ -92,18 +92,26 @@ def _require() -> None:
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
              out: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
-             gated: bool = False) -> torch.Tensor:
+             gated: bool = False, norm_after: bool = False) -> torch.Tensor:
     """The spec of `gemv`: act(norm(x) @ weight.T) (+ residual) in fp32 on the given values, rounded once to
     out's dtype (x's by default). x [M, K], weight [N, K] ([2N, K] gated: the gate rows, then the up rows),
     residual [M, N] (may be `out`), out [M, N]. norm (norm_weight [K], eps): x is first replaced by
     x * (norm_weight / sqrt(eps + mean(x^2))) in fp32, rounded to x's dtype (the LM's RMSNorm, as
-    skinny_linear's); gated: out = silu(gate) * up."""
+    skinny_linear's); with norm_after the same function rounded elsewhere: x * norm_weight rounded to x's dtype is
+    multiplied, and the row's 1 / sqrt(eps + mean(x^2)) scales the product before the gate and the residual.
+    gated: out = silu(gate) * up."""
     hidden = x.float()
+    scale = None
     if norm is not None:
         norm_weight, eps = norm
         scale = torch.rsqrt(eps + torch.mean(hidden ** 2, dim=-1, keepdim=True))
-        hidden = (hidden * (norm_weight.float() * scale)).to(x.dtype).float()
+        if norm_after:
+            hidden = (hidden * norm_weight.float()).to(x.dtype).float()
+        else:
+            hidden = (hidden * (norm_weight.float() * scale)).to(x.dtype).float()
     y = hidden @ weight.float().T
+    if norm_after and scale is not None:
+        y = y * scale
     if gated:
         gate, up = y.chunk(2, dim=-1)
         y = torch.nn.functional.silu(gate) * up
@@ -116,14 +124,16 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
          out: torch.Tensor | None = None, warps_per_block: int = 0, *,
-         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False) -> torch.Tensor:
+         norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
+         norm_after: bool = False) -> torch.Tensor:
     """out = act(norm(x) @ weight.T) (+ residual) by the extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh); the spec is `gemv_ref`.
 
     x [M, K] with M = 1..GEMV_MAX_ROWS (64; past 8 rows in column groups of 8, see the kernel's doc), weight [N, K]
     (nn.Linear's layout; [2N, K] when gated), residual [M, N] or None (may be `out` itself: an in-place out += x @
     weight.T), out [M, N] (allocated when None): all bf16, contiguous, on one CUDA device; K a multiple of 8. norm
-    (norm_weight [K] bf16, eps): RMSNorm x first, fused (each block computes the row scales itself). gated: out =
+    (norm_weight [K] bf16, eps): RMSNorm x first, fused (each block computes the row scales itself), or with
+    norm_after its row scale applied to the product (no pass over x before it; rounded as gemv_ref says). gated: out =
     silu(gate) * up of the weight's two halves, fused. fp32 accumulation, rounded once. Launched with programmatic
     dependent launch where `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read once. Graph-safe
     with `out` given (the launch allocates nothing and does not synchronise). `warps_per_block`
@@ -138,8 +148,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
         out = torch.empty(x.shape[0], columns, dtype=x.dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated)
+    if norm_after and norm_weight is None:
+        raise ValueError("gemv_bf16: norm_after needs a norm")
     torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated,
-                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()))
+                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()), norm_after)
     return out
 
 

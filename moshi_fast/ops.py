@@ -377,6 +377,28 @@ def norm_runs_apart(norm) -> bool:
     return norm is not None and _separate_norms and norm.kind in SEPARATE_NORM_KINDS
 
 
+CUDA_GEMV_NORM_AFTER = False
+"""Whether `linear` gives an RMSNorm'd product that the CUDA GEMV takes (with the norm fused, or after the norm's own
+launch) to the CUDA GEMV with the norm fused and its row scale applied after the product (cuda_ext.gemv's
+norm_after): no norm launch before Helium's products at one row, and no pass over x before the first product in
+the depth transformer's. The same function rounded elsewhere (cuda_ext.gemv_ref). Off until timed in the frame on a
+GPU: bench_frame.py and bench_lm_step.py time it with --cuda-gemv-norm-after."""
+
+
+def _uses_cuda_gemv_norm_after(x, weight, bias, norm, activation, residual, out) -> bool:
+    """norm: an as_norm Norm or None."""
+    if not (CUDA_GEMV_NORM_AFTER and norm is not None and norm.kind == "rms"):
+        return False
+    if _use_cuda_gemv(x, weight, bias, norm, activation, residual, out):
+        return True
+    return norm_runs_apart(norm) and _use_cuda_gemv(x, weight, bias, None, activation, residual, out) and \
+        _gemv_operand(norm.weight)
+
+
+def _gemv_operand(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and t.dtype == torch.bfloat16
+
+
 def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
     """norm: an as_norm Norm or None."""
     if not (_kernels_enabled and x.is_cuda and bias is None):
@@ -388,7 +410,7 @@ def _use_cuda_gemv(x, weight, bias, norm, activation, residual, out) -> bool:
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         return False
     operands = [t for t in (x, weight, residual, out, norm.weight if norm else None) if t is not None]
-    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 and t.dtype == torch.bfloat16 for t in operands):
+    if not all(_gemv_operand(t) for t in operands):
         return False
     return cuda_ext.available()
 
@@ -398,8 +420,12 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
     """act(norm(x) @ weight.T + bias) + residual for few rows, weights streamed once
     (kernels/skinny_linear.py; the CUDA extension's GEMV on the CUDA_GEMV_SHAPES, when it is built); x [M, K],
     norm (weight, bias, eps) for LayerNorm or ("rms", weight, eps), activation None, "gelu" or "silu_gate"
-    (weight [2N, K]), residual may be `out`."""
+    (weight [2N, K]), residual may be `out`. With CUDA_GEMV_NORM_AFTER on, the RMSNorm'd products the CUDA GEMV
+    takes apply the norm's row scale after the product."""
     parsed = as_norm(norm)
+    if _uses_cuda_gemv_norm_after(x, weight, bias, parsed, activation, residual, out):
+        return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps),
+                             gated=activation == "silu_gate", norm_after=True)
     if _use_cuda_gemv(x, weight, bias, parsed, activation, residual, out):
         return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps) if parsed else None,
                              gated=activation == "silu_gate")
@@ -437,13 +463,14 @@ def cuda_extension_available() -> bool:
     return cuda_ext.available()
 
 
-def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False):
+def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False, norm_after=False):
     """act(norm(x) @ weight.T) + residual for 1..64 bf16 rows by the CUDA extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh; reference cuda_ext.gemv_ref); x [M, K], weight [N, K] ([2N, K] gated),
-    residual may be `out`, norm (norm_weight [K], eps) for a fused RMSNorm, gated for the SiLU gate. Raises
+    residual may be `out`, norm (norm_weight [K], eps) for a fused RMSNorm (norm_after: its row scale applied
+    after the product), gated for the SiLU gate. Raises
     RuntimeError when the extension is unavailable. `linear` calls it on the CUDA_GEMV_*SHAPES only;
     bench/bench_cuda_gemv.py times it beside skinny_linear and cuBLAS."""
-    return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated)
+    return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated, norm_after=norm_after)
 
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",

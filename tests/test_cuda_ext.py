@@ -148,6 +148,25 @@ def test_reference_rounds_once_and_updates_in_place():
     assert_rounded_once(hidden, exact)
 
 
+def test_reference_norm_after_is_the_norm_rounded_elsewhere():
+    """gemv_ref(norm_after=True): x * gamma rounded to bf16 is multiplied and the row scale applied to the fp32
+    product, before the gate and the residual; the same function as the norm before the product, within bf16."""
+    x, gamma = torch.randn(3, 64).bfloat16(), (1 + 0.3 * torch.randn(64)).bfloat16()
+    x = x * torch.tensor([[0.1], [1.0], [30.0]]).bfloat16()
+    weight = (torch.randn(2 * 24, 64) / 8).bfloat16()
+    residual = torch.randn(3, 24).bfloat16()
+    scale = torch.rsqrt(1e-8 + torch.mean(x.float() ** 2, dim=-1, keepdim=True))
+    product = (x.float() * gamma.float()).bfloat16().float() @ weight.float().T * scale
+    gate, up = product.chunk(2, dim=-1)
+    for gated, expected in ((False, product), (True, torch.nn.functional.silu(gate) * up)):
+        w = weight if gated else weight[:24]
+        expected = expected if gated else expected[:, :24]
+        got = cuda_ext.gemv_ref(x, w, residual, norm=(gamma, 1e-8), gated=gated, norm_after=True)
+        assert torch.equal(got, (expected + residual.float()).bfloat16())
+        before = cuda_ext.gemv_ref(x, w, residual, norm=(gamma, 1e-8), gated=gated)
+        assert 0 < rel_err(got, before) < 1e-2
+
+
 def test_reference_fusions_are_skinny_linears_spec():
     """gemv_ref's RMSNorm and SiLU gate are the ones skinny_linear computes (and the LM step calls either)."""
     from moshi_fast.kernels.skinny_linear import skinny_linear_ref
@@ -196,15 +215,21 @@ def test_gemv_matches_reference(extension, m, n, k, residual):
     assert_rounded_once(out, exact)
 
 
-def exact_fused(x, weight, norm, gated, residual):
+def exact_fused(x, weight, norm, gated, residual, norm_after=False):
     """The fused spec in float64 after the one rounding it prescribes before the product (the RMSNorm's
-    bf16 x), computed before the call (the residual may be out)."""
+    bf16 x, or with norm_after bf16 x * gamma and the row scale in float64 on the product), computed before the
+    call (the residual may be out)."""
     hidden = x
     if norm is not None:
         gamma, eps = norm
         scale = torch.rsqrt(eps + torch.mean(x.float() ** 2, dim=-1, keepdim=True))
-        hidden = (x.float() * (gamma.float() * scale)).bfloat16()
+        if norm_after:
+            hidden = (x.float() * gamma.float()).bfloat16()
+        else:
+            hidden = (x.float() * (gamma.float() * scale)).bfloat16()
     exact = hidden.double() @ weight.double().T
+    if norm is not None and norm_after:
+        exact = exact * torch.rsqrt(eps + torch.mean(x.double() ** 2, dim=-1, keepdim=True))
     if gated:
         gate, up = exact.chunk(2, dim=-1)
         exact = torch.nn.functional.silu(gate) * up
@@ -220,10 +245,11 @@ LM's products that carry an RMSNorm (qkv, the text head) or an RMSNorm and the g
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fusion", ["rms", "gated", "rms+gated"])
+@pytest.mark.parametrize("fusion", ["rms", "gated", "rms+gated", "rms-after", "rms+gated-after"])
 @pytest.mark.parametrize("n, k", FUSED_SHAPES, ids=[_shape_id(shape) for shape in FUSED_SHAPES])
 @pytest.mark.parametrize("m", [1, 3, 8, 13, 64])
 def test_fused_gemv_matches_reference(extension, m, n, k, fusion):
+    """fusion: the RMSNorm ("rms"; "-after": its row scale applied after the product), the SiLU gate, or both."""
     x, weight, res, out = operands(m, n, k, "separate" if m == 3 else None)
     # Rows of very different sizes, so that a wrong row's scale shows.
     x = x * torch.logspace(-1, 1, m, device="cuda")[:, None].bfloat16()
@@ -232,8 +258,9 @@ def test_fused_gemv_matches_reference(extension, m, n, k, fusion):
     if gated:
         out = out[:, :n // 2].contiguous()
         res = None if res is None else res[:, :n // 2].contiguous()
-    exact = exact_fused(x, weight, norm, gated, res)
-    got = ops.gemv_cuda(x, weight, res, out, norm=norm, gated=gated)
+    after = fusion.endswith("-after")
+    exact = exact_fused(x, weight, norm, gated, res, norm_after=after)
+    got = ops.gemv_cuda(x, weight, res, out, norm=norm, gated=gated, norm_after=after)
     assert got is out
     assert_rounded_once(out, exact)
 
@@ -260,6 +287,33 @@ def test_linear_dispatches_the_depth_transformers_fused_products(extension, monk
                                                                           (False, True)]
     ops.linear(x, weight[:d], norm=(gamma, None, 1e-5))
     assert len(calls) == 4
+
+
+@pytest.mark.gpu
+def test_linear_takes_the_norm_after_the_product_where_the_gemv_runs_the_rmsnormed_product(extension, monkeypatch):
+    """With ops.CUDA_GEMV_NORM_AFTER on, every RMSNorm'd product the CUDA GEMV takes (the depth transformer's qkv
+    and gate_up at 2 and 20 rows, Helium's qkv and gate_up at one row) is one CUDA GEMV with the norm after the
+    product, with no norm_rows launch; Helium's at 2 rows and a LayerNorm'd product stay where they were."""
+    calls, norm_launches = [], []
+    real_gemv, real_norm_rows = cuda_ext.gemv, ops._norm_rows_kernel
+    monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: calls.append(kw) or real_gemv(*a, **kw))
+    monkeypatch.setattr(ops, "_norm_rows_kernel", lambda *a, **kw: norm_launches.append(1) or real_norm_rows(*a, **kw))
+    monkeypatch.setattr(ops, "CUDA_GEMV_NORM_AFTER", True)
+    d, h = _LM.depformer_dim, _LM.depformer_hidden
+    cases = [(2, d, 3 * d, None), (2, d, 2 * h, "silu_gate"), (20, d, 3 * d, None), (20, d, 2 * h, "silu_gate"),
+             (1, _LM.dim, 3 * _LM.dim, None), (1, _LM.dim, 2 * _LM.hidden, "silu_gate")]
+    for rows, k, n, activation in cases:
+        x = torch.randn(rows, k, device="cuda").bfloat16()
+        gamma = (1 + 0.5 * torch.randn(k, device="cuda")).bfloat16()
+        weight = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
+        got = ops.linear(x, weight, norm=("rms", gamma, 1e-8), activation=activation)
+        expected = cuda_ext.gemv_ref(x, weight, norm=(gamma, 1e-8), gated=activation is not None, norm_after=True)
+        assert torch.equal(got, expected) or rel_err(got, expected) < 1e-2
+    assert [(c.get("norm_after"), c["gated"]) for c in calls] == [(True, False), (True, True)] * 3
+    assert not norm_launches
+    ops.linear(torch.randn(2, _LM.dim, device="cuda").bfloat16(), weight[:3 * _LM.dim], norm=("rms", gamma, 1e-8))
+    ops.linear(x, weight[:40], norm=(gamma, None, 1e-5))
+    assert len(calls) == 6 and len(norm_launches) == 2
 
 
 @pytest.mark.gpu

@@ -461,6 +461,8 @@ def _bad_calls():
                                      gated=True), ValueError, "even number of rows", id="gated-odd-rows"),
         pytest.param(lambda ok: dict(ok, gated=True), ValueError, r"out must have shape \[3, 20\]",
                      id="gated-out-width"),
+        pytest.param(lambda ok: dict(ok, norm_after=True), ValueError, "norm_after needs a norm",
+                     id="norm-after-without-norm"),
     ]
 
 

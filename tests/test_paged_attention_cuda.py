@@ -132,6 +132,7 @@ def test_splits_repeat_bitwise_and_leave_the_counters_at_zero(extension):
 
 def _helium_operands(batch: int = 2):
     cache = filled_cache([5, 40][:batch])
+    cache.set_exec_mask(torch.ones(batch, dtype=torch.bool, device="cuda"))
     qkv = torch.randn(batch, 3 * WIDTH, device="cuda").to(torch.bfloat16)
     return {"qkv": qkv, "k_pool": cache.k_pool[0], "v_pool": cache.v_pool[0], "page_table": cache.page_table,
             "positions": cache.positions, "exec_mask": cache.exec_mask, "context": CONTEXT,

@@ -238,8 +238,8 @@ VARIANTS = (
     Variant("--cuda-paged-attention", "fast_cuda_paged_attention", with_cuda_paged_attention,
             "with Helium's attention on the CUDA extension's kernel instead of the Triton one"),
     Variant("--cuda-gemv-norm-after", "fast_cuda_gemv_norm_after", with_cuda_gemv_norm_after,
-            "with the RMSNorm'd products that the CUDA GEMV takes applying the norm's row scale after the product "
-            "(no norm launch before Helium's products at one conversation)"),
+            "with the depth transformer's RMSNorm'd products applying the norm's row scale after the CUDA GEMV's "
+            "product"),
     # Last (variant_runs times it after the KV-cache run).
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
             "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),

@@ -378,16 +378,23 @@ def norm_runs_apart(norm) -> bool:
 
 
 CUDA_GEMV_NORM_AFTER = False
-"""Whether `linear` gives an RMSNorm'd product that the CUDA GEMV takes (with the norm fused, or after the norm's own
-launch) to the CUDA GEMV with the norm fused and its row scale applied after the product (cuda_ext.gemv's
-norm_after): no norm launch before Helium's products at one row, and no pass over x before the first product in
-the depth transformer's. The same function rounded elsewhere (cuda_ext.gemv_ref). Off until timed in the frame on a
-GPU: bench_frame.py and bench_lm_step.py time it with --cuda-gemv-norm-after."""
+"""Whether `linear` gives the CUDA_GEMV_NORM_AFTER_SHAPES products, where the CUDA GEMV takes them (with the norm fused
+up to 8 rows, after the norm's own launch from 9 to 32), to the CUDA GEMV with the norm fused and its row scale
+applied after the product (cuda_ext.gemv's norm_after): no pass over x before the first product. The same function
+rounded elsewhere (cuda_ext.gemv_ref). Off until timed in the frame on a GPU: bench_frame.py and bench_lm_step.py
+time it with --cuda-gemv-norm-after."""
+CUDA_GEMV_NORM_AFTER_SHAPES = frozenset({(3072, 1024, "rms"), (5632, 1024, "rms+silu_gate")})
+"""(N, K, fusion) of the products CUDA_GEMV_NORM_AFTER applies to: the depth transformer's qkv and gate_up. On an H100
+(bench/results/2026-12-07_H100_fc0de55_frame_b1_norm_after.json, ..._c136155_frame_b1_b8_variants.json) Helium's
+products at one row with it, instead of after a norm_rows launch, made the B = 1 frame's GPU span 0.10 ms longer
+(7.190 against 7.090 ms), while at B = 8, where only the depth transformer's take it, the span was 0.06 ms shorter."""
 
 
 def _uses_cuda_gemv_norm_after(x, weight, bias, norm, activation, residual, out) -> bool:
     """norm: an as_norm Norm or None."""
     if not (CUDA_GEMV_NORM_AFTER and norm is not None and norm.kind == "rms"):
+        return False
+    if (weight.shape[0], weight.shape[-1], _cuda_gemv_fusion(norm, activation)) not in CUDA_GEMV_NORM_AFTER_SHAPES:
         return False
     if _use_cuda_gemv(x, weight, bias, norm, activation, residual, out):
         return True
@@ -420,8 +427,8 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
     """act(norm(x) @ weight.T + bias) + residual for few rows, weights streamed once
     (kernels/skinny_linear.py; the CUDA extension's GEMV on the CUDA_GEMV_SHAPES, when it is built); x [M, K],
     norm (weight, bias, eps) for LayerNorm or ("rms", weight, eps), activation None, "gelu" or "silu_gate"
-    (weight [2N, K]), residual may be `out`. With CUDA_GEMV_NORM_AFTER on, the RMSNorm'd products the CUDA GEMV
-    takes apply the norm's row scale after the product."""
+    (weight [2N, K]), residual may be `out`. With CUDA_GEMV_NORM_AFTER on, the CUDA_GEMV_NORM_AFTER_SHAPES products
+    apply the norm's row scale after the product."""
     parsed = as_norm(norm)
     if _uses_cuda_gemv_norm_after(x, weight, bias, parsed, activation, residual, out):
         return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps),

@@ -204,8 +204,8 @@ def test_real_config_bf16_as_faithful_as_the_bf16_reference(variant, monkeypatch
     fast bf16 step is no farther from the exact (fp32) model than the bf16 reference is, frame by frame
     over 200 teacher-forced frames, and picks the exact model's token wherever its margin is clear.
     variant: the default kernels; Helium's attention on the CUDA extension's kernel (ops.CUDA_PAGED_ATTENTION);
-    the RMSNorms' row scales applied after the CUDA GEMV's products (ops.CUDA_GEMV_NORM_AFTER), at one
-    conversation, where Helium's products take it too."""
+    the depth transformer's RMSNorm'd products with the row scale after the product (ops.CUDA_GEMV_NORM_AFTER), at
+    one conversation."""
     monkeypatch.setattr(ops, "CUDA_PAGED_ATTENTION", variant == "cuda-attention")
     monkeypatch.setattr(ops, "CUDA_GEMV_NORM_AFTER", variant == "cuda-gemv-norm-after")
     if variant != "triton-attention":

@@ -394,12 +394,12 @@ def _uses_cuda_gemv_norm_after(x, weight, bias, norm, activation, residual, out)
     """norm: an as_norm Norm or None."""
     if not (CUDA_GEMV_NORM_AFTER and norm is not None and norm.kind == "rms"):
         return False
-    if (weight.shape[0], weight.shape[-1], _cuda_gemv_fusion(norm, activation)) not in CUDA_GEMV_NORM_AFTER_SHAPES:
+    if (*weight.shape, _cuda_gemv_fusion(norm, activation)) not in CUDA_GEMV_NORM_AFTER_SHAPES:
         return False
     if _use_cuda_gemv(x, weight, bias, norm, activation, residual, out):
         return True
-    return norm_runs_apart(norm) and _use_cuda_gemv(x, weight, bias, None, activation, residual, out) and \
-        _gemv_operand(norm.weight)
+    return (norm_runs_apart(norm) and _use_cuda_gemv(x, weight, bias, None, activation, residual, out)
+            and _gemv_operand(norm.weight))
 
 
 def _gemv_operand(t: torch.Tensor) -> bool:

@@ -147,9 +147,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
         columns = weight.shape[0] // 2 if gated else weight.shape[0]
         out = torch.empty(x.shape[0], columns, dtype=x.dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (None, 0.0)
-    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated)
-    if norm_after and norm_weight is None:
-        raise ValueError("gemv_bf16: norm_after needs a norm")
+    _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated, norm_after)
     torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated,
                                    pdl(x.device, "gemv", weight.numel() * weight.element_size()), norm_after)
     return out
@@ -556,7 +554,7 @@ def _check_devices_and_dtypes(op: str, owner: str, device: torch.device,
             raise TypeError(f"{op}: {name} must be {dtype}, got {tensor.dtype}")
 
 
-def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False) -> None:
+def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False, norm_after=False) -> None:
     """The op's argument checks, made here first: on an H200 (torch 2.11) one of the op's own C++ checks
     crashed the process instead of raising (a c10::ValueError thrown before any launch, in a test of bad
     arguments; cause not established), so no invalid call reaches it."""
@@ -565,6 +563,8 @@ def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gat
 
     if all(t.device.type == "cpu" for t in (x, weight, out) if t is not None):
         raise NotImplementedError("gemv_bf16 has no CPU implementation: it runs on CUDA tensors")
+    if norm_after and norm_weight is None:
+        raise ValueError("gemv_bf16: norm_after needs a norm")
     if not x.is_cuda:
         raise ValueError(f"gemv_bf16 runs on CUDA tensors; x is on {x.device}")
     named = {"x": x, "weight": weight, "out": out}

@@ -16,6 +16,7 @@ import torch
 
 from moshi_fast import ops
 from moshi_fast.engine import KV_CACHE_DTYPES
+from moshi_fast.fast import moshi as fast_moshi
 from moshi_fast.fast.lm import overlap_text_sampling
 from moshi_fast.kernels import conv1d_stream, conv_transpose1d_stream, depth_attention, tuned
 
@@ -195,6 +196,11 @@ with_cuda_paged_attention = with_setting(ops, "CUDA_PAGED_ATTENTION", True)
 with_cuda_gemv_norm_after = with_setting(ops, "CUDA_GEMV_NORM_AFTER", True)
 
 
+# FastMoshi's frame graph copying the frames and execution mask from the host buffers itself (off by default until
+# timed in the frame).
+with_host_inputs_in_graph = with_setting(fast_moshi, "HOST_INPUTS_IN_GRAPH", True)
+
+
 def with_serial_text_sampling(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with the text token drawn before the depth transformer's input projection, on the step's
     own stream (moshi_fast.fast.lm.overlap_text_sampling(False), the previous default; steps and graphs built inside
@@ -240,6 +246,9 @@ VARIANTS = (
     Variant("--cuda-gemv-norm-after", "fast_cuda_gemv_norm_after", with_cuda_gemv_norm_after,
             "with the depth transformer's RMSNorm'd products applying the norm's row scale after the CUDA GEMV's "
             "product"),
+    Variant("--host-inputs-in-graph", "fast_host_inputs_in_graph", with_host_inputs_in_graph,
+            "with the frame's graph copying the frames and execution mask from the host buffers itself, not after "
+            "copies issued before its replay"),
     # Last (variant_runs times it after the KV-cache run).
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
             "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),

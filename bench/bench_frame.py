@@ -86,8 +86,9 @@ def bench_kyutai(mimi, lm, config: MoshiConfig, batch: int, frames: list[torch.T
 def gpu_timed(step: Callable, calls: list) -> Callable:
     """step, recording into `calls`, for each call, a pair of CUDA events around it and the host's clock when it
     was entered and when it returned: the events' interval is the call's span on the GPU's timeline (for the frame
-    runner, the copies into the graph's inputs and the graph replay), which beside the wall time of `FastMoshi.step`
-    tells a slow frame of the GPU from one of the host, and the clock how the host's time splits around it."""
+    runner, the copies into the graph's inputs, or its own copies from the host, and the graph replay), which beside
+    the wall time of `FastMoshi.step` tells a slow frame of the GPU from one of the host, and the clock how the
+    host's time splits around it."""
     def timed(*args, **kwargs):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         entered = time.perf_counter()
@@ -119,6 +120,7 @@ def bench_fast(mimi: FastMimi, lm, config: MoshiConfig, batch: int, frames: list
     runner = engine._runner
     calls: list = []
     runner.step = gpu_timed(runner.step, calls)
+    runner.step_from_host = gpu_timed(runner.step_from_host, calls)
     steps: list[tuple[float, float]] = []
 
     def step(pcm: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ from . import graphs
 from .config import MimiConfig, MoshiConfig, moshiko
 from .fast.lm import FastLM
 from .fast.mimi import FastMimi, FastMimiRunner
+from .fast import moshi as fast_moshi
 from .fast.moshi import FastFrameRunner, FrameOutput
 from .reference.attention import CACHE_DTYPES_8BIT
 from .reference.lm import LM, SamplingParams, StreamingLM
@@ -105,15 +106,24 @@ class _HostBuffers:
             self._sent.synchronize()
         return self.frames.numpy()[:bucket, 0]
 
-    def send(self, bucket: int, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frames [bucket, 1, frame_size] and the execution mask [bucket] (the given rows) on the device."""
+    def set_mask(self, bucket: int, rows: Sequence[int]) -> None:
+        """The execution mask's first `bucket` entries: True at the given rows."""
         mask = self.mask.numpy()[:bucket]
         mask[:] = False
         mask[list(rows)] = True
-        sent = (self.frames[:bucket].to(self.device, non_blocking=True),
-                self.mask[:bucket].to(self.device, non_blocking=True))
+
+    def sent(self) -> None:
+        """Marks the point of the device's stream after which the frames have been read (the copies that read
+        them are issued): writable_frames waits for it."""
         if self._sent is not None:
             self._sent.record(torch.cuda.current_stream(self.device))
+
+    def send(self, bucket: int, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frames [bucket, 1, frame_size] and the execution mask [bucket] (the given rows) on the device."""
+        self.set_mask(bucket, rows)
+        sent = (self.frames[:bucket].to(self.device, non_blocking=True),
+                self.mask[:bucket].to(self.device, non_blocking=True))
+        self.sent()
         return sent
 
     def receive(self, out: FrameOutput, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,13 +469,17 @@ class FastMoshi:
                          "top_k_text": top_k_text}
         self.kv_dtype = kv_dtype or lm.text_head.dtype
         self._sampling = self._sampling_params(use_sampling, temp, temp_text, top_k, top_k_text, seed)
+        self._host = _HostBuffers(max_batch, config.mimi.frame_size, 1 + config.lm.dep_q, device)
+        # Fast backend: the frame's graph copies the frames and mask from the host buffers itself (see
+        # fast.moshi.HOST_INPUTS_IN_GRAPH).
+        self._graph_reads_host = self.backend == "fast" and fast_moshi.HOST_INPUTS_IN_GRAPH
         if self.backend == "fast":
+            host_inputs = (self._host.frames, self._host.mask) if self._graph_reads_host else None
             self._runner = FastFrameRunner(mimi, lm, max_batch, self._sampling, device, eager=eager,
-                                           buckets=batch_buckets, kv_dtype=kv_dtype)
+                                           buckets=batch_buckets, kv_dtype=kv_dtype, host_inputs=host_inputs)
         else:
             self._runner = _ReferenceFrameRunner(mimi, lm, max_batch, self._sampling, device, eager,
                                                  buckets=batch_buckets, kv_dtype=kv_dtype)
-        self._host = _HostBuffers(max_batch, config.mimi.frame_size, 1 + config.lm.dep_q, device)
         self._open = [False] * max_batch
         # Slot ids are what callers hold; rows index the state. The n open slots hold rows 0..n-1.
         self._row_of = list(range(max_batch))
@@ -643,8 +657,13 @@ class FastMoshi:
         else:
             self._frames(frames)
             bucket, slots, rows = self.max_batch, list(range(self.max_batch)), self._row_of
-        batch, stepping = self._host.send(bucket, rows)
-        pcm, tokens = self._host.receive(self._runner.step(batch, stepping), rows)
+        if self._graph_reads_host:
+            self._host.set_mask(bucket, rows)
+            out = self._runner.step_from_host(bucket)
+            self._host.sent()
+        else:
+            out = self._runner.step(*self._host.send(bucket, rows))
+        pcm, tokens = self._host.receive(out, rows)
         text_tokens = tokens[:, 0]
         return StepOutput(pcm=pcm, text_tokens=text_tokens, audio_codes=tokens[:, 1:],
                           text=self.tokenizer.pieces(text_tokens) if self.tokenizer else None, slots=slots,

@@ -41,11 +41,17 @@ def bucket_for(rows: int, buckets: Sequence[int]) -> int:
 
 class CapturedStep:
     def __init__(self, fn: Callable[..., torch.Tensor], example_inputs: Sequence[torch.Tensor], eager: bool = False,
-                 warmup: int = 2, pool=None):
-        """pool: a `torch.cuda.graph_pool_handle()` shared with other steps that never run concurrently."""
+                 warmup: int = 2, pool=None, device: torch.device | None = None):
+        """pool: a `torch.cuda.graph_pool_handle()` shared with other steps that never run concurrently. With no
+        example_inputs, fn takes no arguments (it reads buffers of its own, e.g. pinned host memory that the graph
+        copies from at each replay) and `device` says where it runs."""
         self.fn = fn
         self.inputs = [x.clone() for x in example_inputs]
-        self.eager = eager or not self.inputs[0].is_cuda
+        if device is None:
+            if not self.inputs:
+                raise ValueError("a step without example inputs needs its device")
+            device = self.inputs[0].device
+        self.eager = eager or torch.device(device).type != "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
         if self.eager:

@@ -379,6 +379,78 @@ def test_closing_conversations_moves_the_others_to_the_smallest_bucket(backend):
         _run_closing_plan(engine, lambda: _engine(max_batch=1))
 
 
+def _engine_reading_host_buffers(monkeypatch, **kwargs) -> FastMoshi:
+    """A fast engine whose frame function copies the frames and mask from its host buffers itself
+    (fast.moshi.HOST_INPUTS_IN_GRAPH on while it is built, off again after)."""
+    from moshi_fast.fast import moshi as fast_moshi
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fast_moshi, "HOST_INPUTS_IN_GRAPH", True)
+        engine = FastMoshi.random(CONFIG, backend="fast", **kwargs)
+    assert engine._graph_reads_host and engine._runner.host_inputs is not None
+    return engine
+
+
+def test_the_frame_reading_host_buffers_serves_each_conversation_as_alone(monkeypatch):
+    """fast.moshi.HOST_INPUTS_IN_GRAPH: through the closing plan (buckets 1, 2, 4, conversations moving between
+    rows) each conversation produces what it produces alone in a fast engine that copies its inputs to the
+    device before the step."""
+    from moshi_fast import ops
+
+    engine = _engine_reading_host_buffers(monkeypatch, device="cpu", max_batch=4, seed=5)
+    assert engine.buckets == (1, 2, 4)
+    with ops.reference_ops():
+        _run_closing_plan(engine, lambda: _engine(max_batch=1, backend="fast"))
+
+
+def test_a_runner_reading_host_inputs_checks_them_and_its_calls():
+    from moshi_fast.fast.moshi import FastFrameRunner
+    from moshi_fast.graphs import CapturedStep
+
+    engine = _engine(max_batch=2, backend="fast")
+    frames, mask = torch.zeros(2, 1, 1920), torch.zeros(2, dtype=torch.bool)
+
+    def runner(host_inputs, **kwargs):
+        return FastFrameRunner(engine.mimi, engine.lm, 2, engine._sampling, torch.device("cpu"),
+                               host_inputs=host_inputs, **kwargs)
+
+    for bad, message in [((torch.zeros(2, 1920), mask), "host frames"),
+                         ((frames.double(), mask), "host frames"),
+                         ((torch.zeros(2, 1, 3840)[..., ::2], mask), "host frames"),
+                         ((frames, torch.zeros(3, dtype=torch.bool)), "execution mask"),
+                         ((frames, torch.zeros(2)), "execution mask")]:
+        with pytest.raises(ValueError, match=message):
+            runner(bad)
+    with pytest.raises(ValueError, match="teacher-forced"):
+        runner((frames, mask), teacher_forcing=True)
+    reading = runner((frames, mask))
+    with pytest.raises(ValueError, match="step_from_host"):
+        reading.step(frames, mask)
+    with pytest.raises(ValueError, match="no captured step for a batch of 3"):
+        reading.step_from_host(3)
+    with pytest.raises(ValueError, match="without host inputs"):
+        engine._runner.step_from_host(2)
+    with pytest.raises(ValueError, match="needs its device"):
+        CapturedStep(lambda: None, [])
+
+
+@pytest.mark.gpu
+def test_the_frame_graph_reading_host_buffers_serves_what_copies_before_it_serve(monkeypatch):
+    """On CUDA, where the copies from the pinned host buffers are nodes of each bucket's captured graph: the
+    closing plan against each conversation alone in a plain engine, then whole-batch steps with seeded sampling,
+    the same bits as an engine that copies its inputs before the replay."""
+    fast = dict(device="cuda", backend="fast", dtype=torch.float32)
+    engine = _engine_reading_host_buffers(monkeypatch, max_batch=4, seed=5, device="cuda", dtype=torch.float32)
+    assert engine._host.frames.is_pinned() and engine._host.mask.is_pinned()
+    _run_closing_plan(engine, lambda: FastMoshi.random(CONFIG, max_batch=1, seed=5, **fast), device="cuda")
+    reading = _engine_reading_host_buffers(monkeypatch, max_batch=2, seed=3, device="cuda", dtype=torch.float32)
+    plain = FastMoshi.random(CONFIG, max_batch=2, seed=3, **fast)
+    for frame in _frames(2, 6, seed=8):
+        ours, theirs = reading.step(frame), plain.step(frame)
+        assert torch.equal(ours.text_tokens, theirs.text_tokens) and torch.equal(ours.audio_codes, theirs.audio_codes)
+        assert torch.equal(ours.pcm, theirs.pcm)
+
+
 @pytest.mark.gpu
 def test_bucket_graphs_serve_each_conversation_as_alone_on_the_gpu():
     """The same plan on CUDA: the tiny preset in fp32 on the fast backend's kernels, one captured graph per

@@ -25,6 +25,12 @@ from .lm import FastLM, FastStreamingLM
 from .mimi import FastMimi
 
 
+HOST_INPUTS_IN_GRAPH = False
+"""FastMoshi's fast backend builds its runner with host_inputs (FastFrameRunner): the frame's graph copies the frames
+and the execution mask from the engine's pinned host buffers itself, and a step issues one launch before the GPU
+starts, not five. Off until timed in the frame on a GPU (bench_frame.py --host-inputs-in-graph)."""
+
+
 class FrameOutput(NamedTuple):
     """One frame of a batch of b slots (static tensors of a captured step: copy what you keep)."""
 
@@ -62,15 +68,53 @@ class _BucketFrame:
         return FrameOutput(pcm_out, out.tokens, out.valid, codes, out.text_logits, out.audio_logits)
 
 
+def _check_host_inputs(host_inputs, batch_size: int, frame_size: int, teacher_forcing: bool) -> None:
+    if teacher_forcing:
+        raise ValueError("host inputs carry frames and masks only: a teacher-forced runner takes step()'s arguments")
+    frames, mask = host_inputs
+    if frames.device.type != "cpu" or mask.device.type != "cpu":
+        raise ValueError("host inputs must be host (CPU) tensors")
+    if frames.shape != (batch_size, 1, frame_size) or frames.dtype != torch.float32 or not frames.is_contiguous():
+        raise ValueError(f"host frames must be a contiguous float32 [{batch_size}, 1, {frame_size}] tensor, got "
+                         f"{frames.dtype} {list(frames.shape)}")
+    if mask.shape != (batch_size,) or mask.dtype != torch.bool or not mask.is_contiguous():
+        raise ValueError(f"the host execution mask must be a contiguous bool [{batch_size}] tensor, got "
+                         f"{mask.dtype} {list(mask.shape)}")
+
+
+def _reading_host(frame: _BucketFrame, host_inputs: tuple[torch.Tensor, torch.Tensor],
+                  inputs: list[torch.Tensor]):
+    """frame on the device tensors `inputs` (frames [b, 1, frame_size], exec_mask [b]), each first copied from
+    the first b rows of its host tensor. Captured, each copy is a node of the graph with the host rows' address
+    fixed, which reads them at every replay (pinned: by the copy engine, asynchronously)."""
+    sources = [host[:inputs[0].shape[0]] for host in host_inputs]
+
+    def run() -> FrameOutput:
+        for static, source in zip(inputs, sources):
+            static.copy_(source, non_blocking=True)
+        return frame(*inputs)
+    return run
+
+
 class FastFrameRunner:
     """params: per-slot sampling parameters [batch_size] (the runner steps and swaps their rows with the
     state). buckets: the batch sizes to capture (default graphs.batch_buckets(batch_size)). eager: run the
     frame functions without graphs, for debugging. teacher_forcing: every step takes the tokens Moshi
-    generates (for validation against a recorded run). kv_dtype: Helium's KV cache dtype (LMCache)."""
+    generates (for validation against a recorded run). kv_dtype: Helium's KV cache dtype (LMCache).
+
+    host_inputs: (frames [batch_size, 1, frame_size] f32, exec_mask [batch_size] bool), pinned host tensors that
+    each bucket's frame function copies its inputs from (their first b rows) before it runs: captured in the graph,
+    those copies read the host tensors at every replay, so a step is one launch from the host (`step_from_host`)
+    instead of two copies to the device, two into the graph's inputs and the replay (`step`). The caller writes the
+    next frame there once the previous step has finished."""
 
     def __init__(self, mimi: FastMimi, lm: FastLM, batch_size: int, params: SamplingParams, device: torch.device,
                  eager: bool = False, kv_pages: int | None = None, buckets: Sequence[int] | None = None,
-                 teacher_forcing: bool = False, kv_dtype: torch.dtype | None = None):
+                 teacher_forcing: bool = False, kv_dtype: torch.dtype | None = None,
+                 host_inputs: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if host_inputs is not None:
+            _check_host_inputs(host_inputs, batch_size, mimi.config.frame_size, teacher_forcing)
+        self.host_inputs = host_inputs
         self.mimi, self.lm = mimi, lm
         self.batch_size = batch_size
         self.buckets = batch_buckets(batch_size, buckets)
@@ -88,7 +132,11 @@ class FastFrameRunner:
                       torch.ones(size, dtype=torch.bool, device=device)]
             if teacher_forcing:
                 inputs.append(torch.zeros(size, 1 + lm.config.dep_q, dtype=torch.long, device=device))
-            self._steps[size] = CapturedStep(frame, inputs, eager=eager, pool=pool)
+            if host_inputs is None:
+                self._steps[size] = CapturedStep(frame, inputs, eager=eager, pool=pool)
+            else:
+                self._steps[size] = CapturedStep(_reading_host(frame, host_inputs, inputs), [], eager=eager,
+                                                 pool=pool, device=device)
         # Warm-up and capture stepped the state: every slot starts over.
         self.reset(torch.ones(batch_size, dtype=torch.bool, device=device))
 
@@ -96,12 +144,24 @@ class FastFrameRunner:
         """Slots 0..b-1 for a bucket size b: pcm [b, 1, frame_size] f32, exec_mask [b] bool, and with
         teacher_forcing the tokens to generate, forced [b, 1 + dep_q] int64 -> the frame's outputs, static
         tensors overwritten by the next step of that bucket."""
+        if self.host_inputs is not None:
+            raise ValueError("this runner reads its inputs from its host tensors: call step_from_host")
         step = self._steps.get(pcm.shape[0])
         if step is None:
             raise ValueError(f"no captured step for a batch of {pcm.shape[0]}; buckets: {self.buckets}")
         if (forced is not None) != self.teacher_forcing:
             raise ValueError("forced tokens are given exactly when the runner is built with teacher_forcing")
         return step(pcm, exec_mask) if forced is None else step(pcm, exec_mask, forced)
+
+    def step_from_host(self, bucket: int) -> FrameOutput:
+        """Slots 0..bucket-1, their frames and execution mask read from the first `bucket` rows of host_inputs
+        (see the class) -> the frame's outputs, as `step`."""
+        if self.host_inputs is None:
+            raise ValueError("this runner was built without host inputs: call step")
+        step = self._steps.get(bucket)
+        if step is None:
+            raise ValueError(f"no captured step for a batch of {bucket}; buckets: {self.buckets}")
+        return step()
 
     def reset(self, slots: torch.Tensor) -> None:
         """Restarts the selected slots (bool mask [batch_size]) in the codec and the LM."""

@@ -187,18 +187,17 @@ with_text_sampler_block_kernel = with_setting(ops, "TEXT_SAMPLER_WARP_KERNEL", F
 with_sampler_scalar_loads = with_setting(ops, "SAMPLER_VECTOR_LOADS", False)
 
 
-# Helium's attention on the CUDA extension's kernel instead of the Triton one (off by default until timed in the
-# frame).
-with_cuda_paged_attention = with_setting(ops, "CUDA_PAGED_ATTENTION", True)
+# Helium's attention on the Triton kernel instead of the CUDA extension's (the previous default).
+with_triton_paged_attention = with_setting(ops, "CUDA_PAGED_ATTENTION", False)
 
-# The RMSNorm'd products on the CUDA GEMV with the norm's row scale applied after the product (off by default until
-# timed in the frame).
-with_cuda_gemv_norm_after = with_setting(ops, "CUDA_GEMV_NORM_AFTER", True)
+# The depth transformer's RMSNorm'd products on the CUDA GEMV with the norm applied to x before the product, not
+# its row scale after it (the previous default).
+with_gemv_norm_before = with_setting(ops, "CUDA_GEMV_NORM_AFTER", False)
 
 
-# FastMoshi's frame graph copying the frames and execution mask from the host buffers itself (off by default until
-# timed in the frame).
-with_host_inputs_in_graph = with_setting(fast_moshi, "HOST_INPUTS_IN_GRAPH", True)
+# FastMoshi's frames and execution mask copied to the device before the frame graph's replay, and from there into
+# the graph's inputs, not by the graph itself from the host buffers (the previous default).
+with_host_inputs_copied_first = with_setting(fast_moshi, "HOST_INPUTS_IN_GRAPH", False)
 
 
 def with_serial_text_sampling(fn: Callable[..., object], *args, **kwargs):
@@ -241,14 +240,14 @@ VARIANTS = (
             "with the text token drawn by the CUDA sampler's block-wide kernel, not its warp-reduction kernel"),
     Variant("--sampler-scalar-loads", "fast_sampler_scalar_loads", with_sampler_scalar_loads,
             "with the CUDA sampler reading logit rows one key at a time, not in 16-byte pieces"),
-    Variant("--cuda-paged-attention", "fast_cuda_paged_attention", with_cuda_paged_attention,
-            "with Helium's attention on the CUDA extension's kernel instead of the Triton one"),
-    Variant("--cuda-gemv-norm-after", "fast_cuda_gemv_norm_after", with_cuda_gemv_norm_after,
-            "with the depth transformer's RMSNorm'd products applying the norm's row scale after the CUDA GEMV's "
-            "product"),
-    Variant("--host-inputs-in-graph", "fast_host_inputs_in_graph", with_host_inputs_in_graph,
-            "with the frame's graph copying the frames and execution mask from the host buffers itself, not after "
-            "copies issued before its replay"),
+    Variant("--triton-paged-attention", "fast_triton_paged_attention", with_triton_paged_attention,
+            "with Helium's attention on the Triton kernel instead of the CUDA extension's"),
+    Variant("--gemv-norm-before", "fast_gemv_norm_before", with_gemv_norm_before,
+            "with the depth transformer's RMSNorm'd products normalising x before the CUDA GEMV's product, not "
+            "scaling its sums after it"),
+    Variant("--host-inputs-copied-first", "fast_host_inputs_copied_first", with_host_inputs_copied_first,
+            "with the frames and execution mask copied to the device before the frame graph's replay, not by the "
+            "graph itself from the host buffers"),
     # Last (variant_runs times it after the KV-cache run).
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
             "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),

@@ -159,10 +159,13 @@ def ring_attention(qkv, ring_k, ring_v, frame, max_period, out=None, workspace: 
     return ring_attention_ref(qkv, ring_k, ring_v, frame, max_period, out=out)
 
 
-CUDA_PAGED_ATTENTION = False
+CUDA_PAGED_ATTENTION = True
 """Whether `paged_attention` gives the CUDA extension's kernel (csrc/paged_attention_kernel.cuh: bf16, head dim 128,
-power-of-two pages) the calls it takes, instead of the Triton kernel. Off until timed on a GPU in the frame;
-bench_paged_attention.py times both kernels and bench_frame.py the frame with --cuda-paged-attention."""
+power-of-two pages) the calls it takes, instead of the Triton kernel. On an H100 (bench/RESULTS.md, 2026-12-07
+sixteenth and seventeenth sessions) it took 22.4 against 24.0 us a layer at one conversation and 134 against 149 at
+eight, and shortened the frame's GPU span by 0.02 ms at B = 1, 0.07 at B = 8 and 0.03 at B = 32, where both kernels
+stream the window at the copy bandwidth. bench_paged_attention.py times both kernels, bench_frame.py the frame with
+the Triton kernel under --triton-paged-attention."""
 
 
 def uses_cuda_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out) -> bool:
@@ -377,17 +380,20 @@ def norm_runs_apart(norm) -> bool:
     return norm is not None and _separate_norms and norm.kind in SEPARATE_NORM_KINDS
 
 
-CUDA_GEMV_NORM_AFTER = False
+CUDA_GEMV_NORM_AFTER = True
 """Whether `linear` gives the CUDA_GEMV_NORM_AFTER_SHAPES products, where the CUDA GEMV takes them (with the norm fused
 up to 8 rows, after the norm's own launch from 9 to 32), to the CUDA GEMV with the norm fused and its row scale
 applied after the product (cuda_ext.gemv's norm_after): no pass over x before the first product. The same function
-rounded elsewhere (cuda_ext.gemv_ref). Off until timed in the frame on a GPU: bench_frame.py and bench_lm_step.py
-time it with --cuda-gemv-norm-after."""
+rounded elsewhere (cuda_ext.gemv_ref). bench_frame.py and bench_lm_step.py time the previous path (the norm applied
+to x first) with --gemv-norm-before."""
 CUDA_GEMV_NORM_AFTER_SHAPES = frozenset({(3072, 1024, "rms"), (5632, 1024, "rms+silu_gate")})
 """(N, K, fusion) of the products CUDA_GEMV_NORM_AFTER applies to: the depth transformer's qkv and gate_up. On an H100
 (bench/results/2026-12-07_H100_fc0de55_frame_b1_norm_after.json, ..._c136155_frame_b1_b8_variants.json) Helium's
 products at one row with it, instead of after a norm_rows launch, made the B = 1 frame's GPU span 0.10 ms longer
-(7.190 against 7.090 ms), while at B = 8, where only the depth transformer's take it, the span was 0.06 ms shorter."""
+(7.190 against 7.090 ms), while at B = 8, where only the depth transformer's take it, the span was 0.06 ms shorter.
+With these two shapes only (..._44a2e76_frame_b1_b8_b32_variants.json, ..._44a2e76_gemv_norm_after.json), alone
+they take 3.43 against 3.61 us (qkv) and 6.08 against 6.17 us (gate_up) at one row, 3.62 / 4.49 and 6.58 / 6.87 at
+eight; the frame's span moved by less than its spread at B = 1 and was 0.09 ms shorter at B = 8."""
 
 
 def _uses_cuda_gemv_norm_after(x, weight, bias, norm, activation, residual, out) -> bool:

@@ -379,35 +379,35 @@ def test_closing_conversations_moves_the_others_to_the_smallest_bucket(backend):
         _run_closing_plan(engine, lambda: _engine(max_batch=1))
 
 
-def _engine_reading_host_buffers(monkeypatch, **kwargs) -> FastMoshi:
-    """A fast engine whose frame function copies the frames and mask from its host buffers itself
-    (fast.moshi.HOST_INPUTS_IN_GRAPH on while it is built, off again after)."""
+def _fast_engine(reads_host: bool, **kwargs) -> FastMoshi:
+    """A fast engine whose frame function copies the frames and mask from its host buffers itself (reads_host) or
+    takes them copied to the device before its step (fast.moshi.HOST_INPUTS_IN_GRAPH set so while it is built)."""
     from moshi_fast.fast import moshi as fast_moshi
 
-    with monkeypatch.context() as patch:
-        patch.setattr(fast_moshi, "HOST_INPUTS_IN_GRAPH", True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fast_moshi, "HOST_INPUTS_IN_GRAPH", reads_host)
         engine = FastMoshi.random(CONFIG, backend="fast", **kwargs)
-    assert engine._graph_reads_host and engine._runner.host_inputs is not None
+    assert engine._graph_reads_host == reads_host and (engine._runner.host_inputs is not None) == reads_host
     return engine
 
 
-def test_the_frame_reading_host_buffers_serves_each_conversation_as_alone(monkeypatch):
+def test_the_frame_reading_host_buffers_serves_each_conversation_as_alone():
     """fast.moshi.HOST_INPUTS_IN_GRAPH: through the closing plan (buckets 1, 2, 4, conversations moving between
     rows) each conversation produces what it produces alone in a fast engine that copies its inputs to the
     device before the step."""
     from moshi_fast import ops
 
-    engine = _engine_reading_host_buffers(monkeypatch, device="cpu", max_batch=4, seed=5)
+    engine = _fast_engine(True, device="cpu", max_batch=4, seed=5)
     assert engine.buckets == (1, 2, 4)
     with ops.reference_ops():
-        _run_closing_plan(engine, lambda: _engine(max_batch=1, backend="fast"))
+        _run_closing_plan(engine, lambda: _fast_engine(False, device="cpu", max_batch=1, seed=5))
 
 
 def test_a_runner_reading_host_inputs_checks_them_and_its_calls():
     from moshi_fast.fast.moshi import FastFrameRunner
     from moshi_fast.graphs import CapturedStep
 
-    engine = _engine(max_batch=2, backend="fast")
+    engine = _fast_engine(False, device="cpu", max_batch=2, seed=5)
     frames, mask = torch.zeros(2, 1, 1920), torch.zeros(2, dtype=torch.bool)
 
     def runner(host_inputs, **kwargs):
@@ -435,16 +435,15 @@ def test_a_runner_reading_host_inputs_checks_them_and_its_calls():
 
 
 @pytest.mark.gpu
-def test_the_frame_graph_reading_host_buffers_serves_what_copies_before_it_serve(monkeypatch):
+def test_the_frame_graph_reading_host_buffers_serves_what_copies_before_it_serve():
     """On CUDA, where the copies from the pinned host buffers are nodes of each bucket's captured graph: the
     closing plan against each conversation alone in a plain engine, then whole-batch steps with seeded sampling,
     the same bits as an engine that copies its inputs before the replay."""
-    fast = dict(device="cuda", backend="fast", dtype=torch.float32)
-    engine = _engine_reading_host_buffers(monkeypatch, max_batch=4, seed=5, device="cuda", dtype=torch.float32)
+    fast = dict(device="cuda", dtype=torch.float32)
+    engine = _fast_engine(True, max_batch=4, seed=5, **fast)
     assert engine._host.frames.is_pinned() and engine._host.mask.is_pinned()
-    _run_closing_plan(engine, lambda: FastMoshi.random(CONFIG, max_batch=1, seed=5, **fast), device="cuda")
-    reading = _engine_reading_host_buffers(monkeypatch, max_batch=2, seed=3, device="cuda", dtype=torch.float32)
-    plain = FastMoshi.random(CONFIG, max_batch=2, seed=3, **fast)
+    _run_closing_plan(engine, lambda: _fast_engine(False, max_batch=1, seed=5, **fast), device="cuda")
+    reading, plain = (_fast_engine(reads_host, max_batch=2, seed=3, **fast) for reads_host in (True, False))
     for frame in _frames(2, 6, seed=8):
         ours, theirs = reading.step(frame), plain.step(frame)
         assert torch.equal(ours.text_tokens, theirs.text_tokens) and torch.equal(ours.audio_codes, theirs.audio_codes)

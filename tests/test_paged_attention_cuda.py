@@ -175,6 +175,7 @@ def test_ops_dispatches_to_the_extension_only_when_switched_on(extension, monkey
         return original(*args, **kwargs)
 
     monkeypatch.setattr(cuda_ext, "launch_paged_attention", spy)
+    monkeypatch.setattr(ops, "CUDA_PAGED_ATTENTION", False)
     operands = _helium_operands()
     triton_args = {**operands, "k_pool": operands["k_pool"].clone(), "v_pool": operands["v_pool"].clone()}
     workspace = SplitWorkspace(*ops.paged_attention_workspace_size(2, HEADS, HEAD_DIM, CONTEXT), "cuda")

@@ -25,10 +25,12 @@ from .lm import FastLM, FastStreamingLM
 from .mimi import FastMimi
 
 
-HOST_INPUTS_IN_GRAPH = False
+HOST_INPUTS_IN_GRAPH = True
 """FastMoshi's fast backend builds its runner with host_inputs (FastFrameRunner): the frame's graph copies the frames
 and the execution mask from the engine's pinned host buffers itself, and a step issues one launch before the GPU
-starts, not five. Off until timed in the frame on a GPU (bench_frame.py --host-inputs-in-graph)."""
+starts, not five. On an H100 (bench/results/2026-12-07_H100_44a2e76_frame_b1_b8_b32_variants.json) the host's part of
+a B = 1 step before the GPU starts went from 0.118 to 0.073 ms; bench_frame.py --host-inputs-copied-first times the
+previous path."""
 
 
 class FrameOutput(NamedTuple):

@@ -24,9 +24,9 @@ import torch
 
 from . import graphs
 from .config import MimiConfig, MoshiConfig, moshiko
+from .fast import moshi as fast_moshi
 from .fast.lm import FastLM
 from .fast.mimi import FastMimi, FastMimiRunner
-from .fast import moshi as fast_moshi
 from .fast.moshi import FastFrameRunner, FrameOutput
 from .reference.attention import CACHE_DTYPES_8BIT
 from .reference.lm import LM, SamplingParams, StreamingLM

@@ -163,8 +163,8 @@ CUDA_PAGED_ATTENTION = True
 """Whether `paged_attention` gives the CUDA extension's kernel (csrc/paged_attention_kernel.cuh: bf16, head dim 128,
 power-of-two pages) the calls it takes, instead of the Triton kernel. On an H100 (bench/RESULTS.md, 2026-12-07
 sixteenth and seventeenth sessions) it took 22.4 against 24.0 us a layer at one conversation and 134 against 149 at
-eight, and shortened the frame's GPU span by 0.02 ms at B = 1, 0.07 at B = 8 and 0.03 at B = 32, where both kernels
-stream the window at the copy bandwidth. bench_paged_attention.py times both kernels, bench_frame.py the frame with
+eight, and shortened the frame's GPU span by 0.02 ms at B = 1 and B = 8 and 0.03 ms at B = 32, where both kernels
+stream the windows at the copy bandwidth. bench_paged_attention.py times both kernels, bench_frame.py the frame with
 the Triton kernel under --triton-paged-attention."""
 
 
@@ -393,7 +393,8 @@ products at one row with it, instead of after a norm_rows launch, made the B = 1
 (7.190 against 7.090 ms), while at B = 8, where only the depth transformer's take it, the span was 0.06 ms shorter.
 With these two shapes only (..._44a2e76_frame_b1_b8_b32_variants.json, ..._44a2e76_gemv_norm_after.json), alone
 they take 3.43 against 3.61 us (qkv) and 6.08 against 6.17 us (gate_up) at one row, 3.62 / 4.49 and 6.58 / 6.87 at
-eight; the frame's span moved by less than its spread at B = 1 and was 0.09 ms shorter at B = 8."""
+eight; in the frame, against the CUDA attention's run of the same process, its span was 0.021 ms longer at B = 1
+and 0.016 ms shorter at B = 8."""
 
 
 def _uses_cuda_gemv_norm_after(x, weight, bias, norm, activation, residual, out) -> bool:

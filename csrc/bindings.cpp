@@ -25,7 +25,7 @@ TORCH_LIBRARY(moshi_fast, m) {
   // kernels/paged_attention.py's paged_attention_ref. partials / counters: the split workspace, used when splits > 1.
   m.def("paged_attention_bf16(Tensor qkv, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor page_table, Tensor positions, "
         "Tensor exec_mask, int context, float max_period, Tensor(c!) out, Tensor(d!) partials, Tensor(e!) counters, "
-        "int splits, bool programmatic=False) -> ()");
+        "int splits, bool programmatic=False, bool reads_before_wait=False) -> ()");
   // One codebook step of the depth transformer in one persistent launch (depth_step.cu), bf16, B <= 8: x [B, D]
   // += the embedding of previous [B], then every layer with the step's weights ([L, ...] views with a layer
   // stride), the caches' column `step` written, logits_out [B, card] = the head's; the spec is

@@ -25,11 +25,13 @@ void check_on(const at::Tensor& tensor, const char* name, at::ScalarType dtype, 
 
 // The new token of each running slot: RoPE, its key and value written into their page, and its attention over the
 // slot's live window (paged_attention_kernel.cuh). partials / counters: the split workspace (read only when
-// splits > 1); programmatic: launch with programmatic dependent launch (the caller checks the device supports it).
+// splits > 1); programmatic: launch with programmatic dependent launch (the caller checks the device supports it);
+// reads_before_wait: with it, the window's first reads go out before the wait (PagedAttentionArgs; only where the
+// previous kernel writes none of the cache, mask, positions or page table and starts this one after its own wait).
 void paged_attention_bf16(const at::Tensor& qkv, at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& page_table,
                           const at::Tensor& positions, const at::Tensor& exec_mask, int64_t context, double max_period,
                           at::Tensor& out, at::Tensor& partials, at::Tensor& counters, int64_t splits,
-                          bool programmatic) {
+                          bool programmatic, bool reads_before_wait) {
   TORCH_CHECK_VALUE(qkv.is_cuda(), "paged_attention runs on CUDA tensors; qkv is on ", qkv.device());
   TORCH_CHECK_TYPE(qkv.scalar_type() == at::kBFloat16, "paged_attention: qkv must be bfloat16, got ",
                    qkv.scalar_type());
@@ -115,6 +117,7 @@ void paged_attention_bf16(const at::Tensor& qkv, at::Tensor& k_pool, at::Tensor&
       static_cast<int>(pages_per_slot),
       static_cast<int>(splits),
       positions.scalar_type() == at::kLong,
+      programmatic && reads_before_wait,
       static_cast<float>(-std::log(max_period) * 2.0 / kPagedHeadDim),
       static_cast<float>(1.0 / std::sqrt(static_cast<double>(kPagedHeadDim)) / std::log(2.0)),
   };

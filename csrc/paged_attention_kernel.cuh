@@ -40,10 +40,18 @@
 // Floor: the live keys and values, min(q + 1, context) x H x 128 x 2 x 2 bytes a slot (49 MB at Helium's full
 // window of 3000), read once: 11.6 us at an H200's 4.23 TB/s copy bandwidth, 16.2 us at an H100's 3.03.
 //
-// Status: 121 registers, no spills (sm_90, nvcc 13.0). On an H100 its reference tests passed, and it took 22.4 us a
-// layer against the Triton kernel's 24.0 at one slot and 134 against 149 us at eight, but shortened the frame by only
-// 0.02 ms at either (bench/RESULTS.md, sixteenth session); off by default (ops.CUDA_PAGED_ATTENTION) until its
-// graph-replay and language-model tests have run.
+// Programmatic dependent launch: by default a block waits for the previous kernel before anything. With
+// reads_before_wait it first reads the mask, position and page table, builds its RoPE table and requests its warps'
+// first group of keys and values, then waits, then reads the query and the new key and value (the previous kernel's
+// output): where the previous kernel is Helium's qkv product, which writes none of the former and lets this kernel
+// start only after its own wait, the window's first reads overlap the product's tail. The same sums in the same
+// order either way: the same bits.
+//
+// Status: 128 registers (121 before the reads before the wait), no spills (sm_90, nvcc 13.0). On an H100 its tests
+// passed (reference outputs, graph replays, the bf16 language model over 200 frames), it took 22.4 us a layer against
+// the Triton kernel's 24.0 at one slot and 134 against 149 us at eight, and it shortened the frame by 0.02-0.04 ms at
+// one and eight (bench/RESULTS.md, sixteenth and seventeenth sessions): the default (ops.CUDA_PAGED_ATTENTION). The
+// reads before the wait are off (ops.PAGED_ATTENTION_READS_BEFORE_WAIT) until timed in the frame.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -89,6 +97,7 @@ struct PagedAttentionArgs {
   int pages_per_slot;          // N; N PAGE >= context
   int splits;                  // 1..kPagedMaxSplits, with paged_attention_run_pages(context, splits, PAGE) in range
   bool positions_int64;
+  bool reads_before_wait;      // programmatic launch: the window's first reads before the wait (see the kernel)
   float rope_exponent_step;    // fp32(-ln(max_period) 2 / 128): pair i turns by position * exp(i * step)
   float query_scale;           // 128^-0.5 log2(e)
 };
@@ -173,25 +182,32 @@ __global__ void __launch_bounds__(kPagedThreads, 4) paged_attention_bf16_kernel(
   __shared__ float half_sum[2 * kPagedWarps];
   __shared__ bool merges_splits;
 
-  await_previous_kernel();
+  // reads_before_wait: everything up to the first group of keys and values is read before the wait. Safe where the
+  // previous kernel (Helium's qkv product) writes none of it and lets this one start only after its own wait, so
+  // that every kernel before it has finished: the mask, positions and page table are the frame's, and the rows
+  // before the new token were written by earlier frames. The query and the new key and value are the previous
+  // kernel's output: read after the wait. A block with nothing to do still waits before it leaves: the kernel must
+  // not finish before the previous one, which the kernels after it rely on.
+  if (!args.reads_before_wait) await_previous_kernel();
+  const auto leave_early = [&] {
+    if (args.reads_before_wait) await_previous_kernel();
+  };
   const int split = blockIdx.x;
   const int pair = blockIdx.y;
   const int slot = pair / args.heads;
   const int head = pair % args.heads;
   const int lane = threadIdx.x % 32;
   const int sub = lane % 16;
-  // The slot's flag, its position and the query are requested together (one round trip), before any branch.
+  // The slot's flag and its position are requested together (one round trip), before any branch.
   const bool runs = args.exec_mask[slot];
   const int64_t position = args.positions_int64 ? static_cast<const int64_t*>(args.positions)[slot]
                                                 : static_cast<const int32_t*>(args.positions)[slot];
-  const __nv_bfloat16* token = args.qkv + slot * args.qkv_row_stride + head * kPagedHeadDim + 8 * sub;
-  const uint4 query_bits = __ldg(reinterpret_cast<const uint4*>(token));
-  if (!runs) return;
+  if (!runs) return leave_early();
   const int64_t first = position - args.context + 1 > 0 ? position - args.context + 1 : 0;
   const int live = static_cast<int>(position - first + 1);
   const int chunk = paged_attention_chunk(live, args.splits);
   const int active_splits = (live + chunk - 1) / chunk;
-  if (split >= active_splits) return;
+  if (split >= active_splits) return leave_early();
   const int64_t start = first + static_cast<int64_t>(split) * chunk;
   const bool holds_new = start + chunk > position;
   const int old_rows = static_cast<int>((start + chunk < position ? start + chunk : position) - start);
@@ -216,8 +232,34 @@ __global__ void __launch_bounds__(kPagedThreads, 4) paged_attention_bf16_kernel(
   }
   __syncthreads();
 
+  const int start_in_page = static_cast<int>(start & page_mask);
+  const int64_t head_offset = head * args.pool_head_stride + 8 * sub;
+  const int groups = (old_rows + kPagedGroupRows - 1) / kPagedGroupRows;
+  // The lane's rows of a group are group * 16 + 2 i + half; those with 2 i >= rows_left(group) lie past the run (the
+  // same for every lane of a half-warp, so the branches on it below are too).
+  const auto rows_left = [&](int group) { return old_rows - group * kPagedGroupRows - half; };
+  uint4 keys[8], values[8];
+  const auto load_group = [&](int group) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int row = group * kPagedGroupRows + 2 * i + half;
+      if (2 * i < rows_left(group)) {
+        const int run_row = start_in_page + row;
+        const int64_t offset = static_cast<int64_t>(run_pages[run_row >> args.page_shift]) * args.pool_page_stride +
+                               head_offset + (run_row & page_mask) * args.pool_row_stride;
+        keys[i] = load_streaming(args.k_pool + offset);
+        values[i] = load_streaming(args.v_pool + offset);
+      } else {
+        keys[i] = values[i] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  if (warp < groups) load_group(warp);
+  if (args.reads_before_wait) await_previous_kernel();
+
+  const __nv_bfloat16* token = args.qkv + slot * args.qkv_row_stride + head * kPagedHeadDim + 8 * sub;
   float query[8];
-  unpack8(rotate8(query_bits, rope, 4 * sub), query);
+  unpack8(rotate8(__ldg(reinterpret_cast<const uint4*>(token)), rope, 4 * sub), query);
 #pragma unroll
   for (int d = 0; d < 8; ++d) query[d] *= args.query_scale;
 
@@ -243,34 +285,16 @@ __global__ void __launch_bounds__(kPagedThreads, 4) paged_attention_bf16_kernel(
     }
   }
 
-  const int start_in_page = static_cast<int>(start & page_mask);
-  const int64_t head_offset = head * args.pool_head_stride + 8 * sub;
-  const int groups = (old_rows + kPagedGroupRows - 1) / kPagedGroupRows;
   for (int group = warp; group < groups; group += kPagedWarps) {
-    // The lane's rows are group * 16 + 2 i + half; those with 2 i >= rows_left lie past the run (the same for every
-    // lane of a half-warp, so the branches on it below are too).
-    const int rows_left = old_rows - group * kPagedGroupRows - half;
-    uint4 keys[8], values[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int row = group * kPagedGroupRows + 2 * i + half;
-      if (2 * i < rows_left) {
-        const int run_row = start_in_page + row;
-        const int64_t offset = static_cast<int64_t>(run_pages[run_row >> args.page_shift]) * args.pool_page_stride +
-                               head_offset + (run_row & page_mask) * args.pool_row_stride;
-        keys[i] = load_streaming(args.k_pool + offset);
-        values[i] = load_streaming(args.v_pool + offset);
-      } else {
-        keys[i] = values[i] = make_uint4(0, 0, 0, 0);
-      }
-    }
+    if (group != warp) load_group(group);
+    const int group_rows_left = rows_left(group);
     float scores[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) scores[i] = half_warp_sum(dot8(query, keys[i]));
     float group_max = row_max;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      if (2 * i < rows_left) group_max = fmaxf(group_max, scores[i]);
+      if (2 * i < group_rows_left) group_max = fmaxf(group_max, scores[i]);
     }
     if (group_max == -INFINITY) continue;
     const float rescale = exp2f(row_max - group_max);
@@ -279,7 +303,7 @@ __global__ void __launch_bounds__(kPagedThreads, 4) paged_attention_bf16_kernel(
     for (int d = 0; d < 8; ++d) weighted[d] *= rescale;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      if (2 * i >= rows_left) continue;
+      if (2 * i >= group_rows_left) continue;
       const float weight = exp2f(scores[i] - group_max);
       row_sum += weight;
       float value[8];

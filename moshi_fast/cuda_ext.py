@@ -251,7 +251,8 @@ def paged_attention_workspace_size(batch: int, heads: int, context: int, splits:
 
 def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_table: torch.Tensor,
                     positions: torch.Tensor, exec_mask: torch.Tensor, context: int, max_period: float,
-                    out: torch.Tensor | None = None, workspace=None, splits: int = 0) -> torch.Tensor:
+                    out: torch.Tensor | None = None, workspace=None, splits: int = 0,
+                    reads_before_wait: bool = False) -> torch.Tensor:
     """Helium's decode attention over the paged KV cache by the extension's kernel
     (csrc/paged_attention_kernel.cuh): for each running slot's new token, RoPE, the write of its key and value into
     their page, and attention over its live window, in one launch; the operands, semantics and split workspace of
@@ -263,18 +264,21 @@ def paged_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     contiguous, S >= B; out [B, H 128] bf16 (allocated when None). workspace: a kernels._utils.SplitWorkspace of at
     least `paged_attention_workspace_size` (allocated when None and the window is split). splits: runs per (slot,
     head) (0: `paged_attention_splits`). Floor: the live keys and values, read once (49 MB a slot and layer at
-    Helium's full window of 3000). Launched with programmatic dependent launch where `kernels._utils.pdl` allows it.
-    Graph-safe with `out` and `workspace` given. Raises RuntimeError when the extension is unavailable, ValueError /
-    TypeError on bad arguments."""
+    Helium's full window of 3000). Launched with programmatic dependent launch where `kernels._utils.pdl` allows it;
+    reads_before_wait: then the window's first keys and values (and the mask, positions and page table) are read
+    before the kernel waits for the previous one, which must write none of them and let this kernel start only after
+    its own wait (Helium's qkv product does both). Graph-safe with `out` and `workspace` given. Raises RuntimeError
+    when the extension is unavailable, ValueError / TypeError on bad arguments."""
     _require()
     splits = splits or paged_attention_splits(qkv.shape[0], k_pool.shape[1], context, qkv.device)
     _check_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out, splits)
     return launch_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period, out,
-                                  workspace, splits)
+                                  workspace, splits, reads_before_wait)
 
 
 def launch_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context: int, max_period: float,
-                           out: torch.Tensor | None = None, workspace=None, splits: int = 0) -> torch.Tensor:
+                           out: torch.Tensor | None = None, workspace=None, splits: int = 0,
+                           reads_before_wait: bool = False) -> torch.Tensor:
     """`paged_attention` for operands that its checks (or `paged_attention_supported`) have passed, with the extension
     loaded: the launch without the Python-side checks (the workspace's size and the op's own still run)."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
@@ -288,7 +292,7 @@ def launch_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask
                                        splits, out)
     torch.ops.moshi_fast.paged_attention_bf16(qkv, k_pool, v_pool, page_table, positions, exec_mask, context,
                                               float(max_period), out, partials, counters, splits,
-                                              pdl(qkv.device, "paged_attention"))
+                                              pdl(qkv.device, "paged_attention"), reads_before_wait)
     return out
 
 

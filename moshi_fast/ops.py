@@ -168,6 +168,13 @@ stream the windows at the copy bandwidth. bench_paged_attention.py times both ke
 the Triton kernel under --triton-paged-attention."""
 
 
+PAGED_ATTENTION_READS_BEFORE_WAIT = False
+"""With the CUDA extension's kernel and programmatic dependent launch, `paged_attention` reads the window's first keys
+and values, the mask, positions and page table before it waits for the previous kernel (cuda_ext.paged_attention's
+reads_before_wait): in the LM step that kernel is Helium's qkv product, which writes none of them, and the reads
+overlap its tail. Off until timed in the frame on a GPU (bench_frame.py --attention-reads-before-wait)."""
+
+
 def uses_cuda_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out) -> bool:
     """Whether `paged_attention` on these operands runs the CUDA extension's kernel (CUDA_PAGED_ATTENTION on, the
     extension built and taking them)."""
@@ -195,7 +202,8 @@ def paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, conte
     table, positions and mask come from PagedKVCache)."""
     if uses_cuda_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out):
         return cuda_ext.launch_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context,
-                                               max_period, out, workspace)
+                                               max_period, out, workspace,
+                                               reads_before_wait=PAGED_ATTENTION_READS_BEFORE_WAIT)
     if _use_kernel(qkv, k_pool):
         return _paged_attention_kernel(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period,
                                        out=out, workspace=workspace)

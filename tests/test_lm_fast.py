@@ -349,6 +349,26 @@ def test_overlapped_text_sampling_is_bitwise_the_same_step_in_a_graph(batch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_attention_reads_before_the_wait_give_the_same_steps(batch, monkeypatch):
+    """ops.PAGED_ATTENTION_READS_BEFORE_WAIT: Moshi's real shapes (two Helium layers), bf16, sampling on, the step's
+    graph with Helium's CUDA attention reading its window before it waits for the qkv product gives the tokens and
+    logits of the graph whose attention reads after the wait, bit for bit, frame after frame."""
+    assert cuda_ext.available(), cuda_ext.unavailable_reason()
+    config = dataclasses.replace(moshiko().lm, num_layers=2)
+    device = torch.device("cuda")
+    lm = build(config, torch.bfloat16, device)
+    params = sampling_params(batch, device, top_k_text=25, top_k=250)
+    runners = {}
+    for early in (False, True):
+        monkeypatch.setattr(ops, "PAGED_ATTENTION_READS_BEFORE_WAIT", early)
+        runners[early] = FastLMRunner(lm, batch, params, device)
+    mask = torch.ones(batch, dtype=torch.bool, device=device)
+    codes = torch.randint(0, config.card, (16, batch, config.dep_q), device=device)
+    assert_same_steps(runners[True], runners[False], codes, mask)
+
+
+@pytest.mark.gpu
 def test_overlapped_text_sampling_runs_eagerly_as_in_its_graph():
     """The eager switch (no graph; the side stream's fork and join as real stream waits) gives the captured graph's
     tokens and logits bit for bit, Moshi's real shapes with two Helium layers, B = 3, sampling on."""

@@ -166,6 +166,47 @@ def test_bad_arguments_raise(extension, change, error):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch, splits", [(1, 0), (3, 0), (8, 3)])
+def test_reads_before_the_wait_give_the_same_bits_after_the_qkv_product(extension, batch, splits):
+    """reads_before_wait (ops.PAGED_ATTENTION_READS_BEFORE_WAIT): Helium's qkv product on the CUDA GEMV, which lets
+    the attention start after its own wait, then the attention reading its window before its wait, eagerly and as
+    a captured graph replayed twice: the same output and pools, bit for bit, as the attention reading after the wait;
+    the row of a slot that sits out stays untouched."""
+    positions = [2999, 17, 5000, 3000, 1, 640, 2048, 7777][:batch]
+    results = []
+    for early in (False, True):
+        cache = filled_cache(positions, seed=3)
+        mask = torch.ones(batch, dtype=torch.bool, device="cuda")
+        mask[-1] = batch == 1
+        cache.set_exec_mask(mask)
+        generator = torch.Generator(device="cuda").manual_seed(5)
+        x = torch.randn(batch, WIDTH, device="cuda", generator=generator).to(torch.bfloat16)
+        weight = (torch.randn(3 * WIDTH, WIDTH, device="cuda", generator=generator) * WIDTH ** -0.5).to(torch.bfloat16)
+        qkv = torch.empty(batch, 3 * WIDTH, device="cuda", dtype=torch.bfloat16)
+        out = torch.full((batch, WIDTH), float("nan"), device="cuda", dtype=torch.bfloat16)
+        workspace = SplitWorkspace(*cuda_ext.paged_attention_workspace_size(batch, HEADS, CONTEXT, splits), "cuda")
+
+        def step():
+            cuda_ext.gemv(x, weight, None, qkv)
+            cuda_ext.paged_attention(qkv, *cache.layer(0), cache.page_table, cache.positions, cache.exec_mask,
+                                     CONTEXT, MAX_PERIOD, out=out, workspace=workspace, splits=splits,
+                                     reads_before_wait=early)
+        step()
+        if early:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            graph.replay()
+            graph.replay()
+        torch.cuda.synchronize()
+        results.append((out.clone(), *cache.layer(0)))
+    (out, k_pool, v_pool), (early_out, early_k, early_v) = results
+    assert out[~mask].isnan().all() and early_out[~mask].isnan().all()
+    assert torch.equal(early_out[mask], out[mask])
+    assert torch.equal(early_k, k_pool) and torch.equal(early_v, v_pool)
+
+
+@pytest.mark.gpu
 def test_ops_dispatches_to_the_extension_only_when_switched_on(extension, monkeypatch):
     calls = []
     original = cuda_ext.launch_paged_attention

@@ -190,9 +190,8 @@ with_sampler_scalar_loads = with_setting(ops, "SAMPLER_VECTOR_LOADS", False)
 # Helium's attention on the Triton kernel instead of the CUDA extension's (the previous default).
 with_triton_paged_attention = with_setting(ops, "CUDA_PAGED_ATTENTION", False)
 
-# Helium's CUDA attention reading the window's first keys and values before it waits for the qkv product (off by
-# default until timed in the frame).
-with_attention_reads_before_wait = with_setting(ops, "PAGED_ATTENTION_READS_BEFORE_WAIT", True)
+# Helium's CUDA attention reading nothing before it waits for the qkv product (the previous default).
+with_attention_reads_after_wait = with_setting(ops, "PAGED_ATTENTION_READS_BEFORE_WAIT", False)
 
 # The depth transformer's RMSNorm'd products on the CUDA GEMV with the norm applied to x before the product, not
 # its row scale after it (the previous default).
@@ -246,9 +245,8 @@ VARIANTS = (
             "with the CUDA sampler reading logit rows one key at a time, not in 16-byte pieces"),
     Variant("--triton-paged-attention", "fast_triton_paged_attention", with_triton_paged_attention,
             "with Helium's attention on the Triton kernel instead of the CUDA extension's"),
-    Variant("--attention-reads-before-wait", "fast_attention_reads_before_wait", with_attention_reads_before_wait,
-            "with Helium's CUDA attention reading the window's first keys and values before it waits for the qkv "
-            "product"),
+    Variant("--attention-reads-after-wait", "fast_attention_reads_after_wait", with_attention_reads_after_wait,
+            "with Helium's CUDA attention reading its window only after it waits for the qkv product"),
     Variant("--gemv-norm-before", "fast_gemv_norm_before", with_gemv_norm_before,
             "with the depth transformer's RMSNorm'd products normalising x before the CUDA GEMV's product, not "
             "scaling its sums after it"),

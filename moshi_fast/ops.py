@@ -168,11 +168,13 @@ stream the windows at the copy bandwidth. bench_paged_attention.py times both ke
 the Triton kernel under --triton-paged-attention."""
 
 
-PAGED_ATTENTION_READS_BEFORE_WAIT = False
+PAGED_ATTENTION_READS_BEFORE_WAIT = True
 """With the CUDA extension's kernel and programmatic dependent launch, `paged_attention` reads the window's first keys
 and values, the mask, positions and page table before it waits for the previous kernel (cuda_ext.paged_attention's
 reads_before_wait): in the LM step that kernel is Helium's qkv product, which writes none of them, and the reads
-overlap its tail. Off until timed in the frame on a GPU (bench_frame.py --attention-reads-before-wait)."""
+overlap its tail. The same bits; on an H100 the B = 1 frame's GPU span 0.08 ms shorter, B = 8 0.01 ms
+(bench/results/2026-12-07_H100_51e2fae_frame_b1_b8_attention_reads_before_wait.json). bench_frame.py
+--attention-reads-after-wait times the previous path."""
 
 
 def uses_cuda_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out) -> bool:

@@ -57,3 +57,16 @@ def graph_after_warmup(step, *restored: torch.Tensor) -> torch.cuda.CUDAGraph:
     for tensor, value in zip(restored, initial):
         tensor.copy_(value)
     return graph
+
+
+def run_eagerly_then_replayed(step, replays: int = 2) -> None:
+    """step() once eagerly, then captured in a CUDA graph and replayed `replays` times, then the device
+    synchronised: for steps that give the same result however often they run (they write what they read over
+    with the same values)."""
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()

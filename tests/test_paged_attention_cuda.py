@@ -13,7 +13,7 @@ from moshi_fast.kernels._utils import SplitWorkspace
 from moshi_fast.kernels.paged_attention import paged_attention as triton_paged_attention
 from moshi_fast.kernels.paged_attention import paged_attention_ref
 
-from .helpers import rel_err
+from .helpers import rel_err, run_eagerly_then_replayed
 
 HEADS, HEAD_DIM, CONTEXT, MAX_PERIOD = 32, 128, 3000, 10000.0
 WIDTH = HEADS * HEAD_DIM
@@ -191,14 +191,11 @@ def test_reads_before_the_wait_give_the_same_bits_after_the_qkv_product(extensio
             cuda_ext.paged_attention(qkv, *cache.layer(0), cache.page_table, cache.positions, cache.exec_mask,
                                      CONTEXT, MAX_PERIOD, out=out, workspace=workspace, splits=splits,
                                      reads_before_wait=early)
-        step()
         if early:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            graph.replay()
-            graph.replay()
-        torch.cuda.synchronize()
+            run_eagerly_then_replayed(step)
+        else:
+            step()
+            torch.cuda.synchronize()
         results.append((out.clone(), *cache.layer(0)))
     (out, k_pool, v_pool), (early_out, early_k, early_v) = results
     assert out[~mask].isnan().all() and early_out[~mask].isnan().all()

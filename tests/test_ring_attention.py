@@ -8,7 +8,7 @@ from moshi_fast.kernels.ring_attention import (MAX_STEPS, ring_attention, ring_a
 from moshi_fast.reference.attention import add_ring, attend, ring_write, rope_interleaved, split_heads
 from moshi_fast.reference.state import SlotState
 
-from .helpers import rel_err
+from .helpers import rel_err, run_eagerly_then_replayed
 
 
 @pytest.mark.parametrize("batch, steps, heads, head_dim, capacity, block_r", [
@@ -176,14 +176,11 @@ def test_reads_before_the_wait_give_the_same_bits_after_the_qkv_product(batch):
             skinny_linear(x, weight, out=qkv)
             ring_attention(qkv.view(batch, steps, -1), ring_k, ring_v, frame, 10000.0, out=out, workspace=workspace,
                            reads_before_wait=early)
-        step()
         if early:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            graph.replay()
-            graph.replay()
-        torch.cuda.synchronize()
+            run_eagerly_then_replayed(step)
+        else:
+            step()
+            torch.cuda.synchronize()
         results.append((out.clone(), ring_k, ring_v))
     for ours, theirs in zip(*results):
         assert torch.equal(ours, theirs)

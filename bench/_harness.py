@@ -190,10 +190,6 @@ with_sampler_scalar_loads = with_setting(ops, "SAMPLER_VECTOR_LOADS", False)
 # Helium's attention on the Triton kernel instead of the CUDA extension's (the previous default).
 with_triton_paged_attention = with_setting(ops, "CUDA_PAGED_ATTENTION", False)
 
-# Mimi's ring attention reading its ring block and frame counter before it waits for the qkv product (off by default
-# until timed in the frame).
-with_ring_attention_reads_before_wait = with_setting(ops, "RING_ATTENTION_READS_BEFORE_WAIT", True)
-
 # Helium's CUDA attention reading nothing before it waits for the qkv product (the previous default).
 with_attention_reads_after_wait = with_setting(ops, "PAGED_ATTENTION_READS_BEFORE_WAIT", False)
 
@@ -249,9 +245,6 @@ VARIANTS = (
             "with the CUDA sampler reading logit rows one key at a time, not in 16-byte pieces"),
     Variant("--triton-paged-attention", "fast_triton_paged_attention", with_triton_paged_attention,
             "with Helium's attention on the Triton kernel instead of the CUDA extension's"),
-    Variant("--ring-attention-reads-before-wait", "fast_ring_attention_reads_before_wait",
-            with_ring_attention_reads_before_wait,
-            "with Mimi's ring attention reading its ring block and frame counter before it waits for the qkv product"),
     Variant("--attention-reads-after-wait", "fast_attention_reads_after_wait", with_attention_reads_after_wait,
             "with Helium's CUDA attention reading its window only after it waits for the qkv product"),
     Variant("--gemv-norm-before", "fast_gemv_norm_before", with_gemv_norm_before,

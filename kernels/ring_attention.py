@@ -45,13 +45,6 @@ dependent blocks. So:
   * Splits combine through a SplitWorkspace: each split stores its per-query (max, sum, weighted
     values); the last to arrive for a (slot, head) rescales and sums the SPLITS partials in split
     order (deterministic), writes `out` and resets the counter to 0.
-Programmatic dependent launch: a program waits for the previous kernel before anything, or, with
-reads_before_wait, requests its ring block and the frame counter first and waits after them, the query
-rows being the previous kernel's output. That order needs the previous kernel to write neither and to let
-this one start only after its own wait (so that every kernel before it has finished): in Mimi's
-transformers it is the qkv product, the rows are this kernel's own writes of earlier frames, and the
-counter advances after the transformer. Every program waits, so the kernel never finishes before the
-previous one; the same bits either way.
 Graph-safe: every per-slot value (frame) comes from device memory; tiles and splits depend only on
 shapes and the device. A slot that does not execute (frame not advanced) rewrites the same ring rows
 next time, before they can be read, so no execution mask is needed.
@@ -137,10 +130,8 @@ def _ring_attention_kernel(
     stride_ob, stride_ot,
     STEPS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, LOG_PERIOD: tl.constexpr,
     SCALE: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
-    READS_BEFORE_WAIT: tl.constexpr,
 ):
-    if not READS_BEFORE_WAIT:
-        await_previous_kernel(PDL)
+    await_previous_kernel(PDL)
     split = tl.program_id(0)
     pair = tl.program_id(1)
     pid_b = pair // HEADS
@@ -156,8 +147,6 @@ def _ring_attention_kernel(
     keys = tl.load(ring_k + ring_offsets, mask=(slots < CAPACITY)[:, None], other=0.0)
     values = tl.load(ring_v + ring_offsets, mask=(slots < CAPACITY)[:, None], other=0.0)
     frame = tl.load(frame_ptr + pid_b).to(tl.int64)
-    if READS_BEFORE_WAIT:
-        await_previous_kernel(PDL)
     # The new rows are stored into this block below: every thread's loads of it come first. No other
     # program reads this block, so the ring write races with nothing.
     tl.debug_barrier()
@@ -285,13 +274,10 @@ def ring_attention_candidate_tiles(batch: int, heads: int, steps: int, head_dim:
 
 def ring_attention(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, frame: torch.Tensor,
                    max_period: float, out: torch.Tensor | None = None,
-                   workspace: SplitWorkspace | None = None, tiles: dict | None = None,
-                   reads_before_wait: bool = False) -> torch.Tensor:
+                   workspace: SplitWorkspace | None = None, tiles: dict | None = None) -> torch.Tensor:
     """Launcher (float32). The context equals the ring capacity R = ring_k.shape[2]. `workspace` (from
     ring_attention_workspace_size) is used when the ring is split; a fresh one is allocated if it is
-    None. `tiles` ({"block_r", "num_warps"}, see ring_attention_candidate_tiles) overrides the defaults.
-    reads_before_wait: with programmatic dependent launch, the ring and the frame counter are read before
-    the wait (see the module's doc for when that is safe)."""
+    None. `tiles` ({"block_r", "num_warps"}, see ring_attention_candidate_tiles) overrides the defaults."""
     batch, steps, width = qkv.shape
     _, heads, capacity, head_dim = ring_k.shape
     if width != 3 * heads * head_dim or qkv.stride(-1) != 1:
@@ -321,7 +307,6 @@ def ring_attention(qkv: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor
         out.stride(0), out.stride(1),
         STEPS=steps, HEADS=heads, HEAD_DIM=head_dim, LOG_PERIOD=math.log(max_period), SCALE=head_dim ** -0.5,
         BLOCK_R=block_r, SPLITS=splits,
-        BLOCK_S=next_pow2(splits, minimum=2), PDL=use_pdl, READS_BEFORE_WAIT=use_pdl and reads_before_wait,
-        num_warps=num_warps, launch_pdl=use_pdl,
+        BLOCK_S=next_pow2(splits, minimum=2), PDL=use_pdl, num_warps=num_warps, launch_pdl=use_pdl,
     )
     return out

@@ -152,18 +152,10 @@ def conv_transpose1d_stream(x, partial, frame, weight, bias, stride, groups=1, e
     return conv_transpose1d_stream_ref(x, partial, frame, weight, bias, stride, groups, elu_input, out=out)
 
 
-RING_ATTENTION_READS_BEFORE_WAIT = False
-"""With programmatic dependent launch, `ring_attention` reads its ring block and the frame counter before it waits
-for the previous kernel (kernels/ring_attention.py's reads_before_wait): in Mimi's transformers that kernel is the
-qkv product, which writes neither. The same bits. Off until timed in the frame on a GPU (bench_frame.py
---ring-attention-reads-before-wait)."""
-
-
 def ring_attention(qkv, ring_k, ring_v, frame, max_period, out=None, workspace: SplitWorkspace | None = None):
     """RoPE + ring KV write + sliding-window attention of the new steps (kernels/ring_attention.py)."""
     if _use_kernel(qkv, ring_k):
-        return _ring_attention_kernel(qkv, ring_k, ring_v, frame, max_period, out=out, workspace=workspace,
-                                      reads_before_wait=RING_ATTENTION_READS_BEFORE_WAIT)
+        return _ring_attention_kernel(qkv, ring_k, ring_v, frame, max_period, out=out, workspace=workspace)
     return ring_attention_ref(qkv, ring_k, ring_v, frame, max_period, out=out)
 
 

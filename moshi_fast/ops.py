@@ -171,10 +171,10 @@ the Triton kernel under --triton-paged-attention."""
 PAGED_ATTENTION_READS_BEFORE_WAIT = True
 """With the CUDA extension's kernel and programmatic dependent launch, `paged_attention` reads the window's first keys
 and values, the mask, positions and page table before it waits for the previous kernel (cuda_ext.paged_attention's
-reads_before_wait): in the LM step that kernel is Helium's qkv product, which writes none of them, and the reads
-overlap its tail. The same bits; on an H100 the B = 1 frame's GPU span 0.08 ms shorter, B = 8 0.01 ms
-(bench/results/2026-12-07_H100_51e2fae_frame_b1_b8_attention_reads_before_wait.json). bench_frame.py
---attention-reads-after-wait times the previous path."""
+reads_before_wait), where its caller says that kernel is the qkv product (after_qkv_product: Helium's layers do),
+which writes none of them; the reads overlap its tail. The same bits; on an H100 the B = 1 frame's GPU span 0.08 ms
+shorter, B = 8 0.01 ms (bench/results/2026-12-07_H100_51e2fae_frame_b1_b8_attention_reads_before_wait.json).
+bench_frame.py --attention-reads-after-wait times the previous path."""
 
 
 def uses_cuda_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out) -> bool:
@@ -198,14 +198,17 @@ def paged_attention_workspace_size(batch: int, heads: int, head_dim: int, contex
 
 
 def paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period, out=None,
-                    workspace: SplitWorkspace | None = None):
+                    workspace: SplitWorkspace | None = None, after_qkv_product: bool = False):
     """RoPE + KV write into the page pool + attention over each slot's live window of one new token
     (kernels/paged_attention.py, or the CUDA extension's kernel where `uses_cuda_paged_attention`; the pools, page
-    table, positions and mask come from PagedKVCache)."""
+    table, positions and mask come from PagedKVCache). after_qkv_product: the kernel issued just before is one of
+    this project's products writing qkv: it writes nothing else the attention reads, and lets the next kernel start
+    only after its own wait, so every kernel before it has finished. Then, under PAGED_ATTENTION_READS_BEFORE_WAIT,
+    the CUDA kernel reads its window before its wait."""
     if uses_cuda_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, out):
+        early = after_qkv_product and PAGED_ATTENTION_READS_BEFORE_WAIT
         return cuda_ext.launch_paged_attention(qkv, k_pool, v_pool, page_table, positions, exec_mask, context,
-                                               max_period, out, workspace,
-                                               reads_before_wait=PAGED_ATTENTION_READS_BEFORE_WAIT)
+                                               max_period, out, workspace, reads_before_wait=early)
     if _use_kernel(qkv, k_pool):
         return _paged_attention_kernel(qkv, k_pool, v_pool, page_table, positions, exec_mask, context, max_period,
                                        out=out, workspace=workspace)

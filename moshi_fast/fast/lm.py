@@ -117,7 +117,7 @@ class FastLM(LM):
             qkv = ops.linear(x, layer.qkv, norm=("rms", layer.norm1.weight, c.norm_eps), workspace=workspace)
             k_pool, v_pool = kv.layer(i)
             attended = ops.paged_attention(qkv, k_pool, v_pool, kv.page_table, kv.positions, kv.exec_mask,
-                                           c.context, c.max_period, workspace=workspace)
+                                           c.context, c.max_period, workspace=workspace, after_qkv_product=True)
             ops.linear(attended, layer.out, residual=x, out=x, workspace=workspace)
             hidden = ops.linear(x, layer.gate_up, norm=("rms", layer.norm2.weight, c.norm_eps),
                                 activation="silu_gate", workspace=workspace)

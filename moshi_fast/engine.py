@@ -51,7 +51,7 @@ def _default_device() -> torch.device:
 def _check_audio_type(value, what: str) -> None:
     """Raises ValueError unless `value` is a floating-point numpy array or torch tensor."""
     if isinstance(value, np.ndarray):
-        if not np.issubdtype(value.dtype, np.floating):
+        if value.dtype.kind != "f":
             raise ValueError(f"{what} must be floating point audio, got dtype {value.dtype}")
     elif not isinstance(value, torch.Tensor):
         raise ValueError(f"{what} must be a numpy array or a torch tensor, got {type(value).__name__}")
@@ -96,6 +96,9 @@ class _HostBuffers:
         self.mask = torch.zeros(max_batch, dtype=torch.bool, pin_memory=pinned)
         self.pcm = torch.zeros(max_batch, frame_size, pin_memory=pinned)
         self.tokens = torch.zeros(max_batch, token_columns, dtype=torch.int64, pin_memory=pinned)
+        # numpy views of the same memory, made once: a step's host work is a few microseconds of numpy.
+        self._frames_np, self._mask_np = self.frames.numpy()[:, 0], self.mask.numpy()
+        self._pcm_np, self._tokens_np = self.pcm.numpy(), self.tokens.numpy()
         # Recorded after the frames leave: they must have left before the next step rewrites them.
         self._sent = torch.cuda.Event() if pinned else None
 
@@ -104,11 +107,11 @@ class _HostBuffers:
         has read them."""
         if self._sent is not None:
             self._sent.synchronize()
-        return self.frames.numpy()[:bucket, 0]
+        return self._frames_np[:bucket]
 
     def set_mask(self, bucket: int, rows: Sequence[int]) -> None:
         """The execution mask's first `bucket` entries: True at the given rows."""
-        mask = self.mask.numpy()[:bucket]
+        mask = self._mask_np[:bucket]
         mask[:] = False
         mask[list(rows)] = True
 
@@ -135,7 +138,7 @@ class _HostBuffers:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         rows = list(rows)
-        return torch.from_numpy(self.pcm.numpy()[rows]), torch.from_numpy(self.tokens.numpy()[rows])
+        return torch.from_numpy(self._pcm_np[rows]), torch.from_numpy(self._tokens_np[rows])
 
 
 def _as_codes(value, num_codebooks: int, cardinality: int) -> torch.Tensor:
@@ -556,11 +559,14 @@ class FastMoshi:
             raise ValueError(f"frames must have shape [{self.max_batch}, {self.frame_size}] "
                              f"(one {self.frame_size}-sample frame per slot), got {list(pcm.shape)}")
         buffer = self._host.writable_frames(self.max_batch)
-        # A value beyond float32 becomes Inf here and is reported below.
-        with np.errstate(over="ignore"):
+        if pcm.dtype.itemsize <= 4:
             buffer[self._row_of] = pcm
-        finite = np.isfinite(buffer).all(axis=1)
-        if not finite.all():
+        else:
+            # A value beyond float32 becomes Inf here and is reported below.
+            with np.errstate(over="ignore"):
+                buffer[self._row_of] = pcm
+        if not np.isfinite(buffer).all():
+            finite = np.isfinite(buffer).all(axis=1)
             bad = [slot for slot, row in enumerate(self._row_of) if not finite[row]]
             raise ValueError(f"the frames of slots {bad} contain NaN or Inf samples (or values beyond float32)")
 
@@ -639,11 +645,17 @@ class FastMoshi:
             audio.append(frame)
         buffer = self._host.writable_frames(bucket)
         buffer[:] = 0.0
-        for slot, row, frame in zip(slots, rows, audio):
-            with np.errstate(over="ignore"):
+        for row, frame in zip(rows, audio):
+            if frame.dtype.itemsize <= 4:
                 buffer[row] = frame
-            if not np.isfinite(buffer[row]).all():
-                raise ValueError(f"frame of slot {slot} contains NaN or Inf samples (or values beyond float32)")
+            else:
+                # A value beyond float32 becomes Inf here and is reported below.
+                with np.errstate(over="ignore"):
+                    buffer[row] = frame
+        finite = np.isfinite(buffer).all(axis=1)
+        if not finite.all():
+            bad = next(slot for slot, row in zip(slots, rows) if not finite[row])
+            raise ValueError(f"frame of slot {bad} contains NaN or Inf samples (or values beyond float32)")
         return bucket, [int(slot) for slot in slots], rows
 
     @torch.inference_mode()

@@ -170,3 +170,25 @@ def test_strict_fp32_turns_tf32_off_inside_and_restores_the_settings():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_host_step_bench_times_the_engine_without_its_frame(tmp_path, monkeypatch):
+    """bench_host_step.py on the CPU (every op's torch reference): one real step per bucket, then the runner hands
+    back its outputs without running the frame; each batch gets a whole-batch and a dict-of-slots figure, written
+    to the JSON."""
+    from bench import bench_host_step
+
+    launched = []
+    real = bench_host_step._CachedRunner.step_from_host
+
+    def counting(self, bucket):
+        launched.append(bucket not in self._outputs)
+        return real(self, bucket)
+
+    monkeypatch.setattr(bench_host_step._CachedRunner, "step_from_host", counting)
+    with ops.reference_ops():
+        assert bench_host_step.main(["--batches", "1,2", "--steps", "3", "--json", str(tmp_path / "host.json")]) == 0
+    rows = json.loads((tmp_path / "host.json").read_text())["rows"]
+    assert [row["batch"] for row in rows] == [1, 2]
+    assert all(row["whole_batch_us"] > 0 and row["dict_of_slots_us"] > 0 for row in rows)
+    assert launched.count(True) == 2 and len(launched) > 2

@@ -4,7 +4,8 @@
 #   run the GPU-marked tests, the kernel microbenchmarks, the codec and LM-step benchmarks against Kyutai,
 #   run the demo at Moshi's real size, and keep the logs and JSON results under $OUT.
 # Usage (from the repository root): GIT_SHA=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [steps]
-#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo (default: all),
+#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,profile,buckets,pdl,host,load,demo (default:
+#   all; host: bench_host_step.py, the engine's own host work a step),
 #   or sweep (not in the default): time launch-plan candidates (SWEEP_OPS, default paged_fp8; SWEEP_BATCHES,
 #   default 1,8,64; SWEEP_NAMES, case-name prefixes, default all) and write the updated kernels/tuned_tiles.json
 #   beside the sweep under $OUT
@@ -20,9 +21,8 @@
 #   (leaves out the sampling kernel's tile sweep)
 #   ISOLATED_TESTS, ISOLATED_BENCH: test and benchmark files run first, each in a process of its own (for kernels
 #   not yet run on a GPU: a bad memory access poisons the CUDA context of the process it happens in, and every later
-#   test or benchmark there fails with it), ISOLATED_TIMEOUT seconds at most each (default 300); by default those of
-#   the CUDA paged attention (tests/test_paged_attention_cuda.py, tests/test_paged_attention.py,
-#   bench/bench_paged_attention.py); empty to run everything together
+#   test or benchmark there fails with it), ISOLATED_TIMEOUT seconds at most each (default 300); by default none
+#   (every kernel has run on a GPU)
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
@@ -38,10 +38,10 @@ import os, torch, triton
 print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
 print("git:", os.environ["GIT_SHA"])
 PY
-steps=",${1:-tests,kernels,mimi,lm,frame,profile,buckets,pdl,load,demo},"
+steps=",${1:-tests,kernels,mimi,lm,frame,profile,buckets,pdl,host,load,demo},"
 status=0
-isolated_tests=${ISOLATED_TESTS-tests/test_paged_attention_cuda.py tests/test_paged_attention.py}
-isolated_bench=${ISOLATED_BENCH-bench/bench_paged_attention.py}
+isolated_tests=${ISOLATED_TESTS-}
+isolated_bench=${ISOLATED_BENCH-}
 ignored_tests=$(for f in $isolated_tests; do printf -- ' --ignore=%s' "$f"; done)
 ignored_bench=$(for f in $isolated_bench; do printf -- ' --ignore=%s' "$f"; done)
 if [[ $steps == *,tests,* ]]; then
@@ -84,6 +84,9 @@ fi
 if [[ $steps == *,pdl,* ]]; then
     eval "python3 bench/pdl_sweep.py --json \"\$OUT/pdl_sweep.json\" ${PDL_ARGS:-}" 2>&1 | tee "$OUT/pdl_sweep.log" \
         || status=1
+fi
+if [[ $steps == *,host,* ]]; then
+    python3 bench/bench_host_step.py --json "$OUT/host_step.json" 2>&1 | tee "$OUT/host_step.log" || status=1
 fi
 if [[ $steps == *,sweep,* ]]; then
     python3 bench/sweep_tiles.py --ops "${SWEEP_OPS:-paged_fp8}" --batches "${SWEEP_BATCHES:-1,8,64}" \

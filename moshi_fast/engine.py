@@ -637,11 +637,11 @@ class FastMoshi:
                 raise ValueError(f"slot {slot!r} is not an open conversation (open: {self.open_slots})")
         rows = [self._row_of[slot] for slot in slots]
         bucket = graphs.bucket_for(max(rows) + 1, self.buckets)
-        audio = []
+        audio, shape = [], (self.frame_size,)
         for slot in slots:
             frame = _host_audio(frames[slot], f"frame of slot {slot}")
-            if frame.shape != (self.frame_size,):
-                raise ValueError(f"frame of slot {slot} must have shape [{self.frame_size}], got {list(frame.shape)}")
+            if frame.shape != shape:
+                raise ValueError(f"frame of slot {slot} must have shape [{shape[0]}], got {list(frame.shape)}")
             audio.append(frame)
         buffer = self._host.writable_frames(bucket)
         buffer[:] = 0.0

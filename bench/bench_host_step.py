@@ -37,15 +37,16 @@ class _CachedRunner:
     def __getattr__(self, name: str):
         return getattr(self._runner, name)
 
-    def step_from_host(self, bucket: int):
+    def _cached(self, bucket: int, run):
         if bucket not in self._outputs:
-            self._outputs[bucket] = self._runner.step_from_host(bucket)
+            self._outputs[bucket] = run()
         return self._outputs[bucket]
 
+    def step_from_host(self, bucket: int):
+        return self._cached(bucket, lambda: self._runner.step_from_host(bucket))
+
     def step(self, pcm, exec_mask):
-        if pcm.shape[0] not in self._outputs:
-            self._outputs[pcm.shape[0]] = self._runner.step(pcm, exec_mask)
-        return self._outputs[pcm.shape[0]]
+        return self._cached(pcm.shape[0], lambda: self._runner.step(pcm, exec_mask))
 
 
 def time_steps(engine: FastMoshi, frames, steps: int, repeats: int = 5) -> float:

@@ -37,8 +37,9 @@ void check_output_shape(const at::Tensor& tensor, const char* name, int64_t rows
 }
 
 // out = act(norm(x) @ weight.T) (+ residual), see skinny_gemv_kernel.cuh: norm_weight given, x is RMSNormed with it
-// and eps first (norm_after: its row scale applied after the product); gated, the weight holds the gate rows then the up rows and out = silu(gate) * up. warps_per_block 0
-// takes the default split of each tile's K (skinny_gemv_default_warps); 1..16 forces one, for measuring.
+// and eps first (norm_after: its row scale applied after the product); gated, the weight holds the gate rows then the
+// up rows and out = silu(gate) * up. warps_per_block 0 takes the default split of each tile's K
+// (skinny_gemv_default_warps); 1..16 forces one, for measuring.
 // programmatic: launch with programmatic dependent launch (the caller checks that the device supports it).
 void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                at::Tensor& out, int64_t warps_per_block, const std::optional<at::Tensor>& norm_weight, double eps,

@@ -490,6 +490,12 @@ cudaError_t launch_groups(const SkinnyGemvArgs& args, int warps, cudaStream_t st
   }
 }
 
+template <int kNorm>
+cudaError_t launch_norm(const SkinnyGemvArgs& args, int warps, cudaStream_t stream, bool programmatic) {
+  return args.gated ? launch_groups<kNorm, true>(args, warps, stream, programmatic)
+                    : launch_groups<kNorm, false>(args, warps, stream, programmatic);
+}
+
 }  // namespace detail
 
 // Launches on `stream` (no allocation, no synchronisation: graph-capturable); rows in 1..kGemvMaxRows, warps in
@@ -498,16 +504,9 @@ cudaError_t launch_groups(const SkinnyGemvArgs& args, int warps, cudaStream_t st
 // safe after any kernel.
 inline cudaError_t launch_skinny_gemv_bf16(const SkinnyGemvArgs& args, int warps, cudaStream_t stream,
                                            bool programmatic) {
-  if (args.norm_weight != nullptr && args.norm_after) {
-    if (args.gated) return detail::launch_groups<kGemvNormAfter, true>(args, warps, stream, programmatic);
-    return detail::launch_groups<kGemvNormAfter, false>(args, warps, stream, programmatic);
-  }
-  if (args.norm_weight != nullptr) {
-    if (args.gated) return detail::launch_groups<kGemvNormBefore, true>(args, warps, stream, programmatic);
-    return detail::launch_groups<kGemvNormBefore, false>(args, warps, stream, programmatic);
-  }
-  if (args.gated) return detail::launch_groups<kGemvNoNorm, true>(args, warps, stream, programmatic);
-  return detail::launch_groups<kGemvNoNorm, false>(args, warps, stream, programmatic);
+  if (args.norm_weight == nullptr) return detail::launch_norm<kGemvNoNorm>(args, warps, stream, programmatic);
+  if (args.norm_after) return detail::launch_norm<kGemvNormAfter>(args, warps, stream, programmatic);
+  return detail::launch_norm<kGemvNormBefore>(args, warps, stream, programmatic);
 }
 
 }  // namespace moshi_fast

@@ -82,6 +82,17 @@ def _host_audio(value, what: str) -> np.ndarray:
     return value.numpy()
 
 
+def _write_audio(buffer: np.ndarray, index, audio: np.ndarray) -> None:
+    """buffer[index] = audio (float32 buffer). A float64 value beyond float32 becomes Inf, without numpy's overflow
+    warning: the caller reports it with NaN and Inf. float16 and float32 audio cannot overflow, and skip the guard
+    (a few microseconds a step)."""
+    if audio.dtype.itemsize <= 4:
+        buffer[index] = audio
+        return
+    with np.errstate(over="ignore"):
+        buffer[index] = audio
+
+
 class _HostBuffers:
     """The host's side of a FastMoshi step, in buffers made once: the frames and the execution mask gathered row by
     row with numpy, then sent to the device in one copy each; the pcm and tokens received in one copy each, then
@@ -559,12 +570,7 @@ class FastMoshi:
             raise ValueError(f"frames must have shape [{self.max_batch}, {self.frame_size}] "
                              f"(one {self.frame_size}-sample frame per slot), got {list(pcm.shape)}")
         buffer = self._host.writable_frames(self.max_batch)
-        if pcm.dtype.itemsize <= 4:
-            buffer[self._row_of] = pcm
-        else:
-            # A value beyond float32 becomes Inf here and is reported below.
-            with np.errstate(over="ignore"):
-                buffer[self._row_of] = pcm
+        _write_audio(buffer, self._row_of, pcm)
         if not np.isfinite(buffer).all():
             finite = np.isfinite(buffer).all(axis=1)
             bad = [slot for slot, row in enumerate(self._row_of) if not finite[row]]
@@ -646,12 +652,7 @@ class FastMoshi:
         buffer = self._host.writable_frames(bucket)
         buffer[:] = 0.0
         for row, frame in zip(rows, audio):
-            if frame.dtype.itemsize <= 4:
-                buffer[row] = frame
-            else:
-                # A value beyond float32 becomes Inf here and is reported below.
-                with np.errstate(over="ignore"):
-                    buffer[row] = frame
+            _write_audio(buffer, row, frame)
         finite = np.isfinite(buffer).all(axis=1)
         if not finite.all():
             bad = next(slot for slot, row in zip(slots, rows) if not finite[row])

@@ -494,9 +494,8 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False, nor
     """act(norm(x) @ weight.T) + residual for 1..64 bf16 rows by the CUDA extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh; reference cuda_ext.gemv_ref); x [M, K], weight [N, K] ([2N, K] gated),
     residual may be `out`, norm (norm_weight [K], eps) for a fused RMSNorm (norm_after: its row scale applied
-    after the product), gated for the SiLU gate. Raises
-    RuntimeError when the extension is unavailable. `linear` calls it on the CUDA_GEMV_*SHAPES only;
-    bench/bench_cuda_gemv.py times it beside skinny_linear and cuBLAS."""
+    after the product), gated for the SiLU gate. Raises RuntimeError when the extension is unavailable. `linear`
+    calls it on the CUDA_GEMV_*SHAPES only; bench/bench_cuda_gemv.py times it beside skinny_linear and cuBLAS."""
     return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated, norm_after=norm_after)
 
 

@@ -267,9 +267,10 @@ def test_fused_gemv_matches_reference(extension, m, n, k, fusion):
 
 @pytest.mark.gpu
 def test_linear_dispatches_the_depth_transformers_fused_products(extension, monkeypatch):
-    """ops.linear gives the CUDA GEMV the RMSNorm'd qkv and gated FFN input of the depth transformer, at 2 rows (the
-    norm fused) and at 20 (column groups, after norm_rows), with the results of skinny_linear's spec, and keeps
-    skinny_linear for a LayerNorm."""
+    """With ops.CUDA_GEMV_NORM_AFTER off, ops.linear gives the CUDA GEMV the RMSNorm'd qkv and gated FFN input of the
+    depth transformer, at 2 rows (the norm fused) and at 20 (column groups, after norm_rows), with the results of
+    skinny_linear's spec, and keeps skinny_linear for a LayerNorm."""
+    monkeypatch.setattr(ops, "CUDA_GEMV_NORM_AFTER", False)
     calls = []
     real_gemv = cuda_ext.gemv
     monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: calls.append(kw) or real_gemv(*a, **kw))

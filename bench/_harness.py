@@ -363,14 +363,23 @@ def recorded_fault(error: BaseException, release: Callable[[], None]) -> str:
     return f"{type(error).__name__}: {error}"[:300]
 
 
-def timed_calls(call: Callable[[object], object], inputs, gpu_spans: list | None = None) -> list[float]:
+def timed_calls(call: Callable[[object], object], inputs, gpu_spans: list | None = None,
+                cadence_s: float = 0.0) -> list[float]:
     """Wall seconds of call(x) for each x, the GPU synchronised before and after each call: the time a
     user waits for one synchronous step (launch overhead, host work and GPU work). gpu_spans, when given, also
     receives each call's seconds between CUDA events recorded around it on the current stream: the GPU's part,
-    without the host's noise around it."""
+    without the host's noise around it. cadence_s > 0: the calls start cadence_s apart (a call that overruns starts
+    the next at once), the thread asleep in between, as a real-time caller's frames come (0.08 for Moshi's 80 ms
+    frames); by default they run back to back, with the host's caches and clocks warm from the call before."""
     times = []
+    next_start = time.perf_counter()
     for x in inputs:
         torch.cuda.synchronize()
+        if cadence_s:
+            idle = next_start - time.perf_counter()
+            if idle > 0:
+                time.sleep(idle)
+            next_start = max(next_start + cadence_s, time.perf_counter())
         start = time.perf_counter()
         if gpu_spans is not None:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -13,7 +13,9 @@ random tokens in the delay lines; our codec's rings full too), so the numbers ar
 that old. Times are wall-clock per step call with the GPU synchronised, p50 and p99 over `--frames` frames
 after warm-up, and each frame's time (frames_ms); for moshi_fast also each frame's span of its graph replay on the
 GPU's timeline (replay_ms: a frame slower in frames_ms alone lost its time on the host); memory is each engine's
-peak allocation during its run (they run one after the other).
+peak allocation during its run (they run one after the other). By default the frames run back to back;
+`--cadence-ms 80` starts them 80 ms apart, the thread asleep in between, as a real-time caller's do: the host's
+part of each step then runs with cold caches, and is slower (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def _stats(times: list[float]) -> dict:
 
 
 def bench_kyutai(mimi, lm, config: MoshiConfig, batch: int, frames: list[torch.Tensor], warmup: int,
-                 context: int) -> dict:
+                 context: int, cadence_s: float = 0.0) -> dict:
     from moshi.models.lm import LMGen
 
     torch.cuda.reset_peak_memory_stats()
@@ -76,7 +78,7 @@ def bench_kyutai(mimi, lm, config: MoshiConfig, batch: int, frames: list[torch.T
         _set_kyutai_context(lm_gen, context, config.lm)
         for pcm in frames[:warmup]:
             step(pcm)
-        row = _stats(timed_calls(step, frames[warmup:]))
+        row = _stats(timed_calls(step, frames[warmup:], cadence_s=cadence_s))
     row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
     del lm_gen
     _release()
@@ -113,7 +115,7 @@ def _host_split(steps: list[tuple[float, float]], calls: list) -> dict:
 
 
 def bench_fast(mimi: FastMimi, lm, config: MoshiConfig, batch: int, frames: list[torch.Tensor], warmup: int,
-               context: int, kv_dtype: torch.dtype | None = None) -> dict:
+               context: int, kv_dtype: torch.dtype | None = None, cadence_s: float = 0.0) -> dict:
     torch.cuda.reset_peak_memory_stats()
     engine = FastMoshi(config, lm, mimi, None, torch.device("cuda"), max_batch=batch, batch_buckets=[batch],
                        kv_dtype=kv_dtype, **KYUTAI_SAMPLING)
@@ -136,7 +138,7 @@ def bench_fast(mimi: FastMimi, lm, config: MoshiConfig, batch: int, frames: list
         ring_v.normal_()
     for pcm in frames[:warmup]:
         step(pcm)
-    row = _stats(timed_calls(step, frames[warmup:]))
+    row = _stats(timed_calls(step, frames[warmup:], cadence_s=cadence_s))
     row["replay_ms"] = [round(begin.elapsed_time(end), 3) for begin, end, _, _ in calls[warmup:]]
     row.update(_host_split(steps[warmup:], calls[warmup:]))
     row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
@@ -178,6 +180,9 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=3000)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--cadence-ms", type=float, default=0.0,
+                        help="start each timed frame this long after the previous one started (80: a real-time "
+                             "caller's cadence, the host idle between frames); default 0, back to back")
     add_variant_options(parser, "moshi_fast")
     args = parser.parse_args(argv)
     info = device_info()
@@ -197,11 +202,14 @@ def main(argv=None) -> int:
         pcm = speech_like(batch, args.warmup + args.frames, seed=batch)
         frames = list(pcm[:, 0].split(config.mimi.frame_size, dim=-1))
         row = {"batch": batch, "frames": args.frames, "context": args.context}
+        cadence = args.cadence_ms / 1000
         runs = [("kyutai", lambda: bench_kyutai(kyutai_codec, kyutai_model, config, batch, frames, args.warmup,
-                                                args.context)),
-                ("fast", lambda: bench_fast(ours_codec, ours_lm, config, batch, frames, args.warmup, args.context))]
+                                                args.context, cadence)),
+                ("fast", lambda: bench_fast(ours_codec, ours_lm, config, batch, frames, args.warmup, args.context,
+                                            cadence_s=cadence))]
         runs += variant_runs(args, lambda _, kv_dtype: bench_fast(ours_codec, ours_lm, config, batch, frames,
-                                                                  args.warmup, args.context, kv_dtype=kv_dtype))
+                                                                  args.warmup, args.context, kv_dtype=kv_dtype,
+                                                                  cadence_s=cadence))
         runs = kept_runs(args, runs)
         for name, run in runs:
             try:
@@ -239,6 +247,7 @@ def main(argv=None) -> int:
             "config": "moshiko real config, random weights (Kyutai's LM init, Mimi with random codebooks), "
                       f"bf16 LM, fp32 Mimi, Kyutai's default sampling, every slot at frame {args.context}",
             "compare_table": args.compare_table.path if args.compare_table else None,
+            "cadence_ms": args.cadence_ms,
             "real_time_conversations": real_time, "rows": rows}, indent=1))
     if args.plot:
         plot(rows, info, args.plot)

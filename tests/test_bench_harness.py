@@ -2,6 +2,7 @@
 run happens under its setting (the timing itself needs a GPU); bench_frame's per-frame records."""
 import argparse
 import json
+import time
 
 import pytest
 import torch
@@ -158,6 +159,26 @@ def test_timed_calls_record_each_calls_gpu_span_within_its_wall_time():
     times = timed_calls(lambda scale: x.mul_(scale), [1.0, 2.0, 0.5], spans)
     assert len(spans) == len(times) == 3
     assert all(0 < span <= wall for span, wall in zip(spans, times))
+
+
+def test_timed_calls_at_a_cadence_start_each_call_on_its_tick(monkeypatch):
+    """With cadence_s, call i starts at tick i (cadence_s apart) or, after a call that overran, at once; the
+    schedule then goes on from its own ticks."""
+    from bench._harness import timed_calls
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    starts = []
+
+    def call(duration):
+        starts.append(time.perf_counter())
+        time.sleep(duration)
+
+    times = timed_calls(call, [0.0, 0.03, 0.0, 0.0], cadence_s=0.02)
+    offsets = [start - starts[0] for start in starts]
+    # Ticks 0, 0.02, then 0.04 passed during the second call (it ends at 0.05), then 0.06.
+    for offset, expected in zip(offsets, [0.0, 0.02, 0.05, 0.06]):
+        assert expected - 1e-3 <= offset <= expected + 0.015
+    assert len(times) == 4 and times[1] >= 0.03
 
 
 def test_strict_fp32_turns_tf32_off_inside_and_restores_the_settings():

@@ -72,14 +72,17 @@ def _as_float_tensor(value, what: str) -> torch.Tensor:
 def _host_audio(value, what: str) -> np.ndarray:
     """`value`, a float numpy array or torch tensor, as a numpy array on the host (a view where it is one already);
     checks the type, not the values. No torch CPU kernel runs on it: over a whole batch of frames those run on
-    torch's thread pool (see _HostBuffers)."""
+    torch's thread pool (see _HostBuffers). A CPU tensor of a numpy dtype costs no torch operation: at an 80 ms
+    cadence each one is tens of microseconds of cold host code in the step's latency."""
     _check_audio_type(value, what)
     if isinstance(value, np.ndarray):
         return value
-    value = value.detach()
-    if value.device.type != "cpu" or value.dtype not in (torch.float16, torch.float32, torch.float64):
+    if not value.is_cpu or value.dtype not in _NUMPY_AUDIO_DTYPES:
         value = value.to("cpu", torch.float32)
-    return value.numpy()
+    return value.numpy(force=value.requires_grad)
+
+
+_NUMPY_AUDIO_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 def _write_audio(buffer: np.ndarray, index, audio: np.ndarray) -> None:
@@ -98,7 +101,11 @@ class _HostBuffers:
     row with numpy, then sent to the device in one copy each; the pcm and tokens received in one copy each, then
     handed out in slot order. On a CUDA engine the buffers are pinned, so that each crossing is one asynchronous
     copy and the step waits on the GPU once. The host's work stays on the calling thread (numpy), where torch's CPU
-    kernels over a whole batch would run on its thread pool."""
+    kernels over a whole batch would run on its thread pool.
+
+    Every call here is on the step's latency path, and at an 80 ms cadence each runs cold (tens of microseconds a
+    torch or CUDA call on a GPU's host, bench/RESULTS.md): the frames' reuse is guarded by a flag, not an event, an
+    unchanged mask is not rewritten, and rows in slot order are copied out as slices."""
 
     def __init__(self, max_batch: int, frame_size: int, token_columns: int, device: torch.device):
         self.device = device
@@ -110,27 +117,39 @@ class _HostBuffers:
         # numpy views of the same memory, made once: a step's host work is a few microseconds of numpy.
         self._frames_np, self._mask_np = self.frames.numpy()[:, 0], self.mask.numpy()
         self._pcm_np, self._tokens_np = self.pcm.numpy(), self.tokens.numpy()
-        # Recorded after the frames leave: they must have left before the next step rewrites them.
-        self._sent = torch.cuda.Event() if pinned else None
+        # Whether copies issued by a step may still read the frames and mask: set when a step sends them, cleared
+        # when it receives (its synchronisation waits for them). It stays set only after a step that failed in
+        # between, and the next writer then waits for the device.
+        self._inputs_in_flight = False
+        self._mask_rows: tuple | None = None
+        self._in_order = list(range(max_batch))
+
+    def _await_inputs(self) -> None:
+        if self._inputs_in_flight:
+            torch.cuda.synchronize(self.device)
+            self._inputs_in_flight = False
 
     def writable_frames(self, bucket: int) -> np.ndarray:
         """The first `bucket` rows of the frame buffer [bucket, frame_size] as numpy, once the last step's copy
         has read them."""
-        if self._sent is not None:
-            self._sent.synchronize()
+        self._await_inputs()
         return self._frames_np[:bucket]
 
     def set_mask(self, bucket: int, rows: Sequence[int]) -> None:
         """The execution mask's first `bucket` entries: True at the given rows."""
+        key = (bucket, *rows)
+        if key == self._mask_rows:
+            return
+        self._await_inputs()
         mask = self._mask_np[:bucket]
         mask[:] = False
         mask[list(rows)] = True
+        self._mask_rows = key
 
     def sent(self) -> None:
-        """Marks the point of the device's stream after which the frames have been read (the copies that read
-        them are issued): writable_frames waits for it."""
-        if self._sent is not None:
-            self._sent.record(torch.cuda.current_stream(self.device))
+        """Marks the frames and mask as read by copies the device's stream has been given (writable_frames and
+        set_mask wait for them until receive)."""
+        self._inputs_in_flight = self.device.type == "cuda"
 
     def send(self, bucket: int, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames [bucket, 1, frame_size] and the execution mask [bucket] (the given rows) on the device."""
@@ -140,16 +159,20 @@ class _HostBuffers:
         self.sent()
         return sent
 
-    def receive(self, out: FrameOutput, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def receive(self, out: FrameOutput, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(pcm [n, frame_size] float32, tokens [n, 1 + dep_q] int64) of the given rows, in their order, on the
-        host: the caller's own copies."""
+        host as numpy: the caller's own copies."""
         bucket = out.pcm.shape[0]
         self.pcm[:bucket].copy_(out.pcm[:, 0], non_blocking=True)
         self.tokens[:bucket].copy_(out.tokens, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+            self._inputs_in_flight = False
+        n = len(rows)
+        if rows == self._in_order[:n]:
+            return self._pcm_np[:n].copy(), self._tokens_np[:n].copy()
         rows = list(rows)
-        return torch.from_numpy(self._pcm_np[rows]), torch.from_numpy(self._tokens_np[rows])
+        return self._pcm_np[rows], self._tokens_np[rows]
 
 
 def _as_codes(value, num_codebooks: int, cardinality: int) -> torch.Tensor:
@@ -497,6 +520,8 @@ class FastMoshi:
         self._open = [False] * max_batch
         # Slot ids are what callers hold; rows index the state. The n open slots hold rows 0..n-1.
         self._row_of = list(range(max_batch))
+        # Whether slot i is at row i: whole-batch frames are then written as one slice.
+        self._rows_in_order = True
 
     def _sampling_params(self, use_sampling, temp, temp_text, top_k, top_k_text, seed) -> SamplingParams:
         n, device = self.max_batch, self.device
@@ -570,7 +595,7 @@ class FastMoshi:
             raise ValueError(f"frames must have shape [{self.max_batch}, {self.frame_size}] "
                              f"(one {self.frame_size}-sample frame per slot), got {list(pcm.shape)}")
         buffer = self._host.writable_frames(self.max_batch)
-        _write_audio(buffer, self._row_of, pcm)
+        _write_audio(buffer, slice(None) if self._rows_in_order else self._row_of, pcm)
         if not np.isfinite(buffer).all():
             finite = np.isfinite(buffer).all(axis=1)
             bad = [slot for slot, row in enumerate(self._row_of) if not finite[row]]
@@ -591,6 +616,7 @@ class FastMoshi:
         self._runner.swap(a, b)
         slot_a, slot_b = self._row_of.index(a), self._row_of.index(b)
         self._row_of[slot_a], self._row_of[slot_b] = b, a
+        self._rows_in_order = self._row_of == sorted(self._row_of)
 
     def open(self, seed: int | None = None, use_sampling: bool | None = None, temp: float | None = None,
              temp_text: float | None = None, top_k: int | None = None, top_k_text: int | None = None) -> int:
@@ -677,8 +703,9 @@ class FastMoshi:
         else:
             out = self._runner.step(*self._host.send(bucket, rows))
         pcm, tokens = self._host.receive(out, rows)
-        text_tokens = tokens[:, 0]
-        return StepOutput(pcm=pcm, text_tokens=text_tokens, audio_codes=tokens[:, 1:],
+        text_tokens = torch.from_numpy(tokens[:, 0])
+        return StepOutput(pcm=torch.from_numpy(pcm), text_tokens=text_tokens,
+                          audio_codes=torch.from_numpy(tokens[:, 1:]),
                           text=self.tokenizer.pieces(text_tokens) if self.tokenizer else None, slots=slots,
                           bucket=bucket)
 

@@ -1,9 +1,12 @@
 """The public API on the reference backend: step semantics, per-slot reset, input validation."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from moshi_fast import FastMoshi, MimiCodec, SlotsBusyError, TextTokenizer, tiny
+from moshi_fast import engine as engine_module
 
 from .helpers import speech_like
 
@@ -464,6 +467,47 @@ def test_bucket_graphs_serve_each_conversation_as_alone_on_the_gpu():
     same = [run(FastMoshi.random(CONFIG, max_batch=2, seed=3, **fast)) for _ in range(2)]
     other = run(FastMoshi.random(CONFIG, max_batch=2, seed=4, **fast))
     assert torch.equal(same[0], same[1]) and not torch.equal(same[0], other)
+
+
+def _frame_output(batch: int, frame_size: int, columns: int, device: str) -> SimpleNamespace:
+    return SimpleNamespace(pcm=torch.arange(batch * frame_size, dtype=torch.float32, device=device).view(batch, 1, -1),
+                           tokens=torch.arange(batch * columns, device=device).view(batch, columns))
+
+
+def test_host_buffers_hand_out_rows_in_slot_order_and_write_each_steps_mask():
+    """receive gives the caller its own copies of the given rows in their order (rows in order and moved ones);
+    set_mask leaves the bucket's mask True at exactly the given rows, whatever mask came before."""
+    host = engine_module._HostBuffers(4, 6, 3, torch.device("cpu"))
+    out = _frame_output(4, 6, 3, "cpu")
+    for rows in ([0, 1, 2, 3], [0, 1], [2, 0, 3]):
+        pcm, tokens = host.receive(out, rows)
+        assert np.array_equal(pcm, out.pcm[rows, 0].numpy()) and np.array_equal(tokens, out.tokens[rows].numpy())
+        assert not np.shares_memory(pcm, host._pcm_np) and not np.shares_memory(tokens, host._tokens_np)
+    for bucket, rows in ((4, [0, 2]), (4, [0, 2]), (2, [1]), (4, [0, 2]), (4, [3, 1, 0])):
+        host.set_mask(bucket, rows)
+        assert host.mask[:bucket].tolist() == [row in rows for row in range(bucket)]
+
+
+@pytest.mark.gpu
+def test_host_buffers_wait_for_the_device_only_after_a_step_that_did_not_receive(monkeypatch):
+    """A step that received its outputs has synchronised with the copies that read its frames and mask: the next
+    step rewrites them at once. After a step that sent and failed before receiving, the next writer waits for the
+    device, once."""
+    host = engine_module._HostBuffers(2, 6, 3, torch.device("cuda"))
+    waits, synchronize = [], torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device) or synchronize(device))
+    out = _frame_output(2, 6, 3, "cuda")
+    host.writable_frames(2)
+    host.set_mask(2, [0])
+    host.sent()
+    host.receive(out, [0, 1])
+    host.writable_frames(2)
+    host.set_mask(2, [1])
+    assert waits == []
+    host.sent()
+    host.set_mask(2, [0])
+    host.writable_frames(2)
+    assert len(waits) == 1 and host.mask.tolist() == [True, False]
 
 
 def test_whole_batch_steps_follow_each_slot_through_moves():

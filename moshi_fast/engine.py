@@ -109,7 +109,7 @@ class _HostBuffers:
 
     def __init__(self, max_batch: int, frame_size: int, token_columns: int, device: torch.device):
         self.device = device
-        pinned = device.type == "cuda"
+        self._cuda = pinned = device.type == "cuda"
         self.frames = torch.zeros(max_batch, 1, frame_size, pin_memory=pinned)
         self.mask = torch.zeros(max_batch, dtype=torch.bool, pin_memory=pinned)
         self.pcm = torch.zeros(max_batch, frame_size, pin_memory=pinned)
@@ -149,7 +149,7 @@ class _HostBuffers:
     def sent(self) -> None:
         """Marks the frames and mask as read by copies the device's stream has been given (writable_frames and
         set_mask wait for them until receive)."""
-        self._inputs_in_flight = self.device.type == "cuda"
+        self._inputs_in_flight = self._cuda
 
     def send(self, bucket: int, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames [bucket, 1, frame_size] and the execution mask [bucket] (the given rows) on the device."""
@@ -159,13 +159,12 @@ class _HostBuffers:
         self.sent()
         return sent
 
-    def receive(self, out: FrameOutput, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(pcm [n, frame_size] float32, tokens [n, 1 + dep_q] int64) of the given rows, in their order, on the
-        host as numpy: the caller's own copies."""
-        bucket = out.pcm.shape[0]
+    def receive(self, out: FrameOutput, bucket: int, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(pcm [n, frame_size] float32, tokens [n, 1 + dep_q] int64) of the given rows of a step of `bucket`
+        rows, in their order, on the host as numpy: the caller's own copies."""
         self.pcm[:bucket].copy_(out.pcm[:, 0], non_blocking=True)
         self.tokens[:bucket].copy_(out.tokens, non_blocking=True)
-        if self.device.type == "cuda":
+        if self._cuda:
             torch.cuda.current_stream(self.device).synchronize()
             self._inputs_in_flight = False
         n = len(rows)
@@ -348,6 +347,7 @@ class _ReferenceFrameRunner:
                        for size in self.buckets if size != batch_size}
         self._views[batch_size] = (self.codec, self.lm_state, params)
 
+    @torch.inference_mode()
     def step(self, pcm: torch.Tensor, exec_mask: torch.Tensor, forced: torch.Tensor | None = None) -> FrameOutput:
         """pcm [b, 1, frame_size] for slots 0..b-1 (b one of the buckets), exec_mask [b], forced [b, 1 + dep_q]
         (teacher forcing) or None -> the frame's outputs."""
@@ -685,12 +685,13 @@ class FastMoshi:
             raise ValueError(f"frame of slot {bad} contains NaN or Inf samples (or values beyond float32)")
         return bucket, [int(slot) for slot in slots], rows
 
-    @torch.inference_mode()
     def step(self, frames) -> StepOutput:
         """frames: float [max_batch, 1920] (or [1920] when max_batch is 1) to step every slot, or a dict
         {slot: [1920]} of open slots; numpy or torch, on any device.
 
         Invalid input raises ValueError before any state changes."""
+        # No inference_mode here (the reference runner's step has its own): no tensor of a step requires grad, and
+        # at an 80 ms cadence entering it costs tens of microseconds of cold host code before the GPU starts.
         if isinstance(frames, dict):
             bucket, slots, rows = self._slot_frames(frames)
         else:
@@ -702,7 +703,7 @@ class FastMoshi:
             self._host.sent()
         else:
             out = self._runner.step(*self._host.send(bucket, rows))
-        pcm, tokens = self._host.receive(out, rows)
+        pcm, tokens = self._host.receive(out, bucket, rows)
         text_tokens = torch.from_numpy(tokens[:, 0])
         return StepOutput(pcm=torch.from_numpy(pcm), text_tokens=text_tokens,
                           audio_codes=torch.from_numpy(tokens[:, 1:]),

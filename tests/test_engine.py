@@ -70,11 +70,13 @@ def test_bad_input_raises_and_changes_no_state(bad, message):
 
 
 def test_outputs_are_the_callers_and_inputs_of_any_float_type_agree():
-    """A step's outputs stay as they were through later steps (the engine's buffers are reused); frames given as
-    float64 numpy or as a float32 tensor view with strides step the engine alike."""
+    """A step's outputs stay as they were through later steps (the engine's buffers are reused) and are ordinary
+    tensors (not inference tensors: usable with autograd); frames given as float64 numpy or as a float32 tensor view
+    with strides step the engine alike."""
     engine, twin = _engine(), _engine()
     frames = _frames(2, 4)
     outputs = [engine.step(frame.numpy().astype(np.float64)) for frame in frames]
+    assert not any(torch.is_inference(t) for out in outputs for t in (out.pcm, out.text_tokens, out.audio_codes))
     kept = [(out.pcm.clone(), out.audio_codes.clone(), out.text_tokens.clone()) for out in outputs]
     for frame, out, (pcm, codes, text) in zip(frames, outputs, kept):
         assert torch.equal(out.pcm, pcm) and torch.equal(out.audio_codes, codes) and torch.equal(out.text_tokens, text)
@@ -480,7 +482,7 @@ def test_host_buffers_hand_out_rows_in_slot_order_and_write_each_steps_mask():
     host = engine_module._HostBuffers(4, 6, 3, torch.device("cpu"))
     out = _frame_output(4, 6, 3, "cpu")
     for rows in ([0, 1, 2, 3], [0, 1], [2, 0, 3]):
-        pcm, tokens = host.receive(out, rows)
+        pcm, tokens = host.receive(out, 4, rows)
         assert np.array_equal(pcm, out.pcm[rows, 0].numpy()) and np.array_equal(tokens, out.tokens[rows].numpy())
         assert not np.shares_memory(pcm, host._pcm_np) and not np.shares_memory(tokens, host._tokens_np)
     for bucket, rows in ((4, [0, 2]), (4, [0, 2]), (2, [1]), (4, [0, 2]), (4, [3, 1, 0])):
@@ -500,7 +502,7 @@ def test_host_buffers_wait_for_the_device_only_after_a_step_that_did_not_receive
     host.writable_frames(2)
     host.set_mask(2, [0])
     host.sent()
-    host.receive(out, [0, 1])
+    host.receive(out, 2, [0, 1])
     host.writable_frames(2)
     host.set_mask(2, [1])
     assert waits == []

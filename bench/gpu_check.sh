@@ -4,8 +4,9 @@
 #   run the GPU-marked tests, the kernel microbenchmarks, the codec and LM-step benchmarks against Kyutai,
 #   run the demo at Moshi's real size, and keep the logs and JSON results under $OUT.
 # Usage (from the repository root): GIT_SHA=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [steps]
-#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,profile,buckets,pdl,host,load,demo (default:
-#   all; host: bench_host_step.py, the engine's own host work a step),
+#   steps: a comma-separated subset of tests,kernels,mimi,lm,frame,cadence,profile,buckets,pdl,host,load,demo
+#   (default: all; cadence: the frame at one conversation, both engines, frames started 80 ms apart as a real-time
+#   caller's; host: bench_host_step.py, the engine's own host work a step),
 #   or sweep (not in the default): time launch-plan candidates (SWEEP_OPS, default paged_fp8; SWEEP_BATCHES,
 #   default 1,8,64; SWEEP_NAMES, case-name prefixes, default all) and write the updated kernels/tuned_tiles.json
 #   beside the sweep under $OUT
@@ -38,7 +39,7 @@ import os, torch, triton
 print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
 print("git:", os.environ["GIT_SHA"])
 PY
-steps=",${1:-tests,kernels,mimi,lm,frame,profile,buckets,pdl,host,load,demo},"
+steps=",${1:-tests,kernels,mimi,lm,frame,cadence,profile,buckets,pdl,host,load,demo},"
 status=0
 isolated_tests=${ISOLATED_TESTS-}
 isolated_bench=${ISOLATED_BENCH-}
@@ -71,6 +72,10 @@ fi
 if [[ $steps == *,frame,* ]]; then
     eval "python3 bench/bench_frame.py --json \"\$OUT/frame.json\" --plot \"\$OUT/frame.png\" ${FRAME_ARGS:-}" 2>&1 \
         | tee "$OUT/frame.log" || status=1
+fi
+if [[ $steps == *,cadence,* ]]; then
+    python3 bench/bench_frame.py --batches 1 --frames 30 --cadence-ms 80 --json "$OUT/frame_cadence80.json" 2>&1 \
+        | tee "$OUT/frame_cadence80.log" || status=1
 fi
 if [[ $steps == *,profile,* ]]; then
     # Every kernel of the frame, timed by the CUDA profiler and grouped by phase, at one and eight conversations.

@@ -71,17 +71,17 @@ def test_bad_input_raises_and_changes_no_state(bad, message):
 
 def test_outputs_are_the_callers_and_inputs_of_any_float_type_agree():
     """A step's outputs stay as they were through later steps (the engine's buffers are reused) and are ordinary
-    tensors (not inference tensors: usable with autograd); frames given as float64 numpy or as a float32 tensor view
-    with strides step the engine alike."""
+    tensors (not inference tensors: usable with autograd); frames given as float64 numpy, as a float32 tensor view
+    with strides or as a tensor that requires grad step the engine alike."""
     engine, twin = _engine(), _engine()
     frames = _frames(2, 4)
     outputs = [engine.step(frame.numpy().astype(np.float64)) for frame in frames]
     assert not any(torch.is_inference(t) for out in outputs for t in (out.pcm, out.text_tokens, out.audio_codes))
     kept = [(out.pcm.clone(), out.audio_codes.clone(), out.text_tokens.clone()) for out in outputs]
-    for frame, out, (pcm, codes, text) in zip(frames, outputs, kept):
+    for t, (frame, out, (pcm, codes, text)) in enumerate(zip(frames, outputs, kept)):
         assert torch.equal(out.pcm, pcm) and torch.equal(out.audio_codes, codes) and torch.equal(out.text_tokens, text)
         strided = torch.stack([frame, frame], dim=-1)[..., 0]
-        theirs = twin.step(strided)
+        theirs = twin.step(strided if t % 2 else frame.clone().requires_grad_())
         assert torch.equal(theirs.pcm, pcm) and torch.equal(theirs.audio_codes, codes)
 
 

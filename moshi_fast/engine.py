@@ -124,6 +124,10 @@ class _HostBuffers:
         self._mask_rows: tuple | None = None
         self._in_order = list(range(max_batch))
 
+    def in_order(self, rows: Sequence[int]) -> bool:
+        """Whether rows are 0..n-1 in order: their frames and outputs then move as one slice."""
+        return rows == self._in_order[:len(rows)]
+
     def _await_inputs(self) -> None:
         if self._inputs_in_flight:
             torch.cuda.synchronize(self.device)
@@ -167,9 +171,8 @@ class _HostBuffers:
         if self._cuda:
             torch.cuda.current_stream(self.device).synchronize()
             self._inputs_in_flight = False
-        n = len(rows)
-        if rows == self._in_order[:n]:
-            return self._pcm_np[:n].copy(), self._tokens_np[:n].copy()
+        if self.in_order(rows):
+            return self._pcm_np[:len(rows)].copy(), self._tokens_np[:len(rows)].copy()
         rows = list(rows)
         return self._pcm_np[rows], self._tokens_np[rows]
 
@@ -520,8 +523,6 @@ class FastMoshi:
         self._open = [False] * max_batch
         # Slot ids are what callers hold; rows index the state. The n open slots hold rows 0..n-1.
         self._row_of = list(range(max_batch))
-        # Whether slot i is at row i: whole-batch frames are then written as one slice.
-        self._rows_in_order = True
 
     def _sampling_params(self, use_sampling, temp, temp_text, top_k, top_k_text, seed) -> SamplingParams:
         n, device = self.max_batch, self.device
@@ -595,7 +596,7 @@ class FastMoshi:
             raise ValueError(f"frames must have shape [{self.max_batch}, {self.frame_size}] "
                              f"(one {self.frame_size}-sample frame per slot), got {list(pcm.shape)}")
         buffer = self._host.writable_frames(self.max_batch)
-        _write_audio(buffer, slice(None) if self._rows_in_order else self._row_of, pcm)
+        _write_audio(buffer, slice(None) if self._host.in_order(self._row_of) else self._row_of, pcm)
         if not np.isfinite(buffer).all():
             finite = np.isfinite(buffer).all(axis=1)
             bad = [slot for slot, row in enumerate(self._row_of) if not finite[row]]
@@ -616,7 +617,6 @@ class FastMoshi:
         self._runner.swap(a, b)
         slot_a, slot_b = self._row_of.index(a), self._row_of.index(b)
         self._row_of[slot_a], self._row_of[slot_b] = b, a
-        self._rows_in_order = self._row_of == sorted(self._row_of)
 
     def open(self, seed: int | None = None, use_sampling: bool | None = None, temp: float | None = None,
              temp_text: float | None = None, top_k: int | None = None, top_k_text: int | None = None) -> int:

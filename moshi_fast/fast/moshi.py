@@ -148,9 +148,7 @@ class FastFrameRunner:
         tensors overwritten by the next step of that bucket."""
         if self.host_inputs is not None:
             raise ValueError("this runner reads its inputs from its host tensors: call step_from_host")
-        step = self._steps.get(pcm.shape[0])
-        if step is None:
-            raise ValueError(f"no captured step for a batch of {pcm.shape[0]}; buckets: {self.buckets}")
+        step = self._captured(pcm.shape[0])
         if (forced is not None) != self.teacher_forcing:
             raise ValueError("forced tokens are given exactly when the runner is built with teacher_forcing")
         return step(pcm, exec_mask) if forced is None else step(pcm, exec_mask, forced)
@@ -160,10 +158,13 @@ class FastFrameRunner:
         (see the class) -> the frame's outputs, as `step`."""
         if self.host_inputs is None:
             raise ValueError("this runner was built without host inputs: call step")
+        return self._captured(bucket)()
+
+    def _captured(self, bucket: int) -> CapturedStep:
         step = self._steps.get(bucket)
         if step is None:
             raise ValueError(f"no captured step for a batch of {bucket}; buckets: {self.buckets}")
-        return step()
+        return step
 
     def reset(self, slots: torch.Tensor) -> None:
         """Restarts the selected slots (bool mask [batch_size]) in the codec and the LM."""

@@ -185,6 +185,8 @@ with_late_depth_attention_trigger = with_setting(depth_attention, "START_NEXT_EA
 # kernel, and every row's keys loaded two or four bytes at a time.
 with_text_sampler_block_kernel = with_setting(ops, "TEXT_SAMPLER_WARP_KERNEL", False)
 with_sampler_scalar_loads = with_setting(ops, "SAMPLER_VECTOR_LOADS", False)
+# The CUDA block-wide sampler as it was before the radix select (2026-12-07, nineteenth session).
+with_sampler_bisection = with_setting(ops, "SAMPLER_RADIX_SELECT", False)
 
 
 # Helium's attention on the Triton kernel instead of the CUDA extension's (the previous default).
@@ -243,6 +245,8 @@ VARIANTS = (
             "with the text token drawn by the CUDA sampler's block-wide kernel, not its warp-reduction kernel"),
     Variant("--sampler-scalar-loads", "fast_sampler_scalar_loads", with_sampler_scalar_loads,
             "with the CUDA sampler reading logit rows one key at a time, not in 16-byte pieces"),
+    Variant("--sampler-bisection", "fast_sampler_bisection", with_sampler_bisection,
+            "with the CUDA block-wide sampler (the audio rows) finding the k-th logit by bisection, not radix select"),
     Variant("--triton-paged-attention", "fast_triton_paged_attention", with_triton_paged_attention,
             "with Helium's attention on the Triton kernel instead of the CUDA extension's"),
     Variant("--attention-reads-after-wait", "fast_attention_reads_after_wait", with_attention_reads_after_wait,

@@ -2,9 +2,10 @@
 text (V = 32000, k = 25, bf16 logits) and audio (V = 2048, k = 250), beside the torch path
 (`moshi_fast.reference.sampling.sample`: softmax, torch.topk, the hashed noise, the race): the Triton kernel
 (op sample_tokens) and, where it is built, the CUDA extension's kernel: its plain form (op sample_tokens_cuda), with
-16-byte loads (sample_tokens_cuda_vector_loads) and, for the text row, its warp-reduction kernel
-(sample_tokens_cuda_warp_kernel), the last two what ops uses; and, on a GPU, the Triton kernel's launch options
-(warps, compaction chunk) around the default."""
+16-byte loads (sample_tokens_cuda_vector_loads), with those and the radix select (sample_tokens_cuda_radix_select:
+what ops uses for the audio row) and, for the text row, its warp-reduction kernel (sample_tokens_cuda_warp_kernel:
+what ops uses there); and, on a GPU, the Triton kernel's launch options (warps, compaction chunk) around the
+default."""
 import pytest
 import torch
 import triton
@@ -74,6 +75,21 @@ def test_sample_tokens_cuda_vector_loads(measure, device, shape, batch):
         cuda_ext.sample_tokens(*args, out=out, vector_loads=True)
 
     measure(fast, moved, op="sample_tokens_cuda_vector_loads", shape=f"{shape}-bfloat16", batch=batch)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_sample_tokens_cuda_radix_select(measure, device, shape, batch):
+    """The CUDA block-wide kernel finding the k-th key by radix select (radix_select) with 16-byte loads, beside its
+    bisection (sample_tokens_cuda_vector_loads above): the same tokens."""
+    if not (GPU and cuda_ext.available()):
+        pytest.skip("needs the CUDA extension on a GPU")
+    args, out, moved = sampling_call(device, batch, shape)
+
+    def fast():
+        cuda_ext.sample_tokens(*args, out=out, vector_loads=True, radix_select=True)
+
+    measure(fast, moved, op="sample_tokens_cuda_radix_select", shape=f"{shape}-bfloat16", batch=batch)
 
 
 @pytest.mark.parametrize("batch", BATCHES)

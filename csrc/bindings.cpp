@@ -16,10 +16,11 @@ TORCH_LIBRARY(moshi_fast, m) {
   // moshi_fast.reference.sampling (sample_tokens.cu); logits bf16 or fp32 [B, V], V < 2^16, min(max_top_k, V)
   // <= 1024; temperature fp32 [B]; top_k, seed, counter, out int64 [B]. warp_kernel: bf16 rows of 8192 < V <=
   // 32768 with min(max_top_k, V) <= 32 take the warp-reduction kernel; vector_loads: contiguous 16-byte aligned rows
-  // are read in 16-byte pieces (both off here; moshi_fast.ops turns both on).
+  // are read in 16-byte pieces; radix_select: the block-wide kernel finds the k-th key by radix select instead of
+  // bisection (all three off here; moshi_fast.ops chooses).
   m.def("sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, int max_top_k, Tensor seed, "
         "Tensor counter, int draw, Tensor(a!) out, bool programmatic=False, bool warp_kernel=False, "
-        "bool vector_loads=False) -> ()");
+        "bool vector_loads=False, bool radix_select=False) -> ()");
   // Helium's decode attention over the paged KV cache (paged_attention.cu): for each running slot's new token, RoPE,
   // its key and value written into their page and attention over its live window, bf16, head dim 128; the spec is
   // kernels/paged_attention.py's paged_attention_ref. partials / counters: the split workspace, used when splits > 1.

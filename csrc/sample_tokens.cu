@@ -26,7 +26,7 @@ void check_vector(const at::Tensor& tensor, const char* name, at::ScalarType dty
 // programmatic dependent launch (the caller checks that the device supports it).
 void sample_tokens(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                    int64_t max_top_k, const at::Tensor& seed, const at::Tensor& counter, int64_t draw, at::Tensor& out,
-                   bool programmatic, bool warp_kernel, bool vector_loads) {
+                   bool programmatic, bool warp_kernel, bool vector_loads, bool radix_select) {
   TORCH_CHECK_VALUE(logits.is_cuda(), "sample_tokens runs on CUDA tensors; logits are on ", logits.device());
   TORCH_CHECK_VALUE(logits.dim() == 2, "sample_tokens: logits must be [B, V], got ", logits.sizes());
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kFloat,
@@ -70,6 +70,7 @@ void sample_tokens(const at::Tensor& logits, const at::Tensor& temperature, cons
           (logits.stride(0) * static_cast<int64_t>(logits.element_size())) % 16 == 0 &&
           reinterpret_cast<std::uintptr_t>(logits.const_data_ptr()) % 16 == 0,
       warp_kernel,
+      radix_select,
   };
   C10_CUDA_CHECK(launch_sample_tokens(args, c10::cuda::getCurrentCUDAStream(), programmatic));
 }

@@ -23,7 +23,9 @@
 // reduction instruction (redux.sync) per warp and one barrier, the keys a thread holds sit in registers in
 // vocabulary order (so the compaction's prefix sum is a warp scan plus one barrier), and the candidate list, their
 // ranks and the race stay in shared memory. At the audio row (V = 2048, k = 250, 256 threads of 8 keys) the bulk
-// is ~16 bisection passes of ~100 cycles and the rank count (250 shared-memory compares a candidate). The text row
+// is ~16 bisection passes of ~100 cycles and the rank count (250 shared-memory compares a candidate); with
+// SampleTokensArgs::radix_select a radix select of two 8-bit passes replaces the bisection (radix_threshold) and
+// the rank count reads 16 bytes of candidates at a time. The text row
 // (bf16, k <= 32) may run sample_tokens_small_k_kernel instead (SampleTokensArgs::warp_kernel; on an H100 16.3 us
 // against 20.0 at B = 1, both with 16-byte loads): the same tokens, selected per warp with no block-wide reduction
 // (see there).
@@ -76,6 +78,7 @@ struct SampleTokensArgs {
   bool vector_loads;           // asked for, rows contiguous and 16-byte aligned: a thread's keys load as 16-byte
                                // pieces
   bool warp_kernel;            // sample_tokens_small_k_kernel where it applies
+  bool radix_select;           // sample_tokens_kernel finds the k-th key by radix select, not bisection
 };
 
 namespace sampling_detail {
@@ -246,17 +249,105 @@ __device__ __forceinline__ void load_keys(const SampleTokensArgs& args, const Lo
   }
 }
 
+// Radix select of the k-th largest key, 8 bits a pass from the top: 2 passes for bf16 keys (16 significant bits),
+// 4 for fp32. A pass counts the row's keys that share the bits chosen so far in a shared-memory histogram of their
+// next 8 bits, and one block-wide scan of the histogram (thread t takes bin 255 - t, so its inclusive prefix counts
+// the keys in its bin and above) finds the bin holding the k-th key: three barriers a pass, against one barrier and
+// a dozen instructions a pass for the 16 to 30 passes of the bisection, which at the audio row (V = 2048, k = 250)
+// were most of the kernel's instructions.
+constexpr int kRadixBits = 8;
+constexpr int kRadixBins = 1 << kRadixBits;
+
+struct RadixShared {
+  int histograms[2][kRadixBins];  // alternate passes; a pass's reader zeroes its bins for the pass after next
+  uint32_t scan_slots[32];
+  int chosen[2];                  // the pass's bin, and the keys in bins above it
+};
+
+// Zeroes both histograms: before the first pass, with a barrier between (the caller's first reduction).
+template <int kThreads>
+__device__ __forceinline__ void radix_clear(RadixShared& shared) {
+  for (int i = threadIdx.x; i < 2 * kRadixBins; i += kThreads) shared.histograms[i / kRadixBins][i % kRadixBins] = 0;
+}
+
+// The k-th largest key of the row (1 <= k <= the valid keys) and the count of keys above it. keys as load_keys
+// reads them; an entry past the vocabulary is no key (padding).
+template <int kShift, int kThreads, int kKeys>
+__device__ __forceinline__ void radix_threshold(const int (&keys)[kKeys], int first, int vocab, int k,
+                                                RadixShared& shared, int& threshold, int& above) {
+  constexpr int kWidth = 32 - kShift;
+  constexpr int kPasses = kWidth / kRadixBits;
+  constexpr int kWarps = kThreads / 32;
+  static_assert(kThreads >= kRadixBins && kWarps <= 32, "a thread a bin, a scan slot a warp");
+  // A key as an unsigned integer in the same order (two's complement biased by half the range).
+  const auto biased = [&](int j) { return static_cast<uint32_t>(keys[j]) + (1u << (kWidth - 1)); };
+  uint32_t prefix = 0;
+  int remaining = k;
+  above = 0;
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int shift = kWidth - kRadixBits * (pass + 1);
+    int* histogram = shared.histograms[pass & 1];
+#pragma unroll
+    for (int j = 0; j < kKeys; ++j) {
+      const bool counted = first + j < vocab && (pass == 0 || (biased(j) >> (shift + kRadixBits)) == prefix);
+      if (counted) atomicAdd(&histogram[(biased(j) >> shift) & (kRadixBins - 1)], 1);
+    }
+    __syncthreads();
+    const int bin = kRadixBins - 1 - static_cast<int>(threadIdx.x);
+    int count = 0;
+    if (bin >= 0) {
+      count = histogram[bin];
+      histogram[bin] = 0;
+    }
+    const int before = static_cast<int>(block_exclusive_scan<kWarps>(static_cast<uint32_t>(count),
+                                                                     shared.scan_slots));
+    if (bin >= 0 && before < remaining && remaining <= before + count) {
+      shared.chosen[0] = bin;
+      shared.chosen[1] = before;
+    }
+    __syncthreads();
+    prefix = (prefix << kRadixBits) | static_cast<uint32_t>(shared.chosen[0]);
+    above += shared.chosen[1];
+    remaining -= shared.chosen[1];
+  }
+  threshold = static_cast<int>(prefix - (1u << (kWidth - 1)));
+}
+
+// rank = the candidates above entry, read 16 bytes at a time: the list is padded with zero entries (below every
+// real one) to a whole number of 16-byte pieces.
+template <typename Type>
+__device__ __forceinline__ int rank_by_pieces(const Type* candidates, int count, Type entry) {
+  int rank = 0;
+  if constexpr (sizeof(Type) == 4) {
+    for (int j = 0; j < count; j += 4) {
+      const uint4 piece = *reinterpret_cast<const uint4*>(candidates + j);
+      rank += (piece.x > entry) + (piece.y > entry) + (piece.z > entry) + (piece.w > entry);
+    }
+  } else {
+    for (int j = 0; j < count; j += 2) {
+      const ulonglong2 piece = *reinterpret_cast<const ulonglong2*>(candidates + j);
+      rank += (piece.x > entry) + (piece.y > entry);
+    }
+  }
+  return rank;
+}
+
 // One block per row; thread t holds the row's entries t * kKeys .. t * kKeys + kKeys - 1 (vocabulary order along
-// the block, which the compaction's scan relies on).
-template <typename Logit, int kThreads, int kKeys>
+// the block, which the compaction's scan relies on). kRadix: the k-th key by radix select (radix_threshold) and the
+// ranks counted 16 bytes of candidates at a time, else by bisection and an entry at a time; the same candidates,
+// ranks and token.
+template <typename Logit, int kThreads, int kKeys, bool kRadix>
 __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTokensArgs args) {
   constexpr int kShift = sizeof(Logit) == 2 ? 16 : 0;
   constexpr int kWarps = kThreads / 32;
   using E = Entry<kShift>;
   __shared__ int reduce_slots[2][kWarps];
   __shared__ int64_t best_slots[kWarps];
-  __shared__ typename E::Type candidates[kSampleMaxCandidates];
+  __shared__ __align__(16) typename E::Type candidates[kSampleMaxCandidates];
+  __shared__ RadixShared radix;
 
+  if constexpr (kRadix) radix_clear<kThreads>(radix);
   await_previous_kernel();
   const int row = blockIdx.x;
   const Logit* logits = static_cast<const Logit*>(args.logits) + row * args.stride_logits_b;
@@ -286,57 +377,81 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTok
     return;
   }
 
-  // Bisection for a key interval [lo, hi) with count(key >= lo) >= k > count(key >= hi); it stops when
-  // count(key >= lo) == k, or at hi = lo + 1 (the k-th key is tied). int64: key distances span up to 2^32.
-  int64_t lo = block_reduce<kWarps, Reduction::kMin>(local_min, reduce_slots[1]);
-  int64_t hi = static_cast<int64_t>(max_key) + 1;
-  float lo_value = key_float<kShift>(static_cast<int>(lo));
-  float hi_value = key_float<kShift>(static_cast<int>(hi));
-  int count_lo = args.vocab;
-  int count_hi = 0;
+  // The candidates. Radix select: every key above the k-th key (threshold), then keys equal to it in vocabulary order
+  // until there are k. Bisection: every key >= hi, then the first (k - count(key >= hi)) keys in [lo, hi) in
+  // vocabulary order, where count(key >= lo) >= k > count(key >= hi).
+  int threshold = 0;
+  int lo32 = 0;
+  int hi32 = 0;
+  int count_above;
   int free_slots = 0;
-  for (int pass = 0; count_lo != top_k && hi - lo > 1; ++pass, free_slots ^= 1) {
-    const float float_mid = lo_value * 0.5f + hi_value * 0.5f;
-    const int64_t float_mid_key = float_key<kShift>(float_mid);
-    const bool use_float = pass < kSampleFloatPasses && float_mid_key > lo && float_mid_key < hi;
-    const int64_t mid = use_float ? float_mid_key : lo + (hi - lo) / 2;
-    const float mid_value = use_float ? float_mid : key_float<kShift>(static_cast<int>(mid));
-    const int mid32 = static_cast<int>(mid);
-    int local = 0;
+  if constexpr (kRadix) {
+    radix_threshold<kShift, kThreads>(keys, first, args.vocab, top_k, radix, threshold, count_above);
+  } else {
+    // The bisection stops when count(key >= lo) == k, or at hi = lo + 1 (the k-th key is tied). int64: key
+    // distances span up to 2^32.
+    int64_t lo = block_reduce<kWarps, Reduction::kMin>(local_min, reduce_slots[1]);
+    int64_t hi = static_cast<int64_t>(max_key) + 1;
+    float lo_value = key_float<kShift>(static_cast<int>(lo));
+    float hi_value = key_float<kShift>(static_cast<int>(hi));
+    int count_lo = args.vocab;
+    int count_hi = 0;
+    for (int pass = 0; count_lo != top_k && hi - lo > 1; ++pass, free_slots ^= 1) {
+      const float float_mid = lo_value * 0.5f + hi_value * 0.5f;
+      const int64_t float_mid_key = float_key<kShift>(float_mid);
+      const bool use_float = pass < kSampleFloatPasses && float_mid_key > lo && float_mid_key < hi;
+      const int64_t mid = use_float ? float_mid_key : lo + (hi - lo) / 2;
+      const float mid_value = use_float ? float_mid : key_float<kShift>(static_cast<int>(mid));
+      const int mid32 = static_cast<int>(mid);
+      int local = 0;
 #pragma unroll
-    for (int j = 0; j < kKeys; ++j) local += keys[j] >= mid32;
-    const int count = block_reduce<kWarps, Reduction::kSum>(local, reduce_slots[free_slots]);
-    if (count >= top_k) {
-      lo = mid;
-      lo_value = mid_value;
-      count_lo = count;
-    } else {
-      hi = mid;
-      hi_value = mid_value;
-      count_hi = count;
+      for (int j = 0; j < kKeys; ++j) local += keys[j] >= mid32;
+      const int count = block_reduce<kWarps, Reduction::kSum>(local, reduce_slots[free_slots]);
+      if (count >= top_k) {
+        lo = mid;
+        lo_value = mid_value;
+        count_lo = count;
+      } else {
+        hi = mid;
+        hi_value = mid_value;
+        count_hi = count;
+      }
     }
+    lo32 = static_cast<int>(lo);
+    hi32 = static_cast<int>(hi);
+    count_above = count_hi;
   }
 
-  // Compaction into the shared list: every key >= hi, then the first (k - count_hi) keys in [lo, hi) in
-  // vocabulary order. Both running counts come out of one scan, packed in 16-bit halves (V < 2^16).
-  const int lo32 = static_cast<int>(lo);
-  const int hi32 = static_cast<int>(hi);
-  const int quota = top_k - count_hi;
+  // Compaction into the shared list. Both running counts come out of one scan, packed in 16-bit halves (V < 2^16).
+  const int quota = top_k - count_above;
+  const auto is_above = [&](int j) {
+    if constexpr (kRadix) return keys[j] > threshold;
+    return keys[j] >= hi32;
+  };
+  const auto is_between = [&](int j) {
+    if constexpr (kRadix) return keys[j] == threshold && first + j < args.vocab;
+    return keys[j] < hi32 && keys[j] >= lo32;
+  };
   uint32_t flags = 0;
 #pragma unroll
-  for (int j = 0; j < kKeys; ++j) flags += keys[j] >= hi32 ? 1u : (keys[j] >= lo32 ? 0x10000u : 0u);
+  for (int j = 0; j < kKeys; ++j) flags += is_above(j) ? 1u : (is_between(j) ? 0x10000u : 0u);
   const uint32_t before =
       block_exclusive_scan<kWarps>(flags, reinterpret_cast<uint32_t*>(reduce_slots[free_slots]));
   int above_before = static_cast<int>(before & 0xFFFF);
   int between_before = static_cast<int>(before >> 16);
 #pragma unroll
   for (int j = 0; j < kKeys; ++j) {
-    const bool above = keys[j] >= hi32;
-    const bool between = !above && keys[j] >= lo32;
+    const bool above = is_above(j);
+    const bool between = is_between(j);
     if (above || (between && between_before < quota))
       candidates[above_before + min(between_before, quota)] = E::pack(keys[j], first + j);
     above_before += above;
     between_before += between;
+  }
+  constexpr int kPerPiece = 16 / static_cast<int>(sizeof(typename E::Type));
+  if constexpr (kRadix) {
+    // Zero entries up to the next whole 16-byte piece (no other thread writes past top_k).
+    if (threadIdx.x < (kPerPiece - top_k % kPerPiece) % kPerPiece) candidates[top_k + threadIdx.x] = 0;
   }
   __syncthreads();
 
@@ -347,7 +462,11 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTok
   for (int i = threadIdx.x; i < top_k; i += kThreads) {
     const typename E::Type entry = candidates[i];
     int rank = 0;
-    for (int j = 0; j < top_k; ++j) rank += candidates[j] > entry;
+    if constexpr (kRadix) {
+      rank = rank_by_pieces(candidates, top_k, entry);
+    } else {
+      for (int j = 0; j < top_k; ++j) rank += candidates[j] > entry;
+    }
     const int64_t packed = packed_race<kShift>(hash_prefix, E::key(entry), E::id(entry), rank, temperature,
                                                max_scaled);
     best = max(best, packed);
@@ -531,7 +650,11 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_small_k_kernel(const S
 
 template <typename Logit, int kThreads, int kKeys>
 cudaError_t launch_instance(const SampleTokensArgs& args, cudaStream_t stream, bool programmatic) {
-  return launch_kernel(sample_tokens_kernel<Logit, kThreads, kKeys>, dim3(args.batch), dim3(kThreads), stream,
+  if (args.radix_select) {
+    return launch_kernel(sample_tokens_kernel<Logit, kThreads, kKeys, true>, dim3(args.batch), dim3(kThreads),
+                         stream, programmatic, args);
+  }
+  return launch_kernel(sample_tokens_kernel<Logit, kThreads, kKeys, false>, dim3(args.batch), dim3(kThreads), stream,
                        programmatic, args);
 }
 

@@ -174,7 +174,7 @@ SAMPLE_MAX_VOCAB = 1 << 16
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, max_top_k: int,
                   seed: torch.Tensor, counter: torch.Tensor, draw: int, out: torch.Tensor | None = None,
-                  warp_kernel: bool = False, vector_loads: bool = False) -> torch.Tensor:
+                  warp_kernel: bool = False, vector_loads: bool = False, radix_select: bool = False) -> torch.Tensor:
     """One token per row of logits [B, V] by the extension's sampling kernel (csrc/sample_tokens_kernel.cuh): the
     temperature + top-k exponential race of `moshi_fast.reference.sampling.sample` (the spec; its reference
     implementation is kernels.sample_tokens.sample_tokens_ref), the Triton kernel's tokens, one block per row.
@@ -184,9 +184,10 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     on the device: a graph replay after the counter advances draws fresh noise); draw in [0, 2^31); out [B] int64
     (allocated when None). warp_kernel: bf16 rows of 8192 < V <= 32768 with min(max_top_k, V) <= 32 (the text row)
     take the kernel that selects with warp reductions only (the same tokens); vector_loads: rows that are
-    contiguous and 16-byte aligned are read in 16-byte pieces, not an entry at a time (the same keys). Both off
-    here; `ops.sample_tokens` turns both on (ops.TEXT_SAMPLER_WARP_KERNEL, ops.SAMPLER_VECTOR_LOADS: faster on an
-    H100).
+    contiguous and 16-byte aligned are read in 16-byte pieces, not an entry at a time (the same keys);
+    radix_select: the block-wide kernel (every row the warp kernel does not take) finds the k-th largest key by
+    radix select, 8 bits a pass, instead of bisection (the same candidates). All off here; `ops.sample_tokens`
+    chooses (ops.TEXT_SAMPLER_WARP_KERNEL, ops.SAMPLER_VECTOR_LOADS, ops.SAMPLER_RADIX_SELECT).
     Launched with programmatic dependent launch where `kernels._utils.pdl` allows it. Graph-safe with `out` given.
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
@@ -198,7 +199,8 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     _check_sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out)
     if logits.shape[0]:
         torch.ops.moshi_fast.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out,
-                                           pdl(logits.device, "sample_tokens"), warp_kernel, vector_loads)
+                                           pdl(logits.device, "sample_tokens"), warp_kernel, vector_loads,
+                                           radix_select)
     return out
 
 

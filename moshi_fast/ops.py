@@ -96,6 +96,11 @@ SAMPLER_VECTOR_LOADS = True
 (`cuda_ext.sample_tokens`'s vector_loads; the same keys). On an H100 (same file as above) the audio row took 5.3
 against 6.2 us at B = 1, the text row on the block kernel 20.0 against 26.2; the benchmarks' --sampler-scalar-loads
 time the scalar loads beside it."""
+SAMPLER_RADIX_SELECT = True
+"""Whether the CUDA extension's block-wide sampler (the audio rows) finds the k-th largest logit by radix select (two
+passes of a shared-memory histogram for bf16 keys) instead of bisection (16 to 30 block-wide reductions), and counts
+the candidates' ranks 16 bytes at a time (`cuda_ext.sample_tokens`'s radix_select; the same candidates, ranks and
+tokens). The benchmarks' --sampler-bisection time the bisection beside it."""
 
 
 CUDA_DEPTH_STEP_ENV = "MOSHI_FAST_CUDA_DEPTH_STEP"
@@ -293,7 +298,8 @@ def sample_tokens(logits, temperature, top_k, max_top_k: int, seed, counter, dra
             and cuda_ext.sample_tokens_supported(logits, temperature, top_k, max_top_k, seed, counter, out)
             and cuda_ext.available()):
         return cuda_ext.sample_tokens(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out,
-                                      warp_kernel=TEXT_SAMPLER_WARP_KERNEL, vector_loads=SAMPLER_VECTOR_LOADS)
+                                      warp_kernel=TEXT_SAMPLER_WARP_KERNEL, vector_loads=SAMPLER_VECTOR_LOADS,
+                                      radix_select=SAMPLER_RADIX_SELECT)
     fn = _sample_tokens_kernel if _use_kernel(logits, seed) else sample_tokens_ref
     return fn(logits, temperature, top_k, max_top_k, seed, counter, draw, out=out)
 

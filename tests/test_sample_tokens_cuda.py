@@ -38,9 +38,12 @@ KERNEL_PATHS = {
     "vector-loads": {"vector_loads": True},
     "warp-kernel": {"warp_kernel": True},
     "warp-kernel-vector-loads": {"warp_kernel": True, "vector_loads": True},
+    "radix": {"radix_select": True},
+    "warp-kernel-vector-loads-radix": {"warp_kernel": True, "vector_loads": True, "radix_select": True},
 }
-"""cuda_ext.sample_tokens's paths, by its switches (the warp kernel only where it applies: bf16 text-sized rows; ops
-runs the last two), each tested against the Triton kernel and the reference."""
+"""cuda_ext.sample_tokens's paths, by its switches (the warp kernel only where it applies: bf16 text-sized rows; the
+radix select in the block-wide kernel, every other row; ops runs the last one), each tested against the Triton
+kernel and the reference."""
 
 
 def three_ways(logits, temperature, top_k, max_top_k, seed, counter, draw, **paths):
@@ -103,7 +106,8 @@ def test_ties_and_masked_rows_match_the_triton_kernel(extension, dtype, vocab, m
 
 
 @pytest.mark.gpu
-def test_more_than_two_to_the_fifteen_ties_before_a_spike(extension):
+@pytest.mark.parametrize("radix_select", [False, True], ids=["bisection", "radix"])
+def test_more_than_two_to_the_fifteen_ties_before_a_spike(extension, radix_select):
     """The block-wide scan of the compaction counts ties in the high 16 bits of a packed word: 40000 tied
     entries ahead of a spike must neither turn that count negative nor push the spike out of the list."""
     flat = torch.zeros(4, 40000, device="cuda")
@@ -111,24 +115,44 @@ def test_more_than_two_to_the_fifteen_ties_before_a_spike(extension):
     spike[:, -1] = 100.0
     args = (torch.ones(4, device="cuda"), torch.tensor([5, 5, 25, 2], device="cuda"), 25,
             torch.arange(4, device="cuda"), torch.zeros(4, dtype=torch.int64, device="cuda"), 0)
-    assert (cuda_ext.sample_tokens(flat, *args) < args[1]).all()
-    assert (cuda_ext.sample_tokens(spike, *args) == 39999).all()
+    assert (cuda_ext.sample_tokens(flat, *args, radix_select=radix_select) < args[1]).all()
+    assert (cuda_ext.sample_tokens(spike, *args, radix_select=radix_select) == 39999).all()
 
 
 @pytest.mark.gpu
-def test_negative_zero_noise_loses_the_race_as_in_the_reference(extension):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_radix_select_splits_keys_that_share_their_high_bits(extension, dtype):
+    """Logits one unit in the last place apart, shuffled, in one binade: every key shares the first pass's bits (and
+    in fp32 the second's), so the k-th key is found by the later passes; bf16 has only 128 such values, so the
+    k-th key is tied as well. Negative rows too (their keys order the other way). Against the Triton kernel, whose
+    keys are the same (the reference ranks float32 probabilities, which one unit apart may round together)."""
+    batch, vocab, max_top_k = 6, 2048, 250
+    temperature, top_k, seed, counter = slot_settings(batch, max_top_k)
+    unit = torch.finfo(dtype).eps
+    steps = torch.stack([torch.randperm(vocab) for _ in range(batch)]).to(torch.float64)
+    logits = (1.0 + steps * unit).to(dtype)
+    logits[batch // 2:] = -logits[batch // 2:]
+    got, triton_tokens, _ = three_ways(*cuda_operands(logits, temperature, top_k), max_top_k,
+                                       *cuda_operands(seed, counter), 3, radix_select=True)
+    assert torch.equal(got, triton_tokens), (got != triton_tokens).nonzero().flatten().tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("radix_select", [False, True], ids=["bisection", "radix"])
+def test_negative_zero_noise_loses_the_race_as_in_the_reference(extension, radix_select):
     """Seed 23127, counter 0, draw 1 gives rank 223 the noise -0.0 (tests/test_sample_tokens.py)."""
     seed, counter = torch.full((2,), 23127), torch.zeros(2, dtype=torch.int64)
     assert torch.signbit(sampling.exponential_noise(seed, counter, 1, 250)[0, 223])
     logits = tie_free_logits(torch.ones(2), 2048, 250, torch.float32, scale=1e-3)
     got, triton_tokens, expected = three_ways(*cuda_operands(logits, torch.ones(2), torch.tensor([250, 224])), 250,
-                                              *cuda_operands(seed, counter), 1)
+                                              *cuda_operands(seed, counter), 1, radix_select=radix_select)
     assert torch.equal(got, expected) and torch.equal(got, triton_tokens)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("radix_select", [False, True], ids=["bisection", "radix"])
 @pytest.mark.parametrize("vector_loads", [False, True], ids=["default", "vector-loads-fall-back"])
-def test_strided_logits_and_slot_vectors(extension, vector_loads):
+def test_strided_logits_and_slot_vectors(extension, vector_loads, radix_select):
     """Rows that start off 16-byte alignment and columns that are not contiguous: element loads either way."""
     batch, vocab, max_top_k = 8, 2048, 250
     temperature, top_k, seed, counter = cuda_operands(*slot_settings(batch, max_top_k))
@@ -142,7 +166,7 @@ def test_strided_logits_and_slot_vectors(extension, vector_loads):
     out = torch.zeros(2 * batch, dtype=torch.int64, device="cuda")
     for view in (wide[:, 5:5 + vocab], columns):
         cuda_ext.sample_tokens(view, *strided[:2], max_top_k, *strided[2:], 5, out=out[::2],
-                               vector_loads=vector_loads)
+                               vector_loads=vector_loads, radix_select=radix_select)
         assert torch.equal(out[::2], expected)
         assert (out[1::2] == 0).all()
 
@@ -181,7 +205,7 @@ def test_ops_dispatches_bf16_logits_to_the_extension_by_default(extension, monke
     calls = []
     original = cuda_ext.sample_tokens
     monkeypatch.setattr(cuda_ext, "sample_tokens", lambda *a, **k: calls.append(
-        (a[0].shape, k["warp_kernel"], k["vector_loads"])) or original(*a, **k))
+        (a[0].shape, k["warp_kernel"], k["vector_loads"], k["radix_select"])) or original(*a, **k))
     temperature, top_k, seed, counter = cuda_operands(*slot_settings(4, 250))
     logits = torch.randn(4, 2048, device="cuda").bfloat16()
     expected = sample_tokens_ref(logits, temperature, top_k, 250, seed, counter, 1)
@@ -190,7 +214,8 @@ def test_ops_dispatches_bf16_logits_to_the_extension_by_default(extension, monke
     assert calls == []
     assert ops._cuda_sampling
     assert torch.equal(ops.sample_tokens(logits, temperature, top_k, 250, seed, counter, 1), expected)
-    assert calls == [(logits.shape, True, True)]  # the warp kernel where it applies, 16-byte loads
+    # The warp kernel where it applies, 16-byte loads, the radix select.
+    assert calls == [(logits.shape, True, True, True)]
     # int32 top_k, and fp32 logits (where the Triton kernel measured as fast), are the Triton kernel's.
     assert torch.equal(ops.sample_tokens(logits, temperature, top_k.int(), 250, seed, counter, 1), expected)
     assert torch.equal(ops.sample_tokens(logits.float(), temperature, top_k, 250, seed, counter, 1), expected)

@@ -252,9 +252,9 @@ __device__ __forceinline__ void load_keys(const SampleTokensArgs& args, const Lo
 // Radix select of the k-th largest key, 8 bits a pass from the top: 2 passes for bf16 keys (16 significant bits),
 // 4 for fp32. A pass counts the row's keys that share the bits chosen so far in a shared-memory histogram of their
 // next 8 bits, and one block-wide scan of the histogram (thread t takes bin 255 - t, so its inclusive prefix counts
-// the keys in its bin and above) finds the bin holding the k-th key: three barriers a pass, against one barrier and
-// a dozen instructions a pass for the 16 to 30 passes of the bisection, which at the audio row (V = 2048, k = 250)
-// were most of the kernel's instructions.
+// the keys in its bin and above) finds the bin holding the k-th key: three barriers a pass, against one a pass for
+// the 16 to 30 passes of the bisection, whose passes were most of the kernel's instructions at the audio row
+// (V = 2048, k = 250).
 constexpr int kRadixBits = 8;
 constexpr int kRadixBins = 1 << kRadixBits;
 
@@ -448,9 +448,9 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SampleTok
     above_before += above;
     between_before += between;
   }
-  constexpr int kPerPiece = 16 / static_cast<int>(sizeof(typename E::Type));
   if constexpr (kRadix) {
     // Zero entries up to the next whole 16-byte piece (no other thread writes past top_k).
+    constexpr int kPerPiece = 16 / static_cast<int>(sizeof(typename E::Type));
     if (threadIdx.x < (kPerPiece - top_k % kPerPiece) % kPerPiece) candidates[top_k + threadIdx.x] = 0;
   }
   __syncthreads();

@@ -122,10 +122,11 @@ def test_more_than_two_to_the_fifteen_ties_before_a_spike(extension, radix_selec
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_radix_select_splits_keys_that_share_their_high_bits(extension, dtype):
-    """Logits one unit in the last place apart, shuffled, in one binade: every key shares the first pass's bits (and
-    in fp32 the second's), so the k-th key is found by the later passes; bf16 has only 128 such values, so the
-    k-th key is tied as well. Negative rows too (their keys order the other way). Against the Triton kernel, whose
-    keys are the same (the reference ranks float32 probabilities, which one unit apart may round together)."""
+    """Logits 1 + i machine epsilons (i < V, shuffled). In fp32 they lie in one binade and share their top 21 bits:
+    the first two passes choose the same bin for every key, and the k-th key is found by the last two. In bf16 they
+    run from 1 to 17, rounded: three first-pass bins, and a few distinct values a binade, so the k-th key is tied.
+    Negative rows too (their keys order the other way). Against the Triton kernel, whose keys are the same (the
+    reference ranks float32 probabilities, which one unit apart may round together)."""
     batch, vocab, max_top_k = 6, 2048, 250
     temperature, top_k, seed, counter = slot_settings(batch, max_top_k)
     unit = torch.finfo(dtype).eps

@@ -124,7 +124,7 @@ def test_more_than_two_to_the_fifteen_ties_before_a_spike(extension, radix_selec
 def test_radix_select_splits_keys_that_share_their_high_bits(extension, dtype):
     """Logits 1 + i machine epsilons (i < V, shuffled). In fp32 they lie in one binade and share their top 21 bits:
     the first two passes choose the same bin for every key, and the k-th key is found by the last two. In bf16 they
-    run from 1 to 17, rounded: three first-pass bins, and a few distinct values a binade, so the k-th key is tied.
+    run from 1 to 17, rounded: three first-pass bins, and up to 16 logits on one value, so the k-th key is tied.
     Negative rows too (their keys order the other way). Against the Triton kernel, whose keys are the same (the
     reference ranks float32 probabilities, which one unit apart may round together)."""
     batch, vocab, max_top_k = 6, 2048, 250

@@ -62,34 +62,28 @@ def test_sample_tokens(measure, device, op, shape, dtype, batch):
             shape=f"{shape}-{str(dtype).removeprefix('torch.')}", batch=batch)
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_sample_tokens_cuda_vector_loads(measure, device, shape, batch):
-    """The CUDA kernel reading the (aligned, contiguous) rows in 16-byte pieces (vector_loads), beside its
-    entry-by-entry loads (sample_tokens_cuda above): the same keys."""
-    if not (GPU and cuda_ext.available()):
-        pytest.skip("needs the CUDA extension on a GPU")
-    args, out, moved = sampling_call(device, batch, shape)
-
-    def fast():
-        cuda_ext.sample_tokens(*args, out=out, vector_loads=True)
-
-    measure(fast, moved, op="sample_tokens_cuda_vector_loads", shape=f"{shape}-bfloat16", batch=batch)
+CUDA_SWITCHES = {
+    "sample_tokens_cuda_vector_loads": {"vector_loads": True},
+    "sample_tokens_cuda_radix_select": {"vector_loads": True, "radix_select": True},
+}
+"""Op name in the results -> cuda_ext.sample_tokens's switches: the block-wide kernel reading the (aligned,
+contiguous) rows in 16-byte pieces, beside its entry-by-entry loads (sample_tokens_cuda above; the same keys), and
+with those finding the k-th key by radix select instead of bisection (the same tokens)."""
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_sample_tokens_cuda_radix_select(measure, device, shape, batch):
-    """The CUDA block-wide kernel finding the k-th key by radix select (radix_select) with 16-byte loads, beside its
-    bisection (sample_tokens_cuda_vector_loads above): the same tokens."""
+@pytest.mark.parametrize("op", list(CUDA_SWITCHES))
+def test_sample_tokens_cuda_switches(measure, device, op, shape, batch):
     if not (GPU and cuda_ext.available()):
         pytest.skip("needs the CUDA extension on a GPU")
     args, out, moved = sampling_call(device, batch, shape)
+    switches = CUDA_SWITCHES[op]
 
     def fast():
-        cuda_ext.sample_tokens(*args, out=out, vector_loads=True, radix_select=True)
+        cuda_ext.sample_tokens(*args, out=out, **switches)
 
-    measure(fast, moved, op="sample_tokens_cuda_radix_select", shape=f"{shape}-bfloat16", batch=batch)
+    measure(fast, moved, op=op, shape=f"{shape}-bfloat16", batch=batch)
 
 
 @pytest.mark.parametrize("batch", BATCHES)

@@ -57,19 +57,25 @@ def test_fast_stream_reset_of_one_slot_leaves_the_others_alone():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 8])
-def test_fast_mimi_matches_reference_on_gpu(batch):
+@pytest.mark.parametrize("batch, cuda_gemv_f32", [(1, False), (8, False), (1, True), (4, True)],
+                         ids=["B1", "B8", "B1-cuda-gemv-f32", "B4-cuda-gemv-f32"])
+def test_fast_mimi_matches_reference_on_gpu(batch, cuda_gemv_f32, monkeypatch):
+    """cuda_gemv_f32: the transformer products on the CUDA extension's fp32 GEMV (ops.CUDA_GEMV_F32)."""
     torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(ops, "CUDA_GEMV_F32", cuda_gemv_f32)
     reference, fast = _pair(moshiko().mimi, "cuda")
     agreement, error, distinct = _compare(reference, fast, batch=batch, frames=50, seed=batch)
-    print(f"\nfast vs reference Mimi on {torch.cuda.get_device_name()}, B={batch}, 50 frames: codes equal "
-          f"{agreement:.4%} (min distinct codes per level {distinct}), decode rel err {error:.2e}")
+    print(f"\nfast vs reference Mimi on {torch.cuda.get_device_name()}, B={batch}, CUDA fp32 GEMV {cuda_gemv_f32}, "
+          f"50 frames: codes equal {agreement:.4%} (min distinct codes per level {distinct}), decode rel err "
+          f"{error:.2e}")
     assert distinct > 1
     assert agreement >= 0.999 and error <= 1e-4
 
 
 @pytest.mark.gpu
-def test_fast_mimi_graph_equals_eager_and_reset_is_bitwise():
+@pytest.mark.parametrize("cuda_gemv_f32", [False, True], ids=["default", "cuda-gemv-f32"])
+def test_fast_mimi_graph_equals_eager_and_reset_is_bitwise(cuda_gemv_f32, monkeypatch):
+    monkeypatch.setattr(ops, "CUDA_GEMV_F32", cuda_gemv_f32)
     _, graphed = _pair(moshiko().mimi, "cuda")
     eager = MimiCodec(graphed.model, graphed.device, "fast", eager=True)
     pcm = speech_like(4, 8, seed=3).cuda()

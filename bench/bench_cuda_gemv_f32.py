@@ -1,6 +1,6 @@
 """The CUDA extension's fp32 GEMV (csrc/skinny_gemv_f32_kernel.cuh) beside what the codec runs by default (norm_rows
 for the LayerNorm, then the Triton skinny_linear with a SplitWorkspace) and torch (F.layer_norm, cuBLAS, F.gelu), at
-Mimi's transformer products with 2, 4 and 8 rows (1, 2 and 4 conversations), fused as the codec calls them: qkv
+Mimi's transformer products with 2, 8 and 16 rows (1, 4 and 8 conversations), fused as the codec calls them: qkv
 after its LayerNorm, the attention output and fc2 with the residual, fc1 after its LayerNorm and with the GELU.
 
 Each case times one provider and records its time, GB/s and % of the copy-bandwidth floor, with the torch time of
@@ -34,7 +34,7 @@ SHAPES = {
     "fc1+ln+gelu 512>2048": (_D, _FF, True, True, False),
     "fc2+res 2048>512": (_FF, _D, False, False, True),
 }
-ROWS = [2, 4, 8]
+ROWS = [2, 8, 16]
 COLD_WEIGHT_BYTES = 200 * 2 ** 20
 """The weight copies a case rotates through fill at least this (four times the L2 of an H100 or H200)."""
 EPS = 1e-5

@@ -12,7 +12,7 @@ TORCH_LIBRARY(moshi_fast, m) {
   m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? residual, Tensor(a!) out, int warps_per_block=0, "
         "Tensor? norm_weight=None, float eps=0., bool gated=False, bool programmatic=False, "
         "bool norm_after=False) -> ()");
-  // out[M, N] = act(norm(x[M, K]) @ weight[N, K]^T) (+ residual[M, N], which may be out itself), fp32, M <= 8, exact
+  // out[M, N] = act(norm(x[M, K]) @ weight[N, K]^T) (+ residual[M, N], which may be out itself), fp32, M <= 16, exact
   // fp32 products and sums (skinny_gemv_f32.cu): norm_weight [K] (and norm_bias [K]): x is LayerNormed first with
   // eps; gelu: the exact GELU before the residual; warps_per_block: 0 for the default split of K; programmatic:
   // launched with programmatic dependent launch (Hopper and later).

@@ -37,7 +37,8 @@ void check_read_in_pieces(const at::Tensor& tensor, const char* name, const at::
 
 // out = act(norm(x) @ weight.T) (+ residual), see skinny_gemv_f32_kernel.cuh: norm_weight given, x is LayerNormed
 // with it, norm_bias (optional) and eps first; gelu: the exact GELU before the residual. warps_per_block 0 takes the
-// default split of each tile's K (skinny_gemv_f32_default_warps); 1..16 forces one, for measuring.
+// default split of each tile's K (skinny_gemv_f32_default_warps); 1..skinny_gemv_f32_max_warps(rows) forces one, for
+// measuring.
 // programmatic: launch with programmatic dependent launch (the caller checks that the device supports it).
 void gemv_f32(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
               at::Tensor& out, int64_t warps_per_block, const std::optional<at::Tensor>& norm_weight,
@@ -77,13 +78,14 @@ void gemv_f32(const at::Tensor& x, const at::Tensor& weight, const std::optional
                       (*tensor)->sizes());
     check_read_in_pieces(**tensor, name, out);
   }
-  TORCH_CHECK_VALUE(warps_per_block >= 0 && warps_per_block <= kGemvF32MaxWarps,
-                    "gemv_f32: warps_per_block must be 0 (the default) or 1 to ", kGemvF32MaxWarps, ", got ",
-                    warps_per_block);
+  const int most_warps = skinny_gemv_f32_max_warps(static_cast<int>(rows));
+  TORCH_CHECK_VALUE(warps_per_block >= 0 && warps_per_block <= most_warps,
+                    "gemv_f32: warps_per_block must be 0 (the default) or 1 to ", most_warps, " at ", rows,
+                    " rows, got ", warps_per_block);
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int warps = warps_per_block > 0 ? static_cast<int>(warps_per_block)
-                                        : skinny_gemv_f32_default_warps(static_cast<int>(k));
+                                        : skinny_gemv_f32_default_warps(static_cast<int>(k), static_cast<int>(rows));
   const SkinnyGemvF32Args args{
       x.const_data_ptr<float>(),
       weight.const_data_ptr<float>(),

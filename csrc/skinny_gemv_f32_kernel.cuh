@@ -1,9 +1,9 @@
 // fp32 weight-streaming GEMV for the codec's transformer layers: out[M, N] = act(norm(x)[M, K] @ weight[N, K]^T)
-// (+ residual[M, N]), M = 1..8, fp32 in and out, exact fp32 products on the CUDA cores (no TF32). Device code and a
+// (+ residual[M, N]), M = 1..16, fp32 in and out, exact fp32 products on the CUDA cores (no TF32). Device code and a
 // launcher on raw pointers and a stream, free of torch (the torch op, with its argument checks, is
 // skinny_gemv_f32.cu).
 //
-// Shapes served: Mimi's transformer layers at one to four conversations (M = 2 steps a conversation, K = 512 or
+// Shapes served: Mimi's transformer layers at one to eight conversations (M = 2 steps a conversation, K = 512 or
 // 2048): qkv 512 -> 1536 and fc1 512 -> 2048 after their LayerNorm, the attention output 512 -> 512 and fc2
 // 2048 -> 512 with the residual (their layer scale folded into the weight), fc1 with the exact GELU.
 //
@@ -21,13 +21,14 @@
 // one block reduction remain; the Triton product (kernels/skinny_linear.py) streams the weight in chunks after its
 // wait and runs the LayerNorm in a launch of its own.
 //
-// Work split: a block owns 8 consecutive weight rows (a tile) over all of K; lane (g = lane / 4, t = lane % 4) of
-// a warp holds row g, and the four lanes of a row read its 128-element K steps in 16-byte pieces (piece u of lane t
-// at K offset 16 u + 4 t: the four lanes read 64 contiguous bytes per load, 512 over the step). The warps take the
-// tile's K steps round robin (up to 16 warps: K = 2048 in one step a warp), so a block holds up to 16 x 4 KB of
-// weight in flight. Each lane keeps one fp32 sum per x row (over its pieces, in K order), the four lanes of a row
-// add theirs by two butterfly shuffles, and the block adds its warps' sums in warp order (deterministic, no
-// workspace, no atomics). The grid is one block per tile (64 to 256 at Mimi's shapes).
+// Work split: a block owns 8 consecutive weight rows (a tile) over all of K; lane (g = lane / 4, t = lane % 4) of a
+// warp holds row g, and the four lanes of a row read its 128-element K steps in 16-byte pieces (piece u of lane t at K
+// offset 16 u + 4 t: the four lanes read 64 contiguous bytes per load, 512 over the step). The warps take the tile's K
+// steps round robin (up to 16 warps: K = 2048 in one step a warp; 8 at 16 rows), so a block holds up to 16 x 4 KB of
+// weight in flight. Each lane keeps one fp32 sum per x row (over its pieces, in K order), the four lanes of a row add
+// theirs by two butterfly shuffles, and the block adds its warps' sums in warp order (deterministic, no workspace, no
+// atomics). The grid is one block per tile (64 to 256 at Mimi's shapes).
+
 #pragma once
 
 #include <cuda_runtime.h>
@@ -44,8 +45,13 @@ constexpr int kGemvF32TileRows = 8;
 constexpr int kGemvF32LoadsPerStep = 8;
 constexpr int kGemvF32StepK = 4 * 4 * kGemvF32LoadsPerStep;
 constexpr int kGemvF32MaxWarps = 16;
-// x rows at most: at 16 (eight conversations) the instance spills (128 registers at 512 threads).
-constexpr int kGemvF32MaxRows = 8;
+constexpr int kGemvF32MaxRows = 16;
+
+// Warps a block of this many x rows may split K across: 16 up to 8 rows, else 8, whose 256 threads may take the 136
+// to 190 registers the 16-row instances use without spilling (512 threads cap a thread at 128: they spilled).
+__host__ __device__ constexpr int skinny_gemv_f32_max_warps(int rows) {
+  return rows <= 8 ? kGemvF32MaxWarps : kGemvF32MaxWarps / 2;
+}
 
 struct SkinnyGemvF32Args {
   const float* x;            // [rows, k] contiguous, 16-byte aligned
@@ -61,13 +67,14 @@ struct SkinnyGemvF32Args {
   int k;                     // a positive multiple of 4: every row starts 16-byte aligned
 };
 
-// Warps a block splits its tile's K across by default: one a K step, at most kGemvF32MaxWarps.
-inline int skinny_gemv_f32_default_warps(int k) {
+// Warps a block splits its tile's K across by default: one a K step, at most skinny_gemv_f32_max_warps(rows).
+inline int skinny_gemv_f32_default_warps(int k, int rows) {
   const int steps = (k + kGemvF32StepK - 1) / kGemvF32StepK;
-  return steps < kGemvF32MaxWarps ? steps : kGemvF32MaxWarps;
+  const int most = skinny_gemv_f32_max_warps(rows);
+  return steps < most ? steps : most;
 }
 
-// The x-row instances: the fewest of 2, 4, 8 covering `rows`.
+// The x-row instances: the fewest of 2, 4, 8, 16 covering `rows`.
 inline int skinny_gemv_f32_row_instance(int rows) {
   int instance = 2;
   while (instance < rows) instance *= 2;
@@ -154,7 +161,8 @@ __device__ __forceinline__ void layer_norm_statistics(const SkinnyGemvF32Args& a
 }
 
 template <bool kNorm, int kRows>
-__global__ void __launch_bounds__(kGemvF32MaxWarps * 32) skinny_gemv_f32_kernel(SkinnyGemvF32Args args) {
+__global__ void __launch_bounds__(skinny_gemv_f32_max_warps(kRows) * 32)
+    skinny_gemv_f32_kernel(SkinnyGemvF32Args args) {
   static_assert(kRows >= 2 && kRows <= kGemvF32MaxRows && (kRows & (kRows - 1)) == 0,
                 "x rows: a power of two from 2 to kGemvF32MaxRows");
   __shared__ float warp_sums[kGemvF32MaxWarps][kRows][kGemvF32TileRows];
@@ -251,16 +259,18 @@ cudaError_t launch_rows(const SkinnyGemvF32Args& args, int warps, cudaStream_t s
       return launch_kernel(skinny_gemv_f32_kernel<kNorm, 2>, grid, block, stream, programmatic, args);
     case 4:
       return launch_kernel(skinny_gemv_f32_kernel<kNorm, 4>, grid, block, stream, programmatic, args);
-    default:
+    case 8:
       return launch_kernel(skinny_gemv_f32_kernel<kNorm, 8>, grid, block, stream, programmatic, args);
+    default:
+      return launch_kernel(skinny_gemv_f32_kernel<kNorm, 16>, grid, block, stream, programmatic, args);
   }
 }
 
 }  // namespace f32_detail
 
 // Launches on `stream` (no allocation, no synchronisation: graph-capturable); rows in 1..kGemvF32MaxRows, warps in
-// 1..kGemvF32MaxWarps. programmatic: a programmatic dependent launch (Hopper and later), which the kernel's
-// await_previous_kernel makes safe after any kernel.
+// 1..skinny_gemv_f32_max_warps(rows). programmatic: a programmatic dependent launch (Hopper and later), which the
+// kernel's await_previous_kernel makes safe after any kernel.
 inline cudaError_t launch_skinny_gemv_f32(const SkinnyGemvF32Args& args, int warps, cudaStream_t stream,
                                           bool programmatic) {
   return args.norm_weight != nullptr ? f32_detail::launch_rows<true>(args, warps, stream, programmatic)

@@ -181,13 +181,13 @@ def gemv_f32(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
     """out = act(norm(x) @ weight.T) (+ residual) by the extension's fp32 weight-streaming GEMV
     (csrc/skinny_gemv_f32_kernel.cuh): exact fp32 products and sums, as `gemv_f32_ref` up to their order.
 
-    x [M, K] with M = 1..GEMV_F32_MAX_ROWS (8), weight [N, K] (nn.Linear's layout), residual [M, N] or None (may be
+    x [M, K] with M = 1..GEMV_F32_MAX_ROWS (16), weight [N, K] (nn.Linear's layout), residual [M, N] or None (may be
     `out` itself: an in-place out += f(x)), out [M, N] (allocated when None): all float32, contiguous, on one CUDA
     device; K a multiple of 4. norm (norm_weight [K], norm_bias [K] or None, eps): LayerNorm x first, fused (each
     block computes the rows' statistics itself while its weight loads are in flight). gelu: the exact GELU, before
     the residual. Launched with programmatic dependent launch where `kernels._utils.pdl` allows it. Floor: the
-    weight's 4 N K bytes, read once. Graph-safe with `out` given. `warps_per_block` (1..16) overrides how many warps
-    split each 8-row tile's K (0: the default, one 128-element step a warp).
+    weight's 4 N K bytes, read once. Graph-safe with `out` given. `warps_per_block` (1..gemv_f32_max_warps(M))
+    overrides how many warps split each 8-row tile's K (0: the default, one 128-element step a warp).
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
     from .kernels._utils import pdl
@@ -202,9 +202,14 @@ def gemv_f32(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
     return out
 
 
-GEMV_F32_MAX_ROWS = 8
+GEMV_F32_MAX_ROWS = 16
 """The most rows of x `gemv_f32` takes (csrc/skinny_gemv_f32_kernel.cuh's kGemvF32MaxRows)."""
-GEMV_F32_MAX_WARPS = 16
+
+
+def gemv_f32_max_warps(rows: int) -> int:
+    """The most warps a `gemv_f32` block may split K across at this many rows: 16 up to 8 rows, else 8 (whose blocks
+    may take the 16-row instances' registers), as csrc/skinny_gemv_f32_kernel.cuh's."""
+    return MAX_WARPS if rows <= 8 else MAX_WARPS // 2
 
 
 GEMV_GROUP_ROWS = 8
@@ -634,9 +639,9 @@ def _check_gemv_f32(x, weight, residual, out, warps_per_block, norm_weight=None,
     if k <= 0 or k % 4:
         raise ValueError(f"gemv_f32: K must be a positive multiple of 4, got {k}")
     _check_gemv_layout("gemv_f32", named, rows, weight.shape[0], k)
-    if not 0 <= warps_per_block <= GEMV_F32_MAX_WARPS:
-        raise ValueError(f"gemv_f32: warps_per_block must be 0 (the default) or 1 to {GEMV_F32_MAX_WARPS}, got "
-                         f"{warps_per_block}")
+    if not 0 <= warps_per_block <= gemv_f32_max_warps(rows):
+        raise ValueError(f"gemv_f32: warps_per_block must be 0 (the default) or 1 to {gemv_f32_max_warps(rows)} at "
+                         f"{rows} rows, got {warps_per_block}")
 
 
 def _check_gemv_operands(op: str, named: dict[str, torch.Tensor], dtype: torch.dtype) -> None:

@@ -116,7 +116,7 @@ def _shape_id(shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("residual", [None, "separate", "out"], ids=["plain", "residual", "residual-is-out"])
 @pytest.mark.parametrize("n, k", ODD_SHAPES + MIMI_SHAPES, ids=[_shape_id(s) for s in ODD_SHAPES + MIMI_SHAPES])
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16])
 def test_gemv_f32_matches_reference(extension, m, n, k, residual):
     x, weight, res, out = operands(m, n, k, residual)
     exact = exact_of(x, weight, res)
@@ -128,7 +128,7 @@ def test_gemv_f32_matches_reference(extension, m, n, k, residual):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("n, k", ODD_SHAPES + MIMI_SHAPES, ids=[_shape_id(s) for s in ODD_SHAPES + MIMI_SHAPES])
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
 def test_fused_gemv_f32_matches_reference(extension, m, n, k, fusion):
     x, weight, res, out = operands(m, n, k, "separate" if m == 3 else None)
     norm = _norm(k, "cuda", bias=fusion != "layer-no-bias") if fusion.startswith("layer") else None
@@ -139,14 +139,19 @@ def test_fused_gemv_f32_matches_reference(extension, m, n, k, fusion):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", [1, 3, 16])
-def test_forced_warps_per_block(extension, warps):
-    """Any split of K among a block's warps, fewer and more than the 17 K steps' default (16)."""
-    x, weight, res, out = operands(5, 200, 2052, "separate")
+@pytest.mark.parametrize("rows, warps", [(5, 1), (5, 3), (5, 16), (16, 5), (16, 8)])
+def test_forced_warps_per_block(extension, rows, warps):
+    """Any split of K's 17 steps among a block's warps, up to the most a block of that many rows takes (16, 8 past 8
+    rows)."""
+    x, weight, res, out = operands(rows, 200, 2052, "separate")
     norm = _norm(2052, "cuda")
     exact = exact_of(x, weight, res, norm, gelu=True)
     cuda_ext.gemv_f32(x, weight, res, out, warps_per_block=warps, norm=norm, gelu=True)
     assert_fp32_exact(out, exact)
+
+
+def test_gemv_f32_max_warps_follows_the_rows():
+    assert [cuda_ext.gemv_f32_max_warps(rows) for rows in (1, 8, 9, 16)] == [16, 16, 8, 8]
 
 
 @pytest.mark.gpu
@@ -194,8 +199,8 @@ def test_cuda_graph_replay_equals_eager(extension):
 
 @pytest.mark.gpu
 def test_linear_dispatches_mimis_products_when_switched_on(extension, monkeypatch):
-    """With ops.CUDA_GEMV_F32 on, ops.linear gives the fp32 GEMV Mimi's four products at 2 and 8 rows, with the
-    LayerNorm fused (no norm_rows launch), the results of skinny_linear's spec; at 16 rows, at another shape, or with
+    """With ops.CUDA_GEMV_F32 on, ops.linear gives the fp32 GEMV Mimi's four products at 2 and 16 rows, with the
+    LayerNorm fused (no norm_rows launch), the results of skinny_linear's spec; at 32 rows, at another shape, or with
     the switch off it keeps norm_rows and skinny_linear."""
     calls, norm_launches = [], []
     real_gemv, real_norm_rows = cuda_ext.gemv_f32, ops._norm_rows_kernel
@@ -205,7 +210,7 @@ def test_linear_dispatches_mimis_products_when_switched_on(extension, monkeypatc
     norm = _norm(_D, "cuda")
     products = [(3 * _D, _D, norm, None, False), (_D, _D, None, None, True), (_FF, _D, norm, "gelu", False),
                 (_D, _FF, None, None, True)]
-    for rows in (2, 8):
+    for rows in (2, 16):
         for n, k, layer_norm, activation, with_residual in products:
             x = torch.randn(rows, k, device="cuda")
             weight = torch.randn(n, k, device="cuda") / k ** 0.5
@@ -216,7 +221,7 @@ def test_linear_dispatches_mimis_products_when_switched_on(extension, monkeypatc
     assert [(c["norm"] is not None, c["gelu"]) for c in calls] == [(True, False), (False, False), (True, True),
                                                                    (False, False)] * 2
     assert not norm_launches
-    ops.linear(torch.randn(16, _D, device="cuda"), torch.randn(3 * _D, _D, device="cuda"), norm=norm)
+    ops.linear(torch.randn(32, _D, device="cuda"), torch.randn(3 * _D, _D, device="cuda"), norm=norm)
     ops.linear(torch.randn(2, _D, device="cuda"), torch.randn(3 * _D + 8, _D, device="cuda"), norm=norm)
     monkeypatch.setattr(ops, "CUDA_GEMV_F32", False)
     ops.linear(torch.randn(2, _D, device="cuda"), torch.randn(3 * _D, _D, device="cuda"), norm=norm)
@@ -229,8 +234,11 @@ def _bad_calls():
         pytest.param(lambda ok: dict(ok, x=ok["x"].bfloat16()), TypeError, "x must be float32", id="x-bf16"),
         pytest.param(lambda ok: dict(ok, weight=ok["weight"].double()), TypeError, "weight must be float32",
                      id="weight-fp64"),
-        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(9, 64), out=ok["out"].new_zeros(9, 40)),
-                     ValueError, "1 to 8 rows", id="9-rows"),
+        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(17, 64), out=ok["out"].new_zeros(17, 40)),
+                     ValueError, "1 to 16 rows", id="17-rows"),
+        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(9, 64), out=ok["out"].new_zeros(9, 40),
+                                     warps_per_block=16),
+                     ValueError, "1 to 8 at 9 rows", id="16-warps-at-9-rows"),
         pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(3, 62), weight=ok["weight"].new_zeros(40, 62)),
                      ValueError, "multiple of 4", id="k-not-multiple-of-4"),
     ] + gemv_layout_bad_calls() + [

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moshi_fast import FastMoshi, MimiCodec, moshiko, ops, tiny
+from moshi_fast import FastMoshi, MimiCodec, cuda_ext, moshiko, ops, tiny
 from moshi_fast.fast.mimi import FastMimi
 
 from .helpers import calibrate_codebooks, rel_err, speech_like
@@ -60,11 +60,19 @@ def test_fast_stream_reset_of_one_slot_leaves_the_others_alone():
 @pytest.mark.parametrize("batch, cuda_gemv_f32", [(1, False), (8, False), (1, True), (8, True)],
                          ids=["B1", "B8", "B1-cuda-gemv-f32", "B8-cuda-gemv-f32"])
 def test_fast_mimi_matches_reference_on_gpu(batch, cuda_gemv_f32, monkeypatch):
-    """cuda_gemv_f32: the transformer products on the CUDA extension's fp32 GEMV (ops.CUDA_GEMV_F32)."""
+    """cuda_gemv_f32: the transformer products on the CUDA extension's fp32 GEMV (ops.CUDA_GEMV_F32), every one of
+    them (4 a layer, in both directions)."""
     torch.backends.cudnn.allow_tf32 = False
     monkeypatch.setattr(ops, "CUDA_GEMV_F32", cuda_gemv_f32)
-    reference, fast = _pair(moshiko().mimi, "cuda")
+    calls = []
+    real_gemv_f32 = cuda_ext.gemv_f32
+    monkeypatch.setattr(cuda_ext, "gemv_f32", lambda *a, **kw: calls.append(1) or real_gemv_f32(*a, **kw))
+    config = moshiko().mimi
+    reference, fast = _pair(config, "cuda")
     agreement, error, distinct = _compare(reference, fast, batch=batch, frames=50, seed=batch)
+    # Each direction's graph is captured after warm-up runs: a whole number of passes over its layers' products.
+    per_pass = 4 * config.num_layers
+    assert (len(calls) >= 2 * per_pass and len(calls) % per_pass == 0) if cuda_gemv_f32 else not calls
     print(f"\nfast vs reference Mimi on {torch.cuda.get_device_name()}, B={batch}, CUDA fp32 GEMV {cuda_gemv_f32}, "
           f"50 frames: codes equal {agreement:.4%} (min distinct codes per level {distinct}), decode rel err "
           f"{error:.2e}")

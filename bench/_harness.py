@@ -200,10 +200,6 @@ with_attention_reads_after_wait = with_setting(ops, "PAGED_ATTENTION_READS_BEFOR
 with_gemv_norm_before = with_setting(ops, "CUDA_GEMV_NORM_AFTER", False)
 
 
-# Mimi's transformer products on the CUDA extension's fp32 GEMV, their LayerNorms fused (off by default until timed).
-with_mimi_cuda_gemv = with_setting(ops, "CUDA_GEMV_F32", True)
-
-
 # FastMoshi's frames and execution mask copied to the device before the frame graph's replay, and from there into
 # the graph's inputs, not by the graph itself from the host buffers (the previous default).
 with_host_inputs_copied_first = with_setting(fast_moshi, "HOST_INPUTS_IN_GRAPH", False)
@@ -261,9 +257,6 @@ VARIANTS = (
     Variant("--host-inputs-copied-first", "fast_host_inputs_copied_first", with_host_inputs_copied_first,
             "with the frames and execution mask copied to the device before the frame graph's replay, not by the "
             "graph itself from the host buffers"),
-    Variant("--mimi-cuda-gemv", "fast_mimi_cuda_gemv", with_mimi_cuda_gemv,
-            "with the codec's transformer products on the CUDA extension's fp32 GEMV, their LayerNorms fused, instead "
-            "of norm_rows and skinny_linear"),
     # Last (variant_runs times it after the KV-cache run).
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
             "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),

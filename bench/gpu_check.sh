@@ -15,7 +15,6 @@
 #   bench_lm_step.py, bench_frame.py, profile_frame.py, bench_buckets.py, pdl_sweep.py (e.g. FRAME_ARGS=--without-pdl:
 #   the same engine without programmatic dependent launch, timed in the same run; --triton-sampling: with the Triton
 #   sampler instead of the CUDA one; MIMI_ARGS=--fused-norms: the codec with every LayerNorm fused, same run;
-#   --mimi-cuda-gemv, in bench_mimi.py and bench_frame.py: the codec's transformer products on the CUDA fp32 GEMV;
 #   FRAME_ARGS='--batches 64 --skip kyutai,fast --kv-cache fp8': only the e4m3-cache engine, where the others do
 #   not fit the GPU, e.g. B = 64 on 80 GB; --compare-table PATH, in any of the three: the same engine planned from
 #   another tuned-tiles JSON, e.g. the table before a sweep)

@@ -12,13 +12,6 @@ TORCH_LIBRARY(moshi_fast, m) {
   m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? residual, Tensor(a!) out, int warps_per_block=0, "
         "Tensor? norm_weight=None, float eps=0., bool gated=False, bool programmatic=False, "
         "bool norm_after=False) -> ()");
-  // out[M, N] = act(norm(x[M, K]) @ weight[N, K]^T) (+ residual[M, N], which may be out itself), fp32, M <= 16, exact
-  // fp32 products and sums (skinny_gemv_f32.cu): norm_weight [K] (and norm_bias [K]): x is LayerNormed first with
-  // eps; gelu: the exact GELU before the residual; warps_per_block: 0 for the default split of K; programmatic:
-  // launched with programmatic dependent launch (Hopper and later).
-  m.def("gemv_f32(Tensor x, Tensor weight, Tensor? residual, Tensor(a!) out, int warps_per_block=0, "
-        "Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=0., bool gelu=False, "
-        "bool programmatic=False) -> ()");
   // out[b] = one token of logits[b, :V] by temperature + top-k exponential race with the counter-based noise of
   // moshi_fast.reference.sampling (sample_tokens.cu); logits bf16 or fp32 [B, V], V < 2^16, min(max_top_k, V)
   // <= 1024; temperature fp32 [B]; top_k, seed, counter, out int64 [B]. warp_kernel: bf16 rows of 8192 < V <=

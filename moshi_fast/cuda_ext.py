@@ -153,65 +153,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     return out
 
 
-def gemv_f32_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None, *,
-                 norm: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
-                 gelu: bool = False) -> torch.Tensor:
-    """The spec of `gemv_f32`: act(norm(x) @ weight.T) (+ residual), fp32. x [M, K], weight [N, K], residual [M, N]
-    (may be `out`), out [M, N]. norm (norm_weight [K], norm_bias [K] or None, eps): F.layer_norm of each x row first;
-    gelu: the exact (erf) GELU before the residual."""
-    hidden = x
-    if norm is not None:
-        norm_weight, norm_bias, eps = norm
-        hidden = torch.nn.functional.layer_norm(hidden, (x.shape[-1],), norm_weight, norm_bias, eps)
-    y = hidden @ weight.T
-    if gelu:
-        y = torch.nn.functional.gelu(y)
-    if residual is not None:
-        y = y + residual
-    if out is None:
-        return y
-    return out.copy_(y)
-
-
-def gemv_f32(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
-             out: torch.Tensor | None = None, warps_per_block: int = 0, *,
-             norm: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
-             gelu: bool = False) -> torch.Tensor:
-    """out = act(norm(x) @ weight.T) (+ residual) by the extension's fp32 weight-streaming GEMV
-    (csrc/skinny_gemv_f32_kernel.cuh): exact fp32 products and sums, as `gemv_f32_ref` up to their order.
-
-    x [M, K] with M = 1..GEMV_F32_MAX_ROWS (16), weight [N, K] (nn.Linear's layout), residual [M, N] or None (may be
-    `out` itself: an in-place out += f(x)), out [M, N] (allocated when None): all float32, contiguous, on one CUDA
-    device; K a multiple of 4. norm (norm_weight [K], norm_bias [K] or None, eps): LayerNorm x first, fused (each
-    block computes the rows' statistics itself while its weight loads are in flight). gelu: the exact GELU, before
-    the residual. Launched with programmatic dependent launch where `kernels._utils.pdl` allows it. Floor: the
-    weight's 4 N K bytes, read once. Graph-safe with `out` given. `warps_per_block` (1..gemv_f32_max_warps(M))
-    overrides how many warps split each 8-row tile's K (0: the default, one 128-element step a warp).
-    Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
-    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
-    from .kernels._utils import pdl
-
-    _require()
-    if out is None and x.dim() == 2 and weight.dim() == 2:
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    norm_weight, norm_bias, eps = norm if norm is not None else (None, None, 0.0)
-    _check_gemv_f32(x, weight, residual, out, warps_per_block, norm_weight, norm_bias)
-    torch.ops.moshi_fast.gemv_f32(x, weight, residual, out, warps_per_block, norm_weight, norm_bias, float(eps), gelu,
-                                  pdl(x.device, "gemv", weight.numel() * weight.element_size()))
-    return out
-
-
-GEMV_F32_MAX_ROWS = 16
-"""The most rows of x `gemv_f32` takes (csrc/skinny_gemv_f32_kernel.cuh's kGemvF32MaxRows)."""
-
-
-def gemv_f32_max_warps(rows: int) -> int:
-    """The most warps a `gemv_f32` block may split K across at this many rows: 16 up to 8 rows, else 8 (whose blocks
-    may take the 16-row instances' registers), as csrc/skinny_gemv_f32_kernel.cuh's."""
-    return MAX_WARPS if rows <= 8 else MAX_WARPS // 2
-
-
 GEMV_GROUP_ROWS = 8
 """Rows of x in one column group of the GEMV's mma (its B operand's 8 columns)."""
 GEMV_MAX_ROWS = 8 * GEMV_GROUP_ROWS
@@ -619,95 +560,60 @@ def _check_devices_and_dtypes(op: str, owner: str, device: torch.device,
             raise TypeError(f"{op}: {name} must be {dtype}, got {tensor.dtype}")
 
 
-def _check_gemv_f32(x, weight, residual, out, warps_per_block, norm_weight=None, norm_bias=None) -> None:
-    """The fp32 op's argument checks, made here first as `_check_gemv`'s are."""
-    if all(t.device.type == "cpu" for t in (x, weight, out) if t is not None):
-        raise NotImplementedError("gemv_f32 has no CPU implementation: it runs on CUDA tensors")
-    if norm_bias is not None and norm_weight is None:
-        raise ValueError("gemv_f32: norm_bias needs norm_weight")
-    if not x.is_cuda:
-        raise ValueError(f"gemv_f32 runs on CUDA tensors; x is on {x.device}")
-    named = {"x": x, "weight": weight, "out": out, "residual": residual, "norm_weight": norm_weight,
-             "norm_bias": norm_bias}
-    named = {name: tensor for name, tensor in named.items() if tensor is not None}
-    _check_gemv_operands("gemv_f32", named, torch.float32)
-    rows, k = x.shape
-    if not 1 <= rows <= GEMV_F32_MAX_ROWS:
-        raise ValueError(f"gemv_f32: x must have 1 to {GEMV_F32_MAX_ROWS} rows, got {rows}")
-    if weight.shape[1] != k:
-        raise ValueError(f"gemv_f32: x {list(x.shape)} and weight {list(weight.shape)} do not match along K")
-    if k <= 0 or k % 4:
-        raise ValueError(f"gemv_f32: K must be a positive multiple of 4, got {k}")
-    _check_gemv_layout("gemv_f32", named, rows, weight.shape[0], k)
-    if not 0 <= warps_per_block <= gemv_f32_max_warps(rows):
-        raise ValueError(f"gemv_f32: warps_per_block must be 0 (the default) or 1 to {gemv_f32_max_warps(rows)} at "
-                         f"{rows} rows, got {warps_per_block}")
-
-
-def _check_gemv_operands(op: str, named: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Each named operand of a GEMV op on x's device, of `dtype`, 1-D (the norm's) or 2-D, and contiguous."""
-    device = named["x"].device
-    for name, tensor in named.items():
-        if tensor.device != device:
-            raise ValueError(f"{op}: {name} must be on x's device {device}, got {tensor.device}")
-        if tensor.dtype != dtype:
-            raise TypeError(f"{op}: {name} must be {str(dtype).removeprefix('torch.')}, got {tensor.dtype}")
-        dims = 1 if name.startswith("norm") else 2
-        if tensor.dim() != dims:
-            raise ValueError(f"{op}: {name} must be {dims}-D, got shape {list(tensor.shape)}")
-        if not tensor.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous, got strides {tensor.stride()}")
-
-
-def _check_gemv_layout(op: str, named: dict[str, torch.Tensor], rows: int, n: int, k: int) -> None:
-    """The named operands' shapes ([K] for the norm's, [rows, n] for out and the residual), the operands read in
-    16-byte pieces aligned and apart from out, and a residual that is out itself or apart from it."""
-    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
-    from .kernels._utils import spans_overlap
-
-    for name in ("norm_weight", "norm_bias"):
-        if name in named and tuple(named[name].shape) != (k,):
-            raise ValueError(f"{op}: {name} must have shape [{k}], got {list(named[name].shape)}")
-    for name in ("out", "residual"):
-        if name in named and tuple(named[name].shape) != (rows, n):
-            raise ValueError(f"{op}: {name} must have shape [{rows}, {n}], got {list(named[name].shape)}")
-    out, residual = named["out"], named.get("residual")
-    read = [name for name in ("x", "weight", "norm_weight", "norm_bias") if name in named]
-    for name in read:
-        if named[name].data_ptr() % 16:
-            raise ValueError(f"{op}: {name} must start 16-byte aligned (it is read in 16-byte pieces)")
-    for name in read:
-        if spans_overlap(out, named[name]):
-            raise ValueError(f"{op}: out overlaps {name}")
-    if residual is not None and spans_overlap(residual, out) and not (
-            residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()):
-        raise ValueError(f"{op}: residual overlaps out without being out itself")
-
-
 def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gated=False, norm_after=False) -> None:
     """The op's argument checks, made here first: on an H200 (torch 2.11) one of the op's own C++ checks
     crashed the process instead of raising (a c10::ValueError thrown before any launch, in a test of bad
     arguments; cause not established), so no invalid call reaches it."""
+    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
+    from .kernels._utils import spans_overlap
+
     if all(t.device.type == "cpu" for t in (x, weight, out) if t is not None):
         raise NotImplementedError("gemv_bf16 has no CPU implementation: it runs on CUDA tensors")
     if norm_after and norm_weight is None:
         raise ValueError("gemv_bf16: norm_after needs a norm")
     if not x.is_cuda:
         raise ValueError(f"gemv_bf16 runs on CUDA tensors; x is on {x.device}")
-    named = {"x": x, "weight": weight, "out": out, "residual": residual, "norm_weight": norm_weight}
-    named = {name: tensor for name, tensor in named.items() if tensor is not None}
-    _check_gemv_operands("gemv_bf16", named, torch.bfloat16)
+    named = {"x": x, "weight": weight, "out": out}
+    if residual is not None:
+        named["residual"] = residual
+    if norm_weight is not None:
+        named["norm_weight"] = norm_weight
+    for name, tensor in named.items():
+        if tensor.device != x.device:
+            raise ValueError(f"gemv_bf16: {name} must be on x's device {x.device}, got {tensor.device}")
+        if tensor.dtype != torch.bfloat16:
+            raise TypeError(f"gemv_bf16: {name} must be bfloat16, got {tensor.dtype}")
+        dims = 1 if name == "norm_weight" else 2
+        if tensor.dim() != dims:
+            raise ValueError(f"gemv_bf16: {name} must be {dims}-D, got shape {list(tensor.shape)}")
+        if not tensor.is_contiguous():
+            raise ValueError(f"gemv_bf16: {name} must be contiguous, got strides {tensor.stride()}")
     rows, k = x.shape
     if gated and weight.shape[0] % 2:
         raise ValueError(f"gemv_bf16: a gated weight has an even number of rows, got {weight.shape[0]}")
     n = weight.shape[0] // 2 if gated else weight.shape[0]
+    if norm_weight is not None and tuple(norm_weight.shape) != (k,):
+        raise ValueError(f"gemv_bf16: norm_weight must have shape [{k}], got {list(norm_weight.shape)}")
     if not 1 <= rows <= GEMV_MAX_ROWS:
         raise ValueError(f"gemv_bf16: x must have 1 to {GEMV_MAX_ROWS} rows, got {rows}")
     if weight.shape[1] != k:
         raise ValueError(f"gemv_bf16: x {list(x.shape)} and weight {list(weight.shape)} do not match along K")
     if k <= 0 or k % 8:
         raise ValueError(f"gemv_bf16: K must be a positive multiple of 8, got {k}")
-    _check_gemv_layout("gemv_bf16", named, rows, n, k)
+    for name in ("out", "residual"):
+        if name in named and tuple(named[name].shape) != (rows, n):
+            raise ValueError(f"gemv_bf16: {name} must have shape [{rows}, {n}], got {list(named[name].shape)}")
+    read = [name for name in ("x", "weight", "norm_weight") if name in named]
+    for name in read:
+        if named[name].data_ptr() % 16:
+            raise ValueError(f"gemv_bf16: {name} must start 16-byte aligned (it is read in 16-byte pieces)")
+    for name in read:
+        if spans_overlap(out, named[name]):
+            raise ValueError(f"gemv_bf16: out overlaps {name}")
+    if residual is not None and spans_overlap(residual, out) and not (
+            residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()):
+        raise ValueError("gemv_bf16: residual overlaps out without being out itself")
     if not 0 <= warps_per_block <= gemv_max_warps(rows):
         raise ValueError(f"gemv_bf16: warps_per_block must be 0 (the default) or 1 to {gemv_max_warps(rows)} at "
                          f"{rows} rows, got {warps_per_block}")
+

@@ -418,43 +418,6 @@ eight; in the frame, against the CUDA attention's run of the same process, its s
 and 0.016 ms shorter at B = 8."""
 
 
-CUDA_GEMV_F32 = False
-"""Whether `linear` gives the CUDA_GEMV_F32_SHAPES products (Mimi's transformer layers, fp32) at up to
-cuda_ext.GEMV_F32_MAX_ROWS rows to the CUDA extension's fp32 GEMV (csrc/skinny_gemv_f32_kernel.cuh), with their
-LayerNorm and GELU fused, instead of norm_rows and skinny_linear: each warp's weight is requested before the wait for
-the previous kernel, and the LayerNorm needs no launch of its own. Off until timed on a GPU (bench_mimi.py and
-bench_frame.py time it beside the default with --mimi-cuda-gemv)."""
-CUDA_GEMV_F32_SHAPES = frozenset({
-    (1536, 512, "layer"), (512, 512, "plain"), (2048, 512, "layer+gelu"), (512, 2048, "plain"),
-})
-"""(N, K, fusion) of the products CUDA_GEMV_F32 applies to: Mimi's qkv (LayerNorm first), attention output, fc1
-(LayerNorm and GELU) and fc2; the residual, where a product has one, is fused in every case."""
-
-
-def _gemv_f32_fusion(norm, activation) -> str | None:
-    """The fp32 GEMV's name of a linear's fusion (norm an as_norm Norm or None), or None where it has none (RMSNorm,
-    the SiLU gate)."""
-    if activation not in (None, "gelu") or (norm is not None and norm.kind != "layer"):
-        return None
-    parts = (["layer"] if norm else []) + ([activation] if activation else [])
-    return "+".join(parts) or "plain"
-
-
-def _use_cuda_gemv_f32(x, weight, bias, norm, activation, residual, out) -> bool:
-    """norm: an as_norm Norm or None."""
-    if not (CUDA_GEMV_F32 and _kernels_enabled and x.is_cuda and bias is None):
-        return False
-    if x.dim() != 2 or weight.dim() != 2 or not 1 <= x.shape[0] <= cuda_ext.GEMV_F32_MAX_ROWS:
-        return False
-    if (*weight.shape, _gemv_f32_fusion(norm, activation)) not in CUDA_GEMV_F32_SHAPES:
-        return False
-    operands = [t for t in (x, weight, residual, out, norm.weight if norm else None, norm.bias if norm else None)
-                if t is not None]
-    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 and t.dtype == torch.float32 for t in operands):
-        return False
-    return cuda_ext.available()
-
-
 def _uses_cuda_gemv_norm_after(x, weight, bias, norm, activation, residual, out) -> bool:
     """norm: an as_norm Norm or None."""
     if not (CUDA_GEMV_NORM_AFTER and norm is not None and norm.kind == "rms"):
@@ -493,12 +456,8 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
     (kernels/skinny_linear.py; the CUDA extension's GEMV on the CUDA_GEMV_SHAPES, when it is built); x [M, K],
     norm (weight, bias, eps) for LayerNorm or ("rms", weight, eps), activation None, "gelu" or "silu_gate"
     (weight [2N, K]), residual may be `out`. With CUDA_GEMV_NORM_AFTER on, the CUDA_GEMV_NORM_AFTER_SHAPES products
-    apply the norm's row scale after the product; with CUDA_GEMV_F32 on, the CUDA_GEMV_F32_SHAPES products (fp32)
-    run on the extension's fp32 GEMV with their LayerNorm and GELU fused."""
+    apply the norm's row scale after the product."""
     parsed = as_norm(norm)
-    if _use_cuda_gemv_f32(x, weight, bias, parsed, activation, residual, out):
-        layer_norm = (parsed.weight, parsed.bias, parsed.eps) if parsed else None
-        return cuda_ext.gemv_f32(x, weight, residual, out, norm=layer_norm, gelu=activation == "gelu")
     if _uses_cuda_gemv_norm_after(x, weight, bias, parsed, activation, residual, out):
         return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps),
                              gated=activation == "silu_gate", norm_after=True)

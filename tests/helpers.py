@@ -1,7 +1,6 @@
 """Comparison helpers shared by the tests."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 
@@ -71,52 +70,3 @@ def run_eagerly_then_replayed(step, replays: int = 2) -> None:
     for _ in range(replays):
         graph.replay()
     torch.cuda.synchronize()
-
-
-def _misaligned_copy_of(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor of `tensor`'s shape and dtype starting one element past a fresh allocation: not 16-byte aligned."""
-    return tensor.new_empty(tensor.numel() + 1)[1:].view(tensor.shape)
-
-
-def _out_overlapping_x(operands: dict) -> dict:
-    """GEMV operands (x, weight, out, ...) whose out starts 8 elements before x's end in one allocation."""
-    x, out = operands["x"], operands["out"]
-    storage = x.new_empty(x.numel() + out.numel())
-    return dict(operands, x=storage[:x.numel()].view(x.shape),
-                out=storage[x.numel() - 8:x.numel() - 8 + out.numel()].view(out.shape))
-
-
-def _residual_shifted_from_out(operands: dict) -> dict:
-    """GEMV operands whose residual overlaps out 8 elements further on, without being out."""
-    out = operands["out"]
-    storage = out.new_empty(out.numel() + 8)
-    return dict(operands, out=storage[:out.numel()].view(out.shape), residual=storage[8:].view(out.shape))
-
-
-def gemv_layout_bad_calls() -> list:
-    """The bad calls every GEMV op of the CUDA extension rejects alike, as (changes to the good arguments, error,
-    message) test parameters; good: x [3, 64], weight [40, 64], out [3, 40] on the GPU."""
-    return [
-        pytest.param(lambda ok: dict(ok, weight=ok["weight"].new_zeros(40, 72)), ValueError,
-                     "do not match along K", id="k-mismatch"),
-        pytest.param(lambda ok: dict(ok, weight=ok["weight"].new_zeros(64, 40).T), ValueError, "contiguous",
-                     id="weight-transposed"),
-        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(64)), ValueError, "x must be 2-D", id="x-1d"),
-        pytest.param(lambda ok: dict(ok, out=ok["out"].new_zeros(3, 41)), ValueError, "out must have shape",
-                     id="out-shape"),
-        pytest.param(lambda ok: dict(ok, residual=ok["out"].new_zeros(2, 40)), ValueError,
-                     "residual must have shape", id="residual-shape"),
-        pytest.param(lambda ok: dict(ok, x=ok["x"].cpu()), ValueError, "runs on CUDA tensors", id="x-on-cpu"),
-        pytest.param(lambda ok: dict(ok, weight=ok["weight"].cpu()), ValueError,
-                     "weight must be on x's device", id="weight-on-cpu"),
-        pytest.param(lambda ok: {name: t.cpu() for name, t in ok.items()}, NotImplementedError, "CPU",
-                     id="all-on-cpu"),
-        pytest.param(lambda ok: dict(ok, x=_misaligned_copy_of(ok["x"])), ValueError, "16-byte aligned",
-                     id="x-misaligned"),
-        pytest.param(_out_overlapping_x, ValueError, "out overlaps x", id="out-overlaps-x"),
-        pytest.param(lambda ok: dict(ok, out=ok["weight"].view(-1)[:3 * 40].view(3, 40)), ValueError,
-                     "out overlaps weight", id="out-in-weight"),
-        pytest.param(_residual_shifted_from_out, ValueError, "residual overlaps out",
-                     id="residual-shifted-from-out"),
-        pytest.param(lambda ok: dict(ok, warps_per_block=17), ValueError, "warps_per_block", id="seventeen-warps"),
-    ]

@@ -13,7 +13,7 @@ import moshi_fast
 from moshi_fast import cuda_ext, ops
 from moshi_fast.config import LMConfig
 
-from .helpers import gemv_layout_bad_calls, rel_err
+from .helpers import rel_err
 
 _LM = LMConfig()
 ODD_SHAPES = [(40, 72), (8, 8), (17, 264), (1, 136), (200, 1032)]
@@ -406,6 +406,18 @@ def test_cuda_graph_replay_equals_eager(extension):
 
 def _bad_calls():
     """(changes to the good arguments, error, message); good: x [3, 64], weight [40, 64], out [3, 40]."""
+    def misaligned(ok):
+        return ok["x"].new_empty(3 * 64 + 1)[1:].view(3, 64)
+
+    def out_over_x(ok):
+        storage = ok["x"].new_empty(3 * 64 + 3 * 40)
+        x_end = 3 * 64
+        return dict(ok, x=storage[:x_end].view(3, 64), out=storage[x_end - 8:x_end - 8 + 3 * 40].view(3, 40))
+
+    def shifted_residual(ok):
+        storage = ok["out"].new_empty(3 * 40 + 8)
+        return dict(ok, out=storage[:3 * 40].view(3, 40), residual=storage[8:].view(3, 40))
+
     return [
         pytest.param(lambda ok: dict(ok, x=ok["x"].float()), TypeError, "x must be bfloat16", id="x-fp32"),
         pytest.param(lambda ok: dict(ok, weight=ok["weight"].half()), TypeError, "weight must be bfloat16",
@@ -415,21 +427,41 @@ def _bad_calls():
         pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(33, 64), out=ok["out"].new_zeros(33, 40),
                                      warps_per_block=16),
                      ValueError, "1 to 8 at 33 rows", id="16-warps-at-33-rows"),
+        pytest.param(lambda ok: dict(ok, weight=ok["weight"].new_zeros(40, 72)), ValueError,
+                     "do not match along K", id="k-mismatch"),
         pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(3, 60), weight=ok["weight"].new_zeros(40, 60)),
                      ValueError, "multiple of 8", id="k-not-multiple-of-8"),
+        pytest.param(lambda ok: dict(ok, weight=ok["weight"].new_zeros(64, 40).T), ValueError, "contiguous",
+                     id="weight-transposed"),
+        pytest.param(lambda ok: dict(ok, x=ok["x"].new_zeros(64)), ValueError, "x must be 2-D", id="x-1d"),
+        pytest.param(lambda ok: dict(ok, out=ok["out"].new_zeros(3, 41)), ValueError, "out must have shape",
+                     id="out-shape"),
+        pytest.param(lambda ok: dict(ok, residual=ok["out"].new_zeros(2, 40)), ValueError,
+                     "residual must have shape", id="residual-shape"),
         pytest.param(lambda ok: dict(ok, residual=ok["out"].float()), TypeError, "residual must be bfloat16",
                      id="residual-fp32"),
-        pytest.param(lambda ok: dict(ok, weight=ok["weight"][:39].contiguous(), out=ok["out"][:, :19].contiguous(),
-                                     gated=True), ValueError, "even number of rows", id="gated-odd-rows"),
-        pytest.param(lambda ok: dict(ok, gated=True), ValueError, r"out must have shape \[3, 20\]",
-                     id="gated-out-width"),
-    ] + gemv_layout_bad_calls() + [
+        pytest.param(lambda ok: dict(ok, x=ok["x"].cpu()), ValueError, "runs on CUDA tensors", id="x-on-cpu"),
+        pytest.param(lambda ok: dict(ok, weight=ok["weight"].cpu()), ValueError,
+                     "weight must be on x's device", id="weight-on-cpu"),
+        pytest.param(lambda ok: {name: t.cpu() for name, t in ok.items()}, NotImplementedError, "CPU",
+                     id="all-on-cpu"),
+        pytest.param(lambda ok: dict(ok, x=misaligned(ok)), ValueError, "16-byte aligned", id="x-misaligned"),
+        pytest.param(out_over_x, ValueError, "out overlaps x", id="out-overlaps-x"),
+        pytest.param(lambda ok: dict(ok, out=ok["weight"].view(-1)[:3 * 40].view(3, 40)), ValueError,
+                     "out overlaps weight", id="out-in-weight"),
+        pytest.param(shifted_residual, ValueError, "residual overlaps out", id="residual-shifted-from-out"),
+        pytest.param(lambda ok: dict(ok, warps_per_block=17), ValueError, "warps_per_block",
+                     id="seventeen-warps"),
         pytest.param(lambda ok: dict(ok, norm=(ok["x"].new_ones(72), 1e-5)), ValueError,
                      r"norm_weight must have shape \[64\]", id="norm-weight-length"),
         pytest.param(lambda ok: dict(ok, norm=(ok["x"].new_ones(64).float(), 1e-5)), TypeError,
                      "norm_weight must be bfloat16", id="norm-weight-fp32"),
         pytest.param(lambda ok: dict(ok, norm=(ok["x"].new_ones(2, 64), 1e-5)), ValueError,
                      "norm_weight must be 1-D", id="norm-weight-2d"),
+        pytest.param(lambda ok: dict(ok, weight=ok["weight"][:39].contiguous(), out=ok["out"][:, :19].contiguous(),
+                                     gated=True), ValueError, "even number of rows", id="gated-odd-rows"),
+        pytest.param(lambda ok: dict(ok, gated=True), ValueError, r"out must have shape \[3, 20\]",
+                     id="gated-out-width"),
         pytest.param(lambda ok: dict(ok, norm_after=True), ValueError, "norm_after needs a norm",
                      id="norm-after-without-norm"),
     ]

@@ -8,10 +8,10 @@ TORCH_LIBRARY(moshi_fast, m) {
   // accumulation rounded once (skinny_gemv.cu). warps_per_block: 0 for the default split of K. norm_weight [K]:
   // x is RMSNormed first (with eps; norm_after: the row scale applied to the product instead of x); gated: weight
   // is [2N, K] and out = silu(x gate^T) * (x up^T); programmatic: launched with programmatic dependent launch
-  // (Hopper and later).
+  // (Hopper and later); early_residual: the residual requested before the products instead of after them.
   m.def("gemv_bf16(Tensor x, Tensor weight, Tensor? residual, Tensor(a!) out, int warps_per_block=0, "
         "Tensor? norm_weight=None, float eps=0., bool gated=False, bool programmatic=False, "
-        "bool norm_after=False) -> ()");
+        "bool norm_after=False, bool early_residual=False) -> ()");
   // out[b] = one token of logits[b, :V] by temperature + top-k exponential race with the counter-based noise of
   // moshi_fast.reference.sampling (sample_tokens.cu); logits bf16 or fp32 [B, V], V < 2^16, min(max_top_k, V)
   // <= 1024; temperature fp32 [B]; top_k, seed, counter, out int64 [B]. warp_kernel: bf16 rows of 8192 < V <=

@@ -38,12 +38,13 @@ void check_output_shape(const at::Tensor& tensor, const char* name, int64_t rows
 
 // out = act(norm(x) @ weight.T) (+ residual), see skinny_gemv_kernel.cuh: norm_weight given, x is RMSNormed with it
 // and eps first (norm_after: its row scale applied after the product); gated, the weight holds the gate rows then the
-// up rows and out = silu(gate) * up. warps_per_block 0 takes the default split of each tile's K
+// up rows and out = silu(gate) * up; early_residual: each thread requests its first residual element before the
+// products (skinny_gemv_kernel.cuh). warps_per_block 0 takes the default split of each tile's K
 // (skinny_gemv_default_warps); 1..16 forces one, for measuring.
 // programmatic: launch with programmatic dependent launch (the caller checks that the device supports it).
 void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                at::Tensor& out, int64_t warps_per_block, const std::optional<at::Tensor>& norm_weight, double eps,
-               bool gated, bool programmatic, bool norm_after) {
+               bool gated, bool programmatic, bool norm_after, bool early_residual) {
   TORCH_CHECK_VALUE(x.is_cuda(), "gemv_bf16 runs on CUDA tensors; x is on ", x.device());
   check_matrix(x, "x", x);
   check_matrix(weight, "weight", x);
@@ -104,6 +105,7 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optiona
       static_cast<float>(eps),
       norm_after,
       gated,
+      early_residual,
       static_cast<int>(rows),
       static_cast<int>(n),
       static_cast<int>(k),

@@ -104,6 +104,7 @@ struct SkinnyGemvArgs {
   float eps;                         // the RMSNorm's epsilon
   bool norm_after;                   // with norm_weight: the row scale applied after the product (see above)
   bool gated;                        // out = silu(gate) * up of the weight's two halves
+  bool early_residual;               // each thread requests its first residual element before the products
   int rows;                          // 1..kGemvMaxRows
   int n;                             // output columns, at most (INT_MAX - kGemvTileRows) / 2: indices stay 32-bit
   int k;                             // a positive multiple of 8: every row starts 16-byte aligned
@@ -383,6 +384,15 @@ __global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16
   // computes the row scales.
   if (warp < steps) load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
   await_previous_kernel();
+  // early_residual: the residual element a thread adds first (its e = threadIdx.x in the epilogue below) is requested
+  // now, so that its round trip to L2 overlaps the products instead of following the block's reduction. At up to 8
+  // rows a block's 8 x 16 elements are all first elements from 128 threads on.
+  const int first_row = threadIdx.x / kTileColumns;
+  const int first_column = tile_column + threadIdx.x % kTileColumns;
+  const bool first_in_range = first_row < args.rows && first_column < args.n;
+  float first_residual = 0.f;
+  if (args.early_residual && args.residual != nullptr && first_in_range)
+    first_residual = __bfloat162float(args.residual[static_cast<int64_t>(first_row) * args.n + first_column]);
   float scales[kGroups];
 #pragma unroll
   for (int j = 0; j < kGroups; ++j) scales[j] = 1.f;
@@ -443,7 +453,8 @@ __global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16
     if constexpr (kGated) sum = sum / (1.f + __expf(-sum)) * sums.y;
     // One thread reads and writes each element, so the residual may be out itself.
     const int64_t index = static_cast<int64_t>(m) * args.n + column;
-    if (args.residual != nullptr) sum += __bfloat162float(args.residual[index]);
+    if (args.residual != nullptr)
+      sum += args.early_residual && e == threadIdx.x ? first_residual : __bfloat162float(args.residual[index]);
     args.out[index] = __float2bfloat16_rn(sum);
   }
 }

@@ -125,7 +125,7 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
 def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
          out: torch.Tensor | None = None, warps_per_block: int = 0, *,
          norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
-         norm_after: bool = False) -> torch.Tensor:
+         norm_after: bool = False, early_residual: bool = False) -> torch.Tensor:
     """out = act(norm(x) @ weight.T) (+ residual) by the extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh); the spec is `gemv_ref`.
 
@@ -138,6 +138,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     dependent launch where `kernels._utils.pdl` allows it. Floor: the weight's 2 N K bytes, read once. Graph-safe
     with `out` given (the launch allocates nothing and does not synchronise). `warps_per_block`
     (1..gemv_max_warps(M)) overrides how many warps split each 16-row tile's K (0: the default).
+    early_residual: each thread of a block requests its first residual element right after the wait for the previous
+    kernel, before the products, instead of after the block's reduction (the same sums).
     Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad arguments."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
     from .kernels._utils import pdl
@@ -149,7 +151,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     _check_gemv(x, weight, residual, out, warps_per_block, norm_weight, gated, norm_after)
     torch.ops.moshi_fast.gemv_bf16(x, weight, residual, out, warps_per_block, norm_weight, float(eps), gated,
-                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()), norm_after)
+                                   pdl(x.device, "gemv", weight.numel() * weight.element_size()), norm_after,
+                                   early_residual)
     return out
 
 

@@ -418,6 +418,13 @@ eight; in the frame, against the CUDA attention's run of the same process, its s
 and 0.016 ms shorter at B = 8."""
 
 
+GEMV_EARLY_RESIDUAL = False
+"""Whether `linear`'s CUDA GEMV products with a residual (the depth transformer's attention output and FFN output,
+Helium's at one row) request it right after the wait for the previous kernel, before the products, rather than after
+the block's reduction: its round trip to L2 then overlaps the products instead of lengthening the chain. Off until
+timed on a GPU (bench_frame.py and bench_lm_step.py time it beside the default with --gemv-early-residual)."""
+
+
 def _uses_cuda_gemv_norm_after(x, weight, bias, norm, activation, residual, out) -> bool:
     """norm: an as_norm Norm or None."""
     if not (CUDA_GEMV_NORM_AFTER and norm is not None and norm.kind == "rms"):
@@ -460,10 +467,10 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
     parsed = as_norm(norm)
     if _uses_cuda_gemv_norm_after(x, weight, bias, parsed, activation, residual, out):
         return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps),
-                             gated=activation == "silu_gate", norm_after=True)
+                             gated=activation == "silu_gate", norm_after=True, early_residual=GEMV_EARLY_RESIDUAL)
     if _use_cuda_gemv(x, weight, bias, parsed, activation, residual, out):
         return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps) if parsed else None,
-                             gated=activation == "silu_gate")
+                             gated=activation == "silu_gate", early_residual=GEMV_EARLY_RESIDUAL)
     if not _use_kernel(x, weight):
         return skinny_linear_ref(x, weight, bias=bias, norm=parsed, activation=activation, residual=residual,
                                  out=out, workspace=workspace)
@@ -472,7 +479,8 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
         # norm_rows computes each row's once.
         x, parsed = _norm_rows_kernel(x, parsed), None
         if _use_cuda_gemv(x, weight, bias, None, activation, residual, out):
-            return cuda_ext.gemv(x, weight, residual, out, gated=activation == "silu_gate")
+            return cuda_ext.gemv(x, weight, residual, out, gated=activation == "silu_gate",
+                                 early_residual=GEMV_EARLY_RESIDUAL)
     return _skinny_linear_kernel(x, weight, bias=bias, norm=parsed, activation=activation, residual=residual,
                                  out=out, workspace=workspace)
 
@@ -498,13 +506,15 @@ def cuda_extension_available() -> bool:
     return cuda_ext.available()
 
 
-def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False, norm_after=False):
+def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False, norm_after=False, early_residual=False):
     """act(norm(x) @ weight.T) + residual for 1..64 bf16 rows by the CUDA extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh; reference cuda_ext.gemv_ref); x [M, K], weight [N, K] ([2N, K] gated),
     residual may be `out`, norm (norm_weight [K], eps) for a fused RMSNorm (norm_after: its row scale applied
-    after the product), gated for the SiLU gate. Raises RuntimeError when the extension is unavailable. `linear`
-    calls it on the CUDA_GEMV_*SHAPES only; bench/bench_cuda_gemv.py times it beside skinny_linear and cuBLAS."""
-    return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated, norm_after=norm_after)
+    after the product), gated for the SiLU gate, early_residual for the residual requested before the products
+    (GEMV_EARLY_RESIDUAL). Raises RuntimeError when the extension is unavailable. `linear` calls it on the
+    CUDA_GEMV_*SHAPES only; bench/bench_cuda_gemv.py times it beside skinny_linear and cuBLAS."""
+    return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated, norm_after=norm_after,
+                         early_residual=early_residual)
 
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",

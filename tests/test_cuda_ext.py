@@ -215,6 +215,29 @@ def test_gemv_matches_reference(extension, m, n, k, residual):
     assert_rounded_once(out, exact)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", ["separate", "out"], ids=["residual", "residual-is-out"])
+@pytest.mark.parametrize("fusion", [None, "rms-after+gated"], ids=["plain", "rms-after+gated"])
+@pytest.mark.parametrize("n, k", [(40, 72), (200, 1032)] + MODEL_SHAPES[4:],
+                         ids=[_shape_id(shape) for shape in [(40, 72), (200, 1032)] + MODEL_SHAPES[4:]])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 64])
+def test_early_residual_gives_the_same_bits(extension, m, n, k, residual, fusion):
+    """The residual requested before the products (early_residual) adds the same value to the same sums: the
+    outputs equal the default's bit for bit, with the residual separate or out itself (read before it is written)."""
+    gated = fusion is not None
+    x, weight, res, out = operands(m, 2 * n if gated else n, k, None)
+    start = torch.randn(m, n, device="cuda").bfloat16()
+    norm = ((1 + 0.5 * torch.randn(k, device="cuda")).bfloat16(), 1e-8) if gated else None
+    results = []
+    for early in (False, True):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        res = start.clone() if residual == "separate" else out.copy_(start)
+        ops.gemv_cuda(x, weight, res, out, norm=norm, gated=gated, norm_after=gated, early_residual=early)
+        results.append(out)
+    assert not results[1].isnan().any()
+    assert torch.equal(results[0], results[1])
+
+
 def exact_fused(x, weight, norm, gated, residual, norm_after=False):
     """The fused spec in float64 after the one rounding it prescribes before the product (the RMSNorm's
     bf16 x, or with norm_after bf16 x * gamma and the row scale in float64 on the product), computed before the
@@ -315,6 +338,21 @@ def test_linear_takes_the_norm_after_the_product_at_the_depth_transformers_shape
     assert len(norm_launches) == 1 and len(calls) == 5 and not calls[-1].get("norm_after")
     ops.linear(x, x.new_ones(40, _LM.dim), norm=(gamma, None, 1e-5))
     assert len(calls) == 5 and len(norm_launches) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("early", [False, True])
+def test_linear_passes_the_early_residual_switch(extension, monkeypatch, early):
+    """ops.linear asks the CUDA GEMV for the residual before the products exactly when GEMV_EARLY_RESIDUAL is on."""
+    calls = []
+    real_gemv = cuda_ext.gemv
+    monkeypatch.setattr(cuda_ext, "gemv", lambda *a, **kw: calls.append(kw) or real_gemv(*a, **kw))
+    monkeypatch.setattr(ops, "GEMV_EARLY_RESIDUAL", early)
+    d, h = _LM.depformer_dim, _LM.depformer_hidden
+    hidden = torch.randn(1, d, device="cuda").bfloat16()
+    ops.linear(torch.randn(1, h, device="cuda").bfloat16(), (torch.randn(d, h, device="cuda") / 64).bfloat16(),
+               residual=hidden, out=hidden)
+    assert [c["early_residual"] for c in calls] == [early]
 
 
 @pytest.mark.gpu

@@ -200,8 +200,8 @@ with_attention_reads_after_wait = with_setting(ops, "PAGED_ATTENTION_READS_BEFOR
 with_gemv_norm_before = with_setting(ops, "CUDA_GEMV_NORM_AFTER", False)
 
 
-# The CUDA GEMV's residual requested before its products, not after the block's reduction (off by default until timed).
-with_gemv_early_residual = with_setting(ops, "GEMV_EARLY_RESIDUAL", True)
+# The CUDA GEMV's residual requested after the block's reduction, not before its products (the previous default).
+with_gemv_late_residual = with_setting(ops, "GEMV_EARLY_RESIDUAL", False)
 
 
 # FastMoshi's frames and execution mask copied to the device before the frame graph's replay, and from there into
@@ -261,9 +261,9 @@ VARIANTS = (
     Variant("--host-inputs-copied-first", "fast_host_inputs_copied_first", with_host_inputs_copied_first,
             "with the frames and execution mask copied to the device before the frame graph's replay, not by the "
             "graph itself from the host buffers"),
-    Variant("--gemv-early-residual", "fast_gemv_early_residual", with_gemv_early_residual,
-            "with the CUDA GEMV's products requesting their residual before the products, not after the block's "
-            "reduction"),
+    Variant("--gemv-late-residual", "fast_gemv_late_residual", with_gemv_late_residual,
+            "with the CUDA GEMV's products requesting their residual after the block's reduction, not before the "
+            "products"),
     # Last (variant_runs times it after the KV-cache run).
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
             "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),

@@ -112,29 +112,29 @@ def _cublas(x, weights, res, norm, gated):
     return _in_turn(fused, weights)
 
 
-def _cuda(x, weights, res, out, norm, gated, warps=0, norm_after=False, early_residual=False):
+def _cuda(x, weights, res, out, norm, gated, warps=0, norm_after=False, early_residual=True):
     norm = None if norm is None else (norm, EPS)
     return _in_turn(lambda weight: cuda_ext.gemv(x, weight, res, out, warps, norm=norm, gated=gated,
                                                  norm_after=norm_after, early_residual=early_residual), weights)
 
 
-@pytest.mark.parametrize("provider", ["cuda", "cuda_norm_after", "cuda_early_residual", "triton", "cublas"])
+@pytest.mark.parametrize("provider", ["cuda", "cuda_norm_after", "cuda_late_residual", "triton", "cublas"])
 @pytest.mark.parametrize("shape, rows", CASES)
 def test_gemv(measure, device, shape, rows, provider):
     """provider cuda_norm_after: the CUDA GEMV with the RMSNorm's row scale applied after the product (the shapes
-    with a norm only); cuda_early_residual: with the residual requested before the products (the shapes with a
-    residual only)."""
+    with a norm only); cuda_late_residual: with the residual requested after the block's reduction instead of before
+    the products (ops.GEMV_EARLY_RESIDUAL's previous path; the shapes with a residual only)."""
     if provider == "cuda_norm_after" and SHAPES[shape][3] is None:
         pytest.skip("no norm to apply after the product")
-    if provider == "cuda_early_residual" and not SHAPES[shape][2]:
-        pytest.skip("no residual to request early")
+    if provider == "cuda_late_residual" and not SHAPES[shape][2]:
+        pytest.skip("no residual to request late")
     x, weights, res, out, moved, norm, gated = _operands(device, shape, rows)
     triton_fn, tiles = _triton(x, weights, res, out, norm, gated)
     cublas_fn = _cublas(x, weights, res, norm, gated)
     config = {"op": f"gemv {provider}", "shape": shape, "batch": rows, "rows": rows, "dtype": "bfloat16"}
     if provider.startswith("cuda"):
         extra = measure(_cuda(x, weights, res, out, norm, gated, norm_after=provider == "cuda_norm_after",
-                              early_residual=provider == "cuda_early_residual"), moved, cublas_fn, **config)
+                              early_residual=provider != "cuda_late_residual"), moved, cublas_fn, **config)
         triton_seconds = graph_time(triton_fn)
         measure.benchmark.extra_info.update(triton_us=triton_seconds * 1e6,
                                             speedup_vs_triton=triton_seconds * 1e6 / extra["us"])

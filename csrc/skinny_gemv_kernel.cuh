@@ -42,7 +42,9 @@
 //
 // Programmatic dependent launch (Hopper): launched with it, a block requests its first step's weight, then waits for
 // the previous kernel on the stream (griddepcontrol.wait) before it reads x, so that its launch and its first weight
-// round trip overlap the previous kernel's tail; it then lets the next kernel's blocks start.
+// round trip overlap the previous kernel's tail; it then lets the next kernel's blocks start. With early_residual the
+// residual is requested right after that wait, with x, so that its round trip overlaps the products instead of
+// following the block's reduction (on an H100 0.05 ms of the one-conversation frame, 0.04 ms at eight).
 //
 // Products: mma.m16n8k16 with the weight as the 16 x 16 A operand (16 rows x 16 of K) and x as the 16 x 8 B
 // operand (16 of K x 8 rows of x; columns >= M repeat row M - 1 and are not stored). See load_weight_step for how

@@ -418,11 +418,14 @@ eight; in the frame, against the CUDA attention's run of the same process, its s
 and 0.016 ms shorter at B = 8."""
 
 
-GEMV_EARLY_RESIDUAL = False
+GEMV_EARLY_RESIDUAL = True
 """Whether `linear`'s CUDA GEMV products with a residual (the depth transformer's attention output and FFN output,
 Helium's at one row) request it right after the wait for the previous kernel, before the products, rather than after
-the block's reduction: its round trip to L2 then overlaps the products instead of lengthening the chain. Off until
-timed on a GPU (bench_frame.py and bench_lm_step.py time it beside the default with --gemv-early-residual)."""
+the block's reduction: its round trip to L2 then overlaps the products instead of lengthening the chain (the same
+bits). On an H100, each pair from one process: the frame's GPU span 6.765 against 6.812 ms at B = 1, 11.256 against
+11.296 ms at B = 8 (bench/results/2026-12-07_H100_9bc15ab_frame_b1_b8_gemv_early_residual.json); the LM step 6.23
+against 6.25 ms at B = 1 (..._9bc15ab_lm_step_b1_gemv_early_residual.json). bench_frame.py and bench_lm_step.py
+time the previous path with --gemv-late-residual."""
 
 
 def _uses_cuda_gemv_norm_after(x, weight, bias, norm, activation, residual, out) -> bool:
@@ -506,15 +509,15 @@ def cuda_extension_available() -> bool:
     return cuda_ext.available()
 
 
-def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False, norm_after=False, early_residual=False):
+def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False, norm_after=False, early_residual=None):
     """act(norm(x) @ weight.T) + residual for 1..64 bf16 rows by the CUDA extension's weight-streaming GEMV
     (csrc/skinny_gemv_kernel.cuh; reference cuda_ext.gemv_ref); x [M, K], weight [N, K] ([2N, K] gated),
     residual may be `out`, norm (norm_weight [K], eps) for a fused RMSNorm (norm_after: its row scale applied
     after the product), gated for the SiLU gate, early_residual for the residual requested before the products
-    (GEMV_EARLY_RESIDUAL). Raises RuntimeError when the extension is unavailable. `linear` calls it on the
+    (None: GEMV_EARLY_RESIDUAL). Raises RuntimeError when the extension is unavailable. `linear` calls it on the
     CUDA_GEMV_*SHAPES only; bench/bench_cuda_gemv.py times it beside skinny_linear and cuBLAS."""
-    return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated, norm_after=norm_after,
-                         early_residual=early_residual)
+    early = GEMV_EARLY_RESIDUAL if early_residual is None else early_residual
+    return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated, norm_after=norm_after, early_residual=early)
 
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",

@@ -387,8 +387,9 @@ __global__ void __launch_bounds__(gemv_max_warps(kGroups) * 32) skinny_gemv_bf16
   if (warp < steps) load_weight_step(operands, weight_lo, weight_hi, warp * kGemvStepK, lane_k, args.k);
   await_previous_kernel();
   // early_residual: the residual element a thread adds first (its e = threadIdx.x in the epilogue below) is requested
-  // now, so that its round trip to L2 overlaps the products instead of following the block's reduction. At up to 8
-  // rows a block's 8 x 16 elements are all first elements from 128 threads on.
+  // now, so that its round trip to L2 overlaps the products instead of following the block's reduction. A block with
+  // at least as many threads as its tile has elements (up to 8 rows x 16 columns: 128, as every default split at the
+  // model's shapes) requests all of them now.
   const int first_row = threadIdx.x / kTileColumns;
   const int first_column = tile_column + threadIdx.x % kTileColumns;
   const bool first_in_range = first_row < args.rows && first_column < args.n;

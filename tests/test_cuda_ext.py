@@ -225,7 +225,7 @@ def test_early_residual_gives_the_same_bits(extension, m, n, k, residual, fusion
     """The residual requested before the products (early_residual) adds the same value to the same sums: the
     outputs equal the default's bit for bit, with the residual separate or out itself (read before it is written)."""
     gated = fusion is not None
-    x, weight, res, out = operands(m, 2 * n if gated else n, k, None)
+    x, weight, _, _ = operands(m, 2 * n if gated else n, k, None)
     start = torch.randn(m, n, device="cuda").bfloat16()
     norm = ((1 + 0.5 * torch.randn(k, device="cuda")).bfloat16(), 1e-8) if gated else None
     results = []

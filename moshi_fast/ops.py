@@ -428,6 +428,12 @@ against 6.25 ms at B = 1 (..._9bc15ab_lm_step_b1_gemv_early_residual.json). benc
 time the previous path with --gemv-late-residual."""
 
 
+def _cuda_gemv(x, weight, residual, out, *, early_residual=None, **fusions):
+    """cuda_ext.gemv with the residual requested as GEMV_EARLY_RESIDUAL says (unless early_residual is given)."""
+    early = GEMV_EARLY_RESIDUAL if early_residual is None else early_residual
+    return cuda_ext.gemv(x, weight, residual, out, early_residual=early, **fusions)
+
+
 def _uses_cuda_gemv_norm_after(x, weight, bias, norm, activation, residual, out) -> bool:
     """norm: an as_norm Norm or None."""
     if not (CUDA_GEMV_NORM_AFTER and norm is not None and norm.kind == "rms"):
@@ -469,11 +475,11 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
     apply the norm's row scale after the product."""
     parsed = as_norm(norm)
     if _uses_cuda_gemv_norm_after(x, weight, bias, parsed, activation, residual, out):
-        return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps),
-                             gated=activation == "silu_gate", norm_after=True, early_residual=GEMV_EARLY_RESIDUAL)
+        return _cuda_gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps), gated=activation == "silu_gate",
+                          norm_after=True)
     if _use_cuda_gemv(x, weight, bias, parsed, activation, residual, out):
-        return cuda_ext.gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps) if parsed else None,
-                             gated=activation == "silu_gate", early_residual=GEMV_EARLY_RESIDUAL)
+        return _cuda_gemv(x, weight, residual, out, norm=(parsed.weight, parsed.eps) if parsed else None,
+                          gated=activation == "silu_gate")
     if not _use_kernel(x, weight):
         return skinny_linear_ref(x, weight, bias=bias, norm=parsed, activation=activation, residual=residual,
                                  out=out, workspace=workspace)
@@ -482,8 +488,7 @@ def linear(x, weight, *, bias=None, norm=None, activation=None, residual=None, o
         # norm_rows computes each row's once.
         x, parsed = _norm_rows_kernel(x, parsed), None
         if _use_cuda_gemv(x, weight, bias, None, activation, residual, out):
-            return cuda_ext.gemv(x, weight, residual, out, gated=activation == "silu_gate",
-                                 early_residual=GEMV_EARLY_RESIDUAL)
+            return _cuda_gemv(x, weight, residual, out, gated=activation == "silu_gate")
     return _skinny_linear_kernel(x, weight, bias=bias, norm=parsed, activation=activation, residual=residual,
                                  out=out, workspace=workspace)
 
@@ -516,8 +521,8 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False, nor
     after the product), gated for the SiLU gate, early_residual for the residual requested before the products
     (None: GEMV_EARLY_RESIDUAL). Raises RuntimeError when the extension is unavailable. `linear` calls it on the
     CUDA_GEMV_*SHAPES only; bench/bench_cuda_gemv.py times it beside skinny_linear and cuBLAS."""
-    early = GEMV_EARLY_RESIDUAL if early_residual is None else early_residual
-    return cuda_ext.gemv(x, weight, residual, out, norm=norm, gated=gated, norm_after=norm_after, early_residual=early)
+    return _cuda_gemv(x, weight, residual, out, norm=norm, gated=gated, norm_after=norm_after,
+                      early_residual=early_residual)
 
 
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",

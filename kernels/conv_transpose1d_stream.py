@@ -56,7 +56,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, await_previous_kernel, dot_precision, fma_reduction_step, next_pow2, pdl
+from ._utils import (SplitWorkspace, await_previous_kernel, dot_precision, fma_reduction_step, next_pow2, pdl,
+                     dot_pre_split)
 from .tuned import shape_key, tuned_tiles
 
 SMS = 132
@@ -83,6 +84,7 @@ class ConvTransposeTiles(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     dot: bool = True
+    columns_first: bool = False
 
 
 def conv_transpose1d_stream_ref(x, partial, frame, weight, bias, stride, groups=1, elu_input=False, out=None):
@@ -354,7 +356,7 @@ def _finish_tile(result, offs_m, offs_n, mask_m, mask_n,
 
 @triton.jit
 def _conv_transpose1d_stream_kernel(
-    x_ptr, partial_ptr, frame_ptr, w_ptr, bias_ptr, out_ptr, scratch_ptr, counter_ptr,
+    x_ptr, partial_ptr, frame_ptr, w_ptr, w_lo_ptr, bias_ptr, out_ptr, scratch_ptr, counter_ptr,
     C_IN, C_OUT, T_IN, COLS,
     stride_xb, stride_xc, stride_xt,
     stride_pp, stride_pb, stride_pc,
@@ -364,6 +366,7 @@ def _conv_transpose1d_stream_kernel(
     HAS_BIAS: tl.constexpr, ELU_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CI: tl.constexpr, SPLIT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT: tl.constexpr, EVEN_CI: tl.constexpr, PDL: tl.constexpr,
+    COLUMNS_FIRST: tl.constexpr, SPLIT_WEIGHT: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     # Column tiles vary fastest, so the programs that share a weight tile run together and the weight
@@ -398,6 +401,8 @@ def _conv_transpose1d_stream_kernel(
         if not DOT:
             # The FMA loop's products accumulate per channel offset, summed over that axis once after the loop.
             acc = tl.zeros((BLOCK_M, BLOCK_CI, BLOCK_N), dtype=tl.float32)
+        if COLUMNS_FIRST:
+            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for chunk in range(pid_k * per_split, tl.minimum(chunks, (pid_k + 1) * per_split)):
             tap = chunk % TAPS
             offs_ci = (chunk // TAPS) * BLOCK_CI + tl.arange(0, BLOCK_CI)
@@ -408,18 +413,36 @@ def _conv_transpose1d_stream_kernel(
                 w_mask = mask_m[:, None]
             else:
                 w_mask = mask_m[:, None] & mask_ci[None, :]
-            w = tl.load(w_ptr + tap * stride_wtap + offs_m[:, None] * stride_wrow + offs_ci[None, :], mask=w_mask,
-                        other=0.0)
-            v = tl.load(x_column[None, :] + offs_ci[:, None] * stride_xc - tap * stride_xt,
-                        mask=mask_ci[:, None] & valid[None, :], other=0.0)
-            if ELU_INPUT:
-                v = tl.where(v > 0, v, tl.exp(v) - 1.0)
-            if DOT:
-                acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
+            if COLUMNS_FIRST:
+                # The columns as the dot's first operand, [BLOCK_N, BLOCK_CI], and the weight as its second.
+                v_t = tl.load(x_column[:, None] + offs_ci[None, :] * stride_xc - tap * stride_xt,
+                              mask=valid[:, None] & mask_ci[None, :], other=0.0)
+                if ELU_INPUT:
+                    v_t = tl.where(v_t > 0, v_t, tl.exp(v_t) - 1.0)
+                w_offsets = tap * stride_wtap + offs_m[None, :] * stride_wrow + offs_ci[:, None]
+                w_t_mask = mask_m[None, :] & mask_ci[:, None]
+                w_t = tl.load(w_ptr + w_offsets, mask=w_t_mask, other=0.0)
+                if SPLIT_WEIGHT:
+                    # w_t is the weight's high tf32 part and w_lo_ptr holds the rest (split once, when packed):
+                    # only x is split here, and the weight parts go to the tensor cores as they are staged.
+                    acc_t = dot_pre_split(v_t, w_t, tl.load(w_lo_ptr + w_offsets, mask=w_t_mask, other=0.0), acc_t)
+                else:
+                    acc_t = tl.dot(v_t, w_t, acc_t, input_precision=INPUT_PRECISION)
             else:
-                acc += w[:, :, None] * v[None, :, :]
+                w = tl.load(w_ptr + tap * stride_wtap + offs_m[:, None] * stride_wrow + offs_ci[None, :],
+                            mask=w_mask, other=0.0)
+                v = tl.load(x_column[None, :] + offs_ci[:, None] * stride_xc - tap * stride_xt,
+                            mask=mask_ci[:, None] & valid[None, :], other=0.0)
+                if ELU_INPUT:
+                    v = tl.where(v > 0, v, tl.exp(v) - 1.0)
+                if DOT:
+                    acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
+                else:
+                    acc += w[:, :, None] * v[None, :, :]
         if not DOT:
             acc = tl.sum(acc, axis=1)
+        if COLUMNS_FIRST:
+            acc = tl.trans(acc_t)
 
     if SPLIT == 1:
         _finish_tile(acc, offs_m, offs_n, mask_m, mask_n, partial_ptr, frame_ptr, bias_ptr, out_ptr, T_IN,
@@ -449,7 +472,8 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
                             bias: torch.Tensor | None, stride: int, groups: int = 1, elu_input: bool = False,
                             out: torch.Tensor | None = None, packed_weight: torch.Tensor | None = None,
                             workspace: SplitWorkspace | None = None,
-                            tiles: ConvTransposeTiles | None = None) -> torch.Tensor:
+                            tiles: ConvTransposeTiles | None = None,
+                            weight_parts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Launcher. float32; partial [2, B, C_out, K - S] with unit stride in time; see module doc.
 
     packed_weight: pack_conv_transpose_weight(weight, stride) for dense convs (packed per call when
@@ -492,8 +516,14 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
         scratch, counters = workspace.partials, workspace.counters
     grid = (triton.cdiv(g.cols, plan.block_n), triton.cdiv(g.rows, plan.block_m), plan.split)
     use_pdl = pdl(x.device, "conv_transpose1d_stream")
+    split_weight = weight_parts is not None and plan.dot and plan.columns_first
+    if split_weight:
+        for part in weight_parts:
+            if part.shape != w.shape or not part.is_contiguous():
+                raise ValueError("weight_parts must be split_tf32(packed_weight): two tensors shaped as it")
+    w_high, w_low = weight_parts if split_weight else (w, w)
     _conv_transpose1d_stream_kernel[grid](
-        x, partial, frame, w, bias if bias is not None else w, out, scratch, counters,
+        x, partial, frame, w_high, w_low, bias if bias is not None else w, out, scratch, counters,
         c_in, c_out, t_in, g.cols,
         x.stride(0), x.stride(1), x.stride(2),
         partial.stride(0), partial.stride(1), partial.stride(2),
@@ -502,6 +532,7 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
         STRIDE=stride, TAPS=g.taps, DEPTHWISE=g.depthwise, HAS_BIAS=bias is not None, ELU_INPUT=elu_input,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_CI=plan.block_ci, SPLIT=plan.split,
         INPUT_PRECISION=dot_precision(), DOT=plan.dot, EVEN_CI=not plan.dot and c_in % plan.block_ci == 0,
-        PDL=use_pdl, num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=use_pdl,
+        PDL=use_pdl, COLUMNS_FIRST=plan.dot and plan.columns_first and not g.depthwise, SPLIT_WEIGHT=split_weight,
+        num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=use_pdl,
     )
     return out

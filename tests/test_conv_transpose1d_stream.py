@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moshi_fast.kernels._utils import SplitWorkspace
+from moshi_fast.kernels._utils import SplitWorkspace, split_tf32
 from moshi_fast.kernels.conv_transpose1d_stream import (
     ConvTransposeTiles,
     _default_plan,
@@ -116,6 +116,10 @@ FORCED = [  # (batch, c_in, c_out, kernel, stride, t_in), tiles
     pytest.param((2, 40, 3, 8, 4, 2), ConvTransposeTiles(4, 8, 16, split=2, dot=False), id="fma-partial-chunks"),
     pytest.param((3, 12, 6, 6, 2, 3), ConvTransposeTiles(16, 2, 4, num_warps=2, dot=False),
                  id="fma-columns-span-slots"),
+    # The columns as the dot's first operand: columns across slots, a split, rows past C_out * S.
+    pytest.param((4, 40, 5, 10, 5, 2), ConvTransposeTiles(16, 16, 16, columns_first=True), id="columns-first"),
+    pytest.param((2, 40, 3, 8, 4, 20), ConvTransposeTiles(32, 16, 16, split=2, columns_first=True),
+                 id="columns-first-split2"),
 ]
 
 
@@ -147,6 +151,32 @@ def test_forced_tiles(shape, tiles):
         assert torch.equal(call(tiles, again_state), out) and torch.equal(again_state, partial_ker)
         assert rel_err(call(unsplit, unsplit_state), out) < 1e-5
         assert rel_err(unsplit_state, partial_ker) < 1e-5
+
+
+@pytest.mark.parametrize("tiles", [ConvTransposeTiles(16, 16, 16, columns_first=True),
+                                   ConvTransposeTiles(32, 16, 16, split=3, columns_first=True)],
+                         ids=["whole", "split3"])
+def test_pre_split_weight_matches_reference(tiles):
+    """weight_parts = split_tf32(packed weight): a columns-first plan multiplies x's parts with the weight's parts
+    read as given; a plan that is not columns-first ignores them."""
+    batch, c_in, c_out, kernel, stride, t_in = 3, 40, 5, 10, 5, 3
+    weight, bias = torch.randn(c_in, c_out, kernel), torch.randn(c_out)
+    packed = pack_conv_transpose_weight(weight, stride)
+    parts = split_tf32(packed)
+    assert torch.equal(parts[0] + parts[1], packed)
+    partial = torch.randn(2, batch, c_out, kernel - stride)
+    x, frame = _frame_inputs(batch, c_in, t_in, 1)
+    expected_state = partial.clone()
+    expected = conv_transpose1d_stream_ref(x, expected_state, frame, weight, bias, stride, elu_input=True)
+    workspace = SplitWorkspace(1 << 14, 64, "cpu")
+    for plan in (tiles, tiles._replace(columns_first=False)):
+        state = partial.clone()
+        out = conv_transpose1d_stream(x, state, frame, weight, bias, stride, elu_input=True, packed_weight=packed,
+                                      workspace=workspace, tiles=plan, weight_parts=parts)
+        _assert_frame_matches(out, expected, state, expected_state, frame)
+    with pytest.raises(ValueError, match="weight_parts"):
+        conv_transpose1d_stream(x, partial, frame, weight, bias, stride, elu_input=True, packed_weight=packed,
+                                tiles=tiles, weight_parts=(parts[0], parts[1][:1]))
 
 
 def test_layers_share_one_workspace():

@@ -110,35 +110,6 @@ def prefetch_l2(pointers):
                               is_pure=False, pack=1)
 
 
-@triton.jit
-def tf32_round(x):
-    """fp32 x rounded to its nearest tf32 value (10 mantissa bits), ties away from zero, as cvt.rna.tf32.f32
-    rounds: on the bits, so that the interpreter runs it too. x - tf32_round(x) is exact in fp32."""
-    bits = x.to(tl.int32, bitcast=True)
-    return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def dot_pre_split(a, b_high, b_low, acc):
-    """acc + a @ b in tf32x3 with b given as its parts (split_tf32): only a is split here, so b goes to the tensor
-    cores as it is staged, without the register round trip of tl.dot's own tf32x3 (which splits both operands and
-    stores b's parts back to shared memory every step). The small products first, as tf32x3 orders them."""
-    a_high = tf32_round(a)
-    a_low = a - a_high
-    acc = tl.dot(a_low, b_high, acc, input_precision="tf32")
-    acc = tl.dot(a_high, b_low, acc, input_precision="tf32")
-    return tl.dot(a_high, b_high, acc, input_precision="tf32")
-
-
-def split_tf32(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 t as (high, low): high its nearest tf32 values (as tf32_round), low = t - high, exact in fp32. A
-    tf32x3 product with a pre-split operand reads both parts instead of splitting that operand per tile."""
-    if t.dtype != torch.float32:
-        raise ValueError(f"split_tf32 takes float32, got {t.dtype}")
-    high = ((t.contiguous().view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
-    return high, (t - high).contiguous()
-
-
 def parallel_sms(device: torch.device | None = None) -> int:
     """SMs a launch on `device` (default: the current CUDA device, if any) runs programs on at once, for
     sizing grids: 1 under the interpreter, which runs programs one after another, and off CUDA."""

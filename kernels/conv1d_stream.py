@@ -51,8 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import (SplitWorkspace, await_previous_kernel, dot_precision, fma_reduction_step, next_pow2, pdl,
-                     dot_pre_split)
+from ._utils import SplitWorkspace, await_previous_kernel, dot_precision, fma_reduction_step, next_pow2, pdl
 from .tuned import shape_key, tuned_tiles
 
 
@@ -121,20 +120,17 @@ def _write_history(x_ptr, state_ptr, frame_ptr, slot, C_IN, T_IN,
 
 
 @triton.jit
-def _accumulate(acc, x_ptr, state_ptr, w_ptr, w_lo_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
+def _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
                 x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
                 STRIDE: tl.constexpr, KERNEL: tl.constexpr, HISTORY: tl.constexpr, ELU_INPUT: tl.constexpr,
                 REPLICATE: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                READS_HISTORY: tl.constexpr, DOT: tl.constexpr, EVEN_R: tl.constexpr,
-                COLUMNS_FIRST: tl.constexpr, SPLIT_WEIGHT: tl.constexpr):
+                READS_HISTORY: tl.constexpr, DOT: tl.constexpr, EVEN_R: tl.constexpr):
     """W[offs_co, r_begin:r_end] @ act(V[r_begin:r_end, columns]) added to acc. READS_HISTORY: some columns read
     concat(history, x) before x (time j < 0); without it every V element comes from x. DOT: acc [BLOCK_CO,
     BLOCK_N] takes each step's tl.dot (INPUT_PRECISION); else acc [BLOCK_CO, BLOCK_R, BLOCK_N] takes the fp32
     products elementwise, each at its offset in the step, for the caller to sum over that axis once. EVEN_R (FMA
     plans whose reduction is a multiple of BLOCK_R): every step is whole, and the weight rows load unmasked along
-    it, in 16-byte pieces. COLUMNS_FIRST (dot plans): acc is [BLOCK_N, BLOCK_CO], the product act(V)^T W^T, the
-    columns the dot's first operand; with SPLIT_WEIGHT w_ptr and w_lo_ptr hold the weight's high and low tf32 parts
-    (split_tf32) and only V is split here."""
+    it, in 16-byte pieces."""
     for r0 in range(r_begin, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < r_end
@@ -162,16 +158,7 @@ def _accumulate(acc, x_ptr, state_ptr, w_ptr, w_lo_ptr, r_begin, r_end, offs_co,
             v = tl.load(x_ptr + x_rows[:, None] + x_columns[None, :], mask=valid, other=0.0)
         if ELU_INPUT:
             v = tl.where(v > 0, v, tl.exp(v) - 1.0)
-        if COLUMNS_FIRST:
-            v_t = tl.trans(v)
-            w_t = tl.trans(w)
-            if SPLIT_WEIGHT:
-                w_lo_t = tl.trans(tl.load(w_lo_ptr + offs_co[:, None] * stride_wo + offs_r[None, :], mask=w_mask,
-                                          other=0.0))
-                acc = dot_pre_split(v_t, w_t, w_lo_t, acc)
-            else:
-                acc = tl.dot(v_t, w_t, acc, input_precision=INPUT_PRECISION)
-        elif DOT:
+        if DOT:
             acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
         else:
             acc += w[:, :, None] * v[None, :, :]
@@ -180,7 +167,7 @@ def _accumulate(acc, x_ptr, state_ptr, w_ptr, w_lo_ptr, r_begin, r_end, offs_co,
 
 @triton.jit
 def _conv1d_stream_kernel(
-    x_ptr, state_ptr, frame_ptr, w_ptr, w_lo_ptr, bias_ptr, res_ptr, out_ptr, partials_ptr, counters_ptr,
+    x_ptr, state_ptr, frame_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, partials_ptr, counters_ptr,
     BATCH, C_IN, C_OUT, T_IN, T_OUT, CHUNK,
     stride_xb, stride_xc, stride_xt,
     stride_sp, stride_sb, stride_sc,
@@ -191,8 +178,7 @@ def _conv1d_stream_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ELU_INPUT: tl.constexpr, REPLICATE: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
     TILES_WITHIN_SLOTS: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    DOT: tl.constexpr, EVEN_R: tl.constexpr, PDL: tl.constexpr, COLUMNS_FIRST: tl.constexpr,
-    SPLIT_WEIGHT: tl.constexpr,
+    DOT: tl.constexpr, EVEN_R: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     pid_n = tl.program_id(0)
@@ -222,9 +208,7 @@ def _conv1d_stream_kernel(
     reduction = C_IN * KERNEL
     r_begin = pid_s * CHUNK
     r_end = tl.minimum(r_begin + CHUNK, reduction)
-    if COLUMNS_FIRST:
-        acc = tl.zeros((BLOCK_N, BLOCK_CO), dtype=tl.float32)
-    elif DOT:
+    if DOT:
         acc = tl.zeros((BLOCK_CO, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_CO, BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -236,19 +220,15 @@ def _conv1d_stream_kernel(
         if TILES_WITHIN_SLOTS:
             reads_history = ((pid_n * BLOCK_N) % T_OUT) * STRIDE < HISTORY
     if reads_history:
-        acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, w_lo_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step,
-                          first, x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
-                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, True, DOT, EVEN_R,
-                          COLUMNS_FIRST, SPLIT_WEIGHT)
+        acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
+                          x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
+                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, True, DOT, EVEN_R)
     else:
-        acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, w_lo_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step,
-                          first, x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
-                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, False, DOT, EVEN_R,
-                          COLUMNS_FIRST, SPLIT_WEIGHT)
+        acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
+                          x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
+                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, False, DOT, EVEN_R)
     if not DOT:
         acc = tl.sum(acc, axis=1)
-    if COLUMNS_FIRST:
-        acc = tl.trans(acc)
 
     if SPLIT == 1:
         _finish_tile(acc, offs_co, mask_co, slot, step, mask_n, bias_ptr, res_ptr, out_ptr,
@@ -296,7 +276,6 @@ class ConvTiles(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     dot: bool = True
-    columns_first: bool = False
 
 
 class _Grid(NamedTuple):
@@ -545,8 +524,7 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
                   bias: torch.Tensor | None, stride: int, elu_input: bool = False,
                   residual: torch.Tensor | None = None, replicate: bool = False,
                   out: torch.Tensor | None = None, workspace: SplitWorkspace | None = None,
-                  tiles: ConvTiles | None = None,
-                  weight_parts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  tiles: ConvTiles | None = None) -> torch.Tensor:
     """Launcher. float32 tensors; state [2, B, C_in, K - S] contiguous in its last dim; see module doc.
     `tiles` overrides the default plan (_plan). A plan that splits the reduction uses `workspace`
     (sized with conv1d_stream_workspace_size; its counters must be zero, as every call leaves them), or
@@ -580,17 +558,8 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
     # A k = 1 conv has an empty history; any valid pointer stands in for it (never dereferenced).
     state_arg = state if state.numel() else x
     use_pdl = pdl(x.device, "conv1d_stream")
-    columns_first = plan.dot and plan.columns_first
-    split_weight = weight_parts is not None and columns_first
-    if split_weight:
-        if any(part.shape != weight.shape or not part.is_contiguous() for part in weight_parts):
-            raise ValueError("weight_parts must be split_tf32(weight): two contiguous tensors shaped as the weight")
-        weight_parts = tuple(part.view(c_out, c_in * kernel) for part in weight_parts)
-        if weight_rows.stride(0) != c_in * kernel:
-            weight_rows = weight_rows.contiguous()
-    w_high, w_low = weight_parts if split_weight else (weight_rows, weight_rows)
     _conv1d_stream_kernel[(grid.n_tiles, grid.co_tiles, plan.split)](
-        x, state_arg, frame, w_high, w_low, bias if bias is not None else weight_rows, res, out, partials, counters,
+        x, state_arg, frame, weight_rows, bias if bias is not None else weight_rows, res, out, partials, counters,
         batch, c_in, c_out, t_in, t_out, grid.chunk,
         x.stride(0), x.stride(1), x.stride(2),
         state.stride(0), state.stride(1), state.stride(2),
@@ -603,7 +572,7 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
         TILES_WITHIN_SLOTS=t_out % plan.block_n == 0,
         BLOCK_HC=min(64, next_pow2(c_in)), BLOCK_H=next_pow2(max(history, 1)),
         INPUT_PRECISION=dot_precision(), DOT=plan.dot, EVEN_R=not plan.dot and (c_in * kernel) % plan.block_r == 0,
-        PDL=use_pdl, COLUMNS_FIRST=columns_first, SPLIT_WEIGHT=split_weight,
+        PDL=use_pdl,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         launch_pdl=use_pdl,

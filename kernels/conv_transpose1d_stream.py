@@ -35,6 +35,14 @@ the other parity buffer, so no program reads carried state that another writes (
 are ordered by the counters). Graph-safe: every per-slot value comes from device memory and the
 counters are zero again when the kernel ends.
 
+Columns first (a plan's columns_first): the same GEMM taken transposed, act(x)^T [columns x (i, r)] times the
+packed weight's [(i, r) x rows], the accumulator [BLOCK_N, BLOCK_M] transposed once for the epilogue. tl.dot's
+tf32x3 splits both operands into tf32 parts in registers every step and writes the second operand's two parts
+back to shared memory for the tensor cores; with the columns first that operand is the weight tile, read as it is
+stored, instead of the gathered, ELU'd x tile. On an H100 (bench/RESULTS.md, 2026-12-07 twenty-first session) the
+same tiles ran 2-4x faster this way at the decoder's B = 64 shapes (64 x 64 tiles, 32-channel steps: 386 -> 106
+us at 512 > 256 k12 s6), and the B = 64 plans of the three dense upsampling convs take it.
+
 Depthwise (Mimi's upsample, C = 512, K = 4, S = 2, T = 1) has no channel reduction; it reads the
 [C, 1, K] weight as is (K contiguous floats per channel) and never splits.
 
@@ -56,8 +64,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import (SplitWorkspace, await_previous_kernel, dot_precision, fma_reduction_step, next_pow2, pdl,
-                     dot_pre_split)
+from ._utils import SplitWorkspace, await_previous_kernel, dot_precision, fma_reduction_step, next_pow2, pdl
 from .tuned import shape_key, tuned_tiles
 
 SMS = 132
@@ -76,7 +83,9 @@ class ConvTransposeTiles(NamedTuple):
     """One launch configuration. block_m: rows ((channel, phase) pairs), block_n: columns ((slot, step)
     pairs), block_ci: input channels per reduction step (dense only); all powers of two, >= 16 with dot (tl.dot),
     >= 2 without. split: programs sharing one output tile's reduction (1 = no split-K; depthwise always 1).
-    dot: the dense products on the tensor cores; else fp32 FMAs (few columns, _fma_plan)."""
+    dot: the dense products on the tensor cores; else fp32 FMAs (few columns, _fma_plan). columns_first (dense dot
+    plans): the product taken transposed, columns as the dot's first operand and the weight as its second (see the
+    module doc)."""
     block_m: int
     block_n: int
     block_ci: int
@@ -238,10 +247,11 @@ cuDNN ran the decoder's upsampling convs 2-3x faster than their tuned plans)."""
 
 def conv_transpose1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int, stride: int, t_in: int,
                                             groups: int = 1) -> list[ConvTransposeTiles]:
-    """Up to 15 tilings around the default plan (which is not among them), for tuning sweeps: row and
+    """Up to 16 tilings around the default plan (which is not among them), for tuning sweeps: row and
     column tiles halved and doubled (split re-planned for each), no split / twice the split, the
-    reduction step halved and doubled, half and twice the warps, one pipeline stage less and more; from
-    LIGHT_TILE_COLUMNS columns on, three lighter plans that move two of those knobs at once."""
+    reduction step halved and doubled, half and twice the warps, one pipeline stage less and more, the
+    other operand order (columns_first) of a dense plan; from LIGHT_TILE_COLUMNS columns on, three
+    lighter plans that move two of those knobs at once."""
     g = _geometry(batch, c_in, c_out, kernel, stride, t_in, groups)
     base = _default_plan(batch, c_in, c_out, kernel, stride, t_in, groups)
     if not base.dot:
@@ -265,6 +275,7 @@ def conv_transpose1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, k
                           split=_balanced_split(_chunks(g, base.block_ci * 2), base.split)),
             base._replace(num_stages=base.num_stages - 1),
             base._replace(num_stages=base.num_stages + 1),
+            base._replace(columns_first=not base.columns_first),
         ]
         if g.cols >= LIGHT_TILE_COLUMNS:
             lighter = max(1, base.num_stages - 1)
@@ -320,6 +331,8 @@ def _tiles_error(g: _Geometry, tiles: ConvTransposeTiles) -> str | None:
             return f"{name} must be a power of two >= {smallest}, got {size}"
     if not tiles.dot and g.depthwise:
         return "depthwise transposed convs have no reduction to run on FMAs: dot must stay True"
+    if tiles.columns_first and (not tiles.dot or g.depthwise):
+        return "columns_first is a layout of the dense tensor-core product: it needs dot and groups = 1"
     if tiles.split < 1 or (g.depthwise and tiles.split != 1):
         return f"split must be >= 1, and 1 for depthwise convs; got {tiles.split}"
     if tiles.num_warps < 1 or tiles.num_warps & (tiles.num_warps - 1) or tiles.num_stages < 1:
@@ -356,7 +369,7 @@ def _finish_tile(result, offs_m, offs_n, mask_m, mask_n,
 
 @triton.jit
 def _conv_transpose1d_stream_kernel(
-    x_ptr, partial_ptr, frame_ptr, w_ptr, w_lo_ptr, bias_ptr, out_ptr, scratch_ptr, counter_ptr,
+    x_ptr, partial_ptr, frame_ptr, w_ptr, bias_ptr, out_ptr, scratch_ptr, counter_ptr,
     C_IN, C_OUT, T_IN, COLS,
     stride_xb, stride_xc, stride_xt,
     stride_pp, stride_pb, stride_pc,
@@ -366,7 +379,7 @@ def _conv_transpose1d_stream_kernel(
     HAS_BIAS: tl.constexpr, ELU_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CI: tl.constexpr, SPLIT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT: tl.constexpr, EVEN_CI: tl.constexpr, PDL: tl.constexpr,
-    COLUMNS_FIRST: tl.constexpr, SPLIT_WEIGHT: tl.constexpr,
+    COLUMNS_FIRST: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     # Column tiles vary fastest, so the programs that share a weight tile run together and the weight
@@ -422,12 +435,7 @@ def _conv_transpose1d_stream_kernel(
                 w_offsets = tap * stride_wtap + offs_m[None, :] * stride_wrow + offs_ci[:, None]
                 w_t_mask = mask_m[None, :] & mask_ci[:, None]
                 w_t = tl.load(w_ptr + w_offsets, mask=w_t_mask, other=0.0)
-                if SPLIT_WEIGHT:
-                    # w_t is the weight's high tf32 part and w_lo_ptr holds the rest (split once, when packed):
-                    # only x is split here, and the weight parts go to the tensor cores as they are staged.
-                    acc_t = dot_pre_split(v_t, w_t, tl.load(w_lo_ptr + w_offsets, mask=w_t_mask, other=0.0), acc_t)
-                else:
-                    acc_t = tl.dot(v_t, w_t, acc_t, input_precision=INPUT_PRECISION)
+                acc_t = tl.dot(v_t, w_t, acc_t, input_precision=INPUT_PRECISION)
             else:
                 w = tl.load(w_ptr + tap * stride_wtap + offs_m[:, None] * stride_wrow + offs_ci[None, :],
                             mask=w_mask, other=0.0)
@@ -472,8 +480,7 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
                             bias: torch.Tensor | None, stride: int, groups: int = 1, elu_input: bool = False,
                             out: torch.Tensor | None = None, packed_weight: torch.Tensor | None = None,
                             workspace: SplitWorkspace | None = None,
-                            tiles: ConvTransposeTiles | None = None,
-                            weight_parts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                            tiles: ConvTransposeTiles | None = None) -> torch.Tensor:
     """Launcher. float32; partial [2, B, C_out, K - S] with unit stride in time; see module doc.
 
     packed_weight: pack_conv_transpose_weight(weight, stride) for dense convs (packed per call when
@@ -516,14 +523,8 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
         scratch, counters = workspace.partials, workspace.counters
     grid = (triton.cdiv(g.cols, plan.block_n), triton.cdiv(g.rows, plan.block_m), plan.split)
     use_pdl = pdl(x.device, "conv_transpose1d_stream")
-    split_weight = weight_parts is not None and plan.dot and plan.columns_first
-    if split_weight:
-        for part in weight_parts:
-            if part.shape != w.shape or not part.is_contiguous():
-                raise ValueError("weight_parts must be split_tf32(packed_weight): two tensors shaped as it")
-    w_high, w_low = weight_parts if split_weight else (w, w)
     _conv_transpose1d_stream_kernel[grid](
-        x, partial, frame, w_high, w_low, bias if bias is not None else w, out, scratch, counters,
+        x, partial, frame, w, bias if bias is not None else w, out, scratch, counters,
         c_in, c_out, t_in, g.cols,
         x.stride(0), x.stride(1), x.stride(2),
         partial.stride(0), partial.stride(1), partial.stride(2),
@@ -532,7 +533,7 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
         STRIDE=stride, TAPS=g.taps, DEPTHWISE=g.depthwise, HAS_BIAS=bias is not None, ELU_INPUT=elu_input,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_CI=plan.block_ci, SPLIT=plan.split,
         INPUT_PRECISION=dot_precision(), DOT=plan.dot, EVEN_CI=not plan.dot and c_in % plan.block_ci == 0,
-        PDL=use_pdl, COLUMNS_FIRST=plan.dot and plan.columns_first and not g.depthwise, SPLIT_WEIGHT=split_weight,
-        num_warps=plan.num_warps, num_stages=plan.num_stages, launch_pdl=use_pdl,
+        PDL=use_pdl, COLUMNS_FIRST=plan.columns_first, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        launch_pdl=use_pdl,
     )
     return out

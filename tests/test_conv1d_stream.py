@@ -5,7 +5,7 @@ import pytest
 import torch
 import triton
 
-from moshi_fast.kernels._utils import SplitWorkspace, split_tf32
+from moshi_fast.kernels._utils import SplitWorkspace
 from moshi_fast.kernels import conv1d_stream as conv1d_module
 from moshi_fast.kernels.conv1d_stream import (ConvTiles, _grid, _plan, conv1d_stream, conv1d_stream_candidate_tiles,
                                               conv1d_stream_ref, conv1d_stream_workspace_size)
@@ -43,14 +43,6 @@ FORCED = [  # batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate
     pytest.param(2, 5, 9, 3, 1, 2, True, True, False, ConvTiles(8, 4, 4, 1, num_warps=2, dot=False),
                  id="fma-odd-reduction-residual"),
     pytest.param(2, 5, 6, 3, 1, 16, True, False, False, ConvTiles(4, 8, 8, 2, dot=False), id="fma-history-free-tiles"),
-    # The columns as the dot's first operand: slots across tiles with a split, history-free tiles with a residual,
-    # the replicate padding, rows past C_out.
-    pytest.param(7, 20, 24, 3, 1, 3, True, False, False, ConvTiles(16, 16, 16, 4, columns_first=True),
-                 id="columns-first-slots-across-tiles-split4"),
-    pytest.param(2, 10, 5, 7, 1, 64, True, True, False, ConvTiles(16, 32, 16, 1, columns_first=True),
-                 id="columns-first-history-free-residual"),
-    pytest.param(9, 12, 9, 4, 2, 4, False, False, True, ConvTiles(32, 16, 16, 3, columns_first=True),
-                 id="columns-first-replicate-split3"),
 ]
 
 
@@ -122,29 +114,6 @@ def test_conv1d_stream_split_is_deterministic_and_matches_no_split(batch, c_in, 
     assert torch.equal(split_out, again_out) and torch.equal(split_state, again_state)
     assert rel_err(split_out, whole_out) < 1e-5
     assert torch.equal(split_state, whole_state)
-
-
-@pytest.mark.parametrize("tiles", [ConvTiles(16, 16, 16, 1, columns_first=True),
-                                   ConvTiles(32, 16, 16, 2, columns_first=True)], ids=["whole", "split2"])
-def test_conv1d_stream_pre_split_weight_matches_reference(tiles):
-    """weight_parts = split_tf32(weight): a columns-first plan multiplies x's parts with the weight's parts read as
-    given (the same tf32x3 sum of three products); a plan that is not columns-first ignores them."""
-    batch, c_in, c_out, kernel, stride, t_in = 3, 10, 18, 8, 4, 8
-    weight, b, state = _inputs(batch, c_in, c_out, kernel, stride)
-    x, frame, _ = _frame_inputs(batch, c_in, c_out, stride, t_in, False, step=1)
-    expected_state = state.clone()
-    expected = conv1d_stream_ref(x, expected_state, frame, weight, b, stride, True)
-    parts = split_tf32(weight)
-    assert torch.equal(parts[0] + parts[1], weight)
-    workspace = SplitWorkspace(*conv1d_stream_workspace_size(batch, c_in, c_out, kernel, stride, t_in, tiles), "cpu")
-    for plan in (tiles, tiles._replace(columns_first=False)):
-        fresh_state = state.clone()
-        out = conv1d_stream(x, fresh_state, frame, weight, b, stride, True, workspace=workspace, tiles=plan,
-                            weight_parts=parts)
-        assert rel_err(out, expected) < 1e-5 and torch.equal(fresh_state, expected_state)
-    with pytest.raises(ValueError, match="weight_parts"):
-        conv1d_stream(x, state, frame, weight, b, stride, True, workspace=workspace, tiles=tiles,
-                      weight_parts=(parts[0], parts[1][:1]))
 
 
 def test_conv1d_stream_shared_workspace_across_convs_and_frames():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moshi_fast.kernels._utils import SplitWorkspace, split_tf32
+from moshi_fast.kernels._utils import SplitWorkspace
 from moshi_fast.kernels.conv_transpose1d_stream import (
     ConvTransposeTiles,
     _default_plan,
@@ -123,6 +123,12 @@ FORCED = [  # (batch, c_in, c_out, kernel, stride, t_in), tiles
 ]
 
 
+def test_columns_first_needs_the_dense_tensor_core_product():
+    g = _geometry(2, 40, 3, 8, 4, 3, 1)
+    assert _tiles_error(g, ConvTransposeTiles(16, 16, 16, columns_first=True)) is None
+    assert "columns_first" in _tiles_error(g, ConvTransposeTiles(16, 4, 16, dot=False, columns_first=True))
+
+
 @pytest.mark.parametrize("shape, tiles", FORCED)
 def test_forced_tiles(shape, tiles):
     batch, c_in, c_out, kernel, stride, t_in = shape
@@ -151,32 +157,6 @@ def test_forced_tiles(shape, tiles):
         assert torch.equal(call(tiles, again_state), out) and torch.equal(again_state, partial_ker)
         assert rel_err(call(unsplit, unsplit_state), out) < 1e-5
         assert rel_err(unsplit_state, partial_ker) < 1e-5
-
-
-@pytest.mark.parametrize("tiles", [ConvTransposeTiles(16, 16, 16, columns_first=True),
-                                   ConvTransposeTiles(32, 16, 16, split=3, columns_first=True)],
-                         ids=["whole", "split3"])
-def test_pre_split_weight_matches_reference(tiles):
-    """weight_parts = split_tf32(packed weight): a columns-first plan multiplies x's parts with the weight's parts
-    read as given; a plan that is not columns-first ignores them."""
-    batch, c_in, c_out, kernel, stride, t_in = 3, 40, 5, 10, 5, 3
-    weight, bias = torch.randn(c_in, c_out, kernel), torch.randn(c_out)
-    packed = pack_conv_transpose_weight(weight, stride)
-    parts = split_tf32(packed)
-    assert torch.equal(parts[0] + parts[1], packed)
-    partial = torch.randn(2, batch, c_out, kernel - stride)
-    x, frame = _frame_inputs(batch, c_in, t_in, 1)
-    expected_state = partial.clone()
-    expected = conv_transpose1d_stream_ref(x, expected_state, frame, weight, bias, stride, elu_input=True)
-    workspace = SplitWorkspace(1 << 14, 64, "cpu")
-    for plan in (tiles, tiles._replace(columns_first=False)):
-        state = partial.clone()
-        out = conv_transpose1d_stream(x, state, frame, weight, bias, stride, elu_input=True, packed_weight=packed,
-                                      workspace=workspace, tiles=plan, weight_parts=parts)
-        _assert_frame_matches(out, expected, state, expected_state, frame)
-    with pytest.raises(ValueError, match="weight_parts"):
-        conv_transpose1d_stream(x, partial, frame, weight, bias, stride, elu_input=True, packed_weight=packed,
-                                tiles=tiles, weight_parts=(parts[0], parts[1][:1]))
 
 
 def test_layers_share_one_workspace():
@@ -228,6 +208,9 @@ def test_depthwise_forced_tiles(tiles):
         _assert_frame_matches(out, expected, partial_ker, partial_ref, frame)
     with pytest.raises(ValueError, match="split"):
         conv_transpose1d_stream(x, partial_ker, frame, weight, None, stride, channels, tiles=tiles._replace(split=2))
+    with pytest.raises(ValueError, match="columns_first"):
+        conv_transpose1d_stream(x, partial_ker, frame, weight, None, stride, channels,
+                                tiles=tiles._replace(columns_first=True))
     with pytest.raises(ValueError, match="packed_weight"):
         conv_transpose1d_stream(x, partial_ker, frame, weight, None, stride, channels, packed_weight=weight)
 
@@ -258,7 +241,7 @@ def test_light_candidates_join_from_many_columns_and_match(monkeypatch):
     monkeypatch.setattr(module, "LIGHT_TILE_COLUMNS", 6)
     candidates = conv_transpose1d_stream_candidate_tiles(batch, c_in, c_out, kernel, stride, t_in)
     light = [tiles for tiles in candidates if tiles not in before]
-    assert light and len(set(candidates)) == len(candidates) <= 15
+    assert light and len(set(candidates)) == len(candidates) <= 16
     weight, bias = torch.randn(c_in, c_out, kernel), torch.randn(c_out)
     partial = torch.randn(2, batch, c_out, kernel - stride)
     x, frame = _frame_inputs(batch, c_in, t_in, 1)
@@ -287,7 +270,7 @@ def test_plans_at_mimi_shapes(name):
         if groups > 1:
             assert plan.split == 1
         candidates = conv_transpose1d_stream_candidate_tiles(batch, c_in, c_out, kernel, stride, t_in, groups)
-        assert 0 < len(candidates) <= 15 and plan not in candidates and len(set(candidates)) == len(candidates)
+        assert 0 < len(candidates) <= 16 and plan not in candidates and len(set(candidates)) == len(candidates)
         assert all(_tiles_error(g, tiles) is None for tiles in candidates)
     if groups == 1:
         assert _plan(_geometry(1, c_in, c_out, kernel, stride, t_in, groups)).split > 1

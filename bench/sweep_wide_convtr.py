@@ -1,0 +1,97 @@
+"""A wide grid of launch plans for the decoder's dense transposed convs at one batch, both operand orders.
+
+    python bench/sweep_wide_convtr.py --batch 64 --json sweep.json [--shapes dec.up2,dec.up3] [--budget-s 300]
+
+sweep_tiles.py tries one-knob neighbours of the current plan; this tries every tile of a fixed grid (row x column
+tiles whose accumulator is at most 32 fp32 elements a thread, which ptxas for sm_90a fits in 255 registers without
+spilling, with 8 warps and 16- or 32-channel steps, and two 4-warp plans), each with the rows and with the columns
+as the dot's first operand (columns_first). Each plan is timed as sweep_tiles.py times one (a CUDA graph of
+back-to-back calls, median of the replays) on random inputs at Mimi's shapes, and its output is compared with the
+default plan's. The JSON lists every plan's µs and relative difference, the default's marked; plans that win go
+into kernels/tuned_tiles.json by hand, after the codec is timed with them (bench_mimi.py --compare-table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._harness import device_info, graph_time  # noqa: E402
+from bench.bench_conv_transpose1d_stream import SHAPES  # noqa: E402
+from moshi_fast.kernels._utils import SplitWorkspace  # noqa: E402
+from moshi_fast.kernels.conv_transpose1d_stream import (ConvTransposeTiles, _default_plan,  # noqa: E402
+                                                        conv_transpose1d_stream, pack_conv_transpose_weight)
+
+GRID = [(bm, bn, bci, 8, 3) for bm, bn in ((32, 128), (64, 64), (64, 128), (128, 64)) for bci in (32, 16)]
+GRID += [(32, 128, 32, 4, 3), (64, 64, 32, 4, 3)]
+"""(block_m, block_n, block_ci, num_warps, num_stages) of the plans tried, each in both operand orders."""
+
+
+def sweep_shape(name: str, batch: int, deadline: float, device: str) -> list[dict]:
+    """The default plan, then every GRID plan in both orders until `deadline` (time.time()), as rows."""
+    c_in, c_out, kernel, stride, t_in, groups = SHAPES[name]
+    x = torch.randn(batch, c_in, t_in, device=device)
+    weight = torch.randn(c_in, c_out, kernel, device=device) / (2 * c_in) ** 0.5
+    bias = torch.randn(c_out, device=device)
+    partial = torch.randn(2, batch, c_out, kernel - stride, device=device)
+    frame = torch.zeros(batch, dtype=torch.int32, device=device)
+    packed = pack_conv_transpose_weight(weight, stride)
+    out = torch.empty(batch, c_out, t_in * stride, device=device)
+    workspace = SplitWorkspace(1 << 24, 1 << 14, device=device)
+
+    def run(tiles, into=out, state=partial):
+        conv_transpose1d_stream(x, state, frame, weight, bias, stride, groups, True, out=into, packed_weight=packed,
+                                workspace=workspace, tiles=tiles)
+
+    default = _default_plan(batch, c_in, c_out, kernel, stride, t_in, groups)
+    reference = torch.empty_like(out)
+    run(default, reference, partial.clone())
+    plans = [default] + [ConvTransposeTiles(bm, bn, bci, 1, warps, stages, columns_first=order)
+                         for bm, bn, bci, warps, stages in GRID for order in (False, True)]
+    rows = []
+    for plan in plans:
+        if time.time() > deadline:
+            break
+        row = {"shape": name, "batch": batch, "tiles": plan._asdict(), "default": plan is default}
+        try:
+            run(plan, out, partial.clone())
+            row["rel_diff"] = ((out - reference).abs().max() / reference.abs().max()).item()
+            row["us"] = graph_time(lambda: run(plan), iters=20, reps=7) * 1e6
+        except Exception as error:  # noqa: BLE001 - a plan that cannot compile or run is recorded, not fatal
+            row["error"] = repr(error)[:200]
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--shapes", default="dec.up2,dec.up3,dec.up1", help=f"of {', '.join(SHAPES)}")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting plans after this long")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    deadline = time.time() + args.budget_s
+    rows = []
+    for name in args.shapes.split(","):
+        shape_rows = sweep_shape(name, args.batch, deadline, device)
+        rows += shape_rows
+        timed = [row for row in shape_rows if "us" in row]
+        if timed:
+            best = min(timed, key=lambda row: row["us"])
+            default = next((row["us"] for row in timed if row["default"]), float("nan"))
+            print(f"{name:10s} B={args.batch}: default {default:8.1f} us, best {best['us']:8.1f} us {best['tiles']}",
+                  flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({**device_info(), "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,8 +23,9 @@ def _tf32_round(x):
 @triton.jit
 def mm_builtin(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                PREC: tl.constexpr):
-    pm = tl.program_id(0); pn = tl.program_id(1)
-    om = pm * BM + tl.arange(0, BM); on = pn * BN + tl.arange(0, BN); ok = tl.arange(0, BK)
+    om = tl.program_id(0) * BM + tl.arange(0, BM)
+    on = tl.program_id(1) * BN + tl.arange(0, BN)
+    ok = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         a = tl.load(a_ptr + om[:, None] * K + (k0 + ok)[None, :], mask=(om < M)[:, None], other=0.0)
@@ -34,15 +35,13 @@ def mm_builtin(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr,
 
 
 @triton.jit
-def mm_presplit(a_ptr, bhi_ptr, blo_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                ELU: tl.constexpr):
-    pm = tl.program_id(0); pn = tl.program_id(1)
-    om = pm * BM + tl.arange(0, BM); on = pn * BN + tl.arange(0, BN); ok = tl.arange(0, BK)
+def mm_presplit(a_ptr, bhi_ptr, blo_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    om = tl.program_id(0) * BM + tl.arange(0, BM)
+    on = tl.program_id(1) * BN + tl.arange(0, BN)
+    ok = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         a = tl.load(a_ptr + om[:, None] * K + (k0 + ok)[None, :], mask=(om < M)[:, None], other=0.0)
-        if ELU:
-            a = tl.where(a > 0, a, tl.exp(a) - 1.0)
         b_hi = tl.load(bhi_ptr + (k0 + ok)[:, None] * N + on[None, :], mask=(on < N)[None, :], other=0.0)
         b_lo = tl.load(blo_ptr + (k0 + ok)[:, None] * N + on[None, :], mask=(on < N)[None, :], other=0.0)
         a_hi = _tf32_round(a)
@@ -59,7 +58,8 @@ def split_tf32(b):
 
 
 def run(a, b, variant, BM, BN, BK, warps, stages, parts=None):
-    M, K = a.shape; N = b.shape[1]
+    M, K = a.shape
+    N = b.shape[1]
     c = torch.empty(M, N, device=a.device)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     if variant in ("builtin", "tf32_one_pass"):
@@ -70,7 +70,7 @@ def run(a, b, variant, BM, BN, BK, warps, stages, parts=None):
         fn = lambda: torch.matmul(a, b, out=c)
     else:
         hi, lo = parts
-        fn = lambda: mm_presplit[grid](a, hi, lo, c, M, N, K, BM, BN, BK, False, num_warps=warps, num_stages=stages)
+        fn = lambda: mm_presplit[grid](a, hi, lo, c, M, N, K, BM, BN, BK, num_warps=warps, num_stages=stages)
     return fn, c
 
 

@@ -36,12 +36,12 @@ are ordered by the counters). Graph-safe: every per-slot value comes from device
 counters are zero again when the kernel ends.
 
 Columns first (a plan's columns_first): the same GEMM taken transposed, act(x)^T [columns x (i, r)] times the
-packed weight's [(i, r) x rows], the accumulator [BLOCK_N, BLOCK_M] transposed once for the epilogue. tl.dot's
-tf32x3 splits both operands into tf32 parts in registers every step and writes the second operand's two parts
-back to shared memory for the tensor cores; with the columns first that operand is the weight tile, read as it is
-stored, instead of the gathered, ELU'd x tile. On an H100 (bench/RESULTS.md, 2026-12-07 twenty-first session) the
-same tiles ran 2-4x faster this way at the decoder's B = 64 shapes (64 x 64 tiles, 32-channel steps: 386 -> 106
-us at 512 > 256 k12 s6), and the B = 64 plans of the three dense upsampling convs take it.
+packed weight's [(i, r) x rows], the accumulator [BLOCK_N, BLOCK_M] transposed once for the epilogue. On an H100
+(bench/RESULTS.md, 2026-12-07 twenty-first session) the same tiles ran 2-4x faster this way at the decoder's B = 64
+shapes (64 x 64 tiles, 32-channel steps: 386 -> 106 us at 512 > 256 k12 s6), and the B = 64 plans of the three
+dense upsampling convs take it. The likely reason, from the compiled IR (not profiled): tl.dot's tf32x3 splits both
+operands into tf32 parts in registers every step and writes the second operand's two parts back to shared memory
+for the tensor cores, and in this order that operand is the weight tile, not the gathered, ELU'd x tile.
 
 Depthwise (Mimi's upsample, C = 512, K = 4, S = 2, T = 1) has no channel reduction; it reads the
 [C, 1, K] weight as is (K contiguous floats per channel) and never splits.

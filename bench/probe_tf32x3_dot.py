@@ -21,29 +21,39 @@ def _tf32_round(x):
 
 
 @triton.jit
+def _tile_offsets(BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """This program's output rows and columns, and the reduction offsets of one step."""
+    return (tl.program_id(0) * BM + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN),
+            tl.arange(0, BK))
+
+
+@triton.jit
+def _load_b(b_ptr, k0, ok, on, N):
+    """Rows k0 + ok and columns on of the row-major [K, N] operand b."""
+    return tl.load(b_ptr + (k0 + ok)[:, None] * N + on[None, :], mask=(on < N)[None, :], other=0.0)
+
+
+@triton.jit
 def mm_builtin(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                PREC: tl.constexpr):
-    om = tl.program_id(0) * BM + tl.arange(0, BM)
-    on = tl.program_id(1) * BN + tl.arange(0, BN)
-    ok = tl.arange(0, BK)
+    """c = a @ b in one tl.dot a step at input precision PREC ("tf32x3" or "tf32")."""
+    om, on, ok = _tile_offsets(BM, BN, BK)
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         a = tl.load(a_ptr + om[:, None] * K + (k0 + ok)[None, :], mask=(om < M)[:, None], other=0.0)
-        b = tl.load(b_ptr + (k0 + ok)[:, None] * N + on[None, :], mask=(on < N)[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+        acc = tl.dot(a, _load_b(b_ptr, k0, ok, on, N), acc, input_precision=PREC)
     tl.store(c_ptr + om[:, None] * N + on[None, :], acc, mask=(om < M)[:, None] & (on < N)[None, :])
 
 
 @triton.jit
 def mm_presplit(a_ptr, bhi_ptr, blo_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    om = tl.program_id(0) * BM + tl.arange(0, BM)
-    on = tl.program_id(1) * BN + tl.arange(0, BN)
-    ok = tl.arange(0, BK)
+    """c = a @ (b_hi + b_lo) by three tf32 dots a step, b given as its tf32 parts (split_tf32), a split here."""
+    om, on, ok = _tile_offsets(BM, BN, BK)
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         a = tl.load(a_ptr + om[:, None] * K + (k0 + ok)[None, :], mask=(om < M)[:, None], other=0.0)
-        b_hi = tl.load(bhi_ptr + (k0 + ok)[:, None] * N + on[None, :], mask=(on < N)[None, :], other=0.0)
-        b_lo = tl.load(blo_ptr + (k0 + ok)[:, None] * N + on[None, :], mask=(on < N)[None, :], other=0.0)
+        b_hi = _load_b(bhi_ptr, k0, ok, on, N)
+        b_lo = _load_b(blo_ptr, k0, ok, on, N)
         a_hi = _tf32_round(a)
         a_lo = a - a_hi
         acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")

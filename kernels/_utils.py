@@ -110,6 +110,12 @@ def prefetch_l2(pointers):
                               is_pure=False, pack=1)
 
 
+@triton.jit
+def elu(v):
+    """ELU with alpha 1 (SEANet's activation), elementwise: v where v > 0, else exp(v) - 1."""
+    return tl.where(v > 0, v, tl.exp(v) - 1.0)
+
+
 def parallel_sms(device: torch.device | None = None) -> int:
     """SMs a launch on `device` (default: the current CUDA device, if any) runs programs on at once, for
     sizing grids: 1 under the interpreter, which runs programs one after another, and off CUDA."""

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, await_previous_kernel, dot_precision, fma_reduction_step, next_pow2, pdl
+from ._utils import (SplitWorkspace, await_previous_kernel, dot_precision, elu, fma_reduction_step, next_pow2,
+                     pdl)
 from .tuned import shape_key, tuned_tiles
 
 
@@ -157,7 +158,7 @@ def _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, 
         else:
             v = tl.load(x_ptr + x_rows[:, None] + x_columns[None, :], mask=valid, other=0.0)
         if ELU_INPUT:
-            v = tl.where(v > 0, v, tl.exp(v) - 1.0)
+            v = elu(v)
         if DOT:
             acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
         else:

@@ -64,7 +64,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import SplitWorkspace, await_previous_kernel, dot_precision, fma_reduction_step, next_pow2, pdl
+from ._utils import (SplitWorkspace, await_previous_kernel, dot_precision, elu, fma_reduction_step, next_pow2,
+                     pdl)
 from .tuned import shape_key, tuned_tiles
 
 SMS = 132
@@ -404,7 +405,7 @@ def _conv_transpose1d_stream_kernel(
             v = tl.load(x_column[None, :] + channel[:, None] * stride_xc - r * stride_xt,
                         mask=mask_m[:, None] & valid[None, :], other=0.0)
             if ELU_INPUT:
-                v = tl.where(v > 0, v, tl.exp(v) - 1.0)
+                v = elu(v)
             acc += w[:, None] * v
     else:
         # Chunks in (channel block, tap) order: consecutive chunks read the same x rows shifted by one
@@ -421,28 +422,28 @@ def _conv_transpose1d_stream_kernel(
             offs_ci = (chunk // TAPS) * BLOCK_CI + tl.arange(0, BLOCK_CI)
             mask_ci = offs_ci < C_IN
             valid = mask_n & (step >= tap) & (step - tap < T_IN)
-            # EVEN_CI (FMA plans with C_in a multiple of BLOCK_CI): whole chunks, rows loaded in 16-byte pieces.
-            if EVEN_CI:
-                w_mask = mask_m[:, None]
-            else:
-                w_mask = mask_m[:, None] & mask_ci[None, :]
             if COLUMNS_FIRST:
                 # The columns as the dot's first operand, [BLOCK_N, BLOCK_CI], and the weight as its second.
                 v_t = tl.load(x_column[:, None] + offs_ci[None, :] * stride_xc - tap * stride_xt,
                               mask=valid[:, None] & mask_ci[None, :], other=0.0)
                 if ELU_INPUT:
-                    v_t = tl.where(v_t > 0, v_t, tl.exp(v_t) - 1.0)
+                    v_t = elu(v_t)
                 w_offsets = tap * stride_wtap + offs_m[None, :] * stride_wrow + offs_ci[:, None]
                 w_t_mask = mask_m[None, :] & mask_ci[:, None]
                 w_t = tl.load(w_ptr + w_offsets, mask=w_t_mask, other=0.0)
                 acc_t = tl.dot(v_t, w_t, acc_t, input_precision=INPUT_PRECISION)
             else:
+                # EVEN_CI (FMA plans with C_in a multiple of BLOCK_CI): whole chunks, rows loaded in 16-byte pieces.
+                if EVEN_CI:
+                    w_mask = mask_m[:, None]
+                else:
+                    w_mask = mask_m[:, None] & mask_ci[None, :]
                 w = tl.load(w_ptr + tap * stride_wtap + offs_m[:, None] * stride_wrow + offs_ci[None, :],
                             mask=w_mask, other=0.0)
                 v = tl.load(x_column[None, :] + offs_ci[:, None] * stride_xc - tap * stride_xt,
                             mask=mask_ci[:, None] & valid[None, :], other=0.0)
                 if ELU_INPUT:
-                    v = tl.where(v > 0, v, tl.exp(v) - 1.0)
+                    v = elu(v)
                 if DOT:
                     acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
                 else:

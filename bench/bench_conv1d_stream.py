@@ -13,6 +13,7 @@ SHAPES = {
     "enc.conv_in": (1, 64, 7, 1, 1920, False, False),
     "enc.res0.conv1": (64, 32, 3, 1, 1920, True, False),
     "enc.down0": (64, 128, 8, 4, 1920, True, False),
+    "enc.down1": (128, 256, 10, 5, 480, True, False),
     "enc.down2": (256, 512, 12, 6, 96, True, False),
     "enc.down3": (512, 1024, 16, 8, 16, True, False),
     "enc.conv_out": (1024, 512, 3, 1, 2, True, False),

@@ -121,45 +121,67 @@ def _write_history(x_ptr, state_ptr, frame_ptr, slot, C_IN, T_IN,
 
 
 @triton.jit
+def _outer_sum(row_part, column_part, COLUMNS_FIRST: tl.constexpr):
+    """row_part[r] + column_part[n] as an [R, N] tile, or as [N, R] with COLUMNS_FIRST."""
+    if COLUMNS_FIRST:
+        return column_part[:, None] + row_part[None, :]
+    else:
+        return row_part[:, None] + column_part[None, :]
+
+
+@triton.jit
+def _outer_and(row_part, column_part, COLUMNS_FIRST: tl.constexpr):
+    """row_part[r] & column_part[n] as an [R, N] tile, or as [N, R] with COLUMNS_FIRST."""
+    if COLUMNS_FIRST:
+        return column_part[:, None] & row_part[None, :]
+    else:
+        return row_part[:, None] & column_part[None, :]
+
+
+@triton.jit
 def _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
                 x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
                 STRIDE: tl.constexpr, KERNEL: tl.constexpr, HISTORY: tl.constexpr, ELU_INPUT: tl.constexpr,
                 REPLICATE: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                READS_HISTORY: tl.constexpr, DOT: tl.constexpr, EVEN_R: tl.constexpr):
+                READS_HISTORY: tl.constexpr, DOT: tl.constexpr, EVEN_R: tl.constexpr, COLUMNS_FIRST: tl.constexpr):
     """W[offs_co, r_begin:r_end] @ act(V[r_begin:r_end, columns]) added to acc. READS_HISTORY: some columns read
     concat(history, x) before x (time j < 0); without it every V element comes from x. DOT: acc [BLOCK_CO,
     BLOCK_N] takes each step's tl.dot (INPUT_PRECISION); else acc [BLOCK_CO, BLOCK_R, BLOCK_N] takes the fp32
     products elementwise, each at its offset in the step, for the caller to sum over that axis once. EVEN_R (FMA
     plans whose reduction is a multiple of BLOCK_R): every step is whole, and the weight rows load unmasked along
-    it, in 16-byte pieces."""
+    it, in 16-byte pieces. COLUMNS_FIRST (dot plans): acc is [BLOCK_N, BLOCK_CO] and takes act(V)^T W^T, both
+    tiles loaded in that orientation (not transposed in registers)."""
     for r0 in range(r_begin, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < r_end
         ci = offs_r // KERNEL
         k = offs_r % KERNEL
+        # The weight tile [BLOCK_CO, BLOCK_R] (its rows' outer parts first), or [BLOCK_R, BLOCK_CO].
         if EVEN_R:
-            w_mask = mask_co[:, None]
+            w_mask = mask_co[:, None]  # FMA plans only, never columns first
         else:
-            w_mask = mask_co[:, None] & mask_r[None, :]
-        w = tl.load(w_ptr + offs_co[:, None] * stride_wo + offs_r[None, :], mask=w_mask, other=0.0)
-        valid = mask_r[:, None] & mask_n[None, :]
+            w_mask = _outer_and(mask_co, mask_r, COLUMNS_FIRST)
+        w = tl.load(w_ptr + _outer_sum(offs_co * stride_wo, offs_r, COLUMNS_FIRST), mask=w_mask, other=0.0)
+        valid = _outer_and(mask_r, mask_n, COLUMNS_FIRST)
         x_rows = ci * stride_xc + (k - HISTORY) * stride_xt
         if READS_HISTORY:
-            j = (step * STRIDE)[None, :] + (k - HISTORY)[:, None]
+            j = _outer_sum(k - HISTORY, step * STRIDE, COLUMNS_FIRST)
             from_x = j >= 0
-            v = tl.load(x_ptr + x_rows[:, None] + x_columns[None, :], mask=valid & from_x, other=0.0)
-            h = tl.load(state_ptr + (ci * stride_sc + k)[:, None] + history_columns[None, :],
+            v = tl.load(x_ptr + _outer_sum(x_rows, x_columns, COLUMNS_FIRST), mask=valid & from_x, other=0.0)
+            h = tl.load(state_ptr + _outer_sum(ci * stride_sc + k, history_columns, COLUMNS_FIRST),
                         mask=valid & (j < 0), other=0.0)
             if REPLICATE:
-                x0 = tl.load(x_ptr + (ci * stride_xc)[:, None] + (slot * stride_xb)[None, :],
+                x0 = tl.load(x_ptr + _outer_sum(ci * stride_xc, slot * stride_xb, COLUMNS_FIRST),
                              mask=valid & (j < 0), other=0.0)
-                h = tl.where(first[None, :], x0, h)
+                h = tl.where(_outer_and(mask_r, first, COLUMNS_FIRST), x0, h)
             v = tl.where(from_x, v, h)
         else:
-            v = tl.load(x_ptr + x_rows[:, None] + x_columns[None, :], mask=valid, other=0.0)
+            v = tl.load(x_ptr + _outer_sum(x_rows, x_columns, COLUMNS_FIRST), mask=valid, other=0.0)
         if ELU_INPUT:
             v = elu(v)
-        if DOT:
+        if COLUMNS_FIRST:
+            acc = tl.dot(v, w, acc, input_precision=INPUT_PRECISION)
+        elif DOT:
             acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
         else:
             acc += w[:, :, None] * v[None, :, :]
@@ -179,7 +201,7 @@ def _conv1d_stream_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ELU_INPUT: tl.constexpr, REPLICATE: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
     TILES_WITHIN_SLOTS: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    DOT: tl.constexpr, EVEN_R: tl.constexpr, PDL: tl.constexpr,
+    DOT: tl.constexpr, EVEN_R: tl.constexpr, PDL: tl.constexpr, COLUMNS_FIRST: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     pid_n = tl.program_id(0)
@@ -209,7 +231,9 @@ def _conv1d_stream_kernel(
     reduction = C_IN * KERNEL
     r_begin = pid_s * CHUNK
     r_end = tl.minimum(r_begin + CHUNK, reduction)
-    if DOT:
+    if COLUMNS_FIRST:
+        acc = tl.zeros((BLOCK_N, BLOCK_CO), dtype=tl.float32)
+    elif DOT:
         acc = tl.zeros((BLOCK_CO, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_CO, BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -223,13 +247,17 @@ def _conv1d_stream_kernel(
     if reads_history:
         acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
                           x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
-                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, True, DOT, EVEN_R)
+                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, True, DOT, EVEN_R,
+                          COLUMNS_FIRST)
     else:
         acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
                           x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
-                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, False, DOT, EVEN_R)
+                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, False, DOT, EVEN_R,
+                          COLUMNS_FIRST)
     if not DOT:
         acc = tl.sum(acc, axis=1)
+    if COLUMNS_FIRST:
+        acc = tl.trans(acc)
 
     if SPLIT == 1:
         _finish_tile(acc, offs_co, mask_co, slot, step, mask_n, bias_ptr, res_ptr, out_ptr,
@@ -268,7 +296,8 @@ def _conv1d_stream_kernel(
 class ConvTiles(NamedTuple):
     """A launch plan: [block_co x block_n] output tiles, block_r reduction rows per step, the reduction
     split over `split` programs per tile, Triton's num_warps / num_stages, and whether the steps' products
-    run on the tensor cores (dot) or as fp32 FMAs. Block sizes are powers of two, >= 16 with dot (tl.dot),
+    run on the tensor cores (dot) or as fp32 FMAs, and for dot whether the columns are the product's first
+    operand (columns_first, see the module doc). Block sizes are powers of two, >= 16 with dot (tl.dot),
     >= 2 without; `split` is rounded to what whole block_r steps allow."""
     block_co: int
     block_n: int
@@ -277,6 +306,7 @@ class ConvTiles(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     dot: bool = True
+    columns_first: bool = False
 
 
 class _Grid(NamedTuple):
@@ -304,6 +334,8 @@ def _grid(tiles: ConvTiles, batch: int, c_in: int, c_out: int, kernel: int, stri
                          f"{tiles}")
     if tiles.split < 1 or tiles.num_warps < 1 or tiles.num_stages < 1:
         raise ValueError(f"split, num_warps and num_stages must be positive: {tiles}")
+    if tiles.columns_first and not tiles.dot:
+        raise ValueError(f"columns_first is a layout of the tensor-core product: it needs dot: {tiles}")
     steps = triton.cdiv(c_in * kernel, tiles.block_r)
     steps_per_split = triton.cdiv(steps, tiles.split)
     # No empty splits: a split of 4 over 6 steps becomes 3 chunks of 2 steps.
@@ -491,10 +523,10 @@ def _fma_candidates(base: ConvTiles, batch: int, c_in: int, c_out: int, kernel: 
 
 def conv1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int, stride: int,
                                   t_in: int) -> list[ConvTiles]:
-    """The default plan first, then up to 11 neighbours of it (each changes one knob), then, from LIGHT_TILE_COLUMNS
-    columns on, up to 3 lighter plans (_light_tiles) and from WIDE_COLUMNS columns on up to 4 wide column tiles
-    (_wide_column_tiles), for a GPU sweep. An FMA plan (few columns) has its own neighbours and the tensor-core plan
-    (_fma_candidates)."""
+    """The default plan first, then up to 11 neighbours of it (each changes one knob: the other operand order first),
+    then, from LIGHT_TILE_COLUMNS columns on, up to 3 lighter plans (_light_tiles) and from WIDE_COLUMNS columns on
+    up to 4 wide column tiles (_wide_column_tiles), for a GPU sweep. An FMA plan (few columns) has its own
+    neighbours and the tensor-core plan (_fma_candidates)."""
     base = _plan(batch, c_in, c_out, kernel, stride, t_in)
     if not base.dot:
         return _fma_candidates(base, batch, c_in, c_out, kernel, stride, t_in)
@@ -503,6 +535,7 @@ def conv1d_stream_candidate_tiles(batch: int, c_in: int, c_out: int, kernel: int
     widest_n = min(128, next_pow2(columns))
     widest_r = min(64, next_pow2(c_in * kernel))
     neighbours = [
+        base._replace(columns_first=not base.columns_first),
         base._replace(split=1), base._replace(split=base.split * 2), base._replace(split=base.split // 2),
         base._replace(block_co=base.block_co // 2), base._replace(block_co=base.block_co * 2),
         base._replace(block_n=base.block_n // 2), base._replace(block_n=base.block_n * 2),
@@ -573,7 +606,7 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
         TILES_WITHIN_SLOTS=t_out % plan.block_n == 0,
         BLOCK_HC=min(64, next_pow2(c_in)), BLOCK_H=next_pow2(max(history, 1)),
         INPUT_PRECISION=dot_precision(), DOT=plan.dot, EVEN_R=not plan.dot and (c_in * kernel) % plan.block_r == 0,
-        PDL=use_pdl,
+        PDL=use_pdl, COLUMNS_FIRST=plan.columns_first,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         launch_pdl=use_pdl,

@@ -43,6 +43,15 @@ FORCED = [  # batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate
     pytest.param(2, 5, 9, 3, 1, 2, True, True, False, ConvTiles(8, 4, 4, 1, num_warps=2, dot=False),
                  id="fma-odd-reduction-residual"),
     pytest.param(2, 5, 6, 3, 1, 16, True, False, False, ConvTiles(4, 8, 8, 2, dot=False), id="fma-history-free-tiles"),
+    # Columns first: the history and its replicate padding, slots across tiles, split-K, history-free tiles.
+    pytest.param(7, 20, 24, 3, 1, 3, True, False, False, ConvTiles(16, 16, 16, 4, columns_first=True),
+                 id="columns-first-slots-across-tiles-split4"),
+    pytest.param(9, 12, 9, 4, 2, 4, False, False, True, ConvTiles(16, 16, 16, 3, columns_first=True),
+                 id="columns-first-replicate-split3"),
+    pytest.param(6, 48, 17, 1, 1, 5, True, True, False, ConvTiles(32, 16, 16, 1, columns_first=True),
+                 id="columns-first-k1-residual"),
+    pytest.param(3, 5, 9, 8, 4, 128, True, True, True, ConvTiles(16, 32, 16, 1, columns_first=True),
+                 id="columns-first-strided-history-free-tiles"),
 ]
 
 
@@ -149,6 +158,14 @@ def test_conv1d_stream_rejects_a_small_workspace():
     with pytest.raises(ValueError, match="workspace too small"):
         conv1d_stream(x, state, frame, weight, b, 1, workspace=SplitWorkspace(16, 1, "cpu"),
                       tiles=ConvTiles(16, 16, 16, 4))
+
+
+def test_columns_first_needs_the_tensor_core_product():
+    with pytest.raises(ValueError, match="columns_first"):
+        _grid(ConvTiles(4, 2, 16, dot=False, columns_first=True), 1, 12, 10, 4, 1, 2)
+    shape = (3, 48, 20, 3, 1, 4)
+    assert _plan(*shape)._replace(columns_first=not _plan(*shape).columns_first) in conv1d_stream_candidate_tiles(
+        *shape)
 
 
 def test_conv1d_stream_candidate_tiles_match_reference():

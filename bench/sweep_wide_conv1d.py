@@ -1,0 +1,72 @@
+"""A wide grid of launch plans for the codec's dense convs (conv1d_stream) at one batch, columns first.
+
+    python bench/sweep_wide_conv1d.py --batch 64 --json sweep.json [--shapes enc.down1,enc.down0] [--budget-s 300]
+
+As sweep_wide_convtr.py for the transposed convs: the default plan and the default in the other operand order
+(columns_first), then every tile of the same grid with the columns as the dot's first operand, each split until the
+grid has about 256 programs. (The grid with the rows first lost to the table's B = 64 plans on an H100:
+bench/results/2026-12-07_H100_c0b0025_sweep_conv1d_b64_columns_first.json.) Each plan is timed in a CUDA graph of back-to-back calls (median of the replays) on
+random inputs at Mimi's shapes, and its output is compared with the default plan's.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_conv1d_stream import SHAPES  # noqa: E402
+from bench.sweep_wide_convtr import GRID, sweep_main, time_plans  # noqa: E402
+from moshi_fast.kernels._utils import SplitWorkspace  # noqa: E402
+from moshi_fast.kernels.conv1d_stream import ConvTiles, _grid, _plan, conv1d_stream  # noqa: E402
+
+TARGET_PROGRAMS = 256
+
+
+def _split_to_fill(tiles: ConvTiles, shape: tuple) -> ConvTiles:
+    """tiles with the reduction split (at most 16 ways, at least 4 steps a split) until the grid has about
+    TARGET_PROGRAMS programs, rounded as _grid rounds it."""
+    grid = _grid(tiles, *shape)
+    programs = grid.co_tiles * grid.n_tiles
+    steps = triton.cdiv(shape[1] * shape[3], tiles.block_r)
+    split = max(1, min(16, steps // 4, triton.cdiv(TARGET_PROGRAMS, programs)))
+    return _grid(tiles._replace(split=split), *shape).tiles
+
+
+def sweep_shape(name: str, batch: int, deadline: float, device: str) -> list[dict]:
+    """The default plan, the default in the other order, then every GRID plan columns first until `deadline`."""
+    c_in, c_out, kernel, stride, t_in, elu, has_residual = SHAPES[name]
+    shape = (batch, c_in, c_out, kernel, stride, t_in)
+    x = torch.randn(batch, c_in, t_in, device=device)
+    weight = torch.randn(c_out, c_in, kernel, device=device) / (c_in * kernel) ** 0.5
+    bias = torch.randn(c_out, device=device)
+    state = torch.randn(2, batch, c_in, kernel - stride, device=device)
+    frame = torch.zeros(batch, dtype=torch.int32, device=device)
+    residual = torch.randn(batch, c_out, t_in // stride, device=device) if has_residual else None
+    out = torch.empty(batch, c_out, t_in // stride, device=device)
+    workspace = SplitWorkspace(1 << 24, 1 << 14, device=device)
+
+    def run(tiles, into=out, history=state):
+        conv1d_stream(x, history, frame, weight, bias, stride, elu, residual, out=into, workspace=workspace,
+                      tiles=tiles)
+
+    default = _plan(*shape)
+    reference = torch.empty_like(out)
+    run(default, reference, state.clone())
+    plans = [default, default._replace(columns_first=not default.columns_first)] if default.dot else [default]
+    plans += [_split_to_fill(ConvTiles(bco, bn, br, 1, warps, stages, columns_first=True), shape)
+              for bco, bn, br, warps, stages in GRID]
+    return time_plans(name, batch, plans, lambda plan, into: run(plan, into, state.clone()), lambda plan: run(plan),
+                      out, reference, deadline)
+
+
+def main(argv=None) -> int:
+    return sweep_main(argv, __doc__.split("\n")[0], SHAPES, "enc.down1,enc.down0,enc.down2,dec.conv_in,enc.res0.conv1",
+                      sweep_shape)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

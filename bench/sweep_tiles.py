@@ -204,8 +204,9 @@ def _paged_cases(batch: int, device, workspace, kv_dtype: torch.dtype = torch.bf
     yield "paged", "helium", call, candidates
 
 
-def _linear_cases(model: FastMimi, batch: int, device, workspace):
-    """The Mimi transformer's linears in fp32, M = 2 batch rows, each product as ops.linear runs it (_as_linear_runs)."""
+def linear_products(model: FastMimi, batch: int, device) -> dict:
+    """The Mimi transformer's linears in fp32 at M = 2 batch rows, each as ops.linear runs it (_as_linear_runs):
+    name -> (inputs, weight, skinny_linear keyword arguments, out)."""
     c = model.config
     rows = 2 * batch
     layer = model.encoder_transformer.layers[0]
@@ -218,15 +219,18 @@ def _linear_cases(model: FastMimi, batch: int, device, workspace):
         "fc1+LN+gelu": (x, layer.fc1.weight, dict(norm=norm, activation="gelu")),
         "fc2+residual": (hidden, layer.fc2.weight, dict(residual=torch.randn(rows, c.dimension, device=device))),
     }
-    for name, (inputs, weight, kwargs) in shapes.items():
-        out = torch.empty(rows, weight.shape[0], device=device)
-        kwargs = _as_linear_runs(kwargs)
+    return {name: (inputs, weight, _as_linear_runs(kwargs), torch.empty(rows, weight.shape[0], device=device))
+            for name, (inputs, weight, kwargs) in shapes.items()}
 
+
+def _linear_cases(model: FastMimi, batch: int, device, workspace):
+    """The Mimi transformer's linears (linear_products) with their candidate tiles."""
+    for name, (inputs, weight, kwargs, out) in linear_products(model, batch, device).items():
         def call(tiles, inputs=inputs, weight=weight, kwargs=kwargs, out=out):
             linear_module.skinny_linear(inputs, weight, out=out, tiles=tiles, workspace=workspace, **kwargs)
 
-        candidates = linear_module.skinny_linear_candidate_tiles(rows, weight.shape[0], weight.shape[1], torch.float32,
-                                                                 split_k=True)
+        candidates = linear_module.skinny_linear_candidate_tiles(inputs.shape[0], weight.shape[0], weight.shape[1],
+                                                                 torch.float32, split_k=True)
         yield "linear", name, call, candidates
 
 

@@ -83,13 +83,16 @@ def sweep_main(argv, description: str, shapes: dict, default_shapes: str, sweep)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--shapes", default=default_shapes, help=f"of {', '.join(shapes)}")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting plans after this long")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="stop starting plans after this long, shared out evenly over the shapes left")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    deadline = time.time() + args.budget_s
+    end = time.time() + args.budget_s
     rows = []
-    for name in args.shapes.split(","):
+    names = args.shapes.split(",")
+    for index, name in enumerate(names):
+        deadline = time.time() + (end - time.time()) / (len(names) - index)
         shape_rows = sweep(name, args.batch, deadline, device)
         rows += shape_rows
         timed = [row for row in shape_rows if "us" in row]

@@ -4,10 +4,10 @@
 
 sweep_tiles.py tries the neighbours of the current plan, one knob at a time; at 64 conversations (M = 128 rows) the
 codec's linears took 11-19 µs each on an H100 for 67-270 MFLOP, where a plain tf32x3 GEMM of their size would take
-a few. This tries every plan of a fixed grid: row x column tiles from 16 x 32 to 128 x 64, 64- and 128-wide K
-chunks, K split 1, 2 or 4 ways, 4 warps (8 for the largest tiles), 3 stages, each product as the codec runs it
-(sweep_tiles._linear_cases). Each plan is timed in a CUDA graph of back-to-back calls (median of the replays), and
-its output compared with the current plan's.
+a few. This tries every plan of a fixed grid (PLANS: row x column tiles from 16 x 32 to 128 x 64, 32- and 64-wide K
+chunks, K unsplit or split 4 ways, 3 stages), each product as the codec runs it (sweep_tiles.linear_products).
+Each plan is timed in a CUDA graph of back-to-back calls (median of the replays), and its output compared with the
+current plan's.
 """
 from __future__ import annotations
 
@@ -24,15 +24,17 @@ from moshi_fast import MimiCodec, moshiko  # noqa: E402
 from moshi_fast.kernels._utils import SplitWorkspace  # noqa: E402
 from moshi_fast.kernels.skinny_linear import SkinnyTiles, skinny_linear, skinny_linear_tiles  # noqa: E402
 
-TILES = [(16, 32), (32, 32), (64, 32), (32, 64), (64, 64), (128, 32), (128, 64)]
-"""(block_m, block_n) of the plans tried."""
+PLANS = [(16, 32, 32, 4), (16, 32, 64, 4), (16, 64, 32, 4), (32, 32, 32, 4), (32, 64, 32, 4), (64, 32, 32, 4),
+         (64, 32, 64, 8), (64, 64, 32, 4), (64, 64, 64, 8), (128, 32, 32, 8), (128, 32, 64, 8), (128, 64, 32, 8)]
+"""(block_m, block_n, block_k, num_warps) of the plans tried: tiles that ptxas (sm_90a, Triton 3.9) compiles without
+spilling. The registers grow with block_k (16 x 32 tiles with 4 warps: 96 at 32, 186 at 64, 255 and spilling
+at 128), so K chunks are 32 or 64 wide."""
 NAMES = ["qkv+LN", "out+residual", "fc1+LN+gelu", "fc2+residual"]
 
 
 def grid() -> list[SkinnyTiles]:
-    """The plans tried, each tile with K chunks of 64 and 128 and K split 1, 2 and 4 ways."""
-    return [SkinnyTiles(bm, bn, bk, True, split, 8 if bm * bn >= 128 * 32 else 4, 3)
-            for bm, bn in TILES for bk in (64, 128) for split in (1, 2, 4)]
+    """The plans tried, each with K unsplit and split 4 ways."""
+    return [SkinnyTiles(bm, bn, bk, True, split, warps, 3) for bm, bn, bk, warps in PLANS for split in (1, 4)]
 
 
 _products: dict = {}

@@ -35,6 +35,13 @@ second (history) load and the select. Measured on an H100 against the loop with 
 CUDA graphs): 64 > 1 channels k7 at T 1920, B = 64, 862 -> 196 us (B = 1: 22.4 -> 10.7); 128 > 256 k10
 stride 5 at T 480, B = 64, 393 -> 336 us; the other SEANet shapes within 3% either way.
 
+Columns first (a plan's columns_first, dot plans only): the same GEMM taken transposed, act(V)^T [columns x r]
+times W^T [r x C_out], both tiles loaded in that orientation and the accumulator [BLOCK_N, BLOCK_CO] transposed once
+for the epilogue, as conv_transpose1d_stream's columns-first plans (2-4x faster there at the decoder's B = 64 shapes).
+Here it does not carry over: on an H100 at B = 64 (bench/RESULTS.md, 2026-12-07 twenty-second session) the tuned
+plans in this order ran 3.5% and 6% faster at enc.down1 (128 > 256 k10 s5) and enc.res0.conv1 (64 > 32 k3), which
+take it, and 3-14% slower at the other four shapes timed; no other tile of the grid tried beat the tuned plans.
+
 Floor: the bytes are weights + x + out + residual + 2 x history (+ 2 x SPLIT x the padded output
 tiles of partials, L2-resident). Mimi's largest weights are the encoder's last down conv (1024 x 512
 x 16, 33.5 MB fp32) and the decoder's conv_in (14.7 MB); at B = 1 the floor is those weights read

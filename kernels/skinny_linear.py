@@ -81,8 +81,11 @@ tiles, splits):
            fc1 512->2048 (256, 1, 1) BLOCK_N 8, BLOCK_K 512; fc2 2048->512 (256, 1, 1) BLOCK_N 2, BLOCK_K 2048
   M = 16   with the workspace, dot 16 x 32 x 64: qkv (48, 1, 4), out (16, 1, 8), fc1 (64, 1, 2),
            fc2 (16, 1, 8)
-  M = 128  dot BLOCK_M x BLOCK_N: qkv 16 x 32 (48, 8, 1), out 16 x 32 (16, 8, 1), fc1 64 x 32 (64, 2, 1),
-           fc2 16 x 32 (16, 8, 4) (fc2's K split in 4 since an H100 sweep: 13.1 us against 18.9)
+  M = 128  dot BLOCK_M x BLOCK_N x BLOCK_K: qkv 32 x 64 x 32 (24, 4, 4), out 64 x 32 x 32 (16, 2, 4), fc1
+           64 x 32 x 64 (64, 2, 1), fc2 64 x 32 x 32 (16, 2, 4) (bench/sweep_wide_linear.py on an H100: 8.6,
+           5.5, 8.8 and 12.5 us against 10.0, 6.2, 8.8 and 13.2 for the previous plans, 16 x 32 x 64 tiles)
+  M = 32, 64  the M = 16 and previous M = 128 plans, so that 16 and 32 conversations keep them: the frame
+           at 32 ran 0.2 ms slower with the new M = 128 plans (bench/RESULTS.md, 2026-12-07)
 The language model's, bf16, from the heuristics with a workspace, dot tiles BLOCK_M x BLOCK_N x BLOCK_K:
   Helium   M = 1, 8: qkv 16 x 32 x 128 (384, 1, 1); out, down 16 x 16 x 512 (256, 1, 1);
            gate_up 16 x 32 x 128 (352, 1, 1); text head 16 x 64 x 128 (500, 1, 1)
@@ -141,8 +144,8 @@ WEIGHT_BYTES_IN_FLIGHT_PER_SM = 40 * 1024
 """Weight bytes the default dot tiles aim to have requested at once, per SM (see the module doc)."""
 SPLIT_PARTIALS_SHARE = 0.25
 """The default tiles split K only while the fp32 partials (written and read once per split) stay within
-this share of the weight's bytes: at Mimi's M = 128 they would match the weight, and the plans
-measured there do not split."""
+this share of the weight's bytes: at Mimi's M = 128 they would match the weight (the plans measured
+there split K all the same: a sweep's finding, kernels/tuned_tiles.json)."""
 DOT_SHARED_MEMORY = 96 * 1024
 """Pipeline buffers (x and weight chunks, num_stages of each) the default dot tiles allow a program:
 two programs an SM within Hopper's 227 KB, with room left for the epilogue's layout conversions."""

@@ -5,8 +5,9 @@
 As sweep_wide_convtr.py for the transposed convs: the default plan and the default in the other operand order
 (columns_first), then every tile of the same grid with the columns as the dot's first operand, each split until the
 grid has about 256 programs. (The grid with the rows first lost to the table's B = 64 plans on an H100:
-bench/results/2026-12-07_H100_c0b0025_sweep_conv1d_b64_columns_first.json.) Each plan is timed in a CUDA graph of back-to-back calls (median of the replays) on
-random inputs at Mimi's shapes, and its output is compared with the default plan's.
+bench/results/2026-12-07_H100_c0b0025_sweep_conv1d_b64_columns_first.json.) Each plan is timed in a CUDA graph of
+back-to-back calls (median of the replays) on random inputs at Mimi's shapes, and its output is compared with the
+default plan's.
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def sweep_shape(name: str, batch: int, deadline: float, device: str) -> list[dic
 
 
 def main(argv=None) -> int:
-    return sweep_main(argv, __doc__.split("\n")[0], SHAPES, "enc.down1,enc.down0,enc.down2,dec.conv_in,enc.res0.conv1",
-                      sweep_shape)
+    return sweep_main(argv, __doc__.split("\n")[0], SHAPES,
+                      "enc.down1,enc.down0,enc.down2,dec.conv_in,enc.res0.conv1,enc.down3", sweep_shape)
 
 
 if __name__ == "__main__":

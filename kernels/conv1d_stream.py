@@ -163,7 +163,8 @@ def _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, 
         mask_r = offs_r < r_end
         ci = offs_r // KERNEL
         k = offs_r % KERNEL
-        # The weight tile [BLOCK_CO, BLOCK_R] (its rows' outer parts first), or [BLOCK_R, BLOCK_CO].
+        # Columns first, every tile is loaded in the orientation the dot takes it: [BLOCK_R, BLOCK_CO] weights and
+        # [BLOCK_N, BLOCK_R] inputs.
         if EVEN_R:
             w_mask = mask_co[:, None]  # FMA plans only, never columns first
         else:

@@ -84,8 +84,6 @@ tiles, splits):
   M = 128  dot BLOCK_M x BLOCK_N x BLOCK_K: qkv 32 x 64 x 32 (24, 4, 4), out 64 x 32 x 32 (16, 2, 4), fc1
            64 x 32 x 64 (64, 2, 1), fc2 64 x 32 x 32 (16, 2, 4) (bench/sweep_wide_linear.py on an H100: 8.6,
            5.5, 8.8 and 12.5 us against 10.0, 6.2, 8.8 and 13.2 for the previous plans, 16 x 32 x 64 tiles)
-  M = 32, 64  the M = 16 and previous M = 128 plans, so that 16 and 32 conversations keep them: the frame
-           at 32 ran 0.2 ms slower with the new M = 128 plans (bench/RESULTS.md, 2026-12-07)
 The language model's, bf16, from the heuristics with a workspace, dot tiles BLOCK_M x BLOCK_N x BLOCK_K:
   Helium   M = 1, 8: qkv 16 x 32 x 128 (384, 1, 1); out, down 16 x 16 x 512 (256, 1, 1);
            gate_up 16 x 32 x 128 (352, 1, 1); text head 16 x 64 x 128 (500, 1, 1)

@@ -97,6 +97,54 @@ def graph_time(fn: Callable[[], object], iters: int = 50, reps: int = 15) -> flo
     return sorted(times)[len(times) // 2]
 
 
+def time_plans(name: str, batch: int, plans: list, run_once, run_timed, out: torch.Tensor, reference: torch.Tensor,
+               deadline: float) -> list[dict]:
+    """Rows for `plans` (the first is the default): run_once(plan, out) from fresh state for the output's relative
+    difference from `reference`, then run_timed(plan) in a CUDA graph, until `deadline` (time.time())."""
+    rows = []
+    for plan in plans:
+        if time.time() > deadline:
+            break
+        row = {"shape": name, "batch": batch, "tiles": plan._asdict(), "default": plan is plans[0]}
+        try:
+            run_once(plan, out)
+            row["rel_diff"] = ((out - reference).abs().max() / reference.abs().max()).item()
+            row["us"] = graph_time(lambda: run_timed(plan), iters=20, reps=7) * 1e6
+        except Exception as error:  # noqa: BLE001 - a plan that cannot compile or run is recorded, not fatal
+            row["error"] = repr(error)[:200]
+        rows.append(row)
+    return rows
+
+
+def sweep_main(argv, description: str, shapes: dict, default_shapes: str, sweep) -> int:
+    """The command line of a wide plan sweep (bench/sweep_wide_*.py): `sweep(name, batch, deadline, device)` for each
+    shape, the best plan of each printed, every row in --json."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--shapes", default=default_shapes, help=f"of {', '.join(shapes)}")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="stop starting plans after this long, shared out evenly over the shapes left")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    end = time.time() + args.budget_s
+    rows = []
+    names = args.shapes.split(",")
+    for index, name in enumerate(names):
+        deadline = time.time() + (end - time.time()) / (len(names) - index)
+        shape_rows = sweep(name, args.batch, deadline, device)
+        rows += shape_rows
+        timed = [row for row in shape_rows if "us" in row]
+        if timed:
+            best = min(timed, key=lambda row: row["us"])
+            default = next((row["us"] for row in timed if row["default"]), float("nan"))
+            print(f"{name:14s} B={args.batch}: default {default:8.1f} us, best {best['us']:8.1f} us {best['tiles']}",
+                  flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({**device_info(), "rows": rows}, indent=1) + "\n")
+    return 0
+
+
 def without_pdl(fn: Callable[..., object], *args, **kwargs):
     """fn(*args, **kwargs) with every launch (and graph capture) inside it made without programmatic
     dependent launch: the baseline that shows what PDL gains, timed in the same run."""

@@ -26,10 +26,10 @@ TINY = {name: (min(c_in, 4), min(c_out, 8), k, s, min(t, 4 * s), elu, res)
         for name, (c_in, c_out, k, s, t, elu, res) in SHAPES.items()}
 
 
-@pytest.mark.parametrize("batch", [1, 8, 64] if GPU else [2])
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_conv1d_stream(measure, device, name, batch):
-    c_in, c_out, kernel, stride, t_in, elu, residual = (SHAPES if GPU else TINY)[name]
+def random_operands(batch: int, shape: tuple, device) -> tuple:
+    """conv1d_stream's operands at `shape` (a SHAPES value) for `batch` slots, random and at frame 0: x, weight,
+    bias, state, frame, residual (None where the shape has none) and out."""
+    c_in, c_out, kernel, stride, t_in, _, residual = shape
     x = torch.randn(batch, c_in, t_in, device=device)
     weight = torch.randn(c_out, c_in, kernel, device=device) / (c_in * kernel) ** 0.5
     bias = torch.randn(c_out, device=device)
@@ -37,6 +37,15 @@ def test_conv1d_stream(measure, device, name, batch):
     frame = torch.zeros(batch, dtype=torch.int32, device=device)
     res = torch.randn(batch, c_out, t_in // stride, device=device) if residual else None
     out = torch.empty(batch, c_out, t_in // stride, device=device)
+    return x, weight, bias, state, frame, res, out
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64] if GPU else [2])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_conv1d_stream(measure, device, name, batch):
+    shape = (SHAPES if GPU else TINY)[name]
+    c_in, c_out, kernel, stride, t_in, elu, _ = shape
+    x, weight, bias, state, frame, res, out = random_operands(batch, shape, device)
     # Preallocated once, as the model's cache does (a split plan would otherwise allocate per call).
     workspace = SplitWorkspace(*conv1d_stream_workspace_size(batch, c_in, c_out, kernel, stride, t_in), device)
     plan = conv1d_stream_candidate_tiles(batch, c_in, c_out, kernel, stride, t_in)[0]

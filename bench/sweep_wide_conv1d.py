@@ -19,8 +19,9 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_conv1d_stream import SHAPES  # noqa: E402
-from bench.sweep_wide_convtr import GRID, sweep_main, time_plans  # noqa: E402
+from bench.bench_conv1d_stream import SHAPES, random_operands  # noqa: E402
+from bench._harness import sweep_main, time_plans  # noqa: E402
+from bench.sweep_wide_convtr import GRID  # noqa: E402
 from moshi_fast.kernels._utils import SplitWorkspace  # noqa: E402
 from moshi_fast.kernels.conv1d_stream import ConvTiles, _grid, _plan, conv1d_stream  # noqa: E402
 
@@ -39,15 +40,9 @@ def _split_to_fill(tiles: ConvTiles, shape: tuple) -> ConvTiles:
 
 def sweep_shape(name: str, batch: int, deadline: float, device: str) -> list[dict]:
     """The default plan, the default in the other order, then every GRID plan columns first until `deadline`."""
-    c_in, c_out, kernel, stride, t_in, elu, has_residual = SHAPES[name]
+    c_in, c_out, kernel, stride, t_in, elu, _ = SHAPES[name]
     shape = (batch, c_in, c_out, kernel, stride, t_in)
-    x = torch.randn(batch, c_in, t_in, device=device)
-    weight = torch.randn(c_out, c_in, kernel, device=device) / (c_in * kernel) ** 0.5
-    bias = torch.randn(c_out, device=device)
-    state = torch.randn(2, batch, c_in, kernel - stride, device=device)
-    frame = torch.zeros(batch, dtype=torch.int32, device=device)
-    residual = torch.randn(batch, c_out, t_in // stride, device=device) if has_residual else None
-    out = torch.empty(batch, c_out, t_in // stride, device=device)
+    x, weight, bias, state, frame, residual, out = random_operands(batch, SHAPES[name], device)
     workspace = SplitWorkspace(1 << 24, 1 << 14, device=device)
 
     def run(tiles, into=out, history=state):

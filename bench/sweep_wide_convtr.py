@@ -12,17 +12,14 @@ into kernels/tuned_tiles.json by hand, after the codec is timed with them (bench
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import device_info, graph_time  # noqa: E402
+from bench._harness import sweep_main, time_plans  # noqa: E402
 from bench.bench_conv_transpose1d_stream import SHAPES  # noqa: E402
 from moshi_fast.kernels._utils import SplitWorkspace  # noqa: E402
 from moshi_fast.kernels.conv_transpose1d_stream import (ConvTransposeTiles, _default_plan,  # noqa: E402
@@ -56,54 +53,6 @@ def sweep_shape(name: str, batch: int, deadline: float, device: str) -> list[dic
                          for bm, bn, bci, warps, stages in GRID for order in (False, True)]
     return time_plans(name, batch, plans, lambda plan, into: run(plan, into, partial.clone()), lambda plan: run(plan),
                       out, reference, deadline)
-
-
-def time_plans(name: str, batch: int, plans: list, run_once, run_timed, out: torch.Tensor, reference: torch.Tensor,
-               deadline: float) -> list[dict]:
-    """Rows for `plans` (the first is the default): run_once(plan, out) from fresh state for the output's relative
-    difference from `reference`, then run_timed(plan) in a CUDA graph, until `deadline` (time.time())."""
-    rows = []
-    for plan in plans:
-        if time.time() > deadline:
-            break
-        row = {"shape": name, "batch": batch, "tiles": plan._asdict(), "default": plan is plans[0]}
-        try:
-            run_once(plan, out)
-            row["rel_diff"] = ((out - reference).abs().max() / reference.abs().max()).item()
-            row["us"] = graph_time(lambda: run_timed(plan), iters=20, reps=7) * 1e6
-        except Exception as error:  # noqa: BLE001 - a plan that cannot compile or run is recorded, not fatal
-            row["error"] = repr(error)[:200]
-        rows.append(row)
-    return rows
-
-
-def sweep_main(argv, description: str, shapes: dict, default_shapes: str, sweep) -> int:
-    """The command line of a wide sweep: `sweep(name, batch, deadline, device)` for each shape, the best plan of
-    each printed, every row in --json."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--shapes", default=default_shapes, help=f"of {', '.join(shapes)}")
-    parser.add_argument("--budget-s", type=float, default=300.0,
-                        help="stop starting plans after this long, shared out evenly over the shapes left")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    end = time.time() + args.budget_s
-    rows = []
-    names = args.shapes.split(",")
-    for index, name in enumerate(names):
-        deadline = time.time() + (end - time.time()) / (len(names) - index)
-        shape_rows = sweep(name, args.batch, deadline, device)
-        rows += shape_rows
-        timed = [row for row in shape_rows if "us" in row]
-        if timed:
-            best = min(timed, key=lambda row: row["us"])
-            default = next((row["us"] for row in timed if row["default"]), float("nan"))
-            print(f"{name:14s} B={args.batch}: default {default:8.1f} us, best {best['us']:8.1f} us {best['tiles']}",
-                  flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({**device_info(), "rows": rows}, indent=1) + "\n")
-    return 0
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sweep_tiles import WORKSPACE_FLOATS, linear_products  # noqa: E402
-from bench.sweep_wide_convtr import sweep_main, time_plans  # noqa: E402
+from bench._harness import sweep_main, time_plans  # noqa: E402
 from moshi_fast import MimiCodec, moshiko  # noqa: E402
 from moshi_fast.kernels._utils import SplitWorkspace  # noqa: E402
 from moshi_fast.kernels.skinny_linear import SkinnyTiles, skinny_linear, skinny_linear_tiles  # noqa: E402

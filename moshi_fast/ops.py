@@ -166,6 +166,28 @@ def ring_attention(qkv, ring_k, ring_v, frame, max_period, out=None, workspace: 
     return ring_attention_ref(qkv, ring_k, ring_v, frame, max_period, out=out)
 
 
+MIMI_CLUSTER_TRANSFORMER = False
+"""Whether `uses_mimi_cluster_transformer` gives a whole Mimi transformer at one conversation to the CUDA extension's
+cluster kernel (cuda_ext.mimi_transformer: one launch of 16 blocks, the weights streamed by bulk copies, the
+activations passed through distributed shared memory) instead of its 5 launches a layer. Off until a GPU run has
+timed it beside them; bench_mimi.py and bench_frame.py --mimi-cluster-transformer time it."""
+
+
+def uses_mimi_cluster_transformer(x, frame, layers, rings) -> bool:
+    """Whether the Mimi transformer on these operands runs as `mimi_transformer` (MIMI_CLUSTER_TRANSFORMER on, the
+    extension built, the device holding its cluster, one conversation: x [1, 2, 512])."""
+    return (_kernels_enabled and MIMI_CLUSTER_TRANSFORMER and x.is_cuda
+            and cuda_ext.mimi_transformer_supported(x, frame, layers, rings))
+
+
+def mimi_transformer(x, frame, layers, rings, max_period, eps):
+    """A whole Mimi transformer in one launch (cuda_ext.mimi_transformer; the spec is cuda_ext.mimi_transformer_ref):
+    x [1, 2, 512] updated in place, one cuda_ext.MimiLayerParams and one (ring_k, ring_v) a layer."""
+    if _kernels_enabled and x.is_cuda:
+        return cuda_ext.mimi_transformer(x, frame, layers, rings, max_period, eps)
+    return cuda_ext.mimi_transformer_ref(x, frame, layers, rings, max_period, eps)
+
+
 CUDA_PAGED_ATTENTION = True
 """Whether `paged_attention` gives the CUDA extension's kernel (csrc/paged_attention_kernel.cuh: bf16, head dim 128,
 power-of-two pages) the calls it takes, instead of the Triton kernel. On an H100 (bench/RESULTS.md, 2026-12-07

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from .. import cuda_ext, ops
 from ..cache import MimiCache
 from ..graphs import CapturedStep
 from ..reference.mimi import CausalConvTranspose1d, Mimi, SEANetDecoder, SEANetEncoder, Transformer
@@ -50,6 +50,12 @@ class FastMimi(Mimi):
                                       persistent=False)
         ops.settle_weights(self)
         return self
+
+    def layer_params(self, transformer: Transformer) -> list[cuda_ext.MimiLayerParams]:
+        """The transformer's parameters as the one-launch kernel takes them (views of the settled weights)."""
+        return [cuda_ext.MimiLayerParams(layer.norm1.weight, layer.norm1.bias, layer.qkv.weight, layer.out_scaled,
+                                         layer.norm2.weight, layer.norm2.bias, layer.fc1.weight, layer.fc2_scaled)
+                for layer in transformer.layers]
 
     def streaming_input_lengths(self) -> dict[str, int]:
         """Input steps per frame of every streaming conv and transposed conv, by module name (the
@@ -97,12 +103,16 @@ class FastMimi(Mimi):
     def _transformer(self, transformer: Transformer, name: str, x, cache: MimiCache, frame):
         """x [B, T, C] contiguous, updated in place; T new steps at positions frame * T + t."""
         c = self.config
+        rings = [cache.rings[f"{name}.{i}"] for i in range(len(transformer.layers))]
+        layers = self.layer_params(transformer)
+        if ops.uses_mimi_cluster_transformer(x, frame, layers, rings):
+            return ops.mimi_transformer(x, frame, layers, rings, c.max_period, c.norm_eps)
         batch, steps, width = x.shape
         rows = x.view(batch * steps, width)
         for i, layer in enumerate(transformer.layers):
             qkv = ops.linear(rows, layer.qkv.weight, norm=(layer.norm1.weight, layer.norm1.bias, c.norm_eps),
                              workspace=cache.workspace)
-            ring_k, ring_v = cache.rings[f"{name}.{i}"]
+            ring_k, ring_v = rings[i]
             attended = ops.ring_attention(qkv.view(batch, steps, -1), ring_k, ring_v, frame, c.max_period,
                                           workspace=cache.workspace)
             ops.linear(attended.view(batch * steps, width), layer.out_scaled, residual=rows, out=rows,

@@ -6,7 +6,9 @@ streaming Triton convs with their ELU and residual add fused and their history c
 weight-streaming linears per layer (LayerNorm fused into the qkv and fc1 prologues, GELU into fc1's
 epilogue, the layer scales folded into the output and fc2 weights whose residual add updates the
 stream in place) and one ring-attention kernel (RoPE and the KV write fused), and the split RVQ in
-one launch each way. Kernels that split long reductions share the cache's `SplitWorkspace`.
+one launch each way. Kernels that split long reductions share the cache's `SplitWorkspace`. With
+ops.MIMI_CLUSTER_TRANSFORMER on, a one-conversation transformer runs whole in one launch of the CUDA
+extension's cluster kernel instead (cuda_ext.mimi_transformer).
 `encode_step` / `decode_step` take a `MimiCache` and an execution mask; they allocate only what a
 CUDA graph captures once, and never sync.
 """

@@ -695,7 +695,7 @@ def mimi_transformer(x: torch.Tensor, frame: torch.Tensor, layers: Sequence[Mimi
 
     _check_mimi_transformer(x, frame, layers, rings)
     _require()
-    columns = list(zip(*layers))
+    columns = [list(column) for column in zip(*layers)]
     torch.ops.moshi_fast.mimi_transformer_f32(
         x, frame, *columns, [ring for ring, _ in rings], [ring for _, ring in rings], float(eps), float(max_period),
         pdl(x.device, "mimi_transformer"))

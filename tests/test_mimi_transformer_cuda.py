@@ -47,7 +47,7 @@ def written_rows(ring: torch.Tensor, frame: int, context: int) -> torch.Tensor:
 
 def test_spec_matches_the_fast_models_per_layer_path_on_cpu():
     """mimi_transformer_ref is FastMimi's transformer (LayerNorms, folded scales, ring attention, GELU) frame by
-    frame, its rings too: tiny config, short ring, wrapped several times."""
+    frame, its rings too: tiny config, its ring of 250 steps wrapped three times."""
     config = tiny().mimi
     reference = MimiCodec.random(config, device="cpu", seed=3)
     model = FastMimi(config)

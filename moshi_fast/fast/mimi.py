@@ -54,7 +54,7 @@ class FastMimi(Mimi):
         return self
 
     def layer_params(self, transformer: Transformer) -> list[cuda_ext.MimiLayerParams]:
-        """The transformer's parameters as the one-launch kernel takes them (views of the settled weights)."""
+        """The transformer's parameters as the one-launch kernel takes them (the settled weights themselves)."""
         return [cuda_ext.MimiLayerParams(layer.norm1.weight, layer.norm1.bias, layer.qkv.weight, layer.out_scaled,
                                          layer.norm2.weight, layer.norm2.bias, layer.fc1.weight, layer.fc2_scaled)
                 for layer in transformer.layers]

@@ -624,7 +624,6 @@ def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gat
                          f"{rows} rows, got {warps_per_block}")
 
 
-
 MIMI_WIDTH = 512
 MIMI_HEADS = 8
 MIMI_HEAD_DIM = 64
@@ -690,11 +689,19 @@ def mimi_transformer(x: torch.Tensor, frame: torch.Tensor, layers: Sequence[Mimi
     holds a 16-block cluster of it (`mimi_transformer_supported`). Graph-safe: nothing is allocated, nothing
     synchronised. Returns x. Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad
     arguments."""
+    _check_mimi_transformer(x, frame, layers, rings)
+    _require()
+    return launch_mimi_transformer(x, frame, layers, rings, max_period, eps)
+
+
+def launch_mimi_transformer(x: torch.Tensor, frame: torch.Tensor, layers: Sequence[MimiLayerParams],
+                            rings: Sequence[tuple[torch.Tensor, torch.Tensor]], max_period: float,
+                            eps: float) -> torch.Tensor:
+    """`mimi_transformer` for operands that its checks (or `mimi_transformer_supported`) have passed, with the
+    extension loaded: the launch without the Python-side checks (the op's own still run)."""
     # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
     from .kernels._utils import pdl
 
-    _check_mimi_transformer(x, frame, layers, rings)
-    _require()
     columns = [list(column) for column in zip(*layers)]
     torch.ops.moshi_fast.mimi_transformer_f32(
         x, frame, *columns, [ring for ring, _ in rings], [ring for _, ring in rings], float(eps), float(max_period),

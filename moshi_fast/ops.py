@@ -182,9 +182,10 @@ def uses_mimi_cluster_transformer(x, frame, layers, rings) -> bool:
 
 def mimi_transformer(x, frame, layers, rings, max_period, eps):
     """A whole Mimi transformer in one launch (cuda_ext.mimi_transformer; the spec is cuda_ext.mimi_transformer_ref):
-    x [1, 2, 512] updated in place, one cuda_ext.MimiLayerParams and one (ring_k, ring_v) a layer."""
+    x [1, 2, 512] updated in place, one cuda_ext.MimiLayerParams and one (ring_k, ring_v) a layer, for operands that
+    `uses_mimi_cluster_transformer` accepted (its checks are not made again; the op's own are)."""
     if _kernels_enabled and x.is_cuda:
-        return cuda_ext.mimi_transformer(x, frame, layers, rings, max_period, eps)
+        return cuda_ext.launch_mimi_transformer(x, frame, layers, rings, max_period, eps)
     return cuda_ext.mimi_transformer_ref(x, frame, layers, rings, max_period, eps)
 
 
@@ -550,7 +551,8 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False, nor
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
            "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_gemv_serves",
            "cuda_sampling", "delay_line_in", "delay_line_out", "depth_attention", "depth_step", "depth_step_scratch",
-           "embed_sum", "gemv_cuda", "linear", "linear_workspace_size", "norm_rows", "norm_runs_apart",
-           "pack_conv_transpose_weight", "paged_attention", "paged_attention_workspace_size", "programmatic_launch",
-           "ring_attention", "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch",
-           "sample_tokens", "separate_norms", "settle_weights", "uses_cuda_depth_step", "uses_cuda_paged_attention"]
+           "embed_sum", "gemv_cuda", "linear", "linear_workspace_size", "mimi_transformer", "norm_rows",
+           "norm_runs_apart", "pack_conv_transpose_weight", "paged_attention", "paged_attention_workspace_size",
+           "programmatic_launch", "ring_attention", "ring_attention_workspace_size", "rvq_decode", "rvq_encode",
+           "rvq_encode_scratch", "sample_tokens", "separate_norms", "settle_weights", "uses_cuda_depth_step",
+           "uses_cuda_paged_attention", "uses_mimi_cluster_transformer"]

@@ -252,11 +252,6 @@ with_gemv_norm_before = with_setting(ops, "CUDA_GEMV_NORM_AFTER", False)
 with_gemv_late_residual = with_setting(ops, "GEMV_EARLY_RESIDUAL", False)
 
 
-# Mimi's two transformers at one conversation each in one launch of the CUDA extension's cluster kernel, instead of 5
-# launches a layer (ops.MIMI_CLUSTER_TRANSFORMER, off by default until timed on a GPU).
-with_mimi_cluster_transformer = with_setting(ops, "MIMI_CLUSTER_TRANSFORMER", True)
-
-
 # FastMoshi's frames and execution mask copied to the device before the frame graph's replay, and from there into
 # the graph's inputs, not by the graph itself from the host buffers (the previous default).
 with_host_inputs_copied_first = with_setting(fast_moshi, "HOST_INPUTS_IN_GRAPH", False)
@@ -317,8 +312,6 @@ VARIANTS = (
     Variant("--gemv-late-residual", "fast_gemv_late_residual", with_gemv_late_residual,
             "with the CUDA GEMV's products requesting their residual after the block's reduction, not before the "
             "products"),
-    Variant("--mimi-cluster-transformer", "fast_mimi_cluster_transformer", with_mimi_cluster_transformer,
-            "with Mimi's transformers at one conversation in one cluster launch each, not 5 launches a layer"),
     # Last (variant_runs times it after the KV-cache run).
     Variant("--cuda-depth-step", "fast_cuda_depth_step", with_cuda_depth_step,
             "with each depth-transformer step as the CUDA extension's persistent kernel, B <= 8"),

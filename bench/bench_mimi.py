@@ -25,7 +25,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._harness import (device_info, plan_table, timed_calls, with_conv_tensor_cores,  # noqa: E402
-                            with_fused_norms, with_mimi_cluster_transformer, with_plans, without_pdl)
+                            with_fused_norms, with_plans, without_pdl)
 from moshi_fast import MimiCodec  # noqa: E402
 from tests.checkpoints import kyutai_mimi  # noqa: E402
 from tests.helpers import speech_like  # noqa: E402
@@ -34,7 +34,6 @@ from tests.helpers import speech_like  # noqa: E402
 VARIANT_LABELS = {"fast_no_pdl": "without programmatic dependent launch",
                   "fast_fused_norms": "every LayerNorm fused into its linear",
                   "fast_conv_tensor_cores": "few-column convs on the tensor cores",
-                  "fast_mimi_cluster_transformer": "transformers in one cluster launch each (one conversation)",
                   "fast_compare_table": "the --compare-table launch plans"}
 """How the summary names the variants bench_batch times (the rows' key prefixes)."""
 
@@ -63,8 +62,7 @@ def _record(row: dict, name: str, medians: dict) -> None:
 
 def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 4,
                 compare_pdl: bool = False, compare_fused_norms: bool = False,
-                compare_conv_tensor_cores: bool = False, compare_cluster_transformer: bool = False,
-                compare_plans: dict | None = None) -> dict:
+                compare_conv_tensor_cores: bool = False, compare_plans: dict | None = None) -> dict:
     """One batch's row: Kyutai's codec, ours, and the variants asked for, in that order on the same frames;
     compare_plans: also ours planned from this plan table (kernels/tuned_tiles.json's layout)."""
     pcm = speech_like(batch, frames + warmup).cuda()
@@ -79,8 +77,7 @@ def bench_batch(kyutai, ours: MimiCodec, batch: int, frames: int, warmup: int = 
     row["agreement"] = float((torch.cat(our_codes, -1) == torch.cat(codes, -1)).float().mean())
     # Each variant's graphs are captured under its setting (the previous defaults), timed in the same run.
     variants = [("fast_no_pdl", without_pdl, compare_pdl), ("fast_fused_norms", with_fused_norms, compare_fused_norms),
-                ("fast_conv_tensor_cores", with_conv_tensor_cores, compare_conv_tensor_cores),
-                ("fast_mimi_cluster_transformer", with_mimi_cluster_transformer, compare_cluster_transformer)]
+                ("fast_conv_tensor_cores", with_conv_tensor_cores, compare_conv_tensor_cores)]
     if compare_plans is not None:
         variants.append(("fast_compare_table", functools.partial(with_plans, compare_plans), True))
     for name, variant, wanted in variants:
@@ -103,9 +100,6 @@ def main(argv=None) -> int:
                         help="also time the fast codec with every LayerNorm fused into its linear, same run")
     parser.add_argument("--conv-tensor-cores", action="store_true",
                         help="also time the fast codec with its few-column convs on the tensor-core tiles, same run")
-    parser.add_argument("--mimi-cluster-transformer", action="store_true",
-                        help="also time the fast codec with its transformers at one conversation in one cluster "
-                             "launch each (the CUDA extension's), same run")
     parser.add_argument("--compare-table", type=plan_table, metavar="PATH",
                         help="also time the fast codec with the launch plans of this tuned-tiles JSON instead of "
                              "kernels/tuned_tiles.json's, e.g. the table before a sweep, same run")
@@ -122,7 +116,6 @@ def main(argv=None) -> int:
     for batch in (int(b) for b in args.batches.split(",")):
         row = bench_batch(kyutai, ours, batch, args.frames, compare_pdl=args.without_pdl,
                           compare_fused_norms=args.fused_norms, compare_conv_tensor_cores=args.conv_tensor_cores,
-                          compare_cluster_transformer=args.mimi_cluster_transformer,
                           compare_plans=args.compare_table.plans if args.compare_table else None)
         rows.append(row)
         print(f"{batch:>3} {row['kyutai_encode_ms']:>9.3f}ms {row['kyutai_decode_ms']:>5.3f}ms "

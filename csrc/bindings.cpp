@@ -40,16 +40,6 @@ TORCH_LIBRARY(moshi_fast, m) {
         "Tensor(c!) v_cache, int step, float eps, Tensor(d!) logits_out, Tensor(e!) qkv_scratch, "
         "Tensor(f!) hidden_scratch, Tensor(g!) arrivals, Tensor(h!)? trace=None, int stages=0, "
         "int refills=0, bool programmatic=False) -> ()");
-  // A whole Mimi transformer for one conversation's frame in one launch of a 16-block cluster
-  // (mimi_transformer.cu): x [1, 2, 512] fp32 in place through every layer (LayerNorm, qkv, RoPE, the ring's write
-  // and attention, the output projection with its layer scale folded in, LayerNorm, fc1, GELU, fc2 with its scale
-  // folded in, both residuals), each list one tensor a layer, the rings [1, 8, R, 64]; the spec is
-  // moshi_fast.cuda_ext.mimi_transformer_ref. mimi_transformer_max_clusters: how many of its clusters x's device
-  // can hold at once (0: the kernel cannot run there).
-  m.def("mimi_transformer_f32(Tensor(a!) x, Tensor frame, Tensor[] norm1_weight, Tensor[] norm1_bias, "
-        "Tensor[] qkv, Tensor[] out_proj, Tensor[] norm2_weight, Tensor[] norm2_bias, Tensor[] fc1, Tensor[] fc2, "
-        "Tensor(b!)[] ring_k, Tensor(c!)[] ring_v, float eps, float max_period, bool programmatic=False) -> ()");
-  m.def("mimi_transformer_max_clusters(Tensor x) -> int");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

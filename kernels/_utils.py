@@ -46,7 +46,7 @@ def _compute_capability(device: torch.device) -> tuple[int, int]:
 
 PDL_KERNELS = {"linear", "norm_rows", "gemv", "paged_attention", "depth_attention", "depth_step", "embed_sum",
                "sample_tokens", "conv1d_stream", "conv_transpose1d_stream", "ring_attention", "rvq_encode",
-               "rvq_decode", "delay_line", "mimi_transformer"}
+               "rvq_decode", "delay_line"}
 """The kernels (by launcher) that launch with programmatic dependent launch where `pdl` allows it."""
 PDL_MAX_STREAM_BYTES: int | None = None
 """Launches that stream more weight bytes than this launch without programmatic dependent launch (None:

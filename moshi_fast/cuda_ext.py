@@ -12,15 +12,12 @@ The build flags live here, for setup.py and the JIT build alike.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import shutil
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import NamedTuple
 
 import torch
 
@@ -623,144 +620,3 @@ def _check_gemv(x, weight, residual, out, warps_per_block, norm_weight=None, gat
         raise ValueError(f"gemv_bf16: warps_per_block must be 0 (the default) or 1 to {gemv_max_warps(rows)} at "
                          f"{rows} rows, got {warps_per_block}")
 
-
-MIMI_WIDTH = 512
-MIMI_HEADS = 8
-MIMI_HEAD_DIM = 64
-MIMI_FFN = 2048
-MIMI_STEPS = 2
-"""The transformer shape the extension's Mimi transformer serves (Mimi's): width, heads, head dim, FFN width, and the
-new steps a frame (one conversation's two rows)."""
-MIMI_MAX_LAYERS = 16
-MIMI_MAX_CONTEXT = 256
-"""Most layers, and the largest ring capacity (the ring's halves fit two 16 KB stages each), that it takes."""
-
-
-class MimiLayerParams(NamedTuple):
-    """One Mimi transformer layer's parameters as the extension's kernel reads them, fp32, contiguous: LayerNorms
-    [W], qkv [3 W, W], out [W, W] and fc2 [W, F] with the layer scales folded in (scale[:, None] * weight), fc1
-    [F, W]."""
-    norm1_weight: torch.Tensor
-    norm1_bias: torch.Tensor
-    qkv: torch.Tensor
-    out: torch.Tensor
-    norm2_weight: torch.Tensor
-    norm2_bias: torch.Tensor
-    fc1: torch.Tensor
-    fc2: torch.Tensor
-
-
-def mimi_transformer_ref(x: torch.Tensor, frame: torch.Tensor, layers: Sequence[MimiLayerParams],
-                         rings: Sequence[tuple[torch.Tensor, torch.Tensor]], max_period: float,
-                         eps: float) -> torch.Tensor:
-    """The spec of `mimi_transformer`, for any batch: x [B, T, W] fp32 updated in place through each layer,
-        x += attend(RoPE(q), ring of RoPE(k), v) @ out.T,  q | k | v = LayerNorm1(x) @ qkv.T
-        x += gelu(LayerNorm2(x) @ fc1.T) @ fc2.T
-    with the ring write and visibility of kernels.ring_attention.ring_attention_ref (the new steps at positions
-    frame T + t; rings [B, H, R, D] per layer, written). Returns x."""
-    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
-    from .kernels.ring_attention import ring_attention_ref
-
-    batch, steps, width = x.shape
-    rows = x.view(batch * steps, width)
-    for params, (ring_k, ring_v) in zip(layers, rings):
-        normed = torch.nn.functional.layer_norm(rows, (width,), params.norm1_weight, params.norm1_bias, eps)
-        qkv = (normed @ params.qkv.T).view(batch, steps, -1)
-        attended = ring_attention_ref(qkv, ring_k, ring_v, frame, max_period)
-        rows += attended.reshape(batch * steps, width) @ params.out.T
-        normed = torch.nn.functional.layer_norm(rows, (width,), params.norm2_weight, params.norm2_bias, eps)
-        rows += torch.nn.functional.gelu(normed @ params.fc1.T) @ params.fc2.T
-    return x
-
-
-def mimi_transformer(x: torch.Tensor, frame: torch.Tensor, layers: Sequence[MimiLayerParams],
-                     rings: Sequence[tuple[torch.Tensor, torch.Tensor]], max_period: float,
-                     eps: float) -> torch.Tensor:
-    """A whole Mimi transformer for one conversation's frame by the extension's kernel
-    (csrc/mimi_transformer_kernel.cuh: one launch of a 16-block cluster, the weights streamed by bulk copies, the
-    activations passed through distributed shared memory); the spec is `mimi_transformer_ref`, whose results it
-    gives to fp32 rounding (exact fp32 products, summed in another order).
-
-    x [1, MIMI_STEPS, MIMI_WIDTH] fp32 contiguous, updated in place; frame [B >= 1] int32, its first entry the slot's
-    frame counter; layers: one MimiLayerParams a layer (1..MIMI_MAX_LAYERS); rings: (ring_k, ring_v) a layer, each
-    [1, MIMI_HEADS, R, MIMI_HEAD_DIM] fp32 contiguous, 2 <= R <= MIMI_MAX_CONTEXT. Every tensor 16-byte aligned, on
-    x's device. Floor: the weights, 12.6 MB a layer, and the rings, read once. Launched with programmatic dependent
-    launch where `kernels._utils.pdl` allows it (only its weights are read before the wait). Needs a device that
-    holds a 16-block cluster of it (`mimi_transformer_supported`). Graph-safe: nothing is allocated, nothing
-    synchronised. Returns x. Raises RuntimeError when the extension is unavailable, ValueError / TypeError on bad
-    arguments."""
-    _check_mimi_transformer(x, frame, layers, rings)
-    _require()
-    return launch_mimi_transformer(x, frame, layers, rings, max_period, eps)
-
-
-def launch_mimi_transformer(x: torch.Tensor, frame: torch.Tensor, layers: Sequence[MimiLayerParams],
-                            rings: Sequence[tuple[torch.Tensor, torch.Tensor]], max_period: float,
-                            eps: float) -> torch.Tensor:
-    """`mimi_transformer` for operands that its checks (or `mimi_transformer_supported`) have passed, with the
-    extension loaded: the launch without the Python-side checks (the op's own still run)."""
-    # Imported here: setup.py loads this file on its own, outside the package, for the build flags.
-    from .kernels._utils import pdl
-
-    columns = [list(column) for column in zip(*layers)]
-    torch.ops.moshi_fast.mimi_transformer_f32(
-        x, frame, *columns, [ring for ring, _ in rings], [ring for _, ring in rings], float(eps), float(max_period),
-        pdl(x.device, "mimi_transformer"))
-    return x
-
-
-def mimi_transformer_supported(x: torch.Tensor, frame: torch.Tensor, layers: Sequence[MimiLayerParams],
-                               rings: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    """Whether `mimi_transformer` takes these operands here: its checks pass, the extension is available and x's
-    device holds one of its 16-block clusters (compute capability 9.0 and later)."""
-    try:
-        _check_mimi_transformer(x, frame, layers, rings)
-    except (ValueError, TypeError):
-        return False
-    return available() and _mimi_transformer_clusters(x.device) > 0
-
-
-@functools.cache
-def _mimi_transformer_clusters(device: torch.device) -> int:
-    if torch.cuda.get_device_capability(device)[0] < 9:
-        return 0
-    return int(torch.ops.moshi_fast.mimi_transformer_max_clusters(torch.empty(0, device=device)))
-
-
-def _check_mimi_transformer(x, frame, layers, rings) -> None:
-    """The op's argument checks, made here first (see _check_gemv)."""
-    if not x.is_cuda:
-        raise ValueError(f"mimi_transformer runs on CUDA tensors; x is on {x.device}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"mimi_transformer: x must be float32, got {x.dtype}")
-    if tuple(x.shape) != (1, MIMI_STEPS, MIMI_WIDTH) or not x.is_contiguous():
-        raise ValueError(f"mimi_transformer: x must be contiguous [1, {MIMI_STEPS}, {MIMI_WIDTH}] (one conversation), "
-                         f"got {list(x.shape)}")
-    if frame.device != x.device or frame.dtype != torch.int32 or frame.dim() != 1 or frame.shape[0] < 1:
-        raise ValueError(f"mimi_transformer: frame must be int32 [B >= 1] on x's device, got {frame.dtype} "
-                         f"{list(frame.shape)} on {frame.device}")
-    if not 1 <= len(layers) <= MIMI_MAX_LAYERS or len(rings) != len(layers):
-        raise ValueError(f"mimi_transformer: 1 to {MIMI_MAX_LAYERS} layers with a ring each, got {len(layers)} layers "
-                         f"and {len(rings)} rings")
-    context = rings[0][0].shape[2] if rings[0][0].dim() == 4 else -1
-    if not MIMI_STEPS <= context <= MIMI_MAX_CONTEXT:
-        raise ValueError(f"mimi_transformer: rings must be [1, {MIMI_HEADS}, R, {MIMI_HEAD_DIM}] with {MIMI_STEPS} <= "
-                         f"R <= {MIMI_MAX_CONTEXT}, got {list(rings[0][0].shape)}")
-    width, ffn = MIMI_WIDTH, MIMI_FFN
-    shapes = MimiLayerParams((width,), (width,), (3 * width, width), (width, width), (width,), (width,),
-                             (ffn, width), (width, ffn))
-    ring_shape = (1, MIMI_HEADS, context, MIMI_HEAD_DIM)
-    for index, (params, ring) in enumerate(zip(layers, rings)):
-        named = [(f"layers[{index}].{field}", tensor, shape)
-                 for field, tensor, shape in zip(MimiLayerParams._fields, params, shapes)]
-        named += [(f"rings[{index}][{side}]", tensor, ring_shape) for side, tensor in enumerate(ring)]
-        for name, tensor, shape in named:
-            if tensor.device != x.device:
-                raise ValueError(f"mimi_transformer: {name} must be on x's device {x.device}, got {tensor.device}")
-            if tensor.dtype != torch.float32:
-                raise TypeError(f"mimi_transformer: {name} must be float32, got {tensor.dtype}")
-            if tuple(tensor.shape) != shape or not tensor.is_contiguous():
-                raise ValueError(f"mimi_transformer: {name} must be contiguous {list(shape)}, got "
-                                 f"{list(tensor.shape)} with strides {tensor.stride()}")
-            if tensor.data_ptr() % 16:
-                raise ValueError(f"mimi_transformer: {name} must start 16-byte aligned")

@@ -166,29 +166,6 @@ def ring_attention(qkv, ring_k, ring_v, frame, max_period, out=None, workspace: 
     return ring_attention_ref(qkv, ring_k, ring_v, frame, max_period, out=out)
 
 
-MIMI_CLUSTER_TRANSFORMER = False
-"""Whether `uses_mimi_cluster_transformer` gives a whole Mimi transformer at one conversation to the CUDA extension's
-cluster kernel (cuda_ext.mimi_transformer: one launch of 16 blocks, the weights streamed by bulk copies, the
-activations passed through distributed shared memory) instead of its 5 launches a layer. Off until a GPU run has
-timed it beside them; bench_mimi.py and bench_frame.py --mimi-cluster-transformer time it."""
-
-
-def uses_mimi_cluster_transformer(x, frame, layers, rings) -> bool:
-    """Whether the Mimi transformer on these operands runs as `mimi_transformer` (MIMI_CLUSTER_TRANSFORMER on, the
-    extension built, the device holding its cluster, one conversation: x [1, 2, 512])."""
-    return (_kernels_enabled and MIMI_CLUSTER_TRANSFORMER and x.is_cuda
-            and cuda_ext.mimi_transformer_supported(x, frame, layers, rings))
-
-
-def mimi_transformer(x, frame, layers, rings, max_period, eps):
-    """A whole Mimi transformer in one launch (cuda_ext.mimi_transformer; the spec is cuda_ext.mimi_transformer_ref):
-    x [1, 2, 512] updated in place, one cuda_ext.MimiLayerParams and one (ring_k, ring_v) a layer, for operands that
-    `uses_mimi_cluster_transformer` accepted (its checks are not made again; the op's own are)."""
-    if _kernels_enabled and x.is_cuda:
-        return cuda_ext.launch_mimi_transformer(x, frame, layers, rings, max_period, eps)
-    return cuda_ext.mimi_transformer_ref(x, frame, layers, rings, max_period, eps)
-
-
 CUDA_PAGED_ATTENTION = True
 """Whether `paged_attention` gives the CUDA extension's kernel (csrc/paged_attention_kernel.cuh: bf16, head dim 128,
 power-of-two pages) the calls it takes, instead of the Triton kernel. On an H100 (bench/RESULTS.md, 2026-12-07
@@ -551,8 +528,7 @@ def gemv_cuda(x, weight, residual=None, out=None, *, norm=None, gated=False, nor
 __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "conv_transpose1d_stream",
            "conv_transpose1d_stream_workspace_size", "cuda_depth_step", "cuda_extension_available", "cuda_gemv_serves",
            "cuda_sampling", "delay_line_in", "delay_line_out", "depth_attention", "depth_step", "depth_step_scratch",
-           "embed_sum", "gemv_cuda", "linear", "linear_workspace_size", "mimi_transformer", "norm_rows",
-           "norm_runs_apart", "pack_conv_transpose_weight", "paged_attention", "paged_attention_workspace_size",
-           "programmatic_launch", "ring_attention", "ring_attention_workspace_size", "rvq_decode", "rvq_encode",
-           "rvq_encode_scratch", "sample_tokens", "separate_norms", "settle_weights", "uses_cuda_depth_step",
-           "uses_cuda_paged_attention", "uses_mimi_cluster_transformer"]
+           "embed_sum", "gemv_cuda", "linear", "linear_workspace_size", "norm_rows", "norm_runs_apart",
+           "pack_conv_transpose_weight", "paged_attention", "paged_attention_workspace_size", "programmatic_launch",
+           "ring_attention", "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch",
+           "sample_tokens", "separate_norms", "settle_weights", "uses_cuda_depth_step", "uses_cuda_paged_attention"]

@@ -21,8 +21,7 @@ def _settings(name, kv_dtype):
             "depth_gemv_many_rows": bool(ops.CUDA_GEMV_MANY_ROWS_SHAPES),
             "depth_gemv_fused_norms": (3072, 1024, "rms") in ops.CUDA_GEMV_MANY_ROWS_SHAPES,
             "overlap_text_sampling": fast_lm._overlap_text_sampling,
-            "text_sampler_warp_kernel": ops.TEXT_SAMPLER_WARP_KERNEL, "sampler_vector_loads": ops.SAMPLER_VECTOR_LOADS,
-            "mimi_cluster_transformer": ops.MIMI_CLUSTER_TRANSFORMER}
+            "text_sampler_warp_kernel": ops.TEXT_SAMPLER_WARP_KERNEL, "sampler_vector_loads": ops.SAMPLER_VECTOR_LOADS}
 
 
 def _runs(argv):
@@ -39,16 +38,16 @@ def test_each_flag_runs_its_variant_under_its_setting():
     runs = dict(_runs(["--without-pdl", "--helium-cuda-gemv", "--triton-sampling", "--cuda-depth-step",
                        "--fused-norms", "--conv-tensor-cores", "--depth-triton-linears", "--depth-gemv-fused-norms",
                        "--serial-text-sampling", "--text-sampler-block-kernel", "--sampler-scalar-loads",
-                       "--mimi-cluster-transformer", "--kv-cache", "fp8"]))
+                       "--kv-cache", "fp8"]))
     assert list(runs) == ["fast_no_pdl", "fast_helium_cuda_gemv", "fast_triton_sampling", "fast_fused_norms",
                           "fast_conv_tensor_cores", "fast_depth_triton_linears", "fast_depth_gemv_fused_norms",
                           "fast_serial_text_sampling", "fast_text_sampler_block_kernel", "fast_sampler_scalar_loads",
-                          "fast_mimi_cluster_transformer", "fast_kv_fp8", "fast_cuda_depth_step"]
+                          "fast_kv_fp8", "fast_cuda_depth_step"]
     defaults = {"cuda_sampling": ops._cuda_sampling, "pdl": _utils._pdl_allowed,
                 "cuda_depth_step": ops._cuda_depth_step, "separate_norms": ops._separate_norms,
                 "helium_cuda_gemv": False, "fma_convs": True, "depth_gemv_many_rows": True,
                 "depth_gemv_fused_norms": False, "overlap_text_sampling": True, "text_sampler_warp_kernel": True,
-                "sampler_vector_loads": True, "mimi_cluster_transformer": False}
+                "sampler_vector_loads": True}
     assert runs["fast_no_pdl"]() == {"name": "fast_no_pdl", "kv_dtype": None, **defaults, "pdl": False}
     assert runs["fast_helium_cuda_gemv"]() == {"name": "fast_helium_cuda_gemv", "kv_dtype": None, **defaults,
                                                "helium_cuda_gemv": True}
@@ -70,8 +69,6 @@ def test_each_flag_runs_its_variant_under_its_setting():
                                                         **defaults, "text_sampler_warp_kernel": False}
     assert runs["fast_sampler_scalar_loads"]() == {"name": "fast_sampler_scalar_loads", "kv_dtype": None, **defaults,
                                                    "sampler_vector_loads": False}
-    assert runs["fast_mimi_cluster_transformer"]() == {"name": "fast_mimi_cluster_transformer", "kv_dtype": None,
-                                                       **defaults, "mimi_cluster_transformer": True}
     assert runs["fast_kv_fp8"]() == {"name": "fast_kv_fp8", "kv_dtype": torch.float8_e4m3fn, **defaults}
     assert {key: value for key, value in _settings(None, None).items() if key in defaults} == defaults
 

@@ -6,9 +6,7 @@ streaming Triton convs with their ELU and residual add fused and their history c
 weight-streaming linears per layer (LayerNorm fused into the qkv and fc1 prologues, GELU into fc1's
 epilogue, the layer scales folded into the output and fc2 weights whose residual add updates the
 stream in place) and one ring-attention kernel (RoPE and the KV write fused), and the split RVQ in
-one launch each way. Kernels that split long reductions share the cache's `SplitWorkspace`. With
-ops.MIMI_CLUSTER_TRANSFORMER on, a one-conversation transformer runs whole in one launch of the CUDA
-extension's cluster kernel instead (cuda_ext.mimi_transformer).
+one launch each way. Kernels that split long reductions share the cache's `SplitWorkspace`.
 `encode_step` / `decode_step` take a `MimiCache` and an execution mask; they allocate only what a
 CUDA graph captures once, and never sync.
 """
@@ -16,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import cuda_ext, ops
+from .. import ops
 from ..cache import MimiCache
 from ..graphs import CapturedStep
 from ..reference.mimi import CausalConvTranspose1d, Mimi, SEANetDecoder, SEANetEncoder, Transformer
@@ -52,12 +50,6 @@ class FastMimi(Mimi):
                                       persistent=False)
         ops.settle_weights(self)
         return self
-
-    def layer_params(self, transformer: Transformer) -> list[cuda_ext.MimiLayerParams]:
-        """The transformer's parameters as the one-launch kernel takes them (the settled weights themselves)."""
-        return [cuda_ext.MimiLayerParams(layer.norm1.weight, layer.norm1.bias, layer.qkv.weight, layer.out_scaled,
-                                         layer.norm2.weight, layer.norm2.bias, layer.fc1.weight, layer.fc2_scaled)
-                for layer in transformer.layers]
 
     def streaming_input_lengths(self) -> dict[str, int]:
         """Input steps per frame of every streaming conv and transposed conv, by module name (the
@@ -105,16 +97,12 @@ class FastMimi(Mimi):
     def _transformer(self, transformer: Transformer, name: str, x, cache: MimiCache, frame):
         """x [B, T, C] contiguous, updated in place; T new steps at positions frame * T + t."""
         c = self.config
-        rings = [cache.rings[f"{name}.{i}"] for i in range(len(transformer.layers))]
-        layers = self.layer_params(transformer)
-        if ops.uses_mimi_cluster_transformer(x, frame, layers, rings):
-            return ops.mimi_transformer(x, frame, layers, rings, c.max_period, c.norm_eps)
         batch, steps, width = x.shape
         rows = x.view(batch * steps, width)
         for i, layer in enumerate(transformer.layers):
             qkv = ops.linear(rows, layer.qkv.weight, norm=(layer.norm1.weight, layer.norm1.bias, c.norm_eps),
                              workspace=cache.workspace)
-            ring_k, ring_v = rings[i]
+            ring_k, ring_v = cache.rings[f"{name}.{i}"]
             attended = ops.ring_attention(qkv.view(batch, steps, -1), ring_k, ring_v, frame, c.max_period,
                                           workspace=cache.workspace)
             ops.linear(attended.view(batch * steps, width), layer.out_scaled, residual=rows, out=rows,

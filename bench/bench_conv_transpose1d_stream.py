@@ -26,16 +26,25 @@ TINY = {name: (min(ci, 4) if g == 1 else 4, min(co, 4) if g == 1 else 4, k, s, m
         for name, (ci, co, k, s, t, g) in SHAPES.items()}
 
 
-@pytest.mark.parametrize("batch", [1, 8, 64] if GPU else [2])
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_conv_transpose1d_stream(measure, device, name, batch):
-    c_in, c_out, kernel, stride, t_in, groups = (SHAPES if GPU else TINY)[name]
+def random_operands(batch: int, shape: tuple, device) -> tuple:
+    """conv_transpose1d_stream's operands at `shape` (a SHAPES value) for `batch` slots, random and at frame 0: x,
+    weight, bias (None for a grouped shape), partial (the carried overlap), frame and out."""
+    c_in, c_out, kernel, stride, t_in, groups = shape
     x = torch.randn(batch, c_in, t_in, device=device)
     weight = torch.randn(c_in, c_out // groups, kernel, device=device)
     bias = torch.randn(c_out, device=device) if groups == 1 else None
     partial = torch.randn(2, batch, c_out, kernel - stride, device=device)
     frame = torch.zeros(batch, dtype=torch.int32, device=device)
     out = torch.empty(batch, c_out, t_in * stride, device=device)
+    return x, weight, bias, partial, frame, out
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64] if GPU else [2])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_conv_transpose1d_stream(measure, device, name, batch):
+    shape = (SHAPES if GPU else TINY)[name]
+    c_in, c_out, kernel, stride, t_in, groups = shape
+    x, weight, bias, partial, frame, out = random_operands(batch, shape, device)
     elu = groups == 1
     packed = pack_conv_transpose_weight(weight, stride) if groups == 1 else None
     workspace = SplitWorkspace(*conv_transpose1d_stream_workspace_size(batch, c_in, c_out, kernel, stride, t_in, groups),

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._harness import sweep_main, time_plans  # noqa: E402
-from bench.bench_conv_transpose1d_stream import SHAPES  # noqa: E402
+from bench.bench_conv_transpose1d_stream import SHAPES, random_operands  # noqa: E402
 from moshi_fast.kernels._utils import SplitWorkspace  # noqa: E402
 from moshi_fast.kernels.conv_transpose1d_stream import (ConvTransposeTiles, _default_plan,  # noqa: E402
                                                         conv_transpose1d_stream, pack_conv_transpose_weight)
@@ -33,13 +33,8 @@ GRID += [(32, 128, 32, 4, 3), (64, 64, 32, 4, 3)]
 def sweep_shape(name: str, batch: int, deadline: float, device: str) -> list[dict]:
     """The default plan, then every GRID plan in both orders until `deadline` (time.time()), as rows."""
     c_in, c_out, kernel, stride, t_in, groups = SHAPES[name]
-    x = torch.randn(batch, c_in, t_in, device=device)
-    weight = torch.randn(c_in, c_out, kernel, device=device) / (2 * c_in) ** 0.5
-    bias = torch.randn(c_out, device=device)
-    partial = torch.randn(2, batch, c_out, kernel - stride, device=device)
-    frame = torch.zeros(batch, dtype=torch.int32, device=device)
+    x, weight, bias, partial, frame, out = random_operands(batch, SHAPES[name], device)
     packed = pack_conv_transpose_weight(weight, stride)
-    out = torch.empty(batch, c_out, t_in * stride, device=device)
     workspace = SplitWorkspace(1 << 24, 1 << 14, device=device)
 
     def run(tiles, into=out, state=partial):

@@ -2,9 +2,10 @@
 
     python bench/sweep_wide_conv1d.py --batch 64 --json sweep.json [--shapes enc.down1,enc.down0] [--budget-s 300]
 
-As sweep_wide_convtr.py for the transposed convs: the default plan and the default in the other operand order
-(columns_first), then every tile of the same grid with the columns as the dot's first operand, each split until the
-grid has about 256 programs. (The grid with the rows first lost to the table's B = 64 plans on an H100:
+As sweep_wide_convtr.py for the transposed convs: the default plan, the default in the other operand order
+(columns_first) and columns first with the weight read as its two tf32 parts (split_weight, the parts made once as a
+prepared model makes them), then every tile of the same grid with the columns as the dot's first operand, with and
+without the weight's parts, each split until the grid has about 256 programs. (The grid with the rows first lost to the table's B = 64 plans on an H100:
 bench/results/2026-12-07_H100_c0b0025_sweep_conv1d_b64_columns_first.json.) Each plan is timed in a CUDA graph of
 back-to-back calls (median of the replays) on random inputs at Mimi's shapes, and its output is compared with the
 default plan's.
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_conv1d_stream import SHAPES, random_operands  # noqa: E402
 from bench._harness import sweep_main, time_plans  # noqa: E402
 from bench.sweep_wide_convtr import GRID  # noqa: E402
-from moshi_fast.kernels._utils import SplitWorkspace  # noqa: E402
+from moshi_fast.kernels._utils import SplitWorkspace, split_tf32  # noqa: E402
 from moshi_fast.kernels.conv1d_stream import ConvTiles, _grid, _plan, conv1d_stream  # noqa: E402
 
 TARGET_PROGRAMS = 256
@@ -39,22 +40,27 @@ def _split_to_fill(tiles: ConvTiles, shape: tuple) -> ConvTiles:
 
 
 def sweep_shape(name: str, batch: int, deadline: float, device: str) -> list[dict]:
-    """The default plan, the default in the other order, then every GRID plan columns first until `deadline`."""
+    """The default plan, the default in the other order and with the weight's parts, then every GRID plan columns
+    first, with and without the weight's parts, until `deadline`."""
     c_in, c_out, kernel, stride, t_in, elu, _ = SHAPES[name]
     shape = (batch, c_in, c_out, kernel, stride, t_in)
     x, weight, bias, state, frame, residual, out = random_operands(batch, SHAPES[name], device)
     workspace = SplitWorkspace(1 << 24, 1 << 14, device=device)
+    parts = split_tf32(weight)
 
     def run(tiles, into=out, history=state):
         conv1d_stream(x, history, frame, weight, bias, stride, elu, residual, out=into, workspace=workspace,
-                      tiles=tiles)
+                      tiles=tiles, weight_parts=parts)
 
     default = _plan(*shape)
     reference = torch.empty_like(out)
     run(default, reference, state.clone())
-    plans = [default, default._replace(columns_first=not default.columns_first)] if default.dot else [default]
-    plans += [_split_to_fill(ConvTiles(bco, bn, br, 1, warps, stages, columns_first=True), shape)
-              for bco, bn, br, warps, stages in GRID]
+    plans = [default]
+    if default.dot:
+        plans += [default._replace(columns_first=not default.columns_first),
+                  default._replace(columns_first=True, split_weight=True)]
+    plans += [_split_to_fill(ConvTiles(bco, bn, br, 1, warps, stages, columns_first=True, split_weight=split), shape)
+              for bco, bn, br, warps, stages in GRID for split in (True, False)]
     return time_plans(name, batch, plans, lambda plan, into: run(plan, into, state.clone()), lambda plan: run(plan),
                       out, reference, deadline)
 

@@ -145,6 +145,41 @@ def dot_precision() -> str:
     return "tf32x3"
 
 
+@triton.jit
+def tf32_high(x):
+    """fp32 x rounded to its nearest tf32 value (10 mantissa bits, ties away from zero, as cvt.rna.tf32.f32), on the
+    bits so that the interpreter runs it too; x - tf32_high(x) is exact in fp32."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def dot_split_weight(a, b_high, b_low, acc, acc_small):
+    """(acc, acc_small) after adding a @ b in three tf32 products, b given as its parts (split_tf32): b_high @ a's
+    high part into acc, the two cross products into acc_small. Only `a` is split here (in registers, where the
+    first operand of a Hopper tensor-core product may live), so b's parts go to the tensor cores as they were
+    staged, without the register round trip of tl.dot's own tf32x3 (which splits both operands and writes the
+    second one's parts back to shared memory every step). The small products keep their own accumulator, summed
+    into acc once after the loop: added to acc step by step they would be rounded at acc's magnitude. The
+    fourth product (the low parts') is below fp32's rounding, as in tf32x3."""
+    a_high = tf32_high(a)
+    a_low = a - a_high
+    acc_small = tl.dot(a_low, b_high, acc_small, input_precision="tf32")
+    acc_small = tl.dot(a_high, b_low, acc_small, input_precision="tf32")
+    return tl.dot(a_high, b_high, acc, input_precision="tf32"), acc_small
+
+
+def split_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 t as [2, *t.shape] (contiguous): its nearest tf32 values (as tf32_high) and the rest, t - high, exact in
+    fp32. A product that takes a weight this way (dot_split_weight) reads both parts instead of splitting the
+    weight tile on every step. Made once, when the model is prepared."""
+    if t.dtype != torch.float32:
+        raise ValueError(f"split_tf32 takes float32, got {t.dtype}")
+    t = t.detach().contiguous()
+    high = ((t.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+    return torch.stack([high, t - high])
+
+
 class SplitWorkspace:
     """Scratch for kernels that split a reduction across programs (split-K): fp32 partial results and
     one int32 arrival counter per output tile. Each tile's last-arriving program sums the partials in a

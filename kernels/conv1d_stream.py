@@ -41,6 +41,9 @@ for the epilogue, as conv_transpose1d_stream's columns-first plans (2-4x faster 
 Here it does not carry over: on an H100 at B = 64 (bench/RESULTS.md, 2026-12-07 twenty-second session) the tuned
 plans in this order ran 3.5% and 6% faster at enc.down1 (128 > 256 k10 s5) and enc.res0.conv1 (64 > 32 k3), which
 take it, and 3-14% slower at the other four shapes timed; no other tile of the grid tried beat the tuned plans.
+A columns-first plan may also take split_weight (as conv_transpose1d_stream's): the weight read as its two tf32
+parts (split_tf32, made once), only the input tile split on each step, the cross products in an accumulator of
+their own (_utils.dot_split_weight).
 
 Floor: the bytes are weights + x + out + residual + 2 x history (+ 2 x SPLIT x the padded output
 tiles of partials, L2-resident). Mimi's largest weights are the encoder's last down conv (1024 x 512
@@ -58,8 +61,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import (SplitWorkspace, await_previous_kernel, dot_precision, elu, fma_reduction_step, next_pow2,
-                     pdl)
+from ._utils import (SplitWorkspace, await_previous_kernel, dot_precision, dot_split_weight, elu, fma_reduction_step,
+                     next_pow2, pdl, split_tf32)
 from .tuned import shape_key, tuned_tiles
 
 
@@ -146,18 +149,21 @@ def _outer_and(row_part, column_part, COLUMNS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
+def _accumulate(acc, acc_small, x_ptr, state_ptr, w_ptr, w_low_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
                 x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
                 STRIDE: tl.constexpr, KERNEL: tl.constexpr, HISTORY: tl.constexpr, ELU_INPUT: tl.constexpr,
                 REPLICATE: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                READS_HISTORY: tl.constexpr, DOT: tl.constexpr, EVEN_R: tl.constexpr, COLUMNS_FIRST: tl.constexpr):
+                READS_HISTORY: tl.constexpr, DOT: tl.constexpr, EVEN_R: tl.constexpr, COLUMNS_FIRST: tl.constexpr,
+                SPLIT_WEIGHT: tl.constexpr):
     """W[offs_co, r_begin:r_end] @ act(V[r_begin:r_end, columns]) added to acc. READS_HISTORY: some columns read
     concat(history, x) before x (time j < 0); without it every V element comes from x. DOT: acc [BLOCK_CO,
     BLOCK_N] takes each step's tl.dot (INPUT_PRECISION); else acc [BLOCK_CO, BLOCK_R, BLOCK_N] takes the fp32
     products elementwise, each at its offset in the step, for the caller to sum over that axis once. EVEN_R (FMA
     plans whose reduction is a multiple of BLOCK_R): every step is whole, and the weight rows load unmasked along
     it, in 16-byte pieces. COLUMNS_FIRST (dot plans): acc is [BLOCK_N, BLOCK_CO] and takes act(V)^T W^T, both
-    tiles loaded in that orientation (not transposed in registers)."""
+    tiles loaded in that orientation (not transposed in registers); with SPLIT_WEIGHT w_ptr and w_low_ptr hold the
+    weight's high and low tf32 parts (split_tf32) and the cross products go to acc_small (_utils.dot_split_weight).
+    Returns (acc, acc_small); acc_small is passed through untouched without SPLIT_WEIGHT."""
     for r0 in range(r_begin, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < r_end
@@ -187,18 +193,21 @@ def _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, 
             v = tl.load(x_ptr + _outer_sum(x_rows, x_columns, COLUMNS_FIRST), mask=valid, other=0.0)
         if ELU_INPUT:
             v = elu(v)
-        if COLUMNS_FIRST:
+        if SPLIT_WEIGHT:
+            w_low = tl.load(w_low_ptr + _outer_sum(offs_co * stride_wo, offs_r, COLUMNS_FIRST), mask=w_mask, other=0.0)
+            acc, acc_small = dot_split_weight(v, w, w_low, acc, acc_small)
+        elif COLUMNS_FIRST:
             acc = tl.dot(v, w, acc, input_precision=INPUT_PRECISION)
         elif DOT:
             acc += tl.dot(w, v, input_precision=INPUT_PRECISION)
         else:
             acc += w[:, :, None] * v[None, :, :]
-    return acc
+    return acc, acc_small
 
 
 @triton.jit
 def _conv1d_stream_kernel(
-    x_ptr, state_ptr, frame_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, partials_ptr, counters_ptr,
+    x_ptr, state_ptr, frame_ptr, w_ptr, w_low_ptr, bias_ptr, res_ptr, out_ptr, partials_ptr, counters_ptr,
     BATCH, C_IN, C_OUT, T_IN, T_OUT, CHUNK,
     stride_xb, stride_xc, stride_xt,
     stride_sp, stride_sb, stride_sc,
@@ -210,6 +219,7 @@ def _conv1d_stream_kernel(
     BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
     TILES_WITHIN_SLOTS: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     DOT: tl.constexpr, EVEN_R: tl.constexpr, PDL: tl.constexpr, COLUMNS_FIRST: tl.constexpr,
+    SPLIT_WEIGHT: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     pid_n = tl.program_id(0)
@@ -245,6 +255,10 @@ def _conv1d_stream_kernel(
         acc = tl.zeros((BLOCK_CO, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_CO, BLOCK_R, BLOCK_N), dtype=tl.float32)
+    if SPLIT_WEIGHT:
+        acc_small = tl.zeros((BLOCK_N, BLOCK_CO), dtype=tl.float32)
+    else:
+        acc_small = tl.zeros((1,), dtype=tl.float32)
     # A tile inside one slot whose first step reads at time >= 0 of x reads no history: it takes the loop without
     # the per-element history test, second load and select (most tiles of the long-T convs).
     reads_history = False
@@ -253,17 +267,21 @@ def _conv1d_stream_kernel(
         if TILES_WITHIN_SLOTS:
             reads_history = ((pid_n * BLOCK_N) % T_OUT) * STRIDE < HISTORY
     if reads_history:
-        acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
-                          x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
-                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, True, DOT, EVEN_R,
-                          COLUMNS_FIRST)
+        acc, acc_small = _accumulate(acc, acc_small, x_ptr, state_ptr, w_ptr, w_low_ptr, r_begin, r_end, offs_co,
+                                     mask_co, mask_n, slot, step, first, x_columns, history_columns, stride_xb,
+                                     stride_xc, stride_xt, stride_sc, stride_wo, STRIDE, KERNEL, HISTORY, ELU_INPUT,
+                                     REPLICATE, BLOCK_R, INPUT_PRECISION, True, DOT, EVEN_R, COLUMNS_FIRST,
+                                     SPLIT_WEIGHT)
     else:
-        acc = _accumulate(acc, x_ptr, state_ptr, w_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
-                          x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
-                          STRIDE, KERNEL, HISTORY, ELU_INPUT, REPLICATE, BLOCK_R, INPUT_PRECISION, False, DOT, EVEN_R,
-                          COLUMNS_FIRST)
+        acc, acc_small = _accumulate(acc, acc_small, x_ptr, state_ptr, w_ptr, w_low_ptr, r_begin, r_end, offs_co,
+                                     mask_co, mask_n, slot, step, first, x_columns, history_columns, stride_xb,
+                                     stride_xc, stride_xt, stride_sc, stride_wo, STRIDE, KERNEL, HISTORY, ELU_INPUT,
+                                     REPLICATE, BLOCK_R, INPUT_PRECISION, False, DOT, EVEN_R, COLUMNS_FIRST,
+                                     SPLIT_WEIGHT)
     if not DOT:
         acc = tl.sum(acc, axis=1)
+    if SPLIT_WEIGHT:
+        acc += acc_small
     if COLUMNS_FIRST:
         acc = tl.trans(acc)
 
@@ -305,7 +323,8 @@ class ConvTiles(NamedTuple):
     """A launch plan: [block_co x block_n] output tiles, block_r reduction rows per step, the reduction
     split over `split` programs per tile, Triton's num_warps / num_stages, and whether the steps' products
     run on the tensor cores (dot) or as fp32 FMAs, and for dot whether the columns are the product's first
-    operand (columns_first, see the module doc). Block sizes are powers of two, >= 16 with dot (tl.dot),
+    operand (columns_first, see the module doc) and, columns first, whether the weight is read as its two tf32 parts
+    (split_weight: split_tf32, made once; only the inputs are split on each step). Block sizes are powers of two, >= 16 with dot (tl.dot),
     >= 2 without; `split` is rounded to what whole block_r steps allow."""
     block_co: int
     block_n: int
@@ -315,6 +334,7 @@ class ConvTiles(NamedTuple):
     num_stages: int = 3
     dot: bool = True
     columns_first: bool = False
+    split_weight: bool = False
 
 
 class _Grid(NamedTuple):
@@ -344,6 +364,9 @@ def _grid(tiles: ConvTiles, batch: int, c_in: int, c_out: int, kernel: int, stri
         raise ValueError(f"split, num_warps and num_stages must be positive: {tiles}")
     if tiles.columns_first and not tiles.dot:
         raise ValueError(f"columns_first is a layout of the tensor-core product: it needs dot: {tiles}")
+    if tiles.split_weight and not tiles.columns_first:
+        raise ValueError(f"split_weight reads the weight as the product's second operand: it needs columns_first: "
+                         f"{tiles}")
     steps = triton.cdiv(c_in * kernel, tiles.block_r)
     steps_per_split = triton.cdiv(steps, tiles.split)
     # No empty splits: a split of 4 over 6 steps becomes 3 chunks of 2 steps.
@@ -566,12 +589,14 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
                   bias: torch.Tensor | None, stride: int, elu_input: bool = False,
                   residual: torch.Tensor | None = None, replicate: bool = False,
                   out: torch.Tensor | None = None, workspace: SplitWorkspace | None = None,
-                  tiles: ConvTiles | None = None) -> torch.Tensor:
+                  tiles: ConvTiles | None = None, weight_parts: torch.Tensor | None = None) -> torch.Tensor:
     """Launcher. float32 tensors; state [2, B, C_in, K - S] contiguous in its last dim; see module doc.
     `tiles` overrides the default plan (_plan). A plan that splits the reduction uses `workspace`
     (sized with conv1d_stream_workspace_size; its counters must be zero, as every call leaves them), or
     allocates a fresh one for this call when it is None. The weight is read as a [C_out, C_in * K] matrix with
-    unit stride in its rows: a view when it is contiguous in its last two dims, otherwise a copy per call."""
+    unit stride in its rows: a view when it is contiguous in its last two dims, otherwise a copy per call.
+    weight_parts: split_tf32(weight), [2, C_out, C_in, K] contiguous, read by plans with split_weight (split per
+    call when None, correct but a pass over the weight) and by no other."""
     batch, c_in, t_in = x.shape
     c_out, _, kernel = weight.shape
     history = kernel - stride
@@ -593,15 +618,23 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
         partials, counters = workspace.partials, workspace.counters
     else:
         partials, counters = out, frame  # never dereferenced without a split
+    if weight_parts is not None and (weight_parts.shape != (2, *weight.shape) or not weight_parts.is_contiguous()):
+        raise ValueError(f"weight_parts must be split_tf32(weight): contiguous [2, {c_out}, {c_in}, {kernel}], got "
+                         f"{tuple(weight_parts.shape)}")
     weight_rows = weight.reshape(c_out, c_in * kernel)
     if weight_rows.stride(1) != 1:
         weight_rows = weight_rows.contiguous()
+    weight_low_rows = weight_rows
+    if plan.split_weight:
+        parts = (split_tf32(weight_rows) if weight_parts is None else weight_parts).view(2, c_out, c_in * kernel)
+        weight_rows, weight_low_rows = parts[0], parts[1]
     res = residual if residual is not None else out
     # A k = 1 conv has an empty history; any valid pointer stands in for it (never dereferenced).
     state_arg = state if state.numel() else x
     use_pdl = pdl(x.device, "conv1d_stream")
     _conv1d_stream_kernel[(grid.n_tiles, grid.co_tiles, plan.split)](
-        x, state_arg, frame, weight_rows, bias if bias is not None else weight_rows, res, out, partials, counters,
+        x, state_arg, frame, weight_rows, weight_low_rows, bias if bias is not None else weight_rows, res, out, partials,
+        counters,
         batch, c_in, c_out, t_in, t_out, grid.chunk,
         x.stride(0), x.stride(1), x.stride(2),
         state.stride(0), state.stride(1), state.stride(2),
@@ -614,7 +647,7 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
         TILES_WITHIN_SLOTS=t_out % plan.block_n == 0,
         BLOCK_HC=min(64, next_pow2(c_in)), BLOCK_H=next_pow2(max(history, 1)),
         INPUT_PRECISION=dot_precision(), DOT=plan.dot, EVEN_R=not plan.dot and (c_in * kernel) % plan.block_r == 0,
-        PDL=use_pdl, COLUMNS_FIRST=plan.columns_first,
+        PDL=use_pdl, COLUMNS_FIRST=plan.columns_first, SPLIT_WEIGHT=plan.split_weight,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         launch_pdl=use_pdl,

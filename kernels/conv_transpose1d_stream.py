@@ -42,6 +42,11 @@ shapes (64 x 64 tiles, 32-channel steps: 386 -> 106 us at 512 > 256 k12 s6), and
 dense upsampling convs take it. The likely reason, from the compiled IR (not profiled): tl.dot's tf32x3 splits both
 operands into tf32 parts in registers every step and writes the second operand's two parts back to shared memory
 for the tensor cores, and in this order that operand is the weight tile, not the gathered, ELU'd x tile.
+A columns-first plan may also take split_weight: the packed weight read as its two tf32 parts (split_tf32, made
+once), so that only the x tile is split, in registers, and the weight parts go to the tensor cores as they were
+staged; the cross products keep an accumulator of their own (_utils.dot_split_weight). In the twenty-first
+session's trial with one accumulator this ran dec.up1 / up2 / up3 at 78 / 99 / 112 µs against 106 / 119 / 120 (B =
+64, H100) but drifted to 1.3e-6 to 4.5e-6 from the default's output, against 2.3e-7 for tf32x3.
 
 Depthwise (Mimi's upsample, C = 512, K = 4, S = 2, T = 1) has no channel reduction; it reads the
 [C, 1, K] weight as is (K contiguous floats per channel) and never splits.
@@ -64,8 +69,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import (SplitWorkspace, await_previous_kernel, dot_precision, elu, fma_reduction_step, next_pow2,
-                     pdl)
+from ._utils import (SplitWorkspace, await_previous_kernel, dot_precision, dot_split_weight, elu, fma_reduction_step,
+                     next_pow2, pdl, split_tf32)
 from .tuned import shape_key, tuned_tiles
 
 SMS = 132
@@ -86,7 +91,8 @@ class ConvTransposeTiles(NamedTuple):
     >= 2 without. split: programs sharing one output tile's reduction (1 = no split-K; depthwise always 1).
     dot: the dense products on the tensor cores; else fp32 FMAs (few columns, _fma_plan). columns_first (dense dot
     plans): the product taken transposed, columns as the dot's first operand and the weight as its second (see the
-    module doc)."""
+    module doc). split_weight (columns-first plans): the weight read as its two tf32 parts (split_tf32, made once)
+    and only the columns split on each step (_utils.dot_split_weight)."""
     block_m: int
     block_n: int
     block_ci: int
@@ -95,6 +101,7 @@ class ConvTransposeTiles(NamedTuple):
     num_stages: int = 3
     dot: bool = True
     columns_first: bool = False
+    split_weight: bool = False
 
 
 def conv_transpose1d_stream_ref(x, partial, frame, weight, bias, stride, groups=1, elu_input=False, out=None):
@@ -334,6 +341,8 @@ def _tiles_error(g: _Geometry, tiles: ConvTransposeTiles) -> str | None:
         return "depthwise transposed convs have no reduction to run on FMAs: dot must stay True"
     if tiles.columns_first and (not tiles.dot or g.depthwise):
         return "columns_first is a layout of the dense tensor-core product: it needs dot and groups = 1"
+    if tiles.split_weight and not tiles.columns_first:
+        return "split_weight reads the weight as the product's second operand: it needs columns_first"
     if tiles.split < 1 or (g.depthwise and tiles.split != 1):
         return f"split must be >= 1, and 1 for depthwise convs; got {tiles.split}"
     if tiles.num_warps < 1 or tiles.num_warps & (tiles.num_warps - 1) or tiles.num_stages < 1:
@@ -370,7 +379,7 @@ def _finish_tile(result, offs_m, offs_n, mask_m, mask_n,
 
 @triton.jit
 def _conv_transpose1d_stream_kernel(
-    x_ptr, partial_ptr, frame_ptr, w_ptr, bias_ptr, out_ptr, scratch_ptr, counter_ptr,
+    x_ptr, partial_ptr, frame_ptr, w_ptr, w_low_ptr, bias_ptr, out_ptr, scratch_ptr, counter_ptr,
     C_IN, C_OUT, T_IN, COLS,
     stride_xb, stride_xc, stride_xt,
     stride_pp, stride_pb, stride_pc,
@@ -380,7 +389,7 @@ def _conv_transpose1d_stream_kernel(
     HAS_BIAS: tl.constexpr, ELU_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CI: tl.constexpr, SPLIT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT: tl.constexpr, EVEN_CI: tl.constexpr, PDL: tl.constexpr,
-    COLUMNS_FIRST: tl.constexpr,
+    COLUMNS_FIRST: tl.constexpr, SPLIT_WEIGHT: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     # Column tiles vary fastest, so the programs that share a weight tile run together and the weight
@@ -417,6 +426,8 @@ def _conv_transpose1d_stream_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_CI, BLOCK_N), dtype=tl.float32)
         if COLUMNS_FIRST:
             acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            if SPLIT_WEIGHT:
+                acc_small = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for chunk in range(pid_k * per_split, tl.minimum(chunks, (pid_k + 1) * per_split)):
             tap = chunk % TAPS
             offs_ci = (chunk // TAPS) * BLOCK_CI + tl.arange(0, BLOCK_CI)
@@ -431,7 +442,12 @@ def _conv_transpose1d_stream_kernel(
                 w_offsets = tap * stride_wtap + offs_m[None, :] * stride_wrow + offs_ci[:, None]
                 w_t_mask = mask_m[None, :] & mask_ci[:, None]
                 w_t = tl.load(w_ptr + w_offsets, mask=w_t_mask, other=0.0)
-                acc_t = tl.dot(v_t, w_t, acc_t, input_precision=INPUT_PRECISION)
+                if SPLIT_WEIGHT:
+                    # w_ptr holds the weight's high tf32 part and w_low_ptr the rest.
+                    w_low_t = tl.load(w_low_ptr + w_offsets, mask=w_t_mask, other=0.0)
+                    acc_t, acc_small = dot_split_weight(v_t, w_t, w_low_t, acc_t, acc_small)
+                else:
+                    acc_t = tl.dot(v_t, w_t, acc_t, input_precision=INPUT_PRECISION)
             else:
                 # EVEN_CI (FMA plans with C_in a multiple of BLOCK_CI): whole chunks, rows loaded in 16-byte pieces.
                 if EVEN_CI:
@@ -451,6 +467,8 @@ def _conv_transpose1d_stream_kernel(
         if not DOT:
             acc = tl.sum(acc, axis=1)
         if COLUMNS_FIRST:
+            if SPLIT_WEIGHT:
+                acc_t += acc_small
             acc = tl.trans(acc_t)
 
     if SPLIT == 1:
@@ -480,14 +498,16 @@ def _conv_transpose1d_stream_kernel(
 def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch.Tensor, weight: torch.Tensor,
                             bias: torch.Tensor | None, stride: int, groups: int = 1, elu_input: bool = False,
                             out: torch.Tensor | None = None, packed_weight: torch.Tensor | None = None,
-                            workspace: SplitWorkspace | None = None,
-                            tiles: ConvTransposeTiles | None = None) -> torch.Tensor:
+                            workspace: SplitWorkspace | None = None, tiles: ConvTransposeTiles | None = None,
+                            weight_parts: torch.Tensor | None = None) -> torch.Tensor:
     """Launcher. float32; partial [2, B, C_out, K - S] with unit stride in time; see module doc.
 
     packed_weight: pack_conv_transpose_weight(weight, stride) for dense convs (packed per call when
     None, which is correct but adds a copy of the weights); depthwise convs read `weight` itself.
     workspace: shared split-K scratch sized by conv_transpose1d_stream_workspace_size (a fresh one is
-    allocated when the plan splits and none is given). tiles: overrides the default plan."""
+    allocated when the plan splits and none is given). tiles: overrides the default plan. weight_parts:
+    split_tf32(packed weight), [2, K / S, C_out, S, C_in], read by plans with split_weight (split per call when
+    None, correct but a pass over the weights) and by no other."""
     batch, c_in, t_in = x.shape
     kernel = weight.shape[-1]
     c_out = weight.shape[1] * groups
@@ -509,6 +529,9 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
             raise ValueError(f"packed_weight must be pack_conv_transpose_weight(weight, {stride}): contiguous "
                              f"[{g.taps}, {c_out}, {stride}, {c_in}], got {tuple(w.shape)}")
         stride_wtap, stride_wrow = w.stride(0), w.stride(2)
+        if weight_parts is not None and (weight_parts.shape != (2, *w.shape) or not weight_parts.is_contiguous()):
+            raise ValueError(f"weight_parts must be split_tf32(packed_weight): contiguous [2, {g.taps}, {c_out}, "
+                             f"{stride}, {c_in}], got {tuple(weight_parts.shape)}")
     plan = _default_plan(batch, c_in, c_out, kernel, stride, t_in, groups) if tiles is None else tiles
     problem = _tiles_error(g, plan)
     if problem is not None:
@@ -524,8 +547,12 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
         scratch, counters = workspace.partials, workspace.counters
     grid = (triton.cdiv(g.cols, plan.block_n), triton.cdiv(g.rows, plan.block_m), plan.split)
     use_pdl = pdl(x.device, "conv_transpose1d_stream")
+    w_low = w
+    if plan.split_weight:
+        parts = split_tf32(w) if weight_parts is None else weight_parts
+        w, w_low = parts[0], parts[1]
     _conv_transpose1d_stream_kernel[grid](
-        x, partial, frame, w, bias if bias is not None else w, out, scratch, counters,
+        x, partial, frame, w, w_low, bias if bias is not None else w, out, scratch, counters,
         c_in, c_out, t_in, g.cols,
         x.stride(0), x.stride(1), x.stride(2),
         partial.stride(0), partial.stride(1), partial.stride(2),
@@ -534,7 +561,7 @@ def conv_transpose1d_stream(x: torch.Tensor, partial: torch.Tensor, frame: torch
         STRIDE=stride, TAPS=g.taps, DEPTHWISE=g.depthwise, HAS_BIAS=bias is not None, ELU_INPUT=elu_input,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_CI=plan.block_ci, SPLIT=plan.split,
         INPUT_PRECISION=dot_precision(), DOT=plan.dot, EVEN_CI=not plan.dot and c_in % plan.block_ci == 0,
-        PDL=use_pdl, COLUMNS_FIRST=plan.columns_first, num_warps=plan.num_warps, num_stages=plan.num_stages,
-        launch_pdl=use_pdl,
+        PDL=use_pdl, COLUMNS_FIRST=plan.columns_first, SPLIT_WEIGHT=plan.split_weight, num_warps=plan.num_warps,
+        num_stages=plan.num_stages, launch_pdl=use_pdl,
     )
     return out

@@ -45,6 +45,13 @@ def tuned_tiles(op: str, shape: str, batch: int) -> dict | None:
     return dict(entries[nearest])
 
 
+def any_tuned_plan(op: str, shape: str, key: str) -> bool:
+    """Whether a measured plan of `op` at `shape`, at any swept batch, sets `key` (e.g. a flag whose operands a model
+    prepares once, only where some batch's plan reads them)."""
+    table = _substitute if _substitute is not None else _table()
+    return any(plan.get(key, False) for plan in table.get(op, {}).get(shape, {}).values())
+
+
 @contextlib.contextmanager
 def heuristics_only():
     """Ignores the table inside the block (to time or list the heuristics' own plans)."""

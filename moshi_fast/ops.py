@@ -17,7 +17,7 @@ import os
 import torch
 
 from . import cuda_ext
-from .kernels._utils import SplitWorkspace, can_launch, programmatic_launch
+from .kernels._utils import SplitWorkspace, can_launch, programmatic_launch, split_tf32
 from .kernels.conv1d_stream import conv1d_stream as _conv1d_stream_kernel
 from .kernels.conv1d_stream import conv1d_stream_ref, conv1d_stream_workspace_size
 from .kernels.conv_transpose1d_stream import conv_transpose1d_stream as _conv_transpose1d_stream_kernel
@@ -47,6 +47,7 @@ from .kernels.sample_tokens import sample_tokens as _sample_tokens_kernel
 from .kernels.sample_tokens import sample_tokens_ref
 from .kernels.skinny_linear import skinny_linear as _skinny_linear_kernel
 from .kernels.skinny_linear import as_norm, skinny_linear_ref, skinny_linear_tiles, skinny_linear_workspace_size
+from .kernels.tuned import any_tuned_plan, shape_key
 
 _kernels_enabled = True
 
@@ -136,26 +137,35 @@ def settle_weights(module: torch.nn.Module) -> None:
         torch.cuda.synchronize(device)
 
 
+def tuned_split_weight(op: str, *dims) -> bool:
+    """Whether a measured plan of the conv `op` ("conv1d": C_in, C_out, K, S, T_in; "convtr": the same and groups),
+    at any swept batch, reads its weight as two tf32 parts (split_weight), so that a model prepares them once."""
+    return any_tuned_plan(op, shape_key(*dims), "split_weight")
+
+
 def _use_kernel(*tensors) -> bool:
     return _kernels_enabled and can_launch(*tensors)
 
 
 def conv1d_stream(x, state, frame, weight, bias, stride, elu_input=False, residual=None, replicate=False, out=None,
-                  workspace: SplitWorkspace | None = None):
-    """Streaming causal conv1d with carried history (kernels/conv1d_stream.py)."""
+                  workspace: SplitWorkspace | None = None, weight_parts=None):
+    """Streaming causal conv1d with carried history (kernels/conv1d_stream.py); `weight_parts` is
+    `split_tf32(weight)`, made once where a tuned plan reads it (tuned_split_weight)."""
     if _use_kernel(x, state, weight):
         return _conv1d_stream_kernel(x, state, frame, weight, bias, stride, elu_input, residual, replicate, out=out,
-                                     workspace=workspace)
+                                     workspace=workspace, weight_parts=weight_parts)
     return conv1d_stream_ref(x, state, frame, weight, bias, stride, elu_input, residual, replicate, out=out)
 
 
 def conv_transpose1d_stream(x, partial, frame, weight, bias, stride, groups=1, elu_input=False, out=None,
-                            packed_weight=None, workspace: SplitWorkspace | None = None):
+                            packed_weight=None, workspace: SplitWorkspace | None = None, weight_parts=None):
     """Streaming transposed conv1d with carried overlap (kernels/conv_transpose1d_stream.py);
-    `packed_weight` is `pack_conv_transpose_weight(weight, stride)`, made once."""
+    `packed_weight` is `pack_conv_transpose_weight(weight, stride)`, made once, and `weight_parts`
+    `split_tf32(packed_weight)`, made once where a tuned plan reads it (tuned_split_weight)."""
     if _use_kernel(x, partial, weight):
         return _conv_transpose1d_stream_kernel(x, partial, frame, weight, bias, stride, groups, elu_input, out=out,
-                                               packed_weight=packed_weight, workspace=workspace)
+                                               packed_weight=packed_weight, workspace=workspace,
+                                               weight_parts=weight_parts)
     return conv_transpose1d_stream_ref(x, partial, frame, weight, bias, stride, groups, elu_input, out=out)
 
 
@@ -531,4 +541,5 @@ __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "c
            "embed_sum", "gemv_cuda", "linear", "linear_workspace_size", "norm_rows", "norm_runs_apart",
            "pack_conv_transpose_weight", "paged_attention", "paged_attention_workspace_size", "programmatic_launch",
            "ring_attention", "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch",
-           "sample_tokens", "separate_norms", "settle_weights", "uses_cuda_depth_step", "uses_cuda_paged_attention"]
+           "sample_tokens", "separate_norms", "settle_weights", "split_tf32", "tuned_split_weight", "uses_cuda_depth_step",
+           "uses_cuda_paged_attention"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 import triton
 
-from moshi_fast.kernels._utils import SplitWorkspace
+from moshi_fast.kernels._utils import SplitWorkspace, split_tf32
 from moshi_fast.kernels import conv1d_stream as conv1d_module
 from moshi_fast.kernels.conv1d_stream import (ConvTiles, _grid, _plan, conv1d_stream, conv1d_stream_candidate_tiles,
                                               conv1d_stream_ref, conv1d_stream_workspace_size)
@@ -52,6 +52,12 @@ FORCED = [  # batch, c_in, c_out, kernel, stride, t_in, elu, residual, replicate
                  id="columns-first-k1-residual"),
     pytest.param(3, 5, 9, 8, 4, 128, True, True, True, ConvTiles(16, 32, 16, 1, columns_first=True),
                  id="columns-first-strided-history-free-tiles"),
+    # The weight as its two tf32 parts (split per call here): history and replicate padding, split-K, history-free
+    # tiles.
+    pytest.param(9, 12, 9, 4, 2, 4, True, True, True,
+                 ConvTiles(16, 16, 16, 3, columns_first=True, split_weight=True), id="split-weight-replicate-split3"),
+    pytest.param(3, 5, 9, 8, 4, 128, True, False, False,
+                 ConvTiles(16, 32, 16, 1, columns_first=True, split_weight=True), id="split-weight-history-free-tiles"),
 ]
 
 
@@ -163,9 +169,32 @@ def test_conv1d_stream_rejects_a_small_workspace():
 def test_columns_first_needs_the_tensor_core_product():
     with pytest.raises(ValueError, match="columns_first"):
         _grid(ConvTiles(4, 2, 16, dot=False, columns_first=True), 1, 12, 10, 4, 1, 2)
+    with pytest.raises(ValueError, match="split_weight"):
+        _grid(ConvTiles(16, 16, 16, split_weight=True), 1, 12, 10, 4, 1, 2)
     shape = (3, 48, 20, 3, 1, 4)
     assert _plan(*shape)._replace(columns_first=not _plan(*shape).columns_first) in conv1d_stream_candidate_tiles(
         *shape)
+
+
+def test_prepared_weight_parts_give_the_per_call_split_bitwise():
+    """weight_parts made once (split_tf32 of the weight) give what the launcher's own split gives; parts of another
+    shape are refused before any launch."""
+    batch, c_in, c_out, kernel, stride, t_in = 3, 20, 24, 3, 1, 6
+    weight, b, state = _inputs(batch, c_in, c_out, kernel, stride)
+    x, frame, res = _frame_inputs(batch, c_in, c_out, stride, t_in, True, step=1)
+    tiles = ConvTiles(16, 16, 16, 2, columns_first=True, split_weight=True)
+    parts = split_tf32(weight)
+    high, low = parts
+    assert torch.equal(high + low, weight) and not (high.view(torch.int32) & 0x1FFF).any()
+    states = [state.clone(), state.clone()]
+    outs = [conv1d_stream(x, fresh, frame, weight, b, stride, True, res, tiles=tiles, weight_parts=given)
+            for fresh, given in zip(states, (None, parts))]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(states[0], states[1])
+    expected_state = state.clone()
+    expected = conv1d_stream_ref(x, expected_state, frame, weight, b, stride, True, res)
+    assert rel_err(outs[1], expected) < 1e-5 and torch.equal(states[1], expected_state)
+    with pytest.raises(ValueError, match="weight_parts"):
+        conv1d_stream(x, state.clone(), frame, weight, b, stride, True, res, tiles=tiles, weight_parts=parts[:1])
 
 
 def test_conv1d_stream_candidate_tiles_match_reference():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moshi_fast.kernels._utils import SplitWorkspace
+from moshi_fast.kernels._utils import SplitWorkspace, split_tf32
 from moshi_fast.kernels.conv_transpose1d_stream import (
     ConvTransposeTiles,
     _default_plan,
@@ -120,6 +120,11 @@ FORCED = [  # (batch, c_in, c_out, kernel, stride, t_in), tiles
     pytest.param((4, 40, 5, 10, 5, 2), ConvTransposeTiles(16, 16, 16, columns_first=True), id="columns-first"),
     pytest.param((2, 40, 3, 8, 4, 20), ConvTransposeTiles(32, 16, 16, split=2, columns_first=True),
                  id="columns-first-split2"),
+    # The weight as its two tf32 parts (split here per call: no weight_parts given).
+    pytest.param((4, 40, 5, 10, 5, 2), ConvTransposeTiles(16, 16, 16, columns_first=True, split_weight=True),
+                 id="split-weight"),
+    pytest.param((2, 40, 3, 8, 4, 20), ConvTransposeTiles(32, 16, 16, split=2, columns_first=True, split_weight=True),
+                 id="split-weight-split2"),
 ]
 
 
@@ -127,6 +132,30 @@ def test_columns_first_needs_the_dense_tensor_core_product():
     g = _geometry(2, 40, 3, 8, 4, 3, 1)
     assert _tiles_error(g, ConvTransposeTiles(16, 16, 16, columns_first=True)) is None
     assert "columns_first" in _tiles_error(g, ConvTransposeTiles(16, 4, 16, dot=False, columns_first=True))
+    assert _tiles_error(g, ConvTransposeTiles(16, 16, 16, columns_first=True, split_weight=True)) is None
+    assert "split_weight" in _tiles_error(g, ConvTransposeTiles(16, 16, 16, split_weight=True))
+
+
+def test_prepared_weight_parts_give_the_per_call_split_bitwise():
+    """weight_parts made once (split_tf32 of the packed weight) give what the launcher's own split gives; parts of
+    another shape are refused before any launch."""
+    batch, c_in, c_out, kernel, stride, t_in = 3, 40, 5, 10, 5, 2
+    weight, bias = torch.randn(c_in, c_out, kernel), torch.randn(c_out)
+    packed = pack_conv_transpose_weight(weight, stride)
+    parts = split_tf32(packed)
+    tiles = ConvTransposeTiles(16, 16, 16, columns_first=True, split_weight=True)
+    partial = torch.randn(2, batch, c_out, kernel - stride)
+    x, frame = _frame_inputs(batch, c_in, t_in, 1)
+    states = [partial.clone(), partial.clone()]
+    outs = [conv_transpose1d_stream(x, state, frame, weight, bias, stride, elu_input=True, packed_weight=packed,
+                                    tiles=tiles, weight_parts=given) for state, given in zip(states, (None, parts))]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(states[0], states[1])
+    expected_state = partial.clone()
+    expected = conv_transpose1d_stream_ref(x, expected_state, frame, weight, bias, stride, elu_input=True)
+    _assert_frame_matches(outs[1], expected, states[1], expected_state, frame)
+    with pytest.raises(ValueError, match="weight_parts"):
+        conv_transpose1d_stream(x, partial.clone(), frame, weight, bias, stride, packed_weight=packed, tiles=tiles,
+                                weight_parts=parts[:, :1])
 
 
 @pytest.mark.parametrize("shape, tiles", FORCED)

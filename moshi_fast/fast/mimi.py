@@ -40,6 +40,18 @@ class FastMimi(Mimi):
             if isinstance(module, CausalConvTranspose1d) and module.groups == 1:
                 module.register_buffer("packed_weight", ops.pack_conv_transpose_weight(module.weight, module.stride),
                                        persistent=False)
+        lengths = self.streaming_input_lengths()
+        for name, module in self.named_modules():
+            # The tf32 parts of the dense convs whose measured plans read the weight that way (split_weight).
+            if name not in lengths or getattr(module, "groups", 1) != 1:
+                continue
+            if isinstance(module, CausalConvTranspose1d):
+                dims = (*module.weight.shape, module.stride, lengths[name], 1)
+                if ops.tuned_split_weight("convtr", *dims):
+                    module.register_buffer("weight_parts", ops.split_tf32(module.packed_weight), persistent=False)
+            elif ops.tuned_split_weight("conv1d", module.weight.shape[1], module.weight.shape[0],
+                                        module.weight.shape[2], module.stride, lengths[name]):
+                module.register_buffer("weight_parts", ops.split_tf32(module.weight), persistent=False)
         for side in (self.encoder_transformer, self.decoder_transformer):
             for layer in side.layers:
                 # x + s * (W a) == x + (s W) a: the layer scale folds into the projection, and the
@@ -120,7 +132,8 @@ class FastMimi(Mimi):
         x = self._seanet_encoder(pcm, cache, frame)
         x = self._transformer(self.encoder_transformer, "encoder_transformer", x, cache, frame)
         latent = ops.conv1d_stream(x.transpose(1, 2), cache.history["downsample"], frame, self.downsample.weight,
-                                   None, self.downsample.stride, replicate=True)
+                                   None, self.downsample.stride, replicate=True,
+                                   weight_parts=getattr(self.downsample, "weight_parts", None))
         codes = ops.rvq_encode(latent[..., 0], self.input_proj, self.codebooks, self.codebook_norms,
                                self.n_semantic, scratch)
         frame.add_(exec_mask)
@@ -142,13 +155,13 @@ class FastMimi(Mimi):
 
 def _conv(conv, name, x, cache: MimiCache, frame, elu=False, residual=None, out=None):
     return ops.conv1d_stream(x, cache.history[name], frame, conv.weight, conv.bias, conv.stride, elu, residual,
-                             out=out, workspace=cache.workspace)
+                             out=out, workspace=cache.workspace, weight_parts=getattr(conv, "weight_parts", None))
 
 
 def _conv_transpose(conv, name, x, cache: MimiCache, frame, elu=False, out=None):
     return ops.conv_transpose1d_stream(x, cache.overlap[name], frame, conv.weight, conv.bias, conv.stride,
                                        conv.groups, elu, out=out, packed_weight=getattr(conv, "packed_weight", None),
-                                       workspace=cache.workspace)
+                                       workspace=cache.workspace, weight_parts=getattr(conv, "weight_parts", None))
 
 
 class FastMimiRunner:

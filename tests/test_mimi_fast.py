@@ -4,6 +4,7 @@ import torch
 
 from moshi_fast import FastMoshi, MimiCodec, moshiko, ops, tiny
 from moshi_fast.fast.mimi import FastMimi
+from moshi_fast.kernels.tuned import plans_from
 
 from .helpers import calibrate_codebooks, rel_err, speech_like
 
@@ -38,6 +39,27 @@ def test_fast_mimi_wiring_matches_reference_on_cpu():
         agreement, error, distinct = _compare(reference, fast, batch=2, frames=4)
     assert distinct > 1
     assert agreement >= 0.99 and error <= 1e-5, (agreement, error)
+
+
+def test_prepare_splits_the_weights_whose_tuned_plans_read_tf32_parts():
+    """prepare() makes split_tf32 parts once for exactly the dense convs whose measured plans (any batch) take
+    split_weight: here a table naming one transposed conv and one conv of the tiny config."""
+    model = FastMimi(tiny().mimi)
+    lengths = model.streaming_input_lengths()
+    up, down = model.decoder.stages[0].up, model.encoder.stages[0].down
+    up_key = ",".join(map(str, (*up.weight.shape, up.stride, lengths["decoder.stages.0.up"], 1)))
+    c_out, c_in, kernel = down.weight.shape
+    down_key = ",".join(map(str, (c_in, c_out, kernel, down.stride, lengths["encoder.stages.0.down"])))
+    plan = {"split_weight": True, "columns_first": True}
+    table = {"convtr": {up_key: {"64": {"block_m": 16, "block_n": 16, "block_ci": 16, **plan}}},
+             "conv1d": {down_key: {"8": {"block_co": 16, "block_n": 16, "block_r": 16}, "64": {
+                 "block_co": 16, "block_n": 16, "block_r": 16, **plan}}}}
+    with plans_from(table):
+        model.prepare()
+    assert torch.equal(up.weight_parts, ops.split_tf32(up.packed_weight))
+    assert torch.equal(down.weight_parts, ops.split_tf32(down.weight))
+    split = [name for name, module in model.named_modules() if hasattr(module, "weight_parts")]
+    assert sorted(split) == ["decoder.stages.0.up", "encoder.stages.0.down"]
 
 
 @ops.reference_ops()

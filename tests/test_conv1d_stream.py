@@ -309,3 +309,27 @@ def test_conv1d_stream_matches_the_model_conv():
         got = conv1d_stream(x, kernel_state, torch.full((2,), step, dtype=torch.int32), conv.weight,
                             conv.bias, 2, replicate=True)
         assert rel_err(got, expected) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(256, 512, 12, 6, 96), (128, 256, 10, 5, 480)], ids=["enc.down2", "enc.down1"])
+def test_split_weight_is_as_close_to_float64_as_tf32x3(shape):
+    """At 64 conversations, a columns-first plan with the weight's tf32 parts against the same plan in tl.dot's
+    tf32x3, each against the float64 conv: the parts may not cost accuracy."""
+    c_in, c_out, kernel, stride, t_in = shape
+    batch = 64
+    x = torch.randn(batch, c_in, t_in, device="cuda")
+    weight = torch.randn(c_out, c_in, kernel, device="cuda") / (c_in * kernel) ** 0.5
+    bias = torch.randn(c_out, device="cuda")
+    state = torch.randn(2, batch, c_in, kernel - stride, device="cuda")
+    frame = torch.ones(batch, dtype=torch.int32, device="cuda")
+    expected = conv1d_stream_ref(x.double(), state.double(), frame, weight.double(), bias.double(), stride, True)
+    tiles = ConvTiles(64, 128, 16, 4, num_warps=8, columns_first=True)
+    errors = {}
+    for name, plan in (("tf32x3", tiles), ("parts", tiles._replace(split_weight=True))):
+        out = conv1d_stream(x, state.clone(), frame, weight, bias, stride, True, tiles=plan,
+                            weight_parts=split_tf32(weight))
+        errors[name] = ((out.double() - expected).abs().max() / expected.abs().max()).item()
+    print(f"conv1d {shape}: relative error to float64 {errors}")
+    assert errors["tf32x3"] < 1e-5
+    assert errors["parts"] <= 1.5 * errors["tf32x3"] + 1e-7, errors

@@ -43,7 +43,9 @@ plans in this order ran 3.5% and 6% faster at enc.down1 (128 > 256 k10 s5) and e
 take it, and 3-14% slower at the other four shapes timed; no other tile of the grid tried beat the tuned plans.
 A columns-first plan may also take split_weight (as conv_transpose1d_stream's): the weight read as its two tf32
 parts (split_tf32, made once), only the input tile split on each step, the cross products in an accumulator of
-their own (_utils.dot_split_weight).
+their own (_utils.dot_split_weight). At B = 64 on an H100 (bench/RESULTS.md, twenty-fifth session) it took enc.down2
+from 106.6 to 88.1 µs (another tile) and lost at enc.down1 and enc.down0; not in the table until its error against
+the float64 product is measured.
 
 Floor: the bytes are weights + x + out + residual + 2 x history (+ 2 x SPLIT x the padded output
 tiles of partials, L2-resident). Mimi's largest weights are the encoder's last down conv (1024 x 512

@@ -44,9 +44,11 @@ operands into tf32 parts in registers every step and writes the second operand's
 for the tensor cores, and in this order that operand is the weight tile, not the gathered, ELU'd x tile.
 A columns-first plan may also take split_weight: the packed weight read as its two tf32 parts (split_tf32, made
 once), so that only the x tile is split, in registers, and the weight parts go to the tensor cores as they were
-staged; the cross products keep an accumulator of their own (_utils.dot_split_weight). In the twenty-first
-session's trial with one accumulator this ran dec.up1 / up2 / up3 at 78 / 99 / 112 µs against 106 / 119 / 120 (B =
-64, H100) but drifted to 1.3e-6 to 4.5e-6 from the default's output, against 2.3e-7 for tf32x3.
+staged; the cross products keep an accumulator of their own (_utils.dot_split_weight). At B = 64 on an H100
+(bench/RESULTS.md, twenty-fifth session) the tuned plans took dec.up1 / up2 / up3 from 107 / 121 / 121 to 73 / 103 /
+115 µs this way, their outputs 3.0e-6 / 1.7e-6 / 8.3e-7 from tf32x3's (two tf32x3 plans differ by up to 5e-7; with
+one accumulator, the twenty-first session's trial, up to 4.5e-6). No tuned plan takes it until its error against
+the float64 product is measured (the GPU test split_weight_is_as_close_to_float64_as_tf32x3).
 
 Depthwise (Mimi's upsample, C = 512, K = 4, S = 2, T = 1) has no channel reduction; it reads the
 [C, 1, K] weight as is (K contiguous floats per channel) and never splits.

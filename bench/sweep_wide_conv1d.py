@@ -5,7 +5,8 @@
 As sweep_wide_convtr.py for the transposed convs: the default plan, the default in the other operand order
 (columns_first) and columns first with the weight read as its two tf32 parts (split_weight, the parts made once as a
 prepared model makes them), then every tile of the same grid with the columns as the dot's first operand, with and
-without the weight's parts, each split until the grid has about 256 programs. (The grid with the rows first lost to the table's B = 64 plans on an H100:
+without the weight's parts, each split until the grid has about 256 programs. (The grid with the rows first lost to
+the table's B = 64 plans on an H100:
 bench/results/2026-12-07_H100_c0b0025_sweep_conv1d_b64_columns_first.json.) Each plan is timed in a CUDA graph of
 back-to-back calls (median of the replays) on random inputs at Mimi's shapes, and its output is compared with the
 default plan's.

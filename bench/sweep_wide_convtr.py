@@ -6,10 +6,11 @@ sweep_tiles.py tries one-knob neighbours of the current plan; this tries every t
 tiles whose accumulator is at most 32 fp32 elements a thread, which ptxas for sm_90a fits in 255 registers without
 spilling, with 8 warps and 16- or 32-channel steps, and two 4-warp plans), each with the rows and with the columns
 as the dot's first operand (columns_first), and columns first also with the weight read as its two tf32 parts
-(split_weight, the parts made once as a prepared model makes them). Each plan is timed as sweep_tiles.py times one (a CUDA graph of
-back-to-back calls, median of the replays) on random inputs at Mimi's shapes, and its output is compared with the
-default plan's. The JSON lists every plan's µs and relative difference, the default's marked; plans that win go
-into kernels/tuned_tiles.json by hand, after the codec is timed with them (bench_mimi.py --compare-table).
+(split_weight, the parts made once as a prepared model makes them). Each plan is timed as sweep_tiles.py times one
+(a CUDA graph of back-to-back calls, median of the replays) on random inputs at Mimi's shapes, and its output is
+compared with the default plan's. The JSON lists every plan's µs and relative difference, the default's marked;
+plans that win go into kernels/tuned_tiles.json by hand, after the codec is timed with them (bench_mimi.py
+--compare-table).
 """
 from __future__ import annotations
 

@@ -151,7 +151,8 @@ def _outer_and(row_part, column_part, COLUMNS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, acc_small, x_ptr, state_ptr, w_ptr, w_low_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot, step, first,
+def _accumulate(acc, acc_small, x_ptr, state_ptr, w_ptr, w_low_ptr, r_begin, r_end, offs_co, mask_co, mask_n, slot,
+                step, first,
                 x_columns, history_columns, stride_xb, stride_xc, stride_xt, stride_sc, stride_wo,
                 STRIDE: tl.constexpr, KERNEL: tl.constexpr, HISTORY: tl.constexpr, ELU_INPUT: tl.constexpr,
                 REPLICATE: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -325,9 +326,9 @@ class ConvTiles(NamedTuple):
     """A launch plan: [block_co x block_n] output tiles, block_r reduction rows per step, the reduction
     split over `split` programs per tile, Triton's num_warps / num_stages, and whether the steps' products
     run on the tensor cores (dot) or as fp32 FMAs, and for dot whether the columns are the product's first
-    operand (columns_first, see the module doc) and, columns first, whether the weight is read as its two tf32 parts
-    (split_weight: split_tf32, made once; only the inputs are split on each step). Block sizes are powers of two, >= 16 with dot (tl.dot),
-    >= 2 without; `split` is rounded to what whole block_r steps allow."""
+    operand (columns_first, see the module doc) and, columns first, whether the weight is read as its two tf32
+    parts (split_weight: split_tf32, made once; only the inputs are split on each step). Block sizes are powers of
+    two, >= 16 with dot (tl.dot), >= 2 without; `split` is rounded to what whole block_r steps allow."""
     block_co: int
     block_n: int
     block_r: int
@@ -635,8 +636,8 @@ def conv1d_stream(x: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, wei
     state_arg = state if state.numel() else x
     use_pdl = pdl(x.device, "conv1d_stream")
     _conv1d_stream_kernel[(grid.n_tiles, grid.co_tiles, plan.split)](
-        x, state_arg, frame, weight_rows, weight_low_rows, bias if bias is not None else weight_rows, res, out, partials,
-        counters,
+        x, state_arg, frame, weight_rows, weight_low_rows, bias if bias is not None else weight_rows, res, out,
+        partials, counters,
         batch, c_in, c_out, t_in, t_out, grid.chunk,
         x.stride(0), x.stride(1), x.stride(2),
         state.stride(0), state.stride(1), state.stride(2),

@@ -541,5 +541,5 @@ __all__ = ["SplitWorkspace", "conv1d_stream", "conv1d_stream_workspace_size", "c
            "embed_sum", "gemv_cuda", "linear", "linear_workspace_size", "norm_rows", "norm_runs_apart",
            "pack_conv_transpose_weight", "paged_attention", "paged_attention_workspace_size", "programmatic_launch",
            "ring_attention", "ring_attention_workspace_size", "rvq_decode", "rvq_encode", "rvq_encode_scratch",
-           "sample_tokens", "separate_norms", "settle_weights", "split_tf32", "tuned_split_weight", "uses_cuda_depth_step",
-           "uses_cuda_paged_attention"]
+           "sample_tokens", "separate_norms", "settle_weights", "split_tf32", "tuned_split_weight",
+           "uses_cuda_depth_step", "uses_cuda_paged_attention"]

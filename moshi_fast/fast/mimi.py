@@ -36,18 +36,16 @@ class FastMimi(Mimi):
         for name, value in derived.items():
             self.register_buffer(name, value.contiguous(), persistent=False)
         self.n_semantic = q.semantic.codebooks.shape[0]
-        for module in self.modules():
-            if isinstance(module, CausalConvTranspose1d) and module.groups == 1:
-                module.register_buffer("packed_weight", ops.pack_conv_transpose_weight(module.weight, module.stride),
-                                       persistent=False)
+        # The dense convs' derived weights: the transposed convs' packed layout, and the tf32 parts of those whose
+        # measured plans read the weight that way (split_weight).
         lengths = self.streaming_input_lengths()
         for name, module in self.named_modules():
-            # The tf32 parts of the dense convs whose measured plans read the weight that way (split_weight).
             if name not in lengths or getattr(module, "groups", 1) != 1:
                 continue
             if isinstance(module, CausalConvTranspose1d):
-                dims = (*module.weight.shape, module.stride, lengths[name], 1)
-                if ops.tuned_split_weight("convtr", *dims):
+                module.register_buffer("packed_weight", ops.pack_conv_transpose_weight(module.weight, module.stride),
+                                       persistent=False)
+                if ops.tuned_split_weight("convtr", *module.weight.shape, module.stride, lengths[name], 1):
                     module.register_buffer("weight_parts", ops.split_tf32(module.packed_weight), persistent=False)
             elif ops.tuned_split_weight("conv1d", module.weight.shape[1], module.weight.shape[0],
                                         module.weight.shape[2], module.stride, lengths[name]):
